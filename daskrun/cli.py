@@ -1,0 +1,163 @@
+"""The ``daskrun`` command.
+
+Exit status: 0 the job completed, 1 the job failed, 2 bad usage or invalid
+input (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from . import __version__
+from .config import LOGGING_LEVELS, OUTPUT_ACTIONS, ParallelRunConfig
+from .datasets import Dataset, FileDataset, TabularDataset
+from .exceptions import ConfigError, DaskRunError, InputError
+from .step import ParallelRunStep
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"daskrun: error: {message} (see 'daskrun {self._sub} --help')\n")
+
+    _sub = ""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="daskrun", description="Batch inference on Dask.")
+    parser.add_argument("--version", action="version", version=__version__)
+    subs = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    run = subs.add_parser(
+        "run",
+        help="run an entry script over files or tables",
+        description="Run SCRIPT's init() once per worker and run(mini_batch) over "
+        "every mini-batch of the inputs. Arguments after '--' go to the script.",
+    )
+    run._sub = "run"  # type: ignore[attr-defined]
+    run.add_argument("script", help="entry script defining init() and run()")
+    run.add_argument(
+        "--input", nargs="+", required=True, metavar="PATH",
+        help="files, folders, globs or fsspec URLs",
+    )
+    run.add_argument(
+        "--tabular", action="store_true",
+        help="read CSV or Parquet files as tables (run() gets DataFrames)",
+    )
+    run.add_argument("--output", metavar="DIR", help="output folder or URL")
+    run.add_argument("--name", help="step name (default: from the script's name)")
+    run.add_argument("--source-directory", metavar="DIR")
+    run.add_argument(
+        "--mini-batch-size", metavar="N",
+        help="files per mini-batch, or bytes for --tabular (e.g. 1MB)",
+    )
+    run.add_argument("--error-threshold", type=int, metavar="N")
+    run.add_argument("--allowed-failed-count", type=int, metavar="N")
+    run.add_argument("--allowed-failed-percent", type=float, metavar="P")
+    run.add_argument("--output-action", choices=OUTPUT_ACTIONS)
+    run.add_argument("--append-row-file-name", metavar="NAME")
+    run.add_argument("--processes", type=int, metavar="N",
+                     help="worker processes per node")
+    run.add_argument("--nodes", type=int, metavar="N")
+    run.add_argument("--scheduler", metavar="ADDR",
+                     help="use a running scheduler instead of a local cluster")
+    run.add_argument("--timeout", type=int, metavar="S",
+                     help="run_invocation_timeout in seconds")
+    run.add_argument("--max-tries", type=int, metavar="N", help="run_max_try")
+    run.add_argument("--logging-level", type=str.upper, choices=LOGGING_LEVELS)
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def _step_name(script: str) -> str:
+    stem = os.path.splitext(os.path.basename(script))[0].lower()
+    name = re.sub(r"[^a-z0-9-]+", "-", stem).strip("-")[:32].rstrip("-")
+    if not re.match(r"^[a-z]", name) or len(name) < 3:
+        name = f"run-{name}".rstrip("-")[:32]
+    return name if len(name) >= 3 else "daskrun-step"
+
+
+def _datasets(paths: Sequence[str], tabular: bool) -> FileDataset | TabularDataset:
+    if not tabular:
+        return Dataset.File.from_files(list(paths))
+    parquet = [p.rstrip("/").endswith((".parquet", ".pq")) for p in paths]
+    if all(parquet):
+        return Dataset.Tabular.from_parquet_files(list(paths))
+    if any(parquet):
+        raise InputError(
+            f"--input mixes Parquet and CSV paths {list(paths)!r}; run them as "
+            "two jobs"
+        )
+    # a folder of Parquet files is named by its contents
+    files = Dataset.File.from_files(list(paths)).files()
+    if all(f.endswith((".parquet", ".pq")) for f in files):
+        return Dataset.Tabular.from_parquet_files(list(paths))
+    return Dataset.Tabular.from_delimited_files(list(paths))
+
+
+def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
+    mbs: int | str | None = args.mini_batch_size
+    if isinstance(mbs, str) and mbs.isdigit():
+        mbs = int(mbs)
+    config = ParallelRunConfig(
+        entry_script=args.script,
+        error_threshold=args.error_threshold,
+        output_action=args.output_action,
+        compute_target=args.scheduler,
+        node_count=args.nodes,
+        process_count_per_node=args.processes,
+        mini_batch_size=mbs,
+        source_directory=args.source_directory,
+        logging_level=args.logging_level,
+        run_invocation_timeout=args.timeout,
+        run_max_try=args.max_tries,
+        append_row_file_name=args.append_row_file_name,
+        allowed_failed_count=args.allowed_failed_count,
+        allowed_failed_percent=args.allowed_failed_percent,
+    )
+    step = ParallelRunStep(
+        name=args.name or _step_name(args.script),
+        parallel_run_config=config,
+        inputs=[_datasets(args.input, args.tabular)],
+        output=args.output,
+        arguments=script_args,
+    )
+    run = step.run(show_output=not args.quiet)
+    if run.status == "Completed":
+        print(f"output: {run.output_path or '-'}")
+        print(f"logs: {run.logs_dir}")
+        return 0
+    print(f"daskrun: job {run.status.lower()}: {run.error}", file=sys.stderr)
+    print(f"logs: {run.logs_dir}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``daskrun`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, script_args = argv[:cut], argv[cut + 1 :]
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            return _cmd_run(args, script_args)
+        parser.print_help()
+        return 2
+    except (ConfigError, InputError) as e:
+        print(f"daskrun: error: {e}", file=sys.stderr)
+        return 2
+    except DaskRunError as e:
+        print(f"daskrun: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("daskrun: canceled", file=sys.stderr)
+        return 130

@@ -1,0 +1,493 @@
+"""Parameters of a step: ``ParallelRunConfig``, their parsing and validation.
+
+Everything here is plain data and pure functions. A parameter left at ``None``
+takes its value from ``dask.config`` (namespace ``daskrun``, defaults in
+``daskrun.yaml``). Values are resolved once, on the client, into a frozen
+:class:`ResolvedConfig` that is shipped to the workers.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import yaml
+
+from .exceptions import ConfigError
+
+_defaults_file = Path(__file__).with_name("daskrun.yaml")
+with _defaults_file.open() as _f:
+    _defaults = yaml.safe_load(_f)
+dask.config.update_defaults(_defaults)
+
+OUTPUT_ACTIONS = ("append_row", "summary_only")
+LOGGING_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_STEP_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_BYTE_SIZE = re.compile(r"^(\d+)([kKmMgG][bB])?$")
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+# Names a user may not pass in ``arguments``: they belong to the config.
+RESERVED_ARGUMENTS = frozenset(
+    {
+        "entry_script",
+        "error_threshold",
+        "output_action",
+        "compute_target",
+        "node_count",
+        "process_count_per_node",
+        "mini_batch_size",
+        "source_directory",
+        "environment",
+        "description",
+        "logging_level",
+        "run_invocation_timeout",
+        "run_max_try",
+        "append_row_file_name",
+        "allowed_failed_count",
+        "allowed_failed_percent",
+        "environment_variables",
+        "output",
+        "input",
+        "inputs",
+        "side_inputs",
+    }
+)
+
+
+def config_get(key: str) -> Any:
+    """Read ``daskrun.<key>`` from dask.config.
+
+    >>> config_get("run-max-try")
+    3
+    """
+    return dask.config.get(f"daskrun.{key}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_file_count(value: object, name: str = "mini_batch_size") -> int:
+    """Parse a number of files per mini-batch.
+
+    >>> parse_file_count(10), parse_file_count("7")
+    (10, 7)
+    >>> parse_file_count("10 files")
+    Traceback (most recent call last):
+    ...
+    daskrun.exceptions.ConfigError: mini_batch_size='10 files' is not a number of \
+files; use an int like 10
+    """
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if not _is_int(value):
+        raise ConfigError(
+            f"{name}={value!r} is not a number of files; use an int like 10"
+        )
+    assert isinstance(value, int)
+    if value < 1:
+        raise ConfigError(f"{name}={value!r} must be at least 1; use an int like 10")
+    return value
+
+
+def parse_byte_size(value: object, name: str = "mini_batch_size") -> int:
+    """Parse a mini-batch size in bytes: an int, or a string like ``"1MB"``.
+
+    ``KB``, ``MB`` and ``GB`` are powers of 1024.
+
+    >>> parse_byte_size("1MB"), parse_byte_size(1024), parse_byte_size("2kb")
+    (1048576, 1024, 2048)
+    >>> parse_byte_size("1 MB")
+    Traceback (most recent call last):
+    ...
+    daskrun.exceptions.ConfigError: mini_batch_size='1 MB' is not a size in bytes; \
+use an int like 1048576 or a string like '1MB', '512KB', '1GB'
+    """
+    fix = "use an int like 1048576 or a string like '1MB', '512KB', '1GB'"
+    if _is_int(value):
+        size = int(value)  # type: ignore[call-overload]
+    elif isinstance(value, str) and (m := _BYTE_SIZE.match(value.strip())):
+        size = int(m.group(1)) * _UNITS[(m.group(2) or " ")[0].strip().lower()]
+    else:
+        raise ConfigError(f"{name}={value!r} is not a size in bytes; {fix}")
+    if size < 1:
+        raise ConfigError(f"{name}={value!r} must be at least 1 byte; {fix}")
+    return size
+
+
+def mini_batch_size_for(kind: str, value: object) -> int:
+    """Parse ``mini_batch_size`` for a ``"file"`` or ``"tabular"`` input;
+    ``None`` takes the default from ``daskrun.mini-batch-size.<kind>``.
+
+    >>> mini_batch_size_for("file", None), mini_batch_size_for("tabular", "1KB")
+    (10, 1024)
+    """
+    if value is None:
+        value = config_get(f"mini-batch-size.{kind}")
+    return parse_file_count(value) if kind == "file" else parse_byte_size(value)
+
+
+def check_step_name(name: object) -> str:
+    """Check a step name: 3–32 characters of ``^[a-z]([-a-z0-9]*[a-z0-9])?$``.
+
+    >>> check_step_name("score-images")
+    'score-images'
+    """
+    if (
+        not isinstance(name, str)
+        or not 3 <= len(name) <= 32
+        or not _STEP_NAME.match(name)
+    ):
+        raise ConfigError(
+            f"name={name!r} is not a valid step name; use 3-32 lowercase letters, "
+            "digits and '-', starting with a letter and not ending with '-', "
+            "like 'batch-scoring'"
+        )
+    return name
+
+
+def _check_int(name: str, value: object, minimum: int, example: int) -> int:
+    if not _is_int(value) or value < minimum:  # type: ignore[operator]
+        raise ConfigError(
+            f"{name}={value!r} must be an int >= {minimum}; use e.g. {name}={example}"
+        )
+    return int(value)  # type: ignore[call-overload]
+
+
+def check_arguments(arguments: Sequence[Any] | None) -> list[Any]:
+    """Check the script's ``arguments``: they start with an option, and no
+    option takes the name of a config parameter.
+
+    >>> check_arguments(["--model", "m1", "--top", 3])
+    ['--model', 'm1', '--top', 3]
+    """
+    if arguments is None:
+        return []
+    if isinstance(arguments, (str, bytes)) or not isinstance(arguments, Sequence):
+        raise ConfigError(
+            f"arguments={arguments!r} must be a list; use e.g. ['--model', 'm1']"
+        )
+    args = list(arguments)
+    if args and not (isinstance(args[0], str) and args[0].startswith("-")):
+        raise ConfigError(
+            f"arguments={args!r} must start with an option such as '--name', "
+            f"not {args[0]!r}; use e.g. ['--model', 'm1']"
+        )
+    for arg in args:
+        if isinstance(arg, str) and arg.startswith("-"):
+            option = arg.lstrip("-").split("=", 1)[0].replace("-", "_")
+            if option in RESERVED_ARGUMENTS:
+                raise ConfigError(
+                    f"argument {arg!r} is reserved: {option} is a parameter of "
+                    "ParallelRunConfig/ParallelRunStep; set it there, or rename "
+                    "the script's option"
+                )
+    return args
+
+
+def check_entry_script(entry_script: object, source_directory: object) -> Path:
+    """Check that the entry script exists and defines ``init`` and ``run``.
+
+    The script is parsed, not run: importing it on the client could load a
+    model or need packages only the workers have.
+    """
+    if not isinstance(entry_script, (str, os.PathLike)) or not str(entry_script):
+        raise ConfigError(
+            f"entry_script={entry_script!r} must be the path of a Python file, "
+            "like 'score.py'"
+        )
+    if source_directory is not None:
+        src = Path(source_directory)  # type: ignore[arg-type]
+        if not src.is_dir():
+            raise ConfigError(
+                f"source_directory={str(source_directory)!r} is not a folder; "
+                "give the folder that holds the entry script"
+            )
+        path = src / entry_script
+    else:
+        path = Path(entry_script)
+    if not path.is_file():
+        where = f" in source_directory={str(source_directory)!r}" if (
+            source_directory is not None
+        ) else ""
+        raise ConfigError(
+            f"entry_script={str(entry_script)!r} does not exist{where}; "
+            "give the path of the script that defines init() and run(mini_batch)"
+        )
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except SyntaxError as e:
+        raise ConfigError(
+            f"entry_script={str(path)!r} is not valid Python: {e.msg} "
+            f"(line {e.lineno}); fix the script"
+        ) from None
+    defined: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined.update((a.asname or a.name).split(".")[0] for a in node.names)
+    missing = [f for f in ("init", "run") if f not in defined]
+    if missing:
+        raise ConfigError(
+            f"entry_script={str(path)!r} does not define "
+            + " and ".join(f"{m}()" for m in missing)
+            + "; add 'def init():' (load the model) and "
+            "'def run(mini_batch):' (return one result per input)"
+        )
+    return path.resolve()
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A step's parameters with every default filled in; shipped to workers."""
+
+    entry_script: str
+    source_directory: str | None
+    error_threshold: int
+    output_action: str
+    node_count: int
+    process_count_per_node: int | None
+    mini_batch_size: object  # parsed later, against the kind of input
+    logging_level: str
+    run_invocation_timeout: int
+    run_max_try: int
+    append_row_file_name: str
+    allowed_failed_count: int | None
+    allowed_failed_percent: float | None
+    environment_variables: Mapping[str, str] = field(default_factory=dict)
+    description: str | None = None
+
+
+class ParallelRunConfig:
+    """How to run an entry script over mini-batches: ParallelRunStep's config.
+
+    Every parameter is validated here, before any worker starts. Parameters
+    left at ``None`` take their defaults from ``dask.config`` (``daskrun.*``).
+
+    Parameters
+    ----------
+    entry_script : str
+        Python file with ``init()`` and ``run(mini_batch)``, relative to
+        ``source_directory`` if that is given.
+    error_threshold : int
+        Failed items (files or records) tolerated over the whole input;
+        ``-1`` tolerates all. Default ``daskrun.error-threshold`` (0).
+    output_action : {"append_row", "summary_only"}
+        Write one output file, or only count results.
+    compute_target : None, str, Client or cluster
+        ``None`` starts a local cluster of ``node_count ×
+        process_count_per_node`` single-threaded worker processes; an address,
+        a ``distributed.Client`` or a Dask cluster object is used as given.
+    node_count, process_count_per_node : int
+        Nodes and worker processes per node (default: one per core).
+    mini_batch_size : int or str
+        Files per mini-batch for file inputs (default 10); bytes per
+        mini-batch for tabular inputs (``"1MB"``, ``1024``, default ``"1MB"``).
+    run_invocation_timeout : int
+        Seconds a ``run()`` call may take.
+    run_max_try : int
+        Tries per mini-batch before it counts as failed.
+    append_row_file_name : str
+        Name of the output file (default ``parallel_run_step.txt``).
+    allowed_failed_count : int, optional
+        Failed mini-batches tolerated.
+    allowed_failed_percent : float, optional
+        Percentage (0–100) of failed mini-batches tolerated, checked once all
+        mini-batches are scheduled.
+    environment_variables : dict, optional
+        Set on every worker before ``init()``.
+
+    Examples
+    --------
+    >>> import daskrun, pathlib, tempfile
+    >>> script = pathlib.Path(tempfile.mkdtemp()) / "score.py"
+    >>> _ = script.write_text("def init(): pass\\ndef run(mb): return mb\\n")
+    >>> cfg = daskrun.ParallelRunConfig(str(script), error_threshold=10,
+    ...                                 output_action="append_row",
+    ...                                 mini_batch_size=5)
+    >>> cfg.resolved.run_max_try
+    3
+    """
+
+    def __init__(
+        self,
+        entry_script: str,
+        error_threshold: int | None = None,
+        output_action: str | None = None,
+        compute_target: Any = None,
+        node_count: int | None = None,
+        process_count_per_node: int | None = None,
+        mini_batch_size: int | str | None = None,
+        source_directory: str | None = None,
+        environment: Any = None,
+        description: str | None = None,
+        logging_level: str | None = None,
+        run_invocation_timeout: int | None = None,
+        run_max_try: int | None = None,
+        append_row_file_name: str | None = None,
+        allowed_failed_count: int | None = None,
+        allowed_failed_percent: float | None = None,
+        environment_variables: Mapping[str, str] | None = None,
+    ):
+        self.compute_target = compute_target
+        self.environment = environment
+        self.resolved = _resolve(
+            entry_script=entry_script,
+            error_threshold=error_threshold,
+            output_action=output_action,
+            node_count=node_count,
+            process_count_per_node=process_count_per_node,
+            mini_batch_size=mini_batch_size,
+            source_directory=source_directory,
+            description=description,
+            logging_level=logging_level,
+            run_invocation_timeout=run_invocation_timeout,
+            run_max_try=run_max_try,
+            append_row_file_name=append_row_file_name,
+            allowed_failed_count=allowed_failed_count,
+            allowed_failed_percent=allowed_failed_percent,
+            environment_variables=environment_variables,
+            environment=environment,
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        # cfg.run_max_try etc. read the resolved values
+        resolved = self.__dict__.get("resolved")
+        if resolved is not None and name in resolved.__dataclass_fields__:
+            return getattr(resolved, name)
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        r = self.resolved
+        return (
+            f"ParallelRunConfig(entry_script={r.entry_script!r}, "
+            f"mini_batch_size={r.mini_batch_size!r}, "
+            f"error_threshold={r.error_threshold}, output_action={r.output_action!r})"
+        )
+
+
+def _pick(value: Any, key: str) -> Any:
+    return config_get(key) if value is None else value
+
+
+def _resolve(**kw: Any) -> ResolvedConfig:
+    """Fill defaults from dask.config and validate every parameter."""
+    source_directory = kw["source_directory"]
+    script = check_entry_script(kw["entry_script"], source_directory)
+
+    error_threshold = _check_int(
+        "error_threshold", _pick(kw["error_threshold"], "error-threshold"), -1, 10
+    )
+    output_action = _pick(kw["output_action"], "output-action")
+    if output_action not in OUTPUT_ACTIONS:
+        raise ConfigError(
+            f"output_action={output_action!r} is not one of "
+            f"{', '.join(map(repr, OUTPUT_ACTIONS))}; use output_action='append_row'"
+        )
+    node_count = _check_int("node_count", _pick(kw["node_count"], "node-count"), 1, 1)
+    pcpn = _pick(kw["process_count_per_node"], "process-count-per-node")
+    if pcpn is not None:
+        pcpn = _check_int("process_count_per_node", pcpn, 1, 2)
+
+    mbs = kw["mini_batch_size"]
+    if mbs is not None and not (
+        _is_int(mbs) or (isinstance(mbs, str) and _BYTE_SIZE.match(mbs.strip()))
+    ):
+        # checked fully once the kind of input is known; catch nonsense now
+        raise ConfigError(
+            f"mini_batch_size={mbs!r} is neither a number of files (an int like 10) "
+            "nor a size in bytes (like '1MB')"
+        )
+    if mbs is not None and _is_int(mbs) and mbs < 1:
+        raise ConfigError(f"mini_batch_size={mbs!r} must be at least 1")
+
+    level = str(_pick(kw["logging_level"], "logging-level")).upper()
+    if level not in LOGGING_LEVELS:
+        raise ConfigError(
+            f"logging_level={kw['logging_level']!r} is not a logging level; use one "
+            f"of {', '.join(LOGGING_LEVELS)}"
+        )
+    timeout = _check_int(
+        "run_invocation_timeout",
+        _pick(kw["run_invocation_timeout"], "run-invocation-timeout"),
+        1,
+        60,
+    )
+    max_try = _check_int("run_max_try", _pick(kw["run_max_try"], "run-max-try"), 1, 3)
+
+    file_name = _pick(kw["append_row_file_name"], "append-row-file-name")
+    if (
+        not isinstance(file_name, str)
+        or not file_name
+        or "/" in file_name
+        or "\\" in file_name
+        or file_name in (".", "..")
+    ):
+        raise ConfigError(
+            f"append_row_file_name={file_name!r} must be a plain file name; use e.g. "
+            "'parallel_run_step.txt'"
+        )
+
+    afc = _pick(kw["allowed_failed_count"], "allowed-failed-count")
+    if afc is not None:
+        afc = _check_int("allowed_failed_count", afc, -1, 5)
+        if afc == -1:
+            afc = None
+    afp = _pick(kw["allowed_failed_percent"], "allowed-failed-percent")
+    if afp is not None:
+        if not isinstance(afp, (int, float)) or isinstance(afp, bool) or not (
+            0 <= afp <= 100
+        ):
+            raise ConfigError(
+                f"allowed_failed_percent={afp!r} must be a number from 0 to 100; "
+                "use e.g. allowed_failed_percent=5"
+            )
+        afp = float(afp)
+
+    env_vars: dict[str, str] = {}
+    environment = kw["environment"]
+    for source in (
+        getattr(environment, "environment_variables", None),
+        kw["environment_variables"],
+    ):
+        if source is None:
+            continue
+        if not isinstance(source, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in source.items()
+        ):
+            raise ConfigError(
+                "environment_variables must map names to string values; use e.g. "
+                "{'OMP_NUM_THREADS': '1'}"
+            )
+        env_vars.update(source)
+
+    return ResolvedConfig(
+        entry_script=str(script),
+        source_directory=(
+            str(Path(source_directory).resolve()) if source_directory else None
+        ),
+        error_threshold=error_threshold,
+        output_action=output_action,
+        node_count=node_count,
+        process_count_per_node=pcpn,
+        mini_batch_size=mbs,
+        logging_level=logging.getLevelName(logging.getLevelName(level)),
+        run_invocation_timeout=timeout,
+        run_max_try=max_try,
+        append_row_file_name=file_name,
+        allowed_failed_count=afc,
+        allowed_failed_percent=afp,
+        environment_variables=env_vars,
+        description=kw["description"],
+    )

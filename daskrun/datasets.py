@@ -1,0 +1,473 @@
+"""Inputs and their mini-batch plans.
+
+A data set is a list of files (local paths or fsspec URLs). Planning turns it
+into mini-batches, plain frozen records the runner ships to workers:
+
+- :class:`FileBatch` — ``mini_batch_size`` files; mini-batch *i* holds files
+  ``[i*n, (i+1)*n)`` in path order.
+- :class:`CsvBatch` — a whole CSV file, or a byte range of one cut on line
+  boundaries.
+- :class:`ParquetBatch` — some row groups of one Parquet file.
+
+No mini-batch ever crosses a file boundary. The ``read_*`` / ``localize_files``
+functions at the bottom run on the workers and turn a plan into what ``run()``
+receives.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+import fsspec
+import fsspec.utils
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from .config import mini_batch_size_for
+from .exceptions import InputError
+
+if TYPE_CHECKING:
+    import dask.bag
+    import dask.dataframe
+    import pandas as pd
+
+StorageOptions = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class FileBatch:
+    """Files ``paths`` (in path order) as mini-batch ``index``."""
+
+    index: int
+    paths: tuple[str, ...]
+
+    @property
+    def n_items(self) -> int | None:
+        return len(self.paths)
+
+    def describe(self) -> str:
+        names = ", ".join(os.path.basename(p) for p in self.paths[:3])
+        more = f" and {len(self.paths) - 3} more" if len(self.paths) > 3 else ""
+        return f"files {names}{more}"
+
+
+@dataclass(frozen=True)
+class CsvBatch:
+    """Bytes ``[offset, offset + length)`` of one CSV file, extended to whole
+    lines; ``length=None`` is the whole file."""
+
+    index: int
+    path: str
+    offset: int = 0
+    length: int | None = None
+
+    @property
+    def n_items(self) -> int | None:
+        return None  # known only once read
+
+    def describe(self) -> str:
+        if self.length is None:
+            return f"{self.path} (whole file)"
+        return f"{self.path} bytes {self.offset}-{self.offset + self.length}"
+
+
+@dataclass(frozen=True)
+class ParquetBatch:
+    """Row groups ``row_groups`` of one Parquet file (``num_rows`` rows)."""
+
+    index: int
+    path: str
+    row_groups: tuple[int, ...]
+    num_rows: int
+
+    @property
+    def n_items(self) -> int | None:
+        return self.num_rows
+
+    def describe(self) -> str:
+        first, last = self.row_groups[0], self.row_groups[-1]
+        return f"{self.path} row groups {first}-{last} ({self.num_rows} rows)"
+
+
+MiniBatch = Union[FileBatch, CsvBatch, ParquetBatch]
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def expand_paths(
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    storage_options: StorageOptions | None = None,
+) -> list[str]:
+    """Expand paths, folders (recursively) and globs into a sorted file list.
+
+    Local files come back as absolute paths, remote ones as full URLs.
+    Raises :class:`InputError` naming the first path that matches nothing.
+    """
+    items = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not items:
+        raise InputError("no input path given; pass a file, folder, glob or URL")
+    found: set[str] = set()
+    for item in items:
+        text = os.fspath(item)
+        try:
+            fs, root = url_to_fs(text, **dict(storage_options or {}))
+            files = _find_files(fs, root)
+        except (FileNotFoundError, NotADirectoryError):
+            files = []
+        except OSError as e:
+            raise InputError(
+                f"input path {text!r} cannot be listed: {type(e).__name__}: {e}; "
+                "check the path and its storage_options"
+            ) from None
+        if not files:
+            raise InputError(
+                f"input path {text!r} matches no files; check that it exists "
+                "and is not an empty folder"
+            )
+        found.update(p if _is_local(fs) else fs.unstrip_protocol(p) for p in files)
+    return sorted(found)
+
+
+def _find_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    if any(c in root for c in "*?["):
+        matches = fs.glob(root, detail=True)
+    elif fs.isdir(root):
+        return list(fs.find(root))
+    elif fs.isfile(root):
+        return [root]
+    else:
+        return []
+    files = []
+    for name, info in matches.items():
+        if info.get("type") == "directory":
+            files.extend(fs.find(name))
+        else:
+            files.append(name)
+    return files
+
+
+class _DatasetBase:
+    """Files plus how to reach them."""
+
+    kind = ""
+
+    def __init__(
+        self,
+        path: Any,
+        *,
+        validate: bool = True,
+        storage_options: StorageOptions | None = None,
+    ):
+        self._path = path
+        self.storage_options: dict[str, Any] = dict(storage_options or {})
+        self._files: list[str] | None = None
+        if validate:
+            self.files()
+
+    def files(self) -> list[str]:
+        """The data set's files, sorted by path (listed once, then cached)."""
+        if self._files is None:
+            self._files = expand_paths(self._path, self.storage_options)
+        return self._files
+
+    def __repr__(self) -> str:  # never shows storage_options: they hold secrets
+        return f"{type(self).__name__}({self._path!r})"
+
+
+class FileDataset(_DatasetBase):
+    """A list of files; ``run()`` receives lists of local paths."""
+
+    kind = "file"
+
+    def plan(self, mini_batch_size: object = None) -> Iterator[FileBatch]:
+        """Yield the mini-batches, lazily.
+
+        >>> import pathlib, tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> for i in range(5): _ = (d / f"{i}.txt").write_text("x")
+        >>> [len(b.paths) for b in FileDataset(str(d)).plan(2)]
+        [2, 2, 1]
+        """
+        return plan_files(self.files(), mini_batch_size_for("file", mini_batch_size))
+
+    def count_mini_batches(self, mini_batch_size: object = None) -> int:
+        return math.ceil(len(self.files()) / mini_batch_size_for("file", mini_batch_size))
+
+    def to_bag(self, mini_batch_size: object = None) -> dask.bag.Bag:
+        """The mini-batches as a Dask bag of lists of paths."""
+        import dask.bag as db
+
+        batches = [list(b.paths) for b in self.plan(mini_batch_size)]
+        return db.from_sequence(batches, partition_size=1)
+
+
+class TabularDataset(_DatasetBase):
+    """CSV or Parquet files; ``run()`` receives ``pandas.DataFrame`` pieces."""
+
+    kind = "tabular"
+
+    def __init__(
+        self,
+        path: Any,
+        *,
+        file_format: str,
+        validate: bool = True,
+        storage_options: StorageOptions | None = None,
+        pandas_kwargs: Mapping[str, Any] | None = None,
+    ):
+        self.file_format = file_format
+        self.pandas_kwargs = dict(pandas_kwargs or {})
+        super().__init__(path, validate=validate, storage_options=storage_options)
+
+    def plan(
+        self, mini_batch_size: object = None, start: int = 0
+    ) -> Iterator[CsvBatch | ParquetBatch]:
+        """Yield the mini-batches, numbered from ``start``: byte ranges of CSV
+        files, or groups of Parquet row groups, never crossing a file
+        boundary."""
+        size = mini_batch_size_for("tabular", mini_batch_size)
+        files = self.files()
+        fs, _ = url_to_fs(files[0], **self.storage_options)
+        index = start
+        if self.file_format == "csv":
+            for path, nbytes in zip(files, _sizes(fs, files)):
+                for offset, length in plan_byte_ranges(nbytes, size):
+                    yield CsvBatch(index, path, offset, length)
+                    index += 1
+        else:
+            for path, groups in zip(files, _row_group_sizes(fs, files)):
+                for rgs in plan_row_groups([g[0] for g in groups], size):
+                    rows = sum(groups[i][1] for i in rgs)
+                    yield ParquetBatch(index, path, tuple(rgs), rows)
+                    index += 1
+
+    def to_dask_dataframe(self, mini_batch_size: object = None) -> dask.dataframe.DataFrame:
+        """The data set as a Dask dataframe with one partition per mini-batch."""
+        import dask.dataframe as dd
+
+        return dd.from_map(
+            _read_for_dask,
+            list(self.plan(mini_batch_size)),
+            dataset=self,
+            enforce_metadata=False,
+        )
+
+
+def _read_for_dask(batch: CsvBatch | ParquetBatch, dataset: TabularDataset) -> Any:
+    return read_tabular(batch, dataset.storage_options, dataset.pandas_kwargs)
+
+
+def plan_files(files: Sequence[str], n: int) -> Iterator[FileBatch]:
+    """Mini-batch *i* holds ``files[i*n:(i+1)*n]``.
+
+    >>> [b.paths for b in plan_files(["a", "b", "c"], 2)]
+    [('a', 'b'), ('c',)]
+    """
+    for i in range(0, len(files), n):
+        yield FileBatch(i // n, tuple(files[i : i + n]))
+
+
+def plan_byte_ranges(nbytes: int, size: int) -> list[tuple[int, int | None]]:
+    """Cut a file of ``nbytes`` into ranges of about ``size`` bytes.
+
+    A file no larger than ``size`` is one whole-file range (``length=None``).
+
+    >>> plan_byte_ranges(10, 100)
+    [(0, None)]
+    >>> plan_byte_ranges(250, 100)
+    [(0, 100), (100, 100), (200, 50)]
+    """
+    if nbytes <= size:
+        return [(0, None)]
+    return [(off, min(size, nbytes - off)) for off in range(0, nbytes, size)]
+
+
+def plan_row_groups(group_bytes: Sequence[int], size: int) -> list[list[int]]:
+    """Group consecutive row groups into mini-batches of at most ``size``
+    bytes (at least one row group each).
+
+    >>> plan_row_groups([40, 40, 40, 200, 10], 100)
+    [[0, 1], [2], [3], [4]]
+    >>> plan_row_groups([], 100)
+    []
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    current_bytes = 0
+    for i, nbytes in enumerate(group_bytes):
+        if current and current_bytes + nbytes > size:
+            batches.append(current)
+            current, current_bytes = [], 0
+        current.append(i)
+        current_bytes += nbytes
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _map_files(fn: Any, files: list[str]) -> list[Any]:
+    # metadata look-ups are I/O bound: overlap them on remote storage
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(files)))) as pool:
+        return list(pool.map(fn, files))
+
+
+def _sizes(fs: fsspec.AbstractFileSystem, files: list[str]) -> list[int]:
+    return _map_files(lambda p: int(fs.size(p)), files)
+
+
+def _row_group_sizes(
+    fs: fsspec.AbstractFileSystem, files: list[str]
+) -> list[list[tuple[int, int]]]:
+    import pyarrow.parquet as pq
+
+    def groups(path: str) -> list[tuple[int, int]]:
+        try:
+            with fs.open(path, "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+        except Exception as e:
+            raise InputError(
+                f"input file {path!r} is not a readable Parquet file: "
+                f"{type(e).__name__}: {e}; use from_delimited_files for CSV"
+            ) from None
+        out = []
+        for i in range(meta.num_row_groups):
+            rg = meta.row_group(i)
+            on_disk = sum(
+                rg.column(c).total_compressed_size for c in range(rg.num_columns)
+            )
+            out.append((on_disk, rg.num_rows))
+        return out
+
+    return _map_files(groups, files)
+
+
+# --- worker side: plans become what run() receives ---------------------------
+
+
+def read_tabular(
+    batch: CsvBatch | ParquetBatch,
+    storage_options: StorageOptions,
+    pandas_kwargs: Mapping[str, Any],
+) -> pd.DataFrame:
+    """Read one tabular mini-batch into a DataFrame."""
+    import pandas as pd
+
+    if isinstance(batch, ParquetBatch):
+        import pyarrow.parquet as pq
+
+        with fsspec.open(batch.path, "rb", **storage_options) as f:
+            table = pq.ParquetFile(f).read_row_groups(list(batch.row_groups))
+        return table.to_pandas()
+
+    with fsspec.open(batch.path, "rb", **storage_options) as f:
+        if batch.length is None:
+            data = f.read()
+        else:
+            header = b""
+            if batch.offset > 0 and pandas_kwargs.get("header", "infer") is not None:
+                header = f.readline()
+            block = fsspec.utils.read_block(
+                f, batch.offset, batch.length, delimiter=b"\n"
+            )
+            data = header + block
+    return pd.read_csv(io.BytesIO(data), **pandas_kwargs)
+
+
+def localize_files(
+    paths: Sequence[str], storage_options: StorageOptions, cache_root: str
+) -> tuple[list[str], str | None]:
+    """Return local paths for ``paths``, copying remote files into a new
+    folder under ``cache_root`` with their base names kept.
+
+    Returns the local paths and the folder to delete afterwards (or ``None``
+    when every file was already local).
+    """
+    fs, _ = url_to_fs(paths[0], **storage_options)
+    if _is_local(fs):
+        return list(paths), None
+    os.makedirs(cache_root, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="mb-", dir=cache_root)
+    local: list[str] = []
+    taken: set[str] = set()
+    for n, url in enumerate(paths):
+        name = os.path.basename(url.rstrip("/"))
+        sub = folder if name not in taken else os.path.join(folder, str(n))
+        taken.add(name)
+        os.makedirs(sub, exist_ok=True)
+        local.append(os.path.join(sub, name))
+    try:
+        fs.get([fs._strip_protocol(p) for p in paths], local)
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return local, folder
+
+
+class Dataset:
+    """Factories for data sets, as in ParallelRunStep.
+
+    >>> import pathlib, tempfile
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "a.png").write_bytes(b"")
+    >>> Dataset.File.from_files(str(d / "*.png")).files() == [str(d / "a.png")]
+    True
+    """
+
+    class File:
+        @staticmethod
+        def from_files(
+            path: Any,
+            validate: bool = True,
+            storage_options: StorageOptions | None = None,
+        ) -> FileDataset:
+            """Files from local paths, folders, globs, lists or fsspec URLs."""
+            return FileDataset(
+                path, validate=validate, storage_options=storage_options
+            )
+
+    class Tabular:
+        @staticmethod
+        def from_delimited_files(
+            path: Any,
+            validate: bool = True,
+            separator: str = ",",
+            header: bool = True,
+            storage_options: StorageOptions | None = None,
+            **pandas_kwargs: Any,
+        ) -> TabularDataset:
+            """CSV (or other delimited) files; ``pandas_kwargs`` go to
+            ``pandas.read_csv``."""
+            pandas_kwargs.setdefault("sep", separator)
+            if not header:
+                pandas_kwargs.setdefault("header", None)
+            return TabularDataset(
+                path,
+                file_format="csv",
+                validate=validate,
+                storage_options=storage_options,
+                pandas_kwargs=pandas_kwargs,
+            )
+
+        @staticmethod
+        def from_parquet_files(
+            path: Any,
+            validate: bool = True,
+            storage_options: StorageOptions | None = None,
+        ) -> TabularDataset:
+            """Parquet files, split into mini-batches by row groups."""
+            return TabularDataset(
+                path,
+                file_format="parquet",
+                validate=validate,
+                storage_options=storage_options,
+            )

@@ -1,0 +1,112 @@
+"""A run's log folder, as ParallelRunStep lays it out.
+
+::
+
+    logs/
+      job_result.txt                          status and counts
+      job_error.txt                           first real user error, traceback first
+      sys/job_report/processed_mini-batches.csv  one row per mini-batch
+
+Rows of ``processed_mini-batches.csv`` are written as mini-batches finish, so
+the client never holds them all.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import IO, Any
+
+from .runner import Tally
+
+REPORT_COLUMNS = (
+    "index",
+    "worker",
+    "tries",
+    "items_in",
+    "items_ok",
+    "items_failed",
+    "items_extra",
+    "seconds",
+    "error",
+)
+
+
+class JobLogs:
+    """Writer of one run's log folder."""
+
+    def __init__(self, logs_dir: str | os.PathLike[str]):
+        self.dir = Path(logs_dir)
+        report_dir = self.dir / "sys" / "job_report"
+        report_dir.mkdir(parents=True, exist_ok=True)
+        self._report: IO[str] = open(  # noqa: SIM115 - closed in close()
+            report_dir / "processed_mini-batches.csv", "w", newline=""
+        )
+        self._writer = csv.writer(self._report)
+        self._writer.writerow(REPORT_COLUMNS)
+
+    def mini_batch(self, result: Any, items_in: int | None, tries: int) -> None:
+        """Add the final outcome of one mini-batch to the job report."""
+        ok = min(result.items_out, items_in) if result.ok and items_in else 0
+        n_in = items_in if items_in is not None else ""
+        failed = (items_in - ok) if items_in is not None else ""
+        self._writer.writerow(
+            (
+                result.index,
+                result.worker,
+                tries,
+                n_in,
+                ok,
+                failed,
+                max(0, result.items_out - ok) if result.ok else 0,
+                f"{result.seconds:.3f}",
+                result.error or "",
+            )
+        )
+
+    def finish(
+        self,
+        *,
+        status: str,
+        run_id: str,
+        tally: Tally,
+        error: str | None,
+        output_path: str | None,
+        seconds: float,
+    ) -> None:
+        """Write ``job_result.txt`` and, on failure, ``job_error.txt``."""
+        self._report.close()
+        lines = [
+            f"status: {status}",
+            f"run_id: {run_id}",
+            f"output: {output_path or '-'}",
+            f"seconds: {seconds:.2f}",
+            f"mini_batches_total: {tally.mini_batches_total}",
+            f"mini_batches_failed: {tally.mini_batches_failed}",
+            f"items_total: {tally.items_total}",
+            f"items_succeeded: {tally.items_succeeded}",
+            f"items_failed: {tally.items_failed}",
+            f"items_extra: {tally.items_extra}",
+        ]
+        if error:
+            lines.append(f"error: {error}")
+        (self.dir / "job_result.txt").write_text("\n".join(lines) + "\n")
+        failure = tally.first_failure
+        if failure is not None or error:
+            text = []
+            if failure is not None:
+                text.append(f"{failure.error}\n")
+                if failure.traceback:
+                    text.append(failure.traceback)
+                text.append(
+                    f"\nmini-batch {failure.index} ({failure.inputs}) on "
+                    f"{failure.worker}\n"
+                )
+            if error and (failure is None or error != failure.error):
+                text.append(f"\njob: {error}\n")
+            (self.dir / "job_error.txt").write_text("".join(text))
+
+    def close(self) -> None:
+        if not self._report.closed:
+            self._report.close()

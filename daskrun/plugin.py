@@ -1,0 +1,259 @@
+"""The worker side: the entry script in a WorkerPlugin, and the mini-batch task.
+
+:class:`EntryScriptPlugin` carries the script (and its ``source_directory``)
+as zip bytes, like distributed's ``UploadFile``, so workers that cannot see the
+client's disk run it too. ``setup()`` unpacks it, puts it on ``sys.path``,
+sets ``sys.argv`` and the environment, imports it and calls ``init()`` once per
+worker process; ``teardown()`` calls ``shutdown()``.
+
+:func:`process_mini_batch` is the task: it turns a mini-batch plan into what
+``run()`` receives, calls ``run()``, writes the rows as the mini-batch's part and
+returns a :class:`TryResult`. A user exception is data, not a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import io
+import os
+import shutil
+import sys
+import threading
+import time
+import traceback
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from distributed import WorkerPlugin, get_worker
+
+from .datasets import FileBatch, MiniBatch, localize_files, read_tabular
+from .exceptions import EntryScriptError
+from .output import OutputTarget, format_rows, write_part
+
+_SKIP_DIRS = {"__pycache__", ".git", ".ipynb_checkpoints", ".daskrun", ".venv"}
+
+
+def bundle_source(entry_script: str, source_directory: str | None) -> tuple[bytes, str]:
+    """Zip the entry script, or its whole ``source_directory``.
+
+    Returns the zip bytes and the script's path inside the zip.
+    """
+    buf = io.BytesIO()
+    if source_directory is None:
+        rel = os.path.basename(entry_script)
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.write(entry_script, rel)
+        return buf.getvalue(), rel
+    root = Path(source_directory).resolve()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+            for filename in filenames:
+                full = Path(dirpath) / filename
+                zf.write(full, full.relative_to(root).as_posix())
+    rel = Path(entry_script).resolve().relative_to(root).as_posix()
+    return buf.getvalue(), rel
+
+
+@dataclass(frozen=True)
+class TryResult:
+    """What one try of one mini-batch did. Small: it travels to the client."""
+
+    index: int
+    try_no: int
+    ok: bool
+    worker: str
+    items_in: int | None
+    items_out: int
+    seconds: float
+    error: str | None = None  # "ZeroDivisionError: division by zero"
+    traceback: str | None = None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a worker reads the mini-batches of one step."""
+
+    kind: str  # "file" or "tabular"
+    storage_options: Mapping[str, Any]
+    pandas_kwargs: Mapping[str, Any]
+
+
+def agent_name(worker: Any) -> str:
+    """``worker-<name>`` for a worker, as ParallelRunStep names its agents."""
+    name = worker.name
+    return f"worker-{name}" if isinstance(name, int) or str(name).isdigit() else str(
+        name
+    )
+
+
+class EntryScriptPlugin(WorkerPlugin):
+    """Runs the entry script's ``init()`` once per worker process.
+
+    Parameters
+    ----------
+    name : str
+        Stable plugin name, unique per run (``daskrun-<step>-<run id>``).
+    bundle : bytes
+        Zip of the script or its source directory.
+    script : str
+        The script's path inside ``bundle``.
+    arguments : list
+        ``sys.argv[1:]`` for the script.
+    environment_variables : dict
+        Set before ``init()``.
+    output_path : str
+        The step's output folder, as ``DASKRUN_OUTPUT_PATH``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        bundle: bytes,
+        script: str,
+        arguments: Sequence[str],
+        environment_variables: Mapping[str, str],
+        output_path: str,
+        input_spec: InputSpec,
+        output: OutputTarget | None,
+    ):
+        self.name = name
+        self.bundle = bundle
+        self.script = script
+        self.arguments = [str(a) for a in arguments]
+        self.environment_variables = dict(environment_variables)
+        self.output_path = output_path
+        self.input_spec = input_spec
+        self.output = output
+        self.module: ModuleType | None = None
+        self.init_error: TryResult | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_ready", None)
+        return state
+
+    async def setup(self, worker: Any) -> None:
+        self._ready = threading.Event()
+        self.folder = os.path.join(worker.local_directory, "daskrun", self.name)
+        self.agent = agent_name(worker)
+        loop = asyncio.get_running_loop()
+        try:
+            # init() may load a model for seconds: keep the event loop free
+            await loop.run_in_executor(None, self._init)
+        finally:
+            self._ready.set()
+        if self.init_error is not None:
+            raise EntryScriptError(
+                f"init() failed on {self.agent}: {self.init_error.error}\n"
+                f"{self.init_error.traceback}"
+            )
+
+    def _init(self) -> None:
+        start = time.perf_counter()
+        try:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            with zipfile.ZipFile(io.BytesIO(self.bundle)) as zf:
+                zf.extractall(self.folder)
+            if self.folder not in sys.path:
+                sys.path.insert(0, self.folder)
+            os.environ.update(self.environment_variables)
+            os.environ["DASKRUN_OUTPUT_PATH"] = self.output_path
+            path = os.path.join(self.folder, self.script)
+            sys.argv = [path, *self.arguments]
+            module_name = "daskrun_entry_" + self.name.replace("-", "_")
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+            module.init()
+            self.module = module
+        except (Exception, SystemExit) as e:
+            self.init_error = _failure(-1, 0, self.agent, None, start, e)
+
+    def teardown(self, worker: Any) -> None:
+        module = self.module
+        self.module = None
+        if module is not None and callable(getattr(module, "shutdown", None)):
+            module.shutdown()
+        if self.folder in sys.path:
+            sys.path.remove(self.folder)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        self._ready.wait(timeout)
+
+
+def _failure(
+    index: int,
+    try_no: int,
+    agent: str,
+    items_in: int | None,
+    start: float,
+    exc: BaseException,
+) -> TryResult:
+    # drop daskrun's own frame so the user's file and line come first
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return TryResult(
+        index=index,
+        try_no=try_no,
+        ok=False,
+        worker=agent,
+        items_in=items_in,
+        items_out=0,
+        seconds=time.perf_counter() - start,
+        error=f"{type(exc).__name__}: {exc}",
+        traceback="".join(traceback.format_exception(type(exc), exc, tb)),
+    )
+
+
+def process_mini_batch(plugin_name: str, batch: MiniBatch, try_no: int) -> TryResult:
+    """Run one try of one mini-batch on this worker (the task function)."""
+    start = time.perf_counter()
+    worker = get_worker()
+    plugin: EntryScriptPlugin = worker.plugins[plugin_name]  # type: ignore[assignment]
+    plugin.wait_ready()
+    agent = plugin.agent
+    if plugin.module is None:
+        error = plugin.init_error
+        raise EntryScriptError(
+            f"init() failed on {agent}: {error.error if error else 'not run'}"
+        )
+    spec = plugin.input_spec
+    items_in: int | None = batch.n_items
+    cache: str | None = None
+    try:
+        if isinstance(batch, FileBatch):
+            mini_batch, cache = localize_files(
+                batch.paths,
+                spec.storage_options,
+                os.path.join(worker.local_directory, "daskrun-cache"),
+            )
+        else:
+            mini_batch = read_tabular(batch, spec.storage_options, spec.pandas_kwargs)
+            items_in = len(mini_batch)
+        result = plugin.module.run(mini_batch)
+        data, items_out = format_rows(result)
+        if plugin.output is not None:
+            write_part(plugin.output, batch.index, data)
+    except (Exception, SystemExit) as e:
+        return _failure(batch.index, try_no, agent, items_in, start, e)
+    finally:
+        if cache is not None:
+            shutil.rmtree(cache, ignore_errors=True)
+    return TryResult(
+        index=batch.index,
+        try_no=try_no,
+        ok=True,
+        worker=agent,
+        items_in=items_in,
+        items_out=items_out,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,244 @@
+"""Scheduling mini-batches: bounded in flight, retries, failure thresholds.
+
+The client keeps at most ``in-flight-per-thread × worker threads`` mini-batches
+submitted at once, pulling plans lazily, so its memory stays flat whatever the
+number of inputs. Each try is its own task; a failed try is resubmitted until
+``run_max_try``. Counting and threshold checks (:class:`Tally`,
+:func:`check_thresholds`) are pure and tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from distributed import Client, as_completed
+
+from .config import ResolvedConfig, config_get
+from .datasets import MiniBatch
+from .exceptions import ThresholdExceededError
+from .plugin import TryResult, process_mini_batch
+
+logger = logging.getLogger("daskrun")
+
+
+@dataclass
+class Failure:
+    """The first failure of a job, as shown to the user."""
+
+    index: int
+    inputs: str  # what the mini-batch held, e.g. "files a.png, b.png"
+    error: str
+    traceback: str | None
+    worker: str
+
+    def summary(self) -> str:
+        return f"mini-batch {self.index} ({self.inputs}) on {self.worker}: {self.error}"
+
+
+@dataclass
+class Tally:
+    """Counts of a job, updated as mini-batches finish."""
+
+    mini_batches_total: int
+    mini_batches_done: int = 0
+    mini_batches_failed: int = 0
+    items_total: int = 0
+    items_succeeded: int = 0
+    items_failed: int = 0
+    items_extra: int = 0
+    all_scheduled: bool = False
+    first_failure: Failure | None = None
+
+    def record(self, batch: MiniBatch, result: TryResult) -> None:
+        """Count the final outcome of one mini-batch."""
+        self.mini_batches_done += 1
+        items_in = result.items_in if result.items_in is not None else batch.n_items
+        if result.ok:
+            assert items_in is not None
+            ok = min(result.items_out, items_in)
+            self.items_total += items_in
+            self.items_succeeded += ok
+            self.items_failed += items_in - ok
+            self.items_extra += result.items_out - ok
+            if ok < items_in and self.first_failure is None:
+                self.first_failure = Failure(
+                    batch.index,
+                    batch.describe(),
+                    f"run() returned {result.items_out} results for {items_in} "
+                    "inputs",
+                    None,
+                    result.worker,
+                )
+        else:
+            # a CSV range that was never read has an unknown row count: at least 1
+            n = items_in if items_in is not None else 1
+            self.mini_batches_failed += 1
+            self.items_total += n
+            self.items_failed += n
+            if self.first_failure is None or self.first_failure.traceback is None:
+                self.first_failure = Failure(
+                    batch.index,
+                    batch.describe(),
+                    result.error or "unknown error",
+                    result.traceback,
+                    result.worker,
+                )
+
+    def progress(self) -> str:
+        return (
+            f"{self.mini_batches_done}/{self.mini_batches_total} mini-batches, "
+            f"{self.items_succeeded} items ok, {self.items_failed} failed"
+        )
+
+
+def check_thresholds(tally: Tally, cfg: ResolvedConfig) -> str | None:
+    """Name the threshold the job has exceeded, or return ``None``.
+
+    >>> from dataclasses import replace
+    >>> cfg = ResolvedConfig("s.py", None, 2, "append_row", 1, 1, 10, "INFO",
+    ...                      60, 3, "out.txt", None, None)
+    >>> check_thresholds(Tally(10, items_failed=2), cfg) is None
+    True
+    >>> check_thresholds(Tally(10, items_failed=3), cfg)
+    'error_threshold'
+    """
+    if cfg.error_threshold != -1 and tally.items_failed > cfg.error_threshold:
+        return "error_threshold"
+    if (
+        cfg.allowed_failed_count is not None
+        and tally.mini_batches_failed > cfg.allowed_failed_count
+    ):
+        return "allowed_failed_count"
+    if (
+        cfg.allowed_failed_percent is not None
+        and tally.all_scheduled
+        and tally.mini_batches_total
+        and 100 * tally.mini_batches_failed / tally.mini_batches_total
+        > cfg.allowed_failed_percent
+    ):
+        return "allowed_failed_percent"
+    return None
+
+
+def threshold_error(
+    name: str, tally: Tally, cfg: ResolvedConfig, run_id: str
+) -> ThresholdExceededError:
+    """The error for an exceeded threshold: its value, the counts, the first
+    failing input and its exception."""
+    if name == "error_threshold":
+        limit: float = cfg.error_threshold
+        observed: float = tally.items_failed
+        what = f"{tally.items_failed} items failed"
+    elif name == "allowed_failed_count":
+        assert cfg.allowed_failed_count is not None
+        limit, observed = cfg.allowed_failed_count, tally.mini_batches_failed
+        what = f"{tally.mini_batches_failed} mini-batches failed"
+    else:
+        assert cfg.allowed_failed_percent is not None
+        limit = cfg.allowed_failed_percent
+        observed = 100 * tally.mini_batches_failed / max(1, tally.mini_batches_total)
+        what = f"{observed:.1f}% of mini-batches failed"
+    shown_limit = int(limit) if float(limit).is_integer() else limit
+    message = (
+        f"{name}={shown_limit} exceeded: {what} "
+        f"({tally.mini_batches_failed} of {tally.mini_batches_total} mini-batches "
+        f"failed, {tally.items_failed} items failed, {tally.items_succeeded} "
+        "succeeded)"
+    )
+    if tally.first_failure is not None:
+        message += f". First failure: {tally.first_failure.summary()}"
+    return ThresholdExceededError(
+        message, threshold=name, limit=limit, observed=observed, run_id=run_id
+    )
+
+
+def _lost_try(batch: MiniBatch, try_no: int, exc: BaseException) -> TryResult:
+    return TryResult(
+        index=batch.index,
+        try_no=try_no,
+        ok=False,
+        worker="unknown worker",
+        items_in=None,
+        items_out=0,
+        seconds=0.0,
+        error=f"{type(exc).__name__}: {exc}",
+    )
+
+
+def run_mini_batches(
+    client: Client,
+    plugin_name: str,
+    batches: Iterable[MiniBatch],
+    tally: Tally,
+    cfg: ResolvedConfig,
+    key_prefix: str,
+    on_done: Callable[[MiniBatch, TryResult, int], None],
+) -> str | None:
+    """Run every mini-batch to success or ``run_max_try`` failed tries.
+
+    ``on_done(batch, last_try, tries)`` is called once per mini-batch when
+    its outcome is final. Returns the name of the exceeded threshold, in which
+    case nothing more was scheduled and in-flight tries were cancelled, or
+    ``None`` when every mini-batch has an outcome.
+    """
+    threads = sum(client.nthreads().values()) or 1
+    limit = max(2, threads * int(config_get("runner.in-flight-per-thread")))
+    pending: dict[Any, tuple[MiniBatch, int]] = {}
+    queue = as_completed()
+    plans = iter(batches)
+
+    def submit(batch: MiniBatch, try_no: int) -> None:
+        future = client.submit(
+            process_mini_batch,
+            plugin_name,
+            batch,
+            try_no,
+            key=(key_prefix, batch.index, try_no),
+            pure=False,
+        )
+        pending[future] = (batch, try_no)
+        queue.add(future)
+
+    def fill() -> None:
+        while not tally.all_scheduled and len(pending) < limit:
+            batch = next(plans, None)
+            if batch is None:
+                tally.all_scheduled = True
+            else:
+                submit(batch, 1)
+
+    fill()
+    exceeded = check_thresholds(tally, cfg)
+    for future in queue:
+        batch, try_no = pending.pop(future)
+        try:
+            result: TryResult = future.result()
+        except Exception as e:  # the worker died, or the task was lost
+            result = _lost_try(batch, try_no, e)
+        future.release()
+        if not result.ok and try_no < cfg.run_max_try:
+            logger.info(
+                "mini-batch %d try %d failed (%s); retrying",
+                batch.index,
+                try_no,
+                result.error,
+            )
+            submit(batch, try_no + 1)
+            continue
+        tally.record(batch, result)
+        on_done(batch, result, try_no)
+        exceeded = check_thresholds(tally, cfg)
+        if exceeded:
+            break
+        fill()
+        if tally.all_scheduled:
+            exceeded = check_thresholds(tally, cfg)
+            if exceeded:
+                break
+    if exceeded:
+        client.cancel(list(pending))
+        queue.clear()
+    return exceeded

@@ -1,0 +1,355 @@
+"""``ParallelRunStep``: one entry script over one input, and its ``StepRun``.
+
+``step.run()`` validates everything, plans the mini-batches, connects to the
+compute target, registers the entry script as a worker plugin, runs the
+mini-batches (:mod:`daskrun.runner`), assembles the output
+(:mod:`daskrun.output`) and writes the log folder (:mod:`daskrun.monitor`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from . import output as _output
+from .compute import connect, dashboard_link
+from .config import (
+    ParallelRunConfig,
+    check_arguments,
+    check_step_name,
+    config_get,
+    mini_batch_size_for,
+)
+from .datasets import FileDataset, TabularDataset, plan_files
+from .exceptions import ConfigError, EntryScriptError, JobFailedError
+from .monitor import JobLogs
+from .plugin import EntryScriptPlugin, InputSpec, bundle_source
+from .runner import Tally, run_mini_batches, threshold_error
+
+logger = logging.getLogger("daskrun")
+
+Input = FileDataset | TabularDataset
+
+
+@dataclass
+class StepRun:
+    """The outcome of one run of a step.
+
+    Attributes
+    ----------
+    status : str
+        ``"Completed"``, ``"Failed"`` or ``"Canceled"``.
+    output_path : str or None
+        The final output file; ``None`` unless the run completed with
+        ``append_row``.
+    error : str or None
+        Why the run failed: the threshold, counts and first user error.
+    """
+
+    run_id: str
+    status: str
+    output_path: str | None
+    logs_dir: str
+    error: str | None
+    mini_batches_total: int
+    mini_batches_failed: int
+    items_total: int
+    items_succeeded: int
+    items_failed: int
+    items_extra: int = 0
+    dashboard_link: str | None = None
+
+    def raise_for_status(self) -> StepRun:
+        """Raise :class:`~daskrun.JobFailedError` unless the run completed."""
+        if self.status != "Completed":
+            raise JobFailedError(
+                self.error or self.status, status=self.status, run_id=self.run_id
+            )
+        return self
+
+
+class ParallelRunStep:
+    """Run an entry script over the mini-batches of its inputs.
+
+    Parameters
+    ----------
+    name : str
+        3–32 characters of ``^[a-z]([-a-z0-9]*[a-z0-9])?$``.
+    parallel_run_config : ParallelRunConfig
+    inputs : data set or list of data sets
+        All of one kind (file or tabular); concatenated in the given order.
+    output : str, optional
+        Output folder, local or fsspec URL; required for ``append_row``.
+    side_inputs : list of data sets, optional
+        Handed to every worker whole.
+    arguments : list, optional
+        ``sys.argv[1:]`` for the script; must start with an option.
+    allow_reuse : bool
+        Reuse an identical earlier run's output (with a workspace).
+    output_storage_options : dict, optional
+        fsspec options for a remote ``output`` (credentials stay out of logs).
+
+    Examples
+    --------
+    >>> step = ParallelRunStep(name="score-images", parallel_run_config=cfg,
+    ...                        inputs=[Dataset.File.from_files("images/")],
+    ...                        output="out/")  # doctest: +SKIP
+    >>> step.run().output_path  # doctest: +SKIP
+    'out/parallel_run_step.txt'
+    """
+
+    def __init__(
+        self,
+        name: str,
+        parallel_run_config: ParallelRunConfig,
+        inputs: Input | Sequence[Input],
+        output: str | os.PathLike[str] | None = None,
+        side_inputs: Sequence[Input] | None = None,
+        arguments: Sequence[Any] | None = None,
+        allow_reuse: bool = True,
+        output_storage_options: dict[str, Any] | None = None,
+    ):
+        self.name = check_step_name(name)
+        if not isinstance(parallel_run_config, ParallelRunConfig):
+            raise ConfigError(
+                f"parallel_run_config={parallel_run_config!r} is not a "
+                "ParallelRunConfig; build one with ParallelRunConfig(entry_script=...)"
+            )
+        self.config = parallel_run_config
+        cfg = parallel_run_config.resolved
+        self.inputs = _check_inputs(inputs)
+        self.kind = self.inputs[0].kind
+        self.mini_batch_size = mini_batch_size_for(self.kind, cfg.mini_batch_size)
+        if output is None and cfg.output_action == "append_row":
+            raise ConfigError(
+                "output is required with output_action='append_row'; pass "
+                "output='out/' (a folder or fsspec URL), or use "
+                "output_action='summary_only'"
+            )
+        self.output = None if output is None else _absolute(os.fspath(output))
+        self.output_storage_options = dict(output_storage_options or {})
+        self.side_inputs = list(side_inputs or [])
+        for side in self.side_inputs:
+            if not isinstance(side, (FileDataset, TabularDataset)):
+                raise ConfigError(
+                    f"side_inputs item {side!r} is not a data set; use "
+                    "Dataset.File.from_files(path)"
+                )
+        self.arguments = check_arguments(arguments)
+        self.allow_reuse = bool(allow_reuse)
+
+    def __repr__(self) -> str:
+        return f"ParallelRunStep(name={self.name!r}, inputs={self.inputs!r})"
+
+    def plan(self) -> tuple[Iterable[Any], int]:
+        """The mini-batch plans (lazily, for file inputs) and their count."""
+        if self.kind == "file":
+            files = [f for ds in self.inputs for f in ds.files()]
+            count = math.ceil(len(files) / self.mini_batch_size)
+            return plan_files(files, self.mini_batch_size), count
+        batches: list[Any] = []
+        for ds in self.inputs:
+            assert isinstance(ds, TabularDataset)
+            batches.extend(ds.plan(self.mini_batch_size, start=len(batches)))
+        return batches, len(batches)
+
+    def run(
+        self,
+        pipeline_parameters: dict[str, Any] | None = None,
+        workspace: Any = None,
+        show_output: bool = False,
+    ) -> StepRun:
+        """Run the step synchronously and return its :class:`StepRun`.
+
+        A job that fails returns a StepRun with ``status="Failed"``; call
+        :meth:`StepRun.raise_for_status` to get an exception instead. Bad
+        parameters and inputs raise :class:`~daskrun.ConfigError` or
+        :class:`~daskrun.InputError` before any task runs.
+        """
+        if pipeline_parameters:
+            raise ConfigError(
+                f"pipeline_parameters={sorted(pipeline_parameters)!r} given, but this "
+                "step uses no PipelineParameter; drop them or build the config with "
+                "PipelineParameter values"
+            )
+        return _execute(self, show_output=show_output)
+
+
+def _check_inputs(inputs: Any) -> list[Input]:
+    items = [inputs] if isinstance(inputs, (FileDataset, TabularDataset)) else inputs
+    if isinstance(items, (str, os.PathLike)) or not isinstance(items, Sequence):
+        raise ConfigError(
+            f"inputs={inputs!r} is not a data set; use "
+            "inputs=[Dataset.File.from_files(path)]"
+        )
+    items = list(items)
+    if not items:
+        raise ConfigError(
+            "inputs=[] is empty; pass at least one data set, e.g. "
+            "[Dataset.File.from_files('images/')]"
+        )
+    for item in items:
+        if not isinstance(item, (FileDataset, TabularDataset)):
+            raise ConfigError(
+                f"inputs item {item!r} is not a data set; use "
+                f"Dataset.File.from_files({item!r}) or "
+                f"Dataset.Tabular.from_delimited_files({item!r})"
+            )
+    kinds = {(i.kind, getattr(i, "file_format", None)) for i in items}
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"inputs mix kinds {sorted(str(k) for k in kinds)}; all inputs of one "
+            "step must be file data sets, or all tabular of one format"
+        )
+    return items
+
+
+def _absolute(path: str) -> str:
+    fs, _ = url_to_fs(path)
+    return os.path.abspath(path) if isinstance(fs, LocalFileSystem) else path
+
+
+def new_run_id(step_name: str) -> str:
+    """``<step>_<UTC time>_<random>``, sortable by start time."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"{step_name}_{stamp}_{secrets.token_hex(3)}"
+
+
+def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
+    cfg = step.config.resolved
+    started = time.perf_counter()
+    # planning lists and measures the inputs: a missing or empty input fails
+    # here, before any worker starts
+    batches, total = step.plan()
+    run_id = new_run_id(step.name)
+    run_dir = Path(os.path.expanduser(config_get("runs-dir"))) / run_id
+    logs = JobLogs(run_dir / "logs")
+    target = (
+        _output.OutputTarget(
+            step.output, cfg.append_row_file_name, run_id, step.output_storage_options
+        )
+        if step.output is not None and cfg.output_action == "append_row"
+        else None
+    )
+    output_path = step.output or str(run_dir / "outputs")
+    if step.output is None:
+        os.makedirs(output_path, exist_ok=True)
+    first = step.inputs[0]
+    bundle, script = bundle_source(cfg.entry_script, cfg.source_directory)
+    plugin_name = f"daskrun-{run_id}"
+    plugin = EntryScriptPlugin(
+        name=plugin_name,
+        bundle=bundle,
+        script=script,
+        arguments=step.arguments,
+        environment_variables=cfg.environment_variables,
+        output_path=output_path,
+        input_spec=InputSpec(
+            kind=step.kind,
+            storage_options=first.storage_options,
+            pandas_kwargs=getattr(first, "pandas_kwargs", {}),
+        ),
+        output=target,
+    )
+    tally = Tally(mini_batches_total=total)
+    status, error, final, link = "Failed", None, None, None
+    say = _printer(show_output)
+    try:
+        with connect(
+            step.config.compute_target, cfg.node_count, cfg.process_count_per_node
+        ) as client:
+            link = dashboard_link(client)
+            say(f"daskrun: run {run_id}: {total} mini-batches")
+            if link:
+                say(f"daskrun: dashboard {link}")
+            try:
+                client.register_plugin(plugin, name=plugin_name)
+            except EntryScriptError as e:
+                raise JobFailedError(str(e), run_id=run_id) from None
+            try:
+                exceeded = run_mini_batches(
+                    client,
+                    plugin_name,
+                    batches,
+                    tally,
+                    cfg,
+                    key_prefix=f"{step.name}-{run_id[-6:]}",
+                    on_done=lambda b, r, tries: logs.mini_batch(
+                        r, r.items_in if r.items_in is not None else b.n_items, tries
+                    ),
+                )
+            finally:
+                _unregister(client, plugin_name)
+        if exceeded:
+            error = str(threshold_error(exceeded, tally, cfg, run_id))
+        else:
+            if target is not None:
+                indices = sorted(_output.committed_parts(target))
+                final = _output.assemble(target, indices)
+                _output.remove_parts(target)
+            status = "Completed"
+    except JobFailedError as e:
+        error = str(e)
+    except KeyboardInterrupt:
+        status, error = "Canceled", "canceled by the user (KeyboardInterrupt)"
+        raise
+    finally:
+        logs.finish(
+            status=status,
+            run_id=run_id,
+            tally=tally,
+            error=error,
+            output_path=final,
+            seconds=time.perf_counter() - started,
+        )
+    run = StepRun(
+        run_id=run_id,
+        status=status,
+        output_path=final,
+        logs_dir=str(logs.dir),
+        error=error,
+        mini_batches_total=tally.mini_batches_total,
+        mini_batches_failed=tally.mini_batches_failed,
+        items_total=tally.items_total,
+        items_succeeded=tally.items_succeeded,
+        items_failed=tally.items_failed,
+        items_extra=tally.items_extra,
+        dashboard_link=link,
+    )
+    if tally.items_extra:
+        logger.warning(
+            "run %s: run() returned %d more results than inputs; they are in the "
+            "output (see processed_mini-batches.csv)",
+            run_id,
+            tally.items_extra,
+        )
+    say(f"daskrun: {status}: {tally.progress()}")
+    return run
+
+
+def _unregister(client: Any, name: str) -> None:
+    # runs shutdown() on every worker; a cluster going away must not mask errors
+    try:
+        client.unregister_worker_plugin(name)
+    except Exception as e:  # noqa: BLE001
+        logger.debug("could not unregister plugin %s: %s", name, e)
+
+
+def _printer(show: bool) -> Any:
+    def say(line: str) -> None:
+        if show:
+            print(line, file=sys.stderr, flush=True)
+
+    return say
