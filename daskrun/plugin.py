@@ -14,8 +14,8 @@ returns a :class:`TryResult`. A user exception is data, not a crash.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
+import linecache
 import os
 import shutil
 import sys
@@ -103,6 +103,8 @@ class EntryScriptPlugin(WorkerPlugin):
         Zip of the script or its source directory.
     script : str
         The script's path inside ``bundle``.
+    script_display : str
+        The script's path on the client, shown in tracebacks.
     arguments : list
         ``sys.argv[1:]`` for the script.
     environment_variables : dict
@@ -116,6 +118,7 @@ class EntryScriptPlugin(WorkerPlugin):
         name: str,
         bundle: bytes,
         script: str,
+        script_display: str,
         arguments: Sequence[str],
         environment_variables: Mapping[str, str],
         output_path: str,
@@ -125,6 +128,7 @@ class EntryScriptPlugin(WorkerPlugin):
         self.name = name
         self.bundle = bundle
         self.script = script
+        self.script_display = script_display
         self.arguments = [str(a) for a in arguments]
         self.environment_variables = dict(environment_variables)
         self.output_path = output_path
@@ -167,11 +171,20 @@ class EntryScriptPlugin(WorkerPlugin):
             path = os.path.join(self.folder, self.script)
             sys.argv = [path, *self.arguments]
             module_name = "daskrun_entry_" + self.name.replace("-", "_")
-            spec = importlib.util.spec_from_file_location(module_name, path)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
+            module = ModuleType(module_name)
+            module.__file__ = path
             sys.modules[module_name] = module
-            spec.loader.exec_module(module)
+            # tracebacks name the script as the user knows it, with its source
+            # lines even where that path does not exist on this worker
+            source = Path(path).read_text()
+            linecache.cache[self.script_display] = (
+                len(source),
+                None,
+                source.splitlines(True),
+                self.script_display,
+            )
+            code = compile(source, self.script_display, "exec")
+            exec(code, module.__dict__)
             module.init()
             self.module = module
         except (Exception, SystemExit) as e:

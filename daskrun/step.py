@@ -253,6 +253,7 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
         name=plugin_name,
         bundle=bundle,
         script=script,
+        script_display=cfg.entry_script,
         arguments=step.arguments,
         environment_variables=cfg.environment_variables,
         output_path=output_path,

@@ -1,0 +1,211 @@
+"""Planning and validation are pure: no cluster needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from daskrun import ConfigError, Dataset, InputError, ParallelRunConfig
+from daskrun.config import (
+    ResolvedConfig,
+    check_arguments,
+    check_step_name,
+    parse_byte_size,
+    parse_file_count,
+)
+from daskrun.datasets import CsvBatch, ParquetBatch, plan_byte_ranges, plan_row_groups
+from daskrun.runner import Tally, check_thresholds
+
+from .conftest import make_files, write_script
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(1, 1), ("1", 1), ("1KB", 1024), ("1kb", 1024), ("10MB", 10 * 2**20),
+     ("1GB", 2**30), ("1mB", 2**20), (4096, 4096)],
+)
+def test_byte_sizes(value: object, expected: int) -> None:
+    assert parse_byte_size(value) == expected
+
+
+@pytest.mark.parametrize("value", ["1 MB", "1M", "MB", "1.5MB", "-1", 0, 1.5, None,
+                                   True, "1TB"])
+def test_bad_byte_sizes_name_the_value_and_the_fix(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"mini_batch_size=.*(1MB|1 byte)"):
+        parse_byte_size(value)
+
+
+def test_file_counts() -> None:
+    assert parse_file_count("7") == 7
+    for bad in ("10 files", 0, -3, "1MB", 2.0, True):
+        with pytest.raises(ConfigError, match="mini_batch_size="):
+            parse_file_count(bad)
+
+
+@pytest.mark.parametrize("name", ["abc", "batch-scoring", "a1-b2", "x" * 32])
+def test_good_step_names(name: str) -> None:
+    assert check_step_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["ab", "x" * 33, "Batch", "1abc", "abc-", "a_bc",
+                                  "", None])
+def test_bad_step_names(name: object) -> None:
+    with pytest.raises(ConfigError, match="not a valid step name"):
+        check_step_name(name)
+
+
+def test_arguments_must_start_with_an_option_and_avoid_reserved_names() -> None:
+    assert check_arguments(["--model", "m"]) == ["--model", "m"]
+    with pytest.raises(ConfigError, match="must start with an option"):
+        check_arguments(["model", "--x"])
+    for reserved in ("--mini_batch_size", "--mini-batch-size=3", "--error_threshold",
+                     "--run-max-try"):
+        with pytest.raises(ConfigError, match="reserved"):
+            check_arguments(["--x", "1", reserved, "2"])
+
+
+def test_byte_ranges_cover_the_file_without_overlap() -> None:
+    ranges = plan_byte_ranges(10_000_001, 1_000_000)
+    assert len(ranges) == 11
+    assert ranges[0] == (0, 1_000_000)
+    covered = sum(length for _, length in ranges if length)
+    assert covered == 10_000_001
+    assert plan_byte_ranges(5, 5) == [(0, None)]
+
+
+def test_row_groups_are_grouped_up_to_the_size() -> None:
+    assert plan_row_groups([10] * 10, 35) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert plan_row_groups([100, 1], 10) == [[0], [1]]
+
+
+def test_files_are_sorted_and_globbed(tmp_path: Path) -> None:
+    make_files(tmp_path / "a", 3)
+    make_files(tmp_path / "b", 2, prefix="g")
+    (tmp_path / "b" / "skip.csv").write_text("x")
+    ds = Dataset.File.from_files([str(tmp_path / "b" / "*.txt"), str(tmp_path / "a")])
+    names = [Path(p).name for p in ds.files()]
+    assert names == ["f00000.txt", "f00001.txt", "f00002.txt", "g00000.txt",
+                     "g00001.txt"]
+    batches = list(ds.plan(2))
+    assert [b.index for b in batches] == [0, 1, 2]
+    assert [len(b.paths) for b in batches] == [2, 2, 1]
+
+
+def test_missing_and_empty_inputs_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"'.*nope' matches no files"):
+        Dataset.File.from_files(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="matches no files.*empty folder"):
+        Dataset.File.from_files(str(tmp_path / "empty"))
+    with pytest.raises(InputError, match="matches no files"):
+        Dataset.Tabular.from_delimited_files(str(tmp_path / "*.csv"))
+
+
+def test_csv_plan_never_crosses_files(tmp_path: Path) -> None:
+    small = tmp_path / "a.csv"
+    big = tmp_path / "b.csv"
+    pd.DataFrame({"x": range(10)}).to_csv(small, index=False)
+    pd.DataFrame({"x": range(100_000)}).to_csv(big, index=False)
+    plan = list(Dataset.Tabular.from_delimited_files(str(tmp_path)).plan("100KB"))
+    assert plan[0] == CsvBatch(0, str(small), 0, None)
+    assert all(b.path == str(big) for b in plan[1:])
+    assert len(plan) == 1 + -(-big.stat().st_size // (100 * 1024))
+
+
+def test_parquet_plan_splits_by_row_groups(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    table = pa.table({"x": list(range(40_000))})
+    pq.write_table(table, path, row_group_size=10_000)
+    plan = list(Dataset.Tabular.from_parquet_files(str(path)).plan(100))
+    assert [b.row_groups for b in plan] == [(0,), (1,), (2,), (3,)]
+    assert all(isinstance(b, ParquetBatch) and b.num_rows == 10_000 for b in plan)
+    whole = list(Dataset.Tabular.from_parquet_files(str(path)).plan("1GB"))
+    assert [b.row_groups for b in whole] == [(0, 1, 2, 3)]
+
+
+def test_not_parquet_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "x.parquet").write_text("not parquet")
+    with pytest.raises(InputError, match="not a readable Parquet file"):
+        list(Dataset.Tabular.from_parquet_files(str(tmp_path)).plan())
+
+
+def _cfg(**kw: object) -> ResolvedConfig:
+    base: dict[str, object] = dict(
+        entry_script="s.py", source_directory=None, error_threshold=-1,
+        output_action="append_row", node_count=1, process_count_per_node=1,
+        mini_batch_size=1, logging_level="INFO", run_invocation_timeout=60,
+        run_max_try=3, append_row_file_name="o.txt", allowed_failed_count=None,
+        allowed_failed_percent=None,
+    )
+    base.update(kw)
+    return ResolvedConfig(**base)  # type: ignore[arg-type]
+
+
+def test_thresholds() -> None:
+    assert check_thresholds(Tally(10, items_failed=100), _cfg()) is None
+    assert check_thresholds(Tally(10, items_failed=3), _cfg(error_threshold=3)) is None
+    assert check_thresholds(Tally(10, items_failed=4), _cfg(error_threshold=3)) == (
+        "error_threshold"
+    )
+    assert check_thresholds(
+        Tally(10, mini_batches_failed=2), _cfg(allowed_failed_count=1)
+    ) == "allowed_failed_count"
+    # percent is only checked once every mini-batch is scheduled
+    pct = _cfg(allowed_failed_percent=10)
+    assert check_thresholds(Tally(10, mini_batches_failed=2), pct) is None
+    assert check_thresholds(
+        Tally(10, mini_batches_failed=2, all_scheduled=True), pct
+    ) == "allowed_failed_percent"
+    assert check_thresholds(
+        Tally(10, mini_batches_failed=1, all_scheduled=True), pct
+    ) is None
+
+
+def test_config_validation(tmp_path: Path) -> None:
+    script = write_script(tmp_path, "def init(): pass\ndef run(mb): return mb\n")
+    ok = ParallelRunConfig(str(script), error_threshold=0, output_action="append_row")
+    assert ok.run_max_try == 3 and ok.run_invocation_timeout == 60
+    bad: list[tuple[dict[str, object], str]] = [
+        ({"error_threshold": -2}, "error_threshold=-2 must be an int >= -1"),
+        ({"error_threshold": "5"}, "error_threshold='5'"),
+        ({"output_action": "append"}, "output_action='append' is not one of"),
+        ({"allowed_failed_percent": 101}, "allowed_failed_percent=101 must be"),
+        ({"allowed_failed_count": -5}, "allowed_failed_count=-5"),
+        ({"run_max_try": 0}, "run_max_try=0"),
+        ({"run_invocation_timeout": 0}, "run_invocation_timeout=0"),
+        ({"node_count": 0}, "node_count=0"),
+        ({"process_count_per_node": 0}, "process_count_per_node=0"),
+        ({"mini_batch_size": "ten"}, "mini_batch_size='ten'"),
+        ({"logging_level": "LOUD"}, "logging_level='LOUD'"),
+        ({"append_row_file_name": "a/b.txt"}, "append_row_file_name='a/b.txt'"),
+        ({"environment_variables": {"A": 1}}, "environment_variables must map"),
+    ]
+    for kw, message in bad:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            ParallelRunConfig(str(script), **kw)  # type: ignore[arg-type]
+
+
+def test_entry_script_checked_without_running_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        ParallelRunConfig(str(tmp_path / "missing.py"))
+    no_run = write_script(tmp_path, "def init(): pass\n", "a.py")
+    with pytest.raises(ConfigError, match=r"does not define run\(\)"):
+        ParallelRunConfig(str(no_run))
+    broken = write_script(tmp_path, "def init(:\n", "b.py")
+    with pytest.raises(ConfigError, match="not valid Python"):
+        ParallelRunConfig(str(broken))
+    # importing it would fail on the client; the check only parses it
+    heavy = write_script(
+        tmp_path,
+        "import package_only_on_workers\ndef init(): pass\ndef run(mb): return mb\n",
+        "c.py",
+    )
+    ParallelRunConfig(str(heavy))
+    write_script(tmp_path / "src", "def init(): pass\ndef run(mb): return mb\n")
+    with pytest.raises(ConfigError, match="source_directory="):
+        ParallelRunConfig("score.py", source_directory=str(tmp_path / "nope"))
+    ParallelRunConfig("score.py", source_directory=str(tmp_path / "src"))
