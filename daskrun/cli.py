@@ -39,21 +39,26 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Run SCRIPT's init() once per worker and run(mini_batch) over "
         "every mini-batch of the inputs. Arguments after '--' go to the script.",
     )
-    run._sub = "run"  # type: ignore[attr-defined]
+    run._sub = "run"
     run.add_argument("script", help="entry script defining init() and run()")
     run.add_argument(
-        "--input", nargs="+", required=True, metavar="PATH",
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
         help="files, folders, globs or fsspec URLs",
     )
     run.add_argument(
-        "--tabular", action="store_true",
+        "--tabular",
+        action="store_true",
         help="read CSV or Parquet files as tables (run() gets DataFrames)",
     )
     run.add_argument("--output", metavar="DIR", help="output folder or URL")
     run.add_argument("--name", help="step name (default: from the script's name)")
     run.add_argument("--source-directory", metavar="DIR")
     run.add_argument(
-        "--mini-batch-size", metavar="N",
+        "--mini-batch-size",
+        metavar="N",
         help="files per mini-batch, or bytes for --tabular (e.g. 1MB)",
     )
     run.add_argument("--error-threshold", type=int, metavar="N")
@@ -61,13 +66,18 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allowed-failed-percent", type=float, metavar="P")
     run.add_argument("--output-action", choices=OUTPUT_ACTIONS)
     run.add_argument("--append-row-file-name", metavar="NAME")
-    run.add_argument("--processes", type=int, metavar="N",
-                     help="worker processes per node")
+    run.add_argument(
+        "--processes", type=int, metavar="N", help="worker processes per node"
+    )
     run.add_argument("--nodes", type=int, metavar="N")
-    run.add_argument("--scheduler", metavar="ADDR",
-                     help="use a running scheduler instead of a local cluster")
-    run.add_argument("--timeout", type=int, metavar="S",
-                     help="run_invocation_timeout in seconds")
+    run.add_argument(
+        "--scheduler",
+        metavar="ADDR",
+        help="use a running scheduler instead of a local cluster",
+    )
+    run.add_argument(
+        "--timeout", type=int, metavar="S", help="run_invocation_timeout in seconds"
+    )
     run.add_argument("--max-tries", type=int, metavar="N", help="run_max_try")
     run.add_argument("--logging-level", type=str.upper, choices=LOGGING_LEVELS)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -90,8 +100,7 @@ def _datasets(paths: Sequence[str], tabular: bool) -> FileDataset | TabularDatas
         return Dataset.Tabular.from_parquet_files(list(paths))
     if any(parquet):
         raise InputError(
-            f"--input mixes Parquet and CSV paths {list(paths)!r}; run them as "
-            "two jobs"
+            f"--input mixes Parquet and CSV paths {list(paths)!r}; run them as two jobs"
         )
     # a folder of Parquet files is named by its contents
     files = Dataset.File.from_files(list(paths)).files()

@@ -25,8 +25,10 @@ logger = logging.getLogger("daskrun")
 
 def default_process_count() -> int:
     """One worker process per core of this machine."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1
+    return (
+        len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else (os.cpu_count() or 1)
     )
 
 

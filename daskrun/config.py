@@ -214,9 +214,11 @@ def check_entry_script(entry_script: object, source_directory: object) -> Path:
     else:
         path = Path(entry_script)
     if not path.is_file():
-        where = f" in source_directory={str(source_directory)!r}" if (
-            source_directory is not None
-        ) else ""
+        where = (
+            f" in source_directory={str(source_directory)!r}"
+            if (source_directory is not None)
+            else ""
+        )
         raise ConfigError(
             f"entry_script={str(entry_script)!r} does not exist{where}; "
             "give the path of the script that defines init() and run(mini_batch)"
@@ -406,8 +408,8 @@ def _resolve(**kw: Any) -> ResolvedConfig:
     ):
         # checked fully once the kind of input is known; catch nonsense now
         raise ConfigError(
-            f"mini_batch_size={mbs!r} is neither a number of files (an int like 10) "
-            "nor a size in bytes (like '1MB')"
+            f"mini_batch_size={mbs!r} is not a number of files nor a size in bytes; "
+            "use an int like 10 (files) or a string like '1MB' (tabular)"
         )
     if mbs is not None and _is_int(mbs) and mbs < 1:
         raise ConfigError(f"mini_batch_size={mbs!r} must be at least 1")
@@ -446,8 +448,10 @@ def _resolve(**kw: Any) -> ResolvedConfig:
             afc = None
     afp = _pick(kw["allowed_failed_percent"], "allowed-failed-percent")
     if afp is not None:
-        if not isinstance(afp, (int, float)) or isinstance(afp, bool) or not (
-            0 <= afp <= 100
+        if (
+            not isinstance(afp, (int, float))
+            or isinstance(afp, bool)
+            or not (0 <= afp <= 100)
         ):
             raise ConfigError(
                 f"allowed_failed_percent={afp!r} must be a number from 0 to 100; "

@@ -16,6 +16,7 @@ receives.
 
 from __future__ import annotations
 
+import glob as globlib
 import io
 import math
 import os
@@ -24,7 +25,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import fsspec.utils
@@ -97,7 +98,7 @@ class ParquetBatch:
         return f"{self.path} row groups {first}-{last} ({self.num_rows} rows)"
 
 
-MiniBatch = Union[FileBatch, CsvBatch, ParquetBatch]
+MiniBatch = FileBatch | CsvBatch | ParquetBatch
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -139,6 +140,8 @@ def expand_paths(
 
 
 def _find_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    if _is_local(fs):
+        return _find_local(root)
     if any(c in root for c in "*?["):
         matches = fs.glob(root, detail=True)
     elif fs.isdir(root):
@@ -153,6 +156,22 @@ def _find_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
             files.extend(fs.find(name))
         else:
             files.append(name)
+    return files
+
+
+def _find_local(root: str) -> list[str]:
+    # os.scandir keeps no per-file metadata: a million paths cost only their
+    # strings, where fsspec's find() builds an info dict for each
+    tops = globlib.glob(root, recursive=True) if any(c in root for c in "*?[") else [
+        root
+    ]
+    files: list[str] = []
+    for top in sorted(tops):
+        if os.path.isfile(top):
+            files.append(top)
+            continue
+        for dirpath, _, filenames in os.walk(top):
+            files.extend(os.path.join(dirpath, name) for name in filenames)
     return files
 
 
@@ -201,7 +220,9 @@ class FileDataset(_DatasetBase):
         return plan_files(self.files(), mini_batch_size_for("file", mini_batch_size))
 
     def count_mini_batches(self, mini_batch_size: object = None) -> int:
-        return math.ceil(len(self.files()) / mini_batch_size_for("file", mini_batch_size))
+        return math.ceil(
+            len(self.files()) / mini_batch_size_for("file", mini_batch_size)
+        )
 
     def to_bag(self, mini_batch_size: object = None) -> dask.bag.Bag:
         """The mini-batches as a Dask bag of lists of paths."""
@@ -240,18 +261,20 @@ class TabularDataset(_DatasetBase):
         fs, _ = url_to_fs(files[0], **self.storage_options)
         index = start
         if self.file_format == "csv":
-            for path, nbytes in zip(files, _sizes(fs, files)):
+            for path, nbytes in zip(files, _sizes(fs, files), strict=True):
                 for offset, length in plan_byte_ranges(nbytes, size):
                     yield CsvBatch(index, path, offset, length)
                     index += 1
         else:
-            for path, groups in zip(files, _row_group_sizes(fs, files)):
+            for path, groups in zip(files, _row_group_sizes(fs, files), strict=True):
                 for rgs in plan_row_groups([g[0] for g in groups], size):
                     rows = sum(groups[i][1] for i in rgs)
                     yield ParquetBatch(index, path, tuple(rgs), rows)
                     index += 1
 
-    def to_dask_dataframe(self, mini_batch_size: object = None) -> dask.dataframe.DataFrame:
+    def to_dask_dataframe(
+        self, mini_batch_size: object = None
+    ) -> dask.dataframe.DataFrame:
         """The data set as a Dask dataframe with one partition per mini-batch."""
         import dask.dataframe as dd
 
@@ -431,9 +454,7 @@ class Dataset:
             storage_options: StorageOptions | None = None,
         ) -> FileDataset:
             """Files from local paths, folders, globs, lists or fsspec URLs."""
-            return FileDataset(
-                path, validate=validate, storage_options=storage_options
-            )
+            return FileDataset(path, validate=validate, storage_options=storage_options)
 
     class Tabular:
         @staticmethod

@@ -15,6 +15,7 @@ import shutil
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import fsspec
@@ -36,6 +37,10 @@ class OutputTarget:
     file_name: str
     run_id: str
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def local(self) -> bool:
+        return isinstance(self.fs(), LocalFileSystem)
 
     @property
     def final_url(self) -> str:
@@ -70,16 +75,16 @@ def format_rows(result: Any) -> tuple[bytes, int]:
             return b"", 0
         text = result.to_csv(sep=" ", header=False, index=False, lineterminator="\n")
         return text.encode(), len(result)
-    if result is None or isinstance(result, (str, bytes, Mapping)) or not hasattr(
-        result, "__len__"
+    if (
+        result is None
+        or isinstance(result, (str, bytes, Mapping))
+        or not hasattr(result, "__len__")
     ):
         raise TypeError(
             f"run() returned {type(result).__name__}; return a list, tuple, array, "
             "Series or DataFrame with one element per input"
         )
-    lines = [
-        str(x).replace("\r", "\\r").replace("\n", "\\n") for x in list(result)
-    ]
+    lines = [str(x).replace("\r", "\\r").replace("\n", "\\n") for x in list(result)]
     if not lines:
         return b"", 0
     return ("\n".join(lines) + "\n").encode(), len(lines)
@@ -87,32 +92,20 @@ def format_rows(result: Any) -> tuple[bytes, int]:
 
 def write_part(target: OutputTarget, index: int, data: bytes) -> None:
     """Write mini-batch ``index``'s rows atomically, replacing any earlier copy."""
-    fs = target.fs()
     path = target.part_url(index)
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(target.parts_url, exist_ok=True)
+    if target.local:  # prepare_parts() made the folder
         tmp = f"{target.parts_url}/.{index}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     else:
         # one PUT: object stores commit a blob whole or not at all
-        fs.pipe_file(path, data)
+        target.fs().pipe_file(path, data)
 
 
-def committed_parts(target: OutputTarget) -> set[int]:
-    """Indices of the mini-batches whose parts are written."""
-    fs = target.fs()
-    try:
-        names = fs.ls(target.parts_url, detail=False)
-    except FileNotFoundError:
-        return set()
-    out = set()
-    for name in names:
-        base = os.path.basename(name)
-        if base.endswith(".part") and base[:-5].isdigit():
-            out.add(int(base[:-5]))
-    return out
+def prepare_parts(target: OutputTarget) -> None:
+    """Create the parts folder (on the client, before any task)."""
+    target.fs().makedirs(target.parts_url, exist_ok=True)
 
 
 def assemble(target: OutputTarget, indices: Iterable[int]) -> str:

@@ -82,13 +82,14 @@ class InputSpec:
     kind: str  # "file" or "tabular"
     storage_options: Mapping[str, Any]
     pandas_kwargs: Mapping[str, Any]
+    local: bool  # every input file is on a local (or shared) file system
 
 
 def agent_name(worker: Any) -> str:
     """``worker-<name>`` for a worker, as ParallelRunStep names its agents."""
     name = worker.name
-    return f"worker-{name}" if isinstance(name, int) or str(name).isdigit() else str(
-        name
+    return (
+        f"worker-{name}" if isinstance(name, int) or str(name).isdigit() else str(name)
     )
 
 
@@ -227,37 +228,53 @@ def _failure(
     )
 
 
-def process_mini_batch(plugin_name: str, batch: MiniBatch, try_no: int) -> TryResult:
-    """Run one try of one mini-batch on this worker (the task function)."""
-    start = time.perf_counter()
+def process_mini_batches(
+    plugin_name: str, tries: Sequence[tuple[MiniBatch, int]]
+) -> list[TryResult]:
+    """The task function: run one try of each ``(mini-batch, try number)``
+    in turn on this worker.
+
+    Several cheap mini-batches share one task so that Dask's per-task cost
+    (milliseconds) is paid once for all of them; each still gets its own
+    part and its own :class:`TryResult`.
+    """
     worker = get_worker()
     plugin: EntryScriptPlugin = worker.plugins[plugin_name]  # type: ignore[assignment]
     plugin.wait_ready()
-    agent = plugin.agent
     if plugin.module is None:
         error = plugin.init_error
         raise EntryScriptError(
-            f"init() failed on {agent}: {error.error if error else 'not run'}"
+            f"init() failed on {plugin.agent}: {error.error if error else 'not run'}"
         )
+    cache_root = os.path.join(worker.local_directory, "daskrun-cache")
+    return [_process(plugin, batch, try_no, cache_root) for batch, try_no in tries]
+
+
+def _process(
+    plugin: EntryScriptPlugin, batch: MiniBatch, try_no: int, cache_root: str
+) -> TryResult:
+    start = time.perf_counter()
     spec = plugin.input_spec
     items_in: int | None = batch.n_items
     cache: str | None = None
+    mini_batch: Any
     try:
         if isinstance(batch, FileBatch):
-            mini_batch, cache = localize_files(
-                batch.paths,
-                spec.storage_options,
-                os.path.join(worker.local_directory, "daskrun-cache"),
-            )
+            if spec.local:
+                mini_batch = list(batch.paths)
+            else:
+                mini_batch, cache = localize_files(
+                    batch.paths, spec.storage_options, cache_root
+                )
         else:
             mini_batch = read_tabular(batch, spec.storage_options, spec.pandas_kwargs)
             items_in = len(mini_batch)
-        result = plugin.module.run(mini_batch)
+        result = plugin.module.run(mini_batch)  # type: ignore[union-attr]
         data, items_out = format_rows(result)
         if plugin.output is not None:
             write_part(plugin.output, batch.index, data)
     except (Exception, SystemExit) as e:
-        return _failure(batch.index, try_no, agent, items_in, start, e)
+        return _failure(batch.index, try_no, plugin.agent, items_in, start, e)
     finally:
         if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)
@@ -265,7 +282,7 @@ def process_mini_batch(plugin_name: str, batch: MiniBatch, try_no: int) -> TryRe
         index=batch.index,
         try_no=try_no,
         ok=True,
-        worker=agent,
+        worker=plugin.agent,
         items_in=items_in,
         items_out=items_out,
         seconds=time.perf_counter() - start,

@@ -9,6 +9,7 @@ number of inputs. Each try is its own task; a failed try is resubmitted until
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from distributed import Client, as_completed
 from .config import ResolvedConfig, config_get
 from .datasets import MiniBatch
 from .exceptions import ThresholdExceededError
-from .plugin import TryResult, process_mini_batch
+from .plugin import TryResult, process_mini_batches
 
 logger = logging.getLogger("daskrun")
 
@@ -67,8 +68,7 @@ class Tally:
                 self.first_failure = Failure(
                     batch.index,
                     batch.describe(),
-                    f"run() returned {result.items_out} results for {items_in} "
-                    "inputs",
+                    f"run() returned {result.items_out} results for {items_in} inputs",
                     None,
                     result.worker,
                 )
@@ -155,6 +155,46 @@ def threshold_error(
     )
 
 
+class GroupSizer:
+    """How many mini-batches to put in one task.
+
+    Dask costs milliseconds per task; a no-op mini-batch costs far less. Tasks
+    therefore carry as many mini-batches as fit in ``task_seconds`` at the
+    speed measured so far (one until something is measured), but never more
+    than a fair share of what is left, so the last tasks still spread over
+    all workers.
+
+    >>> g = GroupSizer(task_seconds=0.5, threads=2)
+    >>> g.size(remaining=1000)
+    1
+    >>> g.observe(seconds=0.01, count=10)   # 1 ms per mini-batch
+    >>> g.size(remaining=1000)
+    125
+    >>> g.size(remaining=40)
+    5
+    """
+
+    def __init__(self, task_seconds: float, threads: int, max_size: int = 1000):
+        self.task_seconds = task_seconds
+        self.threads = threads
+        self.max_size = max_size
+        self.per_mini_batch: float | None = None
+
+    def observe(self, seconds: float, count: int) -> None:
+        if count <= 0:
+            return
+        rate = max(seconds / count, 1e-6)
+        old = self.per_mini_batch
+        self.per_mini_batch = rate if old is None else 0.7 * old + 0.3 * rate
+
+    def size(self, remaining: int) -> int:
+        if self.per_mini_batch is None:
+            return 1
+        by_time = int(self.task_seconds / self.per_mini_batch)
+        fair_share = remaining // (4 * self.threads)
+        return max(1, min(self.max_size, by_time, fair_share))
+
+
 def _lost_try(batch: MiniBatch, try_no: int, exc: BaseException) -> TryResult:
     return TryResult(
         index=batch.index,
@@ -186,55 +226,69 @@ def run_mini_batches(
     """
     threads = sum(client.nthreads().values()) or 1
     limit = max(2, threads * int(config_get("runner.in-flight-per-thread")))
-    pending: dict[Any, tuple[MiniBatch, int]] = {}
-    queue = as_completed()
+    sizer = GroupSizer(float(config_get("runner.task-seconds")), threads)
+    pending: dict[Any, list[tuple[MiniBatch, int]]] = {}
+    retries: list[tuple[MiniBatch, int]] = []
+    # results are fetched concurrently in the background as tasks finish
+    queue = as_completed(with_results=True, raise_errors=False)
     plans = iter(batches)
+    scheduled = 0
 
-    def submit(batch: MiniBatch, try_no: int) -> None:
+    def submit(group: list[tuple[MiniBatch, int]]) -> None:
+        first, try_no = group[0]
         future = client.submit(
-            process_mini_batch,
+            process_mini_batches,
             plugin_name,
-            batch,
-            try_no,
-            key=(key_prefix, batch.index, try_no),
+            group,
+            key=(key_prefix, first.index, try_no),
             pure=False,
         )
-        pending[future] = (batch, try_no)
+        pending[future] = group
         queue.add(future)
 
     def fill() -> None:
+        nonlocal scheduled
+        while retries and len(pending) < limit:
+            submit([retries.pop()])  # a retry runs alone: it may fail again
         while not tally.all_scheduled and len(pending) < limit:
-            batch = next(plans, None)
-            if batch is None:
+            n = sizer.size(tally.mini_batches_total - scheduled)
+            group = [(b, 1) for b in itertools.islice(plans, n)]
+            scheduled += len(group)
+            if group:
+                submit(group)
+            if len(group) < n:
                 tally.all_scheduled = True
-            else:
-                submit(batch, 1)
 
     fill()
     exceeded = check_thresholds(tally, cfg)
-    for future in queue:
-        batch, try_no = pending.pop(future)
-        try:
-            result: TryResult = future.result()
-        except Exception as e:  # the worker died, or the task was lost
-            result = _lost_try(batch, try_no, e)
+    for future, outcome in queue:
+        group = pending.pop(future)
+        if isinstance(outcome, list):
+            results: list[TryResult] = outcome
+            sizer.observe(sum(r.seconds for r in results), len(results))
+        else:  # the worker died, or the task was lost or cancelled
+            exc = outcome[1] if isinstance(outcome, tuple) else outcome
+            results = [_lost_try(b, t, exc) for b, t in group]
         future.release()
-        if not result.ok and try_no < cfg.run_max_try:
-            logger.info(
-                "mini-batch %d try %d failed (%s); retrying",
-                batch.index,
-                try_no,
-                result.error,
-            )
-            submit(batch, try_no + 1)
-            continue
-        tally.record(batch, result)
-        on_done(batch, result, try_no)
-        exceeded = check_thresholds(tally, cfg)
+        for (batch, try_no), result in zip(group, results, strict=True):
+            if not result.ok and try_no < cfg.run_max_try:
+                logger.info(
+                    "mini-batch %d try %d failed (%s); retrying",
+                    batch.index,
+                    try_no,
+                    result.error,
+                )
+                retries.append((batch, try_no + 1))
+                continue
+            tally.record(batch, result)
+            on_done(batch, result, try_no)
+            exceeded = check_thresholds(tally, cfg)
+            if exceeded:
+                break
         if exceeded:
             break
         fill()
-        if tally.all_scheduled:
+        if tally.all_scheduled and not retries:
             exceeded = check_thresholds(tally, cfg)
             if exceeded:
                 break

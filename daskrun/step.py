@@ -216,9 +216,14 @@ def _check_inputs(inputs: Any) -> list[Input]:
     return items
 
 
+def _is_local(dataset: Input) -> bool:
+    fs, _ = url_to_fs(dataset.files()[0], **dataset.storage_options)
+    return isinstance(fs, LocalFileSystem)
+
+
 def _absolute(path: str) -> str:
-    fs, _ = url_to_fs(path)
-    return os.path.abspath(path) if isinstance(fs, LocalFileSystem) else path
+    fs, stripped = url_to_fs(path)
+    return os.path.abspath(stripped) if isinstance(fs, LocalFileSystem) else path
 
 
 def new_run_id(step_name: str) -> str:
@@ -261,10 +266,18 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
             kind=step.kind,
             storage_options=first.storage_options,
             pandas_kwargs=getattr(first, "pandas_kwargs", {}),
+            local=all(_is_local(ds) for ds in step.inputs),
         ),
         output=target,
     )
     tally = Tally(mini_batches_total=total)
+    succeeded = bytearray(total)  # one byte per mini-batch: flat for millions
+
+    def on_done(batch: Any, result: Any, tries: int) -> None:
+        succeeded[batch.index] = result.ok
+        items_in = result.items_in if result.items_in is not None else batch.n_items
+        logs.mini_batch(result, items_in, tries)
+
     status, error, final, link = "Failed", None, None, None
     say = _printer(show_output)
     try:
@@ -275,6 +288,8 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
             say(f"daskrun: run {run_id}: {total} mini-batches")
             if link:
                 say(f"daskrun: dashboard {link}")
+            if target is not None:
+                _output.prepare_parts(target)
             try:
                 client.register_plugin(plugin, name=plugin_name)
             except EntryScriptError as e:
@@ -287,9 +302,7 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
                     tally,
                     cfg,
                     key_prefix=f"{step.name}-{run_id[-6:]}",
-                    on_done=lambda b, r, tries: logs.mini_batch(
-                        r, r.items_in if r.items_in is not None else b.n_items, tries
-                    ),
+                    on_done=on_done,
                 )
             finally:
                 _unregister(client, plugin_name)
@@ -297,8 +310,9 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
             error = str(threshold_error(exceeded, tally, cfg, run_id))
         else:
             if target is not None:
-                indices = sorted(_output.committed_parts(target))
-                final = _output.assemble(target, indices)
+                final = _output.assemble(
+                    target, (i for i in range(total) if succeeded[i])
+                )
                 _output.remove_parts(target)
             status = "Completed"
     except JobFailedError as e:

@@ -72,7 +72,9 @@ def test_file_job_is_complete_ordered_and_inits_once_per_process(
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "parallel_run_step.txt"
     ]
-    report = pd.read_csv(Path(run.logs_dir) / "sys/job_report/processed_mini-batches.csv")
+    report = pd.read_csv(
+        Path(run.logs_dir) / "sys/job_report/processed_mini-batches.csv"
+    )
     assert sorted(report["index"]) == list(range(143))
     assert report["items_ok"].sum() == 1000 and (report["tries"] == 1).all()
 
@@ -94,21 +96,27 @@ def _read_rows(path: str) -> pd.DataFrame:
     return pd.read_csv(path, sep=" ", header=None, names=["call", "file", "row"])
 
 
-def test_csv_mini_batches_never_cross_files(tmp_path: Path, cluster: LocalCluster) -> None:
+def test_csv_mini_batches_never_cross_files(
+    tmp_path: Path, cluster: LocalCluster
+) -> None:
     sizes = {"a": 500, "b": 200_000, "c": 10, "d": 80_000}  # rows; ~17 bytes each
     folder = tmp_path / "csv"
     folder.mkdir()
     for name, rows in sizes.items():
-        pd.DataFrame(
-            {"file": name, "row": range(rows), "pad": "xxxxxxxx"}
-        ).to_csv(folder / f"{name}.csv", index=False)
+        pd.DataFrame({"file": name, "row": range(rows), "pad": "xxxxxxxx"}).to_csv(
+            folder / f"{name}.csv", index=False
+        )
     script = write_script(tmp_path, TABULAR_SCRIPT)
     cfg = ParallelRunConfig(
-        str(script), error_threshold=0, output_action="append_row",
-        mini_batch_size="1MB", compute_target=cluster,
+        str(script),
+        error_threshold=0,
+        output_action="append_row",
+        mini_batch_size="1MB",
+        compute_target=cluster,
     )
     step = ParallelRunStep(
-        "csv-split", cfg,
+        "csv-split",
+        cfg,
         inputs=[Dataset.Tabular.from_delimited_files(str(folder))],
         output=str(tmp_path / "out"),
     )
@@ -138,11 +146,15 @@ def test_parquet_split_by_row_groups(tmp_path: Path, cluster: LocalCluster) -> N
     )
     script = write_script(tmp_path, TABULAR_SCRIPT)
     cfg = ParallelRunConfig(
-        str(script), error_threshold=0, output_action="append_row",
-        mini_batch_size="100KB", compute_target=cluster,
+        str(script),
+        error_threshold=0,
+        output_action="append_row",
+        mini_batch_size="100KB",
+        compute_target=cluster,
     )
     step = ParallelRunStep(
-        "parquet-split", cfg,
+        "parquet-split",
+        cfg,
         inputs=[Dataset.Tabular.from_parquet_files(str(path.parent))],
         output=str(tmp_path / "out"),
     )
@@ -170,18 +182,23 @@ def run(mini_batch):
 """
 
 
-def _failing_step(tmp_path: Path, cluster: LocalCluster, k: int, **kw: object) -> (
-    ParallelRunStep
-):
+def _failing_step(
+    tmp_path: Path, cluster: LocalCluster, k: int, **kw: object
+) -> ParallelRunStep:
     make_files(tmp_path / "in", 20, prefix="ok")
     make_files(tmp_path / "in", k, prefix="bad")  # sorted first: bad00000...
     script = write_script(tmp_path, FAILING_SCRIPT)
     cfg = ParallelRunConfig(
-        str(script), output_action="append_row", mini_batch_size=1,
-        run_max_try=1, compute_target=cluster, **kw,  # type: ignore[arg-type]
+        str(script),
+        output_action="append_row",
+        mini_batch_size=1,
+        run_max_try=1,
+        compute_target=cluster,
+        **kw,  # type: ignore[arg-type]
     )
     return ParallelRunStep(
-        "with-failures", cfg,
+        "with-failures",
+        cfg,
         inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
         output=str(tmp_path / "out"),
     )
@@ -196,7 +213,10 @@ def _failing_step(tmp_path: Path, cluster: LocalCluster, k: int, **kw: object) -
     ],
 )
 def test_thresholds_on_a_cluster(
-    tmp_path: Path, cluster: LocalCluster, threshold: str, tolerated: float,
+    tmp_path: Path,
+    cluster: LocalCluster,
+    threshold: str,
+    tolerated: float,
     exceeded: float,
 ) -> None:
     extra = {} if threshold == "error_threshold" else {"error_threshold": -1}
@@ -221,9 +241,12 @@ def test_thresholds_on_a_cluster(
         run.raise_for_status()
     error_file = (Path(run.logs_dir) / "job_error.txt").read_text()
     assert error_file.startswith("ValueError: cannot score bad0000")
-    line = FAILING_SCRIPT.splitlines().index(
-        '            raise ValueError(f"cannot score {os.path.basename(p)}")'
-    ) + 1
+    line = (
+        FAILING_SCRIPT.splitlines().index(
+            '            raise ValueError(f"cannot score {os.path.basename(p)}")'
+        )
+        + 1
+    )
     assert f'{tmp_path / "bad" / "score.py"}", line {line}, in run' in error_file
     assert "raise ValueError" in error_file
 
@@ -255,12 +278,18 @@ def test_retries_are_exactly_once(tmp_path: Path, cluster: LocalCluster) -> None
     tries.mkdir()
     script = write_script(tmp_path, RETRY_SCRIPT)
     cfg = ParallelRunConfig(
-        str(script), error_threshold=1, output_action="append_row",
-        mini_batch_size=1, run_max_try=4, compute_target=cluster,
+        str(script),
+        error_threshold=1,
+        output_action="append_row",
+        mini_batch_size=1,
+        run_max_try=4,
+        compute_target=cluster,
         environment_variables={"TRIES_DIR": str(tries)},
     )
     step = ParallelRunStep(
-        "retries", cfg, inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
+        "retries",
+        cfg,
+        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
         output=str(tmp_path / "out"),
     )
     run = step.run()
@@ -273,16 +302,18 @@ def test_retries_are_exactly_once(tmp_path: Path, cluster: LocalCluster) -> None
         counts[key] = counts.get(key, 0) + 1
     assert counts["broken00000"] == 4  # exactly run_max_try
     assert counts["flaky00000"] == 2
-    report = pd.read_csv(Path(run.logs_dir) / "sys/job_report/processed_mini-batches.csv")
+    report = pd.read_csv(
+        Path(run.logs_dir) / "sys/job_report/processed_mini-batches.csv"
+    )
     by_index = report.set_index("index")
     assert by_index.loc[0, "tries"] == 4 and by_index.loc[0, "items_failed"] == 1
     assert "always fails" in by_index.loc[0, "error"]
     assert by_index.loc[1, "tries"] == 2 and by_index.loc[1, "items_ok"] == 1
 
 
-def test_fewer_and_more_results_are_counted(tmp_path: Path, cluster: LocalCluster) -> (
-    None
-):
+def test_fewer_and_more_results_are_counted(
+    tmp_path: Path, cluster: LocalCluster
+) -> None:
     make_files(tmp_path / "in", 10)
     script = write_script(
         tmp_path,
@@ -294,10 +325,17 @@ def test_fewer_and_more_results_are_counted(tmp_path: Path, cluster: LocalCluste
             return ["x"] * (len(mb) + 1)     # one extra row
         """,
     )
-    cfg = ParallelRunConfig(str(script), error_threshold=1, output_action="append_row",
-                            mini_batch_size=2, compute_target=cluster)
+    cfg = ParallelRunConfig(
+        str(script),
+        error_threshold=1,
+        output_action="append_row",
+        mini_batch_size=2,
+        compute_target=cluster,
+    )
     run = ParallelRunStep(
-        "counts", cfg, inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
+        "counts",
+        cfg,
+        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
         output=str(tmp_path / "out"),
     ).run()
     assert run.status == "Completed", run.error
@@ -306,7 +344,9 @@ def test_fewer_and_more_results_are_counted(tmp_path: Path, cluster: LocalCluste
     assert len(Path(run.output_path or "").read_text().splitlines()) == 1 + 4 * 3
 
 
-def test_summary_only_and_compute_targets(tmp_path: Path, cluster: LocalCluster) -> None:
+def test_summary_only_and_compute_targets(
+    tmp_path: Path, cluster: LocalCluster
+) -> None:
     make_files(tmp_path / "in", 12)
     script = write_script(
         tmp_path,
@@ -321,8 +361,12 @@ def test_summary_only_and_compute_targets(tmp_path: Path, cluster: LocalCluster)
     inputs = [Dataset.File.from_files(str(tmp_path / "in"))]
     with Client(cluster) as client:
         for target in (cluster.scheduler_address, client, cluster):
-            cfg = ParallelRunConfig(str(script), output_action="summary_only",
-                                    mini_batch_size=5, compute_target=target)
+            cfg = ParallelRunConfig(
+                str(script),
+                output_action="summary_only",
+                mini_batch_size=5,
+                compute_target=target,
+            )
             run = ParallelRunStep("summary", cfg, inputs=inputs).run()
             assert run.status == "Completed" and run.output_path is None
             assert run.items_succeeded == 12 and run.mini_batches_total == 3
@@ -347,10 +391,16 @@ def test_script_travels_with_its_source_directory(
         """,
     )
     make_files(tmp_path / "in", 3)
-    cfg = ParallelRunConfig("score.py", source_directory=str(src),
-                            output_action="append_row", compute_target=cluster)
+    cfg = ParallelRunConfig(
+        "score.py",
+        source_directory=str(src),
+        output_action="append_row",
+        compute_target=cluster,
+    )
     run = ParallelRunStep(
-        "travels", cfg, inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
+        "travels",
+        cfg,
+        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
         output=str(tmp_path / "out"),
     ).run()
     assert run.status == "Completed", run.error
@@ -366,13 +416,17 @@ def test_init_failure_fails_the_job_with_the_user_error(
 ) -> None:
     make_files(tmp_path / "in", 3)
     script = write_script(
-        tmp_path, "def init():\n    raise OSError('model.pkl not found')\n"
+        tmp_path,
+        "def init():\n    raise OSError('model.pkl not found')\n"
         "def run(mb): return mb\n",
     )
-    cfg = ParallelRunConfig(str(script), output_action="append_row",
-                            compute_target=cluster)
+    cfg = ParallelRunConfig(
+        str(script), output_action="append_row", compute_target=cluster
+    )
     run = ParallelRunStep(
-        "init-fails", cfg, inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
+        "init-fails",
+        cfg,
+        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
         output=str(tmp_path / "out"),
     ).run()
     assert run.status == "Failed"
@@ -395,11 +449,17 @@ def test_step_validation_before_any_task(tmp_path: Path) -> None:
         ParallelRunStep(
             "abc",
             ParallelRunConfig(str(script), mini_batch_size="1MB"),
-            inputs=[files], output=str(tmp_path),
+            inputs=[files],
+            output=str(tmp_path),
         )
     with pytest.raises(ConfigError, match="reserved"):
-        ParallelRunStep("abc", cfg, inputs=[files], output=str(tmp_path),
-                        arguments=["--run_max_try", "3"])
+        ParallelRunStep(
+            "abc",
+            cfg,
+            inputs=[files],
+            output=str(tmp_path),
+            arguments=["--run_max_try", "3"],
+        )
     # validate=False defers the listing to run(): still before any task
     later = Dataset.File.from_files(str(tmp_path / "gone"), validate=False)
     step = ParallelRunStep("abc", cfg, inputs=[later], output=str(tmp_path / "o"))

@@ -25,15 +25,24 @@ from .conftest import make_files, write_script
 
 @pytest.mark.parametrize(
     "value, expected",
-    [(1, 1), ("1", 1), ("1KB", 1024), ("1kb", 1024), ("10MB", 10 * 2**20),
-     ("1GB", 2**30), ("1mB", 2**20), (4096, 4096)],
+    [
+        (1, 1),
+        ("1", 1),
+        ("1KB", 1024),
+        ("1kb", 1024),
+        ("10MB", 10 * 2**20),
+        ("1GB", 2**30),
+        ("1mB", 2**20),
+        (4096, 4096),
+    ],
 )
 def test_byte_sizes(value: object, expected: int) -> None:
     assert parse_byte_size(value) == expected
 
 
-@pytest.mark.parametrize("value", ["1 MB", "1M", "MB", "1.5MB", "-1", 0, 1.5, None,
-                                   True, "1TB"])
+@pytest.mark.parametrize(
+    "value", ["1 MB", "1M", "MB", "1.5MB", "-1", 0, 1.5, None, True, "1TB"]
+)
 def test_bad_byte_sizes_name_the_value_and_the_fix(value: object) -> None:
     with pytest.raises(ConfigError, match=r"mini_batch_size=.*(1MB|1 byte)"):
         parse_byte_size(value)
@@ -51,8 +60,9 @@ def test_good_step_names(name: str) -> None:
     assert check_step_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["ab", "x" * 33, "Batch", "1abc", "abc-", "a_bc",
-                                  "", None])
+@pytest.mark.parametrize(
+    "name", ["ab", "x" * 33, "Batch", "1abc", "abc-", "a_bc", "", None]
+)
 def test_bad_step_names(name: object) -> None:
     with pytest.raises(ConfigError, match="not a valid step name"):
         check_step_name(name)
@@ -62,8 +72,12 @@ def test_arguments_must_start_with_an_option_and_avoid_reserved_names() -> None:
     assert check_arguments(["--model", "m"]) == ["--model", "m"]
     with pytest.raises(ConfigError, match="must start with an option"):
         check_arguments(["model", "--x"])
-    for reserved in ("--mini_batch_size", "--mini-batch-size=3", "--error_threshold",
-                     "--run-max-try"):
+    for reserved in (
+        "--mini_batch_size",
+        "--mini-batch-size=3",
+        "--error_threshold",
+        "--run-max-try",
+    ):
         with pytest.raises(ConfigError, match="reserved"):
             check_arguments(["--x", "1", reserved, "2"])
 
@@ -88,8 +102,13 @@ def test_files_are_sorted_and_globbed(tmp_path: Path) -> None:
     (tmp_path / "b" / "skip.csv").write_text("x")
     ds = Dataset.File.from_files([str(tmp_path / "b" / "*.txt"), str(tmp_path / "a")])
     names = [Path(p).name for p in ds.files()]
-    assert names == ["f00000.txt", "f00001.txt", "f00002.txt", "g00000.txt",
-                     "g00001.txt"]
+    assert names == [
+        "f00000.txt",
+        "f00001.txt",
+        "f00002.txt",
+        "g00000.txt",
+        "g00001.txt",
+    ]
     batches = list(ds.plan(2))
     assert [b.index for b in batches] == [0, 1, 2]
     assert [len(b.paths) for b in batches] == [2, 2, 1]
@@ -135,10 +154,18 @@ def test_not_parquet_is_refused(tmp_path: Path) -> None:
 
 def _cfg(**kw: object) -> ResolvedConfig:
     base: dict[str, object] = dict(
-        entry_script="s.py", source_directory=None, error_threshold=-1,
-        output_action="append_row", node_count=1, process_count_per_node=1,
-        mini_batch_size=1, logging_level="INFO", run_invocation_timeout=60,
-        run_max_try=3, append_row_file_name="o.txt", allowed_failed_count=None,
+        entry_script="s.py",
+        source_directory=None,
+        error_threshold=-1,
+        output_action="append_row",
+        node_count=1,
+        process_count_per_node=1,
+        mini_batch_size=1,
+        logging_level="INFO",
+        run_invocation_timeout=60,
+        run_max_try=3,
+        append_row_file_name="o.txt",
+        allowed_failed_count=None,
         allowed_failed_percent=None,
     )
     base.update(kw)
@@ -151,18 +178,21 @@ def test_thresholds() -> None:
     assert check_thresholds(Tally(10, items_failed=4), _cfg(error_threshold=3)) == (
         "error_threshold"
     )
-    assert check_thresholds(
-        Tally(10, mini_batches_failed=2), _cfg(allowed_failed_count=1)
-    ) == "allowed_failed_count"
+    assert (
+        check_thresholds(Tally(10, mini_batches_failed=2), _cfg(allowed_failed_count=1))
+        == "allowed_failed_count"
+    )
     # percent is only checked once every mini-batch is scheduled
     pct = _cfg(allowed_failed_percent=10)
     assert check_thresholds(Tally(10, mini_batches_failed=2), pct) is None
-    assert check_thresholds(
-        Tally(10, mini_batches_failed=2, all_scheduled=True), pct
-    ) == "allowed_failed_percent"
-    assert check_thresholds(
-        Tally(10, mini_batches_failed=1, all_scheduled=True), pct
-    ) is None
+    assert (
+        check_thresholds(Tally(10, mini_batches_failed=2, all_scheduled=True), pct)
+        == "allowed_failed_percent"
+    )
+    assert (
+        check_thresholds(Tally(10, mini_batches_failed=1, all_scheduled=True), pct)
+        is None
+    )
 
 
 def test_config_validation(tmp_path: Path) -> None:
