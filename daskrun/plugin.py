@@ -24,12 +24,14 @@ import time
 import traceback
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import posixpath
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from distributed import WorkerPlugin, get_worker
+from fsspec.core import url_to_fs
 
 from .datasets import FileBatch, MiniBatch, localize_files, read_tabular
 from .exceptions import EntryScriptError
@@ -85,6 +87,40 @@ class InputSpec:
     local: bool  # every input file is on a local (or shared) file system
 
 
+@dataclass(frozen=True)
+class SideInput:
+    """A data set handed whole to every worker.
+
+    On a worker it becomes one local path: the file itself for a one-file data
+    set, else the folder holding its files (remote files are copied there with
+    their paths below the common prefix kept).
+    """
+
+    number: int
+    files: tuple[str, ...]
+    storage_options: Mapping[str, Any] = field(repr=False)
+    local: bool
+
+    def materialize(self, folder: str) -> str:
+        if self.local:
+            return _common(self.files)
+        fs, _ = url_to_fs(self.files[0], **self.storage_options)
+        remote = [fs._strip_protocol(f) for f in self.files]
+        base = posixpath.dirname(_common(remote)) if len(remote) == 1 else _common(
+            remote
+        )
+        target = os.path.join(folder, "side_inputs", str(self.number))
+        local = [os.path.join(target, posixpath.relpath(f, base)) for f in remote]
+        for path in local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        fs.get(remote, local)
+        return local[0] if len(local) == 1 else target
+
+
+def _common(paths: Sequence[str]) -> str:
+    return paths[0] if len(paths) == 1 else posixpath.commonpath(list(paths))
+
+
 def agent_name(worker: Any) -> str:
     """``worker-<name>`` for a worker, as ParallelRunStep names its agents."""
     name = worker.name
@@ -107,7 +143,10 @@ class EntryScriptPlugin(WorkerPlugin):
     script_display : str
         The script's path on the client, shown in tracebacks.
     arguments : list
-        ``sys.argv[1:]`` for the script.
+        ``sys.argv[1:]`` for the script; a :class:`SideInput` stands for the
+        local path of a side input on the worker.
+    side_inputs : list of SideInput
+        Data sets every worker gets whole, fetched in ``setup()`` if remote.
     environment_variables : dict
         Set before ``init()``.
     output_path : str
@@ -120,7 +159,8 @@ class EntryScriptPlugin(WorkerPlugin):
         bundle: bytes,
         script: str,
         script_display: str,
-        arguments: Sequence[str],
+        arguments: Sequence[Any],
+        side_inputs: Sequence[SideInput],
         environment_variables: Mapping[str, str],
         output_path: str,
         input_spec: InputSpec,
@@ -130,7 +170,8 @@ class EntryScriptPlugin(WorkerPlugin):
         self.bundle = bundle
         self.script = script
         self.script_display = script_display
-        self.arguments = [str(a) for a in arguments]
+        self.arguments = list(arguments)
+        self.side_inputs = list(side_inputs)
         self.environment_variables = dict(environment_variables)
         self.output_path = output_path
         self.input_spec = input_spec
@@ -170,7 +211,14 @@ class EntryScriptPlugin(WorkerPlugin):
             os.environ.update(self.environment_variables)
             os.environ["DASKRUN_OUTPUT_PATH"] = self.output_path
             path = os.path.join(self.folder, self.script)
-            sys.argv = [path, *self.arguments]
+            local = {id(s): s.materialize(self.folder) for s in self.side_inputs}
+            sys.argv = [
+                path,
+                *(
+                    local[id(a)] if isinstance(a, SideInput) else str(a)
+                    for a in self.arguments
+                ),
+            ]
             module_name = "daskrun_entry_" + self.name.replace("-", "_")
             module = ModuleType(module_name)
             module.__file__ = path

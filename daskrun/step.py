@@ -35,7 +35,7 @@ from .config import (
 from .datasets import FileDataset, TabularDataset, plan_files
 from .exceptions import ConfigError, EntryScriptError, JobFailedError
 from .monitor import JobLogs
-from .plugin import EntryScriptPlugin, InputSpec, bundle_source
+from .plugin import EntryScriptPlugin, InputSpec, SideInput, bundle_source
 from .runner import Tally, run_mini_batches, threshold_error
 
 logger = logging.getLogger("daskrun")
@@ -93,7 +93,9 @@ class ParallelRunStep:
     output : str, optional
         Output folder, local or fsspec URL; required for ``append_row``.
     side_inputs : list of data sets, optional
-        Handed to every worker whole.
+        Handed to every worker whole. A side input placed in ``arguments``
+        becomes its local path on the worker: the file of a one-file data
+        set, else the folder holding its files.
     arguments : list, optional
         ``sys.argv[1:]`` for the script; must start with an option.
     allow_reuse : bool
@@ -138,8 +140,12 @@ class ParallelRunStep:
                 "output='out/' (a folder or fsspec URL), or use "
                 "output_action='summary_only'"
             )
-        self.output = None if output is None else _absolute(os.fspath(output))
         self.output_storage_options = dict(output_storage_options or {})
+        self.output = (
+            None
+            if output is None
+            else _absolute(os.fspath(output), self.output_storage_options)
+        )
         self.side_inputs = list(side_inputs or [])
         for side in self.side_inputs:
             if not isinstance(side, (FileDataset, TabularDataset)):
@@ -148,6 +154,14 @@ class ParallelRunStep:
                     "Dataset.File.from_files(path)"
                 )
         self.arguments = check_arguments(arguments)
+        for arg in self.arguments:
+            if isinstance(arg, (FileDataset, TabularDataset)) and not any(
+                arg is side for side in self.side_inputs
+            ):
+                raise ConfigError(
+                    f"argument {arg!r} is a data set that is not in side_inputs; "
+                    "add it to side_inputs so every worker gets it"
+                )
         self.allow_reuse = bool(allow_reuse)
 
     def __repr__(self) -> str:
@@ -221,8 +235,8 @@ def _is_local(dataset: Input) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def _absolute(path: str) -> str:
-    fs, stripped = url_to_fs(path)
+def _absolute(path: str, storage_options: dict[str, Any]) -> str:
+    fs, stripped = url_to_fs(path, **storage_options)
     return os.path.abspath(stripped) if isinstance(fs, LocalFileSystem) else path
 
 
@@ -254,12 +268,19 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
     first = step.inputs[0]
     bundle, script = bundle_source(cfg.entry_script, cfg.source_directory)
     plugin_name = f"daskrun-{run_id}"
+    sides = {
+        id(ds): SideInput(n, tuple(ds.files()), ds.storage_options, _is_local(ds))
+        for n, ds in enumerate(step.side_inputs)
+    }
     plugin = EntryScriptPlugin(
         name=plugin_name,
         bundle=bundle,
         script=script,
         script_display=cfg.entry_script,
-        arguments=step.arguments,
+        arguments=[
+            sides[id(a)] if id(a) in sides else a for a in step.arguments
+        ],
+        side_inputs=list(sides.values()),
         environment_variables=cfg.environment_variables,
         output_path=output_path,
         input_spec=InputSpec(

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,3 +52,69 @@ def make_files(folder: Path, n: int, prefix: str = "f") -> list[Path]:
         p.write_text(str(i))
         paths.append(p)
     return paths
+
+
+REPO = Path(__file__).resolve().parent.parent
+AZURITE = REPO / ".cache" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+# Azurite's well-known development account (public, not a secret)
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
+    "KBHBeksoGMGw=="
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def missing_service(name: str, fix: str) -> None:
+    """Skip with the reason, or fail where scripts/test requires services."""
+    message = f"{name} is not installed: {fix}"
+    if os.environ.get("DASKRUN_REQUIRE_SERVICES") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Azurite blob service on 127.0.0.1; yields a connection string."""
+    if not AZURITE.exists():
+        missing_service("Azurite", "run scripts/install")
+    port = _free_port()
+    folder = tmp_path_factory.mktemp("azurite")
+    proc = subprocess.Popen(
+        [
+            str(AZURITE),
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            str(port),
+            "--location",
+            str(folder),
+            "--skipApiVersionCheck",
+            "--disableTelemetry",
+            "--silent",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("Azurite did not start") from None
+                time.sleep(0.1)
+        yield (
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+            f"AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+        )
+    finally:
+        proc.terminate()
+        proc.wait(10)

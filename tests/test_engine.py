@@ -36,6 +36,9 @@ def init():
 
 def run(mini_batch):
     return [f"{os.path.basename(p)} {open(p).read()}" for p in mini_batch]
+
+def shutdown():
+    open(os.path.join(markers, f"shutdown-{os.getpid()}"), "w").close()
 """
 
 
@@ -65,9 +68,11 @@ def test_file_job_is_complete_ordered_and_inits_once_per_process(
     lines = Path(run.output_path or "").read_text().splitlines()
     assert lines == [f"{p.name} {i}" for i, p in enumerate(files)]
     assert run.mini_batches_total == 143 and run.items_succeeded == 1000
-    inits = [m.name.split("-")[1] for m in markers.iterdir()]
+    inits = [m.name.split("-")[1] for m in markers.glob("init-*")]
     assert len(inits) == 2 and len(set(inits)) == 2  # once in each of 2 processes
     assert os.getpid() not in map(int, inits)
+    shutdowns = [m.name.split("-")[1] for m in markers.glob("shutdown-*")]
+    assert sorted(shutdowns) == sorted(inits)
     # parts are gone once the output is published
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "parallel_run_step.txt"
@@ -466,3 +471,99 @@ def test_step_validation_before_any_task(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="gone' matches no files"):
         step.run()
     assert not (tmp_path / "runs").exists()  # no run was started
+
+
+SIDE_SCRIPT = """
+import argparse, os
+
+def init():
+    global labels
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--labels")
+    args, _ = parser.parse_known_args()
+    labels = dict(line.split() for line in open(args.labels))
+
+def run(mini_batch):
+    return [f"{os.path.basename(p)} {labels[os.path.basename(p)]}" for p in mini_batch]
+"""
+
+
+def test_side_input_reaches_every_worker(tmp_path: Path, cluster: LocalCluster) -> None:
+    files = make_files(tmp_path / "in", 9)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{p.name} label{i}\n" for i, p in enumerate(files)))
+    side = Dataset.File.from_files(str(labels))
+    cfg = ParallelRunConfig(
+        str(write_script(tmp_path, SIDE_SCRIPT)),
+        output_action="append_row",
+        mini_batch_size=2,
+        compute_target=cluster,
+    )
+    with pytest.raises(ConfigError, match="not in side_inputs"):
+        ParallelRunStep(
+            "side",
+            cfg,
+            inputs=Dataset.File.from_files(str(tmp_path / "in")),
+            output=str(tmp_path / "out"),
+            arguments=["--labels", side],
+        )
+    run = ParallelRunStep(
+        "side",
+        cfg,
+        inputs=Dataset.File.from_files(str(tmp_path / "in")),
+        output=str(tmp_path / "out"),
+        side_inputs=[side],
+        arguments=["--labels", side],
+    ).run()
+    assert run.status == "Completed", run.error
+    lines = Path(run.output_path or "").read_text().splitlines()
+    assert lines == [f"{p.name} label{i}" for i, p in enumerate(files)]
+
+
+def test_settings_come_from_dask_config(tmp_path: Path) -> None:
+    import dask.config
+
+    script = write_script(tmp_path, "def init(): pass\ndef run(mb): return mb\n")
+    with dask.config.set(
+        {
+            "daskrun.run-max-try": 7,
+            "daskrun.mini-batch-size.file": 3,
+            "daskrun.append-row-file-name": "scores.txt",
+        }
+    ):
+        cfg = ParallelRunConfig(str(script))
+        step = ParallelRunStep(
+            "from-config",
+            cfg,
+            inputs=Dataset.File.from_files(str(script)),
+            output=str(tmp_path / "o"),
+        )
+    assert cfg.run_max_try == 7 and cfg.append_row_file_name == "scores.txt"
+    assert step.mini_batch_size == 3
+    # an explicit argument wins over dask.config
+    with dask.config.set({"daskrun.run-max-try": 7}):
+        assert ParallelRunConfig(str(script), run_max_try=2).run_max_try == 2
+
+
+@pytest.mark.slow
+def test_a_hundred_thousand_files(tmp_path: Path) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(100_000):
+        (folder / f"{i:06d}").write_bytes(b"")
+    script = write_script(tmp_path, "def init(): pass\ndef run(mb): return mb\n")
+    cfg = ParallelRunConfig(
+        str(script), output_action="append_row", process_count_per_node=2
+    )
+    run = ParallelRunStep(
+        "many-files",
+        cfg,
+        inputs=Dataset.File.from_files(str(folder)),
+        output=str(tmp_path / "out"),
+    ).run()
+    assert run.status == "Completed", run.error
+    assert run.mini_batches_total == 10_000 and run.items_succeeded == 100_000
+    with open(run.output_path or "") as f:
+        for i, line in enumerate(f):
+            assert line == f"{folder}/{i:06d}\n"
+    assert i == 99_999

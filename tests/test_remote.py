@@ -1,0 +1,171 @@
+"""Inputs and outputs on remote storage: a real Azure Blob emulator (Azurite)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from adlfs import AzureBlobFileSystem
+from distributed import LocalCluster
+
+from daskrun import Dataset, InputError, ParallelRunConfig, ParallelRunStep
+
+from .conftest import write_script
+
+CHECKING_SCRIPT = """
+import os
+
+def init():
+    pass
+
+def run(mini_batch):
+    out = []
+    for p in mini_batch:
+        assert os.path.isabs(p) and os.path.exists(p), p  # a local copy
+        out.append(f"{os.path.basename(p)} {open(p).read()}")
+    return out
+"""
+
+
+@pytest.fixture
+def container(azurite: str) -> tuple[AzureBlobFileSystem, str]:
+    fs = AzureBlobFileSystem(connection_string=azurite)
+    name = f"c{uuid.uuid4().hex[:12]}"
+    fs.mkdir(name)
+    return fs, name
+
+
+def test_blob_files_in_and_out(
+    tmp_path: Path,
+    cluster: LocalCluster,
+    azurite: str,
+    container: tuple[AzureBlobFileSystem, str],
+) -> None:
+    fs, name = container
+    for i in range(23):
+        fs.pipe_file(f"{name}/images/img{i:03d}.png", f"pixel{i}".encode())
+        # same base name in another folder: each keeps its own copy
+    fs.pipe_file(f"{name}/images/sub/img000.png", b"nested")
+    options = {"connection_string": azurite}
+    cfg = ParallelRunConfig(
+        str(write_script(tmp_path, CHECKING_SCRIPT)),
+        error_threshold=0,
+        output_action="append_row",
+        mini_batch_size=5,
+        compute_target=cluster,
+    )
+    step = ParallelRunStep(
+        "blob-files",
+        cfg,
+        inputs=[
+            Dataset.File.from_files(f"abfs://{name}/images", storage_options=options)
+        ],
+        output=f"abfs://{name}/out",
+        output_storage_options=options,
+    )
+    run = step.run()
+    assert run.status == "Completed", run.error
+    assert run.output_path == f"abfs://{name}/out/parallel_run_step.txt"
+    lines = fs.cat_file(f"{name}/out/parallel_run_step.txt").decode().splitlines()
+    assert lines == [f"img{i:03d}.png pixel{i}" for i in range(23)] + [
+        "img000.png nested"
+    ]
+    # only the final file remains: parts are removed once it is published
+    assert fs.find(f"{name}/out") == [f"{name}/out/parallel_run_step.txt"]
+    assert (
+        azurite.split("AccountKey=")[1].split(";")[0]
+        not in (Path(run.logs_dir) / "job_result.txt").read_text()
+    )
+
+
+def test_blob_tabular_csv_split(
+    tmp_path: Path,
+    cluster: LocalCluster,
+    azurite: str,
+    container: tuple[AzureBlobFileSystem, str],
+) -> None:
+    fs, name = container
+    frame = pd.DataFrame({"id": range(30_000), "v": range(30_000)})
+    fs.pipe_file(f"{name}/t/a.csv", frame.to_csv(index=False).encode())
+    options = {"connection_string": azurite}
+    script = write_script(
+        tmp_path,
+        "import uuid\ndef init(): pass\n"
+        "def run(df):\n    return df.assign(c=uuid.uuid4().hex)[['c', 'id']]\n",
+    )
+    cfg = ParallelRunConfig(
+        str(script),
+        output_action="append_row",
+        mini_batch_size="64KB",
+        compute_target=cluster,
+    )
+    ds = Dataset.Tabular.from_delimited_files(
+        f"abfs://{name}/t/*.csv", storage_options=options
+    )
+    run = ParallelRunStep("blob-csv", cfg, inputs=ds, output=str(tmp_path / "o")).run()
+    assert run.status == "Completed", run.error
+    out = pd.read_csv(run.output_path or "", sep=" ", header=None, names=["c", "id"])
+    assert out["id"].tolist() == list(range(30_000))
+    assert out["c"].nunique() == run.mini_batches_total > 5
+
+
+def test_missing_blob_path_is_refused(
+    azurite: str, container: tuple[AzureBlobFileSystem, str]
+) -> None:
+    _, name = container
+    with pytest.raises(InputError, match=f"abfs://{name}/nothing/\\*.png"):
+        Dataset.File.from_files(
+            f"abfs://{name}/nothing/*.png",
+            storage_options={"connection_string": azurite},
+        )
+
+
+def test_remote_side_input_is_fetched_to_each_worker(
+    tmp_path: Path,
+    cluster: LocalCluster,
+    azurite: str,
+    container: tuple[AzureBlobFileSystem, str],
+) -> None:
+    fs, name = container
+    fs.pipe_file(f"{name}/model/weights.txt", b"3")
+    fs.pipe_file(f"{name}/model/sub/bias.txt", b"4")
+    options = {"connection_string": azurite}
+    side = Dataset.File.from_files(f"abfs://{name}/model", storage_options=options)
+    script = write_script(
+        tmp_path,
+        """
+        import argparse, os
+        def init():
+            global w, b
+            p = argparse.ArgumentParser()
+            p.add_argument("--model")
+            d = p.parse_known_args()[0].model
+            w = int(open(os.path.join(d, "weights.txt")).read())
+            b = int(open(os.path.join(d, "sub", "bias.txt")).read())
+        def run(mb):
+            return [w * int(open(p).read()) + b for p in mb]
+        """,
+    )
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        (tmp_path / "in" / f"{i}.txt").write_text(str(i))
+    cfg = ParallelRunConfig(
+        str(script),
+        output_action="append_row",
+        compute_target=cluster,
+        mini_batch_size=2,
+    )
+    run = ParallelRunStep(
+        "remote-side",
+        cfg,
+        inputs=Dataset.File.from_files(str(tmp_path / "in")),
+        output=str(tmp_path / "out"),
+        side_inputs=[side],
+        arguments=["--model", side],
+    ).run()
+    assert run.status == "Completed", run.error
+    assert Path(run.output_path or "").read_text().split() == [
+        str(3 * i + 4) for i in range(6)
+    ]
