@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -38,6 +39,14 @@ def connect(
 ) -> Iterator[Client]:
     """Yield a client for ``compute_target``; clean up only what was started."""
     if compute_target is None:
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # a new worker process is importing the user's script, which
+            # starts a job again at import time
+            raise ConfigError(
+                "a local cluster was started while a worker process imported "
+                "your script; put the code that runs the step under "
+                "'if __name__ == \"__main__\":'"
+            )
         n = node_count * (process_count_per_node or default_process_count())
         cluster = LocalCluster(
             n_workers=n,

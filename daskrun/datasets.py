@@ -162,9 +162,9 @@ def _find_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 def _find_local(root: str) -> list[str]:
     # os.scandir keeps no per-file metadata: a million paths cost only their
     # strings, where fsspec's find() builds an info dict for each
-    tops = globlib.glob(root, recursive=True) if any(c in root for c in "*?[") else [
-        root
-    ]
+    tops = (
+        globlib.glob(root, recursive=True) if any(c in root for c in "*?[") else [root]
+    )
     files: list[str] = []
     for top in sorted(tops):
         if os.path.isfile(top):

@@ -17,6 +17,7 @@ import asyncio
 import io
 import linecache
 import os
+import posixpath
 import shutil
 import sys
 import threading
@@ -24,7 +25,6 @@ import time
 import traceback
 import zipfile
 from collections.abc import Mapping, Sequence
-import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -106,8 +106,8 @@ class SideInput:
             return _common(self.files)
         fs, _ = url_to_fs(self.files[0], **self.storage_options)
         remote = [fs._strip_protocol(f) for f in self.files]
-        base = posixpath.dirname(_common(remote)) if len(remote) == 1 else _common(
-            remote
+        base = (
+            posixpath.dirname(_common(remote)) if len(remote) == 1 else _common(remote)
         )
         target = os.path.join(folder, "side_inputs", str(self.number))
         local = [os.path.join(target, posixpath.relpath(f, base)) for f in remote]

@@ -277,9 +277,7 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
         bundle=bundle,
         script=script,
         script_display=cfg.entry_script,
-        arguments=[
-            sides[id(a)] if id(a) in sides else a for a in step.arguments
-        ],
+        arguments=[sides[id(a)] if id(a) in sides else a for a in step.arguments],
         side_inputs=list(sides.values()),
         environment_variables=cfg.environment_variables,
         output_path=output_path,
