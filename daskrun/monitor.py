@@ -16,9 +16,10 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from .runner import Tally
+from .plugin import TryResult
+from .runner import Counts, Tally
 
 REPORT_COLUMNS = (
     "index",
@@ -46,20 +47,17 @@ class JobLogs:
         self._writer = csv.writer(self._report)
         self._writer.writerow(REPORT_COLUMNS)
 
-    def mini_batch(self, result: Any, items_in: int | None, tries: int) -> None:
+    def mini_batch(self, result: TryResult, tries: int, counts: Counts) -> None:
         """Add the final outcome of one mini-batch to the job report."""
-        ok = min(result.items_out, items_in) if result.ok and items_in else 0
-        n_in = items_in if items_in is not None else ""
-        failed = (items_in - ok) if items_in is not None else ""
         self._writer.writerow(
             (
                 result.index,
                 result.worker,
                 tries,
-                n_in,
-                ok,
-                failed,
-                max(0, result.items_out - ok) if result.ok else 0,
+                counts.items_in,
+                counts.ok,
+                counts.failed,
+                counts.extra,
                 f"{result.seconds:.3f}",
                 result.error or "",
             )
@@ -93,18 +91,15 @@ class JobLogs:
             lines.append(f"error: {error}")
         (self.dir / "job_result.txt").write_text("\n".join(lines) + "\n")
         failure = tally.first_failure
-        if failure is not None or error:
-            text = []
-            if failure is not None:
-                text.append(f"{failure.error}\n")
-                if failure.traceback:
-                    text.append(failure.traceback)
-                text.append(
-                    f"\nmini-batch {failure.index} ({failure.inputs}) on "
-                    f"{failure.worker}\n"
-                )
-            if error and (failure is None or error != failure.error):
-                text.append(f"\njob: {error}\n")
+        text = []
+        if failure is not None:
+            text.append(f"{failure.error}\n{failure.traceback or ''}")
+            text.append(
+                f"\nmini-batch {failure.index} ({failure.inputs}) on {failure.worker}\n"
+            )
+        if error and (failure is None or error != failure.error):
+            text.append(f"\njob: {error}\n" if text else f"{error}\n")
+        if text:
             (self.dir / "job_error.txt").write_text("".join(text))
 
     def close(self) -> None:

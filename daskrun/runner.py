@@ -13,7 +13,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from distributed import Client, as_completed
 
@@ -39,6 +39,15 @@ class Failure:
         return f"mini-batch {self.index} ({self.inputs}) on {self.worker}: {self.error}"
 
 
+class Counts(NamedTuple):
+    """Items of one finished mini-batch."""
+
+    items_in: int
+    ok: int
+    failed: int
+    extra: int
+
+
 @dataclass
 class Tally:
     """Counts of a job, updated as mini-batches finish."""
@@ -53,18 +62,15 @@ class Tally:
     all_scheduled: bool = False
     first_failure: Failure | None = None
 
-    def record(self, batch: MiniBatch, result: TryResult) -> None:
-        """Count the final outcome of one mini-batch."""
+    def record(self, batch: MiniBatch, result: TryResult) -> Counts:
+        """Count the final outcome of one mini-batch; return its counts."""
         self.mini_batches_done += 1
         items_in = result.items_in if result.items_in is not None else batch.n_items
         if result.ok:
             assert items_in is not None
             ok = min(result.items_out, items_in)
-            self.items_total += items_in
-            self.items_succeeded += ok
-            self.items_failed += items_in - ok
-            self.items_extra += result.items_out - ok
-            if ok < items_in and self.first_failure is None:
+            counts = Counts(items_in, ok, items_in - ok, result.items_out - ok)
+            if counts.failed and self.first_failure is None:
                 self.first_failure = Failure(
                     batch.index,
                     batch.describe(),
@@ -75,9 +81,8 @@ class Tally:
         else:
             # a CSV range that was never read has an unknown row count: at least 1
             n = items_in if items_in is not None else 1
+            counts = Counts(n, 0, n, 0)
             self.mini_batches_failed += 1
-            self.items_total += n
-            self.items_failed += n
             if self.first_failure is None or self.first_failure.traceback is None:
                 self.first_failure = Failure(
                     batch.index,
@@ -86,6 +91,11 @@ class Tally:
                     result.traceback,
                     result.worker,
                 )
+        self.items_total += counts.items_in
+        self.items_succeeded += counts.ok
+        self.items_failed += counts.failed
+        self.items_extra += counts.extra
+        return counts
 
     def progress(self) -> str:
         return (
@@ -97,7 +107,6 @@ class Tally:
 def check_thresholds(tally: Tally, cfg: ResolvedConfig) -> str | None:
     """Name the threshold the job has exceeded, or return ``None``.
 
-    >>> from dataclasses import replace
     >>> cfg = ResolvedConfig("s.py", None, 2, "append_row", 1, 1, 10, "INFO",
     ...                      60, 3, "out.txt", None, None)
     >>> check_thresholds(Tally(10, items_failed=2), cfg) is None
@@ -215,11 +224,11 @@ def run_mini_batches(
     tally: Tally,
     cfg: ResolvedConfig,
     key_prefix: str,
-    on_done: Callable[[MiniBatch, TryResult, int], None],
+    on_done: Callable[[TryResult, int, Counts], None],
 ) -> str | None:
     """Run every mini-batch to success or ``run_max_try`` failed tries.
 
-    ``on_done(batch, last_try, tries)`` is called once per mini-batch when
+    ``on_done(last_try, tries, counts)`` is called once per mini-batch when
     its outcome is final. Returns the name of the exceeded threshold, in which
     case nothing more was scheduled and in-flight tries were cancelled, or
     ``None`` when every mini-batch has an outcome.
@@ -280,8 +289,7 @@ def run_mini_batches(
                 )
                 retries.append((batch, try_no + 1))
                 continue
-            tally.record(batch, result)
-            on_done(batch, result, try_no)
+            on_done(result, try_no, tally.record(batch, result))
             exceeded = check_thresholds(tally, cfg)
             if exceeded:
                 break

@@ -35,8 +35,14 @@ from .config import (
 from .datasets import FileDataset, TabularDataset, plan_files
 from .exceptions import ConfigError, EntryScriptError, JobFailedError
 from .monitor import JobLogs
-from .plugin import EntryScriptPlugin, InputSpec, SideInput, bundle_source
-from .runner import Tally, run_mini_batches, threshold_error
+from .plugin import (
+    EntryScriptPlugin,
+    InputSpec,
+    SideInput,
+    TryResult,
+    bundle_source,
+)
+from .runner import Counts, Tally, run_mini_batches, threshold_error
 
 logger = logging.getLogger("daskrun")
 
@@ -246,6 +252,38 @@ def new_run_id(step_name: str) -> str:
     return f"{step_name}_{stamp}_{secrets.token_hex(3)}"
 
 
+def _entry_script_plugin(
+    step: ParallelRunStep,
+    run_id: str,
+    output_path: str,
+    target: _output.OutputTarget | None,
+) -> EntryScriptPlugin:
+    cfg = step.config.resolved
+    bundle, script = bundle_source(cfg.entry_script, cfg.source_directory)
+    sides = {
+        id(ds): SideInput(n, tuple(ds.files()), ds.storage_options, _is_local(ds))
+        for n, ds in enumerate(step.side_inputs)
+    }
+    first = step.inputs[0]
+    return EntryScriptPlugin(
+        name=f"daskrun-{run_id}",
+        bundle=bundle,
+        script=script,
+        script_display=cfg.entry_script,
+        arguments=[sides.get(id(a), a) for a in step.arguments],
+        side_inputs=list(sides.values()),
+        environment_variables=cfg.environment_variables,
+        output_path=output_path,
+        input_spec=InputSpec(
+            kind=step.kind,
+            storage_options=first.storage_options,
+            pandas_kwargs=getattr(first, "pandas_kwargs", {}),
+            local=all(_is_local(ds) for ds in step.inputs),
+        ),
+        output=target,
+    )
+
+
 def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
     cfg = step.config.resolved
     started = time.perf_counter()
@@ -265,37 +303,13 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
     output_path = step.output or str(run_dir / "outputs")
     if step.output is None:
         os.makedirs(output_path, exist_ok=True)
-    first = step.inputs[0]
-    bundle, script = bundle_source(cfg.entry_script, cfg.source_directory)
-    plugin_name = f"daskrun-{run_id}"
-    sides = {
-        id(ds): SideInput(n, tuple(ds.files()), ds.storage_options, _is_local(ds))
-        for n, ds in enumerate(step.side_inputs)
-    }
-    plugin = EntryScriptPlugin(
-        name=plugin_name,
-        bundle=bundle,
-        script=script,
-        script_display=cfg.entry_script,
-        arguments=[sides[id(a)] if id(a) in sides else a for a in step.arguments],
-        side_inputs=list(sides.values()),
-        environment_variables=cfg.environment_variables,
-        output_path=output_path,
-        input_spec=InputSpec(
-            kind=step.kind,
-            storage_options=first.storage_options,
-            pandas_kwargs=getattr(first, "pandas_kwargs", {}),
-            local=all(_is_local(ds) for ds in step.inputs),
-        ),
-        output=target,
-    )
+    plugin = _entry_script_plugin(step, run_id, output_path, target)
     tally = Tally(mini_batches_total=total)
     succeeded = bytearray(total)  # one byte per mini-batch: flat for millions
 
-    def on_done(batch: Any, result: Any, tries: int) -> None:
-        succeeded[batch.index] = result.ok
-        items_in = result.items_in if result.items_in is not None else batch.n_items
-        logs.mini_batch(result, items_in, tries)
+    def on_done(result: TryResult, tries: int, counts: Counts) -> None:
+        succeeded[result.index] = result.ok
+        logs.mini_batch(result, tries, counts)
 
     status, error, final, link = "Failed", None, None, None
     say = _printer(show_output)
@@ -310,13 +324,13 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
             if target is not None:
                 _output.prepare_parts(target)
             try:
-                client.register_plugin(plugin, name=plugin_name)
+                client.register_plugin(plugin, name=plugin.name)
             except EntryScriptError as e:
                 raise JobFailedError(str(e), run_id=run_id) from None
             try:
                 exceeded = run_mini_batches(
                     client,
-                    plugin_name,
+                    plugin.name,
                     batches,
                     tally,
                     cfg,
@@ -324,7 +338,7 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
                     on_done=on_done,
                 )
             finally:
-                _unregister(client, plugin_name)
+                _unregister(client, plugin.name)
         if exceeded:
             error = str(threshold_error(exceeded, tally, cfg, run_id))
         else:
