@@ -135,13 +135,15 @@ def assemble(target: OutputTarget, indices: Iterable[int]) -> str:
 
 def remove_parts(target: OutputTarget) -> None:
     """Delete the run's parts once the final file is published."""
-    fs = target.fs()
     run_folder = target.parts_url.rsplit("/", 1)[0]
+    if target.local:
+        # fsspec's recursive rm lists every part with its metadata first
+        shutil.rmtree(run_folder, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(run_folder))  # .daskrun/, if now empty
+        except OSError:
+            pass
+        return
+    fs = target.fs()
     if fs.exists(run_folder):
         fs.rm(run_folder, recursive=True)
-    top = run_folder.rsplit("/", 1)[0]
-    try:
-        if isinstance(fs, LocalFileSystem) and not os.listdir(top):
-            os.rmdir(top)
-    except OSError:
-        pass

@@ -309,7 +309,7 @@ def _process(
     try:
         if isinstance(batch, FileBatch):
             if spec.local:
-                mini_batch = list(batch.paths)
+                mini_batch = batch.paths
             else:
                 mini_batch, cache = localize_files(
                     batch.paths, spec.storage_options, cache_root
