@@ -176,7 +176,11 @@ class ParallelRunStep:
     def plan(self) -> tuple[Iterable[Any], int]:
         """The mini-batch plans (lazily, for file inputs) and their count."""
         if self.kind == "file":
-            files = [f for ds in self.inputs for f in ds.files()]
+            files = (
+                self.inputs[0].files()
+                if len(self.inputs) == 1
+                else [f for ds in self.inputs for f in ds.files()]
+            )
             count = math.ceil(len(files) / self.mini_batch_size)
             return plan_files(files, self.mini_batch_size), count
         batches: list[Any] = []

@@ -7,10 +7,13 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dask.config
 import pytest
 from distributed import LocalCluster
+
+from daskrun import ParallelRunConfig, ParallelRunStep, StepRun
 
 
 @pytest.fixture(autouse=True)
@@ -118,3 +121,28 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def run_step(
+    tmp_path: Path,
+    script_body: str,
+    inputs: Any,
+    *,
+    name: str = "test-step",
+    output: str | None = "out",
+    step_options: dict[str, Any] | None = None,
+    **config: Any,
+) -> StepRun:
+    """Write the entry script, build config and step, run it, return the run.
+
+    A relative ``output`` lands under ``tmp_path``; URLs are used as given.
+    """
+    script = write_script(tmp_path, script_body)
+    config.setdefault("output_action", "append_row")
+    cfg = ParallelRunConfig(str(script), **config)
+    if output is not None and "://" not in output:
+        output = str(tmp_path / output)
+    step = ParallelRunStep(
+        name, cfg, inputs=inputs, output=output, **(step_options or {})
+    )
+    return step.run()

@@ -20,7 +20,7 @@ from daskrun import (
     ParallelRunStep,
 )
 
-from .conftest import make_files, write_script
+from .conftest import make_files, run_step, write_script
 
 MARKING_SCRIPT = """
 import argparse, os, sys, uuid
@@ -111,21 +111,13 @@ def test_csv_mini_batches_never_cross_files(
         pd.DataFrame({"file": name, "row": range(rows), "pad": "xxxxxxxx"}).to_csv(
             folder / f"{name}.csv", index=False
         )
-    script = write_script(tmp_path, TABULAR_SCRIPT)
-    cfg = ParallelRunConfig(
-        str(script),
-        error_threshold=0,
-        output_action="append_row",
+    run = run_step(
+        tmp_path,
+        TABULAR_SCRIPT,
+        Dataset.Tabular.from_delimited_files(str(folder)),
         mini_batch_size="1MB",
         compute_target=cluster,
     )
-    step = ParallelRunStep(
-        "csv-split",
-        cfg,
-        inputs=[Dataset.Tabular.from_delimited_files(str(folder))],
-        output=str(tmp_path / "out"),
-    )
-    run = step.run()
     assert run.status == "Completed", run.error
     out = _read_rows(run.output_path or "")
     assert len(out) == sum(sizes.values()) == run.items_succeeded
@@ -149,21 +141,13 @@ def test_parquet_split_by_row_groups(tmp_path: Path, cluster: LocalCluster) -> N
     pq.write_table(
         pa.table({"file": ["u"] * 5, "row": list(range(5))}), path.parent / "u.parquet"
     )
-    script = write_script(tmp_path, TABULAR_SCRIPT)
-    cfg = ParallelRunConfig(
-        str(script),
-        error_threshold=0,
-        output_action="append_row",
+    run = run_step(
+        tmp_path,
+        TABULAR_SCRIPT,
+        Dataset.Tabular.from_parquet_files(str(path.parent)),
         mini_batch_size="100KB",
         compute_target=cluster,
     )
-    step = ParallelRunStep(
-        "parquet-split",
-        cfg,
-        inputs=[Dataset.Tabular.from_parquet_files(str(path.parent))],
-        output=str(tmp_path / "out"),
-    )
-    run = step.run()
     assert run.status == "Completed", run.error
     out = _read_rows(run.output_path or "")
     assert len(out) == 50_005
@@ -281,23 +265,16 @@ def test_retries_are_exactly_once(tmp_path: Path, cluster: LocalCluster) -> None
     make_files(tmp_path / "in", 1, prefix="broken")
     tries = tmp_path / "tries"
     tries.mkdir()
-    script = write_script(tmp_path, RETRY_SCRIPT)
-    cfg = ParallelRunConfig(
-        str(script),
+    run = run_step(
+        tmp_path,
+        RETRY_SCRIPT,
+        Dataset.File.from_files(str(tmp_path / "in")),
         error_threshold=1,
-        output_action="append_row",
         mini_batch_size=1,
         run_max_try=4,
         compute_target=cluster,
         environment_variables={"TRIES_DIR": str(tries)},
     )
-    step = ParallelRunStep(
-        "retries",
-        cfg,
-        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
-        output=str(tmp_path / "out"),
-    )
-    run = step.run()
     assert run.status == "Completed", run.error
     lines = Path(run.output_path or "").read_text().splitlines()
     assert lines == ["flaky00000.txt"] + [f"good{i:05d}.txt" for i in range(5)]
@@ -420,20 +397,13 @@ def test_init_failure_fails_the_job_with_the_user_error(
     tmp_path: Path, cluster: LocalCluster
 ) -> None:
     make_files(tmp_path / "in", 3)
-    script = write_script(
+    run = run_step(
         tmp_path,
         "def init():\n    raise OSError('model.pkl not found')\n"
         "def run(mb): return mb\n",
+        Dataset.File.from_files(str(tmp_path / "in")),
+        compute_target=cluster,
     )
-    cfg = ParallelRunConfig(
-        str(script), output_action="append_row", compute_target=cluster
-    )
-    run = ParallelRunStep(
-        "init-fails",
-        cfg,
-        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
-        output=str(tmp_path / "out"),
-    ).run()
     assert run.status == "Failed"
     assert run.error is not None and "OSError: model.pkl not found" in run.error
     assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
@@ -551,16 +521,12 @@ def test_a_hundred_thousand_files(tmp_path: Path) -> None:
     folder.mkdir()
     for i in range(100_000):
         (folder / f"{i:06d}").write_bytes(b"")
-    script = write_script(tmp_path, "def init(): pass\ndef run(mb): return mb\n")
-    cfg = ParallelRunConfig(
-        str(script), output_action="append_row", process_count_per_node=2
+    run = run_step(
+        tmp_path,
+        "def init(): pass\ndef run(mb): return mb\n",
+        Dataset.File.from_files(str(folder)),
+        process_count_per_node=2,
     )
-    run = ParallelRunStep(
-        "many-files",
-        cfg,
-        inputs=Dataset.File.from_files(str(folder)),
-        output=str(tmp_path / "out"),
-    ).run()
     assert run.status == "Completed", run.error
     assert run.mini_batches_total == 10_000 and run.items_succeeded == 100_000
     with open(run.output_path or "") as f:

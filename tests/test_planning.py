@@ -239,3 +239,16 @@ def test_entry_script_checked_without_running_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="source_directory="):
         ParallelRunConfig("score.py", source_directory=str(tmp_path / "nope"))
     ParallelRunConfig("score.py", source_directory=str(tmp_path / "src"))
+
+
+def test_datasets_as_dask_collections(tmp_path: Path) -> None:
+    pd.DataFrame({"x": range(50_000)}).to_csv(tmp_path / "a.csv", index=False)
+    pd.DataFrame({"x": range(10)}).to_csv(tmp_path / "b.csv", index=False)
+    tabular = Dataset.Tabular.from_delimited_files(str(tmp_path / "*.csv"))
+    ddf = tabular.to_dask_dataframe("64KB")
+    assert ddf.npartitions == len(list(tabular.plan("64KB"))) > 2
+    parts = ddf.map_partitions(len).compute(scheduler="sync").tolist()
+    assert sum(parts) == 50_010 and parts[-1] == 10  # b.csv alone
+    make_files(tmp_path / "f", 7)
+    bag = Dataset.File.from_files(str(tmp_path / "f")).to_bag(3)
+    assert [len(b) for b in bag.compute(scheduler="sync")] == [3, 3, 1]

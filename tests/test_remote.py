@@ -12,7 +12,7 @@ from distributed import LocalCluster
 
 from daskrun import Dataset, InputError, ParallelRunConfig, ParallelRunStep
 
-from .conftest import write_script
+from .conftest import run_step, write_script
 
 CHECKING_SCRIPT = """
 import os
@@ -49,23 +49,15 @@ def test_blob_files_in_and_out(
         # same base name in another folder: each keeps its own copy
     fs.pipe_file(f"{name}/images/sub/img000.png", b"nested")
     options = {"connection_string": azurite}
-    cfg = ParallelRunConfig(
-        str(write_script(tmp_path, CHECKING_SCRIPT)),
-        error_threshold=0,
-        output_action="append_row",
+    run = run_step(
+        tmp_path,
+        CHECKING_SCRIPT,
+        Dataset.File.from_files(f"abfs://{name}/images", storage_options=options),
+        output=f"abfs://{name}/out",
+        step_options={"output_storage_options": options},
         mini_batch_size=5,
         compute_target=cluster,
     )
-    step = ParallelRunStep(
-        "blob-files",
-        cfg,
-        inputs=[
-            Dataset.File.from_files(f"abfs://{name}/images", storage_options=options)
-        ],
-        output=f"abfs://{name}/out",
-        output_storage_options=options,
-    )
-    run = step.run()
     assert run.status == "Completed", run.error
     assert run.output_path == f"abfs://{name}/out/parallel_run_step.txt"
     lines = fs.cat_file(f"{name}/out/parallel_run_step.txt").decode().splitlines()
