@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import dask.config
 from distributed import Client, LocalCluster
 
 from .config import config_get
@@ -48,14 +49,23 @@ def connect(
                 "'if __name__ == \"__main__\":'"
             )
         n = node_count * (process_count_per_node or default_process_count())
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            host=config_get("local-cluster.host"),
-            dashboard_address=config_get("local-cluster.dashboard-address"),
-            memory_limit=config_get("local-cluster.memory-limit"),
-        )
+        # A worker that dies (a run() stopped for its timeout, a memory kill)
+        # fails its task at once, since daskrun counts tries itself; and each
+        # worker holds only the task it runs, so a death charges no other.
+        with dask.config.set(
+            {
+                "distributed.scheduler.allowed-failures": 0,
+                "distributed.scheduler.worker-saturation": 1.0,
+            }
+        ):
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                host=config_get("local-cluster.host"),
+                dashboard_address=config_get("local-cluster.dashboard-address"),
+                memory_limit=config_get("local-cluster.memory-limit"),
+            )
         try:
             with Client(cluster) as client:
                 yield client

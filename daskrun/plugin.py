@@ -121,6 +121,51 @@ def _common(paths: Sequence[str]) -> str:
     return paths[0] if len(paths) == 1 else posixpath.commonpath(list(paths))
 
 
+TIMEOUT_EXIT_CODE = 75
+
+
+class Watchdog:
+    """Stops a ``run()`` call that outlives ``run_invocation_timeout``.
+
+    Python cannot interrupt a thread stuck in C code or ``sleep``, and Dask
+    has no task timeout, so the only sure stop is the process itself: the
+    watchdog reports which mini-batch hung (a worker event the client reads),
+    then exits the worker process, and the Nanny starts a fresh one, whose
+    plugin runs ``init()`` again.
+    """
+
+    def __init__(self, worker: Any, topic: str, agent: str, timeout: float):
+        self.worker = worker
+        self.topic = topic
+        self.agent = agent
+        self.timeout = timeout
+        self._armed: tuple[int, float] | None = None
+        self._stopped = threading.Event()
+        threading.Thread(
+            target=self._watch, name="daskrun-watchdog", daemon=True
+        ).start()
+
+    def arm(self, index: int) -> None:
+        self._armed = (index, time.monotonic() + self.timeout)
+
+    def disarm(self) -> None:
+        self._armed = None
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(0.1):
+            armed = self._armed
+            if armed is not None and time.monotonic() > armed[1]:
+                self.worker.log_event(
+                    self.topic,
+                    {"index": armed[0], "worker": self.agent, "cause": "timeout"},
+                )
+                time.sleep(1.0)  # let the event reach the scheduler
+                os._exit(TIMEOUT_EXIT_CODE)
+
+
 def agent_name(worker: Any) -> str:
     """``worker-<name>`` for a worker, as ParallelRunStep names its agents."""
     name = worker.name
@@ -165,6 +210,7 @@ class EntryScriptPlugin(WorkerPlugin):
         output_path: str,
         input_spec: InputSpec,
         output: OutputTarget | None,
+        run_invocation_timeout: float,
     ):
         self.name = name
         self.bundle = bundle
@@ -176,19 +222,29 @@ class EntryScriptPlugin(WorkerPlugin):
         self.output_path = output_path
         self.input_spec = input_spec
         self.output = output
+        self.run_invocation_timeout = run_invocation_timeout
         self.module: ModuleType | None = None
         self.init_error: TryResult | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_ready", None)
+        state.pop("watchdog", None)
         return state
+
+    @property
+    def events_topic(self) -> str:
+        """The topic of this run's worker events (timeouts)."""
+        return self.name
 
     async def setup(self, worker: Any) -> None:
         self._ready = threading.Event()
         self.folder = os.path.join(worker.local_directory, "daskrun", self.name)
         self.agent = agent_name(worker)
         loop = asyncio.get_running_loop()
+        self.watchdog = Watchdog(
+            worker, self.events_topic, self.agent, self.run_invocation_timeout
+        )
         try:
             # init() may load a model for seconds: keep the event loop free
             await loop.run_in_executor(None, self._init)
@@ -240,6 +296,7 @@ class EntryScriptPlugin(WorkerPlugin):
             self.init_error = _failure(-1, 0, self.agent, None, start, e)
 
     def teardown(self, worker: Any) -> None:
+        self.watchdog.stop()
         module = self.module
         self.module = None
         if module is not None and callable(getattr(module, "shutdown", None)):
@@ -317,7 +374,11 @@ def _process(
         else:
             mini_batch = read_tabular(batch, spec.storage_options, spec.pandas_kwargs)
             items_in = len(mini_batch)
-        result = plugin.module.run(mini_batch)  # type: ignore[union-attr]
+        plugin.watchdog.arm(batch.index)
+        try:
+            result = plugin.module.run(mini_batch)  # type: ignore[union-attr]
+        finally:
+            plugin.watchdog.disarm()
         data, items_out = format_rows(result)
         if plugin.output is not None:
             write_part(plugin.output, batch.index, data)

@@ -204,21 +204,62 @@ class GroupSizer:
         return max(1, min(self.max_size, by_time, fair_share))
 
 
-def _lost_try(batch: MiniBatch, try_no: int, exc: BaseException) -> TryResult:
+def _lost_try(
+    batch: MiniBatch, try_no: int, error: str, worker: str = "unknown worker"
+) -> TryResult:
     return TryResult(
         index=batch.index,
         try_no=try_no,
         ok=False,
-        worker="unknown worker",
+        worker=worker,
         items_in=None,
         items_out=0,
         seconds=0.0,
-        error=f"{type(exc).__name__}: {exc}",
+        error=error,
     )
+
+
+class _LostTasks:
+    """Why a task's worker died: a ``run()`` stopped for its timeout (the
+    watchdog's event), a memory kill (the Nanny's event), or unknown."""
+
+    def __init__(self, client: Client, topic: str, timeout: float):
+        self.client = client
+        self.topic = topic
+        self.timeout = timeout
+        self.seen: set[tuple[float, int]] = set()
+
+    def timed_out(self, indices: set[int]) -> dict[int, str]:
+        """Mini-batches of ``indices`` newly reported hung, with their worker."""
+        found = {}
+        for stamp, msg in self.client.get_events(self.topic):
+            if msg.get("cause") == "timeout" and msg["index"] in indices:
+                if (stamp, msg["index"]) not in self.seen:
+                    self.seen.add((stamp, msg["index"]))
+                    found[msg["index"]] = msg["worker"]
+        return found
+
+    def cause(self, exc: BaseException) -> tuple[str, str]:
+        """An error text and the worker for a task lost without a timeout."""
+        last = getattr(exc, "last_worker", None)
+        address = getattr(last, "address", None)
+        name = getattr(last, "name", None)
+        worker = f"worker-{name}" if isinstance(name, int) else str(name or "a worker")
+        if address is not None:
+            for _, msg in self.client.get_events("worker-restart-memory"):
+                if msg.get("worker") == address:
+                    rss = msg["rss"] / 2**20
+                    return (
+                        f"MemoryError: {worker} was killed for exceeding its "
+                        f"memory limit (rss {rss:.0f} MiB) while running it",
+                        worker,
+                    )
+        return f"WorkerDied: {worker} died while running it ({exc})", worker
 
 
 def run_mini_batches(
     client: Client,
+    events_topic: str,
     plugin_name: str,
     batches: Iterable[MiniBatch],
     tally: Tally,
@@ -242,6 +283,8 @@ def run_mini_batches(
     queue = as_completed(with_results=True, raise_errors=False)
     plans = iter(batches)
     scheduled = 0
+    submitted = itertools.count()
+    lost = _LostTasks(client, events_topic, cfg.run_invocation_timeout)
 
     def submit(group: list[tuple[MiniBatch, int]]) -> None:
         first, try_no = group[0]
@@ -249,7 +292,7 @@ def run_mini_batches(
             process_mini_batches,
             plugin_name,
             group,
-            key=(key_prefix, first.index, try_no),
+            key=(key_prefix, first.index, try_no, next(submitted)),
             pure=False,
         )
         pending[future] = group
@@ -277,7 +320,32 @@ def run_mini_batches(
             sizer.observe(sum(r.seconds for r in results), len(results))
         else:  # the worker died, or the task was lost or cancelled
             exc = outcome[1] if isinstance(outcome, tuple) else outcome
-            results = [_lost_try(b, t, exc) for b, t in group]
+            hung = lost.timed_out({b.index for b, _ in group})
+            if len(group) > 1 and not hung:
+                # one of them killed the worker: rerun each alone, so only
+                # the culprit is charged a try
+                retries.extend(group)
+                future.release()
+                fill()
+                continue
+            error, worker = lost.cause(exc)
+            results = [
+                _lost_try(
+                    b,
+                    t,
+                    f"TimeoutError: run() did not return within "
+                    f"run_invocation_timeout={cfg.run_invocation_timeout} s; "
+                    f"{hung[b.index]} was restarted",
+                    hung[b.index],
+                )
+                if b.index in hung
+                else _lost_try(b, t, error, worker)
+                for b, t in group
+            ]
+            if hung:  # the others were innocent: rerun without charging a try
+                retries.extend((b, t) for b, t in group if b.index not in hung)
+                group = [(b, t) for b, t in group if b.index in hung]
+                results = [r for r in results if r.index in hung]
         future.release()
         for (batch, try_no), result in zip(group, results, strict=True):
             if not result.ok and try_no < cfg.run_max_try:

@@ -285,6 +285,7 @@ def _entry_script_plugin(
             local=all(_is_local(ds) for ds in step.inputs),
         ),
         output=target,
+        run_invocation_timeout=cfg.run_invocation_timeout,
     )
 
 
@@ -334,6 +335,7 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
             try:
                 exceeded = run_mini_batches(
                     client,
+                    plugin.events_topic,
                     plugin.name,
                     batches,
                     tally,
