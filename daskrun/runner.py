@@ -275,7 +275,7 @@ def run_mini_batches(
     ``None`` when every mini-batch has an outcome.
     """
     threads = sum(client.nthreads().values()) or 1
-    limit = max(2, threads * int(config_get("runner.in-flight-per-thread")))
+    limit = max(1, threads * int(config_get("runner.in-flight-per-thread")))
     sizer = GroupSizer(float(config_get("runner.task-seconds")), threads)
     pending: dict[Any, list[tuple[MiniBatch, int]]] = {}
     retries: list[tuple[MiniBatch, int]] = []

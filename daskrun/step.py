@@ -312,12 +312,19 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
     tally = Tally(mini_batches_total=total)
     succeeded = bytearray(total)  # one byte per mini-batch: flat for millions
 
+    say = _printer(show_output)
+
     def on_done(result: TryResult, tries: int, counts: Counts) -> None:
         succeeded[result.index] = result.ok
         logs.mini_batch(result, tries, counts)
+        if not result.ok:
+            say(
+                f"daskrun: mini-batch {result.index} failed after {tries} "
+                f"{'try' if tries == 1 else 'tries'} on {result.worker}: "
+                f"{result.error}"
+            )
 
     status, error, final, link = "Failed", None, None, None
-    say = _printer(show_output)
     try:
         with connect(
             step.config.compute_target, cfg.node_count, cfg.process_count_per_node

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+import threading
 import time
 from pathlib import Path
 
+import dask.config
 import pandas as pd
+import pytest
+from distributed import Client, LocalCluster
 
 from daskrun import Dataset
 
@@ -82,3 +89,102 @@ def test_a_mini_batch_that_kills_its_worker_fails_after_max_tries(
     # a mini-batch queued on the dying worker may lose a try too, never more
     assert (report.drop(index=0)["tries"] <= 2).all()
     assert report.drop(index=0)["error"].isna().all()
+
+
+SLOW_SCRIPT = """
+import os, time
+
+def init():
+    pass
+
+def run(mini_batch):
+    time.sleep(0.02 * len(mini_batch))
+    return [os.path.basename(p) for p in mini_batch]
+"""
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_sigkill_of_workers_never_loses_or_duplicates_rows(
+    tmp_path: Path, trial: int
+) -> None:
+    """Five SIGKILLs of random worker processes at random moments per trial
+    (20 over the four trials); every output equals the uninterrupted one."""
+    files = make_files(tmp_path / "in", 240)
+    rng = random.Random(trial)
+    killed: list[int] = []
+
+    def killer(client: Client) -> None:
+        while len(killed) < 5:
+            time.sleep(rng.uniform(0.2, 0.9))
+            pids = client.run(os.getpid)
+            if not pids:
+                continue
+            pid = rng.choice(sorted(pids.values()))
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        thread = threading.Thread(target=killer, args=(client,), daemon=True)
+        thread.start()
+        run = run_step(
+            tmp_path,
+            SLOW_SCRIPT,
+            Dataset.File.from_files(str(tmp_path / "in")),
+            mini_batch_size=2,
+            run_max_try=10,
+            compute_target=client,
+        )
+        thread.join(30)
+    assert len(killed) == 5
+    assert run.status == "Completed", run.error
+    lines = Path(run.output_path or "").read_text().splitlines()
+    assert lines == [p.name for p in files]
+
+
+def test_memory_kill_is_reported_with_its_mini_batch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_files(tmp_path / "in", 1, prefix="big")
+    make_files(tmp_path / "in", 6, prefix="ok")
+    script = """
+    import os, time
+
+    def init():
+        pass
+
+    def run(mini_batch):
+        if os.path.basename(mini_batch[0]).startswith("big"):
+            hog = []
+            for _ in range(200):              # up to 4 GB, 20 MB at a time
+                hog.append(bytearray(20 * 2**20))
+                time.sleep(0.01)
+        return [os.path.basename(p) for p in mini_batch]
+    """
+    with dask.config.set({"daskrun.local-cluster.memory-limit": "400MiB"}):
+        run = run_step(
+            tmp_path,
+            script,
+            Dataset.File.from_files(str(tmp_path / "in")),
+            mini_batch_size=1,
+            run_max_try=1,
+            error_threshold=1,
+            process_count_per_node=2,
+            step_options={},
+        )
+    assert run.status == "Completed", run.error
+    lines = Path(run.output_path or "").read_text().splitlines()
+    assert lines == [f"ok{i:05d}.txt" for i in range(6)]
+    error_file = (Path(run.logs_dir) / "job_error.txt").read_text()
+    assert error_file.startswith("MemoryError: worker-")
+    assert "exceeding its memory limit" in error_file
+    assert "mini-batch 0 (files big00000.txt)" in error_file
+    report = _report(run.logs_dir)
+    assert "memory" in report.loc[0, "error"]
