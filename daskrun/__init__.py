@@ -27,7 +27,7 @@ from .exceptions import (
     JobFailedError,
     ThresholdExceededError,
 )
-from .step import ParallelRunStep, StepRun
+from .step import ParallelRunStep, StepRun, resume
 
 __version__ = "0.1.0"
 
@@ -44,4 +44,5 @@ __all__ = [
     "StepRun",
     "TabularDataset",
     "ThresholdExceededError",
+    "resume",
 ]

@@ -18,7 +18,7 @@ from . import __version__
 from .config import LOGGING_LEVELS, OUTPUT_ACTIONS, ParallelRunConfig
 from .datasets import Dataset, FileDataset, TabularDataset
 from .exceptions import ConfigError, DaskRunError, InputError
-from .step import ParallelRunStep
+from .step import ParallelRunStep, StepRun, resume
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,6 +81,23 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-tries", type=int, metavar="N", help="run_max_try")
     run.add_argument("--logging-level", type=str.upper, choices=LOGGING_LEVELS)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    again = subs.add_parser(
+        "resume",
+        help="resume a failed, canceled or interrupted run",
+        description="Run again only the mini-batches of RUN_ID without a "
+        "committed result, and publish the same output an uninterrupted run "
+        "would have.",
+    )
+    again._sub = "resume"
+    again.add_argument("run_id", metavar="RUN_ID")
+    again.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also run the mini-batches that failed again",
+    )
+    again.add_argument("--scheduler", metavar="ADDR")
+    again.add_argument("-q", "--quiet", action="store_true")
     return parser
 
 
@@ -136,7 +153,10 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         output=args.output,
         arguments=script_args,
     )
-    run = step.run(show_output=not args.quiet)
+    return _report(step.run(show_output=not args.quiet))
+
+
+def _report(run: StepRun) -> int:
     if run.status == "Completed":
         print(f"output: {run.output_path or '-'}")
         print(f"logs: {run.logs_dir}")
@@ -159,6 +179,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args, script_args)
+        if args.command == "resume":
+            return _report(
+                resume(
+                    args.run_id,
+                    retry_failed=args.retry_failed,
+                    show_output=not args.quiet,
+                    compute_target=args.scheduler,
+                )
+            )
         parser.print_help()
         return 2
     except (ConfigError, InputError) as e:

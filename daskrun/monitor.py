@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -37,15 +38,25 @@ REPORT_COLUMNS = (
 class JobLogs:
     """Writer of one run's log folder."""
 
-    def __init__(self, logs_dir: str | os.PathLike[str]):
+    def __init__(
+        self,
+        logs_dir: str | os.PathLike[str],
+        earlier_rows: Iterable[Mapping[str, str]] = (),
+    ):
         self.dir = Path(logs_dir)
-        report_dir = self.dir / "sys" / "job_report"
-        report_dir.mkdir(parents=True, exist_ok=True)
+        self.report_path = (
+            self.dir / "sys" / "job_report" / "processed_mini-batches.csv"
+        )
+        self.report_path.parent.mkdir(parents=True, exist_ok=True)
+        # a resumed run starts from the rows its earlier attempts kept
+        rows = [[row[c] for c in REPORT_COLUMNS] for row in earlier_rows]
         self._report: IO[str] = open(  # noqa: SIM115 - closed in close()
-            report_dir / "processed_mini-batches.csv", "w", newline=""
+            self.report_path, "w", newline=""
         )
         self._writer = csv.writer(self._report)
         self._writer.writerow(REPORT_COLUMNS)
+        self._writer.writerows(rows)
+        self._report.flush()
 
     def mini_batch(self, result: TryResult, tries: int, counts: Counts) -> None:
         """Add the final outcome of one mini-batch to the job report."""
@@ -62,6 +73,7 @@ class JobLogs:
                 result.error or "",
             )
         )
+        self._report.flush()  # a killed client leaves a report to resume from
 
     def finish(
         self,

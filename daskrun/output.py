@@ -103,6 +103,27 @@ def write_part(target: OutputTarget, index: int, data: bytes) -> None:
         target.fs().pipe_file(path, data)
 
 
+def committed_parts(target: OutputTarget) -> list[int]:
+    """Indices of the mini-batches whose parts are written."""
+    fs = target.fs()
+    try:
+        names = fs.ls(target.parts_url, detail=False)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if base.endswith(".part") and base[:-5].isdigit():
+            out.append(int(base[:-5]))
+    return out
+
+
+def count_rows(target: OutputTarget, index: int) -> int:
+    """Lines in a committed part."""
+    with target.fs().open(target.part_url(index), "rb") as f:
+        return sum(1 for _ in f)
+
+
 def prepare_parts(target: OutputTarget) -> None:
     """Create the parts folder (on the client, before any task)."""
     target.fs().makedirs(target.parts_url, exist_ok=True)

@@ -91,11 +91,15 @@ class Tally:
                     result.traceback,
                     result.worker,
                 )
+        self.add(counts)
+        return counts
+
+    def add(self, counts: Counts) -> None:
+        """Add one finished mini-batch's items."""
         self.items_total += counts.items_in
         self.items_succeeded += counts.ok
         self.items_failed += counts.failed
         self.items_extra += counts.extra
-        return counts
 
     def progress(self) -> str:
         return (

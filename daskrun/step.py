@@ -12,12 +12,13 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import sys
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from fsspec.core import url_to_fs
@@ -29,7 +30,6 @@ from .config import (
     ParallelRunConfig,
     check_arguments,
     check_step_name,
-    config_get,
     mini_batch_size_for,
 )
 from .datasets import FileDataset, TabularDataset, plan_files
@@ -42,6 +42,7 @@ from .plugin import (
     TryResult,
     bundle_source,
 )
+from .records import SOURCE, RunRecord, read_report, runs_dir
 from .runner import Counts, Tally, run_mini_batches, threshold_error
 
 logger = logging.getLogger("daskrun")
@@ -76,6 +77,11 @@ class StepRun:
     items_failed: int
     items_extra: int = 0
     dashboard_link: str | None = None
+
+    def resume(self, retry_failed: bool = False, show_output: bool = False) -> StepRun:
+        """Run again only the mini-batches without a committed result (and,
+        with ``retry_failed``, those that failed); see :func:`resume`."""
+        return resume(self.run_id, retry_failed=retry_failed, show_output=show_output)
 
     def raise_for_status(self) -> StepRun:
         """Raise :class:`~daskrun.JobFailedError` unless the run completed."""
@@ -289,15 +295,20 @@ def _entry_script_plugin(
     )
 
 
-def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
+def _execute(
+    step: ParallelRunStep,
+    *,
+    show_output: bool,
+    resume: RunRecord | None = None,
+    retry_failed: bool = False,
+) -> StepRun:
     cfg = step.config.resolved
     started = time.perf_counter()
     # planning lists and measures the inputs: a missing or empty input fails
     # here, before any worker starts
     batches, total = step.plan()
-    run_id = new_run_id(step.name)
-    run_dir = Path(os.path.expanduser(config_get("runs-dir"))) / run_id
-    logs = JobLogs(run_dir / "logs")
+    run_id = resume.run_id if resume else new_run_id(step.name)
+    run_dir = runs_dir() / run_id
     target = (
         _output.OutputTarget(
             step.output, cfg.append_row_file_name, run_id, step.output_storage_options
@@ -309,9 +320,30 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
     if step.output is None:
         os.makedirs(output_path, exist_ok=True)
     plugin = _entry_script_plugin(step, run_id, output_path, target)
+    record = resume or _new_record(step, run_id, plugin)
     tally = Tally(mini_batches_total=total)
     succeeded = bytearray(total)  # one byte per mini-batch: flat for millions
-
+    # 1: finished in an earlier attempt, in its report; 2: its part is
+    # committed but the report missed it (the client died in between)
+    done = bytearray(total)
+    kept = []
+    if resume is not None:
+        for row in read_report(
+            run_dir / "logs/sys/job_report/processed_mini-batches.csv"
+        ):
+            if row.index < total and (row.ok or not retry_failed):
+                kept.append(row.row)
+                done[row.index], succeeded[row.index] = 1, row.ok
+                tally.mini_batches_done += 1
+                tally.mini_batches_failed += not row.ok
+                tally.add(_row_counts(row.row))
+    logs = JobLogs(run_dir / "logs", kept)
+    if resume is not None and target is not None:
+        # a part committed after the last report row (the client died in
+        # between) is done too
+        for index in _output.committed_parts(target):
+            if index < total and not done[index]:
+                done[index], succeeded[index] = 2, 1
     say = _printer(show_output)
 
     def on_done(result: TryResult, tries: int, counts: Counts) -> None:
@@ -324,13 +356,26 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
                 f"{result.error}"
             )
 
+    def to_run() -> Iterator[Any]:
+        for batch in batches:
+            if not done[batch.index]:
+                yield batch
+            elif done[batch.index] == 2:
+                counts = _part_counts(target, batch)
+                tally.mini_batches_done += 1
+                tally.add(counts)
+                logs.mini_batch(_earlier(batch.index), 1, counts)
+
     status, error, final, link = "Failed", None, None, None
+    record.status, record.error = "Running", None
+    record.save()
     try:
         with connect(
             step.config.compute_target, cfg.node_count, cfg.process_count_per_node
         ) as client:
             link = dashboard_link(client)
-            say(f"daskrun: run {run_id}: {total} mini-batches")
+            verb = "resuming" if resume else "run"
+            say(f"daskrun: {verb} {run_id}: {total} mini-batches")
             if link:
                 say(f"daskrun: dashboard {link}")
             if target is not None:
@@ -344,7 +389,7 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
                     client,
                     plugin.events_topic,
                     plugin.name,
-                    batches,
+                    to_run(),
                     tally,
                     cfg,
                     key_prefix=f"{step.name}-{run_id[-6:]}",
@@ -359,14 +404,21 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
                 final = _output.assemble(
                     target, (i for i in range(total) if succeeded[i])
                 )
-                _output.remove_parts(target)
+                if not tally.mini_batches_failed:
+                    # kept otherwise, for a resume with retry_failed
+                    _output.remove_parts(target)
             status = "Completed"
     except JobFailedError as e:
         error = str(e)
     except KeyboardInterrupt:
         status, error = "Canceled", "canceled by the user (KeyboardInterrupt)"
+        print(
+            f"daskrun: canceled; resume with: daskrun resume {run_id}", file=sys.stderr
+        )
         raise
     finally:
+        record.status, record.error = status, error
+        record.save()
         logs.finish(
             status=status,
             run_id=run_id,
@@ -398,6 +450,124 @@ def _execute(step: ParallelRunStep, *, show_output: bool) -> StepRun:
         )
     say(f"daskrun: {status}: {tally.progress()}")
     return run
+
+
+def resume(
+    run_id: str,
+    *,
+    retry_failed: bool = False,
+    show_output: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    compute_target: Any = None,
+) -> StepRun:
+    """Resume a failed, canceled or interrupted run where it stopped.
+
+    Mini-batches with a committed result are not run again; with
+    ``retry_failed`` those that failed are run again too. The final output
+    is the same as an uninterrupted run's. The run's inputs are listed again
+    (they must not have changed); remote inputs need their
+    ``storage_options`` again, since run records never hold credentials.
+
+    >>> run = daskrun.resume("score-images_20261122T010203_a1b2c3")  # doctest: +SKIP
+    """
+    record = RunRecord.load(run_id)
+    if record.status == "Completed" and not retry_failed:
+        raise ConfigError(
+            f"run {run_id!r} already completed; pass retry_failed=True "
+            "(--retry-failed) to run its failed mini-batches again"
+        )
+    if record.remote_inputs and storage_options is None:
+        raise ConfigError(
+            f"run {run_id!r} reads remote inputs; pass their storage_options to "
+            "resume(), since run records never hold credentials"
+        )
+    source = record.folder / "source"
+    shutil.rmtree(source, ignore_errors=True)
+    with zipfile.ZipFile(record.folder / SOURCE) as zf:
+        zf.extractall(source)
+    config = dict(record.config)
+    config.pop("source_directory")
+    config["entry_script"] = record.script
+    cfg = ParallelRunConfig(
+        source_directory=str(source), compute_target=compute_target, **config
+    )
+    options = storage_options or {}
+    if record.kind == "file":
+        inputs: list[Input] = [
+            FileDataset(p, storage_options=options) for p in record.inputs
+        ]
+    else:
+        inputs = [
+            TabularDataset(
+                p,
+                file_format=record.file_format or "csv",
+                storage_options=options,
+                pandas_kwargs=record.pandas_kwargs,
+            )
+            for p in record.inputs
+        ]
+    step = ParallelRunStep(
+        record.step_name,
+        cfg,
+        inputs=inputs,
+        output=record.output,
+        arguments=record.arguments,
+    )
+    return _execute(
+        step, show_output=show_output, resume=record, retry_failed=retry_failed
+    )
+
+
+def _new_record(
+    step: ParallelRunStep, run_id: str, plugin: EntryScriptPlugin
+) -> RunRecord:
+    record = RunRecord(
+        run_id=run_id,
+        step_name=step.name,
+        status="Running",
+        kind=step.kind,
+        file_format=getattr(step.inputs[0], "file_format", None),
+        inputs=[_path_spec(ds) for ds in step.inputs],
+        pandas_kwargs=getattr(step.inputs[0], "pandas_kwargs", {}),
+        remote_inputs=not plugin.input_spec.local,
+        output=step.output,
+        config=asdict(step.config.resolved),
+        script=plugin.script,
+        arguments=[str(a) for a in step.arguments],
+    )
+    record.folder.mkdir(parents=True, exist_ok=True)
+    (record.folder / SOURCE).write_bytes(plugin.bundle)
+    return record
+
+
+def _path_spec(dataset: Input) -> Any:
+    path = dataset._path
+    if isinstance(path, (str, os.PathLike)):
+        return os.fspath(path)
+    return [os.fspath(p) for p in path]
+
+
+def _row_counts(row: dict[str, str]) -> Counts:
+    def number(key: str) -> int:
+        return int(row[key] or 0)
+
+    return Counts(
+        number("items_in"),
+        number("items_ok"),
+        number("items_failed"),
+        number("items_extra"),
+    )
+
+
+def _part_counts(target: _output.OutputTarget | None, batch: Any) -> Counts:
+    rows = _output.count_rows(target, batch.index) if target else 0
+    items_in = batch.n_items if batch.n_items is not None else rows
+    ok = min(rows, items_in)
+    return Counts(items_in, ok, items_in - ok, rows - ok)
+
+
+def _earlier(index: int) -> TryResult:
+    return TryResult(index, 0, True, "earlier attempt", None, 0, 0.0)
 
 
 def _unregister(client: Any, name: str) -> None:

@@ -1,0 +1,192 @@
+"""Resume: a run killed, canceled or failed picks up where it stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .conftest import make_files, write_script
+
+COUNTING_SCRIPT = """
+import argparse, os, time, uuid
+
+def init():
+    global calls, fixed
+    p = argparse.ArgumentParser()
+    p.add_argument("--calls")
+    p.add_argument("--fixed")
+    args, _ = p.parse_known_args()
+    calls, fixed = args.calls, args.fixed
+
+def run(mini_batch):
+    names = [os.path.basename(p) for p in mini_batch]
+    open(os.path.join(calls, f"{names[0]}.{uuid.uuid4().hex}"), "w").close()
+    time.sleep(0.05)
+    if names[0].startswith("bad") and not os.path.exists(fixed):
+        raise ValueError("not fixed yet")
+    return names
+"""
+
+
+def _start(tmp_path: Path, runs: Path, *args: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs))
+    return subprocess.Popen(
+        [sys.executable, "-m", "daskrun", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _run_cli(
+    tmp_path: Path, runs: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs))
+    return subprocess.run(
+        [sys.executable, "-m", "daskrun", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _job(tmp_path: Path) -> list[str]:
+    (tmp_path / "calls").mkdir()
+    write_script(tmp_path, COUNTING_SCRIPT)
+    return [
+        "run",
+        "score.py",
+        "--input",
+        "in",
+        "--output",
+        "out",
+        "--mini-batch-size",
+        "2",
+        "--processes",
+        "2",
+        "--",
+        "--calls",
+        str(tmp_path / "calls"),
+        "--fixed",
+        str(tmp_path / "fixed"),
+    ]
+
+
+def _wait_for_parts(tmp_path: Path, n: int, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 120
+    while len(list((tmp_path / "out").glob(".daskrun/*/parts/*.part"))) < n:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def _parts(tmp_path: Path) -> set[str]:
+    return {p.name for p in (tmp_path / "out").glob(".daskrun/*/parts/*.part")}
+
+
+def _run_id(runs: Path) -> str:
+    (run_id,) = [p.name for p in runs.iterdir()]
+    return run_id
+
+
+def test_client_killed_then_resumed(tmp_path: Path, runs_dir: Path) -> None:
+    files = make_files(tmp_path / "in", 160, prefix="ok")
+    proc = _start(tmp_path, runs_dir, *_job(tmp_path))
+    _wait_for_parts(tmp_path, 15, proc)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # its worker processes notice and stop; only then is the count settled
+    _, alive = psutil.wait_procs(children, timeout=30)
+    for child in alive:
+        child.kill()
+    assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
+    committed = _parts(tmp_path)
+    assert 15 <= len(committed) < 80
+    for marker in (tmp_path / "calls").iterdir():
+        marker.unlink()
+
+    result = _run_cli(tmp_path, runs_dir, "resume", _run_id(runs_dir))
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+    assert lines == [p.name for p in files]
+    calls = {m.name.split(".txt.")[0] for m in (tmp_path / "calls").iterdir()}
+    assert len(list((tmp_path / "calls").iterdir())) == 80 - len(committed)
+    redone = {f"{int(name[2:]) // 2:010d}.part" for name in calls}
+    assert not redone & committed  # nothing committed ran again
+
+
+def test_cancel_then_resume(tmp_path: Path, runs_dir: Path) -> None:
+    files = make_files(tmp_path / "in", 120, prefix="ok")
+    proc = _start(tmp_path, runs_dir, *_job(tmp_path))
+    _wait_for_parts(tmp_path, 10, proc)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    run_id = _run_id(runs_dir)
+    assert f"daskrun resume {run_id}" in err
+    record = (runs_dir / run_id / "run.json").read_text()
+    assert '"status": "Canceled"' in record
+    result = _run_cli(tmp_path, runs_dir, "resume", run_id)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+    assert lines == [p.name for p in files]
+
+
+def test_retry_failed_after_fixing_the_cause(tmp_path: Path, runs_dir: Path) -> None:
+    make_files(tmp_path / "in", 4, prefix="bad")
+    make_files(tmp_path / "in", 16, prefix="ok")
+    names = sorted(p.name for p in (tmp_path / "in").iterdir())
+    first = _run_cli(
+        tmp_path,
+        runs_dir,
+        *_job(tmp_path)[:-5],
+        "--error-threshold",
+        "-1",
+        "--max-tries",
+        "1",
+        *_job_args(tmp_path),
+    )
+    assert first.returncode == 0, first.stderr
+    lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+    assert lines == [n for n in names if n.startswith("ok")]
+    run_id = _run_id(runs_dir)
+    again = _run_cli(tmp_path, runs_dir, "resume", run_id)
+    assert again.returncode == 2 and "already completed" in again.stderr
+
+    (tmp_path / "fixed").touch()
+    for marker in (tmp_path / "calls").iterdir():
+        marker.unlink()
+    result = _run_cli(tmp_path, runs_dir, "resume", run_id, "--retry-failed")
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+    assert lines == names  # complete, in order, no duplicates
+    assert len(list((tmp_path / "calls").iterdir())) == 2  # only bad00000-03
+
+
+def _job_args(tmp_path: Path) -> list[str]:
+    return [
+        "--",
+        "--calls",
+        str(tmp_path / "calls"),
+        "--fixed",
+        str(tmp_path / "fixed"),
+    ]
+
+
+@pytest.mark.parametrize("run_id", ["nope_20260101T000000_abcdef"])
+def test_unknown_run_id(tmp_path: Path, runs_dir: Path, run_id: str) -> None:
+    result = _run_cli(tmp_path, runs_dir, "resume", run_id)
+    assert result.returncode == 2
+    assert f"run {run_id!r} not found" in result.stderr
