@@ -122,6 +122,12 @@ def _common(paths: Sequence[str]) -> str:
 
 
 TIMEOUT_EXIT_CODE = 75
+INIT = -1  # the watchdog's index for init()
+
+
+def init_timeout(run_invocation_timeout: float) -> float:
+    """How long ``init()`` may take: ParallelRunStep's 3 × timeout + 30 s."""
+    return 3 * run_invocation_timeout + 30
 
 
 class Watchdog:
@@ -145,8 +151,9 @@ class Watchdog:
             target=self._watch, name="daskrun-watchdog", daemon=True
         ).start()
 
-    def arm(self, index: int) -> None:
-        self._armed = (index, time.monotonic() + self.timeout)
+    def arm(self, index: int, timeout: float | None = None) -> None:
+        """Watch mini-batch ``index`` (``INIT`` for ``init()``)."""
+        self._armed = (index, time.monotonic() + (timeout or self.timeout))
 
     def disarm(self) -> None:
         self._armed = None
@@ -160,7 +167,11 @@ class Watchdog:
             if armed is not None and time.monotonic() > armed[1]:
                 self.worker.log_event(
                     self.topic,
-                    {"index": armed[0], "worker": self.agent, "cause": "timeout"},
+                    {
+                        "index": armed[0],
+                        "worker": self.agent,
+                        "cause": "init-timeout" if armed[0] == INIT else "timeout",
+                    },
                 )
                 time.sleep(1.0)  # let the event reach the scheduler
                 os._exit(TIMEOUT_EXIT_CODE)
@@ -245,10 +256,12 @@ class EntryScriptPlugin(WorkerPlugin):
         self.watchdog = Watchdog(
             worker, self.events_topic, self.agent, self.run_invocation_timeout
         )
+        self.watchdog.arm(INIT, init_timeout(self.run_invocation_timeout))
         try:
             # init() may load a model for seconds: keep the event loop free
             await loop.run_in_executor(None, self._init)
         finally:
+            self.watchdog.disarm()
             self._ready.set()
         if self.init_error is not None:
             raise EntryScriptError(

@@ -20,7 +20,7 @@ from distributed import Client, as_completed
 from .config import ResolvedConfig, config_get
 from .datasets import MiniBatch
 from .exceptions import ThresholdExceededError
-from .plugin import TryResult, process_mini_batches
+from .plugin import TryResult, init_timeout, process_mini_batches
 
 logger = logging.getLogger("daskrun")
 
@@ -243,6 +243,13 @@ class _LostTasks:
                     found[msg["index"]] = msg["worker"]
         return found
 
+    def init_timed_out(self) -> str | None:
+        """The worker whose ``init()`` outlived its bound, if one did."""
+        for _, msg in self.client.get_events(self.topic):
+            if msg.get("cause") == "init-timeout":
+                return str(msg["worker"])
+        return None
+
     def cause(self, exc: BaseException) -> tuple[str, str]:
         """An error text and the worker for a task lost without a timeout."""
         last = getattr(exc, "last_worker", None)
@@ -258,6 +265,14 @@ class _LostTasks:
                         f"memory limit (rss {rss:.0f} MiB) while running it",
                         worker,
                     )
+        hung = self.init_timed_out()
+        if hung is not None:
+            return (
+                f"TimeoutError: init() did not return within "
+                f"{init_timeout(self.timeout):.0f} s (3 × run_invocation_timeout "
+                f"+ 30 s) on {hung}; the worker was restarted",
+                hung,
+            )
         return f"WorkerDied: {worker} died while running it ({exc})", worker
 
 

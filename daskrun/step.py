@@ -41,6 +41,7 @@ from .plugin import (
     SideInput,
     TryResult,
     bundle_source,
+    init_timeout,
 )
 from .records import SOURCE, RunRecord, read_report, runs_dir
 from .runner import Counts, Tally, run_mini_batches, threshold_error
@@ -380,10 +381,7 @@ def _execute(
                 say(f"daskrun: dashboard {link}")
             if target is not None:
                 _output.prepare_parts(target)
-            try:
-                client.register_plugin(plugin, name=plugin.name)
-            except EntryScriptError as e:
-                raise JobFailedError(str(e), run_id=run_id) from None
+            _register(client, plugin, cfg.run_invocation_timeout, run_id)
             try:
                 exceeded = run_mini_batches(
                     client,
@@ -568,6 +566,28 @@ def _part_counts(target: _output.OutputTarget | None, batch: Any) -> Counts:
 
 def _earlier(index: int) -> TryResult:
     return TryResult(index, 0, True, "earlier attempt", None, 0, 0.0)
+
+
+def _register(
+    client: Any, plugin: EntryScriptPlugin, timeout: float, run_id: str
+) -> None:
+    """Run ``init()`` on every worker; a failure or a hang fails the job."""
+    try:
+        client.register_plugin(plugin, name=plugin.name)
+    except EntryScriptError as e:
+        raise JobFailedError(str(e), run_id=run_id) from None
+    except Exception as e:  # a worker died during init()
+        for _, msg in client.get_events(plugin.events_topic):
+            if msg.get("cause") == "init-timeout":
+                raise JobFailedError(
+                    f"TimeoutError: init() did not return within "
+                    f"{init_timeout(timeout):.0f} s (3 × run_invocation_timeout "
+                    f"+ 30 s) on {msg['worker']}",
+                    run_id=run_id,
+                ) from None
+        raise JobFailedError(
+            f"init() did not complete: {type(e).__name__}: {e}", run_id=run_id
+        ) from None
 
 
 def _unregister(client: Any, name: str) -> None:

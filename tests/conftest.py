@@ -131,6 +131,7 @@ def run_step(
     name: str = "test-step",
     output: str | None = "out",
     step_options: dict[str, Any] | None = None,
+    show_output: bool = False,
     **config: Any,
 ) -> StepRun:
     """Write the entry script, build config and step, run it, return the run.
@@ -145,4 +146,4 @@ def run_step(
     step = ParallelRunStep(
         name, cfg, inputs=inputs, output=output, **(step_options or {})
     )
-    return step.run()
+    return step.run(show_output=show_output)

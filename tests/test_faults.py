@@ -177,7 +177,7 @@ def test_memory_kill_is_reported_with_its_mini_batch(
             run_max_try=1,
             error_threshold=1,
             process_count_per_node=2,
-            step_options={},
+            show_output=True,
         )
     assert run.status == "Completed", run.error
     lines = Path(run.output_path or "").read_text().splitlines()
@@ -188,3 +188,23 @@ def test_memory_kill_is_reported_with_its_mini_batch(
     assert "mini-batch 0 (files big00000.txt)" in error_file
     report = _report(run.logs_dir)
     assert "memory" in report.loc[0, "error"]
+    terminal = capsys.readouterr().err
+    assert "mini-batch 0 failed after 1 try on worker-" in terminal
+    assert "exceeding its memory limit" in terminal
+
+
+@pytest.mark.slow
+def test_a_stuck_init_is_bounded(tmp_path: Path) -> None:
+    make_files(tmp_path / "in", 3)
+    start = time.monotonic()
+    run = run_step(
+        tmp_path,
+        "import time\ndef init():\n    time.sleep(3600)\ndef run(mb): return mb\n",
+        Dataset.File.from_files(str(tmp_path / "in")),
+        run_invocation_timeout=1,
+        process_count_per_node=1,
+    )
+    assert run.status == "Failed"
+    assert run.error is not None
+    assert "init() did not return within 33 s" in run.error
+    assert time.monotonic() - start < 90
