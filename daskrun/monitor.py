@@ -6,6 +6,7 @@
       job_result.txt                          status and counts
       job_error.txt                           first real user error, traceback first
       sys/job_report/processed_mini-batches.csv  one row per mini-batch
+      sys/job_report/failed_items.csv         every failed input and its error
 
 Rows of ``processed_mini-batches.csv`` are written as mini-batches finish, so
 the client never holds them all.
@@ -19,9 +20,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO
 
+from .datasets import FileBatch, MiniBatch
 from .plugin import TryResult
 from .runner import Counts, Tally
 
+FAILED_COLUMNS = ("index", "input", "error")
 REPORT_COLUMNS = (
     "index",
     "worker",
@@ -42,6 +45,7 @@ class JobLogs:
         self,
         logs_dir: str | os.PathLike[str],
         earlier_rows: Iterable[Mapping[str, str]] = (),
+        retry_failed: bool = False,
     ):
         self.dir = Path(logs_dir)
         self.report_path = (
@@ -57,6 +61,18 @@ class JobLogs:
         self._writer.writerow(REPORT_COLUMNS)
         self._writer.writerows(rows)
         self._report.flush()
+        # failed inputs: those of earlier attempts stay unless retried now
+        self.failed_path = self.report_path.with_name("failed_items.csv")
+        earlier: list[list[str]] = []
+        if self.failed_path.exists() and not retry_failed:
+            with open(self.failed_path, newline="") as f:
+                earlier = list(csv.reader(f))[1:]
+        self._failed: IO[str] = open(  # noqa: SIM115 - closed in close()
+            self.failed_path, "w", newline=""
+        )
+        self._failed_writer = csv.writer(self._failed)
+        self._failed_writer.writerow(FAILED_COLUMNS)
+        self._failed_writer.writerows(earlier)
 
     def mini_batch(self, result: TryResult, tries: int, counts: Counts) -> None:
         """Add the final outcome of one mini-batch to the job report."""
@@ -75,6 +91,20 @@ class JobLogs:
         )
         self._report.flush()  # a killed client leaves a report to resume from
 
+    def failed_items(self, batch: MiniBatch, result: TryResult) -> None:
+        """List the failed inputs of one mini-batch: each file of a failed
+        file mini-batch, or the row range of a tabular one; when ``run()``
+        returned fewer results than inputs, the mini-batch as a whole."""
+        if result.ok:
+            rows = [(batch.describe(), "run() returned fewer results than inputs")]
+        elif isinstance(batch, FileBatch):
+            rows = [(path, result.error or "") for path in batch.paths]
+        else:
+            rows = [(batch.describe(), result.error or "")]
+        for item, error in rows:
+            self._failed_writer.writerow((batch.index, item, error))
+        self._failed.flush()
+
     def finish(
         self,
         *,
@@ -86,7 +116,7 @@ class JobLogs:
         seconds: float,
     ) -> None:
         """Write ``job_result.txt`` and, on failure, ``job_error.txt``."""
-        self._report.close()
+        self.close()
         lines = [
             f"status: {status}",
             f"run_id: {run_id}",
@@ -115,5 +145,6 @@ class JobLogs:
             (self.dir / "job_error.txt").write_text("".join(text))
 
     def close(self) -> None:
-        if not self._report.closed:
-            self._report.close()
+        for f in (self._report, self._failed):
+            if not f.closed:
+                f.close()

@@ -284,11 +284,11 @@ def run_mini_batches(
     tally: Tally,
     cfg: ResolvedConfig,
     key_prefix: str,
-    on_done: Callable[[TryResult, int, Counts], None],
+    on_done: Callable[[MiniBatch, TryResult, int, Counts], None],
 ) -> str | None:
     """Run every mini-batch to success or ``run_max_try`` failed tries.
 
-    ``on_done(last_try, tries, counts)`` is called once per mini-batch when
+    ``on_done(batch, last_try, tries, counts)`` is called once per mini-batch when
     its outcome is final. Returns the name of the exceeded threshold, in which
     case nothing more was scheduled and in-flight tries were cancelled, or
     ``None`` when every mini-batch has an outcome.
@@ -376,7 +376,7 @@ def run_mini_batches(
                 )
                 retries.append((batch, try_no + 1))
                 continue
-            on_done(result, try_no, tally.record(batch, result))
+            on_done(batch, result, try_no, tally.record(batch, result))
             exceeded = check_thresholds(tally, cfg)
             if exceeded:
                 break

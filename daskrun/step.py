@@ -338,7 +338,7 @@ def _execute(
                 tally.mini_batches_done += 1
                 tally.mini_batches_failed += not row.ok
                 tally.add(_row_counts(row.row))
-    logs = JobLogs(run_dir / "logs", kept)
+    logs = JobLogs(run_dir / "logs", kept, retry_failed=retry_failed)
     if resume is not None and target is not None:
         # a part committed after the last report row (the client died in
         # between) is done too
@@ -347,9 +347,11 @@ def _execute(
                 done[index], succeeded[index] = 2, 1
     say = _printer(show_output)
 
-    def on_done(result: TryResult, tries: int, counts: Counts) -> None:
+    def on_done(batch: Any, result: TryResult, tries: int, counts: Counts) -> None:
         succeeded[result.index] = result.ok
         logs.mini_batch(result, tries, counts)
+        if counts.failed:
+            logs.failed_items(batch, result)
         if not result.ok:
             say(
                 f"daskrun: mini-batch {result.index} failed after {tries} "

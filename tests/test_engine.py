@@ -213,6 +213,11 @@ def test_thresholds_on_a_cluster(
     run = ok.run()
     assert run.status == "Completed", run.error
     assert run.items_failed == 3 and run.mini_batches_failed == 3
+    failed = pd.read_csv(Path(run.logs_dir) / "sys/job_report/failed_items.csv")
+    assert sorted(Path(p).name for p in failed["input"]) == [
+        f"bad{i:05d}.txt" for i in range(3)
+    ]
+    assert failed["error"].str.startswith("ValueError: cannot score bad").all()
     lines = Path(run.output_path or "").read_text().splitlines()
     assert lines == [f"ok{i:05d}.txt" for i in range(20)]
 

@@ -162,6 +162,8 @@ def test_retry_failed_after_fixing_the_cause(tmp_path: Path, runs_dir: Path) -> 
     lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
     assert lines == [n for n in names if n.startswith("ok")]
     run_id = _run_id(runs_dir)
+    failed_items = runs_dir / run_id / "logs/sys/job_report/failed_items.csv"
+    assert len(failed_items.read_text().splitlines()) == 1 + 4
     again = _run_cli(tmp_path, runs_dir, "resume", run_id)
     assert again.returncode == 2 and "already completed" in again.stderr
 
@@ -172,6 +174,7 @@ def test_retry_failed_after_fixing_the_cause(tmp_path: Path, runs_dir: Path) -> 
     assert result.returncode == 0, result.stderr
     lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
     assert lines == names  # complete, in order, no duplicates
+    assert failed_items.read_text().splitlines() == ["index,input,error"]
     assert len(list((tmp_path / "calls").iterdir())) == 2  # only bad00000-03
 
 
