@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -147,3 +148,16 @@ def run_step(
         name, cfg, inputs=inputs, output=output, **(step_options or {})
     )
     return step.run(show_output=show_output)
+
+
+def daskrun(*args: str, cwd: Path, runs: Path) -> subprocess.CompletedProcess[str]:
+    """Run the ``daskrun`` command in ``cwd``, with run folders in ``runs``."""
+    env = dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs))
+    return subprocess.run(
+        [sys.executable, "-m", "daskrun", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

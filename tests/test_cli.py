@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import make_files, write_script
+from .conftest import daskrun, make_files, write_script
 
 SCRIPT = """
 import argparse, os
@@ -24,18 +21,6 @@ def init():
 def run(mini_batch):
     return [os.path.basename(p) + suffix for p in mini_batch]
 """
-
-
-def daskrun(*args: str, cwd: Path, runs: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs))
-    return subprocess.run(
-        [sys.executable, "-m", "daskrun", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
 
 
 def test_run_completes_and_exits_0(tmp_path: Path, runs_dir: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import make_files, write_script
+from .conftest import daskrun, make_files, write_script
 
 COUNTING_SCRIPT = """
 import argparse, os, time, uuid
@@ -50,15 +50,7 @@ def _start(tmp_path: Path, runs: Path, *args: str) -> subprocess.Popen[str]:
 def _run_cli(
     tmp_path: Path, runs: Path, *args: str
 ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs))
-    return subprocess.run(
-        [sys.executable, "-m", "daskrun", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return daskrun(*args, cwd=tmp_path, runs=runs)
 
 
 def _job(tmp_path: Path) -> list[str]:
