@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import glob as globlib
 import io
-import math
 import os
 import shutil
 import tempfile
@@ -213,6 +212,12 @@ class _DatasetBase:
             self._files = expand_paths(self._path, self.storage_options)
         return self._files
 
+    @property
+    def local(self) -> bool:
+        """Whether the files are on a local (or mounted) file system."""
+        fs, _ = url_to_fs(self.files()[0], **self.storage_options)
+        return _is_local(fs)
+
     def __repr__(self) -> str:  # never shows storage_options: they hold secrets
         return f"{type(self).__name__}({self._path!r})"
 
@@ -232,11 +237,6 @@ class FileDataset(_DatasetBase):
         [2, 2, 1]
         """
         return plan_files(self.files(), mini_batch_size_for("file", mini_batch_size))
-
-    def count_mini_batches(self, mini_batch_size: object = None) -> int:
-        return math.ceil(
-            len(self.files()) / mini_batch_size_for("file", mini_batch_size)
-        )
 
     def to_bag(self, mini_batch_size: object = None) -> dask.bag.Bag:
         """The mini-batches as a Dask bag of lists of paths."""

@@ -24,6 +24,7 @@ from .datasets import FileBatch, MiniBatch
 from .plugin import TryResult
 from .runner import Counts, Tally
 
+REPORT = Path("sys", "job_report", "processed_mini-batches.csv")
 FAILED_COLUMNS = ("index", "input", "error")
 REPORT_COLUMNS = (
     "index",
@@ -48,9 +49,7 @@ class JobLogs:
         retry_failed: bool = False,
     ):
         self.dir = Path(logs_dir)
-        self.report_path = (
-            self.dir / "sys" / "job_report" / "processed_mini-batches.csv"
-        )
+        self.report_path = self.dir / REPORT
         self.report_path.parent.mkdir(parents=True, exist_ok=True)
         # a resumed run starts from the rows its earlier attempts kept
         rows = [[row[c] for c in REPORT_COLUMNS] for row in earlier_rows]

@@ -223,7 +223,7 @@ def _lost_try(
     )
 
 
-class _LostTasks:
+class LostTasks:
     """Why a task's worker died: a ``run()`` stopped for its timeout (the
     watchdog's event), a memory kill (the Nanny's event), or unknown."""
 
@@ -250,6 +250,13 @@ class _LostTasks:
                 return str(msg["worker"])
         return None
 
+    def init_timeout_error(self, worker: str) -> str:
+        return (
+            f"TimeoutError: init() did not return within "
+            f"{init_timeout(self.timeout):.0f} s (3 × run_invocation_timeout "
+            f"+ 30 s) on {worker}; the worker was restarted"
+        )
+
     def cause(self, exc: BaseException) -> tuple[str, str]:
         """An error text and the worker for a task lost without a timeout."""
         last = getattr(exc, "last_worker", None)
@@ -267,12 +274,7 @@ class _LostTasks:
                     )
         hung = self.init_timed_out()
         if hung is not None:
-            return (
-                f"TimeoutError: init() did not return within "
-                f"{init_timeout(self.timeout):.0f} s (3 × run_invocation_timeout "
-                f"+ 30 s) on {hung}; the worker was restarted",
-                hung,
-            )
+            return self.init_timeout_error(hung), hung
         return f"WorkerDied: {worker} died while running it ({exc})", worker
 
 
@@ -303,7 +305,7 @@ def run_mini_batches(
     plans = iter(batches)
     scheduled = 0
     submitted = itertools.count()
-    lost = _LostTasks(client, events_topic, cfg.run_invocation_timeout)
+    lost = LostTasks(client, events_topic, cfg.run_invocation_timeout)
 
     def submit(group: list[tuple[MiniBatch, int]]) -> None:
         first, try_no = group[0]

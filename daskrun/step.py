@@ -34,17 +34,16 @@ from .config import (
 )
 from .datasets import FileDataset, TabularDataset, plan_files
 from .exceptions import ConfigError, EntryScriptError, JobFailedError
-from .monitor import JobLogs
+from .monitor import REPORT, JobLogs
 from .plugin import (
     EntryScriptPlugin,
     InputSpec,
     SideInput,
     TryResult,
     bundle_source,
-    init_timeout,
 )
 from .records import SOURCE, RunRecord, read_report, runs_dir
-from .runner import Counts, Tally, run_mini_batches, threshold_error
+from .runner import Counts, LostTasks, Tally, run_mini_batches, threshold_error
 
 logger = logging.getLogger("daskrun")
 
@@ -247,11 +246,6 @@ def _check_inputs(inputs: Any) -> list[Input]:
     return items
 
 
-def _is_local(dataset: Input) -> bool:
-    fs, _ = url_to_fs(dataset.files()[0], **dataset.storage_options)
-    return isinstance(fs, LocalFileSystem)
-
-
 def _absolute(path: str, storage_options: dict[str, Any]) -> str:
     fs, stripped = url_to_fs(path, **storage_options)
     return os.path.abspath(stripped) if isinstance(fs, LocalFileSystem) else path
@@ -272,7 +266,7 @@ def _entry_script_plugin(
     cfg = step.config.resolved
     bundle, script = bundle_source(cfg.entry_script, cfg.source_directory)
     sides = {
-        id(ds): SideInput(n, tuple(ds.files()), ds.storage_options, _is_local(ds))
+        id(ds): SideInput(n, tuple(ds.files()), ds.storage_options, ds.local)
         for n, ds in enumerate(step.side_inputs)
     }
     first = step.inputs[0]
@@ -289,7 +283,7 @@ def _entry_script_plugin(
             kind=step.kind,
             storage_options=first.storage_options,
             pandas_kwargs=getattr(first, "pandas_kwargs", {}),
-            local=all(_is_local(ds) for ds in step.inputs),
+            local=all(ds.local for ds in step.inputs),
         ),
         output=target,
         run_invocation_timeout=cfg.run_invocation_timeout,
@@ -329,9 +323,7 @@ def _execute(
     done = bytearray(total)
     kept = []
     if resume is not None:
-        for row in read_report(
-            run_dir / "logs/sys/job_report/processed_mini-batches.csv"
-        ):
+        for row in read_report(run_dir / "logs" / REPORT):
             if row.index < total and (row.ok or not retry_failed):
                 kept.append(row.row)
                 done[row.index], succeeded[row.index] = 1, row.ok
@@ -579,14 +571,10 @@ def _register(
     except EntryScriptError as e:
         raise JobFailedError(str(e), run_id=run_id) from None
     except Exception as e:  # a worker died during init()
-        for _, msg in client.get_events(plugin.events_topic):
-            if msg.get("cause") == "init-timeout":
-                raise JobFailedError(
-                    f"TimeoutError: init() did not return within "
-                    f"{init_timeout(timeout):.0f} s (3 × run_invocation_timeout "
-                    f"+ 30 s) on {msg['worker']}",
-                    run_id=run_id,
-                ) from None
+        lost = LostTasks(client, plugin.events_topic, timeout)
+        hung = lost.init_timed_out()
+        if hung is not None:
+            raise JobFailedError(lost.init_timeout_error(hung), run_id=run_id) from None
         raise JobFailedError(
             f"init() did not complete: {type(e).__name__}: {e}", run_id=run_id
         ) from None
