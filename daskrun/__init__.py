@@ -17,8 +17,15 @@ An entry script with ``init()`` and ``run(mini_batch)``, a
 
 from __future__ import annotations
 
-from .config import ParallelRunConfig
-from .datasets import Dataset, FileDataset, TabularDataset
+from .compute import ComputeTarget, LocalCompute, RemoteCompute
+from .config import Environment, ParallelRunConfig, PipelineParameter
+from .datasets import (
+    Dataset,
+    DatasetConsumptionConfig,
+    FileDataset,
+    PipelineData,
+    TabularDataset,
+)
 from .exceptions import (
     ConfigError,
     DaskRunError,
@@ -27,22 +34,40 @@ from .exceptions import (
     JobFailedError,
     ThresholdExceededError,
 )
+from .models import Model
+from .pipeline import Experiment, Pipeline, PipelineRun
 from .step import ParallelRunStep, StepRun, resume
+from .workspace import DataPath, Datastore, OutputData, Workspace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ComputeTarget",
     "ConfigError",
     "DaskRunError",
+    "DataPath",
     "Dataset",
+    "DatasetConsumptionConfig",
+    "Datastore",
     "EntryScriptError",
+    "Environment",
+    "Experiment",
     "FileDataset",
     "InputError",
     "JobFailedError",
+    "LocalCompute",
+    "Model",
+    "OutputData",
     "ParallelRunConfig",
     "ParallelRunStep",
+    "Pipeline",
+    "PipelineData",
+    "PipelineParameter",
+    "PipelineRun",
+    "RemoteCompute",
     "StepRun",
     "TabularDataset",
     "ThresholdExceededError",
+    "Workspace",
     "resume",
 ]

@@ -9,6 +9,7 @@ takes its value from ``dask.config`` (namespace ``daskrun``, defaults in
 from __future__ import annotations
 
 import ast
+import copy
 import logging
 import os
 import re
@@ -250,6 +251,129 @@ def check_entry_script(entry_script: object, source_directory: object) -> Path:
     return path.resolve()
 
 
+class PipelineParameter:
+    """A value chosen when a pipeline is submitted.
+
+    It may stand for ``mini_batch_size``, ``process_count_per_node``,
+    ``node_count``, ``error_threshold``, ``logging_level``,
+    ``run_invocation_timeout`` and ``run_max_try``, or for an input data set.
+    ``Experiment.submit(pipeline, pipeline_parameters={name: value})``
+    overrides ``default_value``.
+
+    >>> PipelineParameter(name="batch_size_param", default_value="5")
+    PipelineParameter(name='batch_size_param', default_value='5')
+    """
+
+    def __init__(self, name: str, default_value: Any):
+        if not isinstance(name, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            raise ConfigError(
+                f"PipelineParameter name {name!r} is not valid; use letters, digits "
+                "and '_', e.g. 'batch_size_param'"
+            )
+        self.name = name
+        self.default_value = default_value
+
+    def __repr__(self) -> str:
+        return (
+            f"PipelineParameter(name={self.name!r}, "
+            f"default_value={self.default_value!r})"
+        )
+
+
+def check_parameter_names(
+    values: Mapping[str, Any], known: Sequence[PipelineParameter]
+) -> None:
+    """Every name in ``values`` must be a known parameter.
+
+    >>> check_parameter_names({"batch": 1}, [PipelineParameter("batch_size", 5)])
+    Traceback (most recent call last):
+    ...
+    daskrun.exceptions.ConfigError: unknown pipeline parameter 'batch'; this \
+pipeline's parameters are: batch_size
+    """
+    names = sorted({p.name for p in known})
+    for name in values:
+        if name not in names:
+            raise ConfigError(
+                f"unknown pipeline parameter {name!r}; this pipeline's parameters "
+                f"are: {', '.join(names) or 'none'}"
+            )
+
+
+# the ParallelRunConfig parameters a PipelineParameter may stand for
+PARAMETERIZABLE = (
+    "mini_batch_size",
+    "process_count_per_node",
+    "node_count",
+    "error_threshold",
+    "logging_level",
+    "run_invocation_timeout",
+    "run_max_try",
+)
+
+
+class Environment:
+    """The Python environment a step's workers must have.
+
+    Parameters
+    ----------
+    name : str
+    pip_packages : list of str, optional
+        Requirements (``"pillow"``, ``"tensorflow-cpu>=2.16"``) checked on
+        every worker before the job starts: daskrun runs in the workers'
+        existing environment and reports what is missing instead of
+        installing it.
+    environment_variables : dict, optional
+        Set on every worker before ``init()``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pip_packages: Sequence[str] | None = None,
+        environment_variables: Mapping[str, str] | None = None,
+    ):
+        from packaging.requirements import InvalidRequirement, Requirement
+
+        self.name = name
+        self.pip_packages = list(pip_packages or [])
+        for package in self.pip_packages:
+            try:
+                Requirement(package)
+            except InvalidRequirement:
+                raise ConfigError(
+                    f"pip_packages item {package!r} is not a requirement; use e.g. "
+                    "'pillow' or 'tensorflow-cpu>=2.16'"
+                ) from None
+        self.environment_variables = dict(environment_variables or {})
+
+    def __repr__(self) -> str:
+        return f"Environment(name={self.name!r}, pip_packages={self.pip_packages!r})"
+
+
+def missing_packages(requirements: Sequence[str]) -> list[str]:
+    """The requirements not met by this process's environment.
+
+    >>> missing_packages(["dask", "surely-not-installed-pkg"])
+    ['surely-not-installed-pkg']
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    missing = []
+    for text in requirements:
+        req = Requirement(text)
+        try:
+            found = version(req.name)
+        except PackageNotFoundError:
+            missing.append(text)
+            continue
+        if req.specifier and not req.specifier.contains(found, prereleases=True):
+            missing.append(f"{text} (found {found})")
+    return missing
+
+
 @dataclass(frozen=True)
 class ResolvedConfig:
     """A step's parameters with every default filled in; shipped to workers."""
@@ -343,8 +467,13 @@ class ParallelRunConfig:
         environment_variables: Mapping[str, str] | None = None,
     ):
         self.compute_target = compute_target
+        if environment is not None and not isinstance(environment, Environment):
+            raise ConfigError(
+                f"environment={environment!r} is not an Environment; use "
+                "Environment(name, pip_packages=[...])"
+            )
         self.environment = environment
-        self.resolved = _resolve(
+        self._kwargs: dict[str, Any] = dict(
             entry_script=entry_script,
             error_threshold=error_threshold,
             output_action=output_action,
@@ -360,8 +489,31 @@ class ParallelRunConfig:
             allowed_failed_count=allowed_failed_count,
             allowed_failed_percent=allowed_failed_percent,
             environment_variables=environment_variables,
-            environment=environment,
         )
+        self.parameters: dict[str, PipelineParameter] = {}
+        for key, value in self._kwargs.items():
+            if isinstance(value, PipelineParameter):
+                if key not in PARAMETERIZABLE:
+                    raise ConfigError(
+                        f"{key} cannot be a PipelineParameter; only "
+                        f"{', '.join(PARAMETERIZABLE)} can"
+                    )
+                self.parameters[key] = value
+        # the defaults are checked now, like any value
+        self.resolved = self._resolve({})
+
+    def _resolve(self, values: Mapping[str, Any]) -> ResolvedConfig:
+        kwargs = dict(self._kwargs)
+        for key, param in self.parameters.items():
+            kwargs[key] = values.get(param.name, param.default_value)
+        return _resolve(environment=self.environment, **kwargs)
+
+    def bind(self, values: Mapping[str, Any]) -> ParallelRunConfig:
+        """This config with its PipelineParameters set from ``values`` (by
+        parameter name; others keep their defaults)."""
+        bound = copy.copy(self)
+        bound.resolved = self._resolve(values)
+        return bound
 
     def __getattr__(self, name: str) -> Any:
         # cfg.run_max_try etc. read the resolved values

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import glob as globlib
 import io
+import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,8 +33,9 @@ import fsspec.utils
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from .config import mini_batch_size_for
-from .exceptions import InputError
+from .config import config_get, mini_batch_size_for
+from .exceptions import ConfigError, DaskRunError, InputError
+from .records import now as _now
 
 if TYPE_CHECKING:
     import dask.bag
@@ -40,6 +43,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 StorageOptions = Mapping[str, Any]
+# daskrun's own files under an output folder (parts of unfinished runs)
+BOOKKEEPING = ".daskrun"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +140,7 @@ def expand_paths(
         text = os.fspath(item)
         try:
             fs, root = url_to_fs(text, **dict(storage_options or {}))
-            files = _find_files(fs, root)
+            files = [f for f in _find_files(fs, root) if f"/{BOOKKEEPING}/" not in f]
         except (FileNotFoundError, NotADirectoryError):
             files = []
         except OSError as e:
@@ -183,13 +188,20 @@ def _find_local(root: str) -> list[str]:
         if os.path.isfile(top):
             files.append(top)
             continue
-        for dirpath, _, filenames in os.walk(top):
+        for dirpath, dirnames, filenames in os.walk(top):
+            if BOOKKEEPING in dirnames:
+                dirnames.remove(BOOKKEEPING)
             files.extend(os.path.join(dirpath, name) for name in filenames)
     return files
 
 
 class _DatasetBase:
-    """Files plus how to reach them."""
+    """Files plus how to reach them.
+
+    ``path`` is a local path, folder, glob or fsspec URL, a
+    ``datastore.path(...)`` (:class:`~daskrun.workspace.DataPath`), a
+    ``(datastore, "path")`` pair, or a list of one of these.
+    """
 
     kind = ""
 
@@ -200,16 +212,40 @@ class _DatasetBase:
         validate: bool = True,
         storage_options: StorageOptions | None = None,
     ):
-        self._path = path
-        self.storage_options: dict[str, Any] = dict(storage_options or {})
+        self.name: str | None = None  # set once registered
+        self.version: int | None = None
+        self.datastore, self._source = _datastore_paths(path)
+        if self.datastore is not None:
+            self._path: Any = [self.datastore.url(p) for p in self._source]
+            self.storage_options: dict[str, Any] = self.datastore.storage_options
+        else:
+            self._path = path
+            self.storage_options = dict(storage_options or {})
         self._files: list[str] | None = None
         if validate:
             self.files()
 
     def files(self) -> list[str]:
-        """The data set's files, sorted by path (listed once, then cached)."""
+        """The data set's files, sorted by path (listed once, then cached).
+
+        Remote listings are bounded by ``daskrun.storage-timeout`` seconds,
+        and their errors never show credentials.
+        """
         if self._files is None:
-            self._files = expand_paths(self._path, self.storage_options)
+            if self.storage_options or self.datastore is not None:
+                where = (
+                    f"datastore {self.datastore.name!r}"
+                    if self.datastore is not None
+                    else f"storage for {self._path!r}"
+                )
+                self._files = _bounded(
+                    lambda: expand_paths(self._path, self.storage_options),
+                    float(config_get("storage-timeout")),
+                    where,
+                    self.storage_options,
+                )
+            else:
+                self._files = expand_paths(self._path, self.storage_options)
         return self._files
 
     @property
@@ -218,8 +254,172 @@ class _DatasetBase:
         fs, _ = url_to_fs(self.files()[0], **self.storage_options)
         return _is_local(fs)
 
+    def stamps(self) -> list[tuple[str, int, str]]:
+        """``(path, size, mtime or ETag)`` of each file: what allow_reuse
+        compares. Remote folders are listed once each, not file by file."""
+        files = self.files()
+        fs, _ = url_to_fs(files[0], **self.storage_options)
+        if _is_local(fs):
+            out = []
+            for f in files:
+                st = os.stat(f)
+                out.append((f, st.st_size, str(st.st_mtime_ns)))
+            return out
+        infos: dict[str, dict[str, Any]] = {}
+        for parent in sorted({fs._parent(fs._strip_protocol(f)) for f in files}):
+            for info in fs.ls(parent, detail=True):
+                infos[info["name"].rstrip("/")] = info
+        out = []
+        for f in files:
+            info = infos.get(fs._strip_protocol(f), {})
+            stamp = info.get("etag") or info.get("last_modified") or info.get("mtime")
+            out.append((f, int(info.get("size") or 0), str(stamp)))
+        return out
+
+    def spec(self) -> dict[str, Any]:
+        """Plain data that rebuilds this data set in a workspace (never
+        credentials)."""
+        if self.datastore is None and self.storage_options:
+            raise ConfigError(
+                f"{self!r} reads remote storage with storage_options, which a "
+                "workspace does not store; build it from a datastore path: "
+                "Dataset.File.from_files(datastore.path('folder/'))"
+            )
+        paths = (
+            self._source
+            if self.datastore is not None
+            else [os.fspath(p) for p in _as_list(self._path)]
+        )
+        if self.datastore is None:
+            paths = [os.path.abspath(p) if "://" not in p else p for p in paths]
+        return {
+            "kind": self.kind,
+            "datastore": None if self.datastore is None else self.datastore.name,
+            "paths": paths,
+            "file_format": getattr(self, "file_format", None),
+            "pandas_kwargs": getattr(self, "pandas_kwargs", {}),
+        }
+
+    def register(
+        self,
+        workspace: Any,
+        name: str,
+        description: str | None = None,
+        tags: dict[str, str] | None = None,
+        create_new_version: bool = False,
+    ) -> Any:
+        """Register this data set in ``workspace`` under ``name``; with
+        ``create_new_version`` an existing name gets a new version."""
+        from .workspace import check_name
+
+        check_name("data set", name)
+        spec = json.dumps(self.spec())
+        with workspace.db() as db:
+            (latest,) = db.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM datasets WHERE name = ?",
+                (name,),
+            ).fetchone()
+            if latest and not create_new_version:
+                raise ConfigError(
+                    f"data set {name!r} is already registered (version {latest}); "
+                    "pass create_new_version=True to add a version"
+                )
+            db.execute(
+                "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?)",
+                (name, latest + 1, spec, description, json.dumps(tags or {}), _now()),
+            )
+        self.name, self.version = name, latest + 1
+        return self
+
+    def as_named_input(self, name: str) -> DatasetConsumptionConfig:
+        """This data set as a step input named ``name``."""
+        return DatasetConsumptionConfig(name, self)
+
+    def as_mount(self) -> Any:
+        """Files reach ``run()`` as local paths in every mode; kept for the
+        tutorial's code."""
+        return self
+
+    def as_download(self) -> Any:
+        return self
+
     def __repr__(self) -> str:  # never shows storage_options: they hold secrets
+        if self.name is not None:
+            return f"{type(self).__name__}(name={self.name!r}, version={self.version})"
+        if self.datastore is not None:
+            return f"{type(self).__name__}({self.datastore.name}:{self._source!r})"
         return f"{type(self).__name__}({self._path!r})"
+
+
+def _as_list(path: Any) -> list[Any]:
+    return [path] if isinstance(path, (str, os.PathLike, tuple)) else list(path)
+
+
+def _datastore_paths(path: Any) -> tuple[Any, list[str]]:
+    """``(datastore, paths on it)`` when ``path`` names datastore paths,
+    else ``(None, [])``."""
+    from .workspace import DataPath, Datastore
+
+    items = [path] if isinstance(path, (DataPath, tuple)) else path
+    if isinstance(items, (str, os.PathLike)) or not isinstance(items, Sequence):
+        return None, []
+    pairs = []
+    for item in items:
+        if isinstance(item, DataPath):
+            pairs.append((item.datastore, item.path_on_datastore))
+        elif (
+            isinstance(item, tuple)
+            and len(item) == 2
+            and isinstance(item[0], Datastore)
+        ):
+            pairs.append((item[0], str(item[1])))
+    if not pairs:
+        return None, []
+    if len(pairs) != len(items) or len({p[0] for p in pairs}) > 1:
+        raise ConfigError(
+            f"path={path!r} mixes datastores or plain paths; make one data set "
+            "per datastore"
+        )
+    return pairs[0][0], [p for _, p in pairs]
+
+
+def _bounded(
+    fn: Any, timeout: float, where: str, storage_options: StorageOptions
+) -> Any:
+    """``fn()``, or an InputError once ``timeout`` seconds pass.
+
+    Cloud SDKs retry unreachable endpoints for minutes; the listing thread is
+    left to finish on its own.
+    """
+    from .workspace import redact
+
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name="daskrun-listing", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise InputError(
+            f"{where} did not answer within {timeout:g} s; check its endpoint, "
+            "network and credentials (the bound is daskrun.storage-timeout)"
+        )
+    error = outcome.get("error")
+    if isinstance(error, DaskRunError):
+        raise type(error)(redact(str(error), storage_options)) from None
+    if error is not None:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise InputError(
+            f"{where} refused the listing: {type(error).__name__}: "
+            f"{redact(first, storage_options)}; check its credentials "
+            "(re-register the datastore with overwrite=True) and the path"
+        ) from None
+    return outcome["value"]
 
 
 class FileDataset(_DatasetBase):
@@ -451,7 +651,7 @@ def localize_files(
 
 
 class Dataset:
-    """Factories for data sets, as in ParallelRunStep.
+    """Factories for data sets, and the workspace's data set registry.
 
     >>> import pathlib, tempfile
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -459,6 +659,37 @@ class Dataset:
     >>> Dataset.File.from_files(str(d / "*.png")).files() == [str(d / "a.png")]
     True
     """
+
+    @staticmethod
+    def get_by_name(
+        workspace: Any, name: str, version: int | str = "latest"
+    ) -> FileDataset | TabularDataset:
+        """A registered data set (its files are listed when the step runs)."""
+        with workspace.db() as db:
+            if version == "latest":
+                row = db.execute(
+                    "SELECT version, spec FROM datasets WHERE name = ? "
+                    "ORDER BY version DESC",
+                    (name,),
+                ).fetchone()
+            else:
+                row = db.execute(
+                    "SELECT version, spec FROM datasets WHERE name = ? AND version = ?",
+                    (name, int(version)),
+                ).fetchone()
+            known = sorted({r[0] for r in db.execute("SELECT name FROM datasets")})
+        if row is None:
+            which = f"data set {name!r}" + (
+                "" if version == "latest" else f" version {version}"
+            )
+            raise ConfigError(
+                f"{which} is not registered in {workspace!r} (registered: "
+                f"{', '.join(known) or 'none'}); register it with "
+                "ds.register(ws, name)"
+            )
+        dataset = from_spec(json.loads(row["spec"]), workspace)
+        dataset.name, dataset.version = name, row["version"]
+        return dataset
 
     class File:
         @staticmethod
@@ -506,3 +737,76 @@ class Dataset:
                 validate=validate,
                 storage_options=storage_options,
             )
+
+
+def from_spec(
+    spec: dict[str, Any], workspace: Any = None
+) -> FileDataset | TabularDataset:
+    """Rebuild a data set from :meth:`_DatasetBase.spec` (not listed yet)."""
+    from .workspace import Datastore
+
+    path: Any = spec["paths"]
+    if spec.get("datastore"):
+        store = Datastore(workspace, spec["datastore"])
+        path = [store.path(p) for p in path]
+    if spec["kind"] == "file":
+        return FileDataset(path, validate=False)
+    return TabularDataset(
+        path,
+        file_format=spec["file_format"],
+        validate=False,
+        pandas_kwargs=spec.get("pandas_kwargs") or {},
+    )
+
+
+class DatasetConsumptionConfig:
+    """A named step input: a data set, or a PipelineParameter whose value is
+    one (``DatasetConsumptionConfig("images", param).as_mount()``).
+
+    Files always reach ``run()`` as local paths (remote ones are fetched per
+    mini-batch), so ``as_mount()`` and ``as_download()`` mean the same.
+    """
+
+    def __init__(self, name: str, dataset: Any, mode: str = "direct"):
+        from .config import PipelineParameter
+
+        source = (
+            dataset.default_value if isinstance(dataset, PipelineParameter) else dataset
+        )
+        if not isinstance(source, (FileDataset, TabularDataset, PipelineData)):
+            raise ConfigError(
+                f"DatasetConsumptionConfig {name!r}: {dataset!r} is not a data set "
+                "nor a PipelineParameter holding one"
+            )
+        self.name = name
+        self.source = dataset
+        self.mode = mode
+
+    def as_mount(self) -> DatasetConsumptionConfig:
+        self.mode = "mount"
+        return self
+
+    def as_download(self) -> DatasetConsumptionConfig:
+        self.mode = "download"
+        return self
+
+    def __repr__(self) -> str:
+        return f"DatasetConsumptionConfig({self.name!r}, {self.source!r})"
+
+
+class PipelineData:
+    """A step's output folder that a later step of the same pipeline reads.
+
+    Each run writes it to ``daskrun/<step run id>/<name>/`` on ``datastore``
+    (default: the workspace's default datastore). A step that takes it in
+    ``inputs`` receives its files (daskrun's own bookkeeping excluded).
+    """
+
+    def __init__(self, name: str, datastore: Any = None, **_: Any):
+        from .workspace import check_name
+
+        self.name = check_name("PipelineData", name)
+        self.datastore = datastore
+
+    def __repr__(self) -> str:
+        return f"PipelineData(name={self.name!r})"

@@ -35,6 +35,7 @@ from fsspec.core import url_to_fs
 
 from .datasets import FileBatch, MiniBatch, localize_files, read_tabular
 from .exceptions import EntryScriptError
+from .models import ModelRef, set_worker_models
 from .output import OutputTarget, format_rows, write_part
 
 _SKIP_DIRS = {"__pycache__", ".git", ".ipynb_checkpoints", ".daskrun", ".venv"}
@@ -54,7 +55,15 @@ def bundle_source(entry_script: str, source_directory: str | None) -> tuple[byte
     root = Path(source_directory).resolve()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+            # a workspace or runs folder inside the source directory is data,
+            # not source (and it changes with every run)
+            dirnames[:] = [
+                d
+                for d in dirnames
+                if d not in _SKIP_DIRS
+                and not os.path.exists(os.path.join(dirpath, d, "workspace.db"))
+                and not os.path.exists(os.path.join(dirpath, d, "runs.db"))
+            ]
             for filename in filenames:
                 full = Path(dirpath) / filename
                 zf.write(full, full.relative_to(root).as_posix())
@@ -207,6 +216,8 @@ class EntryScriptPlugin(WorkerPlugin):
         Set before ``init()``.
     output_path : str
         The step's output folder, as ``DASKRUN_OUTPUT_PATH``.
+    models : list of ModelRef, optional
+        The workspace's registered models, for ``Model.get_model_path``.
     """
 
     def __init__(
@@ -222,8 +233,10 @@ class EntryScriptPlugin(WorkerPlugin):
         input_spec: InputSpec,
         output: OutputTarget | None,
         run_invocation_timeout: float,
+        models: Sequence[ModelRef] | None = None,
     ):
         self.name = name
+        self.models = None if models is None else list(models)
         self.bundle = bundle
         self.script = script
         self.script_display = script_display
@@ -279,6 +292,7 @@ class EntryScriptPlugin(WorkerPlugin):
                 sys.path.insert(0, self.folder)
             os.environ.update(self.environment_variables)
             os.environ["DASKRUN_OUTPUT_PATH"] = self.output_path
+            set_worker_models(self.models)
             path = os.path.join(self.folder, self.script)
             local = {id(s): s.materialize(self.folder) for s in self.side_inputs}
             sys.argv = [

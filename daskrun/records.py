@@ -1,69 +1,189 @@
-"""Run records: what a run needs to be resumed from a new process.
+"""Run records: what a run was, how it ended, and what resuming it needs.
 
-``<runs-dir>/<run id>/run.json`` holds the step's resolved parameters, its
-inputs (paths, never credentials), output and arguments, and the run's status;
-``source.zip`` beside it holds the entry script as it was shipped. The
-job report (``logs/sys/job_report/processed_mini-batches.csv``) and the
-committed parts under the output say which mini-batches are done.
+Records live in SQLite (``runs.db`` in the runs folder: ``daskrun.runs-dir``,
+or ``<workspace>/runs``), so several processes can start, update and read
+runs at once, and a new process can list them. Each record holds a step's
+resolved parameters, its inputs (paths, never credentials), output,
+arguments, status, times and counts; ``<run id>/source.zip`` beside the
+database holds the entry script as it was shipped. The job report
+(``logs/sys/job_report/processed_mini-batches.csv``) and the committed parts
+under the output say which mini-batches are done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .config import config_get
 from .exceptions import ConfigError
 
-RECORD = "run.json"
+DATABASE = "runs.db"
 SOURCE = "source.zip"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    type TEXT NOT NULL,
+    parent_id TEXT,
+    experiment TEXT,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created TEXT NOT NULL,
+    fingerprint TEXT,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_fingerprint ON runs (fingerprint, status);
+CREATE INDEX IF NOT EXISTS runs_by_parent ON runs (parent_id);
+"""
 
 
 def runs_dir() -> Path:
+    """The runs folder used without a workspace (``daskrun.runs-dir``)."""
     return Path(os.path.expanduser(config_get("runs-dir")))
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def open_db(path: Path, schema: str) -> Iterator[sqlite3.Connection]:
+    """A short-lived connection, committed on success.
+
+    WAL journaling lets readers run beside one writer; writers from several
+    processes wait for each other (``busy_timeout``) instead of failing.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(schema)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
 
 
 @dataclass
 class RunRecord:
-    """A run's identity and parameters, as JSON."""
+    """A run's identity, parameters and outcome.
+
+    ``type`` is ``"step"`` (one ParallelRunStep) or ``"pipeline"`` (whose
+    steps are records with ``parent_id`` set to it).
+    """
 
     run_id: str
-    step_name: str
-    status: str
-    kind: str
-    file_format: str | None
-    inputs: list[Any]  # each data set's path spec (str or list of str)
-    pandas_kwargs: dict[str, Any]
-    remote_inputs: bool
-    output: str | None
-    config: dict[str, Any]
-    script: str  # the entry script's path inside source.zip
-    arguments: list[str] = field(default_factory=list)
+    root: str  # the runs folder holding runs.db and the run's folder
+    type: str = "step"
+    name: str = ""  # the step's name, or the pipeline's experiment
+    status: str = "NotStarted"
+    created: str = field(default_factory=now)
+    ended: str | None = None
+    parent_id: str | None = None
+    experiment: str | None = None
     error: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    output_path: str | None = None
+    logs_dir: str | None = None
+    # PipelineData written by a step: name -> {"datastore": ..., "path": ...}
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    fingerprint: str | None = None
+    reused_from: str | None = None
+    # what a step needs to be resumed
+    kind: str = "file"
+    file_format: str | None = None
+    inputs: list[Any] = field(default_factory=list)  # each data set's paths
+    input_specs: list[dict[str, Any]] = field(default_factory=list)  # in a workspace
+    pandas_kwargs: dict[str, Any] = field(default_factory=dict)
+    remote_inputs: bool = False
+    output: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    script: str = ""  # the entry script's path inside source.zip
+    arguments: list[str] = field(default_factory=list)
+    workspace: str | None = None
 
     @property
     def folder(self) -> Path:
-        return runs_dir() / self.run_id
+        return Path(self.root) / self.run_id
 
     def save(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{RECORD}.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, self.folder / RECORD)
+        """Insert or update this record (atomic; safe across processes)."""
+        with open_db(Path(self.root) / DATABASE, _SCHEMA) as db:
+            db.execute(
+                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.run_id,
+                    self.type,
+                    self.parent_id,
+                    self.experiment,
+                    self.name,
+                    self.status,
+                    self.created,
+                    self.fingerprint,
+                    json.dumps(asdict(self)),
+                ),
+            )
 
     @classmethod
-    def load(cls, run_id: str) -> RunRecord:
-        path = runs_dir() / run_id / RECORD
-        if not path.is_file():
+    def load(cls, run_id: str, root: Path | None = None) -> RunRecord:
+        root = root or runs_dir()
+        found = _select(root, "WHERE run_id = ?", (run_id,))
+        if not found:
             raise ConfigError(
-                f"run {run_id!r} not found in {runs_dir()}; check the run id "
-                "(it is printed at the start of each run) or daskrun.runs-dir"
+                f"run {run_id!r} not found in {root}; check the run id (it is "
+                "printed at the start of each run), the workspace or "
+                "daskrun.runs-dir (see 'daskrun runs list')"
             )
-        return cls(**json.loads(path.read_text()))
+        return found[0]
+
+    @classmethod
+    def find(
+        cls, root: Path | None = None, *, parent_id: str | None = None
+    ) -> list[RunRecord]:
+        """Records, newest first; with ``parent_id`` a pipeline's steps in
+        the order they were created."""
+        root = root or runs_dir()
+        if parent_id is not None:
+            return _select(root, "WHERE parent_id = ? ORDER BY rowid", (parent_id,))
+        return _select(root, "ORDER BY created DESC, rowid DESC", ())
+
+    @classmethod
+    def reusable(cls, root: Path, fingerprint: str) -> list[RunRecord]:
+        """Completed runs of an identical step, newest first."""
+        return _select(
+            root,
+            "WHERE fingerprint = ? AND status = 'Completed' ORDER BY rowid DESC",
+            (fingerprint,),
+        )
+
+
+def _select(root: Path, where: str, args: tuple[Any, ...]) -> list[RunRecord]:
+    if not (root / DATABASE).is_file():
+        return []
+    known = {f.name for f in fields(RunRecord)}
+    with open_db(root / DATABASE, _SCHEMA) as db:
+        rows = db.execute(f"SELECT data FROM runs {where}", args).fetchall()
+    records = []
+    for row in rows:
+        data = json.loads(row["data"])
+        records.append(RunRecord(**{k: v for k, v in data.items() if k in known}))
+    return records
 
 
 @dataclass

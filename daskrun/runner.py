@@ -94,6 +94,18 @@ class Tally:
         self.add(counts)
         return counts
 
+    def counts(self) -> dict[str, int]:
+        """The counts a run record keeps."""
+        return {
+            "mini_batches_total": self.mini_batches_total,
+            "mini_batches_done": self.mini_batches_done,
+            "mini_batches_failed": self.mini_batches_failed,
+            "items_total": self.items_total,
+            "items_succeeded": self.items_succeeded,
+            "items_failed": self.items_failed,
+            "items_extra": self.items_extra,
+        }
+
     def add(self, counts: Counts) -> None:
         """Add one finished mini-batch's items."""
         self.items_total += counts.items_in
@@ -332,64 +344,70 @@ def run_mini_batches(
             if len(group) < n:
                 tally.all_scheduled = True
 
-    fill()
-    exceeded = check_thresholds(tally, cfg)
-    for future, outcome in queue:
-        group = pending.pop(future)
-        if isinstance(outcome, list):
-            results: list[TryResult] = outcome
-            sizer.observe(sum(r.seconds for r in results), len(results))
-        else:  # the worker died, or the task was lost or cancelled
-            exc = outcome[1] if isinstance(outcome, tuple) else outcome
-            hung = lost.timed_out({b.index for b, _ in group})
-            if len(group) > 1 and not hung:
-                # one of them killed the worker: rerun each alone, so only
-                # the culprit is charged a try
-                retries.extend(group)
-                future.release()
-                fill()
-                continue
-            error, worker = lost.cause(exc)
-            results = [
-                _lost_try(
-                    b,
-                    t,
-                    f"TimeoutError: run() did not return within "
-                    f"run_invocation_timeout={cfg.run_invocation_timeout} s; "
-                    f"{hung[b.index]} was restarted",
-                    hung[b.index],
-                )
-                if b.index in hung
-                else _lost_try(b, t, error, worker)
-                for b, t in group
-            ]
-            if hung:  # the others were innocent: rerun without charging a try
-                retries.extend((b, t) for b, t in group if b.index not in hung)
-                group = [(b, t) for b, t in group if b.index in hung]
-                results = [r for r in results if r.index in hung]
-        future.release()
-        for (batch, try_no), result in zip(group, results, strict=True):
-            if not result.ok and try_no < cfg.run_max_try:
-                logger.info(
-                    "mini-batch %d try %d failed (%s); retrying",
-                    batch.index,
-                    try_no,
-                    result.error,
-                )
-                retries.append((batch, try_no + 1))
-                continue
-            on_done(batch, result, try_no, tally.record(batch, result))
-            exceeded = check_thresholds(tally, cfg)
-            if exceeded:
-                break
-        if exceeded:
-            break
+    try:
         fill()
-        if tally.all_scheduled and not retries:
-            exceeded = check_thresholds(tally, cfg)
+        exceeded = check_thresholds(tally, cfg)
+        for future, outcome in queue:
+            group = pending.pop(future)
+            if isinstance(outcome, list):
+                results: list[TryResult] = outcome
+                sizer.observe(sum(r.seconds for r in results), len(results))
+            else:  # the worker died, or the task was lost or cancelled
+                exc = outcome[1] if isinstance(outcome, tuple) else outcome
+                hung = lost.timed_out({b.index for b, _ in group})
+                if len(group) > 1 and not hung:
+                    # one of them killed the worker: rerun each alone, so only
+                    # the culprit is charged a try
+                    retries.extend(group)
+                    future.release()
+                    fill()
+                    continue
+                error, worker = lost.cause(exc)
+                results = [
+                    _lost_try(
+                        b,
+                        t,
+                        f"TimeoutError: run() did not return within "
+                        f"run_invocation_timeout={cfg.run_invocation_timeout} s; "
+                        f"{hung[b.index]} was restarted",
+                        hung[b.index],
+                    )
+                    if b.index in hung
+                    else _lost_try(b, t, error, worker)
+                    for b, t in group
+                ]
+                if hung:  # the others were innocent: rerun without charging a try
+                    retries.extend((b, t) for b, t in group if b.index not in hung)
+                    group = [(b, t) for b, t in group if b.index in hung]
+                    results = [r for r in results if r.index in hung]
+            future.release()
+            for (batch, try_no), result in zip(group, results, strict=True):
+                if not result.ok and try_no < cfg.run_max_try:
+                    logger.info(
+                        "mini-batch %d try %d failed (%s); retrying",
+                        batch.index,
+                        try_no,
+                        result.error,
+                    )
+                    retries.append((batch, try_no + 1))
+                    continue
+                on_done(batch, result, try_no, tally.record(batch, result))
+                exceeded = check_thresholds(tally, cfg)
+                if exceeded:
+                    break
             if exceeded:
                 break
-    if exceeded:
+            fill()
+            if tally.all_scheduled and not retries:
+                exceeded = check_thresholds(tally, cfg)
+                if exceeded:
+                    break
+        if exceeded:
+            client.cancel(list(pending))
+            queue.clear()
+        return exceeded
+    except BaseException:
+        # canceled, interrupted or a bug: stop what is still in flight
         client.cancel(list(pending))
         queue.clear()
-    return exceeded
+        raise

@@ -8,17 +8,20 @@ mini-batches (:mod:`daskrun.runner`), assembles the output
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
 import secrets
 import shutil
 import sys
+import threading
 import time
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from fsspec.core import url_to_fs
@@ -28,12 +31,24 @@ from . import output as _output
 from .compute import connect, dashboard_link
 from .config import (
     ParallelRunConfig,
+    PipelineParameter,
     check_arguments,
+    check_parameter_names,
     check_step_name,
     mini_batch_size_for,
+    missing_packages,
 )
-from .datasets import FileDataset, TabularDataset, plan_files
+from .datasets import (
+    Dataset,
+    DatasetConsumptionConfig,
+    FileDataset,
+    PipelineData,
+    TabularDataset,
+    from_spec,
+    plan_files,
+)
 from .exceptions import ConfigError, EntryScriptError, JobFailedError
+from .models import model_refs
 from .monitor import REPORT, JobLogs
 from .plugin import (
     EntryScriptPlugin,
@@ -42,8 +57,9 @@ from .plugin import (
     TryResult,
     bundle_source,
 )
-from .records import SOURCE, RunRecord, read_report, runs_dir
+from .records import SOURCE, RunRecord, now, read_report, runs_dir
 from .runner import Counts, LostTasks, Tally, run_mini_batches, threshold_error
+from .workspace import Datastore, OutputData
 
 logger = logging.getLogger("daskrun")
 
@@ -77,11 +93,73 @@ class StepRun:
     items_failed: int
     items_extra: int = 0
     dashboard_link: str | None = None
+    name: str = ""
+    reused_from: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    workspace: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_record(cls, record: RunRecord, workspace: Any = None) -> StepRun:
+        counts = record.counts
+        return cls(
+            run_id=record.run_id,
+            status=record.status,
+            output_path=record.output_path,
+            logs_dir=record.logs_dir or str(record.folder / "logs"),
+            error=record.error,
+            mini_batches_total=counts.get("mini_batches_total", 0),
+            mini_batches_failed=counts.get("mini_batches_failed", 0),
+            items_total=counts.get("items_total", 0),
+            items_succeeded=counts.get("items_succeeded", 0),
+            items_failed=counts.get("items_failed", 0),
+            items_extra=counts.get("items_extra", 0),
+            name=record.name,
+            reused_from=record.reused_from,
+            parameters=record.parameters,
+            outputs=record.outputs,
+            workspace=workspace,
+        )
+
+    @property
+    def id(self) -> str:
+        return self.run_id
+
+    def get_status(self) -> str:
+        return self.status
+
+    def get_details(self) -> dict[str, Any]:
+        """Status, counts, parameters, outputs and where the logs are."""
+        details = asdict(self)
+        details.pop("workspace")
+        return details
+
+    def get_output_data(self, name: str) -> OutputData:
+        """The PipelineData ``name`` this step wrote."""
+        if name not in self.outputs:
+            raise ConfigError(
+                f"step run {self.run_id!r} has no output {name!r}; its outputs: "
+                f"{', '.join(self.outputs) or 'none'}"
+            )
+        if self.workspace is None:
+            raise ConfigError(
+                f"step run {self.run_id!r} was not loaded from a workspace; use "
+                "PipelineRun.get(ws, run_id).find_step_run(name)"
+            )
+        where = self.outputs[name]
+        return OutputData(
+            name, Datastore(self.workspace, where["datastore"]), where["path"]
+        )
 
     def resume(self, retry_failed: bool = False, show_output: bool = False) -> StepRun:
         """Run again only the mini-batches without a committed result (and,
         with ``retry_failed``, those that failed); see :func:`resume`."""
-        return resume(self.run_id, retry_failed=retry_failed, show_output=show_output)
+        return resume(
+            self.run_id,
+            retry_failed=retry_failed,
+            show_output=show_output,
+            workspace=self.workspace,
+        )
 
     def raise_for_status(self) -> StepRun:
         """Raise :class:`~daskrun.JobFailedError` unless the run completed."""
@@ -128,8 +206,8 @@ class ParallelRunStep:
         self,
         name: str,
         parallel_run_config: ParallelRunConfig,
-        inputs: Input | Sequence[Input],
-        output: str | os.PathLike[str] | None = None,
+        inputs: Any,
+        output: Any = None,
         side_inputs: Sequence[Input] | None = None,
         arguments: Sequence[Any] | None = None,
         allow_reuse: bool = True,
@@ -143,8 +221,8 @@ class ParallelRunStep:
             )
         self.config = parallel_run_config
         cfg = parallel_run_config.resolved
-        self.inputs = _check_inputs(inputs)
-        self.kind = self.inputs[0].kind
+        self.input_specs = _check_input_specs(inputs)
+        self.kind = _kind_of(self.input_specs)
         self.mini_batch_size = mini_batch_size_for(self.kind, cfg.mini_batch_size)
         if output is None and cfg.output_action == "append_row":
             raise ConfigError(
@@ -153,11 +231,14 @@ class ParallelRunStep:
                 "output_action='summary_only'"
             )
         self.output_storage_options = dict(output_storage_options or {})
-        self.output = (
-            None
-            if output is None
-            else _absolute(os.fspath(output), self.output_storage_options)
-        )
+        self.output_data: PipelineData | None = None
+        if isinstance(output, PipelineData):
+            self.output_data = output
+            self.output: str | None = None
+        elif output is None:
+            self.output = None
+        else:
+            self.output = _absolute(os.fspath(output), self.output_storage_options)
         self.side_inputs = list(side_inputs or [])
         for side in self.side_inputs:
             if not isinstance(side, (FileDataset, TabularDataset)):
@@ -175,6 +256,77 @@ class ParallelRunStep:
                     "add it to side_inputs so every worker gets it"
                 )
         self.allow_reuse = bool(allow_reuse)
+        # set when bound to a run (see bind())
+        self.inputs: list[Input] = (
+            [_concrete(spec, {}, {}) for spec in self.input_specs]
+            if not any(isinstance(i, PipelineData) for i in self._flat_specs())
+            else []
+        )
+        self.run_id: str | None = None
+        self.workspace: Any = None
+        self.parent_id: str | None = None
+        self.experiment: str | None = None
+        self.parameter_values: dict[str, Any] = {}
+        self.outputs: dict[str, dict[str, str]] = {}
+        self.fingerprint: str | None = None
+
+    def _flat_specs(self) -> list[Any]:
+        return [
+            s.source if isinstance(s, DatasetConsumptionConfig) else s
+            for s in self.input_specs
+        ]
+
+    def pipeline_parameters(self) -> list[PipelineParameter]:
+        """The PipelineParameters of this step's config and inputs."""
+        found = list(self.config.parameters.values())
+        found += [s for s in self._flat_specs() if isinstance(s, PipelineParameter)]
+        return found
+
+    def input_data(self) -> list[PipelineData]:
+        """The PipelineData this step reads (written by earlier steps)."""
+        return [s for s in self._flat_specs() if isinstance(s, PipelineData)]
+
+    def bind(
+        self,
+        values: dict[str, Any] | None = None,
+        produced: dict[str, Input] | None = None,
+        workspace: Any = None,
+        run_id: str | None = None,
+    ) -> ParallelRunStep:
+        """A copy with PipelineParameters set from ``values``, PipelineData
+        inputs from ``produced`` (by name), and its output placed on the
+        workspace's datastore: what one run of this step executes."""
+        values = dict(values or {})
+        bound = copy.copy(self)
+        bound.config = self.config.bind(values)
+        cfg = bound.config.resolved
+        bound.mini_batch_size = mini_batch_size_for(self.kind, cfg.mini_batch_size)
+        bound.inputs = [
+            _concrete(spec, values, produced or {}, workspace)
+            for spec in self.input_specs
+        ]
+        _check_kinds(bound.inputs)
+        bound.workspace = workspace
+        bound.run_id = run_id or new_run_id(self.name)
+        bound.parameter_values = {
+            p.name: _show(values.get(p.name, p.default_value))
+            for p in self.pipeline_parameters()
+        }
+        if self.output_data is not None:
+            if workspace is None:
+                raise ConfigError(
+                    f"step {self.name!r} writes PipelineData "
+                    f"{self.output_data.name!r}; run it in a Pipeline submitted "
+                    "with an Experiment of a Workspace"
+                )
+            store = self.output_data.datastore or workspace.get_default_datastore()
+            path = f"daskrun/{bound.run_id}/{self.output_data.name}"
+            bound.output = _absolute(store.url(path), store.storage_options)
+            bound.output_storage_options = store.storage_options
+            bound.outputs = {
+                self.output_data.name: {"datastore": store.name, "path": path}
+            }
+        return bound
 
     def __repr__(self) -> str:
         return f"ParallelRunStep(name={self.name!r}, inputs={self.inputs!r})"
@@ -208,17 +360,23 @@ class ParallelRunStep:
         parameters and inputs raise :class:`~daskrun.ConfigError` or
         :class:`~daskrun.InputError` before any task runs.
         """
-        if pipeline_parameters:
+        values = dict(pipeline_parameters or {})
+        check_parameter_names(values, self.pipeline_parameters())
+        if self.input_data():
             raise ConfigError(
-                f"pipeline_parameters={sorted(pipeline_parameters)!r} given, but this "
-                "step uses no PipelineParameter; drop them or build the config with "
-                "PipelineParameter values"
+                f"step {self.name!r} reads PipelineData "
+                f"{self.input_data()[0].name!r}; run it in a Pipeline with the "
+                "step that writes it"
             )
-        return _execute(self, show_output=show_output)
+        return _execute(
+            self.bind(values, workspace=workspace), say=_printer(show_output)
+        )
 
 
-def _check_inputs(inputs: Any) -> list[Input]:
-    items = [inputs] if isinstance(inputs, (FileDataset, TabularDataset)) else inputs
+def _check_input_specs(inputs: Any) -> list[Any]:
+    specs = (PipelineParameter, PipelineData, DatasetConsumptionConfig)
+    single = (FileDataset, TabularDataset, *specs)
+    items = [inputs] if isinstance(inputs, single) else inputs
     if isinstance(items, (str, os.PathLike)) or not isinstance(items, Sequence):
         raise ConfigError(
             f"inputs={inputs!r} is not a data set; use "
@@ -231,19 +389,76 @@ def _check_inputs(inputs: Any) -> list[Input]:
             "[Dataset.File.from_files('images/')]"
         )
     for item in items:
-        if not isinstance(item, (FileDataset, TabularDataset)):
+        source = item.source if isinstance(item, DatasetConsumptionConfig) else item
+        if isinstance(source, PipelineParameter):
+            source = source.default_value
+        if not isinstance(source, (FileDataset, TabularDataset, PipelineData)):
             raise ConfigError(
                 f"inputs item {item!r} is not a data set; use "
                 f"Dataset.File.from_files({item!r}) or "
                 f"Dataset.Tabular.from_delimited_files({item!r})"
             )
+    return items
+
+
+def _kind_of(specs: list[Any]) -> str:
+    kinds = set()
+    for item in specs:
+        source = item.source if isinstance(item, DatasetConsumptionConfig) else item
+        if isinstance(source, PipelineParameter):
+            source = source.default_value
+        kinds.add("file" if isinstance(source, PipelineData) else source.kind)
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"inputs mix kinds {sorted(kinds)}; all inputs of one step must be "
+            "file data sets, or all tabular"
+        )
+    return kinds.pop()
+
+
+def _check_kinds(items: list[Input]) -> None:
     kinds = {(i.kind, getattr(i, "file_format", None)) for i in items}
     if len(kinds) > 1:
         raise ConfigError(
             f"inputs mix kinds {sorted(str(k) for k in kinds)}; all inputs of one "
             "step must be file data sets, or all tabular of one format"
         )
-    return items
+
+
+def _concrete(
+    spec: Any,
+    values: dict[str, Any],
+    produced: dict[str, Input],
+    workspace: Any = None,
+) -> Input:
+    """The data set an input spec stands for in one run."""
+    source = spec.source if isinstance(spec, DatasetConsumptionConfig) else spec
+    if isinstance(source, PipelineParameter):
+        value = values.get(source.name, source.default_value)
+        if isinstance(value, str) and workspace is not None:
+            value = Dataset.get_by_name(workspace, value)
+        if not isinstance(value, (FileDataset, TabularDataset)):
+            raise ConfigError(
+                f"pipeline parameter {source.name!r}={value!r} is not a data set; "
+                "pass a data set (Dataset.File.from_files(...)) or the name of one "
+                "registered in the workspace"
+            )
+        return value
+    if isinstance(source, PipelineData):
+        if source.name not in produced:
+            raise ConfigError(
+                f"PipelineData {source.name!r} is read before any step wrote it; "
+                "add the step that writes it to the same Pipeline"
+            )
+        return produced[source.name]
+    return source
+
+
+def _show(value: Any) -> Any:
+    """A parameter value as a run record shows it."""
+    if isinstance(value, (FileDataset, TabularDataset)):
+        return repr(value)
+    return value
 
 
 def _absolute(path: str, storage_options: dict[str, Any]) -> str:
@@ -287,23 +502,28 @@ def _entry_script_plugin(
         ),
         output=target,
         run_invocation_timeout=cfg.run_invocation_timeout,
+        models=None if step.workspace is None else model_refs(step.workspace),
     )
 
 
 def _execute(
     step: ParallelRunStep,
     *,
-    show_output: bool,
+    say: Callable[[str], None],
     resume: RunRecord | None = None,
     retry_failed: bool = False,
+    cancel: threading.Event | None = None,
 ) -> StepRun:
+    """Run a bound step; ``cancel`` (set from another thread) stops it as
+    ``Canceled`` once the mini-batches in flight finish."""
     cfg = step.config.resolved
     started = time.perf_counter()
     # planning lists and measures the inputs: a missing or empty input fails
     # here, before any worker starts
     batches, total = step.plan()
-    run_id = resume.run_id if resume else new_run_id(step.name)
-    run_dir = runs_dir() / run_id
+    run_id = resume.run_id if resume else (step.run_id or new_run_id(step.name))
+    root = step.workspace.runs_dir if step.workspace is not None else runs_dir()
+    run_dir = root / run_id
     target = (
         _output.OutputTarget(
             step.output, cfg.append_row_file_name, run_id, step.output_storage_options
@@ -315,7 +535,7 @@ def _execute(
     if step.output is None:
         os.makedirs(output_path, exist_ok=True)
     plugin = _entry_script_plugin(step, run_id, output_path, target)
-    record = resume or _new_record(step, run_id, plugin)
+    record = resume or _new_record(step, run_id, plugin, root)
     tally = Tally(mini_batches_total=total)
     succeeded = bytearray(total)  # one byte per mini-batch: flat for millions
     # 1: finished in an earlier attempt, in its report; 2: its part is
@@ -337,9 +557,10 @@ def _execute(
         for index in _output.committed_parts(target):
             if index < total and not done[index]:
                 done[index], succeeded[index] = 2, 1
-    say = _printer(show_output)
 
     def on_done(batch: Any, result: TryResult, tries: int, counts: Counts) -> None:
+        if cancel is not None and cancel.is_set():
+            raise Canceled()
         succeeded[result.index] = result.ok
         logs.mini_batch(result, tries, counts)
         if counts.failed:
@@ -373,6 +594,7 @@ def _execute(
             say(f"daskrun: {verb} {run_id}: {total} mini-batches")
             if link:
                 say(f"daskrun: dashboard {link}")
+            _check_environment(client, step.config.environment, run_id)
             if target is not None:
                 _output.prepare_parts(target)
             _register(client, plugin, cfg.run_invocation_timeout, run_id)
@@ -402,6 +624,9 @@ def _execute(
             status = "Completed"
     except JobFailedError as e:
         error = str(e)
+    except Canceled:
+        status, error = "Canceled", "canceled (run.cancel())"
+        say(f"daskrun: canceled; resume with: daskrun resume {run_id}")
     except KeyboardInterrupt:
         status, error = "Canceled", "canceled by the user (KeyboardInterrupt)"
         print(
@@ -409,7 +634,9 @@ def _execute(
         )
         raise
     finally:
-        record.status, record.error = status, error
+        record.status, record.error, record.ended = status, error, now()
+        record.counts = tally.counts()
+        record.output_path, record.logs_dir = final, str(logs.dir)
         record.save()
         logs.finish(
             status=status,
@@ -419,20 +646,8 @@ def _execute(
             output_path=final,
             seconds=time.perf_counter() - started,
         )
-    run = StepRun(
-        run_id=run_id,
-        status=status,
-        output_path=final,
-        logs_dir=str(logs.dir),
-        error=error,
-        mini_batches_total=tally.mini_batches_total,
-        mini_batches_failed=tally.mini_batches_failed,
-        items_total=tally.items_total,
-        items_succeeded=tally.items_succeeded,
-        items_failed=tally.items_failed,
-        items_extra=tally.items_extra,
-        dashboard_link=link,
-    )
+    run = StepRun.from_record(record, step.workspace)
+    run.dashboard_link = link
     if tally.items_extra:
         logger.warning(
             "run %s: run() returned %d more results than inputs; they are in the "
@@ -451,6 +666,7 @@ def resume(
     show_output: bool = False,
     storage_options: dict[str, Any] | None = None,
     compute_target: Any = None,
+    workspace: Any = None,
 ) -> StepRun:
     """Resume a failed, canceled or interrupted run where it stopped.
 
@@ -458,17 +674,23 @@ def resume(
     ``retry_failed`` those that failed are run again too. The final output
     is the same as an uninterrupted run's. The run's inputs are listed again
     (they must not have changed); remote inputs need their
-    ``storage_options`` again, since run records never hold credentials.
+    ``storage_options`` again, since run records never hold credentials,
+    unless they come from a datastore of the run's ``workspace``.
 
     >>> run = daskrun.resume("score-images_20261122T010203_a1b2c3")  # doctest: +SKIP
     """
-    record = RunRecord.load(run_id)
+    from .workspace import Workspace
+
+    root = workspace.runs_dir if workspace is not None else None
+    record = RunRecord.load(run_id, root)
+    if workspace is None and record.workspace:
+        workspace = Workspace(record.workspace)
     if record.status == "Completed" and not retry_failed:
         raise ConfigError(
             f"run {run_id!r} already completed; pass retry_failed=True "
             "(--retry-failed) to run its failed mini-batches again"
         )
-    if record.remote_inputs and storage_options is None:
+    if record.remote_inputs and storage_options is None and not record.input_specs:
         raise ConfigError(
             f"run {run_id!r} reads remote inputs; pass their storage_options to "
             "resume(), since run records never hold credentials"
@@ -484,10 +706,12 @@ def resume(
         source_directory=str(source), compute_target=compute_target, **config
     )
     options = storage_options or {}
-    if record.kind == "file":
+    if record.input_specs and workspace is not None:
         inputs: list[Input] = [
-            FileDataset(p, storage_options=options) for p in record.inputs
+            from_spec(spec, workspace) for spec in record.input_specs
         ]
+    elif record.kind == "file":
+        inputs = [FileDataset(p, storage_options=options) for p in record.inputs]
     else:
         inputs = [
             TabularDataset(
@@ -498,28 +722,42 @@ def resume(
             )
             for p in record.inputs
         ]
+    output_options: dict[str, Any] = {}
+    for where in record.outputs.values():
+        output_options = Datastore(workspace, where["datastore"]).storage_options
     step = ParallelRunStep(
-        record.step_name,
+        record.name,
         cfg,
         inputs=inputs,
         output=record.output,
         arguments=record.arguments,
+        output_storage_options=output_options or options,
     )
+    step.workspace = workspace
+    step.outputs = record.outputs
     return _execute(
-        step, show_output=show_output, resume=record, retry_failed=retry_failed
+        step, say=_printer(show_output), resume=record, retry_failed=retry_failed
     )
 
 
 def _new_record(
-    step: ParallelRunStep, run_id: str, plugin: EntryScriptPlugin
+    step: ParallelRunStep, run_id: str, plugin: EntryScriptPlugin, root: Path
 ) -> RunRecord:
     record = RunRecord(
         run_id=run_id,
-        step_name=step.name,
+        root=str(root),
+        name=step.name,
         status="Running",
+        parent_id=step.parent_id,
+        experiment=step.experiment,
+        parameters=step.parameter_values,
+        outputs=step.outputs,
+        fingerprint=step.fingerprint,
+        workspace=None if step.workspace is None else str(step.workspace.path),
         kind=step.kind,
         file_format=getattr(step.inputs[0], "file_format", None),
         inputs=[_path_spec(ds) for ds in step.inputs],
+        input_specs=_input_specs(step.inputs),
         pandas_kwargs=getattr(step.inputs[0], "pandas_kwargs", {}),
         remote_inputs=not plugin.input_spec.local,
         output=step.output,
@@ -530,6 +768,15 @@ def _new_record(
     record.folder.mkdir(parents=True, exist_ok=True)
     (record.folder / SOURCE).write_bytes(plugin.bundle)
     return record
+
+
+def _input_specs(inputs: list[Input]) -> list[dict[str, Any]]:
+    """The data sets as workspace specs, when all come from datastores or
+    local paths (so a resume gets credentials from the workspace)."""
+    try:
+        return [ds.spec() for ds in inputs]
+    except ConfigError:
+        return []
 
 
 def _path_spec(dataset: Input) -> Any:
@@ -586,6 +833,26 @@ def _unregister(client: Any, name: str) -> None:
         client.unregister_worker_plugin(name)
     except Exception as e:  # noqa: BLE001
         logger.debug("could not unregister plugin %s: %s", name, e)
+
+
+class Canceled(Exception):
+    """Raised inside a run to stop it: its PipelineRun was canceled."""
+
+
+def _check_environment(client: Any, environment: Any, run_id: str) -> None:
+    """Fail before any task runs when a worker lacks a required package."""
+    if environment is None or not environment.pip_packages:
+        return
+    found = client.run(missing_packages, environment.pip_packages)
+    for worker, missing in sorted(found.items()):
+        if missing:
+            names = " ".join(repr(m.split(" ")[0]) for m in missing)
+            raise JobFailedError(
+                f"Environment {environment.name!r}: {', '.join(missing)} not "
+                f"installed on worker {worker}; install it in the workers' "
+                f"environment (pip install {names})",
+                run_id=run_id,
+            )
 
 
 def _printer(show: bool) -> Any:

@@ -12,6 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from daskrun.records import RunRecord
+
 from .conftest import daskrun, make_files, write_script
 
 COUNTING_SCRIPT = """
@@ -88,8 +90,8 @@ def _parts(tmp_path: Path) -> set[str]:
 
 
 def _run_id(runs: Path) -> str:
-    (run_id,) = [p.name for p in runs.iterdir()]
-    return run_id
+    (record,) = RunRecord.find(runs)
+    return record.run_id
 
 
 def test_client_killed_then_resumed(tmp_path: Path, runs_dir: Path) -> None:
@@ -128,8 +130,7 @@ def test_cancel_then_resume(tmp_path: Path, runs_dir: Path) -> None:
     assert proc.returncode == 130, err
     run_id = _run_id(runs_dir)
     assert f"daskrun resume {run_id}" in err
-    record = (runs_dir / run_id / "run.json").read_text()
-    assert '"status": "Canceled"' in record
+    assert RunRecord.load(run_id, runs_dir).status == "Canceled"
     result = _run_cli(tmp_path, runs_dir, "resume", run_id)
     assert result.returncode == 0, result.stderr
     lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
