@@ -7,18 +7,22 @@ input (one line on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 from . import __version__
 from .config import LOGGING_LEVELS, OUTPUT_ACTIONS, ParallelRunConfig
 from .datasets import Dataset, FileDataset, TabularDataset
 from .exceptions import ConfigError, DaskRunError, InputError
+from .records import RunRecord, runs_dir
 from .step import ParallelRunStep, StepRun, resume
+from .workspace import Workspace
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,6 +102,28 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     again.add_argument("--scheduler", metavar="ADDR")
     again.add_argument("-q", "--quiet", action="store_true")
+
+    runs = subs.add_parser(
+        "runs",
+        help="list runs, or show one",
+        description="Run records of the workspace (--workspace, or the one "
+        "found from the current folder upward), else of daskrun.runs-dir.",
+    )
+    runs._sub = "runs"
+    runs_sub = runs.add_subparsers(dest="runs_command", parser_class=_Parser)
+    listing = runs_sub.add_parser("list", help="runs, newest first")
+    listing._sub = "runs list"
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    show = runs_sub.add_parser("show", help="one run's status, counts, outputs")
+    show._sub = "runs show"
+    show.add_argument("run_id", metavar="RUN_ID")
+    show.add_argument("--json", action="store_true")
+    for sub in (run, again, listing, show):
+        sub.add_argument(
+            "--workspace",
+            metavar="DIR",
+            help="workspace folder (default: found from the current folder upward)",
+        )
     return parser
 
 
@@ -153,7 +179,94 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         output=args.output,
         arguments=script_args,
     )
-    return _report(step.run(show_output=not args.quiet))
+    return _report(step.run(show_output=not args.quiet, workspace=_workspace(args)))
+
+
+def _workspace(args: argparse.Namespace) -> Workspace | None:
+    if args.workspace:
+        return Workspace(args.workspace)
+    try:
+        return Workspace.from_config()
+    except ConfigError:
+        return None
+
+
+def _root(args: argparse.Namespace) -> Path:
+    ws = _workspace(args)
+    return ws.runs_dir if ws is not None else runs_dir()
+
+
+def _cmd_runs_list(args: argparse.Namespace) -> int:
+    records = RunRecord.find(_root(args))
+    if args.json:
+        for r in records:
+            print(json.dumps(_summary(r)))
+        return 0
+    if not records:
+        print(f"no runs in {_root(args)}")
+        return 0
+    rows = [("RUN ID", "TYPE", "STATUS", "CREATED", "ITEMS OK/TOTAL", "OUTPUT")]
+    for r in records:
+        c = r.counts
+        items = f"{c.get('items_succeeded', 0)}/{c.get('items_total', 0)}" if c else "-"
+        rows.append(
+            (r.run_id, r.type, r.status, r.created, items, r.output_path or "-")
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+        print("  ".join([*cells, row[-1]]))
+    return 0
+
+
+def _summary(r: RunRecord) -> dict[str, Any]:
+    return {
+        "run_id": r.run_id,
+        "type": r.type,
+        "name": r.name,
+        "experiment": r.experiment,
+        "parent_id": r.parent_id,
+        "status": r.status,
+        "created": r.created,
+        "ended": r.ended,
+        "error": r.error,
+        "parameters": r.parameters,
+        "counts": r.counts,
+        "output_path": r.output_path,
+        "outputs": r.outputs,
+        "logs_dir": r.logs_dir,
+        "reused_from": r.reused_from,
+    }
+
+
+def _cmd_runs_show(args: argparse.Namespace) -> int:
+    root = _root(args)
+    record = RunRecord.load(args.run_id, root)
+    steps = RunRecord.find(root, parent_id=record.run_id)
+    if args.json:
+        print(json.dumps({**_summary(record), "steps": [_summary(s) for s in steps]}))
+        return 0
+    for key, value in _summary(record).items():
+        if value in (None, {}, []):
+            continue
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"{key}: {value}")
+    for step in steps:
+        c = step.counts
+        print(
+            f"step {step.name}: {step.status} run {step.run_id}"
+            + (f" (reused {step.reused_from})" if step.reused_from else "")
+            + (
+                f", {c.get('items_succeeded', 0)}/{c.get('items_total', 0)} items ok"
+                if c
+                else ""
+            )
+        )
+    return 0
 
 
 def _report(run: StepRun) -> int:
@@ -186,8 +299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     retry_failed=args.retry_failed,
                     show_output=not args.quiet,
                     compute_target=args.scheduler,
+                    workspace=_workspace(args),
                 )
             )
+        if args.command == "runs" and args.runs_command == "list":
+            return _cmd_runs_list(args)
+        if args.command == "runs" and args.runs_command == "show":
+            return _cmd_runs_show(args)
         parser.print_help()
         return 2
     except (ConfigError, InputError) as e:
