@@ -36,6 +36,7 @@ from .exceptions import (
 )
 from .models import Model
 from .pipeline import Experiment, Pipeline, PipelineRun
+from .plugin import EntryScript
 from .step import ParallelRunStep, StepRun, resume
 from .workspace import DataPath, Datastore, OutputData, Workspace
 
@@ -49,6 +50,7 @@ __all__ = [
     "Dataset",
     "DatasetConsumptionConfig",
     "Datastore",
+    "EntryScript",
     "EntryScriptError",
     "Environment",
     "Experiment",

@@ -11,13 +11,19 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .config import LOGGING_LEVELS, OUTPUT_ACTIONS, ParallelRunConfig
+from .config import (
+    LOGGING_LEVELS,
+    OUTPUT_ACTIONS,
+    ParallelRunConfig,
+    missing_packages,
+)
 from .datasets import Dataset, FileDataset, TabularDataset
 from .exceptions import ConfigError, DaskRunError, InputError
 from .records import RunRecord, runs_dir
@@ -118,6 +124,18 @@ def _build_parser() -> argparse.ArgumentParser:
     show._sub = "runs show"
     show.add_argument("run_id", metavar="RUN_ID")
     show.add_argument("--json", action="store_true")
+    demo = subs.add_parser(
+        "demo",
+        help="the MNIST tutorial end to end on a local cluster",
+        description="Make MNIST-like digit images, train and register a small "
+        "Keras model, and run the ParallelRunStep tutorial's pipeline on them "
+        "(examples/mnist/pipeline.py). A second run reuses data, model and "
+        "output.",
+    )
+    demo._sub = "demo"
+    demo.add_argument("--dir", default="daskrun-demo", help="workspace and data")
+    demo.add_argument("--images", type=int, default=10_000, metavar="N")
+    demo.add_argument("--processes", type=int, default=2, metavar="N")
     for sub in (run, again, listing, show):
         sub.add_argument(
             "--workspace",
@@ -269,6 +287,32 @@ def _cmd_runs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    example = Path(__file__).resolve().parent.parent / "examples/mnist/pipeline.py"
+    if not example.is_file():
+        raise ConfigError(
+            f"{example} is missing; 'daskrun demo' runs from a clone of the "
+            "daskrun repository (pip install -e '.[examples]')"
+        )
+    missing = missing_packages(["tensorflow-cpu", "pillow", "scikit-learn"])
+    if missing:
+        raise ConfigError(
+            f"the demo needs {', '.join(missing)}; install them with "
+            "pip install -e '.[examples]' (scripts/demo does)"
+        )
+    command = [
+        sys.executable,
+        str(example),
+        "--dir",
+        args.dir,
+        "--images",
+        str(args.images),
+        "--processes",
+        str(args.processes),
+    ]
+    return subprocess.run(command, check=False).returncode
+
+
 def _report(run: StepRun) -> int:
     if run.status == "Completed":
         print(f"output: {run.output_path or '-'}")
@@ -302,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     workspace=_workspace(args),
                 )
             )
+        if args.command == "demo":
+            return _cmd_demo(args)
         if args.command == "runs" and args.runs_command == "list":
             return _cmd_runs_list(args)
         if args.command == "runs" and args.runs_command == "show":

@@ -3,23 +3,34 @@
 ::
 
     logs/
+      job_progress_overview.txt               progress, speed, ETA; while running
       job_result.txt                          status and counts
       job_error.txt                           first real user error, traceback first
       sys/job_report/processed_mini-batches.csv  one row per mini-batch
       sys/job_report/failed_items.csv         every failed input and its error
+      user/entry_script_log/<agent>.txt       EntryScript().logger lines
+      user/stdout/<agent>.txt                 what init() and run() printed
 
 Rows of ``processed_mini-batches.csv`` are written as mini-batches finish, so
-the client never holds them all.
+the client never holds them all. :class:`Console` is the terminal's view: a
+live progress bar (tqdm) on a terminal, plain lines every few seconds
+otherwise.
 """
 
 from __future__ import annotations
 
+import collections
 import csv
 import os
+import shutil
+import sys
+import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from .config import config_get
 from .datasets import FileBatch, MiniBatch
 from .plugin import TryResult
 from .runner import Counts, Tally
@@ -37,6 +48,16 @@ REPORT_COLUMNS = (
     "seconds",
     "error",
 )
+
+
+@dataclass
+class WorkerStats:
+    """One worker's share of a job."""
+
+    mini_batches: int = 0
+    items: int = 0
+    failed: int = 0
+    seconds: float = 0.0  # in run() (and reading its inputs)
 
 
 class JobLogs:
@@ -72,6 +93,10 @@ class JobLogs:
         self._failed_writer = csv.writer(self._failed)
         self._failed_writer.writerow(FAILED_COLUMNS)
         self._failed_writer.writerows(earlier)
+        self._user: dict[tuple[str, str], IO[str]] = {}
+        self.workers: dict[str, WorkerStats] = collections.defaultdict(WorkerStats)
+        self.latest_errors: collections.deque[str] = collections.deque(maxlen=10)
+        self.started = time.monotonic()
 
     def mini_batch(self, result: TryResult, tries: int, counts: Counts) -> None:
         """Add the final outcome of one mini-batch to the job report."""
@@ -89,6 +114,82 @@ class JobLogs:
             )
         )
         self._report.flush()  # a killed client leaves a report to resume from
+        stats = self.workers[result.worker]
+        stats.mini_batches += 1
+        stats.items += counts.ok
+        stats.failed += counts.failed
+        stats.seconds += result.seconds
+        if result.error:
+            self.latest_errors.append(
+                f"mini-batch {result.index} on {result.worker}: {result.error}"
+            )
+
+    def user_output(self, result: TryResult) -> None:
+        """Append what the script printed and logged to its worker's files."""
+        for kind, text in (("stdout", result.stdout), ("entry_script_log", result.log)):
+            if not text:
+                continue
+            key = (kind, result.worker)
+            f = self._user.get(key)
+            if f is None:
+                path = self.dir / "user" / kind / f"{result.worker}.txt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                f = self._user[key] = open(path, "a")  # noqa: SIM115 - close()
+            f.write(text)
+            f.flush()
+
+    def snapshot(self, tally: Tally, status: str) -> dict[str, Any]:
+        """The job's state, for the overview file and the dashboard page."""
+        elapsed = time.monotonic() - self.started
+        done, total = tally.mini_batches_done, tally.mini_batches_total
+        rate = tally.items_succeeded / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) * elapsed / done if done else None
+        return {
+            "status": status,
+            "elapsed": elapsed,
+            "mini_batches_done": done,
+            "mini_batches_total": total,
+            "mini_batches_failed": tally.mini_batches_failed,
+            "items_succeeded": tally.items_succeeded,
+            "items_failed": tally.items_failed,
+            "items_per_second": rate,
+            "eta_seconds": eta,
+            "workers": {
+                name: {
+                    "mini_batches": w.mini_batches,
+                    "items": w.items,
+                    "failed": w.failed,
+                    "items_per_second": w.items / w.seconds if w.seconds else 0.0,
+                }
+                for name, w in sorted(self.workers.items())
+            },
+            "latest_errors": list(self.latest_errors),
+        }
+
+    def overview(self, snap: Mapping[str, Any]) -> None:
+        """Rewrite ``job_progress_overview.txt`` (atomically)."""
+        eta = snap["eta_seconds"]
+        lines = [
+            f"status: {snap['status']}",
+            f"elapsed: {snap['elapsed']:.0f} s",
+            f"mini-batches: {snap['mini_batches_done']}/{snap['mini_batches_total']}"
+            f" done, {snap['mini_batches_failed']} failed",
+            f"items: {snap['items_succeeded']} ok, {snap['items_failed']} failed",
+            f"speed: {snap['items_per_second']:.1f} items/s",
+            f"eta: {'-' if eta is None else f'{eta:.0f} s'}",
+            "workers:",
+        ]
+        for name, w in snap["workers"].items():
+            lines.append(
+                f"  {name}: {w['mini_batches']} mini-batches, {w['items']} items, "
+                f"{w['failed']} failed, {w['items_per_second']:.1f} items/s in run()"
+            )
+        if snap["latest_errors"]:
+            lines.append("latest errors:")
+            lines.extend(f"  {e}" for e in snap["latest_errors"])
+        tmp = self.dir / ".job_progress_overview.txt.tmp"
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, self.dir / "job_progress_overview.txt")
 
     def failed_items(self, batch: MiniBatch, result: TryResult) -> None:
         """List the failed inputs of one mini-batch: each file of a failed
@@ -144,6 +245,115 @@ class JobLogs:
             (self.dir / "job_error.txt").write_text("".join(text))
 
     def close(self) -> None:
-        for f in (self._report, self._failed):
+        for f in (self._report, self._failed, *self._user.values()):
             if not f.closed:
                 f.close()
+
+
+class Console:
+    """The terminal's view of a run.
+
+    On a terminal: a tqdm progress bar of mini-batches with items ok,
+    failed, items/s and ETA. Otherwise (CI logs, files): one plain line at
+    most every ``interval`` seconds, and one at the end. ``say`` prints a
+    line above the bar.
+    """
+
+    def __init__(
+        self,
+        show: bool,
+        stream: IO[str] | QueueStream | None = None,
+        tty: bool | None = None,
+        interval: float | None = None,
+    ):
+        self.show = show
+        self.stream: Any = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.interval = float(
+            config_get("progress-interval") if interval is None else interval
+        )
+        self._bar: Any = None
+        self._last = self._started = time.monotonic()
+        self._initial = 0
+        self._total = 0
+
+    def say(self, line: str) -> None:
+        if not self.show:
+            return
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def start(self, total: int, done: int = 0) -> None:
+        self._total = total
+        self._last = self._started = time.monotonic()
+        self._initial = done
+        if self.show and self.tty:
+            from tqdm import tqdm
+
+            size = shutil.get_terminal_size((100, 20))
+            self._bar = tqdm(
+                total=total,
+                initial=done,
+                unit="mini-batch",
+                file=self.stream,
+                mininterval=0.2,
+                # a terminal that reports no size gets 100 × 20
+                ncols=size.columns,
+                nrows=size.lines,
+                leave=True,
+            )
+
+    def update(self, tally: Tally) -> None:
+        """After a mini-batch finished (cheap: the display is throttled)."""
+        if not self.show:
+            return
+        now = time.monotonic()
+        if self._bar is not None:
+            self._bar.update(tally.mini_batches_done - self._bar.n)
+            if now - self._last >= 0.5:
+                self._last = now
+                self._bar.set_postfix_str(
+                    f"items ok={tally.items_succeeded} failed={tally.items_failed}",
+                    refresh=False,
+                )
+        elif now - self._last >= self.interval:
+            self._last = now
+            self.say(self.line(tally))
+
+    def line(self, tally: Tally) -> str:
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        done = tally.mini_batches_done - self._initial
+        left = tally.mini_batches_total - tally.mini_batches_done
+        eta = f", ETA {left * elapsed / done:.0f} s" if done else ""
+        return (
+            f"daskrun: {tally.mini_batches_done}/{tally.mini_batches_total} "
+            f"mini-batches, {tally.items_succeeded} items ok, "
+            f"{tally.items_failed} failed, "
+            f"{tally.items_succeeded / elapsed:.0f} items/s{eta}"
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class QueueStream:
+    """A text stream whose writes go to a queue, for a run in a background
+    thread whose output the waiting thread prints."""
+
+    def __init__(self, put: Any):
+        self._put = put
+
+    def write(self, text: str) -> int:
+        self._put(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False

@@ -23,6 +23,8 @@ from typing import Any
 from .config import PipelineParameter, check_parameter_names
 from .datasets import FileDataset
 from .exceptions import ConfigError, DaskRunError, JobFailedError
+from .models import model_refs
+from .monitor import Console, QueueStream
 from .plugin import bundle_source
 from .records import RunRecord, now
 from .step import ParallelRunStep, StepRun, _execute, new_run_id
@@ -225,7 +227,7 @@ class PipelineRun:
         self._thread.start()
 
     def _say(self, line: str) -> None:
-        self._lines.put(line)
+        self._lines.put(line + "\n")
 
     def _run(self) -> None:
         assert self.pipeline is not None and self._record is not None
@@ -267,7 +269,8 @@ class PipelineRun:
             earlier = _reusable(self.workspace, bound.fingerprint)
             if earlier is not None:
                 return self._reuse(bound, earlier)
-        return _execute(bound, say=self._say, cancel=self._cancel)
+        console = Console(True, QueueStream(self._lines.put), tty=sys.stderr.isatty())
+        return _execute(bound, console=console, cancel=self._cancel)
 
     def _reuse(self, bound: ParallelRunStep, earlier: RunRecord) -> StepRun:
         assert bound.run_id is not None
@@ -344,7 +347,8 @@ class PipelineRun:
             except queue.Empty:
                 return
             if show:
-                print(line, file=sys.stderr, flush=True)
+                sys.stderr.write(line)
+                sys.stderr.flush()
 
     def _load(self) -> RunRecord:
         return RunRecord.load(self.run_id, self.workspace.runs_dir)
@@ -397,7 +401,8 @@ def fingerprint(step: ParallelRunStep) -> str:
     """What makes two runs of a step interchangeable: the shipped source
     (script or source directory, file times included), the resolved
     parameters, every input's and side input's files with their sizes and
-    modification times (or ETags), the arguments and the output's datastore."""
+    modification times (or ETags), the arguments, the output's datastore and
+    the workspace's registered model versions."""
     cfg = step.config.resolved
     bundle, script = bundle_source(cfg.entry_script, cfg.source_directory)
     parts = {
@@ -420,6 +425,11 @@ def fingerprint(step: ParallelRunStep) -> str:
         "side_inputs": [ds.stamps() for ds in step.side_inputs],
         "arguments": [str(a) for a in step.arguments],
         "outputs": sorted(w["datastore"] for w in step.outputs.values()),
+        # a newly registered model version may change the results
+        "models": sorted(
+            (r.name, r.version)
+            for r in (model_refs(step.workspace) if step.workspace else [])
+        ),
     }
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

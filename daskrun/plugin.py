@@ -14,8 +14,11 @@ returns a :class:`TryResult`. A user exception is data, not a crash.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import io
 import linecache
+import logging
 import os
 import posixpath
 import shutil
@@ -84,6 +87,9 @@ class TryResult:
     seconds: float
     error: str | None = None  # "ZeroDivisionError: division by zero"
     traceback: str | None = None
+    # what init() (first result of a worker) and run() printed and logged
+    stdout: str = ""
+    log: str = ""
 
 
 @dataclass(frozen=True)
@@ -194,6 +200,101 @@ def agent_name(worker: Any) -> str:
     )
 
 
+# at most this much printed or logged text travels with one result
+_CAPTURE_LIMIT = 1 << 20
+
+
+class _Capture:
+    """What the entry script prints and logs through ``EntryScript().logger``;
+    shipped with each result to the client, which writes the per-worker
+    files (so logs come back from any cluster, shared disk or not)."""
+
+    def __init__(self, agent: str, level: str):
+        self.out = io.StringIO()
+        self.log = io.StringIO()
+        self.logger = logging.getLogger(f"daskrun.entry_script.{agent}")
+        self.logger.handlers.clear()
+        handler = logging.StreamHandler(self.log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.logger.addHandler(handler)
+        self.logger.setLevel(level)
+        self.logger.propagate = False
+
+    def redirect(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.redirect_stdout(self.out)
+
+    def take(self) -> tuple[str, str]:
+        out, log = self.out.getvalue(), self.log.getvalue()
+        if out:
+            self.out.seek(0)
+            self.out.truncate()
+        if log:
+            self.log.seek(0)
+            self.log.truncate()
+        return _clip(out), _clip(log)
+
+
+def _clip(text: str) -> str:
+    if len(text) <= _CAPTURE_LIMIT:
+        return text
+    return text[:_CAPTURE_LIMIT] + f"\n[{len(text) - _CAPTURE_LIMIT} characters cut]\n"
+
+
+# the plugin of the step running in this worker process, for EntryScript()
+_current: EntryScriptPlugin | None = None
+
+
+class EntryScript:
+    """Where the entry script runs, as ParallelRunStep's ``EntryScript``.
+
+    Attributes
+    ----------
+    logger : logging.Logger
+        Lines logged here land in the run's
+        ``logs/user/entry_script_log/<agent>.txt``, at the step's
+        ``logging_level``.
+    log_dir : str
+        A folder of this worker for the script's own files.
+    output_dir : str
+        The step's output folder (``DASKRUN_OUTPUT_PATH``).
+    agent_name : str
+        This worker process, e.g. ``worker-0``.
+
+    Examples
+    --------
+    >>> from daskrun import EntryScript
+    >>> def init():  # doctest: +SKIP
+    ...     EntryScript().logger.info("model loaded")
+    """
+
+    @property
+    def _plugin(self) -> EntryScriptPlugin:
+        if _current is None:
+            raise RuntimeError(
+                "EntryScript() is only available in init() and run() on a "
+                "daskrun worker"
+            )
+        return _current
+
+    @property
+    def logger(self) -> logging.Logger:
+        return self._plugin.capture.logger
+
+    @property
+    def log_dir(self) -> str:
+        path = os.path.join(self._plugin.folder, "logs")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    @property
+    def output_dir(self) -> str:
+        return self._plugin.output_path
+
+    @property
+    def agent_name(self) -> str:
+        return self._plugin.agent
+
+
 class EntryScriptPlugin(WorkerPlugin):
     """Runs the entry script's ``init()`` once per worker process.
 
@@ -234,8 +335,10 @@ class EntryScriptPlugin(WorkerPlugin):
         output: OutputTarget | None,
         run_invocation_timeout: float,
         models: Sequence[ModelRef] | None = None,
+        logging_level: str = "INFO",
     ):
         self.name = name
+        self.logging_level = logging_level
         self.models = None if models is None else list(models)
         self.bundle = bundle
         self.script = script
@@ -254,6 +357,7 @@ class EntryScriptPlugin(WorkerPlugin):
         state = self.__dict__.copy()
         state.pop("_ready", None)
         state.pop("watchdog", None)
+        state.pop("capture", None)
         return state
 
     @property
@@ -265,6 +369,7 @@ class EntryScriptPlugin(WorkerPlugin):
         self._ready = threading.Event()
         self.folder = os.path.join(worker.local_directory, "daskrun", self.name)
         self.agent = agent_name(worker)
+        self.capture = _Capture(self.agent, self.logging_level)
         loop = asyncio.get_running_loop()
         self.watchdog = Watchdog(
             worker, self.events_topic, self.agent, self.run_invocation_timeout
@@ -316,8 +421,11 @@ class EntryScriptPlugin(WorkerPlugin):
                 self.script_display,
             )
             code = compile(source, self.script_display, "exec")
-            exec(code, module.__dict__)
-            module.init()
+            global _current
+            _current = self
+            with self.capture.redirect():
+                exec(code, module.__dict__)
+                module.init()
             self.module = module
         except (Exception, SystemExit) as e:
             self.init_error = _failure(-1, 0, self.agent, None, start, e)
@@ -379,7 +487,14 @@ def process_mini_batches(
             f"init() failed on {plugin.agent}: {error.error if error else 'not run'}"
         )
     cache_root = os.path.join(worker.local_directory, "daskrun-cache")
-    return [_process(plugin, batch, try_no, cache_root) for batch, try_no in tries]
+    results = []
+    for batch, try_no in tries:
+        result = _process(plugin, batch, try_no, cache_root)
+        stdout, log = plugin.capture.take()
+        if stdout or log:
+            result = dataclasses.replace(result, stdout=stdout, log=log)
+        results.append(result)
+    return results
 
 
 def _process(
@@ -403,7 +518,8 @@ def _process(
             items_in = len(mini_batch)
         plugin.watchdog.arm(batch.index)
         try:
-            result = plugin.module.run(mini_batch)  # type: ignore[union-attr]
+            with plugin.capture.redirect():
+                result = plugin.module.run(mini_batch)  # type: ignore[union-attr]
         finally:
             plugin.watchdog.disarm()
         data, items_out = format_rows(result)

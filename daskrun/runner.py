@@ -9,6 +9,7 @@ number of inputs. Each try is its own task; a failed try is resubmitted until
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable
@@ -408,6 +409,7 @@ def run_mini_batches(
         return exceeded
     except BaseException:
         # canceled, interrupted or a bug: stop what is still in flight
-        client.cancel(list(pending))
+        with contextlib.suppress(Exception):  # the cluster may be gone
+            client.cancel(list(pending))
         queue.clear()
         raise

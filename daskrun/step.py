@@ -12,13 +12,14 @@ import copy
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import sys
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +39,7 @@ from .config import (
     mini_batch_size_for,
     missing_packages,
 )
+from .dashboard import install_page, publish
 from .datasets import (
     Dataset,
     DatasetConsumptionConfig,
@@ -49,7 +51,7 @@ from .datasets import (
 )
 from .exceptions import ConfigError, EntryScriptError, JobFailedError
 from .models import model_refs
-from .monitor import REPORT, JobLogs
+from .monitor import REPORT, Console, JobLogs
 from .plugin import (
     EntryScriptPlugin,
     InputSpec,
@@ -369,7 +371,7 @@ class ParallelRunStep:
                 "step that writes it"
             )
         return _execute(
-            self.bind(values, workspace=workspace), say=_printer(show_output)
+            self.bind(values, workspace=workspace), console=Console(show_output)
         )
 
 
@@ -503,13 +505,14 @@ def _entry_script_plugin(
         output=target,
         run_invocation_timeout=cfg.run_invocation_timeout,
         models=None if step.workspace is None else model_refs(step.workspace),
+        logging_level=cfg.logging_level,
     )
 
 
 def _execute(
     step: ParallelRunStep,
     *,
-    say: Callable[[str], None],
+    console: Console,
     resume: RunRecord | None = None,
     retry_failed: bool = False,
     cancel: threading.Event | None = None,
@@ -558,13 +561,18 @@ def _execute(
             if index < total and not done[index]:
                 done[index], succeeded[index] = 2, 1
 
+    say = console.say
+    watch = _Watch(logs, tally, console)
+
     def on_done(batch: Any, result: TryResult, tries: int, counts: Counts) -> None:
         if cancel is not None and cancel.is_set():
             raise Canceled()
         succeeded[result.index] = result.ok
         logs.mini_batch(result, tries, counts)
+        logs.user_output(result)
         if counts.failed:
             logs.failed_items(batch, result)
+        watch.tick()
         if not result.ok:
             say(
                 f"daskrun: mini-batch {result.index} failed after {tries} "
@@ -593,7 +601,13 @@ def _execute(
             verb = "resuming" if resume else "run"
             say(f"daskrun: {verb} {run_id}: {total} mini-batches")
             if link:
-                say(f"daskrun: dashboard {link}")
+                page = install_page(client, link)
+                say(
+                    f"daskrun: dashboard {link}"
+                    + (f" (this job: {page})" if page else "")
+                )
+            watch.client, watch.run_id = client, run_id
+            console.start(total, tally.mini_batches_done)
             _check_environment(client, step.config.environment, run_id)
             if target is not None:
                 _output.prepare_parts(target)
@@ -634,6 +648,8 @@ def _execute(
         )
         raise
     finally:
+        console.close()
+        watch.tick(status, force=True)
         record.status, record.error, record.ended = status, error, now()
         record.counts = tally.counts()
         record.output_path, record.logs_dir = final, str(logs.dir)
@@ -656,6 +672,13 @@ def _execute(
             tally.items_extra,
         )
     say(f"daskrun: {status}: {tally.progress()}")
+    if status == "Failed" and error:
+        say(f"daskrun: {error.splitlines()[0]}")
+        where = _user_frame(
+            tally.first_failure.traceback if tally.first_failure else None
+        )
+        if where:
+            say(f"daskrun: raised at {where}")
     return run
 
 
@@ -736,7 +759,7 @@ def resume(
     step.workspace = workspace
     step.outputs = record.outputs
     return _execute(
-        step, say=_printer(show_output), resume=record, retry_failed=retry_failed
+        step, console=Console(show_output), resume=record, retry_failed=retry_failed
     )
 
 
@@ -855,9 +878,35 @@ def _check_environment(client: Any, environment: Any, run_id: str) -> None:
             )
 
 
-def _printer(show: bool) -> Any:
-    def say(line: str) -> None:
-        if show:
-            print(line, file=sys.stderr, flush=True)
+class _Watch:
+    """Keeps the live views of a run current: the progress display, the
+    overview file and the dashboard page (each at most once a second)."""
 
-    return say
+    def __init__(self, logs: JobLogs, tally: Tally, console: Console):
+        self.logs, self.tally, self.console = logs, tally, console
+        self.client: Any = None
+        self.run_id = ""
+        self._last = 0.0
+
+    def tick(self, status: str = "Running", force: bool = False) -> None:
+        now_ = time.monotonic()
+        due = force or now_ - self._last >= 1.0
+        snap = self.logs.snapshot(self.tally, status) if due else None
+        self.console.update(self.tally)
+        if snap is None:
+            return
+        self._last = now_
+        self.logs.overview(snap)
+        if self.client is not None:
+            publish(self.client, self.run_id, snap)
+
+
+def _user_frame(traceback: str | None) -> str | None:
+    """``file, line N, in fn`` of the innermost frame of a traceback."""
+    if not traceback:
+        return None
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', traceback)
+    if not frames:
+        return None
+    path, line, fn = frames[-1]
+    return f"{path}, line {line}, in {fn}"

@@ -1,0 +1,203 @@
+"""The daskrun page of the Dask dashboard: ``<dashboard>/daskrun``.
+
+The client publishes a snapshot of the job about once a second as a
+scheduler event (topic ``daskrun-progress``): counts, speed, ETA, each
+worker's throughput and the latest errors. :func:`install_page` adds a small
+web application to the scheduler's own HTTP server (the one serving the
+Bokeh dashboard), so the page works on clusters daskrun started and on
+clusters it was given. The page draws Bokeh plots of progress over time and
+of throughput per worker, refreshed every two seconds; BokehJS is served
+inline, so the page needs no network.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from typing import Any
+from urllib.parse import urljoin
+
+from tornado import web
+
+TOPIC = "daskrun-progress"
+REFRESH_MS = 2000
+
+
+def publish(client: Any, run_id: str, snapshot: dict[str, Any]) -> None:
+    """Send one snapshot of a job to the scheduler (best effort)."""
+    try:
+        client.log_event(TOPIC, {"run_id": run_id, "time": time.time(), **snapshot})
+    except Exception:  # noqa: BLE001 - monitoring must never fail a job
+        pass
+
+
+def install_page(client: Any, dashboard_link: str) -> str | None:
+    """Serve the daskrun page from the scheduler; return its URL, or None
+    when the scheduler cannot (no dashboard, or daskrun not installed
+    there)."""
+    try:
+        installed = client.run_on_scheduler(_install)
+    except Exception:  # noqa: BLE001
+        return None
+    return urljoin(dashboard_link, "daskrun") if installed else None
+
+
+def _install(dask_scheduler: Any) -> bool:
+    app = getattr(dask_scheduler, "http_application", None)
+    if app is None:
+        return False
+    if not getattr(dask_scheduler, "_daskrun_page", False):
+        routes = [
+            (r"/daskrun/?", PageHandler, {"scheduler": dask_scheduler}),
+            (r"/daskrun/plots", PlotsHandler, {"scheduler": dask_scheduler}),
+        ]
+        app.add_application(web.Application(routes))
+        dask_scheduler._daskrun_page = True
+    return True
+
+
+def _history(scheduler: Any) -> list[dict[str, Any]]:
+    """The snapshots of the latest job."""
+    events = [msg for _, msg in scheduler.get_events(TOPIC)]
+    if not events:
+        return []
+    latest = events[-1]["run_id"]
+    return [e for e in events if e["run_id"] == latest]
+
+
+class PageHandler(web.RequestHandler):
+    def initialize(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def get(self) -> None:
+        self.write(_page())
+
+
+class PlotsHandler(PageHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.write(json.dumps(_plots(_history(self.scheduler))))
+
+
+def _page() -> str:
+    from bokeh.resources import INLINE
+
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>daskrun job</title>
+{INLINE.render_js()}
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
+#summary td {{ padding: 0 1em 0 0; }}
+.plots {{ display: flex; gap: 1em; flex-wrap: wrap; }}
+#errors li {{ color: #a00; font-family: monospace; }}
+</style></head>
+<body>
+<h2>daskrun: <span id="run">waiting for a job…</span></h2>
+<table id="summary"></table>
+<div class="plots"><div id="progress"></div><div id="workers"></div></div>
+<h3>Latest errors</h3><ul id="errors"><li>none</li></ul>
+<script>
+async function refresh() {{
+  const here = location.pathname;
+  const reply = await fetch((here.endsWith("/") ? here : here + "/") + "plots");
+  const data = await reply.json();
+  if (!data.run_id) return;
+  document.getElementById("run").textContent = data.run_id;
+  document.getElementById("summary").innerHTML = data.summary;
+  document.getElementById("errors").innerHTML = data.errors;
+  for (const name of ["progress", "workers"]) {{
+    const el = document.getElementById(name);
+    el.innerHTML = "";
+    await Bokeh.embed.embed_item(data[name], name);
+    el.dataset.rendered = "1";
+  }}
+}}
+refresh();
+setInterval(refresh, {REFRESH_MS});
+</script></body></html>"""
+
+
+def _plots(history: list[dict[str, Any]]) -> dict[str, Any]:
+    from bokeh.embed import json_item
+    from bokeh.models import ColumnDataSource, FactorRange, Range1d
+    from bokeh.plotting import figure
+
+    if not history:
+        return {"run_id": None}
+    last = history[-1]
+    t0 = history[0]["time"] - history[0]["elapsed"]
+    source = ColumnDataSource(
+        {
+            "t": [e["time"] - t0 for e in history],
+            "done": [e["mini_batches_done"] for e in history],
+            "failed": [e["mini_batches_failed"] for e in history],
+        }
+    )
+    progress = figure(
+        title=f"Mini-batches done of {last['mini_batches_total']}",
+        width=520,
+        height=320,
+        x_axis_label="seconds",
+        y_range=Range1d(start=0, end=max(1, last["mini_batches_total"])),
+        tools="",
+        toolbar_location=None,
+    )
+    progress.line("t", "done", source=source, line_width=2, legend_label="done")
+    progress.line(
+        "t",
+        "failed",
+        source=source,
+        line_width=2,
+        color="firebrick",
+        legend_label="failed",
+    )
+    progress.legend.location = "top_left"
+    names = list(last["workers"]) or ["-"]
+    rates = [last["workers"].get(n, {}).get("items_per_second", 0.0) for n in names]
+    workers = figure(
+        title="Throughput per worker (items/s in run())",
+        x_range=FactorRange(*names),
+        width=520,
+        height=320,
+        tools="",
+        toolbar_location=None,
+    )
+    workers.vbar(x=names, top=rates, width=0.7)
+    workers.y_range = Range1d(start=0, end=max([*rates, 1.0]) * 1.1)
+    eta = last["eta_seconds"]
+    rows = [
+        ("status", last["status"]),
+        (
+            "mini-batches",
+            f"{last['mini_batches_done']}/{last['mini_batches_total']} done, "
+            f"{last['mini_batches_failed']} failed",
+        ),
+        ("items", f"{last['items_succeeded']} ok, {last['items_failed']} failed"),
+        ("speed", f"{last['items_per_second']:.1f} items/s"),
+        ("elapsed", f"{last['elapsed']:.0f} s"),
+        ("ETA", "-" if eta is None else f"{eta:.0f} s"),
+    ]
+    rows += [
+        (
+            name,
+            f"{w['mini_batches']} mini-batches, {w['items']} items, "
+            f"{w['items_per_second']:.1f} items/s",
+        )
+        for name, w in last["workers"].items()
+    ]
+    summary = "".join(
+        f"<tr><td><b>{html.escape(k)}</b></td><td>{html.escape(str(v))}</td></tr>"
+        for k, v in rows
+    )
+    errors = (
+        "".join(f"<li>{html.escape(e)}</li>" for e in last["latest_errors"])
+        or "<li>none</li>"
+    )
+    return {
+        "run_id": last["run_id"],
+        "summary": summary,
+        "errors": errors,
+        "progress": json_item(progress),
+        "workers": json_item(workers),
+    }
