@@ -21,6 +21,7 @@ from . import __version__
 from .config import (
     LOGGING_LEVELS,
     OUTPUT_ACTIONS,
+    OUTPUT_FORMATS,
     ParallelRunConfig,
     missing_packages,
 )
@@ -76,6 +77,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allowed-failed-percent", type=float, metavar="P")
     run.add_argument("--output-action", choices=OUTPUT_ACTIONS)
     run.add_argument("--append-row-file-name", metavar="NAME")
+    run.add_argument(
+        "--output-format",
+        choices=OUTPUT_FORMATS,
+        help="text lines (default), csv with a header, or parquet",
+    )
     run.add_argument(
         "--processes", type=int, metavar="N", help="worker processes per node"
     )
@@ -187,6 +193,7 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         run_invocation_timeout=args.timeout,
         run_max_try=args.max_tries,
         append_row_file_name=args.append_row_file_name,
+        output_format=args.output_format,
         allowed_failed_count=args.allowed_failed_count,
         allowed_failed_percent=args.allowed_failed_percent,
     )

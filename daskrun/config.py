@@ -29,6 +29,7 @@ with _defaults_file.open() as _f:
 dask.config.update_defaults(_defaults)
 
 OUTPUT_ACTIONS = ("append_row", "summary_only")
+OUTPUT_FORMATS = ("text", "csv", "parquet")
 LOGGING_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _STEP_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _BYTE_SIZE = re.compile(r"^(\d+)([kKmMgG][bB])?$")
@@ -51,6 +52,7 @@ RESERVED_ARGUMENTS = frozenset(
         "run_invocation_timeout",
         "run_max_try",
         "append_row_file_name",
+        "output_format",
         "allowed_failed_count",
         "allowed_failed_percent",
         "environment_variables",
@@ -392,6 +394,7 @@ class ResolvedConfig:
     allowed_failed_count: int | None
     allowed_failed_percent: float | None
     environment_variables: Mapping[str, str] = field(default_factory=dict)
+    output_format: str = "text"
     description: str | None = None
 
 
@@ -425,7 +428,12 @@ class ParallelRunConfig:
     run_max_try : int
         Tries per mini-batch before it counts as failed.
     append_row_file_name : str
-        Name of the output file (default ``parallel_run_step.txt``).
+        Name of the output file (default ``parallel_run_step.txt``, or
+        ``.csv`` / ``.parquet`` with those formats).
+    output_format : {"text", "csv", "parquet"}
+        ``append_row`` output as ParallelRunStep's text lines (default), as
+        CSV with a header, or as Parquet (DataFrame results keep their
+        columns; a list becomes the column ``result``).
     allowed_failed_count : int, optional
         Failed mini-batches tolerated.
     allowed_failed_percent : float, optional
@@ -465,6 +473,7 @@ class ParallelRunConfig:
         allowed_failed_count: int | None = None,
         allowed_failed_percent: float | None = None,
         environment_variables: Mapping[str, str] | None = None,
+        output_format: str | None = None,
     ):
         self.compute_target = compute_target
         if environment is not None and not isinstance(environment, Environment):
@@ -489,6 +498,7 @@ class ParallelRunConfig:
             allowed_failed_count=allowed_failed_count,
             allowed_failed_percent=allowed_failed_percent,
             environment_variables=environment_variables,
+            output_format=output_format,
         )
         self.parameters: dict[str, PipelineParameter] = {}
         for key, value in self._kwargs.items():
@@ -580,7 +590,18 @@ def _resolve(**kw: Any) -> ResolvedConfig:
     )
     max_try = _check_int("run_max_try", _pick(kw["run_max_try"], "run-max-try"), 1, 3)
 
-    file_name = _pick(kw["append_row_file_name"], "append-row-file-name")
+    output_format = _pick(kw["output_format"], "output-format")
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigError(
+            f"output_format={output_format!r} is not one of "
+            f"{', '.join(map(repr, OUTPUT_FORMATS))}; use output_format='csv' for "
+            "CSV with a header"
+        )
+    file_name = kw["append_row_file_name"]
+    if file_name is None:
+        default = str(config_get("append-row-file-name"))
+        ext = {"csv": ".csv", "parquet": ".parquet"}.get(output_format)
+        file_name = default.rsplit(".", 1)[0] + ext if ext else default
     if (
         not isinstance(file_name, str)
         or not file_name
@@ -646,4 +667,5 @@ def _resolve(**kw: Any) -> ResolvedConfig:
         allowed_failed_percent=afp,
         environment_variables=env_vars,
         description=kw["description"],
+        output_format=output_format,
     )

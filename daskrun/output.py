@@ -10,6 +10,7 @@ final one and publishes it with one rename. A failed job publishes nothing.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import uuid
@@ -37,6 +38,7 @@ class OutputTarget:
     file_name: str
     run_id: str
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    output_format: str = "text"  # "text", "csv" (with header) or "parquet"
 
     @cached_property
     def local(self) -> bool:
@@ -57,25 +59,24 @@ class OutputTarget:
         return f"{self.parts_url}/{index:0{_PART_DIGITS}d}.part"
 
 
-def format_rows(result: Any) -> tuple[bytes, int]:
-    """Turn ``run()``'s return value into output lines and a row count.
+def format_rows(result: Any, output_format: str = "text") -> tuple[bytes, int]:
+    """Turn ``run()``'s return value into one part's bytes and a row count.
 
-    A DataFrame gives one space-separated line per row, without header (as
-    ParallelRunStep writes it); any other sequence gives ``str(element)`` per
-    line, with line breaks inside an element escaped so one element stays one
-    line.
+    ``"text"``: a DataFrame gives one space-separated line per row, without
+    header (as ParallelRunStep writes it); any other sequence gives
+    ``str(element)`` per line, with line breaks inside an element escaped so
+    one element stays one line. ``"csv"``: CSV rows with a header line.
+    ``"parquet"``: a Parquet file. For these two, a list becomes one column,
+    ``result``.
 
     >>> format_rows(["a: 1", "b\\n2"])
     (b'a: 1\\nb\\\\n2\\n', 2)
+    >>> format_rows(["x", "y"], "csv")
+    (b'result\\nx\\ny\\n', 2)
     """
     import pandas as pd
 
-    if isinstance(result, pd.DataFrame):
-        if len(result) == 0:
-            return b"", 0
-        text = result.to_csv(sep=" ", header=False, index=False, lineterminator="\n")
-        return text.encode(), len(result)
-    if (
+    if not isinstance(result, pd.DataFrame) and (
         result is None
         or isinstance(result, (str, bytes, Mapping))
         or not hasattr(result, "__len__")
@@ -84,6 +85,23 @@ def format_rows(result: Any) -> tuple[bytes, int]:
             f"run() returned {type(result).__name__}; return a list, tuple, array, "
             "Series or DataFrame with one element per input"
         )
+    if output_format != "text":
+        frame = (
+            result
+            if isinstance(result, pd.DataFrame)
+            else pd.DataFrame({"result": list(result)})
+        )
+        if output_format == "csv":
+            text = frame.to_csv(index=False, lineterminator="\n")
+            return text.encode(), len(frame)
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        return buf.getvalue(), len(frame)
+    if isinstance(result, pd.DataFrame):
+        if len(result) == 0:
+            return b"", 0
+        text = result.to_csv(sep=" ", header=False, index=False, lineterminator="\n")
+        return text.encode(), len(result)
     lines = [str(x).replace("\r", "\\r").replace("\n", "\\n") for x in list(result)]
     if not lines:
         return b"", 0
@@ -119,9 +137,14 @@ def committed_parts(target: OutputTarget) -> list[int]:
 
 
 def count_rows(target: OutputTarget, index: int) -> int:
-    """Lines in a committed part."""
+    """Rows in a committed part."""
     with target.fs().open(target.part_url(index), "rb") as f:
-        return sum(1 for _ in f)
+        if target.output_format == "parquet":
+            import pyarrow.parquet as pq
+
+            return int(pq.ParquetFile(f).metadata.num_rows)
+        lines = sum(1 for _ in f)
+    return max(0, lines - 1) if target.output_format == "csv" else lines
 
 
 def prepare_parts(target: OutputTarget) -> None:
@@ -137,9 +160,17 @@ def assemble(target: OutputTarget, indices: Iterable[int]) -> str:
     tmp = f"{target.url.rstrip('/')}/.{target.file_name}.{uuid.uuid4().hex}.partial"
     try:
         with fs.open(tmp, "wb") as out:
-            for index in indices:
-                with fs.open(target.part_url(index), "rb") as part:
-                    shutil.copyfileobj(part, out, 1 << 20)
+            if target.output_format == "parquet":
+                _concat_parquet(target, indices, out)
+            else:
+                header = target.output_format == "csv"
+                first = True
+                for index in indices:
+                    with fs.open(target.part_url(index), "rb") as part:
+                        if header and not first:
+                            part.readline()  # one header, from the first part
+                        first = False
+                        shutil.copyfileobj(part, out, 1 << 20)
             if isinstance(fs, LocalFileSystem):
                 out.flush()
                 os.fsync(out.fileno())
@@ -152,6 +183,31 @@ def assemble(target: OutputTarget, indices: Iterable[int]) -> str:
             fs.rm(tmp)
         raise
     return final
+
+
+def _concat_parquet(target: OutputTarget, indices: Iterable[int], out: Any) -> None:
+    """Stream the parts' tables into one Parquet file, one part at a time."""
+    import pyarrow.parquet as pq
+
+    fs = target.fs()
+    writer = None
+    try:
+        for index in indices:
+            with fs.open(target.part_url(index), "rb") as part:
+                table = pq.read_table(part)
+            if writer is None:
+                writer = pq.ParquetWriter(out, table.schema)
+            elif table.schema != writer.schema:
+                raise TypeError(
+                    f"mini-batch {index}'s result has columns {table.schema} unlike "
+                    f"the first one's {writer.schema}; return DataFrames of one "
+                    "schema for output_format='parquet'"
+                )
+            if table.num_rows:
+                writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def remove_parts(target: OutputTarget) -> None:

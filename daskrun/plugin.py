@@ -522,7 +522,9 @@ def _process(
                 result = plugin.module.run(mini_batch)  # type: ignore[union-attr]
         finally:
             plugin.watchdog.disarm()
-        data, items_out = format_rows(result)
+        data, items_out = format_rows(
+            result, plugin.output.output_format if plugin.output else "text"
+        )
         if plugin.output is not None:
             write_part(plugin.output, batch.index, data)
     except (Exception, SystemExit) as e:

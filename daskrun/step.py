@@ -529,7 +529,11 @@ def _execute(
     run_dir = root / run_id
     target = (
         _output.OutputTarget(
-            step.output, cfg.append_row_file_name, run_id, step.output_storage_options
+            step.output,
+            cfg.append_row_file_name,
+            run_id,
+            step.output_storage_options,
+            cfg.output_format,
         )
         if step.output is not None and cfg.output_action == "append_row"
         else None
