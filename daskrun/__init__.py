@@ -17,7 +17,7 @@ An entry script with ``init()`` and ``run(mini_batch)``, a
 
 from __future__ import annotations
 
-from .compute import ComputeTarget, LocalCompute, RemoteCompute
+from .compute import ComputeTarget, LocalCompute, RemoteCompute, SlurmCompute
 from .config import Environment, ParallelRunConfig, PipelineParameter
 from .datasets import (
     Dataset,
@@ -67,6 +67,7 @@ __all__ = [
     "PipelineParameter",
     "PipelineRun",
     "RemoteCompute",
+    "SlurmCompute",
     "StepRun",
     "TabularDataset",
     "ThresholdExceededError",

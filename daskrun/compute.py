@@ -16,22 +16,44 @@ import json
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterator
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import dask.config
+import dask.utils
 from distributed import Client, LocalCluster
 
 from .config import config_get
 from .exceptions import ConfigError
+from .jobqueue import WorkerWatch, is_jobqueue_cluster, jobqueue_client
 
 logger = logging.getLogger("daskrun")
 
 
+def gpu_count() -> int:
+    """NVIDIA GPUs this process may use (``CUDA_VISIBLE_DEVICES``, else
+    ``nvidia-smi -L``); 0 without any."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() not in ("", "-1")])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return done.stdout.count("GPU ") if done.returncode == 0 else 0
+
+
 def default_process_count() -> int:
-    """One worker process per core of this machine."""
-    return (
+    """One worker process per GPU on a GPU machine, else one per core."""
+    return gpu_count() or (
         len(os.sched_getaffinity(0))
         if hasattr(os, "sched_getaffinity")
         else (os.cpu_count() or 1)
@@ -40,20 +62,35 @@ def default_process_count() -> int:
 
 @contextlib.contextmanager
 def connect(
-    compute_target: Any, node_count: int, process_count_per_node: int | None
+    compute_target: Any,
+    node_count: int,
+    process_count_per_node: int | None,
+    on_lost: Callable[[str], None] | None = None,
+    security: Any = None,
 ) -> Iterator[Client]:
-    """Yield a client for ``compute_target``; clean up only what was started."""
+    """Yield a client for ``compute_target``; clean up only what was started.
+
+    On a batch queue, ``on_lost(reason)`` is called when every worker is gone
+    for ``daskrun.jobqueue.start-timeout`` seconds.
+    """
     if compute_target is None:
         n = node_count * (process_count_per_node or default_process_count())
         with _local_cluster(n) as client:
             yield client
     elif isinstance(compute_target, ComputeTarget):
-        with compute_target.connect(node_count, process_count_per_node) as client:
+        with compute_target.connect(
+            node_count, process_count_per_node, on_lost
+        ) as client:
+            yield client
+    elif is_jobqueue_cluster(compute_target):
+        with _on_queue(
+            compute_target, node_count, process_count_per_node, on_lost, close=False
+        ) as client:
             yield client
     elif isinstance(compute_target, Client):
         yield compute_target
     elif isinstance(compute_target, str):
-        with _scheduler(compute_target) as client:
+        with _scheduler(compute_target, security) as client:
             yield client
     elif hasattr(compute_target, "scheduler_address"):
         with Client(compute_target) as client:
@@ -81,21 +118,26 @@ def _local_cluster(
     # A worker that dies (a run() stopped for its timeout, a memory kill)
     # fails its task at once, since daskrun counts tries itself; and each
     # worker holds only the task it runs, so a death charges no other.
+    options: dict[str, Any] = dict(
+        n_workers=n,
+        threads_per_worker=1,
+        host=config_get("local-cluster.host"),
+        dashboard_address=dashboard_address
+        or config_get("local-cluster.dashboard-address"),
+        memory_limit=memory_limit or config_get("local-cluster.memory-limit"),
+    )
     with dask.config.set(
         {
             "distributed.scheduler.allowed-failures": 0,
             "distributed.scheduler.worker-saturation": 1.0,
         }
     ):
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            host=config_get("local-cluster.host"),
-            dashboard_address=dashboard_address
-            or config_get("local-cluster.dashboard-address"),
-            memory_limit=memory_limit or config_get("local-cluster.memory-limit"),
-        )
+        cuda = _cuda_cluster_class() if gpu_count() else None
+        if cuda is not None:
+            # one worker per GPU, each with its own CUDA_VISIBLE_DEVICES
+            cluster = cuda(**options)
+        else:
+            cluster = LocalCluster(processes=True, **options)
     try:
         with Client(cluster) as client:
             yield client
@@ -104,10 +146,43 @@ def _local_cluster(
 
 
 @contextlib.contextmanager
-def _scheduler(address: str) -> Iterator[Client]:
+def _on_queue(
+    cluster: Any,
+    node_count: int,
+    process_count_per_node: int | None,
+    on_lost: Callable[[str], None] | None,
+    close: bool,
+) -> Iterator[Client]:
+    timeout = float(config_get("jobqueue.start-timeout"))
+    with jobqueue_client(
+        cluster, node_count, process_count_per_node, timeout, close=close
+    ) as client:
+        if on_lost is None:
+            yield client
+            return
+        found = re.search(r"(?:-t|--time)[ =](\S+)", cluster.job_header)
+        walltime = found.group(1) if found else "?"
+        with WorkerWatch(client, timeout, on_lost, f"walltime={walltime}"):
+            yield client
+
+
+def _cuda_cluster_class() -> Any:
     try:
-        client = Client(address, timeout=10)
-    except (OSError, ValueError) as e:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        logger.warning(
+            "GPUs found but dask-cuda is not installed; workers are not pinned "
+            "to GPUs (pip install 'daskrun[cuda]')"
+        )
+        return None
+    return LocalCUDACluster
+
+
+@contextlib.contextmanager
+def _scheduler(address: str, security: Any = None) -> Iterator[Client]:
+    try:
+        client = Client(address, timeout=10, security=security)
+    except (OSError, ValueError, TimeoutError) as e:
         raise ConfigError(
             f"compute_target={address!r} cannot be reached ({e}); start a "
             "scheduler there, or use compute_target=None for a local cluster"
@@ -158,6 +233,82 @@ class RemoteCompute:
                 "'tcp://10.0.0.5:8786'"
             )
         return ProvisioningConfiguration("scheduler", {"address": address})
+
+
+class SlurmCompute:
+    """Worker processes in Slurm batch jobs, through dask-jobqueue's
+    ``SLURMCluster``: ``node_count`` jobs of ``process_count_per_node``
+    worker processes each, requested for each step and cancelled after."""
+
+    @staticmethod
+    def provisioning_configuration(
+        queue: str | None = None,
+        cores: int = 1,
+        memory: str = "2GB",
+        walltime: str = "01:00:00",
+        python: str | None = None,
+        interface: str | None = None,
+        account: str | None = None,
+        job_extra_directives: list[str] | None = None,
+        local_directory: str | None = None,
+        log_directory: str | None = None,
+    ) -> ProvisioningConfiguration:
+        """``cores`` and ``memory`` are per worker process; ``python`` is the
+        interpreter on the nodes (default: this one)."""
+        try:
+            import dask_jobqueue  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "SlurmCompute needs dask-jobqueue; pip install 'daskrun[jobqueue]'"
+            ) from None
+        if not isinstance(cores, int) or cores < 1:
+            raise ConfigError(f"cores={cores!r} must be an int of at least 1")
+        return ProvisioningConfiguration(
+            "slurm",
+            {
+                "queue": queue,
+                "cores": cores,
+                "memory": memory,
+                "walltime": walltime,
+                "python": python,
+                "interface": interface,
+                "account": account,
+                "job_extra_directives": job_extra_directives or [],
+                "local_directory": local_directory,
+                "log_directory": log_directory,
+            },
+        )
+
+
+def slurm_cluster(options: dict[str, Any], processes: int) -> Any:
+    """A SLURMCluster whose jobs run ``processes`` workers of the given
+    per-process size; nothing is submitted yet."""
+    import sys
+
+    from dask_jobqueue import SLURMCluster
+
+    from .records import runs_dir
+
+    host = str(config_get("local-cluster.host"))
+    logs = options.get("log_directory") or str(runs_dir() / "slurm-logs")
+    os.makedirs(logs, exist_ok=True)
+    memory = dask.utils.parse_bytes(options["memory"]) * processes
+    return SLURMCluster(
+        queue=options.get("queue"),
+        account=options.get("account"),
+        cores=options["cores"] * processes,
+        processes=processes,
+        memory=dask.utils.format_bytes(memory).replace(" ", "").replace("iB", "B"),
+        walltime=options["walltime"],
+        python=options.get("python") or sys.executable,
+        interface=options.get("interface"),
+        job_extra_directives=options.get("job_extra_directives") or [],
+        local_directory=options.get("local_directory"),
+        log_directory=logs,
+        # servers of the scheduler and workers stay on the given interface
+        scheduler_options={"dashboard_address": f"{host}:0"},
+        worker_extra_args=["--dashboard-address", f"{host}:0"],
+    )
 
 
 class ComputeTarget:
@@ -229,9 +380,18 @@ class ComputeTarget:
 
     @contextlib.contextmanager
     def connect(
-        self, node_count: int, process_count_per_node: int | None
+        self,
+        node_count: int,
+        process_count_per_node: int | None,
+        on_lost: Callable[[str], None] | None = None,
     ) -> Iterator[Client]:
-        if self.kind == "local":
+        if self.kind == "slurm":
+            cluster = slurm_cluster(self.options, process_count_per_node or 1)
+            with _on_queue(
+                cluster, node_count, process_count_per_node, on_lost, close=True
+            ) as client:
+                yield client
+        elif self.kind == "local":
             n = node_count * (process_count_per_node or default_process_count())
             with _local_cluster(
                 n,

@@ -441,6 +441,8 @@ class ParallelRunConfig:
         mini-batches are scheduled.
     environment_variables : dict, optional
         Set on every worker before ``init()``.
+    security : distributed.security.Security, optional
+        TLS certificates for connecting to a ``tls://`` scheduler address.
 
     Examples
     --------
@@ -474,8 +476,12 @@ class ParallelRunConfig:
         allowed_failed_percent: float | None = None,
         environment_variables: Mapping[str, str] | None = None,
         output_format: str | None = None,
+        security: Any = None,
     ):
         self.compute_target = compute_target
+        # distributed.security.Security for TLS scheduler connections; kept
+        # on the client (it names key files), never shipped to workers
+        self.security = security
         if environment is not None and not isinstance(environment, Environment):
             raise ConfigError(
                 f"environment={environment!r} is not an Environment; use "

@@ -27,6 +27,7 @@ from .models import model_refs
 from .monitor import Console, QueueStream
 from .plugin import bundle_source
 from .records import RunRecord, now
+from .runner import Interrupt
 from .step import ParallelRunStep, StepRun, _execute, new_run_id
 from .workspace import Datastore, Workspace
 
@@ -183,7 +184,7 @@ class PipelineRun:
         self.run_id = run_id
         self._record = record
         self._thread: threading.Thread | None = None
-        self._cancel = threading.Event()
+        self._interrupt = Interrupt()
         self._lines: queue.Queue[str] = queue.Queue()
 
     @property
@@ -236,8 +237,8 @@ class PipelineRun:
         status, error = "Completed", None
         try:
             for step in self.pipeline.steps:
-                if self._cancel.is_set():
-                    status, error = "Canceled", "canceled (run.cancel())"
+                if self._interrupt.reason is not None:
+                    status, error = "Canceled", self._interrupt.reason
                     break
                 run = self._run_step(step, produced)
                 if run.status != "Completed":
@@ -270,7 +271,7 @@ class PipelineRun:
             if earlier is not None:
                 return self._reuse(bound, earlier)
         console = Console(True, QueueStream(self._lines.put), tty=sys.stderr.isatty())
-        return _execute(bound, console=console, cancel=self._cancel)
+        return _execute(bound, console=console, interrupt=self._interrupt)
 
     def _reuse(self, bound: ParallelRunStep, earlier: RunRecord) -> StepRun:
         assert bound.run_id is not None
@@ -357,14 +358,14 @@ class PipelineRun:
         return self._load().status
 
     def cancel(self) -> None:
-        """Stop the run: no new mini-batch starts; those in flight finish.
-        The step run ends ``Canceled`` and can be resumed."""
+        """Stop the run now: mini-batches in flight are cancelled, no new one
+        starts. The step run ends ``Canceled`` and can be resumed."""
         if self._thread is None:
             raise ConfigError(
                 f"run {self.run_id!r} was started by another process; stop that "
                 "process (Ctrl-C) to cancel it"
             )
-        self._cancel.set()
+        self._interrupt.trigger("canceled (run.cancel())", canceled=True)
 
     def get_steps(self) -> list[StepRun]:
         return [

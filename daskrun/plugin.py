@@ -193,11 +193,15 @@ class Watchdog:
 
 
 def agent_name(worker: Any) -> str:
-    """``worker-<name>`` for a worker, as ParallelRunStep names its agents."""
+    """``worker-<name>`` for a worker, as ParallelRunStep names its agents;
+    ``-gpu<n>`` is added for a worker pinned to GPU ``n`` (dask-cuda sets
+    ``CUDA_VISIBLE_DEVICES`` with its own GPU first)."""
     name = worker.name
-    return (
+    agent = (
         f"worker-{name}" if isinstance(name, int) or str(name).isdigit() else str(name)
     )
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return f"{agent}-gpu{gpu}" if gpu and gpu != "-1" else agent
 
 
 # at most this much printed or logged text travels with one result

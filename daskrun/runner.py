@@ -20,7 +20,7 @@ from distributed import Client, as_completed
 
 from .config import ResolvedConfig, config_get
 from .datasets import MiniBatch
-from .exceptions import ThresholdExceededError
+from .exceptions import JobFailedError, ThresholdExceededError
 from .plugin import TryResult, init_timeout, process_mini_batches
 
 logger = logging.getLogger("daskrun")
@@ -291,6 +291,38 @@ class LostTasks:
         return f"WorkerDied: {worker} died while running it ({exc})", worker
 
 
+class Canceled(Exception):
+    """Raised inside a run to stop it: its PipelineRun was canceled."""
+
+
+class Interrupt:
+    """Stops :func:`run_mini_batches` from another thread: a canceled run,
+    or a cluster whose workers are gone. What is in flight is cancelled at
+    once."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.canceled = False
+        self.client: Client | None = None
+        self.pending: dict[Any, Any] = {}
+
+    def trigger(self, reason: str, canceled: bool = False) -> None:
+        if self.reason is not None:
+            return
+        self.canceled = canceled
+        self.reason = reason
+        if self.client is not None:
+            # wakes the runner, which waits for results
+            with contextlib.suppress(Exception):
+                self.client.cancel(list(self.pending))
+
+    def check(self) -> None:
+        if self.reason is not None:
+            raise (
+                Canceled(self.reason) if self.canceled else JobFailedError(self.reason)
+            )
+
+
 def run_mini_batches(
     client: Client,
     events_topic: str,
@@ -300,6 +332,7 @@ def run_mini_batches(
     cfg: ResolvedConfig,
     key_prefix: str,
     on_done: Callable[[MiniBatch, TryResult, int, Counts], None],
+    interrupt: Interrupt | None = None,
 ) -> str | None:
     """Run every mini-batch to success or ``run_max_try`` failed tries.
 
@@ -319,6 +352,8 @@ def run_mini_batches(
     scheduled = 0
     submitted = itertools.count()
     lost = LostTasks(client, events_topic, cfg.run_invocation_timeout)
+    interrupt = interrupt or Interrupt()
+    interrupt.client, interrupt.pending = client, pending
 
     def submit(group: list[tuple[MiniBatch, int]]) -> None:
         first, try_no = group[0]
@@ -349,6 +384,7 @@ def run_mini_batches(
         fill()
         exceeded = check_thresholds(tally, cfg)
         for future, outcome in queue:
+            interrupt.check()
             group = pending.pop(future)
             if isinstance(outcome, list):
                 results: list[TryResult] = outcome

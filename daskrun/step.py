@@ -16,7 +16,6 @@ import re
 import secrets
 import shutil
 import sys
-import threading
 import time
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -60,7 +59,15 @@ from .plugin import (
     bundle_source,
 )
 from .records import SOURCE, RunRecord, now, read_report, runs_dir
-from .runner import Counts, LostTasks, Tally, run_mini_batches, threshold_error
+from .runner import (
+    Canceled,
+    Counts,
+    Interrupt,
+    LostTasks,
+    Tally,
+    run_mini_batches,
+    threshold_error,
+)
 from .workspace import Datastore, OutputData
 
 logger = logging.getLogger("daskrun")
@@ -515,10 +522,11 @@ def _execute(
     console: Console,
     resume: RunRecord | None = None,
     retry_failed: bool = False,
-    cancel: threading.Event | None = None,
+    interrupt: Interrupt | None = None,
 ) -> StepRun:
-    """Run a bound step; ``cancel`` (set from another thread) stops it as
-    ``Canceled`` once the mini-batches in flight finish."""
+    """Run a bound step; ``interrupt`` (triggered from another thread) stops
+    it, ``Canceled`` or ``Failed``, cancelling what is in flight."""
+    interrupt = interrupt or Interrupt()
     cfg = step.config.resolved
     started = time.perf_counter()
     # planning lists and measures the inputs: a missing or empty input fails
@@ -569,8 +577,7 @@ def _execute(
     watch = _Watch(logs, tally, console)
 
     def on_done(batch: Any, result: TryResult, tries: int, counts: Counts) -> None:
-        if cancel is not None and cancel.is_set():
-            raise Canceled()
+        interrupt.check()
         succeeded[result.index] = result.ok
         logs.mini_batch(result, tries, counts)
         logs.user_output(result)
@@ -599,7 +606,11 @@ def _execute(
     record.save()
     try:
         with connect(
-            step.config.compute_target, cfg.node_count, cfg.process_count_per_node
+            step.config.compute_target,
+            cfg.node_count,
+            cfg.process_count_per_node,
+            on_lost=lambda reason: interrupt.trigger(reason.replace("RUN_ID", run_id)),
+            security=step.config.security,
         ) as client:
             link = dashboard_link(client)
             verb = "resuming" if resume else "run"
@@ -626,6 +637,7 @@ def _execute(
                     cfg,
                     key_prefix=f"{step.name}-{run_id[-6:]}",
                     on_done=on_done,
+                    interrupt=interrupt,
                 )
             finally:
                 _unregister(client, plugin.name)
@@ -642,8 +654,8 @@ def _execute(
             status = "Completed"
     except JobFailedError as e:
         error = str(e)
-    except Canceled:
-        status, error = "Canceled", "canceled (run.cancel())"
+    except Canceled as e:
+        status, error = "Canceled", str(e)
         say(f"daskrun: canceled; resume with: daskrun resume {run_id}")
     except KeyboardInterrupt:
         status, error = "Canceled", "canceled by the user (KeyboardInterrupt)"
@@ -860,10 +872,6 @@ def _unregister(client: Any, name: str) -> None:
         client.unregister_worker_plugin(name)
     except Exception as e:  # noqa: BLE001
         logger.debug("could not unregister plugin %s: %s", name, e)
-
-
-class Canceled(Exception):
-    """Raised inside a run to stop it: its PipelineRun was canceled."""
 
 
 def _check_environment(client: Any, environment: Any, run_id: str) -> None:

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -161,3 +163,57 @@ def daskrun(*args: str, cwd: Path, runs: Path) -> subprocess.CompletedProcess[st
         text=True,
         timeout=300,
     )
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[dict[str, str]]:
+    """A real single-node Slurm on 127.0.0.1 (scripts/slurm), for this test
+    session only: its own state folder and ports, stopped afterwards. Yields
+    the environment that Slurm's commands need (SLURM_CONF)."""
+    if shutil.which("slurmctld", path=os.environ["PATH"] + ":/usr/sbin") is None:
+        missing_service("Slurm", "run scripts/install (apt-get install slurmctld ...)")
+    if os.geteuid() != 0:
+        missing_service("Slurm as root", "run the Slurm tests as root")
+    state = tempfile.mkdtemp(prefix="slurm-", dir="/tmp")  # short socket paths
+    env = dict(
+        os.environ,
+        DASKRUN_SLURM_DIR=state,
+        DASKRUN_SLURM_PORT=str(_free_port_pair()),
+        DASKRUN_SLURM_CPUS="4",
+    )
+    started = subprocess.run(
+        [str(REPO / "scripts" / "slurm"), "start"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if started.returncode != 0:
+        pytest.fail(f"Slurm did not start:\n{started.stderr}")
+    conf = started.stdout.strip().split("SLURM_CONF=", 1)[1].strip("'\"")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf  # dask-jobqueue calls sbatch, squeue, scancel
+    try:
+        yield {"SLURM_CONF": conf}
+    finally:
+        subprocess.run(
+            [str(REPO / "scripts" / "slurm"), "stop"], env=env, timeout=120, check=False
+        )
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _free_port_pair() -> int:
+    """A port P with P+1 free too (slurmctld and slurmd)."""
+    for _ in range(50):
+        port = _free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two free ports in a row")
