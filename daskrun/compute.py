@@ -321,16 +321,15 @@ class ComputeTarget:
     """
 
     def __init__(self, workspace: Any, name: str):
-        with workspace.db() as db:
-            row = db.execute(
-                "SELECT kind, spec FROM compute_targets WHERE name = ?", (name,)
-            ).fetchone()
-        if row is None:
-            raise ConfigError(
-                f"compute target {name!r} is not registered in {workspace!r}; "
-                "create it with ComputeTarget.create(ws, name, "
-                "LocalCompute.provisioning_configuration())"
-            )
+        from .workspace import registry_row
+
+        row = registry_row(
+            workspace,
+            "compute_targets",
+            name,
+            "create it with ComputeTarget.create(ws, name, "
+            "LocalCompute.provisioning_configuration())",
+        )
         self.workspace = workspace
         self.name = name
         self.kind: str = row["kind"]

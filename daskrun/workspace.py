@@ -312,18 +312,13 @@ class Datastore:
     """
 
     def __init__(self, workspace: Workspace, name: str):
-        with workspace.db() as db:
-            row = db.execute(
-                "SELECT kind, spec FROM datastores WHERE name = ?", (name,)
-            ).fetchone()
-            known = sorted(r[0] for r in db.execute("SELECT name FROM datastores"))
-        if row is None:
-            raise ConfigError(
-                f"datastore {name!r} is not registered in {workspace!r} "
-                f"(registered: {', '.join(known)}); register it with "
-                "Datastore.register_azure_blob_container(...) or "
-                "Datastore.register_local(...)"
-            )
+        row = registry_row(
+            workspace,
+            "datastores",
+            name,
+            "register it with Datastore.register_azure_blob_container(...) or "
+            "Datastore.register_local(...)",
+        )
         self.workspace = workspace
         self.name = name
         self.kind: str = row["kind"]
@@ -575,6 +570,23 @@ class Datastore:
                     + redact(f"{type(e).__name__}: {e}", store.storage_options)
                 ) from None
         return store
+
+
+def registry_row(workspace: Workspace, table: str, name: str, fix: str) -> Any:
+    """The row of ``name`` in a registry table (``kind`` and ``spec``), or a
+    ConfigError naming it, the registered names and ``fix``."""
+    with workspace.db() as db:
+        row = db.execute(
+            f"SELECT kind, spec FROM {table} WHERE name = ?", (name,)
+        ).fetchone()
+        known = sorted(r[0] for r in db.execute(f"SELECT name FROM {table}"))
+    if row is None:
+        what = table.rstrip("s").replace("_", " ")
+        raise ConfigError(
+            f"{what} {name!r} is not registered in {workspace!r} (registered: "
+            f"{', '.join(known) or 'none'}); {fix}"
+        )
+    return row
 
 
 def _register(

@@ -41,6 +41,19 @@ def cluster() -> Iterator[LocalCluster]:
         yield c
 
 
+# run() that takes 0.2 s per mini-batch and returns the file names
+SLOW_SCRIPT = """
+import os, time
+
+def init():
+    pass
+
+def run(mini_batch):
+    time.sleep(0.2)
+    return [os.path.basename(p) for p in mini_batch]
+"""
+
+
 def write_script(folder: Path, body: str, name: str = "score.py") -> Path:
     """Write an entry script (dedented) into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)

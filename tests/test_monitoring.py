@@ -21,18 +21,7 @@ from distributed import LocalCluster
 
 from daskrun import Dataset, ParallelRunConfig, ParallelRunStep, StepRun
 
-from .conftest import REPO, make_files, missing_service, write_script
-
-SLOW_SCRIPT = """
-import os, time
-
-def init():
-    pass
-
-def run(mini_batch):
-    time.sleep(0.2)
-    return [os.path.basename(p) for p in mini_batch]
-"""
+from .conftest import REPO, SLOW_SCRIPT, make_files, missing_service, write_script
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -38,7 +38,7 @@ from daskrun import (
     Workspace,
 )
 
-from .conftest import AZURITE_KEY, REPO, daskrun, make_files, write_script
+from .conftest import AZURITE_KEY, REPO, SLOW_SCRIPT, daskrun, make_files, write_script
 
 # The tutorial's digit_identification.py, with a "model" that is a text file:
 # the prediction is the image's content plus the model's offset.
@@ -539,16 +539,6 @@ def test_environment_is_checked_before_the_job(
     assert not list((tmp_path / "markers").iterdir())  # init() never ran
     with pytest.raises(ConfigError, match="not a requirement"):
         Environment("bad", pip_packages=["pandas >>> 1"])
-
-
-SLOW_SCRIPT = """
-import os, time
-def init():
-    pass
-def run(mini_batch):
-    time.sleep(0.2)
-    return [os.path.basename(p) for p in mini_batch]
-"""
 
 
 def test_cancel_then_resume(
