@@ -280,10 +280,7 @@ class ParallelRunStep:
         self.fingerprint: str | None = None
 
     def _flat_specs(self) -> list[Any]:
-        return [
-            s.source if isinstance(s, DatasetConsumptionConfig) else s
-            for s in self.input_specs
-        ]
+        return [_source(s) for s in self.input_specs]
 
     def pipeline_parameters(self) -> list[PipelineParameter]:
         """The PipelineParameters of this step's config and inputs."""
@@ -398,10 +395,7 @@ def _check_input_specs(inputs: Any) -> list[Any]:
             "[Dataset.File.from_files('images/')]"
         )
     for item in items:
-        source = item.source if isinstance(item, DatasetConsumptionConfig) else item
-        if isinstance(source, PipelineParameter):
-            source = source.default_value
-        if not isinstance(source, (FileDataset, TabularDataset, PipelineData)):
+        if not isinstance(_default(item), (FileDataset, TabularDataset, PipelineData)):
             raise ConfigError(
                 f"inputs item {item!r} is not a data set; use "
                 f"Dataset.File.from_files({item!r}) or "
@@ -410,12 +404,21 @@ def _check_input_specs(inputs: Any) -> list[Any]:
     return items
 
 
+def _source(item: Any) -> Any:
+    """What an input names: a data set, a PipelineParameter or PipelineData."""
+    return item.source if isinstance(item, DatasetConsumptionConfig) else item
+
+
+def _default(item: Any) -> Any:
+    """An input's data set (a PipelineParameter's default) or PipelineData."""
+    source = _source(item)
+    return source.default_value if isinstance(source, PipelineParameter) else source
+
+
 def _kind_of(specs: list[Any]) -> str:
     kinds = set()
     for item in specs:
-        source = item.source if isinstance(item, DatasetConsumptionConfig) else item
-        if isinstance(source, PipelineParameter):
-            source = source.default_value
+        source = _default(item)
         kinds.add("file" if isinstance(source, PipelineData) else source.kind)
     if len(kinds) > 1:
         raise ConfigError(
@@ -441,7 +444,7 @@ def _concrete(
     workspace: Any = None,
 ) -> Input:
     """The data set an input spec stands for in one run."""
-    source = spec.source if isinstance(spec, DatasetConsumptionConfig) else spec
+    source = _source(spec)
     if isinstance(source, PipelineParameter):
         value = values.get(source.name, source.default_value)
         if isinstance(value, str) and workspace is not None:
