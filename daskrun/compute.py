@@ -69,6 +69,8 @@ def connect(
     security: Any = None,
 ) -> Iterator[Client]:
     """Yield a client for ``compute_target``; clean up only what was started.
+    The client is never made the process's default one: the user's own
+    Dask code keeps its scheduler.
 
     On a batch queue, ``on_lost(reason)`` is called when every worker is gone
     for ``daskrun.jobqueue.start-timeout`` seconds.
@@ -93,7 +95,7 @@ def connect(
         with _scheduler(compute_target, security) as client:
             yield client
     elif hasattr(compute_target, "scheduler_address"):
-        with Client(compute_target) as client:
+        with Client(compute_target, set_as_default=False) as client:
             yield client
     else:
         raise ConfigError(
@@ -139,7 +141,7 @@ def _local_cluster(
         else:
             cluster = LocalCluster(processes=True, **options)
     try:
-        with Client(cluster) as client:
+        with Client(cluster, set_as_default=False) as client:
             yield client
     finally:
         cluster.close()
@@ -180,8 +182,13 @@ def _cuda_cluster_class() -> Any:
 
 @contextlib.contextmanager
 def _scheduler(address: str, security: Any = None) -> Iterator[Client]:
+    if address.startswith("tls://") and security is None:
+        raise ConfigError(
+            f"compute_target={address!r} is a TLS scheduler; pass its certificates "
+            "with ParallelRunConfig(security=distributed.security.Security(...))"
+        )
     try:
-        client = Client(address, timeout=10, security=security)
+        client = Client(address, timeout=10, security=security, set_as_default=False)
     except (OSError, ValueError, TimeoutError) as e:
         raise ConfigError(
             f"compute_target={address!r} cannot be reached ({e}); start a "

@@ -115,7 +115,7 @@ def jobqueue_client(
         )
     kind = _queue_name(cluster)
     check_job_script(cluster)
-    client = Client(cluster)
+    client = Client(cluster, set_as_default=False)
     try:
         cluster.scale(jobs=node_count)
         wanted = node_count * per_job

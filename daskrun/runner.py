@@ -347,7 +347,7 @@ def run_mini_batches(
     pending: dict[Any, list[tuple[MiniBatch, int]]] = {}
     retries: list[tuple[MiniBatch, int]] = []
     # results are fetched concurrently in the background as tasks finish
-    queue = as_completed(with_results=True, raise_errors=False)
+    queue = as_completed(with_results=True, raise_errors=False, loop=client.loop)
     plans = iter(batches)
     scheduled = 0
     submitted = itertools.count()

@@ -293,9 +293,27 @@ def test_tls_cluster(tmp_path: Path) -> None:
         assert run.status == "Completed", run.error
         lines = Path(run.output_path or "").read_text().splitlines()
         assert [line.split()[0] for line in lines] == [p.name for p in files]
+        with pytest.raises((OSError, TimeoutError, TypeError)):
+            Client(address, timeout=3, set_as_default=False)  # no certificates
+        (tmp_path / "other").mkdir()
+        other_ca, other_cert, other_key = _certificates(tmp_path / "other")
+        stranger = Security(
+            tls_ca_file=str(other_ca),
+            tls_client_cert=str(other_cert),
+            tls_client_key=str(other_key),
+            require_encryption=True,
+        )
         with pytest.raises((OSError, TimeoutError)):
-            Client(address, timeout=3)  # no certificates: refused
+            Client(address, timeout=3, security=stranger, set_as_default=False)
         with pytest.raises(ConfigError, match="cannot be reached"):
+            _step(
+                tmp_path,
+                address,
+                node_count=1,
+                process_count_per_node=None,
+                security=stranger,
+            ).run()
+        with pytest.raises(ConfigError, match="is a TLS scheduler; pass its"):
             _step(tmp_path, address, node_count=1, process_count_per_node=None).run()
 
 
