@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 NOOP = "def init():\n    pass\n\ndef run(mini_batch):\n    return mini_batch\n"
@@ -37,6 +38,22 @@ def child(data: str, show: bool) -> None:
     from distributed import LocalCluster
 
     from daskrun import Dataset, ParallelRunConfig, ParallelRunStep
+    from daskrun.monitor import Console
+
+    # time spent in the display itself, measured directly: end-to-end times
+    # on a small shared machine vary by more than the display costs
+    spent = [0.0]
+    for name in ("update", "say", "start", "close"):
+        original = getattr(Console, name)
+
+        def timed(self: Any, *args: Any, _original: Any = original) -> Any:
+            t = time.perf_counter()
+            try:
+                return _original(self, *args)
+            finally:
+                spent[0] += time.perf_counter() - t
+
+        setattr(Console, name, timed)
 
     folder = Path(tempfile.mkdtemp())
     script = folder / "noop.py"
@@ -60,10 +77,14 @@ def child(data: str, show: bool) -> None:
         run = step.run(show_output=show)
         seconds = time.perf_counter() - start
     assert run.status == "Completed", run.error
-    print(json.dumps({"seconds": seconds}), file=sys.__stdout__, flush=True)
+    print(
+        json.dumps({"seconds": seconds, "display_seconds": spent[0]}),
+        file=sys.__stdout__,
+        flush=True,
+    )
 
 
-def measure(data: Path, mode: str) -> float:
+def measure(data: Path, mode: str) -> dict[str, float]:
     command = [sys.executable, __file__, "--child", str(data), mode]
     if mode == "bar":  # stderr on a pseudo-terminal: the tqdm bar
         leader, follower = pty.openpty()
@@ -81,7 +102,7 @@ def measure(data: Path, mode: str) -> float:
             proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
             out, _ = proc.communicate()
     assert proc.returncode == 0
-    return float(json.loads(out.decode().strip().splitlines()[-1])["seconds"])
+    return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def main() -> None:
@@ -103,18 +124,37 @@ def main() -> None:
         tmp.rename(data)
     modes = ("off", "bar", "lines")
     times: dict[str, list[float]] = {m: [] for m in modes}
+    display: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(args.repeat):
         for mode in modes:
-            times[mode].append(measure(data, mode))
-            print(f"{mode}: {times[mode][-1]:.2f} s", flush=True)
+            got = measure(data, mode)
+            times[mode].append(got["seconds"])
+            display[mode].append(got["display_seconds"])
+            print(
+                f"{mode}: {got['seconds']:.2f} s, display "
+                f"{1000 * got['display_seconds']:.1f} ms",
+                flush=True,
+            )
     medians = {m: statistics.median(t) for m, t in times.items()}
     result = {
         "files": args.files,
         "mini_batch_size": 10,
         "seconds": times,
         "median_seconds": medians,
-        "cost_percent": {
+        "end_to_end_difference_percent": {
             m: round(100 * (medians[m] / medians["off"] - 1), 1)
+            for m in ("bar", "lines")
+        },
+        "display_seconds": display,
+        # the display's own time as a share of the job's, per run (median)
+        "display_cost_percent": {
+            m: round(
+                100
+                * statistics.median(
+                    d / t for d, t in zip(display[m], times[m], strict=True)
+                ),
+                2,
+            )
             for m in ("bar", "lines")
         },
     }
