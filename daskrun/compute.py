@@ -92,10 +92,13 @@ def connect(
     elif isinstance(compute_target, Client):
         yield compute_target
     elif isinstance(compute_target, str):
-        with _scheduler(compute_target, security) as client:
+        with _few_messages(), _scheduler(compute_target, security) as client:
             yield client
     elif hasattr(compute_target, "scheduler_address"):
-        with Client(compute_target, set_as_default=False) as client:
+        with (
+            _few_messages(),
+            Client(compute_target, set_as_default=False) as client,
+        ):
             yield client
     else:
         raise ConfigError(
@@ -121,7 +124,7 @@ def _local_cluster(
     # fails its task at once, since daskrun counts tries itself; and each
     # worker holds only the task it runs, so a death charges no other.
     options: dict[str, Any] = dict(
-        n_workers=n,
+        n_workers=0,  # started below, see _few_messages()
         threads_per_worker=1,
         host=config_get("local-cluster.host"),
         dashboard_address=dashboard_address
@@ -137,14 +140,27 @@ def _local_cluster(
         cuda = _cuda_cluster_class() if gpu_count() else None
         if cuda is not None:
             # one worker per GPU, each with its own CUDA_VISIBLE_DEVICES
-            cluster = cuda(**options)
+            cluster = cuda(**{**options, "n_workers": n})
         else:
             cluster = LocalCluster(processes=True, **options)
     try:
-        with Client(cluster, set_as_default=False) as client:
-            yield client
+        with _few_messages():
+            cluster.scale(n)
+            with Client(cluster, set_as_default=False) as client:
+                client.wait_for_workers(n)
+                yield client
     finally:
         cluster.close()
+
+
+def _few_messages() -> contextlib.AbstractContextManager[Any]:
+    """distributed keeps the last 1000 messages of each connection for
+    debugging, and the messages hold whole tasks: every mini-batch's paths, so
+    a million-file job kept another copy of its path list. Connections opened
+    under this (daskrun's client's; its own scheduler's to the workers) keep a
+    few. The setting is read when a connection opens, so the scheduler, made
+    before, keeps its usual event history for the dashboard."""
+    return dask.config.set({"distributed.admin.low-level-log-length": 16})
 
 
 @contextlib.contextmanager

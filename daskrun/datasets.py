@@ -153,7 +153,14 @@ def expand_paths(
                 f"input path {text!r} matches no files; check that it exists "
                 "and is not an empty folder"
             )
-        found.update(p if _is_local(fs) else fs.unstrip_protocol(p) for p in files)
+        if not _is_local(fs):
+            files = [fs.unstrip_protocol(p) for p in files]
+        if len(items) == 1:
+            # one listing has no duplicates: sorting it in place spares a
+            # million-file job a set and a second list
+            files.sort()
+            return files
+        found.update(files)
     return sorted(found)
 
 
@@ -188,10 +195,16 @@ def _find_local(root: str) -> list[str]:
         if os.path.isfile(top):
             files.append(top)
             continue
-        for dirpath, dirnames, filenames in os.walk(top):
-            if BOOKKEEPING in dirnames:
-                dirnames.remove(BOOKKEEPING)
-            files.extend(os.path.join(dirpath, name) for name in filenames)
+        # os.scandir one entry at a time: os.walk would first hold all of a
+        # folder's names as a second list (70 MB for a million files)
+        folders = [top]
+        while folders:
+            with os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    if not entry.is_dir():
+                        files.append(entry.path)
+                    elif entry.name != BOOKKEEPING and not entry.is_symlink():
+                        folders.append(entry.path)  # as os.walk: no linked dirs
     return files
 
 

@@ -214,8 +214,13 @@ class JobLogs:
         error: str | None,
         output_path: str | None,
         seconds: float,
+        timings: dict[str, float] | None = None,
     ) -> None:
-        """Write ``job_result.txt`` and, on failure, ``job_error.txt``."""
+        """Write ``job_result.txt`` and, on failure, ``job_error.txt``.
+
+        ``timings``: seconds from the call to milestones of the job
+        (``cluster_ready``, ``init_done``, ``first_result``), written as
+        ``<name>_seconds``."""
         self.close()
         lines = [
             f"status: {status}",
@@ -228,6 +233,10 @@ class JobLogs:
             f"items_succeeded: {tally.items_succeeded}",
             f"items_failed: {tally.items_failed}",
             f"items_extra: {tally.items_extra}",
+            *(
+                f"{name}_seconds: {value:.2f}"
+                for name, value in (timings or {}).items()
+            ),
         ]
         if error:
             lines.append(f"error: {error}")

@@ -10,9 +10,12 @@ final one and publishes it with one rename. A failed job publishes nothing.
 
 from __future__ import annotations
 
+import csv
+import importlib
 import io
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -74,9 +77,14 @@ def format_rows(result: Any, output_format: str = "text") -> tuple[bytes, int]:
     >>> format_rows(["x", "y"], "csv")
     (b'result\\nx\\ny\\n', 2)
     """
-    import pandas as pd
-
-    if not isinstance(result, pd.DataFrame) and (
+    # pandas is imported only when needed: a list of lines (the common case
+    # for file inputs) is no DataFrame if the script never imported pandas,
+    # and a worker saves the import (half a second) on its first mini-batch
+    pd: Any = sys.modules.get("pandas")
+    if pd is None and output_format != "text":
+        pd = importlib.import_module("pandas")
+    is_frame = pd is not None and isinstance(result, pd.DataFrame)
+    if not is_frame and (
         result is None
         or isinstance(result, (str, bytes, Mapping))
         or not hasattr(result, "__len__")
@@ -86,18 +94,13 @@ def format_rows(result: Any, output_format: str = "text") -> tuple[bytes, int]:
             "Series or DataFrame with one element per input"
         )
     if output_format != "text":
-        frame = (
-            result
-            if isinstance(result, pd.DataFrame)
-            else pd.DataFrame({"result": list(result)})
-        )
+        frame = result if is_frame else pd.DataFrame({"result": list(result)})
         if output_format == "csv":
-            text = frame.to_csv(index=False, lineterminator="\n")
-            return text.encode(), len(frame)
+            return _csv_bytes(frame), len(frame)
         buf = io.BytesIO()
         frame.to_parquet(buf, index=False)
         return buf.getvalue(), len(frame)
-    if isinstance(result, pd.DataFrame):
+    if is_frame:
         if len(result) == 0:
             return b"", 0
         text = result.to_csv(sep=" ", header=False, index=False, lineterminator="\n")
@@ -106,6 +109,35 @@ def format_rows(result: Any, output_format: str = "text") -> tuple[bytes, int]:
     if not lines:
         return b"", 0
     return ("\n".join(lines) + "\n").encode(), len(lines)
+
+
+def _csv_bytes(frame: Any) -> bytes:
+    """CSV with a header line. All-numeric frames (the usual scores) go
+    through Arrow's writer, ten times faster than ``DataFrame.to_csv``; it
+    writes floats in their shortest round-trip form (``1`` for ``1.0``).
+
+    >>> import pandas as pd
+    >>> _csv_bytes(pd.DataFrame({"id": [1, 2], "score": [0.5, float("nan")]}))
+    b'id,score\\n1,0.5\\n2,\\n'
+    >>> _csv_bytes(pd.DataFrame({"file": ["a,b"], "n": [1]}))
+    b'file,n\\n"a,b",1\\n'
+    """
+    if (
+        len(frame.columns)
+        and all(dtype.kind in "iuf" for dtype in frame.dtypes)
+        and frame.columns.is_unique
+    ):
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        header = io.StringIO()
+        csv.writer(header, lineterminator="\n").writerow(map(str, frame.columns))
+        buf = io.BytesIO()
+        buf.write(header.getvalue().encode())
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        pacsv.write_csv(table, buf, pacsv.WriteOptions(include_header=False))
+        return buf.getvalue()
+    return frame.to_csv(index=False, lineterminator="\n").encode()
 
 
 def write_part(target: OutputTarget, index: int, data: bytes) -> None:

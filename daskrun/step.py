@@ -578,9 +578,11 @@ def _execute(
 
     say = console.say
     watch = _Watch(logs, tally, console)
+    timings: dict[str, float] = {}
 
     def on_done(batch: Any, result: TryResult, tries: int, counts: Counts) -> None:
         interrupt.check()
+        timings.setdefault("first_result", time.perf_counter() - started)
         succeeded[result.index] = result.ok
         logs.mini_batch(result, tries, counts)
         logs.user_output(result)
@@ -615,6 +617,7 @@ def _execute(
             on_lost=lambda reason: interrupt.trigger(reason.replace("RUN_ID", run_id)),
             security=step.config.security,
         ) as client:
+            timings["cluster_ready"] = time.perf_counter() - started
             link = dashboard_link(client)
             verb = "resuming" if resume else "run"
             say(f"daskrun: {verb} {run_id}: {total} mini-batches")
@@ -630,6 +633,7 @@ def _execute(
             if target is not None:
                 _output.prepare_parts(target)
             _register(client, plugin, cfg.run_invocation_timeout, run_id)
+            timings["init_done"] = time.perf_counter() - started
             try:
                 exceeded = run_mini_batches(
                     client,
@@ -680,6 +684,7 @@ def _execute(
             error=error,
             output_path=final,
             seconds=time.perf_counter() - started,
+            timings=timings,
         )
     run = StepRun.from_record(record, step.workspace)
     run.dashboard_link = link
