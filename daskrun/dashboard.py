@@ -8,6 +8,11 @@ Bokeh dashboard), so the page works on clusters daskrun started and on
 clusters it was given. The page draws Bokeh plots of progress over time and
 of throughput per worker, refreshed every two seconds; BokehJS is served
 inline, so the page needs no network.
+
+On the local cluster daskrun starts, Dask's own Bokeh dashboard is connected
+on first visit (:func:`serve_dashboard_on_demand`): importing Bokeh takes half
+a second of the client's CPU before any worker could start, and most batch
+jobs are never watched.
 """
 
 from __future__ import annotations
@@ -55,6 +60,52 @@ def _install(dask_scheduler: Any) -> bool:
         app.add_application(web.Application(routes))
         dask_scheduler._daskrun_page = True
     return True
+
+
+def serve_dashboard_on_demand(client: Any) -> None:
+    """Connect Dask's dashboard to the scheduler's HTTP server on the first
+    request for one of its pages, for a scheduler started with
+    ``dashboard=False``; the link stays the same."""
+    client.run_on_scheduler(_install_on_demand)
+
+
+def _install_on_demand(dask_scheduler: Any) -> None:
+    routing = dask_scheduler.http_application
+    loader = web.Application()
+    # every path but the daskrun page's, which may be added later
+    loader.add_handlers(
+        ".*$",
+        [
+            (
+                r"/(?!daskrun(?:/|$)).*",
+                _ConnectDashboard,
+                {"scheduler": dask_scheduler, "loader": loader},
+            )
+        ],
+    )
+    routing.add_application(loader)
+
+
+class _ConnectDashboard(web.RequestHandler):
+    """Connects the dashboard once, then sends the browser to the page it
+    asked for, which the dashboard now serves."""
+
+    def initialize(self, scheduler: Any, loader: web.Application) -> None:
+        self.scheduler = scheduler
+        self.loader = loader
+
+    def get(self) -> None:
+        routing = self.scheduler.http_application
+        if self.loader in routing.applications:  # the first request
+            routing.applications.remove(self.loader)
+            try:
+                from distributed.dashboard.scheduler import connect
+            except ImportError:
+                self.set_status(503)
+                self.write("Dask's dashboard needs Bokeh: pip install bokeh")
+                return
+            connect(routing, self.scheduler.http_server, self.scheduler, prefix="/")
+        self.redirect(self.request.uri)
 
 
 def _history(scheduler: Any) -> list[dict[str, Any]]:

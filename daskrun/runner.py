@@ -188,7 +188,8 @@ class GroupSizer:
     2-core machine); a no-op mini-batch costs far less. Tasks therefore carry
     as many mini-batches as fit in ``task_seconds`` at the speed measured so
     far (one until something is measured), but never more than a fair share of
-    what is left, so the last tasks still spread over all workers, and never
+    what is left (a half of it per worker thread, so the tail shrinks in a few
+    tasks), so the last tasks still spread over all workers, and never
     less than a tenth of ``task_seconds``' worth, so the tail is not a string
     of round trips. A faster measurement counts at once and a slower one
     gradually: the first try of each worker pays one-off costs (imports,
@@ -198,9 +199,9 @@ class GroupSizer:
     >>> g.size(remaining=1000)
     1
     >>> g.observe(seconds=0.01, count=10)   # 1 ms per mini-batch
-    >>> g.size(remaining=1000)
-    125
-    >>> g.size(remaining=200)    # a fair share: 200 / (4 * 2)
+    >>> g.size(remaining=2000)   # 0.5 s of work
+    500
+    >>> g.size(remaining=200)    # a fair share: 200 / (2 * 2)
     50
     >>> g.size(remaining=40)     # the floor: 0.05 s of work
     40
@@ -226,7 +227,7 @@ class GroupSizer:
             return 1
         by_time = int(self.task_seconds / self.per_mini_batch)
         floor = int(self.task_seconds / 10 / self.per_mini_batch)
-        fair_share = remaining // (4 * self.threads)
+        fair_share = remaining // (2 * self.threads)
         return max(1, min(remaining, self.max_size, by_time, max(fair_share, floor)))
 
 
