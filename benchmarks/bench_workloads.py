@@ -6,7 +6,7 @@ Workloads (data made locally; nothing downloaded):
 - W2: MNIST-like 28×28 PNGs scored by the demo's Keras CNN, 100 per
   mini-batch, TensorFlow on 1 thread per process.
 - W3: CSV files; score = dot product of 10 columns; ``[id, score]`` out as
-  CSV; about 16 MB per mini-batch.
+  CSV; 16 MiB per mini-batch (daskrun's "16MB"), cut alike for every tool.
 
 Tools, each in a fresh process, timed from process start to exit (imports
 and cluster start included), in rotation, ``--repeat`` times:
@@ -34,7 +34,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -115,7 +114,7 @@ def w3_data(megabytes: int, files: int = 8) -> Path:
 # W3's mini-batches are byte ranges cut at line ends, read with pandas.
 
 
-def csv_ranges(data: Path, size: int = 16_000_000) -> list[tuple[str, int, int]]:
+def csv_ranges(data: Path, size: int = 16 * 2**20) -> list[tuple[str, int, int]]:
     ranges = []
     for path in sorted(data.glob("*.csv")):
         total = path.stat().st_size
@@ -281,25 +280,56 @@ def tool_daskrun(workload: str, data: Path, model: str, out: Path) -> dict[str, 
 # --- driver -------------------------------------------------------------------
 
 
+class PeakRss:
+    """Peak resident memory of this process and of its largest descendant.
+
+    This process's own peak is the kernel's (``VmHWM``, which starts afresh
+    at ``exec``, unlike ``ru_maxrss``, which keeps the launching process's
+    peak). Worker processes are sampled every 20 ms, alike for every tool.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        import psutil
+
+        self.me = psutil.Process()
+        self.workers = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.02):
+            for proc in self.me.children(recursive=True):
+                try:
+                    self.workers = max(self.workers, proc.memory_info().rss)
+                except psutil.Error:
+                    pass
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        status = Path("/proc/self/status").read_text()
+        hwm_kb = int(status.split("VmHWM:")[1].split()[0])
+        return {
+            "client_rss_mb": round(hwm_kb / 1024),
+            "workers_rss_mb": round(self.workers / 2**20),
+        }
+
+
 def child(tool: str, workload: str, data: str, model: str, out: str) -> None:
     # run the tool from the module imported by name (not __main__), so that
     # pool and Dask workers find its functions by reference
     import bench_workloads
 
+    peak = PeakRss()
     timings = getattr(bench_workloads, f"tool_{tool}")(
         workload, Path(data), model, Path(out)
     )
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(
-        json.dumps(
-            {
-                "client_rss_mb": round(rss),
-                "workers_rss_mb": round(kids),
-                **({"timings": timings} if timings else {}),
-            }
-        )
-    )
+    print(json.dumps({**peak.stop(), **({"timings": timings} if timings else {})}))
 
 
 def run_tool(tool: str, workload: str, data: Path, model: str) -> dict[str, Any]:

@@ -84,6 +84,65 @@ def test_file_job_is_complete_ordered_and_inits_once_per_process(
     assert report["items_ok"].sum() == 1000 and (report["tries"] == 1).all()
 
 
+EXIT_SCRIPT = """
+import atexit, os, sys
+from daskrun import EntryScript
+
+markers = sys.argv[sys.argv.index("--markers") + 1]
+
+
+class Teardown:
+    def __init__(self, path):
+        self.path = path
+
+    # runs when the interpreter frees this module; bound now, as the module's
+    # globals may be gone by then
+    def __del__(self, open=open):
+        open(self.path, "w").close()
+
+
+held = Teardown(os.path.join(markers, f"teardown-{os.getpid()}"))
+
+
+def _exit_hook(folder):
+    with open(os.path.join(markers, f"exit-{os.getpid()}"), "w") as f:
+        f.write(f"{os.path.isdir(folder)}")
+
+
+def init():
+    # a folder inside the worker's own, which a closed worker has removed
+    atexit.register(_exit_hook, EntryScript().log_dir)
+
+def run(mini_batch):
+    return mini_batch
+"""
+
+
+def test_own_workers_end_after_their_exit_hooks_without_module_teardown(
+    tmp_path: Path,
+) -> None:
+    """daskrun's own workers, once closed, skip freeing their modules one by
+    one (0.75 s with TensorFlow), but the script's exit hooks still run, after
+    the worker's folder is removed."""
+    make_files(tmp_path / "in", 20)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    script = write_script(tmp_path / "src", EXIT_SCRIPT)
+    step = ParallelRunStep(
+        "quick-exit",
+        ParallelRunConfig(str(script), process_count_per_node=2),
+        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
+        output=str(tmp_path / "out"),
+        arguments=["--markers", str(markers)],
+    )
+    run = step.run()
+    assert run.status == "Completed", run.error
+    exits = sorted(markers.glob("exit-*"))
+    assert len(exits) == 2  # the hook ran in both worker processes
+    assert all(m.read_text() == "False" for m in exits)  # folders already removed
+    assert not list(markers.glob("teardown-*"))
+
+
 TABULAR_SCRIPT = """
 import os, uuid
 import pandas as pd

@@ -20,6 +20,8 @@ import pytest
 from distributed import LocalCluster
 
 from daskrun import Dataset, ParallelRunConfig, ParallelRunStep, StepRun
+from daskrun.compute import connect, dashboard_link
+from daskrun.dashboard import install_page
 
 from .conftest import REPO, SLOW_SCRIPT, make_files, missing_service, write_script
 
@@ -98,6 +100,29 @@ def test_dashboard_page_shows_the_running_job(
         shutil.copy(shot, os.environ["DASKRUN_SCREENSHOT"])
     job.join(120)
     assert runs and runs[0].status == "Completed"
+
+
+def test_dask_dashboard_connects_on_first_visit() -> None:
+    """On the cluster daskrun starts, Dask's dashboard is connected when it is
+    first asked for (Bokeh's import is kept out of the start), at the link
+    printed at the start, beside the daskrun page."""
+    with connect(None, node_count=1, process_count_per_node=1) as client:
+        link = dashboard_link(client)
+        assert link is not None and link.startswith("http://127.0.0.1:")
+        page = install_page(client, link)
+        assert page == urljoin(link, "daskrun")
+        with urllib.request.urlopen(page, timeout=30) as reply:
+            assert reply.status == 200  # served before the dashboard is
+        with urllib.request.urlopen(link, timeout=60) as reply:
+            body = reply.read().decode()
+            assert reply.status == 200 and reply.geturl() == link
+        assert "bokeh" in body.lower() and "Dask" in body
+        with urllib.request.urlopen(urljoin(link, "/"), timeout=30) as reply:
+            assert reply.geturl() == link  # the root still leads to the status
+        with urllib.request.urlopen(urljoin(link, "workers"), timeout=30) as reply:
+            assert reply.status == 200 and "bokeh" in reply.read().decode().lower()
+        with urllib.request.urlopen(page, timeout=30) as reply:
+            assert reply.status == 200
 
 
 def _cli(tmp_path: Path, *args: str) -> list[str]:
