@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import json
 import logging
 import multiprocessing
@@ -21,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +81,66 @@ def connect(
     On a batch queue, ``on_lost(reason)`` is called when every worker is gone
     for ``daskrun.jobqueue.start-timeout`` seconds.
     """
+    stack = contextlib.ExitStack()
+    with _gc_paused():
+        client = stack.enter_context(
+            _connect(
+                compute_target, node_count, process_count_per_node, on_lost, security
+            )
+        )
+    try:
+        yield client
+    except BaseException:
+        with _gc_paused():
+            if not stack.__exit__(*sys.exc_info()):
+                raise
+    else:
+        with _gc_paused():
+            stack.close()
+
+
+class _GcPause:
+    """Keeps the cyclic garbage collector off while clients start and stop.
+
+    distributed's event loop runners share one lock, held while a client's
+    loop thread starts or stops. If the collector frees an unreachable client
+    (one whose start failed, say) in that thread meanwhile, its ``close()``
+    waits for the same lock for ever. Nested and concurrent pauses count, so
+    the collector comes back with the last one, as it was before the first.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._was_enabled = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0 and self._was_enabled:
+                    gc.enable()
+
+
+_gc_paused = _GcPause()
+
+
+@contextlib.contextmanager
+def _connect(
+    compute_target: Any,
+    node_count: int,
+    process_count_per_node: int | None,
+    on_lost: Callable[[str], None] | None,
+    security: Any,
+) -> Iterator[Client]:
     if compute_target is None:
         n = node_count * (process_count_per_node or default_process_count())
         with _local_cluster(n) as client:
