@@ -37,9 +37,12 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench-workloads"
@@ -289,10 +292,6 @@ class PeakRss:
     """
 
     def __init__(self) -> None:
-        import threading
-
-        import psutil
-
         self.me = psutil.Process()
         self.workers = 0
         self._stop = threading.Event()
@@ -300,8 +299,6 @@ class PeakRss:
         self._thread.start()
 
     def _sample(self) -> None:
-        import psutil
-
         while not self._stop.wait(0.02):
             for proc in self.me.children(recursive=True):
                 try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -25,7 +26,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import dask.config
 import dask.utils
@@ -38,6 +39,9 @@ from .exceptions import ConfigError
 from .jobqueue import WorkerWatch, is_jobqueue_cluster, jobqueue_client
 
 logger = logging.getLogger("daskrun")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 def gpu_count() -> int:
@@ -64,39 +68,6 @@ def default_process_count() -> int:
         if hasattr(os, "sched_getaffinity")
         else (os.cpu_count() or 1)
     )
-
-
-@contextlib.contextmanager
-def connect(
-    compute_target: Any,
-    node_count: int,
-    process_count_per_node: int | None,
-    on_lost: Callable[[str], None] | None = None,
-    security: Any = None,
-) -> Iterator[Client]:
-    """Yield a client for ``compute_target``; clean up only what was started.
-    The client is never made the process's default one: the user's own
-    Dask code keeps its scheduler.
-
-    On a batch queue, ``on_lost(reason)`` is called when every worker is gone
-    for ``daskrun.jobqueue.start-timeout`` seconds.
-    """
-    stack = contextlib.ExitStack()
-    with _gc_paused():
-        client = stack.enter_context(
-            _connect(
-                compute_target, node_count, process_count_per_node, on_lost, security
-            )
-        )
-    try:
-        yield client
-    except BaseException:
-        with _gc_paused():
-            if not stack.__exit__(*sys.exc_info()):
-                raise
-    else:
-        with _gc_paused():
-            stack.close()
 
 
 class _GcPause:
@@ -133,14 +104,47 @@ class _GcPause:
 _gc_paused = _GcPause()
 
 
+def _start_and_stop_gc_paused(
+    factory: Callable[_P, contextlib.AbstractContextManager[_T]],
+) -> Callable[_P, contextlib.AbstractContextManager[_T]]:
+    """A context manager entered and exited with the collector paused (see
+    :class:`_GcPause`), its body run as usual."""
+
+    @functools.wraps(factory)
+    @contextlib.contextmanager
+    def paused(*args: _P.args, **kwargs: _P.kwargs) -> Iterator[_T]:
+        inner = factory(*args, **kwargs)
+        with _gc_paused():
+            value = inner.__enter__()
+        try:
+            yield value
+        except BaseException:
+            with _gc_paused():
+                if not inner.__exit__(*sys.exc_info()):
+                    raise
+        else:
+            with _gc_paused():
+                inner.__exit__(None, None, None)
+
+    return paused
+
+
+@_start_and_stop_gc_paused
 @contextlib.contextmanager
-def _connect(
+def connect(
     compute_target: Any,
     node_count: int,
     process_count_per_node: int | None,
-    on_lost: Callable[[str], None] | None,
-    security: Any,
+    on_lost: Callable[[str], None] | None = None,
+    security: Any = None,
 ) -> Iterator[Client]:
+    """Yield a client for ``compute_target``; clean up only what was started.
+    The client is never made the process's default one: the user's own
+    Dask code keeps its scheduler.
+
+    On a batch queue, ``on_lost(reason)`` is called when every worker is gone
+    for ``daskrun.jobqueue.start-timeout`` seconds.
+    """
     if compute_target is None:
         n = node_count * (process_count_per_node or default_process_count())
         with _local_cluster(n) as client:
@@ -218,7 +222,7 @@ def _local_cluster(
             with Client(cluster, set_as_default=False) as client:
                 # while the workers start; each gets the plugin when it joins,
                 # before the entry script's, so the plugin's hook runs last
-                client.register_plugin(QuickExit(), name=QuickExit.name)
+                client.register_plugin(QuickExit())
                 if options["dashboard_address"]:
                     serve_dashboard_on_demand(client)
                 client.wait_for_workers(n)
