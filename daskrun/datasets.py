@@ -5,8 +5,8 @@ into mini-batches, plain frozen records the runner ships to workers:
 
 - :class:`FileBatch` — ``mini_batch_size`` files; mini-batch *i* holds files
   ``[i*n, (i+1)*n)`` in path order.
-- :class:`CsvBatch` — a whole CSV file, or a byte range of one cut on line
-  boundaries.
+- :class:`CsvBatch` — a whole CSV file, or a byte range of one cut on record
+  boundaries (:mod:`daskrun.delimited`).
 - :class:`ParquetBatch` — some row groups of one Parquet file.
 
 No mini-batch ever crosses a file boundary. The ``read_*`` / ``localize_files``
@@ -17,7 +17,6 @@ receives.
 from __future__ import annotations
 
 import glob as globlib
-import io
 import json
 import os
 import shutil
@@ -29,11 +28,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import fsspec
-import fsspec.utils
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from .config import config_get, mini_batch_size_for
+from .delimited import CsvBatch, check_csv_options, plan_csv, read_csv
 from .exceptions import ConfigError, DaskRunError, InputError
 from .records import now as _now
 
@@ -76,26 +75,6 @@ class FileBatch:
         names = ", ".join(os.path.basename(p) for p in paths[:3])
         more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
         return f"files {names}{more}"
-
-
-@dataclass(frozen=True)
-class CsvBatch:
-    """Bytes ``[offset, offset + length)`` of one CSV file, extended to whole
-    lines; ``length=None`` is the whole file."""
-
-    index: int
-    path: str
-    offset: int = 0
-    length: int | None = None
-
-    @property
-    def n_items(self) -> int | None:
-        return None  # known only once read
-
-    def describe(self) -> str:
-        if self.length is None:
-            return f"{self.path} (whole file)"
-        return f"{self.path} bytes {self.offset}-{self.offset + self.length}"
 
 
 @dataclass(frozen=True)
@@ -474,7 +453,9 @@ class TabularDataset(_DatasetBase):
         pandas_kwargs: Mapping[str, Any] | None = None,
     ):
         self.file_format = file_format
-        self.pandas_kwargs = dict(pandas_kwargs or {})
+        self.pandas_kwargs = (
+            check_csv_options(pandas_kwargs or {}) if file_format == "csv" else {}
+        )
         super().__init__(path, validate=validate, storage_options=storage_options)
 
     def plan(
@@ -489,8 +470,8 @@ class TabularDataset(_DatasetBase):
         index = start
         if self.file_format == "csv":
             for path, nbytes in zip(files, _sizes(fs, files), strict=True):
-                for offset, length in plan_byte_ranges(nbytes, size):
-                    yield CsvBatch(index, path, offset, length)
+                for cut in plan_csv(fs, path, nbytes, size, self.pandas_kwargs):
+                    yield CsvBatch(index, path, *cut)
                     index += 1
         else:
             for path, groups in zip(files, _row_group_sizes(fs, files), strict=True):
@@ -525,21 +506,6 @@ def plan_files(files: Sequence[str], n: int) -> Iterator[FileBatch]:
     """
     for i in range(0, len(files), n):
         yield FileBatch.of(i // n, files[i : i + n])
-
-
-def plan_byte_ranges(nbytes: int, size: int) -> list[tuple[int, int | None]]:
-    """Cut a file of ``nbytes`` into ranges of about ``size`` bytes.
-
-    A file no larger than ``size`` is one whole-file range (``length=None``).
-
-    >>> plan_byte_ranges(10, 100)
-    [(0, None)]
-    >>> plan_byte_ranges(250, 100)
-    [(0, 100), (100, 100), (200, 50)]
-    """
-    if nbytes <= size:
-        return [(0, None)]
-    return [(off, min(size, nbytes - off)) for off in range(0, nbytes, size)]
 
 
 def plan_row_groups(group_bytes: Sequence[int], size: int) -> list[list[int]]:
@@ -610,8 +576,6 @@ def read_tabular(
     pandas_kwargs: Mapping[str, Any],
 ) -> pd.DataFrame:
     """Read one tabular mini-batch into a DataFrame."""
-    import pandas as pd
-
     if isinstance(batch, ParquetBatch):
         import pyarrow.parquet as pq
 
@@ -619,18 +583,7 @@ def read_tabular(
             table = pq.ParquetFile(f).read_row_groups(list(batch.row_groups))
         return table.to_pandas()
 
-    with fsspec.open(batch.path, "rb", **storage_options) as f:
-        if batch.length is None:
-            data = f.read()
-        else:
-            header = b""
-            if batch.offset > 0 and pandas_kwargs.get("header", "infer") is not None:
-                header = f.readline()
-            block = fsspec.utils.read_block(
-                f, batch.offset, batch.length, delimiter=b"\n"
-            )
-            data = header + block
-    return pd.read_csv(io.BytesIO(data), **pandas_kwargs)
+    return read_csv(batch, storage_options, pandas_kwargs)
 
 
 def localize_files(
@@ -720,15 +673,17 @@ class Dataset:
             path: Any,
             validate: bool = True,
             separator: str = ",",
-            header: bool = True,
+            header: bool | int = True,
             storage_options: StorageOptions | None = None,
             **pandas_kwargs: Any,
         ) -> TabularDataset:
             """CSV (or other delimited) files; ``pandas_kwargs`` go to
             ``pandas.read_csv``."""
             pandas_kwargs.setdefault("sep", separator)
-            if not header:
+            if header is False:
                 pandas_kwargs.setdefault("header", None)
+            elif header is not True:  # a row number, as pandas takes it
+                pandas_kwargs.setdefault("header", header)
             return TabularDataset(
                 path,
                 file_format="csv",

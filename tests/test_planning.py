@@ -17,7 +17,7 @@ from daskrun.config import (
     parse_byte_size,
     parse_file_count,
 )
-from daskrun.datasets import CsvBatch, ParquetBatch, plan_byte_ranges, plan_row_groups
+from daskrun.datasets import CsvBatch, ParquetBatch, plan_row_groups
 from daskrun.runner import Tally, check_thresholds
 
 from .conftest import make_files, write_script
@@ -80,15 +80,6 @@ def test_arguments_must_start_with_an_option_and_avoid_reserved_names() -> None:
     ):
         with pytest.raises(ConfigError, match="reserved"):
             check_arguments(["--x", "1", reserved, "2"])
-
-
-def test_byte_ranges_cover_the_file_without_overlap() -> None:
-    ranges = plan_byte_ranges(10_000_001, 1_000_000)
-    assert len(ranges) == 11
-    assert ranges[0] == (0, 1_000_000)
-    covered = sum(length for _, length in ranges if length)
-    assert covered == 10_000_001
-    assert plan_byte_ranges(5, 5) == [(0, None)]
 
 
 def test_row_groups_are_grouped_up_to_the_size() -> None:
