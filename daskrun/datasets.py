@@ -154,36 +154,56 @@ def _find_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
         return [root]
     else:
         return []
-    files = []
+    files: set[str] = set()  # "dir/**" matches a file and the folders above it
     for name, info in matches.items():
         if info.get("type") == "directory":
-            files.extend(fs.find(name))
+            files.update(fs.find(name))
         else:
-            files.append(name)
-    return files
+            files.add(name)
+    return list(files)
 
 
 def _find_local(root: str) -> list[str]:
     # os.scandir keeps no per-file metadata: a million paths cost only their
     # strings, where fsspec's find() builds an info dict for each
-    tops = (
-        globlib.glob(root, recursive=True) if any(c in root for c in "*?[") else [root]
-    )
+    if not any(c in root for c in "*?["):
+        return _walk_local(root)
+    # "dir/**" matches each file and every folder above it: walk a folder
+    # only when no folder above it was walked, so each file is listed once
+    walked: set[str] = set()
     files: list[str] = []
-    for top in sorted(tops):
-        if os.path.isfile(top):
-            files.append(top)
+    for top in sorted(map(os.path.normpath, globlib.glob(root, recursive=True))):
+        if walked and _inside(top, walked):
             continue
-        # os.scandir one entry at a time: os.walk would first hold all of a
-        # folder's names as a second list (70 MB for a million files)
-        folders = [top]
-        while folders:
-            with os.scandir(folders.pop()) as entries:
-                for entry in entries:
-                    if not entry.is_dir():
-                        files.append(entry.path)
-                    elif entry.name != BOOKKEEPING and not entry.is_symlink():
-                        folders.append(entry.path)  # as os.walk: no linked dirs
+        if os.path.isdir(top):
+            walked.add(top)
+        files.extend(_walk_local(top))
+    return files
+
+
+def _inside(path: str, folders: set[str]) -> bool:
+    parent, child = os.path.dirname(path), path
+    while parent != child:
+        if parent in folders:
+            return True
+        parent, child = os.path.dirname(parent), parent
+    return False
+
+
+def _walk_local(top: str) -> list[str]:
+    if os.path.isfile(top):
+        return [top]
+    # os.scandir one entry at a time: os.walk would first hold all of a
+    # folder's names as a second list (70 MB for a million files)
+    files: list[str] = []
+    folders = [top]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if not entry.is_dir():
+                    files.append(entry.path)
+                elif entry.name != BOOKKEEPING and not entry.is_symlink():
+                    folders.append(entry.path)  # as os.walk: no linked dirs
     return files
 
 
@@ -207,6 +227,8 @@ class _DatasetBase:
         self.name: str | None = None  # set once registered
         self.version: int | None = None
         self.datastore, self._source = _datastore_paths(path)
+        if self.datastore is None:
+            _check_path(path)
         if self.datastore is not None:
             self._path: Any = [self.datastore.url(p) for p in self._source]
             self.storage_options: dict[str, Any] = self.datastore.storage_options
@@ -347,6 +369,27 @@ def _as_list(path: Any) -> list[Any]:
     return [path] if isinstance(path, (str, os.PathLike, tuple)) else list(path)
 
 
+def _check_path(path: Any) -> None:
+    """Refuse what names no file: ``None``, a number, an empty list.
+
+    >>> _check_path(42)
+    Traceback (most recent call last):
+    ...
+    daskrun.exceptions.InputError: path=42 is not a path; pass a file, folder, glob or fsspec URL, or a list of them, e.g. Dataset.File.from_files('images/')
+    """  # noqa: E501
+    paths = (str, os.PathLike)
+    if isinstance(path, paths) or (
+        isinstance(path, Sequence)
+        and not isinstance(path, bytes)
+        and all(isinstance(p, paths) for p in path)
+    ):
+        return
+    raise InputError(
+        f"path={path!r} is not a path; pass a file, folder, glob or fsspec URL, "
+        "or a list of them, e.g. Dataset.File.from_files('images/')"
+    )
+
+
 def _datastore_paths(path: Any) -> tuple[Any, list[str]]:
     """``(datastore, paths on it)`` when ``path`` names datastore paths,
     else ``(None, [])``."""
@@ -459,13 +502,15 @@ class TabularDataset(_DatasetBase):
         super().__init__(path, validate=validate, storage_options=storage_options)
 
     def plan(
-        self, mini_batch_size: object = None, start: int = 0
+        self, mini_batch_size: object = None, start: int = 0, exclude: str | None = None
     ) -> Iterator[CsvBatch | ParquetBatch]:
         """Yield the mini-batches, numbered from ``start``: byte ranges of CSV
         files, or groups of Parquet row groups, never crossing a file
-        boundary."""
+        boundary; the file ``exclude`` is left out."""
         size = mini_batch_size_for("tabular", mini_batch_size)
-        files = self.files()
+        files = [f for f in self.files() if f != exclude]
+        if not files:
+            return
         fs, _ = url_to_fs(files[0], **self.storage_options)
         index = start
         if self.file_format == "csv":

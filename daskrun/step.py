@@ -338,20 +338,37 @@ class ParallelRunStep:
         return f"ParallelRunStep(name={self.name!r}, inputs={self.inputs!r})"
 
     def plan(self) -> tuple[Iterable[Any], int]:
-        """The mini-batch plans (lazily, for file inputs) and their count."""
+        """The mini-batch plans (lazily, for file inputs) and their count.
+
+        The step's own output file is never an input, even where the output
+        folder lies inside an input folder (daskrun's parts are left out of
+        every listing).
+        """
+        own = self._own_output()
         if self.kind == "file":
             files = (
                 self.inputs[0].files()
                 if len(self.inputs) == 1
                 else [f for ds in self.inputs for f in ds.files()]
             )
+            if own is not None and own in files:
+                files = [f for f in files if f != own]
             count = math.ceil(len(files) / self.mini_batch_size)
             return plan_files(files, self.mini_batch_size), count
         batches: list[Any] = []
         for ds in self.inputs:
             assert isinstance(ds, TabularDataset)
-            batches.extend(ds.plan(self.mini_batch_size, start=len(batches)))
+            batches.extend(
+                ds.plan(self.mini_batch_size, start=len(batches), exclude=own)
+            )
         return batches, len(batches)
+
+    def _own_output(self) -> str | None:
+        """The final output file as data set listings name it."""
+        cfg = self.config.resolved
+        if self.output is None or cfg.output_action != "append_row":
+            return None
+        return f"{self.output.rstrip('/')}/{cfg.append_row_file_name}"
 
     def run(
         self,

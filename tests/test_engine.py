@@ -597,3 +597,46 @@ def test_a_hundred_thousand_files(tmp_path: Path) -> None:
         for i, line in enumerate(f):
             assert line == f"{folder}/{i:06d}\n"
     assert i == 99_999
+
+
+NAME_SCRIPT = """
+import os
+
+def init():
+    pass
+
+def run(mini_batch):
+    if isinstance(mini_batch, list):
+        return [os.path.basename(p) for p in mini_batch]
+    return [f"row {n}" for n in mini_batch["n"]]
+"""
+
+
+@pytest.mark.parametrize("kind", ["file", "tabular"])
+@pytest.mark.parametrize("where", [".", "out"])
+def test_own_output_inside_the_input_folder_is_never_read(
+    tmp_path: Path, cluster: LocalCluster, kind: str, where: str
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        (data / f"in{i}.txt").write_text(f"n\n{i}\n")
+    output = str(data / where)
+    for attempt in range(2):  # the second run sees the first's output and parts
+        ds = (
+            Dataset.File.from_files(str(data))
+            if kind == "file"
+            else Dataset.Tabular.from_delimited_files(str(data))
+        )
+        run = run_step(
+            tmp_path,
+            NAME_SCRIPT,
+            ds,
+            output=output,
+            mini_batch_size=1 if kind == "file" else "1KB",
+            compute_target=cluster,
+        )
+        assert run.status == "Completed", run.error
+        assert run.items_total == 4, f"run {attempt + 1} read its own output"
+        lines = Path(run.output_path or "").read_text().splitlines()
+        assert len(lines) == 4

@@ -243,3 +243,28 @@ def test_datasets_as_dask_collections(tmp_path: Path) -> None:
     make_files(tmp_path / "f", 7)
     bag = Dataset.File.from_files(str(tmp_path / "f")).to_bag(3)
     assert [len(b) for b in bag.compute(scheduler="sync")] == [3, 3, 1]
+
+
+def test_recursive_globs_list_each_file_once(tmp_path: Path) -> None:
+    top = tmp_path / "data"
+    for rel in ("x.csv", "b/y.csv", "b/c/z.txt", "b/c/d/w.csv"):
+        (top / rel).parent.mkdir(parents=True, exist_ok=True)
+        (top / rel).write_text("n\n1\n")
+
+    def names(path: object) -> list[str]:
+        files = Dataset.File.from_files(path).files()
+        return [str(Path(f).relative_to(top)) for f in files]
+
+    everything = ["b/c/d/w.csv", "b/c/z.txt", "b/y.csv", "x.csv"]
+    assert names(str(top / "**")) == everything
+    assert names(str(top / "**" / "*.csv")) == ["b/c/d/w.csv", "b/y.csv", "x.csv"]
+    assert names([str(top / "**"), str(top / "b")]) == everything
+    assert len(list(Dataset.File.from_files(str(top / "**")).plan(1))) == 4
+
+
+@pytest.mark.parametrize("path", [None, 42, [None], b"images/", {"a": 1}])
+def test_what_names_no_file_is_refused(path: object) -> None:
+    with pytest.raises(InputError, match=r"path=.* is not a path; pass a file"):
+        Dataset.File.from_files(path)
+    with pytest.raises(InputError, match="is not a path"):
+        Dataset.Tabular.from_delimited_files(path, validate=False)

@@ -161,3 +161,17 @@ def test_remote_side_input_is_fetched_to_each_worker(
     assert Path(run.output_path or "").read_text().split() == [
         str(3 * i + 4) for i in range(6)
     ]
+
+
+def test_recursive_blob_globs_list_each_file_once(
+    azurite: str, container: tuple[AzureBlobFileSystem, str]
+) -> None:
+    fs, name = container
+    for rel in ("x.csv", "b/y.csv", "b/c/z.txt"):
+        fs.pipe_file(f"{name}/data/{rel}", b"n\n1\n")
+    options = {"connection_string": azurite}
+    for pattern, count in (("data/**", 3), ("data/**/*.csv", 2)):
+        ds = Dataset.File.from_files(
+            f"abfs://{name}/{pattern}", storage_options=options
+        )
+        assert len(ds.files()) == len(set(ds.files())) == count, ds.files()
