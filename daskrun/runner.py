@@ -62,6 +62,9 @@ class Tally:
     items_extra: int = 0
     all_scheduled: bool = False
     first_failure: Failure | None = None
+    # the items of a mini-batch that failed before they were counted (a CSV
+    # range never read); 1 when not given
+    count_items: Callable[[MiniBatch], int] | None = None
 
     def record(self, batch: MiniBatch, result: TryResult) -> Counts:
         """Count the final outcome of one mini-batch; return its counts."""
@@ -80,8 +83,9 @@ class Tally:
                     result.worker,
                 )
         else:
-            # a CSV range that was never read has an unknown row count: at least 1
-            n = items_in if items_in is not None else 1
+            if items_in is None:  # a CSV range that was never read
+                items_in = self.count_items(batch) if self.count_items else 1
+            n = items_in
             counts = Counts(n, 0, n, 0)
             self.mini_batches_failed += 1
             if self.first_failure is None or self.first_failure.traceback is None:

@@ -40,6 +40,7 @@ from .config import (
 )
 from .dashboard import install_page, publish
 from .datasets import (
+    CsvBatch,
     Dataset,
     DatasetConsumptionConfig,
     FileDataset,
@@ -48,6 +49,7 @@ from .datasets import (
     from_spec,
     plan_files,
 )
+from .delimited import count_csv_rows
 from .exceptions import ConfigError, EntryScriptError, JobFailedError
 from .models import model_refs
 from .monitor import REPORT, Console, JobLogs
@@ -571,7 +573,7 @@ def _execute(
         os.makedirs(output_path, exist_ok=True)
     plugin = _entry_script_plugin(step, run_id, output_path, target)
     record = resume or _new_record(step, run_id, plugin, root)
-    tally = Tally(mini_batches_total=total)
+    tally = Tally(mini_batches_total=total, count_items=_item_counter(step))
     succeeded = bytearray(total)  # one byte per mini-batch: flat for millions
     # 1: finished in an earlier attempt, in its report; 2: its part is
     # committed but the report missed it (the client died in between)
@@ -848,6 +850,21 @@ def _path_spec(dataset: Input) -> Any:
     if isinstance(path, (str, os.PathLike)):
         return os.fspath(path)
     return [os.fspath(p) for p in path]
+
+
+def _item_counter(step: ParallelRunStep) -> Any:
+    """Counts the rows of a CSV mini-batch that failed unread."""
+    if step.kind != "tabular":
+        return None
+    first = step.inputs[0]
+    assert isinstance(first, TabularDataset)
+
+    def count(batch: Any) -> int:
+        if not isinstance(batch, CsvBatch):
+            return batch.n_items or 1
+        return count_csv_rows(batch, first.storage_options, first.pandas_kwargs)
+
+    return count
 
 
 def _row_counts(row: dict[str, str]) -> Counts:

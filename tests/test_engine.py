@@ -640,3 +640,27 @@ def test_own_output_inside_the_input_folder_is_never_read(
         assert run.items_total == 4, f"run {attempt + 1} read its own output"
         lines = Path(run.output_path or "").read_text().splitlines()
         assert len(lines) == 4
+
+
+def test_a_failed_csv_mini_batch_counts_its_rows(
+    tmp_path: Path, cluster: LocalCluster
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [f"{i},word{i}" for i in range(1000)]
+    rows[500] = "500,word500,an extra field pandas refuses"
+    (data / "t.csv").write_text("n,text\n" + "\n".join(rows) + "\n")
+    run = run_step(
+        tmp_path,
+        NAME_SCRIPT,
+        Dataset.Tabular.from_delimited_files(str(data)),
+        mini_batch_size="1KB",
+        compute_target=cluster,
+        error_threshold=-1,
+        run_max_try=1,
+    )
+    assert run.status == "Completed", run.error
+    assert run.mini_batches_failed == 1
+    # the unreadable range's rows count as failed, not 1
+    assert run.items_failed > 50
+    assert run.items_succeeded + run.items_failed == 1000
