@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -25,6 +25,8 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+from .exceptions import OutputError
 
 _PART_DIGITS = 10
 
@@ -184,24 +186,33 @@ def prepare_parts(target: OutputTarget) -> None:
     target.fs().makedirs(target.parts_url, exist_ok=True)
 
 
-def assemble(target: OutputTarget, indices: Iterable[int]) -> str:
+def assemble(
+    target: OutputTarget,
+    indices: Iterable[int],
+    describe: Callable[[int], str] | None = None,
+) -> str:
     """Concatenate the parts of ``indices`` (in that order) into the final
-    file and publish it atomically. Returns the final file's path or URL."""
+    file and publish it atomically. Returns the final file's path or URL.
+
+    CSV and Parquet parts must have one set of columns: the first part with
+    rows sets them (a part without rows adds nothing and is not compared),
+    and a part with others raises :class:`~daskrun.OutputError` naming both
+    mini-batches (``describe(index)``, default ``"mini-batch <index>"``)
+    before anything is published.
+    """
     fs = target.fs()
     final = target.final_url
     tmp = f"{target.url.rstrip('/')}/.{target.file_name}.{uuid.uuid4().hex}.partial"
+    name = describe or (lambda index: f"mini-batch {index}")
     try:
         with fs.open(tmp, "wb") as out:
             if target.output_format == "parquet":
-                _concat_parquet(target, indices, out)
+                _concat_parquet(target, indices, out, name)
+            elif target.output_format == "csv":
+                _concat_csv(target, indices, out, name)
             else:
-                header = target.output_format == "csv"
-                first = True
                 for index in indices:
                     with fs.open(target.part_url(index), "rb") as part:
-                        if header and not first:
-                            part.readline()  # one header, from the first part
-                        first = False
                         shutil.copyfileobj(part, out, 1 << 20)
             if isinstance(fs, LocalFileSystem):
                 out.flush()
@@ -217,29 +228,83 @@ def assemble(target: OutputTarget, indices: Iterable[int]) -> str:
     return final
 
 
-def _concat_parquet(target: OutputTarget, indices: Iterable[int], out: Any) -> None:
+def _mismatch(
+    fmt: str,
+    first: tuple[int, list[str]],
+    other: tuple[int, list[str]],
+    name: Callable[[int], str],
+) -> OutputError:
+    return OutputError(
+        f"{name(other[0])} returned columns {other[1]} unlike "
+        f"{name(first[0])}'s {first[1]}; with output_format={fmt!r}, make run() "
+        "return DataFrames of the same columns (and types), or use "
+        "output_format='text'"
+    )
+
+
+def _concat_csv(
+    target: OutputTarget, indices: Iterable[int], out: Any, name: Callable[[int], str]
+) -> None:
+    """Stream the parts under one header line, one part at a time."""
+    fs = target.fs()
+    first: tuple[int, list[str]] | None = None
+    empty_header: bytes | None = None  # used only if no part has rows
+    for index in indices:
+        with fs.open(target.part_url(index), "rb") as part:
+            header = part.readline()
+            chunk = part.read(1 << 20)
+            if not chunk:
+                if empty_header is None:
+                    empty_header = header
+                continue
+            columns = next(csv.reader([header.decode("utf-8", "replace")]), [])
+            if first is None:
+                first = (index, columns)
+                out.write(header)
+            elif columns != first[1]:
+                raise _mismatch("csv", first, (index, columns), name)
+            out.write(chunk)
+            shutil.copyfileobj(part, out, 1 << 20)
+    if first is None and empty_header is not None:
+        out.write(empty_header)
+
+
+def _concat_parquet(
+    target: OutputTarget, indices: Iterable[int], out: Any, name: Callable[[int], str]
+) -> None:
     """Stream the parts' tables into one Parquet file, one part at a time."""
     import pyarrow.parquet as pq
 
     fs = target.fs()
     writer = None
+    first = 0
+    empty = None  # the first part's table, used only if no part has rows
     try:
         for index in indices:
             with fs.open(target.part_url(index), "rb") as part:
                 table = pq.read_table(part)
+            if not table.num_rows:
+                empty = table if empty is None else empty
+                continue
             if writer is None:
                 writer = pq.ParquetWriter(out, table.schema)
-            elif table.schema != writer.schema:
-                raise TypeError(
-                    f"mini-batch {index}'s result has columns {table.schema} unlike "
-                    f"the first one's {writer.schema}; return DataFrames of one "
-                    "schema for output_format='parquet'"
-                )
-            if table.num_rows:
-                writer.write_table(table)
+                first = index
+            elif not table.schema.equals(writer.schema):
+                ours, theirs = writer.schema.names, table.schema.names
+                if ours == theirs:  # the types differ
+                    ours, theirs = _fields(writer.schema), _fields(table.schema)
+                raise _mismatch("parquet", (first, ours), (index, theirs), name)
+            writer.write_table(table)
+        if writer is None and empty is not None:
+            writer = pq.ParquetWriter(out, empty.schema)
     finally:
         if writer is not None:
             writer.close()
+
+
+def _fields(schema: Any) -> list[str]:
+    """Column names with their types, for columns that differ only in type."""
+    return [f"{f.name}: {f.type}" for f in schema]
 
 
 def remove_parts(target: OutputTarget) -> None:

@@ -42,6 +42,7 @@ from .dashboard import install_page, publish
 from .datasets import (
     Dataset,
     DatasetConsumptionConfig,
+    FileBatch,
     FileDataset,
     PipelineData,
     TabularDataset,
@@ -653,7 +654,9 @@ def _execute(
         else:
             if target is not None:
                 final = _output.assemble(
-                    target, (i for i in range(total) if succeeded[i])
+                    target,
+                    (i for i in range(total) if succeeded[i]),
+                    lambda index: _describe(step, batches, index),
                 )
                 if not tally.mini_batches_failed:
                     # kept otherwise, for a resume with retry_failed
@@ -704,6 +707,17 @@ def _execute(
         if where:
             say(f"daskrun: raised at {where}")
     return run
+
+
+def _describe(step: ParallelRunStep, batches: Iterable[Any], index: int) -> str:
+    """``mini-batch <index> (<its inputs>)``, for errors about its result."""
+    if isinstance(batches, list):
+        batch = batches[index]
+    else:  # file inputs, planned lazily: their lists are kept
+        files = [f for ds in step.inputs for f in ds.files()]
+        n = step.mini_batch_size
+        batch = FileBatch.of(index, files[index * n : (index + 1) * n])
+    return f"mini-batch {index} ({batch.describe()})"
 
 
 def resume(
