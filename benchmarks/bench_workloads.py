@@ -347,7 +347,11 @@ def run_tool(tool: str, workload: str, data: Path, model: str) -> dict[str, Any]
         ],
         capture_output=True,
         text=True,
-        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent)),
+        # this checkout's daskrun, not whichever one is installed
+        env=dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(REPO)]),
+        ),
     )
     seconds = time.perf_counter() - start
     if proc.returncode != 0:

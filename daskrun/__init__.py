@@ -32,6 +32,7 @@ from .exceptions import (
     EntryScriptError,
     InputError,
     JobFailedError,
+    OutputError,
     ThresholdExceededError,
 )
 from .models import Model
@@ -60,6 +61,7 @@ __all__ = [
     "LocalCompute",
     "Model",
     "OutputData",
+    "OutputError",
     "ParallelRunConfig",
     "ParallelRunStep",
     "Pipeline",

@@ -1,7 +1,8 @@
 """Compute targets: where the workers come from.
 
 ``None`` starts a local cluster of single-threaded worker processes bound to
-127.0.0.1 and closes it afterwards. A scheduler address, a
+127.0.0.1, reachable only with TLS certificates made for it (no other local
+user gets in), and closes it afterwards. A scheduler address, a
 ``distributed.Client`` or a Dask cluster object (``LocalCluster``,
 ``dask_jobqueue.SLURMCluster``, ``dask_cuda.LocalCUDACluster``…) is used as
 given and left running. A :class:`ComputeTarget` registered in a workspace
@@ -32,6 +33,7 @@ import dask.config
 import dask.utils
 from distributed import Client, LocalCluster, WorkerPlugin
 from distributed.core import Status
+from distributed.security import Security
 
 from .config import config_get
 from .dashboard import serve_dashboard_on_demand
@@ -195,6 +197,12 @@ def _local_cluster(
     # worker holds only the task it runs, so a death charges no other.
     options: dict[str, Any] = dict(
         n_workers=0,  # started below, see _few_messages()
+        # Any local user may connect to a port on 127.0.0.1, and a client of
+        # the scheduler runs code as the job's user. With TLS and certificates
+        # made for this cluster, held in memory by this process and handed to
+        # its workers through their start pipes, only they get in. The
+        # dashboard's HTTP server does not use them: it stays plain HTTP.
+        security=Security.temporary(),
         threads_per_worker=1,
         host=config_get("local-cluster.host"),
         dashboard_address=dashboard_address
@@ -219,7 +227,9 @@ def _local_cluster(
     try:
         with _few_messages():
             cluster.scale(n)
-            with Client(cluster, set_as_default=False) as client:
+            with Client(
+                cluster, security=options["security"], set_as_default=False
+            ) as client:
                 # while the workers start; each gets the plugin when it joins,
                 # before the entry script's, so the plugin's hook runs last
                 client.register_plugin(QuickExit())

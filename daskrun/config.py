@@ -429,7 +429,8 @@ class ParallelRunConfig:
         Tries per mini-batch before it counts as failed.
     append_row_file_name : str
         Name of the output file (default ``parallel_run_step.txt``, or
-        ``.csv`` / ``.parquet`` with those formats).
+        ``.csv`` / ``.parquet`` with those formats). ``.daskrun`` and
+        ``.*.partial`` are daskrun's own and refused.
     output_format : {"text", "csv", "parquet"}
         ``append_row`` output as ParallelRunStep's text lines (default), as
         CSV with a header, or as Parquet (DataFrame results keep their
@@ -617,6 +618,16 @@ def _resolve(**kw: Any) -> ResolvedConfig:
     ):
         raise ConfigError(
             f"append_row_file_name={file_name!r} must be a plain file name; use e.g. "
+            "'parallel_run_step.txt'"
+        )
+    # daskrun's own names in the output folder: its bookkeeping folder (parts,
+    # the run lock) and its temporary files, .<name>.<hex>.partial
+    if file_name == ".daskrun" or (
+        file_name.startswith(".") and file_name.endswith(".partial")
+    ):
+        raise ConfigError(
+            f"append_row_file_name={file_name!r} is a name daskrun writes itself "
+            "in the output folder ('.daskrun', '.*.partial'); use another, e.g. "
             "'parallel_run_step.txt'"
         )
 

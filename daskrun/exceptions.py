@@ -7,8 +7,9 @@
     ├── InputError(ValueError)         a missing, empty or unreadable input; exit 2
     ├── EntryScriptError               init() failed on a worker
     └── JobFailedError                 the job ended Failed or Canceled; exit 1
-        └── ThresholdExceededError     error_threshold, allowed_failed_count or
-                                       allowed_failed_percent was exceeded
+        ├── ThresholdExceededError     error_threshold, allowed_failed_count or
+        │                              allowed_failed_percent was exceeded
+        └── OutputError                the output could not be published
 
 Usage errors (``ConfigError``, ``InputError``) are raised before any task runs.
 Their messages name the bad value and show the fix.
@@ -76,3 +77,9 @@ class ThresholdExceededError(JobFailedError):
         self.threshold = threshold
         self.limit = limit
         self.observed = observed
+
+
+class OutputError(JobFailedError):
+    """The results could not be published as one output file: mini-batches
+    returned different columns, or the output's storage refused the write.
+    Nothing was published; the mini-batches' parts are kept."""

@@ -36,6 +36,9 @@ from .plugin import TryResult
 from .runner import Counts, Tally
 
 REPORT = Path("sys", "job_report", "processed_mini-batches.csv")
+# file names that are not UTF-8 (lone surrogates from os.fsdecode) are
+# written escaped, as \udce9, rather than failing the log
+_ESCAPE = "backslashreplace"
 FAILED_COLUMNS = ("index", "input", "error")
 REPORT_COLUMNS = (
     "index",
@@ -75,7 +78,7 @@ class JobLogs:
         # a resumed run starts from the rows its earlier attempts kept
         rows = [[row[c] for c in REPORT_COLUMNS] for row in earlier_rows]
         self._report: IO[str] = open(  # noqa: SIM115 - closed in close()
-            self.report_path, "w", newline=""
+            self.report_path, "w", newline="", errors=_ESCAPE
         )
         self._writer = csv.writer(self._report)
         self._writer.writerow(REPORT_COLUMNS)
@@ -88,7 +91,7 @@ class JobLogs:
             with open(self.failed_path, newline="") as f:
                 earlier = list(csv.reader(f))[1:]
         self._failed: IO[str] = open(  # noqa: SIM115 - closed in close()
-            self.failed_path, "w", newline=""
+            self.failed_path, "w", newline="", errors=_ESCAPE
         )
         self._failed_writer = csv.writer(self._failed)
         self._failed_writer.writerow(FAILED_COLUMNS)
@@ -134,7 +137,9 @@ class JobLogs:
             if f is None:
                 path = self.dir / "user" / kind / f"{result.worker}.txt"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                f = self._user[key] = open(path, "a")  # noqa: SIM115 - close()
+                f = self._user[key] = open(  # noqa: SIM115 - close()
+                    path, "a", errors=_ESCAPE
+                )
             f.write(text)
             f.flush()
 
@@ -188,7 +193,7 @@ class JobLogs:
             lines.append("latest errors:")
             lines.extend(f"  {e}" for e in snap["latest_errors"])
         tmp = self.dir / ".job_progress_overview.txt.tmp"
-        tmp.write_text("\n".join(lines) + "\n")
+        tmp.write_text("\n".join(lines) + "\n", errors=_ESCAPE)
         os.replace(tmp, self.dir / "job_progress_overview.txt")
 
     def failed_items(self, batch: MiniBatch, result: TryResult) -> None:
@@ -240,7 +245,9 @@ class JobLogs:
         ]
         if error:
             lines.append(f"error: {error}")
-        (self.dir / "job_result.txt").write_text("\n".join(lines) + "\n")
+        (self.dir / "job_result.txt").write_text(
+            "\n".join(lines) + "\n", errors=_ESCAPE
+        )
         failure = tally.first_failure
         text = []
         if failure is not None:
@@ -251,7 +258,7 @@ class JobLogs:
         if error and (failure is None or error != failure.error):
             text.append(f"\njob: {error}\n" if text else f"{error}\n")
         if text:
-            (self.dir / "job_error.txt").write_text("".join(text))
+            (self.dir / "job_error.txt").write_text("".join(text), errors=_ESCAPE)
 
     def close(self) -> None:
         for f in (self._report, self._failed, *self._user.values()):

@@ -10,23 +10,33 @@ final one and publishes it with one rename. A failed job publishes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import importlib
 import io
 import os
 import shutil
 import sys
+import tempfile
+import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from .exceptions import OutputError
+
 _PART_DIGITS = 10
+# a file name that is not UTF-8 (os.fsdecode's lone surrogates) is written
+# escaped, as \udce9, not refused
+_ESCAPE = "backslashreplace"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,9 @@ class OutputTarget:
     run_id: str
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     output_format: str = "text"  # "text", "csv" (with header) or "parquet"
+    # seconds a remote store may take per operation (daskrun.storage-timeout,
+    # resolved on the client); None: unbounded
+    timeout: float | None = None
 
     @cached_property
     def local(self) -> bool:
@@ -104,11 +117,11 @@ def format_rows(result: Any, output_format: str = "text") -> tuple[bytes, int]:
         if len(result) == 0:
             return b"", 0
         text = result.to_csv(sep=" ", header=False, index=False, lineterminator="\n")
-        return text.encode(), len(result)
+        return text.encode("utf-8", _ESCAPE), len(result)
     lines = [str(x).replace("\r", "\\r").replace("\n", "\\n") for x in list(result)]
     if not lines:
         return b"", 0
-    return ("\n".join(lines) + "\n").encode(), len(lines)
+    return ("\n".join(lines) + "\n").encode("utf-8", _ESCAPE), len(lines)
 
 
 def _csv_bytes(frame: Any) -> bytes:
@@ -137,7 +150,61 @@ def _csv_bytes(frame: Any) -> bytes:
         table = pa.Table.from_pandas(frame, preserve_index=False)
         pacsv.write_csv(table, buf, pacsv.WriteOptions(include_header=False))
         return buf.getvalue()
-    return frame.to_csv(index=False, lineterminator="\n").encode()
+    return frame.to_csv(index=False, lineterminator="\n").encode("utf-8", _ESCAPE)
+
+
+def bounded(
+    target: OutputTarget, what: str, fn: Callable[[], _T], nbytes: int = 0
+) -> _T:
+    """``fn()``, or an :class:`~daskrun.OutputError` once ``target.timeout``
+    seconds (plus one per MB of ``nbytes`` to send) pass on remote storage:
+    cloud SDKs retry an unreachable endpoint for minutes (82 s per call for
+    Azure Blob). The call's thread is left to finish on its own."""
+    if target.timeout is None or target.local:
+        return fn()
+    timeout = target.timeout + nbytes / 1e6
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = e
+
+    thread = threading.Thread(target=call, name="daskrun-output", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise OutputError(
+            f"{what} on output {target.url!r} did not answer within "
+            f"{round(timeout, 1):g} s; check the output storage's endpoint, network "
+            "and credentials (the bound is daskrun.storage-timeout)"
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def redacted(error: BaseException, storage_options: Mapping[str, Any]) -> str:
+    """``Type: first line`` of ``error``, without the storage's secrets.
+
+    >>> redacted(OSError("key k3y== refused"), {"account_key": "k3y=="})
+    'OSError: key *** refused'
+    """
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    secrets = []
+    for key, value in storage_options.items():
+        if isinstance(value, str) and key not in ("account_name", "account_host"):
+            secrets.append(value)
+            secrets += [
+                part.split("=", 1)[1]
+                for part in value.split(";")
+                if part.startswith(("AccountKey=", "SharedAccessSignature="))
+            ]
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def write_part(target: OutputTarget, index: int, data: bytes) -> None:
@@ -150,14 +217,21 @@ def write_part(target: OutputTarget, index: int, data: bytes) -> None:
         os.replace(tmp, path)
     else:
         # one PUT: object stores commit a blob whole or not at all
-        target.fs().pipe_file(path, data)
+        bounded(
+            target,
+            f"writing mini-batch {index}'s result",
+            lambda: target.fs().pipe_file(path, data),
+            len(data),
+        )
 
 
 def committed_parts(target: OutputTarget) -> list[int]:
     """Indices of the mini-batches whose parts are written."""
     fs = target.fs()
     try:
-        names = fs.ls(target.parts_url, detail=False)
+        names = bounded(
+            target, "listing the parts", lambda: fs.ls(target.parts_url, detail=False)
+        )
     except FileNotFoundError:
         return []
     out = []
@@ -179,29 +253,182 @@ def count_rows(target: OutputTarget, index: int) -> int:
     return max(0, lines - 1) if target.output_format == "csv" else lines
 
 
+RESERVED_NAMES = (".daskrun",)
+"""Names in an output folder that daskrun writes itself: its bookkeeping
+folder (parts, the run lock). Its temporary files are ``.<name>.<hex>.partial``.
+"""
+
+
+def check_output_folder(path: str, file_name: str | None) -> None:
+    """Refuse a local output folder that cannot be written, before any work:
+    a file (or a file above it), a read-only file system, one like /proc
+    that holds no files, or a folder where the output file should go.
+
+    Probes with a real temporary file in the nearest existing folder, which
+    is what counts (permissions, read-only mounts, root or not).
+    """
+    from .exceptions import ConfigError
+
+    fix = "pass an output folder you can write, e.g. output='out/'"
+    shown = printable(path)
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(
+            f"output={shown!r} cannot be a folder: {printable(existing)!r} is a "
+            f"file; {fix}"
+        )
+    if file_name is not None and os.path.isdir(os.path.join(path, file_name)):
+        raise ConfigError(
+            f"output={shown!r} holds a folder {file_name!r} where the output file "
+            "goes; remove it or pass another append_row_file_name"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".daskrun-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise ConfigError(
+            f"output={shown!r} cannot be written: {reason} in "
+            f"{printable(existing)!r}; {fix}"
+        ) from None
+
+
+def printable(text: str) -> str:
+    """``text`` with what cannot be written as UTF-8 escaped: a file name
+    that is not UTF-8 (``os.fsdecode`` makes its bytes lone surrogates).
+
+    >>> printable("caf\udce9.txt")
+    'caf\\udce9.txt'
+    """
+    return text.encode("utf-8", _ESCAPE).decode("utf-8")
+
+
+class OutputLock:
+    """One run at a time in a local output folder: ``fcntl.flock`` on
+    ``<output>/.daskrun/lock``, which names the run holding it. The kernel
+    releases it when the process dies, however it dies."""
+
+    def __init__(self, target: OutputTarget):
+        from .exceptions import ConfigError
+
+        folder = os.path.join(target.url, ".daskrun")
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, "lock")
+        while True:
+            f = open(self.path, "a+")  # noqa: SIM115 - closed in release()
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another run"
+                f.close()
+                raise ConfigError(
+                    f"output={printable(target.url)!r} is in use by run {holder!r} "
+                    "(still running); wait for it to end, or pass another output "
+                    "folder"
+                ) from None
+            # the holder before us may have removed the file as we opened it
+            if _same_file(f, self.path):
+                break
+            f.close()
+        f.seek(0)
+        f.truncate()
+        f.write(target.run_id + "\n")
+        f.flush()
+        self._file: IO[str] | None = f
+
+    def release(self) -> None:
+        """Remove the lock file, then let go of it."""
+        if self._file is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+            os.rmdir(os.path.dirname(self.path))  # .daskrun/, if now empty
+        self._file.close()
+        self._file = None
+
+
+def _same_file(f: IO[str], path: str) -> bool:
+    try:
+        return os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def prepare_parts(target: OutputTarget) -> None:
-    """Create the parts folder (on the client, before any task)."""
-    target.fs().makedirs(target.parts_url, exist_ok=True)
+    """Create the parts folder (on the client, before any task); on remote
+    storage, within ``target.timeout`` seconds."""
+
+    def make() -> None:
+        fs = target.fs()
+        fs.makedirs(target.parts_url, exist_ok=True)
+        if not target.local:  # object stores make folders lazily: reach it
+            fs.exists(target.parts_url)
+
+    bounded(target, "creating the parts folder", make)
 
 
-def assemble(target: OutputTarget, indices: Iterable[int]) -> str:
+def assemble(
+    target: OutputTarget,
+    indices: Iterable[int],
+    describe: Callable[[int], str] | None = None,
+) -> str:
     """Concatenate the parts of ``indices`` (in that order) into the final
-    file and publish it atomically. Returns the final file's path or URL."""
+    file and publish it atomically. Returns the final file's path or URL.
+
+    CSV and Parquet parts must have one set of columns: the first part with
+    rows sets them (a part without rows adds nothing and is not compared),
+    and a part with others raises :class:`~daskrun.OutputError` naming both
+    mini-batches (``describe(index)``, default ``"mini-batch <index>"``)
+    before anything is published.
+    """
     fs = target.fs()
     final = target.final_url
     tmp = f"{target.url.rstrip('/')}/.{target.file_name}.{uuid.uuid4().hex}.partial"
+    name = describe or (lambda index: f"mini-batch {index}")
+    try:
+        # an unreachable store fails here, in seconds; the copy itself is
+        # not bounded, since a large output takes as long as it takes
+        bounded(target, "reaching the parts", lambda: fs.exists(target.parts_url))
+        _write(target, tmp, final, indices, name)
+    except OutputError as e:
+        raise OutputError(f"{e}; {_kept(target)}", run_id=target.run_id) from None
+    except Exception as e:
+        raise OutputError(
+            f"publishing {final!r} failed; {_kept(target)}; cause: "
+            + redacted(e, target.storage_options),
+            run_id=target.run_id,
+        ) from None
+    return final
+
+
+def _kept(target: OutputTarget) -> str:
+    return (
+        "nothing was published and the mini-batches' results are kept: fix the "
+        f"cause, then run 'daskrun resume {target.run_id}'"
+    )
+
+
+def _write(
+    target: OutputTarget,
+    tmp: str,
+    final: str,
+    indices: Iterable[int],
+    name: Callable[[int], str],
+) -> None:
+    fs = target.fs()
     try:
         with fs.open(tmp, "wb") as out:
             if target.output_format == "parquet":
-                _concat_parquet(target, indices, out)
+                _concat_parquet(target, indices, out, name)
+            elif target.output_format == "csv":
+                _concat_csv(target, indices, out, name)
             else:
-                header = target.output_format == "csv"
-                first = True
                 for index in indices:
                     with fs.open(target.part_url(index), "rb") as part:
-                        if header and not first:
-                            part.readline()  # one header, from the first part
-                        first = False
                         shutil.copyfileobj(part, out, 1 << 20)
             if isinstance(fs, LocalFileSystem):
                 out.flush()
@@ -211,35 +438,89 @@ def assemble(target: OutputTarget, indices: Iterable[int]) -> str:
         else:
             fs.mv(tmp, final)
     except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+        with contextlib.suppress(Exception):
+            if fs.exists(tmp):
+                fs.rm(tmp)
         raise
-    return final
 
 
-def _concat_parquet(target: OutputTarget, indices: Iterable[int], out: Any) -> None:
+def _mismatch(
+    fmt: str,
+    first: tuple[int, list[str]],
+    other: tuple[int, list[str]],
+    name: Callable[[int], str],
+) -> OutputError:
+    return OutputError(
+        f"{name(other[0])} returned columns {other[1]} unlike "
+        f"{name(first[0])}'s {first[1]}; with output_format={fmt!r}, make run() "
+        "return DataFrames of the same columns (and types), or use "
+        "output_format='text'"
+    )
+
+
+def _concat_csv(
+    target: OutputTarget, indices: Iterable[int], out: Any, name: Callable[[int], str]
+) -> None:
+    """Stream the parts under one header line, one part at a time."""
+    fs = target.fs()
+    first: tuple[int, list[str]] | None = None
+    empty_header: bytes | None = None  # used only if no part has rows
+    for index in indices:
+        with fs.open(target.part_url(index), "rb") as part:
+            header = part.readline()
+            chunk = part.read(1 << 20)
+            if not chunk:
+                if empty_header is None:
+                    empty_header = header
+                continue
+            columns = next(csv.reader([header.decode("utf-8", "replace")]), [])
+            if first is None:
+                first = (index, columns)
+                out.write(header)
+            elif columns != first[1]:
+                raise _mismatch("csv", first, (index, columns), name)
+            out.write(chunk)
+            shutil.copyfileobj(part, out, 1 << 20)
+    if first is None and empty_header is not None:
+        out.write(empty_header)
+
+
+def _concat_parquet(
+    target: OutputTarget, indices: Iterable[int], out: Any, name: Callable[[int], str]
+) -> None:
     """Stream the parts' tables into one Parquet file, one part at a time."""
     import pyarrow.parquet as pq
 
     fs = target.fs()
     writer = None
+    first = 0
+    empty = None  # the first part's table, used only if no part has rows
     try:
         for index in indices:
             with fs.open(target.part_url(index), "rb") as part:
                 table = pq.read_table(part)
+            if not table.num_rows:
+                empty = table if empty is None else empty
+                continue
             if writer is None:
                 writer = pq.ParquetWriter(out, table.schema)
-            elif table.schema != writer.schema:
-                raise TypeError(
-                    f"mini-batch {index}'s result has columns {table.schema} unlike "
-                    f"the first one's {writer.schema}; return DataFrames of one "
-                    "schema for output_format='parquet'"
-                )
-            if table.num_rows:
-                writer.write_table(table)
+                first = index
+            elif not table.schema.equals(writer.schema):
+                ours, theirs = writer.schema.names, table.schema.names
+                if ours == theirs:  # the types differ
+                    ours, theirs = _fields(writer.schema), _fields(table.schema)
+                raise _mismatch("parquet", (first, ours), (index, theirs), name)
+            writer.write_table(table)
+        if writer is None and empty is not None:
+            writer = pq.ParquetWriter(out, empty.schema)
     finally:
         if writer is not None:
             writer.close()
+
+
+def _fields(schema: Any) -> list[str]:
+    """Column names with their types, for columns that differ only in type."""
+    return [f"{f.name}: {f.type}" for f in schema]
 
 
 def remove_parts(target: OutputTarget) -> None:

@@ -39,7 +39,7 @@ from fsspec.core import url_to_fs
 from .datasets import FileBatch, MiniBatch, localize_files, read_tabular
 from .exceptions import EntryScriptError
 from .models import ModelRef, set_worker_models
-from .output import OutputTarget, format_rows, write_part
+from .output import OutputTarget, format_rows, printable, write_part
 
 _SKIP_DIRS = {"__pycache__", ".git", ".ipynb_checkpoints", ".daskrun", ".venv"}
 
@@ -467,8 +467,8 @@ def _failure(
         items_in=items_in,
         items_out=0,
         seconds=time.perf_counter() - start,
-        error=f"{type(exc).__name__}: {exc}",
-        traceback="".join(traceback.format_exception(type(exc), exc, tb)),
+        error=printable(f"{type(exc).__name__}: {exc}"),
+        traceback=printable("".join(traceback.format_exception(type(exc), exc, tb))),
     )
 
 

@@ -35,6 +35,7 @@ from .config import (
     check_arguments,
     check_parameter_names,
     check_step_name,
+    config_get,
     mini_batch_size_for,
     missing_packages,
 )
@@ -43,6 +44,7 @@ from .datasets import (
     CsvBatch,
     Dataset,
     DatasetConsumptionConfig,
+    FileBatch,
     FileDataset,
     PipelineData,
     TabularDataset,
@@ -250,6 +252,13 @@ class ParallelRunStep:
             self.output = None
         else:
             self.output = _absolute(os.fspath(output), self.output_storage_options)
+            if os.path.isabs(self.output):  # a local folder
+                _output.check_output_folder(
+                    self.output,
+                    cfg.append_row_file_name
+                    if cfg.output_action == "append_row"
+                    else None,
+                )
         self.side_inputs = list(side_inputs or [])
         for side in self.side_inputs:
             if not isinstance(side, (FileDataset, TabularDataset)):
@@ -564,10 +573,14 @@ def _execute(
             run_id,
             step.output_storage_options,
             cfg.output_format,
+            float(config_get("storage-timeout")),
         )
         if step.output is not None and cfg.output_action == "append_row"
         else None
     )
+    # before any work: an unreachable store fails within its timeout, and a
+    # second run into this output folder is refused
+    lock = _prepare_output(target) if target is not None else None
     output_path = step.output or str(run_dir / "outputs")
     if step.output is None:
         os.makedirs(output_path, exist_ok=True)
@@ -649,8 +662,6 @@ def _execute(
             watch.client, watch.run_id = client, run_id
             console.start(total, tally.mini_batches_done)
             _check_environment(client, step.config.environment, run_id)
-            if target is not None:
-                _output.prepare_parts(target)
             _register(client, plugin, cfg.run_invocation_timeout, run_id)
             timings["init_done"] = time.perf_counter() - started
             try:
@@ -672,7 +683,9 @@ def _execute(
         else:
             if target is not None:
                 final = _output.assemble(
-                    target, (i for i in range(total) if succeeded[i])
+                    target,
+                    (i for i in range(total) if succeeded[i]),
+                    lambda index: _describe(step, batches, index),
                 )
                 if not tally.mini_batches_failed:
                     # kept otherwise, for a resume with retry_failed
@@ -690,6 +703,8 @@ def _execute(
         )
         raise
     finally:
+        if lock is not None:
+            lock.release()
         console.close()
         watch.tick(status, force=True)
         record.status, record.error, record.ended = status, error, now()
@@ -723,6 +738,38 @@ def _execute(
         if where:
             say(f"daskrun: raised at {where}")
     return run
+
+
+def _prepare_output(target: _output.OutputTarget) -> _output.OutputLock | None:
+    """Lock a local output folder for this run, and make the parts folder,
+    within ``daskrun.storage-timeout`` on remote storage."""
+    lock = _output.OutputLock(target) if target.local else None
+    try:
+        _output.prepare_parts(target)
+    except BaseException as e:
+        if lock is not None:
+            lock.release()
+        if isinstance(e, _output.OutputError):
+            raise ConfigError(str(e)) from None
+        if isinstance(e, Exception):
+            raise ConfigError(
+                f"output={target.url!r} cannot be written: "
+                f"{_output.redacted(e, target.storage_options)}; check the output "
+                "storage's endpoint and credentials"
+            ) from None
+        raise
+    return lock
+
+
+def _describe(step: ParallelRunStep, batches: Iterable[Any], index: int) -> str:
+    """``mini-batch <index> (<its inputs>)``, for errors about its result."""
+    if isinstance(batches, list):
+        batch = batches[index]
+    else:  # file inputs, planned lazily: their lists are kept
+        files = [f for ds in step.inputs for f in ds.files()]
+        n = step.mini_batch_size
+        batch = FileBatch.of(index, files[index * n : (index + 1) * n])
+    return f"mini-batch {index} ({batch.describe()})"
 
 
 def resume(

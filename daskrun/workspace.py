@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import posixpath
 import re
 import shutil
 import sqlite3
@@ -281,7 +282,8 @@ class OutputData:
 
         options = self.datastore.storage_options
         fs, root = url_to_fs(self.url, **options)
-        target = Path(local_path) / self.path_on_datastore
+        # an absolute path on the datastore still lands under local_path
+        target = Path(local_path) / self.path_on_datastore.lstrip("/")
         try:
             files = [f for f in fs.find(root) if "/.daskrun/" not in f]
             for f in files:
@@ -358,8 +360,9 @@ class Datastore:
         return str(self.workspace.path / self._spec["root"])
 
     def url(self, path_on_datastore: str = "") -> str:
-        """The fsspec URL (or local path) of a path on this datastore."""
-        path = path_on_datastore.lstrip("/")
+        """The fsspec URL (or local path) of a path on this datastore; a
+        path that leaves the datastore's root (``../x``) is refused."""
+        path = self._inside(path_on_datastore)
         if self.kind == "local":
             return os.path.join(str(self.root), path)
         return f"abfs://{self.container_name}/{path}"
@@ -382,7 +385,30 @@ class Datastore:
 
     def path(self, path_on_datastore: str = "") -> DataPath:
         """A path on this datastore, for ``Dataset.File.from_files``."""
+        self._inside(path_on_datastore)
         return DataPath(self, path_on_datastore)
+
+    def _inside(self, path_on_datastore: str) -> str:
+        """``path_on_datastore`` relative to the root, as given, or a
+        ConfigError if it leads out of the root: every path joined onto a
+        datastore passes here.
+
+        >>> store._inside("/images/")  # doctest: +SKIP
+        'images/'
+        """
+        if not isinstance(path_on_datastore, str):
+            raise ConfigError(
+                f"path_on_datastore={path_on_datastore!r} is not a string; use a "
+                "path like 'images/'"
+            )
+        path = path_on_datastore.lstrip("/")
+        normal = posixpath.normpath(path) if path else ""
+        if normal == ".." or normal.startswith("../"):
+            raise ConfigError(
+                f"path {path_on_datastore!r} leaves datastore {self.name!r}; use a "
+                "path inside it, without '..' going above its root, e.g. 'images/'"
+            )
+        return path
 
     def upload(
         self,
@@ -392,6 +418,7 @@ class Datastore:
         show_progress: bool = False,
     ) -> DataPath:
         """Copy a local folder's files to ``target_path`` on this datastore."""
+        self._inside(target_path)
         src = Path(src_dir)
         if not src.is_dir():
             raise ConfigError(f"src_dir={os.fspath(src_dir)!r} is not a folder")
@@ -414,6 +441,7 @@ class Datastore:
         overwrite: bool = False,
     ) -> DataPath:
         """Copy local files to the folder ``target_path`` on this datastore."""
+        self._inside(target_path)
         self._put(
             [(Path(f), f"{target_path.strip('/')}/{Path(f).name}") for f in files],
             overwrite,

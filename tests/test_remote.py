@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -175,3 +180,47 @@ def test_recursive_blob_globs_list_each_file_once(
             f"abfs://{name}/{pattern}", storage_options=options
         )
         assert len(ds.files()) == len(set(ds.files())) == count, ds.files()
+
+
+def test_unreachable_output_store_fails_within_the_storage_timeout(
+    tmp_path: Path,
+) -> None:
+    # an Azure Blob endpoint on a closed port: the SDK would retry for 82 s
+    # per call; the job fails within daskrun.storage-timeout, before any work
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = "c2VjcmV0LWtleS1uZXZlci1zaG93bg=="
+    connection = (
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+        f"AccountKey={key};BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+    )
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("1")
+    write_script(tmp_path, "def init(): pass\ndef run(mb): return mb\n")
+    runs = tmp_path / "runs"
+    env = dict(
+        os.environ,
+        AZURE_STORAGE_CONNECTION_STRING=connection,
+        DASK_DASKRUN__STORAGE_TIMEOUT="3",
+        DASK_DASKRUN__RUNS_DIR=str(runs),
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "daskrun", "run", "score.py", "--input", "in"]
+        + ["--output", "abfs://scores/out"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert time.monotonic() - started < 20
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "daskrun: error: creating the parts folder on output 'abfs://scores/out' did "
+        "not answer within 3 s; check the output storage's endpoint, network and "
+        "credentials (the bound is daskrun.storage-timeout)"
+    ]
+    assert key not in result.stderr
+    assert not runs.exists()  # no run was started
