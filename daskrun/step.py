@@ -68,7 +68,7 @@ from .runner import (
     run_mini_batches,
     threshold_error,
 )
-from .workspace import Datastore, OutputData
+from .workspace import Datastore, OutputData, secret_values
 
 logger = logging.getLogger("daskrun")
 
@@ -516,6 +516,14 @@ def _entry_script_plugin(
         run_invocation_timeout=cfg.run_invocation_timeout,
         models=None if step.workspace is None else model_refs(step.workspace),
         logging_level=cfg.logging_level,
+        secrets=[
+            secret
+            for options in (
+                *(ds.storage_options for ds in (*step.inputs, *step.side_inputs)),
+                step.output_storage_options,
+            )
+            for secret in secret_values(options)
+        ],
     )
 
 
@@ -645,6 +653,8 @@ def _execute(
                     key_prefix=f"{step.name}-{run_id[-6:]}",
                     on_done=on_done,
                     interrupt=interrupt,
+                    starts_topic=plugin.starts_topic,
+                    redact=plugin.redact,
                 )
             finally:
                 _unregister(client, plugin.name)
@@ -870,7 +880,8 @@ def _register(
         if hung is not None:
             raise JobFailedError(lost.init_timeout_error(hung), run_id=run_id) from None
         raise JobFailedError(
-            f"init() did not complete: {type(e).__name__}: {e}", run_id=run_id
+            plugin.redact(f"init() did not complete: {type(e).__name__}: {e}"),
+            run_id=run_id,
         ) from None
 
 
