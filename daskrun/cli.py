@@ -112,6 +112,12 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run the mini-batches that failed again",
     )
+    again.add_argument(
+        "--replan",
+        action="store_true",
+        help="plan the inputs again if they changed since the run: keep the "
+        "committed mini-batches whose inputs are unchanged, run the rest",
+    )
     again.add_argument("--scheduler", metavar="ADDR")
     again.add_argument("-q", "--quiet", action="store_true")
 
@@ -349,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.run_id,
                     retry_failed=args.retry_failed,
                     show_output=not args.quiet,
+                    replan=args.replan,
                     compute_target=args.scheduler,
                     workspace=_workspace(args),
                 )
