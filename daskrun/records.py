@@ -350,6 +350,7 @@ class RunLock:
 
     def release(self) -> None:
         if not self._file.closed:
+            self._file.truncate(0)  # no holder named any more
             self._file.close()  # closing drops the flock
 
     def __enter__(self) -> RunLock:

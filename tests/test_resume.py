@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -207,6 +208,17 @@ def _completed_with_failures(tmp_path: Path, runs: Path) -> str:
     return _run_id(runs)
 
 
+def _locked(path: Path) -> bool:
+    """Whether another process holds the flock on ``path``."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 def _called(tmp_path: Path) -> list[str]:
     return sorted(m.name.split(".txt.")[0] for m in (tmp_path / "calls").iterdir())
 
@@ -252,7 +264,7 @@ def test_two_resumes_at_once_and_a_missing_part(tmp_path: Path, runs_dir: Path) 
     first = _start(tmp_path, runs_dir, "resume", run_id, "--retry-failed")
     lock = runs_dir / run_id / "run.lock"
     deadline = time.monotonic() + 60
-    while not (lock.exists() and lock.read_text().startswith("process")):
+    while not _locked(lock):
         assert first.poll() is None, first.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.02)
