@@ -112,6 +112,12 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run the mini-batches that failed again",
     )
+    again.add_argument(
+        "--replan",
+        action="store_true",
+        help="plan the inputs again if they changed since the run: keep the "
+        "committed mini-batches whose inputs are unchanged, run the rest",
+    )
     again.add_argument("--scheduler", metavar="ADDR")
     again.add_argument("-q", "--quiet", action="store_true")
 
@@ -325,8 +331,11 @@ def _report(run: StepRun) -> int:
         print(f"output: {run.output_path or '-'}")
         print(f"logs: {run.logs_dir}")
         return 0
-    print(f"daskrun: job {run.status.lower()}: {run.error}", file=sys.stderr)
     print(f"logs: {run.logs_dir}", file=sys.stderr)
+    again = " --retry-failed" if run.mini_batches_failed else ""
+    print(f"daskrun: resume with: daskrun resume {run.run_id}{again}", file=sys.stderr)
+    # the cause last, where a terminal leaves the eye
+    print(f"daskrun: job {run.status.lower()}: {run.error}", file=sys.stderr)
     return 1
 
 
@@ -349,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.run_id,
                     retry_failed=args.retry_failed,
                     show_output=not args.quiet,
+                    replan=args.replan,
                     compute_target=args.scheduler,
                     workspace=_workspace(args),
                 )

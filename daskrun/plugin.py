@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -146,11 +146,13 @@ def init_timeout(run_invocation_timeout: float) -> float:
 
 
 class Watchdog:
-    """Stops a ``run()`` call that outlives ``run_invocation_timeout``.
+    """Stops a mini-batch whose reading, ``run()`` or writing outlives
+    ``run_invocation_timeout``.
 
-    Python cannot interrupt a thread stuck in C code or ``sleep``, and Dask
-    has no task timeout, so the only sure stop is the process itself: the
-    watchdog reports which mini-batch hung (a worker event the client reads),
+    Python cannot interrupt a thread stuck in C code, ``sleep`` or a blocking
+    ``open()`` (a FIFO, a hung mount), and Dask has no task timeout, so the
+    only sure stop is the process itself: the watchdog reports which
+    mini-batch hung and in which phase (a worker event the client reads),
     then exits the worker process, and the Nanny starts a fresh one, whose
     plugin runs ``init()`` again.
     """
@@ -160,15 +162,16 @@ class Watchdog:
         self.topic = topic
         self.agent = agent
         self.timeout = timeout
-        self._armed: tuple[int, float] | None = None
+        self._armed: tuple[int, float, str] | None = None
         self._stopped = threading.Event()
         threading.Thread(
             target=self._watch, name="daskrun-watchdog", daemon=True
         ).start()
 
-    def arm(self, index: int, timeout: float | None = None) -> None:
-        """Watch mini-batch ``index`` (``INIT`` for ``init()``)."""
-        self._armed = (index, time.monotonic() + (timeout or self.timeout))
+    def arm(self, index: int, timeout: float | None = None, phase: str = "run") -> None:
+        """Watch mini-batch ``index`` (``INIT`` for ``init()``) in ``phase``:
+        ``"read"`` (its inputs), ``"run"`` or ``"write"`` (its part)."""
+        self._armed = (index, time.monotonic() + (timeout or self.timeout), phase)
 
     def disarm(self) -> None:
         self._armed = None
@@ -186,6 +189,7 @@ class Watchdog:
                         "index": armed[0],
                         "worker": self.agent,
                         "cause": "init-timeout" if armed[0] == INIT else "timeout",
+                        "phase": armed[2],
                     },
                 )
                 time.sleep(1.0)  # let the event reach the scheduler
@@ -323,6 +327,9 @@ class EntryScriptPlugin(WorkerPlugin):
         The step's output folder, as ``DASKRUN_OUTPUT_PATH``.
     models : list of ModelRef, optional
         The workspace's registered models, for ``Model.get_model_path``.
+    secrets : list of str, optional
+        Credentials of the input and output storage options, replaced by
+        ``***`` in every error and traceback a worker reports.
     """
 
     def __init__(
@@ -340,8 +347,11 @@ class EntryScriptPlugin(WorkerPlugin):
         run_invocation_timeout: float,
         models: Sequence[ModelRef] | None = None,
         logging_level: str = "INFO",
+        secrets: Sequence[str] = (),
     ):
         self.name = name
+        # longest first, so a secret inside another is not left half shown
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
         self.logging_level = logging_level
         self.models = None if models is None else list(models)
         self.bundle = bundle
@@ -368,6 +378,18 @@ class EntryScriptPlugin(WorkerPlugin):
     def events_topic(self) -> str:
         """The topic of this run's worker events (timeouts)."""
         return self.name
+
+    @property
+    def starts_topic(self) -> str:
+        """The topic of task starts: ``{"key", "address", "worker"}``, which
+        the client's deadline for frozen workers reads."""
+        return f"{self.name}-starts"
+
+    def redact(self, text: str) -> str:
+        """``text`` with this run's storage credentials replaced by ``***``."""
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
 
     async def setup(self, worker: Any) -> None:
         self._ready = threading.Event()
@@ -432,7 +454,7 @@ class EntryScriptPlugin(WorkerPlugin):
                 module.init()
             self.module = module
         except (Exception, SystemExit) as e:
-            self.init_error = _failure(-1, 0, self.agent, None, start, e)
+            self.init_error = _failure(-1, 0, self.agent, None, start, e, self.redact)
 
     def teardown(self, worker: Any) -> None:
         self.watchdog.stop()
@@ -454,6 +476,7 @@ def _failure(
     items_in: int | None,
     start: float,
     exc: BaseException,
+    redact: Callable[[str], str],
 ) -> TryResult:
     # drop daskrun's own frame so the user's file and line come first
     tb = exc.__traceback__
@@ -467,8 +490,11 @@ def _failure(
         items_in=items_in,
         items_out=0,
         seconds=time.perf_counter() - start,
-        error=printable(f"{type(exc).__name__}: {exc}"),
-        traceback=printable("".join(traceback.format_exception(type(exc), exc, tb))),
+        # storage errors may echo a SAS token or an account key
+        error=printable(redact(f"{type(exc).__name__}: {exc}")),
+        traceback=printable(
+            redact("".join(traceback.format_exception(type(exc), exc, tb)))
+        ),
     )
 
 
@@ -491,6 +517,15 @@ def process_mini_batches(
             f"init() failed on {plugin.agent}: {error.error if error else 'not run'}"
         )
     cache_root = os.path.join(worker.local_directory, "daskrun-cache")
+    # the client's deadline for a frozen worker starts here
+    worker.log_event(
+        plugin.starts_topic,
+        {
+            "key": worker.get_current_task(),
+            "address": worker.address,
+            "worker": plugin.agent,
+        },
+    )
     results = []
     for batch, try_no in tries:
         result = _process(plugin, batch, try_no, cache_root)
@@ -509,7 +544,11 @@ def _process(
     items_in: int | None = batch.n_items
     cache: str | None = None
     mini_batch: Any
+    watchdog = plugin.watchdog
     try:
+        # reading (a remote copy, a CSV that is a FIFO or on a hung mount) and
+        # writing are bounded by the same timeout as run()
+        watchdog.arm(batch.index, phase="read")
         if isinstance(batch, FileBatch):
             if spec.local:
                 mini_batch = batch.paths
@@ -520,20 +559,21 @@ def _process(
         else:
             mini_batch = read_tabular(batch, spec.storage_options, spec.pandas_kwargs)
             items_in = len(mini_batch)
-        plugin.watchdog.arm(batch.index)
-        try:
-            with plugin.capture.redirect():
-                result = plugin.module.run(mini_batch)  # type: ignore[union-attr]
-        finally:
-            plugin.watchdog.disarm()
+        watchdog.arm(batch.index, phase="run")
+        with plugin.capture.redirect():
+            result = plugin.module.run(mini_batch)  # type: ignore[union-attr]
+        watchdog.arm(batch.index, phase="write")
         data, items_out = format_rows(
             result, plugin.output.output_format if plugin.output else "text"
         )
         if plugin.output is not None:
             write_part(plugin.output, batch.index, data)
     except (Exception, SystemExit) as e:
-        return _failure(batch.index, try_no, plugin.agent, items_in, start, e)
+        return _failure(
+            batch.index, try_no, plugin.agent, items_in, start, e, plugin.redact
+        )
     finally:
+        watchdog.disarm()
         if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)
     return TryResult(

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
+import hashlib
 import json
 import os
 import sqlite3
@@ -104,6 +106,8 @@ class RunRecord:
     # PipelineData written by a step: name -> {"datastore": ..., "path": ...}
     outputs: dict[str, dict[str, str]] = field(default_factory=dict)
     fingerprint: str | None = None
+    # the planned mini-batches and their inputs (see PlanLedger)
+    inputs_digest: str | None = None
     reused_from: str | None = None
     # what a step needs to be resumed
     kind: str = "file"
@@ -207,3 +211,150 @@ def read_report(path: Path) -> list[Finished]:
         return []
     with open(path, newline="") as f:
         return [Finished(row) for row in csv.DictReader(f)]
+
+
+# --- what a run planned: its inputs' fingerprint, compared on resume --------
+
+LISTING = "inputs.csv"  # path, size, mtime or ETag of each input file
+PLAN = "plan.bin"  # 8 bytes per mini-batch: a digest of its plan and inputs
+LOCK = "run.lock"
+_DIGEST = 8
+
+
+class PlanLedger:
+    """Writes a run's input listing and mini-batch digests as they are
+    planned, one row and 8 bytes at a time (memory stays flat), into
+    ``<run folder>/<name>.new``; :meth:`commit` makes them the run's.
+
+    The digest of mini-batch *i* covers what it reads (paths, byte ranges or
+    row groups) and each file's size and mtime (or ETag); :attr:`digest`,
+    over all of them, is the run's ``inputs_digest``.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self._listing = open(  # noqa: SIM115 - closed in close()
+            folder / f"{LISTING}.new", "w", newline=""
+        )
+        self._writer = csv.writer(self._listing)
+        self._plan = open(folder / f"{PLAN}.new", "wb")  # noqa: SIM115
+        self._total = hashlib.blake2b(digest_size=16)
+        self.count = 0
+
+    def file(self, path: str, size: int, stamp: str) -> None:
+        self._writer.writerow((path, size, stamp))
+
+    def mini_batch(self, plan: Any, stamps: list[tuple[int, str]]) -> None:
+        h = hashlib.blake2b(repr((plan, stamps)).encode(), digest_size=_DIGEST)
+        digest = h.digest()
+        self._plan.write(digest)
+        self._total.update(digest)
+        self.count += 1
+
+    @property
+    def digest(self) -> str:
+        return f"{self.count}-{self._total.hexdigest()}"
+
+    def close(self) -> None:
+        self._listing.close()
+        self._plan.close()
+
+    def commit(self) -> None:
+        """Make the new listing and digests the run's."""
+        self.close()
+        for name in (LISTING, PLAN):
+            os.replace(self.folder / f"{name}.new", self.folder / name)
+
+    def discard(self) -> None:
+        self.close()
+        for name in (LISTING, PLAN):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.folder / f"{name}.new")
+
+    def unchanged(self) -> bytearray:
+        """1 for each new mini-batch whose digest equals the run's."""
+        self.close()
+        with open(self.folder / PLAN, "rb") as f:
+            old = f.read()
+        with open(self.folder / f"{PLAN}.new", "rb") as f:
+            new = f.read()
+        same = bytearray(len(new) // _DIGEST)
+        for i in range(min(len(old), len(new)) // _DIGEST):
+            j = i * _DIGEST
+            same[i] = old[j : j + _DIGEST] == new[j : j + _DIGEST]
+        return same
+
+    def changes(self) -> str:
+        """What changed between the run's listing and the new one, e.g.
+        ``3 files added, 1 removed (first: a.png)``."""
+        self.close()
+        with open(self.folder / LISTING, newline="") as f:
+            old = {row[0]: (row[1], row[2]) for row in csv.reader(f)}
+        added = changed = 0
+        first: str | None = None
+        with open(self.folder / f"{LISTING}.new", newline="") as f:
+            for path, size, stamp in csv.reader(f):
+                was = old.pop(path, None)
+                if was is None:
+                    added += 1
+                elif was != (size, stamp):
+                    changed += 1
+                else:
+                    continue
+                first = first or path
+        removed = len(old)
+        first = first or min(old, default=None)
+        counts = [
+            (n, what)
+            for n, what in (
+                (added, "added"),
+                (removed, "removed"),
+                (changed, "changed"),
+            )
+            if n
+        ]
+        if not counts:
+            return "the mini-batch plan differs (a changed mini_batch_size?)"
+        (n, what), rest = counts[0], counts[1:]
+        parts = [f"{n} file{'s' if n > 1 else ''} {what}"]
+        parts += [f"{n} {what}" for n, what in rest]
+        if first is not None:
+            parts[-1] += f" (first: {os.path.basename(first)})"
+        return ", ".join(parts)
+
+
+class RunLock:
+    """An exclusive lock on a run's folder (``flock`` on ``run.lock``), held
+    while the run or a resume of it is in progress; the kernel releases it
+    when the process dies."""
+
+    def __init__(self, record: RunRecord):
+        record.folder.mkdir(parents=True, exist_ok=True)
+        path = record.folder / LOCK
+        self._file = open(path, "a+")  # noqa: SIM115 - closed in release()
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise ConfigError(
+                f"run {record.run_id!r} is in progress in {holder}; wait for it "
+                "to end (see 'daskrun runs show'), then resume it if needed"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"process {os.getpid()}")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.truncate(0)  # no holder named any more
+            self._file.close()  # closing drops the flock
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

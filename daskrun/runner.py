@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -251,24 +253,49 @@ def _lost_try(
 
 
 class LostTasks:
-    """Why a task's worker died: a ``run()`` stopped for its timeout (the
-    watchdog's event), a memory kill (the Nanny's event), or unknown."""
+    """Why a task's worker died: a mini-batch stopped for its timeout (the
+    watchdog's event, or the client's for a frozen worker), a memory kill
+    (the Nanny's event), or unknown. Error texts are redacted with
+    ``redact``."""
 
-    def __init__(self, client: Client, topic: str, timeout: float):
+    def __init__(
+        self,
+        client: Client,
+        topic: str,
+        timeout: float,
+        redact: Callable[[str], str] = str,
+    ):
         self.client = client
         self.topic = topic
         self.timeout = timeout
+        self.redact = redact
         self.seen: set[tuple[float, int]] = set()
 
-    def timed_out(self, indices: set[int]) -> dict[int, str]:
-        """Mini-batches of ``indices`` newly reported hung, with their worker."""
+    def timed_out(self, indices: set[int]) -> dict[int, dict[str, Any]]:
+        """Mini-batches of ``indices`` newly reported hung, with the event."""
         found = {}
         for stamp, msg in self.client.get_events(self.topic):
             if msg.get("cause") == "timeout" and msg["index"] in indices:
                 if (stamp, msg["index"]) not in self.seen:
                     self.seen.add((stamp, msg["index"]))
-                    found[msg["index"]] = msg["worker"]
+                    found[msg["index"]] = msg
         return found
+
+    def timeout_error(self, batch: MiniBatch, msg: dict[str, Any]) -> str:
+        """The error of a try stopped for its timeout, naming what hung."""
+        bound = f"run_invocation_timeout={self.timeout:g} s"
+        worker, phase = msg["worker"], msg.get("phase", "run")
+        if phase == "frozen":
+            return (
+                f"TimeoutError: {worker} stopped answering for "
+                f"{msg['silent']:.0f} s while running it (beyond {bound} + "
+                f"{msg['grace']:g} s grace); it was restarted"
+            )
+        what = {
+            "read": f"reading its inputs ({batch.describe()}) did not finish",
+            "write": "writing its output part did not finish",
+        }.get(phase, "run() did not return")
+        return f"TimeoutError: {what} within {bound}; {worker} was restarted"
 
     def init_timed_out(self) -> str | None:
         """The worker whose ``init()`` outlived its bound, if one did."""
@@ -302,7 +329,103 @@ class LostTasks:
         hung = self.init_timed_out()
         if hung is not None:
             return self.init_timeout_error(hung), hung
-        return f"WorkerDied: {worker} died while running it ({exc})", worker
+        # a lost task's exception may quote storage errors of the worker
+        error = f"WorkerDied: {worker} died while running it ({exc})"
+        return self.redact(error), worker
+
+
+def _silent_workers(dask_scheduler: Any, limit: float) -> dict[str, list[Any]]:
+    """On the scheduler: the workers not heard from for ``limit`` seconds,
+    with the keys they are processing."""
+    now_ = time.time()
+    return {
+        address: [ts.key for ts in ws.processing]
+        for address, ws in dask_scheduler.workers.items()
+        if now_ - ws.last_seen > limit
+    }
+
+
+class FrozenWorkers:
+    """The client's deadline for a worker that cannot stop itself.
+
+    A worker process stopped (SIGSTOP) or stuck in a system call holding the
+    interpreter runs neither its watchdog nor its heartbeats. Once the
+    scheduler has not heard from a worker processing one of this job's tasks
+    for ``run_invocation_timeout`` + ``grace`` seconds, the task it started
+    (each task reports its start on ``starts_topic``) is charged a timed-out
+    try, and the worker is restarted through its Nanny, which kills the
+    process even while it is stopped: a late result or part from it can then
+    never arrive. A task holding several mini-batches charges none of them;
+    each is rerun alone, as for any worker lost.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        events_topic: str,
+        starts_topic: str,
+        timeout: float,
+        pending: dict[Any, list[tuple[MiniBatch, int]]],
+    ):
+        self.client = client
+        self.events_topic = events_topic
+        self.starts_topic = starts_topic
+        self.grace = float(config_get("runner.frozen-grace"))
+        self.limit = timeout + self.grace
+        self.pending = pending
+        self.started: dict[str, tuple[Any, str]] = {}  # address -> key, agent
+        self._stop = threading.Event()
+        client.subscribe_topic(starts_topic, self._on_start)
+        self._thread = threading.Thread(
+            target=self._watch, name="daskrun-deadline", daemon=True
+        )
+        self._thread.start()
+
+    def _on_start(self, event: tuple[float, dict[str, Any]]) -> None:
+        msg = event[1]
+        self.started[msg["address"]] = (msg["key"], msg["worker"])
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self.check()
+            except Exception as e:  # noqa: BLE001 - the cluster may be going away
+                logger.debug("frozen-worker check failed: %s", e)
+
+    def check(self) -> None:
+        silent = self.client.run_on_scheduler(_silent_workers, limit=self.limit)
+        if not silent:
+            return
+        groups = {f.key: g for f, g in list(self.pending.items())}
+        for address, keys in silent.items():
+            ours = [k for k in keys if k in groups]
+            if not ours:
+                continue
+            key, agent = self.started.pop(address, (None, address))
+            group = groups.get(key)
+            if group is not None and len(group) == 1:
+                self.client.log_event(
+                    self.events_topic,
+                    {
+                        "index": group[0][0].index,
+                        "worker": agent,
+                        "cause": "timeout",
+                        "phase": "frozen",
+                        "silent": self.limit,
+                        "grace": self.grace,
+                    },
+                )
+            logger.warning(
+                "worker %s silent for %.0f s; restarting it", agent, self.limit
+            )
+            # the Nanny SIGKILLs a process that does not close; a worker that
+            # cannot be restarted is removed from the scheduler
+            self.client.restart_workers([address], timeout=10, raise_for_error=False)
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self.client.unsubscribe_topic(self.starts_topic)
 
 
 class Canceled(Exception):
@@ -347,13 +470,17 @@ def run_mini_batches(
     key_prefix: str,
     on_done: Callable[[MiniBatch, TryResult, int, Counts], None],
     interrupt: Interrupt | None = None,
+    starts_topic: str | None = None,
+    redact: Callable[[str], str] = str,
 ) -> str | None:
     """Run every mini-batch to success or ``run_max_try`` failed tries.
 
     ``on_done(batch, last_try, tries, counts)`` is called once per mini-batch when
     its outcome is final. Returns the name of the exceeded threshold, in which
     case nothing more was scheduled and in-flight tries were cancelled, or
-    ``None`` when every mini-batch has an outcome.
+    ``None`` when every mini-batch has an outcome. With ``starts_topic`` (the
+    plugin's), a frozen worker is caught by :class:`FrozenWorkers`;
+    ``redact`` hides credentials in the errors of lost tasks.
     """
     threads = sum(client.nthreads().values()) or 1
     limit = max(1, threads * int(config_get("runner.in-flight-per-thread")))
@@ -365,9 +492,16 @@ def run_mini_batches(
     plans = iter(batches)
     scheduled = 0
     submitted = itertools.count()
-    lost = LostTasks(client, events_topic, cfg.run_invocation_timeout)
+    lost = LostTasks(client, events_topic, cfg.run_invocation_timeout, redact)
     interrupt = interrupt or Interrupt()
     interrupt.client, interrupt.pending = client, pending
+    frozen = (
+        None
+        if starts_topic is None
+        else FrozenWorkers(
+            client, events_topic, starts_topic, cfg.run_invocation_timeout, pending
+        )
+    )
 
     def submit(group: list[tuple[MiniBatch, int]]) -> None:
         first, try_no = group[0]
@@ -418,10 +552,8 @@ def run_mini_batches(
                     _lost_try(
                         b,
                         t,
-                        f"TimeoutError: run() did not return within "
-                        f"run_invocation_timeout={cfg.run_invocation_timeout} s; "
-                        f"{hung[b.index]} was restarted",
-                        hung[b.index],
+                        lost.timeout_error(b, hung[b.index]),
+                        hung[b.index]["worker"],
                     )
                     if b.index in hung
                     else _lost_try(b, t, error, worker)
@@ -463,3 +595,6 @@ def run_mini_batches(
             client.cancel(list(pending))
         queue.clear()
         raise
+    finally:
+        if frozen is not None:
+            frozen.close()

@@ -9,6 +9,7 @@ mini-batches (:mod:`daskrun.runner`), assembles the output
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ from .datasets import (
     plan_files,
 )
 from .delimited import count_csv_rows
-from .exceptions import ConfigError, EntryScriptError, JobFailedError
+from .exceptions import ConfigError, EntryScriptError, InputError, JobFailedError
 from .models import model_refs
 from .monitor import REPORT, Console, JobLogs
 from .plugin import (
@@ -62,7 +63,15 @@ from .plugin import (
     TryResult,
     bundle_source,
 )
-from .records import SOURCE, RunRecord, now, read_report, runs_dir
+from .records import (
+    SOURCE,
+    PlanLedger,
+    RunLock,
+    RunRecord,
+    now,
+    read_report,
+    runs_dir,
+)
 from .runner import (
     Canceled,
     Counts,
@@ -72,7 +81,7 @@ from .runner import (
     run_mini_batches,
     threshold_error,
 )
-from .workspace import Datastore, OutputData
+from .workspace import Datastore, OutputData, secret_values
 
 logger = logging.getLogger("daskrun")
 
@@ -164,14 +173,21 @@ class StepRun:
             name, Datastore(self.workspace, where["datastore"]), where["path"]
         )
 
-    def resume(self, retry_failed: bool = False, show_output: bool = False) -> StepRun:
+    def resume(
+        self,
+        retry_failed: bool = False,
+        show_output: bool = False,
+        replan: bool = False,
+    ) -> StepRun:
         """Run again only the mini-batches without a committed result (and,
-        with ``retry_failed``, those that failed); see :func:`resume`."""
+        with ``retry_failed``, those that failed; with ``replan``, those
+        whose inputs changed); see :func:`resume`."""
         return resume(
             self.run_id,
             retry_failed=retry_failed,
             show_output=show_output,
             workspace=self.workspace,
+            replan=replan,
         )
 
     def raise_for_status(self) -> StepRun:
@@ -544,6 +560,14 @@ def _entry_script_plugin(
         run_invocation_timeout=cfg.run_invocation_timeout,
         models=None if step.workspace is None else model_refs(step.workspace),
         logging_level=cfg.logging_level,
+        secrets=[
+            secret
+            for options in (
+                *(ds.storage_options for ds in (*step.inputs, *step.side_inputs)),
+                step.output_storage_options,
+            )
+            for secret in secret_values(options)
+        ],
     )
 
 
@@ -553,10 +577,12 @@ def _execute(
     console: Console,
     resume: RunRecord | None = None,
     retry_failed: bool = False,
+    replan: bool = False,
     interrupt: Interrupt | None = None,
 ) -> StepRun:
     """Run a bound step; ``interrupt`` (triggered from another thread) stops
-    it, ``Canceled`` or ``Failed``, cancelling what is in flight."""
+    it, ``Canceled`` or ``Failed``, cancelling what is in flight. A resume
+    whose inputs changed is refused unless ``replan``."""
     interrupt = interrupt or Interrupt()
     cfg = step.config.resolved
     started = time.perf_counter()
@@ -566,6 +592,24 @@ def _execute(
     run_id = resume.run_id if resume else (step.run_id or new_run_id(step.name))
     root = step.workspace.runs_dir if step.workspace is not None else runs_dir()
     run_dir = root / run_id
+    ledger = PlanLedger(run_dir)
+    try:
+        _fill_ledger(step, batches, ledger)
+    except BaseException:
+        ledger.discard()
+        raise
+    # 1 for each mini-batch whose plan and input files are as the run had them
+    unchanged: bytearray | None = None
+    if resume is not None and resume.inputs_digest not in (None, ledger.digest):
+        if not replan:
+            changes = ledger.changes()
+            ledger.discard()
+            raise InputError(
+                f"input changed since run {run_id!r}: {changes}; rerun the step, "
+                "or resume with --replan (replan=True) to keep the mini-batches "
+                "whose inputs are unchanged and run the rest"
+            )
+        unchanged = ledger.unchanged()
     target = (
         _output.OutputTarget(
             step.output,
@@ -580,33 +624,47 @@ def _execute(
     )
     # before any work: an unreachable store fails within its timeout, and a
     # second run into this output folder is refused
-    lock = _prepare_output(target) if target is not None else None
+    output_lock = _prepare_output(target) if target is not None else None
     output_path = step.output or str(run_dir / "outputs")
     if step.output is None:
         os.makedirs(output_path, exist_ok=True)
     plugin = _entry_script_plugin(step, run_id, output_path, target)
     record = resume or _new_record(step, run_id, plugin, root)
+    run_lock = RunLock(record) if resume is None else None  # resume() holds one
+    ledger.commit()
+    record.inputs_digest = ledger.digest
     tally = Tally(mini_batches_total=total, count_items=_item_counter(step))
     succeeded = bytearray(total)  # one byte per mini-batch: flat for millions
     # 1: finished in an earlier attempt, in its report; 2: its part is
     # committed but the report missed it (the client died in between)
     done = bytearray(total)
     kept = []
+    # a part may be gone (deleted by hand, or published and removed): its
+    # mini-batch runs again, even where the report says it succeeded
+    parts = bytearray(total)
+    if resume is not None and target is not None:
+        for index in _output.committed_parts(target):
+            if index < total and (unchanged is None or unchanged[index]):
+                parts[index] = 1
     if resume is not None:
         for row in read_report(run_dir / "logs" / REPORT):
-            if row.index < total and (row.ok or not retry_failed):
+            if (
+                row.index < total
+                and (row.ok or not retry_failed)
+                and (unchanged is None or unchanged[row.index])
+                and (not row.ok or target is None or parts[row.index])
+            ):
                 kept.append(row.row)
                 done[row.index], succeeded[row.index] = 1, row.ok
                 tally.mini_batches_done += 1
                 tally.mini_batches_failed += not row.ok
                 tally.add(_row_counts(row.row))
     logs = JobLogs(run_dir / "logs", kept, retry_failed=retry_failed)
-    if resume is not None and target is not None:
-        # a part committed after the last report row (the client died in
-        # between) is done too
-        for index in _output.committed_parts(target):
-            if index < total and not done[index]:
-                done[index], succeeded[index] = 2, 1
+    # a part committed after the last report row (the client died in
+    # between) is done too
+    for index in range(total) if resume is not None and target is not None else ():
+        if parts[index] and not done[index]:
+            done[index], succeeded[index] = 2, 1
 
     say = console.say
     watch = _Watch(logs, tally, console)
@@ -675,6 +733,8 @@ def _execute(
                     key_prefix=f"{step.name}-{run_id[-6:]}",
                     on_done=on_done,
                     interrupt=interrupt,
+                    starts_topic=plugin.starts_topic,
+                    redact=plugin.redact,
                 )
             finally:
                 _unregister(client, plugin.name)
@@ -703,8 +763,8 @@ def _execute(
         )
         raise
     finally:
-        if lock is not None:
-            lock.release()
+        if output_lock is not None:
+            output_lock.release()
         console.close()
         watch.tick(status, force=True)
         record.status, record.error, record.ended = status, error, now()
@@ -720,6 +780,8 @@ def _execute(
             seconds=time.perf_counter() - started,
             timings=timings,
         )
+        if run_lock is not None:
+            run_lock.release()
     run = StepRun.from_record(record, step.workspace)
     run.dashboard_link = link
     if tally.items_extra:
@@ -780,28 +842,59 @@ def resume(
     storage_options: dict[str, Any] | None = None,
     compute_target: Any = None,
     workspace: Any = None,
+    replan: bool = False,
 ) -> StepRun:
     """Resume a failed, canceled or interrupted run where it stopped.
 
     Mini-batches with a committed result are not run again; with
     ``retry_failed`` those that failed are run again too. The final output
-    is the same as an uninterrupted run's. The run's inputs are listed again
-    (they must not have changed); remote inputs need their
-    ``storage_options`` again, since run records never hold credentials,
-    unless they come from a datastore of the run's ``workspace``.
+    is the same as an uninterrupted run's. The run's inputs are listed again;
+    if a file was added, removed or changed since the run, the resume is
+    refused (:class:`~daskrun.InputError`) unless ``replan``, which keeps the
+    committed mini-batches whose inputs are unchanged and runs the rest.
+    Remote inputs need their ``storage_options`` again, since run records
+    never hold credentials, unless they come from a datastore of the run's
+    ``workspace``. One resume of a run at a time: another one, or one of a
+    run still in progress, is refused at once (:class:`~daskrun.ConfigError`).
 
     >>> run = daskrun.resume("score-images_20261122T010203_a1b2c3")  # doctest: +SKIP
     """
-    from .workspace import Workspace
 
     root = workspace.runs_dir if workspace is not None else None
-    record = RunRecord.load(run_id, root)
+    with RunLock(RunRecord.load(run_id, root)):
+        # read again under the lock: a resume that just ended changed it
+        record = RunRecord.load(run_id, root)
+        return _resume(
+            record,
+            retry_failed=retry_failed,
+            show_output=show_output,
+            storage_options=storage_options,
+            compute_target=compute_target,
+            workspace=workspace,
+            replan=replan,
+        )
+
+
+def _resume(
+    record: RunRecord,
+    *,
+    retry_failed: bool,
+    show_output: bool,
+    storage_options: dict[str, Any] | None,
+    compute_target: Any,
+    workspace: Any,
+    replan: bool,
+) -> StepRun:
+    from .workspace import Workspace
+
+    run_id = record.run_id
     if workspace is None and record.workspace:
         workspace = Workspace(record.workspace)
-    if record.status == "Completed" and not retry_failed:
+    if record.status == "Completed" and not (retry_failed or replan):
         raise ConfigError(
             f"run {run_id!r} already completed; pass retry_failed=True "
-            "(--retry-failed) to run its failed mini-batches again"
+            "(--retry-failed) to run its failed mini-batches again, or "
+            "replan=True (--replan) to run those whose inputs changed"
         )
     if record.remote_inputs and storage_options is None and not record.input_specs:
         raise ConfigError(
@@ -849,7 +942,11 @@ def resume(
     step.workspace = workspace
     step.outputs = record.outputs
     return _execute(
-        step, console=Console(show_output), resume=record, retry_failed=retry_failed
+        step,
+        console=Console(show_output),
+        resume=record,
+        retry_failed=retry_failed,
+        replan=replan,
     )
 
 
@@ -881,6 +978,37 @@ def _new_record(
     record.folder.mkdir(parents=True, exist_ok=True)
     (record.folder / SOURCE).write_bytes(plugin.bundle)
     return record
+
+
+def _stamps(dataset: Input) -> Iterator[tuple[str, int, str]]:
+    """``(path, size, mtime or ETag)`` of each file, in listing order; local
+    files one ``stat`` at a time (nothing held per file)."""
+    if not dataset.local:
+        yield from dataset.stamps()
+        return
+    for path in dataset.files():
+        st = os.stat(path)
+        yield path, st.st_size, str(st.st_mtime_ns)
+
+
+def _fill_ledger(step: ParallelRunStep, batches: Iterable[Any], ledger: Any) -> None:
+    """Record the step's input files and a digest of each planned mini-batch
+    (what it reads, and its files' sizes and mtimes) in ``ledger``."""
+    if step.kind == "file":
+        stamps = itertools.chain.from_iterable(_stamps(ds) for ds in step.inputs)
+        for batch in step.plan()[0]:  # a fresh plan: ``batches`` is lazy
+            got = list(itertools.islice(stamps, batch.n_items))
+            for path, size, stamp in got:
+                ledger.file(path, size, stamp)
+            ledger.mini_batch(batch.joined, [(size, stamp) for _, size, stamp in got])
+        return
+    known: dict[str, tuple[int, str]] = {}
+    for ds in step.inputs:
+        for path, size, stamp in _stamps(ds):
+            ledger.file(path, size, stamp)
+            known[path] = (size, stamp)
+    for batch in batches:
+        ledger.mini_batch(astuple(batch)[1:], [known.get(batch.path)])
 
 
 def _input_specs(inputs: list[Input]) -> list[dict[str, Any]]:
@@ -951,7 +1079,8 @@ def _register(
         if hung is not None:
             raise JobFailedError(lost.init_timeout_error(hung), run_id=run_id) from None
         raise JobFailedError(
-            f"init() did not complete: {type(e).__name__}: {e}", run_id=run_id
+            plugin.redact(f"init() did not complete: {type(e).__name__}: {e}"),
+            run_id=run_id,
         ) from None
 
 

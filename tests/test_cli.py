@@ -70,6 +70,11 @@ def test_failed_job_exits_1_and_names_the_cause(tmp_path: Path, runs_dir: Path) 
     assert result.returncode == 1
     assert "error_threshold=0 exceeded" in result.stderr
     assert "ZeroDivisionError: division by zero" in result.stderr
+    *_, hint, cause = result.stderr.strip().splitlines()
+    assert hint.startswith("daskrun: resume with: daskrun resume score_")
+    assert hint.endswith(" --retry-failed")
+    assert cause.startswith("daskrun: job failed: error_threshold=0 exceeded")
+    assert cause.endswith("ZeroDivisionError: division by zero")
     assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -208,3 +209,100 @@ def test_a_stuck_init_is_bounded(tmp_path: Path) -> None:
     assert run.error is not None
     assert "init() did not return within 33 s" in run.error
     assert time.monotonic() - start < 90
+
+
+def test_a_fifo_among_csv_inputs_times_out_naming_it(tmp_path: Path) -> None:
+    """Reading inputs runs under run_invocation_timeout too: a FIFO whose
+    writer never comes fails its mini-batch, and the job ends."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("t0.csv", "t1.csv", "t2.csv"):
+        (folder / name).write_text("a,b\n1,2\n3,4\n")
+    os.mkfifo(folder / "t1fifo.csv")  # sorted third: mini-batch 2
+    start = time.monotonic()
+    run = run_step(
+        tmp_path,
+        "def init():\n    pass\ndef run(df):\n    return df\n",
+        Dataset.Tabular.from_delimited_files(str(folder)),
+        run_invocation_timeout=2,
+        run_max_try=1,
+        error_threshold=-1,
+        process_count_per_node=2,
+    )
+    elapsed = time.monotonic() - start
+    assert run.status == "Completed", run.error
+    assert run.mini_batches_failed == 1
+    error = _report(run.logs_dir).loc[2, "error"]
+    assert error.startswith("TimeoutError: reading its inputs"), error
+    assert "t1fifo.csv" in error and "run_invocation_timeout=2 s" in error
+    failed = (Path(run.logs_dir) / "sys/job_report/failed_items.csv").read_text()
+    assert "t1fifo.csv" in failed
+    assert Path(run.output_path or "").read_text().splitlines() == ["1 2", "3 4"] * 3
+    assert elapsed < 60, elapsed
+
+
+@pytest.mark.slow
+def test_a_frozen_worker_is_caught_by_the_client_deadline(tmp_path: Path) -> None:
+    """A worker stopped (SIGSTOP) for 30 s cannot run its watchdog: the
+    client charges its mini-batch a timed-out try after timeout + grace,
+    restarts it, and the retry elsewhere writes the rows exactly once."""
+    make_files(tmp_path / "in", 1, prefix="freeze")
+    make_files(tmp_path / "in", 7, prefix="ok")
+    marker = tmp_path / "frozen.pid"
+    script = f"""
+    import os, time
+
+    def init():
+        pass
+
+    def run(mini_batch):
+        marker = {str(marker)!r}
+        for p in mini_batch:
+            if os.path.basename(p).startswith("freeze") and not os.path.exists(marker):
+                with open(marker + ".tmp", "w") as f:
+                    f.write(str(os.getpid()))
+                os.replace(marker + ".tmp", marker)
+                time.sleep(2)  # the test stops this process meanwhile
+        return [os.path.basename(p) for p in mini_batch]
+    """
+    done = threading.Event()
+
+    def freezer() -> None:
+        while not marker.exists() and not done.is_set():
+            time.sleep(0.02)
+        if done.is_set():
+            return
+        pid = int(marker.read_text())
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            done.wait(30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    thread = threading.Thread(target=freezer, daemon=True)
+    thread.start()
+    start = time.monotonic()
+    try:
+        with dask.config.set({"daskrun.runner.frozen-grace": 2}):
+            run = run_step(
+                tmp_path,
+                script,
+                Dataset.File.from_files(str(tmp_path / "in")),
+                mini_batch_size=1,
+                run_invocation_timeout=3,
+                run_max_try=2,
+                process_count_per_node=2,
+            )
+        elapsed = time.monotonic() - start
+    finally:
+        done.set()
+        thread.join(5)
+    assert marker.exists()
+    assert run.status == "Completed", run.error
+    lines = Path(run.output_path or "").read_text().splitlines()
+    assert lines == ["freeze00000.txt"] + [f"ok{i:05d}.txt" for i in range(7)]
+    report = _report(run.logs_dir)
+    assert report.loc[0, "tries"] == 2  # the frozen try was charged
+    assert (report.drop(index=0)["tries"] == 1).all()
+    assert elapsed < 28, elapsed  # not the 30 s the worker stayed stopped

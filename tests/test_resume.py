@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -186,3 +187,97 @@ def test_unknown_run_id(tmp_path: Path, runs_dir: Path, run_id: str) -> None:
     result = _run_cli(tmp_path, runs_dir, "resume", run_id)
     assert result.returncode == 2
     assert f"run {run_id!r} not found" in result.stderr
+
+
+def _completed_with_failures(tmp_path: Path, runs: Path) -> str:
+    """A run whose 4 'bad' files failed (kept parts, a report): its id."""
+    first = _run_cli(
+        tmp_path,
+        runs,
+        *_job(tmp_path)[:-5],
+        "--error-threshold",
+        "-1",
+        "--max-tries",
+        "1",
+        *_job_args(tmp_path),
+    )
+    assert first.returncode == 0, first.stderr
+    for marker in (tmp_path / "calls").iterdir():
+        marker.unlink()
+    (tmp_path / "fixed").touch()
+    return _run_id(runs)
+
+
+def _locked(path: Path) -> bool:
+    """Whether another process holds the flock on ``path``."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def _called(tmp_path: Path) -> list[str]:
+    return sorted(m.name.split(".txt.")[0] for m in (tmp_path / "calls").iterdir())
+
+
+def test_resume_after_inputs_changed_is_refused_or_replanned(
+    tmp_path: Path, runs_dir: Path
+) -> None:
+    make_files(tmp_path / "in", 4, prefix="bad")
+    make_files(tmp_path / "in", 16, prefix="ok")
+    run_id = _completed_with_failures(tmp_path, runs_dir)
+    # mini-batches of 2: the last one (ok00014, ok00015) changes, one is new
+    (tmp_path / "in" / "ok00015.txt").unlink()
+    for name in ("ok00016.txt", "ok00017.txt"):
+        (tmp_path / "in" / name).write_text(name)
+    refused = _run_cli(tmp_path, runs_dir, "resume", run_id, "--retry-failed")
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "input changed since run" in line
+    assert "2 files added, 1 removed (first: ok00016.txt)" in line, line
+    assert "--replan" in line
+    record = RunRecord.load(run_id, runs_dir)
+    assert record.status == "Completed" and not _called(tmp_path)
+
+    result = _run_cli(
+        tmp_path, runs_dir, "resume", run_id, "--retry-failed", "--replan"
+    )
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in (tmp_path / "in").iterdir())
+    lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+    assert lines == names  # no row of the deleted file, the new ones in
+    assert "ok00015.txt" not in lines and "ok00017.txt" in lines
+    # the two bad mini-batches, the changed last one and the new one ran
+    assert _called(tmp_path) == ["bad00000", "bad00002", "ok00014", "ok00017"]
+
+
+def test_two_resumes_at_once_and_a_missing_part(tmp_path: Path, runs_dir: Path) -> None:
+    make_files(tmp_path / "in", 4, prefix="bad")
+    make_files(tmp_path / "in", 60, prefix="ok")
+    run_id = _completed_with_failures(tmp_path, runs_dir)
+    # the report says mini-batch 5 succeeded, but its part is gone
+    (part,) = (tmp_path / "out").glob(".daskrun/*/parts/0000000005.part")
+    part.unlink()
+    first = _start(tmp_path, runs_dir, "resume", run_id, "--retry-failed")
+    lock = runs_dir / run_id / "run.lock"
+    deadline = time.monotonic() + 60
+    while not _locked(lock):
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    start = time.monotonic()
+    second = _run_cli(tmp_path, runs_dir, "resume", run_id, "--retry-failed")
+    assert second.returncode == 2, second.stderr
+    assert "is in progress in process" in second.stderr
+    assert time.monotonic() - start < 15  # refused at once, no cluster
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert RunRecord.load(run_id, runs_dir).status == "Completed"
+    names = sorted(p.name for p in (tmp_path / "in").iterdir())
+    lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+    assert lines == names
+    # the two bad mini-batches and the one whose part was lost ran again
+    assert _called(tmp_path) == ["bad00000", "bad00002", "ok00006"]
