@@ -332,8 +332,12 @@ def _report(run: StepRun) -> int:
         print(f"logs: {run.logs_dir}")
         return 0
     print(f"logs: {run.logs_dir}", file=sys.stderr)
-    again = " --retry-failed" if run.mini_batches_failed else ""
-    print(f"daskrun: resume with: daskrun resume {run.run_id}{again}", file=sys.stderr)
+    if f"daskrun resume {run.run_id}" not in (run.error or ""):
+        again = " --retry-failed" if run.mini_batches_failed else ""
+        print(
+            f"daskrun: resume with: daskrun resume {run.run_id}{again}",
+            file=sys.stderr,
+        )
     # the cause last, where a terminal leaves the eye
     print(f"daskrun: job {run.status.lower()}: {run.error}", file=sys.stderr)
     return 1

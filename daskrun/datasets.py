@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from .config import config_get, mini_batch_size_for
 from .delimited import CsvBatch, check_csv_options, plan_csv, read_csv
 from .exceptions import ConfigError, DaskRunError, InputError
 from .records import now as _now
+from .storage import describe_error, redact, within
 
 if TYPE_CHECKING:
     import dask.bag
@@ -421,40 +421,27 @@ def _datastore_paths(path: Any) -> tuple[Any, list[str]]:
 def _bounded(
     fn: Any, timeout: float, where: str, storage_options: StorageOptions
 ) -> Any:
-    """``fn()``, or an InputError once ``timeout`` seconds pass.
-
-    Cloud SDKs retry unreachable endpoints for minutes; the listing thread is
-    left to finish on its own.
-    """
-    from .workspace import redact
-
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            outcome["error"] = e
-
-    thread = threading.Thread(target=target, name="daskrun-listing", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise InputError(
-            f"{where} did not answer within {timeout:g} s; check its endpoint, "
-            "network and credentials (the bound is daskrun.storage-timeout)"
+    """``fn()``, or an InputError once ``timeout`` seconds pass; errors come
+    back as one InputError line without credentials."""
+    try:
+        return within(
+            timeout,
+            fn,
+            lambda: InputError(
+                f"{where} did not answer within {timeout:g} s; check its endpoint, "
+                "network and credentials (the bound is daskrun.storage-timeout)"
+            ),
         )
-    error = outcome.get("error")
-    if isinstance(error, DaskRunError):
-        raise type(error)(redact(str(error), storage_options)) from None
-    if error is not None:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    except InputError:
+        raise
+    except DaskRunError as e:
+        raise type(e)(redact(str(e), storage_options)) from None
+    except Exception as e:
         raise InputError(
-            f"{where} refused the listing: {type(error).__name__}: "
-            f"{redact(first, storage_options)}; check its credentials "
-            "(re-register the datastore with overwrite=True) and the path"
+            f"{where} refused the listing: {describe_error(e, storage_options)}; "
+            "check its credentials (re-register the datastore with "
+            "overwrite=True) and the path"
         ) from None
-    return outcome["value"]
 
 
 class FileDataset(_DatasetBase):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -384,7 +385,11 @@ def count_csv_rows(
     pandas_kwargs: Mapping[str, Any],
 ) -> int:
     """The rows of a mini-batch that failed: as pandas reads them or, where
-    pandas cannot, its records (the header not counted); at least 1."""
+    pandas cannot, its records (the header not counted); at least 1. A local
+    input that is not a regular file (a FIFO) counts 1, unread."""
+    local = "://" not in batch.path
+    if local and not os.path.isfile(batch.path):
+        return 1
     try:
         return len(read_csv(batch, storage_options, pandas_kwargs))
     except Exception:  # noqa: BLE001 - the mini-batch failed for this already

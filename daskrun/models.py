@@ -24,7 +24,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .exceptions import ConfigError
 from .records import now
-from .workspace import Datastore, Workspace, check_name, redact
+from .storage import redact
+from .workspace import Datastore, Workspace, check_name
 
 
 @dataclass(frozen=True)

@@ -12,25 +12,24 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import importlib
 import io
 import os
 import shutil
 import sys
 import tempfile
-import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from .exceptions import OutputError
+from .storage import FileLock, describe_error, within
 
 _PART_DIGITS = 10
 # a file name that is not UTF-8 (os.fsdecode's lone surrogates) is written
@@ -157,54 +156,19 @@ def bounded(
     target: OutputTarget, what: str, fn: Callable[[], _T], nbytes: int = 0
 ) -> _T:
     """``fn()``, or an :class:`~daskrun.OutputError` once ``target.timeout``
-    seconds (plus one per MB of ``nbytes`` to send) pass on remote storage:
-    cloud SDKs retry an unreachable endpoint for minutes (82 s per call for
-    Azure Blob). The call's thread is left to finish on its own."""
+    seconds (plus one per MB of ``nbytes`` to send) pass on remote storage."""
     if target.timeout is None or target.local:
         return fn()
     timeout = target.timeout + nbytes / 1e6
-    outcome: dict[str, Any] = {}
-
-    def call() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            outcome["error"] = e
-
-    thread = threading.Thread(target=call, name="daskrun-output", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise OutputError(
+    return within(
+        timeout,
+        fn,
+        lambda: OutputError(
             f"{what} on output {target.url!r} did not answer within "
             f"{round(timeout, 1):g} s; check the output storage's endpoint, network "
             "and credentials (the bound is daskrun.storage-timeout)"
-        )
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
-def redacted(error: BaseException, storage_options: Mapping[str, Any]) -> str:
-    """``Type: first line`` of ``error``, without the storage's secrets.
-
-    >>> redacted(OSError("key k3y== refused"), {"account_key": "k3y=="})
-    'OSError: key *** refused'
-    """
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    secrets = []
-    for key, value in storage_options.items():
-        if isinstance(value, str) and key not in ("account_name", "account_host"):
-            secrets.append(value)
-            secrets += [
-                part.split("=", 1)[1]
-                for part in value.split(";")
-                if part.startswith(("AccountKey=", "SharedAccessSignature="))
-            ]
-    for secret in sorted(filter(None, secrets), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
+        ),
+    )
 
 
 def write_part(target: OutputTarget, index: int, data: bytes) -> None:
@@ -297,7 +261,7 @@ def check_output_folder(path: str, file_name: str | None) -> None:
 
 
 def printable(text: str) -> str:
-    """``text`` with what cannot be written as UTF-8 escaped: a file name
+    r"""``text`` with what cannot be written as UTF-8 escaped: a file name
     that is not UTF-8 (``os.fsdecode`` makes its bytes lone surrogates).
 
     >>> printable("caf\udce9.txt")
@@ -306,56 +270,20 @@ def printable(text: str) -> str:
     return text.encode("utf-8", _ESCAPE).decode("utf-8")
 
 
-class OutputLock:
-    """One run at a time in a local output folder: ``fcntl.flock`` on
-    ``<output>/.daskrun/lock``, which names the run holding it. The kernel
-    releases it when the process dies, however it dies."""
+def lock_output(target: OutputTarget) -> FileLock:
+    """One run at a time in a local output folder: a lock on
+    ``<output>/.daskrun/lock``, which names the run holding it."""
+    from .exceptions import ConfigError
 
-    def __init__(self, target: OutputTarget):
-        from .exceptions import ConfigError
+    def refused(holder: str) -> Exception:
+        return ConfigError(
+            f"output={printable(target.url)!r} is in use by run "
+            f"{holder or 'another run'!r} (still running); wait for it to end, or "
+            "pass another output folder"
+        )
 
-        folder = os.path.join(target.url, ".daskrun")
-        os.makedirs(folder, exist_ok=True)
-        self.path = os.path.join(folder, "lock")
-        while True:
-            f = open(self.path, "a+")  # noqa: SIM115 - closed in release()
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "another run"
-                f.close()
-                raise ConfigError(
-                    f"output={printable(target.url)!r} is in use by run {holder!r} "
-                    "(still running); wait for it to end, or pass another output "
-                    "folder"
-                ) from None
-            # the holder before us may have removed the file as we opened it
-            if _same_file(f, self.path):
-                break
-            f.close()
-        f.seek(0)
-        f.truncate()
-        f.write(target.run_id + "\n")
-        f.flush()
-        self._file: IO[str] | None = f
-
-    def release(self) -> None:
-        """Remove the lock file, then let go of it."""
-        if self._file is None:
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-            os.rmdir(os.path.dirname(self.path))  # .daskrun/, if now empty
-        self._file.close()
-        self._file = None
-
-
-def _same_file(f: IO[str], path: str) -> bool:
-    try:
-        return os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
-    except FileNotFoundError:
-        return False
+    path = os.path.join(target.url, ".daskrun", "lock")
+    return FileLock(path, target.run_id, refused, remove=True)
 
 
 def prepare_parts(target: OutputTarget) -> None:
@@ -399,7 +327,7 @@ def assemble(
     except Exception as e:
         raise OutputError(
             f"publishing {final!r} failed; {_kept(target)}; cause: "
-            + redacted(e, target.storage_options),
+            + describe_error(e, target.storage_options),
             run_id=target.run_id,
         ) from None
     return final

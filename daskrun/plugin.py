@@ -40,6 +40,7 @@ from .datasets import FileBatch, MiniBatch, localize_files, read_tabular
 from .exceptions import EntryScriptError
 from .models import ModelRef, set_worker_models
 from .output import OutputTarget, format_rows, printable, write_part
+from .storage import hide
 
 _SKIP_DIRS = {"__pycache__", ".git", ".ipynb_checkpoints", ".daskrun", ".venv"}
 
@@ -350,8 +351,7 @@ class EntryScriptPlugin(WorkerPlugin):
         secrets: Sequence[str] = (),
     ):
         self.name = name
-        # longest first, so a secret inside another is not left half shown
-        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self.secrets = list(secrets)
         self.logging_level = logging_level
         self.models = None if models is None else list(models)
         self.bundle = bundle
@@ -387,9 +387,7 @@ class EntryScriptPlugin(WorkerPlugin):
 
     def redact(self, text: str) -> str:
         """``text`` with this run's storage credentials replaced by ``***``."""
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return hide(text, self.secrets)
 
     async def setup(self, worker: Any) -> None:
         self._ready = threading.Event()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +26,7 @@ from typing import Any
 
 from .config import config_get
 from .exceptions import ConfigError
+from .storage import FileLock
 
 DATABASE = "runs.db"
 SOURCE = "source.zip"
@@ -235,7 +235,11 @@ class PlanLedger:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self._listing = open(  # noqa: SIM115 - closed in close()
-            folder / f"{LISTING}.new", "w", newline=""
+            # a file name that is not UTF-8 is kept escaped, as in the logs
+            folder / f"{LISTING}.new",
+            "w",
+            newline="",
+            errors="backslashreplace",
         )
         self._writer = csv.writer(self._listing)
         self._plan = open(folder / f"{PLAN}.new", "wb")  # noqa: SIM115
@@ -324,37 +328,14 @@ class PlanLedger:
         return ", ".join(parts)
 
 
-class RunLock:
-    """An exclusive lock on a run's folder (``flock`` on ``run.lock``), held
-    while the run or a resume of it is in progress; the kernel releases it
-    when the process dies."""
+def lock_run(record: RunRecord) -> FileLock:
+    """An exclusive lock on a run's folder (``run.lock``), held while the run
+    or a resume of it is in progress."""
 
-    def __init__(self, record: RunRecord):
-        record.folder.mkdir(parents=True, exist_ok=True)
-        path = record.folder / LOCK
-        self._file = open(path, "a+")  # noqa: SIM115 - closed in release()
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            self._file.close()
-            raise ConfigError(
-                f"run {record.run_id!r} is in progress in {holder}; wait for it "
-                "to end (see 'daskrun runs show'), then resume it if needed"
-            ) from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"process {os.getpid()}")
-        self._file.flush()
+    def refused(holder: str) -> Exception:
+        return ConfigError(
+            f"run {record.run_id!r} is in progress in {holder or 'another process'}; "
+            "wait for it to end (see 'daskrun runs show'), then resume it if needed"
+        )
 
-    def release(self) -> None:
-        if not self._file.closed:
-            self._file.truncate(0)  # no holder named any more
-            self._file.close()  # closing drops the flock
-
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    return FileLock(record.folder / LOCK, f"process {os.getpid()}", refused)

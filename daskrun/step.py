@@ -66,8 +66,8 @@ from .plugin import (
 from .records import (
     SOURCE,
     PlanLedger,
-    RunLock,
     RunRecord,
+    lock_run,
     now,
     read_report,
     runs_dir,
@@ -81,7 +81,8 @@ from .runner import (
     run_mini_batches,
     threshold_error,
 )
-from .workspace import Datastore, OutputData, secret_values
+from .storage import FileLock, describe_error, secret_values, within
+from .workspace import Datastore, OutputData
 
 logger = logging.getLogger("daskrun")
 
@@ -630,7 +631,7 @@ def _execute(
         os.makedirs(output_path, exist_ok=True)
     plugin = _entry_script_plugin(step, run_id, output_path, target)
     record = resume or _new_record(step, run_id, plugin, root)
-    run_lock = RunLock(record) if resume is None else None  # resume() holds one
+    run_lock = lock_run(record) if resume is None else None  # resume() holds one
     ledger.commit()
     record.inputs_digest = ledger.digest
     tally = Tally(mini_batches_total=total, count_items=_item_counter(step))
@@ -802,10 +803,10 @@ def _execute(
     return run
 
 
-def _prepare_output(target: _output.OutputTarget) -> _output.OutputLock | None:
+def _prepare_output(target: _output.OutputTarget) -> FileLock | None:
     """Lock a local output folder for this run, and make the parts folder,
     within ``daskrun.storage-timeout`` on remote storage."""
-    lock = _output.OutputLock(target) if target.local else None
+    lock = _output.lock_output(target) if target.local else None
     try:
         _output.prepare_parts(target)
     except BaseException as e:
@@ -816,7 +817,7 @@ def _prepare_output(target: _output.OutputTarget) -> _output.OutputLock | None:
         if isinstance(e, Exception):
             raise ConfigError(
                 f"output={target.url!r} cannot be written: "
-                f"{_output.redacted(e, target.storage_options)}; check the output "
+                f"{describe_error(e, target.storage_options)}; check the output "
                 "storage's endpoint and credentials"
             ) from None
         raise
@@ -861,7 +862,7 @@ def resume(
     """
 
     root = workspace.runs_dir if workspace is not None else None
-    with RunLock(RunRecord.load(run_id, root)):
+    with lock_run(RunRecord.load(run_id, root)):
         # read again under the lock: a resume that just ended changed it
         record = RunRecord.load(run_id, root)
         return _resume(
@@ -1037,7 +1038,16 @@ def _item_counter(step: ParallelRunStep) -> Any:
     def count(batch: Any) -> int:
         if not isinstance(batch, CsvBatch):
             return batch.n_items or 1
-        return count_csv_rows(batch, first.storage_options, first.pandas_kwargs)
+        try:  # bounded: the input may be what hung (a FIFO, a dead mount)
+            return within(
+                float(config_get("storage-timeout")),
+                lambda: count_csv_rows(
+                    batch, first.storage_options, first.pandas_kwargs
+                ),
+                TimeoutError,
+            )
+        except TimeoutError:
+            return 1
 
     return count
 

@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 
 from .exceptions import ConfigError
 from .records import now, open_db
+from .storage import redact
 
 WORKSPACE_DB = "workspace.db"
 CONFIG = Path(".daskrun") / "config.json"
@@ -54,7 +55,6 @@ CREATE TABLE IF NOT EXISTS compute_targets (
 """
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 _CONTAINER = re.compile(r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$")
-_SECRET_KEYS = ("AccountKey", "SharedAccessSignature")
 
 
 def check_name(kind: str, name: object) -> str:
@@ -644,32 +644,3 @@ def _register(
             (name, kind, json.dumps(spec), now()),
         )
     return Datastore(workspace, name)
-
-
-def secret_values(storage_options: Mapping[str, Any]) -> list[str]:
-    """The strings in ``storage_options`` that must never be shown.
-
-    >>> secret_values({"connection_string": "AccountName=a;AccountKey=k3y/=="})
-    ['AccountName=a;AccountKey=k3y/==', 'k3y/==']
-    """
-    found = []
-    for key, value in storage_options.items():
-        if not isinstance(value, str) or key in ("account_name", "account_host"):
-            continue
-        found.append(value)
-        for part in value.split(";"):
-            name, _, secret = part.partition("=")
-            if name in _SECRET_KEYS and secret:
-                found.append(secret)
-    return found
-
-
-def redact(text: str, storage_options: Mapping[str, Any]) -> str:
-    """``text`` with every secret of ``storage_options`` replaced by ``***``.
-
-    >>> redact("bad key k3y/==", {"account_key": "k3y/=="})
-    'bad key ***'
-    """
-    for secret in sorted(secret_values(storage_options), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text

@@ -115,8 +115,8 @@ def test_cli_schema_mismatch_is_one_line_exit_1(tmp_path: Path, runs_dir: Path) 
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
-    assert lines[0].startswith("daskrun: job failed: mini-batch 2 ("), lines
-    assert lines[1].startswith("logs: "), lines
+    assert lines[0].startswith("logs: "), lines
+    assert lines[-1].startswith("daskrun: job failed: mini-batch 2 ("), lines
     assert not (tmp_path / "out" / "parallel_run_step.parquet").exists()
 
 
@@ -134,7 +134,8 @@ def _cli(tmp_path: Path, runs: Path, *args: str, **env: str) -> subprocess.Popen
 def _one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    (line,) = [x for x in result.stderr.splitlines() if not x.startswith("logs: ")]
+    hints = ("logs: ", "daskrun: resume with: ")
+    (line,) = [x for x in result.stderr.splitlines() if not x.startswith(hints)]
     return line
 
 

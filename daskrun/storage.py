@@ -1,0 +1,168 @@
+"""What every stage needs of storage: bounded calls, hidden secrets, locks.
+
+- :func:`within` — a call to remote storage, given up after a bound: cloud
+  SDKs retry an unreachable endpoint for minutes (82 s per call for Azure
+  Blob Storage).
+- :func:`secret_values`, :func:`redact`, :func:`hide` — credentials in
+  ``storage_options`` (keys, SAS tokens, connection strings) never reach a
+  message, a log or a run record.
+- :class:`FileLock` — one process at a time on a run or an output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import IO, Any, TypeVar
+
+_T = TypeVar("_T")
+
+# the parts of a connection string that are secret
+_SECRET_KEYS = {"AccountKey", "SharedAccessSignature", "SharedAccessKey"}
+# storage options that name, not authenticate
+_PUBLIC_OPTIONS = {"account_name", "account_host"}
+
+
+def within(
+    seconds: float, fn: Callable[[], _T], timed_out: Callable[[], Exception]
+) -> _T:
+    """``fn()``, or ``raise timed_out()`` once ``seconds`` pass; the call's
+    thread is then left to finish on its own.
+
+    >>> within(1, lambda: 42, lambda: TimeoutError())
+    42
+    """
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = e
+
+    thread = threading.Thread(target=call, name="daskrun-storage", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise timed_out()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def secret_values(storage_options: Mapping[str, Any]) -> list[str]:
+    """The strings in ``storage_options`` that must never be shown.
+
+    >>> secret_values({"connection_string": "AccountName=a;AccountKey=k3y/=="})
+    ['AccountName=a;AccountKey=k3y/==', 'k3y/==']
+    """
+    found = []
+    for key, value in storage_options.items():
+        if not isinstance(value, str) or key in _PUBLIC_OPTIONS:
+            continue
+        found.append(value)
+        for part in value.split(";"):
+            name, _, secret = part.partition("=")
+            if name in _SECRET_KEYS and secret:
+                found.append(secret)
+    return found
+
+
+def hide(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with each of ``secrets`` replaced by ``***``, longest first,
+    so that a secret inside another is not left half shown.
+
+    >>> hide("sig=abc&x=abcdef", ["abc", "abcdef"])
+    'sig=***&x=***'
+    """
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def redact(text: str, storage_options: Mapping[str, Any]) -> str:
+    """``text`` with every secret of ``storage_options`` replaced by ``***``.
+
+    >>> redact("bad key k3y/==", {"account_key": "k3y/=="})
+    'bad key ***'
+    """
+    return hide(text, secret_values(storage_options))
+
+
+def describe_error(error: BaseException, storage_options: Mapping[str, Any]) -> str:
+    """``Type: first line`` of ``error``, without the storage's secrets.
+
+    >>> describe_error(OSError("key k3y== refused"), {"account_key": "k3y=="})
+    'OSError: key *** refused'
+    """
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return redact(text, storage_options)
+
+
+class FileLock:
+    """An exclusive ``flock`` on ``path``, whose file names the holder; the
+    kernel releases it when the process dies, however it dies.
+
+    ``refused(holder)`` is raised when another process holds it. With
+    ``remove=True`` the file (and its folder, when left empty) goes on
+    release, so that it leaves nothing behind in a user's folder.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        holder: str,
+        refused: Callable[[str], Exception],
+        remove: bool = False,
+    ):
+        self.path = os.fspath(path)
+        self.remove = remove
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        while True:
+            f = open(self.path, "a+")  # noqa: SIM115 - closed in release()
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                held_by = f.read().strip()
+                f.close()
+                raise refused(held_by) from None
+            # a holder that removes the file on release may have done so
+            # between our open() and flock(): lock the file now at the path
+            if not remove or _same_file(f, self.path):
+                break
+            f.close()
+        f.seek(0)
+        f.truncate()
+        f.write(holder + "\n")
+        f.flush()
+        self._file: IO[str] | None = f
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        if self.remove:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+                os.rmdir(os.path.dirname(self.path))
+        else:
+            self._file.truncate(0)  # no holder named any more
+        self._file.close()  # closing drops the flock
+        self._file = None
+
+    def __enter__(self) -> FileLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _same_file(f: IO[str], path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
