@@ -8,6 +8,7 @@ mini-batches (:mod:`daskrun.runner`), assembles the output
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -593,24 +594,6 @@ def _execute(
     run_id = resume.run_id if resume else (step.run_id or new_run_id(step.name))
     root = step.workspace.runs_dir if step.workspace is not None else runs_dir()
     run_dir = root / run_id
-    ledger = PlanLedger(run_dir)
-    try:
-        _fill_ledger(step, batches, ledger)
-    except BaseException:
-        ledger.discard()
-        raise
-    # 1 for each mini-batch whose plan and input files are as the run had them
-    unchanged: bytearray | None = None
-    if resume is not None and resume.inputs_digest not in (None, ledger.digest):
-        if not replan:
-            changes = ledger.changes()
-            ledger.discard()
-            raise InputError(
-                f"input changed since run {run_id!r}: {changes}; rerun the step, "
-                "or resume with --replan (replan=True) to keep the mini-batches "
-                "whose inputs are unchanged and run the rest"
-            )
-        unchanged = ledger.unchanged()
     target = (
         _output.OutputTarget(
             step.output,
@@ -623,79 +606,101 @@ def _execute(
         if step.output is not None and cfg.output_action == "append_row"
         else None
     )
-    # before any work: an unreachable store fails within its timeout, and a
-    # second run into this output folder is refused
-    output_lock = _prepare_output(target) if target is not None else None
-    output_path = step.output or str(run_dir / "outputs")
-    if step.output is None:
-        os.makedirs(output_path, exist_ok=True)
-    plugin = _entry_script_plugin(step, run_id, output_path, target)
-    record = resume or _new_record(step, run_id, plugin, root)
-    run_lock = lock_run(record) if resume is None else None  # resume() holds one
-    ledger.commit()
-    record.inputs_digest = ledger.digest
-    tally = Tally(mini_batches_total=total, count_items=_item_counter(step))
-    succeeded = bytearray(total)  # one byte per mini-batch: flat for millions
-    # 1: finished in an earlier attempt, in its report; 2: its part is
-    # committed but the report missed it (the client died in between)
-    done = bytearray(total)
-    kept = []
-    # a part may be gone (deleted by hand, or published and removed): its
-    # mini-batch runs again, even where the report says it succeeded
-    parts = bytearray(total)
-    if resume is not None and target is not None:
-        for index in _output.committed_parts(target):
-            if index < total and (unchanged is None or unchanged[index]):
-                parts[index] = 1
-    if resume is not None:
-        for row in read_report(run_dir / "logs" / REPORT):
-            if (
-                row.index < total
-                and (row.ok or not retry_failed)
-                and (unchanged is None or unchanged[row.index])
-                and (not row.ok or target is None or parts[row.index])
-            ):
-                kept.append(row.row)
-                done[row.index], succeeded[row.index] = 1, row.ok
-                tally.mini_batches_done += 1
-                tally.mini_batches_failed += not row.ok
-                tally.add(_row_counts(row.row))
-    logs = JobLogs(run_dir / "logs", kept, retry_failed=retry_failed)
-    # a part committed after the last report row (the client died in
-    # between) is done too
-    for index in range(total) if resume is not None and target is not None else ():
-        if parts[index] and not done[index]:
-            done[index], succeeded[index] = 2, 1
+    # before any work or run folder: an unreachable store fails within its
+    # timeout, and a second run into this output folder is refused
+    locks = contextlib.ExitStack()
+    if target is not None and (lock := _prepare_output(target)) is not None:
+        locks.callback(lock.release)
+    with _released_on_error(locks):
+        ledger = PlanLedger(run_dir)
+        try:
+            _fill_ledger(step, batches, ledger)
+        except BaseException:
+            ledger.discard()
+            raise
+        # 1 for each mini-batch whose plan and input files are as the run had
+        unchanged: bytearray | None = None
+        if resume is not None and resume.inputs_digest not in (None, ledger.digest):
+            if not replan:
+                changes = ledger.changes()
+                ledger.discard()
+                raise InputError(
+                    f"input changed since run {run_id!r}: {changes}; rerun the "
+                    "step, or resume with --replan (replan=True) to keep the "
+                    "mini-batches whose inputs are unchanged and run the rest"
+                )
+            unchanged = ledger.unchanged()
+        output_path = step.output or str(run_dir / "outputs")
+        if step.output is None:
+            os.makedirs(output_path, exist_ok=True)
+        plugin = _entry_script_plugin(step, run_id, output_path, target)
+        record = resume or _new_record(step, run_id, plugin, root)
+        if resume is None:  # resume() holds the run's lock already
+            locks.enter_context(lock_run(record))
+        ledger.commit()
+        record.inputs_digest = ledger.digest
+        tally = Tally(mini_batches_total=total, count_items=_item_counter(step))
+        succeeded = bytearray(total)  # one byte per mini-batch: flat for millions
+        # 1: finished in an earlier attempt, in its report; 2: its part is
+        # committed but the report missed it (the client died in between)
+        done = bytearray(total)
+        kept = []
+        # a part may be gone (deleted by hand, or published and removed): its
+        # mini-batch runs again, even where the report says it succeeded
+        parts = bytearray(total)
+        if resume is not None and target is not None:
+            for index in _output.committed_parts(target):
+                if index < total and (unchanged is None or unchanged[index]):
+                    parts[index] = 1
+        if resume is not None:
+            for row in read_report(run_dir / "logs" / REPORT):
+                if (
+                    row.index < total
+                    and (row.ok or not retry_failed)
+                    and (unchanged is None or unchanged[row.index])
+                    and (not row.ok or target is None or parts[row.index])
+                ):
+                    kept.append(row.row)
+                    done[row.index], succeeded[row.index] = 1, row.ok
+                    tally.mini_batches_done += 1
+                    tally.mini_batches_failed += not row.ok
+                    tally.add(_row_counts(row.row))
+        logs = JobLogs(run_dir / "logs", kept, retry_failed=retry_failed)
+        # a part committed after the last report row (the client died in
+        # between) is done too
+        for index in range(total) if resume is not None and target is not None else ():
+            if parts[index] and not done[index]:
+                done[index], succeeded[index] = 2, 1
 
-    say = console.say
-    watch = _Watch(logs, tally, console)
-    timings: dict[str, float] = {}
+        say = console.say
+        watch = _Watch(logs, tally, console)
+        timings: dict[str, float] = {}
 
-    def on_done(batch: Any, result: TryResult, tries: int, counts: Counts) -> None:
-        interrupt.check()
-        timings.setdefault("first_result", time.perf_counter() - started)
-        succeeded[result.index] = result.ok
-        logs.mini_batch(result, tries, counts)
-        logs.user_output(result)
-        if counts.failed:
-            logs.failed_items(batch, result)
-        watch.tick()
-        if not result.ok:
-            say(
-                f"daskrun: mini-batch {result.index} failed after {tries} "
-                f"{'try' if tries == 1 else 'tries'} on {result.worker}: "
-                f"{result.error}"
-            )
+        def on_done(batch: Any, result: TryResult, tries: int, counts: Counts) -> None:
+            interrupt.check()
+            timings.setdefault("first_result", time.perf_counter() - started)
+            succeeded[result.index] = result.ok
+            logs.mini_batch(result, tries, counts)
+            logs.user_output(result)
+            if counts.failed:
+                logs.failed_items(batch, result)
+            watch.tick()
+            if not result.ok:
+                say(
+                    f"daskrun: mini-batch {result.index} failed after {tries} "
+                    f"{'try' if tries == 1 else 'tries'} on {result.worker}: "
+                    f"{result.error}"
+                )
 
-    def to_run() -> Iterator[Any]:
-        for batch in batches:
-            if not done[batch.index]:
-                yield batch
-            elif done[batch.index] == 2:
-                counts = _part_counts(target, batch)
-                tally.mini_batches_done += 1
-                tally.add(counts)
-                logs.mini_batch(_earlier(batch.index), 1, counts)
+        def to_run() -> Iterator[Any]:
+            for batch in batches:
+                if not done[batch.index]:
+                    yield batch
+                elif done[batch.index] == 2:
+                    counts = _part_counts(target, batch)
+                    tally.mini_batches_done += 1
+                    tally.add(counts)
+                    logs.mini_batch(_earlier(batch.index), 1, counts)
 
     status, error, final, link = "Failed", None, None, None
     record.status, record.error = "Running", None
@@ -764,8 +769,6 @@ def _execute(
         )
         raise
     finally:
-        if output_lock is not None:
-            output_lock.release()
         console.close()
         watch.tick(status, force=True)
         record.status, record.error, record.ended = status, error, now()
@@ -781,8 +784,7 @@ def _execute(
             seconds=time.perf_counter() - started,
             timings=timings,
         )
-        if run_lock is not None:
-            run_lock.release()
+        locks.close()
     run = StepRun.from_record(record, step.workspace)
     run.dashboard_link = link
     if tally.items_extra:
@@ -992,11 +994,26 @@ def _stamps(dataset: Input) -> Iterator[tuple[str, int, str]]:
         yield path, st.st_size, str(st.st_mtime_ns)
 
 
+@contextlib.contextmanager
+def _released_on_error(locks: contextlib.ExitStack) -> Iterator[None]:
+    """Release ``locks`` if the block raises; else they stay held."""
+    try:
+        yield
+    except BaseException:
+        locks.close()
+        raise
+
+
 def _fill_ledger(step: ParallelRunStep, batches: Iterable[Any], ledger: Any) -> None:
     """Record the step's input files and a digest of each planned mini-batch
     (what it reads, and its files' sizes and mtimes) in ``ledger``."""
+    own = step._own_output()  # never an input: step.plan() leaves it out
+    stamps = (
+        stamp
+        for stamp in itertools.chain.from_iterable(_stamps(ds) for ds in step.inputs)
+        if stamp[0] != own
+    )
     if step.kind == "file":
-        stamps = itertools.chain.from_iterable(_stamps(ds) for ds in step.inputs)
         for batch in step.plan()[0]:  # a fresh plan: ``batches`` is lazy
             got = list(itertools.islice(stamps, batch.n_items))
             for path, size, stamp in got:
@@ -1004,10 +1021,9 @@ def _fill_ledger(step: ParallelRunStep, batches: Iterable[Any], ledger: Any) -> 
             ledger.mini_batch(batch.joined, [(size, stamp) for _, size, stamp in got])
         return
     known: dict[str, tuple[int, str]] = {}
-    for ds in step.inputs:
-        for path, size, stamp in _stamps(ds):
-            ledger.file(path, size, stamp)
-            known[path] = (size, stamp)
+    for path, size, stamp in stamps:
+        ledger.file(path, size, stamp)
+        known[path] = (size, stamp)
     for batch in batches:
         ledger.mini_batch(astuple(batch)[1:], [known.get(batch.path)])
 
