@@ -418,7 +418,7 @@ def _providers(name: str, provided: Mapping[str, list[str]]) -> list[tuple[str, 
     from packaging.utils import canonicalize_name
 
     for module in dict.fromkeys((name, name.replace("-", "_"), name.lower())):
-        found = []
+        found: list[tuple[str, str]] = []
         for dist_name in dict.fromkeys(provided.get(module, [])):
             try:
                 dist = distribution(dist_name)

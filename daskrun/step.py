@@ -596,6 +596,7 @@ def _execute(
     # planning lists and measures the inputs: a missing or empty input fails
     # here, before any worker starts
     batches, total = step.plan()
+    items_planned, items_counted = _planned_items(step, batches)
     run_id = resume.run_id if resume else (step.run_id or new_run_id(step.name))
     root = step.workspace.runs_dir if step.workspace is not None else runs_dir()
     run_dir = root / run_id
@@ -786,6 +787,8 @@ def _execute(
             output_path=final,
             seconds=time.perf_counter() - started,
             timings=timings,
+            items_planned=items_planned,
+            items_counted=items_counted,
         )
         if run_lock is not None:
             run_lock.release()
@@ -808,6 +811,25 @@ def _execute(
         if where:
             say(f"daskrun: raised at {where}")
     return run
+
+
+def _planned_items(step: ParallelRunStep, batches: Any) -> tuple[int | None, str]:
+    """The items the plan holds, and how job_result.txt counts them: the
+    files of file inputs, the rows of Parquet inputs (from their metadata);
+    ``None`` for CSV, whose rows are known only once read."""
+    if step.kind == "file":
+        own = step._own_output()
+        n = 0
+        for ds in step.inputs:
+            files = ds.files()
+            n += len(files) - (own is not None and own in files)
+        return n, "files planned"
+    if all(b.n_items is not None for b in batches):
+        return sum(b.n_items for b in batches), "rows planned (Parquet metadata)"
+    return None, (
+        f"rows of finished mini-batches (CSV rows are counted as they are "
+        f"read; {len(batches)} mini-batches planned)"
+    )
 
 
 def _prepare_output(target: _output.OutputTarget) -> FileLock | None:
