@@ -23,7 +23,7 @@ from .config import (
     OUTPUT_ACTIONS,
     OUTPUT_FORMATS,
     ParallelRunConfig,
-    missing_packages,
+    unmet_packages,
 )
 from .datasets import Dataset, FileDataset, TabularDataset
 from .exceptions import ConfigError, DaskRunError, InputError
@@ -332,11 +332,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"{example} is missing; 'daskrun demo' runs from a clone of the "
             "daskrun repository (pip install -e '.[examples]')"
         )
-    missing = missing_packages(["tensorflow-cpu", "pillow", "scikit-learn"])
-    if missing:
+    unmet = unmet_packages(["tensorflow-cpu", "pillow", "scikit-learn"])
+    if unmet:
         raise ConfigError(
-            f"the demo needs {', '.join(missing)}; install them with "
-            "pip install -e '.[examples]' (scripts/demo does)"
+            f"the demo needs {'; '.join(problem for problem, _ in unmet)}; install "
+            "them with pip install -e '.[examples]' (scripts/demo does)"
         )
     command = [
         sys.executable,

@@ -82,15 +82,19 @@ def _ignore_spec(folder: Path) -> pathspec.GitIgnoreSpec | None:
     return pathspec.GitIgnoreSpec.from_lines(lines) if lines else None
 
 
-def source_files(root: Path) -> list[tuple[str, Path, int, int]]:
+def source_files(
+    root: Path, exclude: Sequence[str] = ()
+) -> list[tuple[str, Path, int, int]]:
     """The files of a source directory that are shipped, as ``(path inside
     the bundle, path, size, mtime in ns)``, sorted.
 
     An ``.amlignore`` (else ``.gitignore``) and a ``.daskrunignore`` in any
     folder leave out what their gitignore patterns match below it; an
     ignored folder is not walked. Caches, ``.git``, ``.venv`` and workspace
-    or runs folders are never shipped.
+    or runs folders, and the folders in ``exclude`` (the step's output),
+    are never shipped.
     """
+    left_out = {os.path.realpath(p) for p in exclude}
     specs: dict[str, pathspec.GitIgnoreSpec] = {}
 
     def ignored(rel: str, is_dir: bool) -> bool:
@@ -119,6 +123,7 @@ def source_files(root: Path) -> list[tuple[str, Path, int, int]]:
             if d not in _SKIP_DIRS
             and not os.path.exists(os.path.join(dirpath, d, "workspace.db"))
             and not os.path.exists(os.path.join(dirpath, d, "runs.db"))
+            and os.path.join(dirpath, d) not in left_out
             and not ignored(prefix + d, True)
         )
         for filename in filenames:
@@ -174,10 +179,11 @@ def build_bundle(
     entry_script: str,
     source_directory: str | None,
     cache_dir: str | os.PathLike[str] | None = None,
+    exclude: Sequence[str] = (),
 ) -> tuple[Path, str]:
     """Zip the entry script, or what :func:`source_files` ships of its
     ``source_directory``, into a file of ``cache_dir`` (default
-    :func:`bundle_cache_dir`).
+    :func:`bundle_cache_dir`); folders in ``exclude`` are left out.
 
     Files are streamed from disk into the zip, never held in memory. A
     bundle is built again only when a shipped file's path, size or mtime
@@ -194,7 +200,7 @@ def build_bundle(
     else:
         root = Path(source_directory).resolve()
         rel = script.relative_to(root).as_posix()
-        files = source_files(root)
+        files = source_files(root, exclude)
         if rel not in {f[0] for f in files}:  # ignored, yet it must travel
             st = script.stat()
             files = sorted([*files, (rel, script, st.st_size, st.st_mtime_ns)])

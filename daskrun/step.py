@@ -591,8 +591,13 @@ def _execute(
     interrupt = interrupt or Interrupt()
     cfg = step.config.resolved
     started = time.perf_counter()
-    # a source directory too big to ship is refused before anything is written
-    bundle = build_bundle(cfg.entry_script, cfg.source_directory)
+    # a source directory too big to ship is refused before anything is written;
+    # a local output folder inside it is the step's, not source
+    bundle = build_bundle(
+        cfg.entry_script,
+        cfg.source_directory,
+        exclude=[step.output] if step.output and os.path.isabs(step.output) else [],
+    )
     # planning lists and measures the inputs: a missing or empty input fails
     # here, before any worker starts
     batches, total = step.plan()

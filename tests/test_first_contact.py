@@ -173,7 +173,9 @@ def _failing_run(tmp_path: Path, runs_dir: Path, script: str) -> list[str]:
     _json_files(tmp_path / "data", 3, bad=1)
     result = daskrun(
         "run",
-        "app/score.py",
+        "score.py",
+        "--source-directory",
+        "app",
         "--input",
         "data",
         "--output",
@@ -380,8 +382,12 @@ def test_amlignore_else_gitignore_and_daskrunignore(tmp_path: Path) -> None:
     (src / "lib" / ".gitignore").write_text("*.tmp\n")
     (src / ".gitignore").write_text("*.csv\nraw/\n")
 
+    make_files(src / "out", 3)  # the step's output folder is never source
+
     def shipped() -> list[str]:
-        path, _ = build_bundle(str(src / "score.py"), str(src), tmp_path / "cache")
+        path, _ = build_bundle(
+            str(src / "score.py"), str(src), tmp_path / "cache", [str(src / "out")]
+        )
         with zipfile.ZipFile(path) as zf:
             return sorted(zf.namelist())
 
