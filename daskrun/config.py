@@ -358,7 +358,7 @@ def missing_packages(requirements: Sequence[str]) -> list[str]:
     what was found (see :func:`unmet_packages`).
 
     >>> missing_packages(["dask", "surely-not-installed-pkg"])
-    ['surely-not-installed-pkg is not installed']
+    ['surely-not-installed-pkg not installed']
     """
     return [problem for problem, _ in unmet_packages(requirements)]
 
@@ -374,7 +374,7 @@ def unmet_packages(requirements: Sequence[str]) -> list[tuple[str, str]]:
     installed distribution, never a second copy of the module.
 
     >>> unmet_packages(["dask>=1", "dask<1"])[0][0]  # doctest: +ELLIPSIS
-    'dask<1 is not met: dask ... is installed'
+    'dask<1 not met (dask ... installed)'
     """
     from importlib.metadata import PackageNotFoundError, version
 
@@ -393,7 +393,7 @@ def unmet_packages(requirements: Sequence[str]) -> list[tuple[str, str]]:
                 provided = packages_distributions()
             found = _providers(req.name, provided)
         if not found:
-            unmet.append((f"{text} is not installed", text))
+            unmet.append((f"{text} not installed", text))
             continue
         if not req.specifier or any(
             req.specifier.contains(v, prereleases=True) for _, v in found
@@ -403,7 +403,7 @@ def unmet_packages(requirements: Sequence[str]) -> list[tuple[str, str]]:
         provides = "" if dist == req.name else f", which provides {req.name}"
         unmet.append(
             (
-                f"{text} is not met: {dist} {got} is installed{provides}",
+                f"{text} not met ({dist} {got} installed{provides})",
                 f"{dist}{req.specifier}",
             )
         )

@@ -1146,7 +1146,7 @@ def _check_environment(client: Any, environment: Any, run_id: str) -> None:
             problems = "; ".join(problem for problem, _ in unmet)
             fixes = " ".join(repr(fix) for _, fix in unmet)
             raise JobFailedError(
-                f"Environment {environment.name!r} on worker {worker}: {problems}; "
+                f"Environment {environment.name!r}: {problems} on worker {worker}; "
                 f"fix the workers' environment (pip install {fixes})",
                 run_id=run_id,
             )

@@ -269,15 +269,15 @@ def test_packages_are_met_by_the_distribution_that_provides_the_module() -> None
     unmet = unmet_packages(["tensorflow==2.15", "tensorflow-cpu<1", "surely-not-here"])
     assert unmet == [
         (
-            f"tensorflow==2.15 is not met: tensorflow-cpu {tf} is installed, "
-            "which provides tensorflow",
+            f"tensorflow==2.15 not met (tensorflow-cpu {tf} installed, "
+            "which provides tensorflow)",
             "tensorflow-cpu==2.15",
         ),
         (
-            f"tensorflow-cpu<1 is not met: tensorflow-cpu {tf} is installed",
+            f"tensorflow-cpu<1 not met (tensorflow-cpu {tf} installed)",
             "tensorflow-cpu<1",
         ),
-        ("surely-not-here is not installed", "surely-not-here"),
+        ("surely-not-here not installed", "surely-not-here"),
     ]
 
 
@@ -306,7 +306,7 @@ def test_environment_checks_what_imports_on_the_workers(
     assert run.status == "Failed"
     error = run.error or ""
     tf = version("tensorflow-cpu")
-    assert f"tensorflow==2.15 is not met: tensorflow-cpu {tf} is installed" in error
+    assert f"tensorflow==2.15 not met (tensorflow-cpu {tf} installed" in error
     assert "pip install 'tensorflow-cpu==2.15'" in error
     assert "pip install 'tensorflow'" not in error
     assert "pip install tensorflow" not in error
