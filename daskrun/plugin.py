@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     import pathspec
 
 _ESC = "surrogateescape"
+logger = logging.getLogger("daskrun")
 _SKIP_DIRS = {"__pycache__", ".git", ".ipynb_checkpoints", ".daskrun", ".venv"}
 # AML's snapshot limits: a source directory beyond them is refused
 BUNDLE_MAX_BYTES = 300 * 1024**2
@@ -107,6 +108,7 @@ def source_files(
         return False
 
     found = []
+    unnamed: list[str] = []  # not UTF-8: a zip cannot name them
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         base = here.relative_to(root).as_posix()
@@ -126,9 +128,14 @@ def source_files(
             and os.path.join(dirpath, d) not in left_out
             and not ignored(prefix + d, True)
         )
+        unnamed += [prefix + d + "/" for d in dirnames if not _utf8(d)]
+        dirnames[:] = [d for d in dirnames if _utf8(d)]
         for filename in filenames:
             rel = prefix + filename
             if ignored(rel, False):
+                continue
+            if not _utf8(filename):
+                unnamed.append(rel)
                 continue
             full = here / filename
             try:
@@ -136,7 +143,24 @@ def source_files(
             except OSError:  # a dangling link
                 continue
             found.append((rel, full, st.st_size, st.st_mtime_ns))
+    if unnamed:
+        logger.warning(
+            "left out of the bundle of %s: %d names that are not UTF-8, e.g. %s "
+            "(no module can have such a name; list them in %s to silence this)",
+            root,
+            len(unnamed),
+            ascii(unnamed[0]),
+            DASKRUN_IGNORE,
+        )
     return sorted(found)
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _size(n: float) -> str:
