@@ -23,7 +23,7 @@ from .config import (
     OUTPUT_ACTIONS,
     OUTPUT_FORMATS,
     ParallelRunConfig,
-    missing_packages,
+    unmet_packages,
 )
 from .datasets import Dataset, FileDataset, TabularDataset
 from .exceptions import ConfigError, DaskRunError, InputError
@@ -66,7 +66,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--output", metavar="DIR", help="output folder or URL")
     run.add_argument("--name", help="step name (default: from the script's name)")
-    run.add_argument("--source-directory", metavar="DIR")
+    run.add_argument(
+        "--source-directory",
+        metavar="DIR",
+        help="folder shipped to the workers and put on sys.path (default: the "
+        "script's folder; .amlignore or .gitignore, and .daskrunignore, leave "
+        "files out); SCRIPT is then relative to it",
+    )
     run.add_argument(
         "--mini-batch-size",
         metavar="N",
@@ -165,6 +171,24 @@ def _step_name(script: str) -> str:
     return name if len(name) >= 3 else "daskrun-step"
 
 
+def _script_and_source(script: str, source: str | None) -> tuple[str, str | None]:
+    """The entry script and the folder shipped with it: by default the
+    script's folder, so that the modules beside it import on the workers as
+    they do for ``python path/score.py``."""
+    path = Path(script)
+    if source is None:
+        if not path.is_file():  # ParallelRunConfig names it
+            return script, None
+        return path.name, str(path.resolve().parent)
+    if not (Path(source) / script).is_file() and path.is_file():
+        # a script path given from here, inside the source directory
+        try:
+            return path.resolve().relative_to(Path(source).resolve()).as_posix(), source
+        except ValueError:
+            pass
+    return script, source
+
+
 def _datasets(paths: Sequence[str], tabular: bool) -> FileDataset | TabularDataset:
     if not tabular:
         return Dataset.File.from_files(list(paths))
@@ -186,15 +210,16 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
     mbs: int | str | None = args.mini_batch_size
     if isinstance(mbs, str) and mbs.isdigit():
         mbs = int(mbs)
+    script, source = _script_and_source(args.script, args.source_directory)
     config = ParallelRunConfig(
-        entry_script=args.script,
+        entry_script=script,
         error_threshold=args.error_threshold,
         output_action=args.output_action,
         compute_target=args.scheduler,
         node_count=args.nodes,
         process_count_per_node=args.processes,
         mini_batch_size=mbs,
-        source_directory=args.source_directory,
+        source_directory=source,
         logging_level=args.logging_level,
         run_invocation_timeout=args.timeout,
         run_max_try=args.max_tries,
@@ -307,11 +332,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"{example} is missing; 'daskrun demo' runs from a clone of the "
             "daskrun repository (pip install -e '.[examples]')"
         )
-    missing = missing_packages(["tensorflow-cpu", "pillow", "scikit-learn"])
-    if missing:
+    unmet = unmet_packages(["tensorflow-cpu", "pillow", "scikit-learn"])
+    if unmet:
         raise ConfigError(
-            f"the demo needs {', '.join(missing)}; install them with "
-            "pip install -e '.[examples]' (scripts/demo does)"
+            f"the demo needs {'; '.join(problem for problem, _ in unmet)}; install "
+            "them with pip install -e '.[examples]' (scripts/demo does)"
         )
     command = [
         sys.executable,

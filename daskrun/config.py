@@ -354,26 +354,82 @@ class Environment:
 
 
 def missing_packages(requirements: Sequence[str]) -> list[str]:
-    """The requirements not met by this process's environment.
+    """The requirements not met by this process's environment, each with
+    what was found (see :func:`unmet_packages`).
 
     >>> missing_packages(["dask", "surely-not-installed-pkg"])
-    ['surely-not-installed-pkg']
+    ['surely-not-installed-pkg not installed']
+    """
+    return [problem for problem, _ in unmet_packages(requirements)]
+
+
+def unmet_packages(requirements: Sequence[str]) -> list[tuple[str, str]]:
+    """The requirements not met by this process's environment, as
+    ``(what is wrong, the requirement to pip install)``.
+
+    A requirement is met by the distribution of its name, or else by the
+    installed distributions that provide the module of that name:
+    ``tensorflow`` by ``tensorflow-cpu``, ``PIL`` by ``pillow``. A version
+    pin is compared with the version installed; the fix then names the
+    installed distribution, never a second copy of the module.
+
+    >>> unmet_packages(["dask>=1", "dask<1"])[0][0]  # doctest: +ELLIPSIS
+    'dask<1 not met (dask ... installed)'
     """
     from importlib.metadata import PackageNotFoundError, version
 
     from packaging.requirements import Requirement
 
-    missing = []
+    unmet = []
+    provided: Mapping[str, list[str]] | None = None
     for text in requirements:
         req = Requirement(text)
         try:
-            found = version(req.name)
+            found = [(req.name, version(req.name))]
         except PackageNotFoundError:
-            missing.append(text)
+            if provided is None:
+                from importlib.metadata import packages_distributions
+
+                provided = packages_distributions()
+            found = _providers(req.name, provided)
+        if not found:
+            unmet.append((f"{text} not installed", text))
             continue
-        if req.specifier and not req.specifier.contains(found, prereleases=True):
-            missing.append(f"{text} (found {found})")
-    return missing
+        if not req.specifier or any(
+            req.specifier.contains(v, prereleases=True) for _, v in found
+        ):
+            continue
+        dist, got = found[0]
+        provides = "" if dist == req.name else f", which provides {req.name}"
+        unmet.append(
+            (
+                f"{text} not met ({dist} {got} installed{provides})",
+                f"{dist}{req.specifier}",
+            )
+        )
+    return unmet
+
+
+def _providers(name: str, provided: Mapping[str, list[str]]) -> list[tuple[str, str]]:
+    """``(distribution, version)`` of the installed distributions that
+    provide the top-level module ``name`` (or ``name`` with ``-`` as ``_``)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.utils import canonicalize_name
+
+    for module in dict.fromkeys((name, name.replace("-", "_"), name.lower())):
+        found: list[tuple[str, str]] = []
+        for dist_name in dict.fromkeys(provided.get(module, [])):
+            try:
+                dist = distribution(dist_name)
+            except PackageNotFoundError:
+                continue
+            found.append(
+                (canonicalize_name(dist.metadata["Name"] or dist_name), dist.version)
+            )
+        if found:
+            return found
+    return []
 
 
 @dataclass(frozen=True)

@@ -220,13 +220,25 @@ class JobLogs:
         output_path: str | None,
         seconds: float,
         timings: dict[str, float] | None = None,
+        items_planned: int | None = None,
+        items_counted: str = "items of finished mini-batches",
     ) -> None:
         """Write ``job_result.txt`` and, on failure, ``job_error.txt``.
+
+        ``items_total`` is ``items_planned`` where the plan knows it (the
+        files of file inputs, the rows of Parquet inputs), so a job stopped
+        early, even by ``init()``, still shows what it was given, with
+        ``items_not_run``; CSV rows are known only once read, so there it
+        counts the items of the finished mini-batches. ``items_counted``
+        says which, in the file.
 
         ``timings``: seconds from the call to milestones of the job
         (``cluster_ready``, ``init_done``, ``first_result``), written as
         ``<name>_seconds``."""
         self.close()
+        planned = items_planned is not None
+        total = max(items_planned or 0, tally.items_total)
+        done = tally.items_succeeded + tally.items_failed
         lines = [
             f"status: {status}",
             f"run_id: {run_id}",
@@ -234,9 +246,11 @@ class JobLogs:
             f"seconds: {seconds:.2f}",
             f"mini_batches_total: {tally.mini_batches_total}",
             f"mini_batches_failed: {tally.mini_batches_failed}",
-            f"items_total: {tally.items_total}",
+            f"items_total: {total if planned else tally.items_total}",
+            f"items_counted: {items_counted}",
             f"items_succeeded: {tally.items_succeeded}",
             f"items_failed: {tally.items_failed}",
+            *([f"items_not_run: {max(0, total - done)}"] if planned else []),
             f"items_extra: {tally.items_extra}",
             *(
                 f"{name}_seconds: {value:.2f}"

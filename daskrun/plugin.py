@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import inspect
 import io
 import linecache
 import logging
@@ -23,6 +25,7 @@ import os
 import posixpath
 import shutil
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -31,48 +34,238 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed import WorkerPlugin, get_worker
 from fsspec.core import url_to_fs
 
 from .datasets import FileBatch, MiniBatch, localize_files, read_tabular
-from .exceptions import EntryScriptError
+from .exceptions import ConfigError, EntryScriptError
 from .models import ModelRef, set_worker_models
 from .output import OutputTarget, format_rows, printable, write_part
 from .storage import hide
 
+if TYPE_CHECKING:
+    import pathspec
+
+_ESC = "surrogateescape"
+logger = logging.getLogger("daskrun")
 _SKIP_DIRS = {"__pycache__", ".git", ".ipynb_checkpoints", ".daskrun", ".venv"}
+# AML's snapshot limits: a source directory beyond them is refused
+BUNDLE_MAX_BYTES = 300 * 1024**2
+BUNDLE_MAX_FILES = 2000
+# AML reads .amlignore if present, else .gitignore; .daskrunignore always adds
+_IGNORE_FILES = (".amlignore", ".gitignore")
+DASKRUN_IGNORE = ".daskrunignore"
+_BUNDLES_KEPT = 32
+_BUNDLE_FORMAT = "1"  # part of the cache key: bump when the zip layout changes
+
+
+def bundle_cache_dir() -> Path:
+    """Where built bundles are kept: ``$XDG_CACHE_HOME/daskrun/bundles``
+    (``~/.cache/daskrun/bundles``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
+    return Path(base, "daskrun", "bundles")
+
+
+def _ignore_spec(folder: Path) -> pathspec.GitIgnoreSpec | None:
+    import pathspec  # the client's, not the workers'
+
+    lines: list[str] = []
+    for name in _IGNORE_FILES:
+        if (folder / name).is_file():
+            lines += (folder / name).read_text(errors="replace").splitlines()
+            break
+    if (folder / DASKRUN_IGNORE).is_file():
+        lines += (folder / DASKRUN_IGNORE).read_text(errors="replace").splitlines()
+    return pathspec.GitIgnoreSpec.from_lines(lines) if lines else None
+
+
+def source_files(
+    root: Path, exclude: Sequence[str] = ()
+) -> list[tuple[str, Path, int, int]]:
+    """The files of a source directory that are shipped, as ``(path inside
+    the bundle, path, size, mtime in ns)``, sorted.
+
+    An ``.amlignore`` (else ``.gitignore``) and a ``.daskrunignore`` in any
+    folder leave out what their gitignore patterns match below it; an
+    ignored folder is not walked. Caches, ``.git``, ``.venv`` and workspace
+    or runs folders, and the folders in ``exclude`` (the step's output),
+    are never shipped.
+    """
+    left_out = {os.path.realpath(p) for p in exclude}
+    specs: dict[str, pathspec.GitIgnoreSpec] = {}
+
+    def ignored(rel: str, is_dir: bool) -> bool:
+        parts = rel.split("/")
+        for i in range(len(parts)):
+            spec = specs.get("/".join(parts[:i]))
+            tail = "/".join(parts[i:]) + ("/" if is_dir else "")
+            if spec is not None and spec.match_file(tail):
+                return True
+        return False
+
+    found = []
+    unnamed: list[str] = []  # not UTF-8: a zip cannot name them
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        base = here.relative_to(root).as_posix()
+        base = "" if base == "." else base
+        spec = _ignore_spec(here)
+        if spec is not None:
+            specs[base] = spec
+        prefix = f"{base}/" if base else ""
+        # a workspace or runs folder inside the source directory is data,
+        # not source (and it changes with every run)
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if d not in _SKIP_DIRS
+            and not os.path.exists(os.path.join(dirpath, d, "workspace.db"))
+            and not os.path.exists(os.path.join(dirpath, d, "runs.db"))
+            and os.path.join(dirpath, d) not in left_out
+            and not ignored(prefix + d, True)
+        )
+        unnamed += [prefix + d + "/" for d in dirnames if not _utf8(d)]
+        dirnames[:] = [d for d in dirnames if _utf8(d)]
+        for filename in filenames:
+            rel = prefix + filename
+            if ignored(rel, False):
+                continue
+            if not _utf8(filename):
+                unnamed.append(rel)
+                continue
+            full = here / filename
+            try:
+                st = full.stat()
+            except OSError:  # a dangling link
+                continue
+            found.append((rel, full, st.st_size, st.st_mtime_ns))
+    if unnamed:
+        logger.warning(
+            "left out of the bundle of %s: %d names that are not UTF-8, e.g. %s "
+            "(no module can have such a name; list them in %s to silence this)",
+            root,
+            len(unnamed),
+            ascii(unnamed[0]),
+            DASKRUN_IGNORE,
+        )
+    return sorted(found)
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _check_limits(root: Path, files: Sequence[tuple[str, Path, int, int]]) -> None:
+    total = sum(f[2] for f in files)
+    if total <= BUNDLE_MAX_BYTES and len(files) <= BUNDLE_MAX_FILES:
+        return
+    entries: dict[str, list[int]] = {}
+    for rel, _, size, _ in files:
+        top = rel.split("/", 1)[0] + ("/" if "/" in rel else "")
+        entry = entries.setdefault(top, [0, 0])
+        entry[0] += size
+        entry[1] += 1
+    largest = sorted(entries.items(), key=lambda e: (-e[1][0], -e[1][1]))[:3]
+    named = ", ".join(
+        f"{name} ({_size(size)}{f', {n} files' if name.endswith('/') else ''})"
+        for name, (size, n) in largest
+    )
+    ignore = next(
+        (n for n in (*_IGNORE_FILES, DASKRUN_IGNORE) if (root / n).is_file()),
+        DASKRUN_IGNORE,
+    )
+    raise ConfigError(
+        f"source_directory={str(root)!r} holds {len(files)} files, "
+        f"{_size(total)}, over the {BUNDLE_MAX_FILES} files or "
+        f"{_size(BUNDLE_MAX_BYTES)} shipped to workers; largest: {named}; "
+        f"list what is not code in {root / ignore} (gitignore patterns, "
+        f"e.g. '{largest[0][0]}'), or keep the script in a folder of its own"
+    )
+
+
+def build_bundle(
+    entry_script: str,
+    source_directory: str | None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    exclude: Sequence[str] = (),
+) -> tuple[Path, str]:
+    """Zip the entry script, or what :func:`source_files` ships of its
+    ``source_directory``, into a file of ``cache_dir`` (default
+    :func:`bundle_cache_dir`); folders in ``exclude`` are left out.
+
+    Files are streamed from disk into the zip, never held in memory. A
+    bundle is built again only when a shipped file's path, size or mtime
+    changed. Beyond AML's snapshot limits (300 MB or 2,000 files) the
+    source directory is refused with :class:`~daskrun.ConfigError`.
+
+    Returns the zip's path and the script's path inside the zip.
+    """
+    script = Path(entry_script).resolve()
+    if source_directory is None:
+        st = script.stat()
+        rel = script.name
+        files = [(rel, script, st.st_size, st.st_mtime_ns)]
+    else:
+        root = Path(source_directory).resolve()
+        rel = script.relative_to(root).as_posix()
+        files = source_files(root, exclude)
+        if rel not in {f[0] for f in files}:  # ignored, yet it must travel
+            st = script.stat()
+            files = sorted([*files, (rel, script, st.st_size, st.st_mtime_ns)])
+        _check_limits(root, files)
+    digest = hashlib.sha256(f"{_BUNDLE_FORMAT}\0{rel}\n".encode())
+    for name, full, size, mtime in files:
+        digest.update(f"{name}\0{full}\0{size}\0{mtime}\n".encode("utf-8", _ESC))
+    cache = Path(cache_dir) if cache_dir is not None else bundle_cache_dir()
+    path = cache / f"{digest.hexdigest()[:40]}.zip"
+    if path.is_file():
+        os.utime(path)  # kept by the pruning below, which drops the oldest
+        return path, rel
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.NamedTemporaryFile(dir=cache, suffix=".partial", delete=False)
+    try:
+        with tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, full, _, _ in files:
+                zf.write(full, name)
+        os.replace(tmp.name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp.name)
+        raise
+    _prune(cache)
+    return path, rel
+
+
+def _prune(cache: Path) -> None:
+    bundles = []
+    for p in cache.glob("*.zip"):
+        with contextlib.suppress(OSError):
+            bundles.append((p.stat().st_mtime, p))
+    for _, old in sorted(bundles, reverse=True)[_BUNDLES_KEPT:]:
+        with contextlib.suppress(OSError):
+            old.unlink()
 
 
 def bundle_source(entry_script: str, source_directory: str | None) -> tuple[bytes, str]:
-    """Zip the entry script, or its whole ``source_directory``.
-
-    Returns the zip bytes and the script's path inside the zip.
-    """
-    buf = io.BytesIO()
-    if source_directory is None:
-        rel = os.path.basename(entry_script)
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-            zf.write(entry_script, rel)
-        return buf.getvalue(), rel
-    root = Path(source_directory).resolve()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for dirpath, dirnames, filenames in os.walk(root):
-            # a workspace or runs folder inside the source directory is data,
-            # not source (and it changes with every run)
-            dirnames[:] = [
-                d
-                for d in dirnames
-                if d not in _SKIP_DIRS
-                and not os.path.exists(os.path.join(dirpath, d, "workspace.db"))
-                and not os.path.exists(os.path.join(dirpath, d, "runs.db"))
-            ]
-            for filename in filenames:
-                full = Path(dirpath) / filename
-                zf.write(full, full.relative_to(root).as_posix())
-    rel = Path(entry_script).resolve().relative_to(root).as_posix()
-    return buf.getvalue(), rel
+    """The bytes of :func:`build_bundle`'s zip, and the script's path in it."""
+    path, rel = build_bundle(entry_script, source_directory)
+    return path.read_bytes(), rel
 
 
 @dataclass(frozen=True)
@@ -331,6 +524,9 @@ class EntryScriptPlugin(WorkerPlugin):
     secrets : list of str, optional
         Credentials of the input and output storage options, replaced by
         ``***`` in every error and traceback a worker reports.
+    source_directory : str, optional
+        The source directory on the client: tracebacks name the worker's
+        copies of its files by their paths there.
     """
 
     def __init__(
@@ -349,8 +545,10 @@ class EntryScriptPlugin(WorkerPlugin):
         models: Sequence[ModelRef] | None = None,
         logging_level: str = "INFO",
         secrets: Sequence[str] = (),
+        source_directory: str | None = None,
     ):
         self.name = name
+        self.source_directory = source_directory
         self.secrets = list(secrets)
         self.logging_level = logging_level
         self.models = None if models is None else list(models)
@@ -366,6 +564,8 @@ class EntryScriptPlugin(WorkerPlugin):
         self.run_invocation_timeout = run_invocation_timeout
         self.module: ModuleType | None = None
         self.init_error: TryResult | None = None
+        # run() cannot take a mini-batch: one line, found before init()
+        self.contract_error: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -389,6 +589,14 @@ class EntryScriptPlugin(WorkerPlugin):
         """``text`` with this run's storage credentials replaced by ``***``."""
         return hide(text, self.secrets)
 
+    def clean(self, text: str) -> str:
+        """:meth:`redact`, and the worker's copy of the source directory
+        named by its path on the client, as the user knows the files."""
+        folder = getattr(self, "folder", None)
+        if folder and self.source_directory:
+            text = text.replace(folder + os.sep, self.source_directory + os.sep)
+        return self.redact(text)
+
     async def setup(self, worker: Any) -> None:
         self._ready = threading.Event()
         self.folder = os.path.join(worker.local_directory, "daskrun", self.name)
@@ -405,6 +613,8 @@ class EntryScriptPlugin(WorkerPlugin):
         finally:
             self.watchdog.disarm()
             self._ready.set()
+        if self.contract_error is not None:
+            raise EntryScriptError(self.contract_error)
         if self.init_error is not None:
             raise EntryScriptError(
                 f"init() failed on {self.agent}: {self.init_error.error}\n"
@@ -449,10 +659,14 @@ class EntryScriptPlugin(WorkerPlugin):
             _current = self
             with self.capture.redirect():
                 exec(code, module.__dict__)
+                # before init(), which may load a model for minutes
+                self.contract_error = _check_run(module, self.script)
+                if self.contract_error is not None:
+                    return
                 module.init()
             self.module = module
         except (Exception, SystemExit) as e:
-            self.init_error = _failure(-1, 0, self.agent, None, start, e, self.redact)
+            self.init_error = _failure(-1, 0, self.agent, None, start, e, self.clean)
 
     def teardown(self, worker: Any) -> None:
         self.watchdog.stop()
@@ -465,6 +679,33 @@ class EntryScriptPlugin(WorkerPlugin):
 
     def wait_ready(self, timeout: float | None = None) -> None:
         self._ready.wait(timeout)
+
+
+def _check_run(module: ModuleType, script: str) -> str | None:
+    """Why the script's ``run`` cannot take one mini-batch, or ``None``.
+
+    ``run(mini_batch)``, ``run(mini_batch, extra=None)`` and ``run(*args)``
+    pass; ``run()`` and ``run(a, b)`` do not.
+    """
+    run = getattr(module, "run", None)
+    name = os.path.basename(script)
+    if not callable(run):
+        return (
+            f"run of {name} is a {type(run).__name__}, not a function; it must "
+            "take one mini-batch: def run(mini_batch)"
+        )
+    try:
+        signature = inspect.signature(run)
+    except (TypeError, ValueError):  # no signature to read: the call decides
+        return None
+    try:
+        signature.bind(object())
+    except TypeError:
+        return (
+            f"run() of {name} takes `run{signature}`; it must take one "
+            "mini-batch: def run(mini_batch)"
+        )
+    return None
 
 
 def _failure(
@@ -512,7 +753,8 @@ def process_mini_batches(
     if plugin.module is None:
         error = plugin.init_error
         raise EntryScriptError(
-            f"init() failed on {plugin.agent}: {error.error if error else 'not run'}"
+            plugin.contract_error
+            or f"init() failed on {plugin.agent}: {error.error if error else 'not run'}"
         )
     cache_root = os.path.join(worker.local_directory, "daskrun-cache")
     # the client's deadline for a frozen worker starts here
@@ -561,14 +803,16 @@ def _process(
         with plugin.capture.redirect():
             result = plugin.module.run(mini_batch)  # type: ignore[union-attr]
         watchdog.arm(batch.index, phase="write")
-        data, items_out = format_rows(
-            result, plugin.output.output_format if plugin.output else "text"
-        )
+        output_format = plugin.output.output_format if plugin.output else "text"
+        try:
+            data, items_out = format_rows(result, output_format)
+        except Exception as e:  # noqa: BLE001 - about what run() returned
+            return _returned(plugin, batch.index, try_no, items_in, start, e)
         if plugin.output is not None:
             write_part(plugin.output, batch.index, data)
     except (Exception, SystemExit) as e:
         return _failure(
-            batch.index, try_no, plugin.agent, items_in, start, e, plugin.redact
+            batch.index, try_no, plugin.agent, items_in, start, e, plugin.clean
         )
     finally:
         watchdog.disarm()
@@ -582,4 +826,45 @@ def _process(
         items_in=items_in,
         items_out=items_out,
         seconds=time.perf_counter() - start,
+    )
+
+
+def _returned(
+    plugin: EntryScriptPlugin,
+    index: int,
+    try_no: int,
+    items_in: int | None,
+    start: float,
+    exc: Exception,
+) -> TryResult:
+    """A try whose ``run()`` returned what cannot be written: the error is
+    about ``run()``, and its traceback names ``run``'s ``def``, not
+    daskrun's output code."""
+    error = f"{type(exc).__name__}: {exc}"
+    if not str(exc).startswith("run() returned"):
+        error = (
+            f"{type(exc).__name__}: what run() returned cannot be written "
+            f"as {plugin.output.output_format if plugin.output else 'text'}: {exc}"
+        )
+    run = plugin.module.run if plugin.module is not None else None
+    code = getattr(run, "__code__", None)
+    where = ""
+    if code is not None:
+        line = linecache.getline(code.co_filename, code.co_firstlineno).strip()
+        where = (
+            f'  File "{code.co_filename}", line {code.co_firstlineno}, '
+            f"in {code.co_name}\n" + (f"    {line}\n" if line else "")
+        )
+    return TryResult(
+        index=index,
+        try_no=try_no,
+        ok=False,
+        worker=plugin.agent,
+        items_in=items_in,
+        items_out=0,
+        seconds=time.perf_counter() - start,
+        error=printable(plugin.clean(error)),
+        traceback=printable(
+            plugin.clean(f"Traceback (most recent call last):\n{where}{error}\n")
+        ),
     )

@@ -39,7 +39,7 @@ from .config import (
     check_step_name,
     config_get,
     mini_batch_size_for,
-    missing_packages,
+    unmet_packages,
 )
 from .dashboard import install_page, publish
 from .datasets import (
@@ -62,7 +62,7 @@ from .plugin import (
     InputSpec,
     SideInput,
     TryResult,
-    bundle_source,
+    build_bundle,
 )
 from .records import (
     SOURCE,
@@ -535,9 +535,10 @@ def _entry_script_plugin(
     run_id: str,
     output_path: str,
     target: _output.OutputTarget | None,
+    bundle: tuple[Path, str],
 ) -> EntryScriptPlugin:
     cfg = step.config.resolved
-    bundle, script = bundle_source(cfg.entry_script, cfg.source_directory)
+    zipped, script = bundle
     sides = {
         id(ds): SideInput(n, tuple(ds.files()), ds.storage_options, ds.local)
         for n, ds in enumerate(step.side_inputs)
@@ -545,9 +546,12 @@ def _entry_script_plugin(
     first = step.inputs[0]
     return EntryScriptPlugin(
         name=f"daskrun-{run_id}",
-        bundle=bundle,
+        # at most 300 MB (build_bundle refuses more): bytes travel to workers
+        # that cannot see the client's disk
+        bundle=zipped.read_bytes(),
         script=script,
         script_display=cfg.entry_script,
+        source_directory=cfg.source_directory,
         arguments=[sides.get(id(a), a) for a in step.arguments],
         side_inputs=list(sides.values()),
         environment_variables=cfg.environment_variables,
@@ -588,9 +592,17 @@ def _execute(
     interrupt = interrupt or Interrupt()
     cfg = step.config.resolved
     started = time.perf_counter()
+    # a source directory too big to ship is refused before anything is written;
+    # a local output folder inside it is the step's, not source
+    bundle = build_bundle(
+        cfg.entry_script,
+        cfg.source_directory,
+        exclude=[step.output] if step.output and os.path.isabs(step.output) else [],
+    )
     # planning lists and measures the inputs: a missing or empty input fails
     # here, before any worker starts
     batches, total = step.plan()
+    items_planned, items_counted = _planned_items(step, batches)
     run_id = resume.run_id if resume else (step.run_id or new_run_id(step.name))
     root = step.workspace.runs_dir if step.workspace is not None else runs_dir()
     run_dir = root / run_id
@@ -633,7 +645,7 @@ def _execute(
         output_path = step.output or str(run_dir / "outputs")
         if step.output is None:
             os.makedirs(output_path, exist_ok=True)
-        plugin = _entry_script_plugin(step, run_id, output_path, target)
+        plugin = _entry_script_plugin(step, run_id, output_path, target, bundle)
         record = resume or _new_record(step, run_id, plugin, root)
         if resume is None:  # resume() holds the run's lock already
             locks.enter_context(lock_run(record))
@@ -783,6 +795,8 @@ def _execute(
             output_path=final,
             seconds=time.perf_counter() - started,
             timings=timings,
+            items_planned=items_planned,
+            items_counted=items_counted,
         )
         locks.close()
     run = StepRun.from_record(record, step.workspace)
@@ -798,11 +812,31 @@ def _execute(
     if status == "Failed" and error:
         say(f"daskrun: {error.splitlines()[0]}")
         where = _user_frame(
-            tally.first_failure.traceback if tally.first_failure else None
+            tally.first_failure.traceback if tally.first_failure else None,
+            cfg.source_directory or cfg.entry_script,
         )
         if where:
             say(f"daskrun: raised at {where}")
     return run
+
+
+def _planned_items(step: ParallelRunStep, batches: Any) -> tuple[int | None, str]:
+    """The items the plan holds, and how job_result.txt counts them: the
+    files of file inputs, the rows of Parquet inputs (from their metadata);
+    ``None`` for CSV, whose rows are known only once read."""
+    if step.kind == "file":
+        own = step._own_output()
+        n = 0
+        for ds in step.inputs:
+            files = ds.files()
+            n += len(files) - (own is not None and own in files)
+        return n, "files planned"
+    if all(b.n_items is not None for b in batches):
+        return sum(b.n_items for b in batches), "rows planned (Parquet metadata)"
+    return None, (
+        f"rows of finished mini-batches (CSV rows are counted as they are "
+        f"read; {len(batches)} mini-batches planned)"
+    )
 
 
 def _prepare_output(target: _output.OutputTarget) -> FileLock | None:
@@ -1122,14 +1156,14 @@ def _check_environment(client: Any, environment: Any, run_id: str) -> None:
     """Fail before any task runs when a worker lacks a required package."""
     if environment is None or not environment.pip_packages:
         return
-    found = client.run(missing_packages, environment.pip_packages)
-    for worker, missing in sorted(found.items()):
-        if missing:
-            names = " ".join(repr(m.split(" ")[0]) for m in missing)
+    found = client.run(unmet_packages, environment.pip_packages)
+    for worker, unmet in sorted(found.items()):
+        if unmet:
+            problems = "; ".join(problem for problem, _ in unmet)
+            fixes = " ".join(repr(fix) for _, fix in unmet)
             raise JobFailedError(
-                f"Environment {environment.name!r}: {', '.join(missing)} not "
-                f"installed on worker {worker}; install it in the workers' "
-                f"environment (pip install {names})",
+                f"Environment {environment.name!r}: {problems} on worker {worker}; "
+                f"fix the workers' environment (pip install {fixes})",
                 run_id=run_id,
             )
 
@@ -1157,12 +1191,15 @@ class _Watch:
             publish(self.client, self.run_id, snap)
 
 
-def _user_frame(traceback: str | None) -> str | None:
-    """``file, line N, in fn`` of the innermost frame of a traceback."""
+def _user_frame(traceback: str | None, user: str) -> str | None:
+    """``file, line N, in fn`` of the innermost frame of a traceback in the
+    user's own files: ``user``, the source directory or the entry script.
+    The innermost frame of all where none is the user's."""
     if not traceback:
         return None
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', traceback)
     if not frames:
         return None
-    path, line, fn = frames[-1]
+    own = [f for f in frames if f[0] == user or f[0].startswith(user + os.sep)]
+    path, line, fn = (own or frames)[-1]
     return f"{path}, line {line}, in {fn}"
