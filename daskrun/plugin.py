@@ -92,10 +92,11 @@ def source_files(
     An ``.amlignore`` (else ``.gitignore``) and a ``.daskrunignore`` in any
     folder leave out what their gitignore patterns match below it; an
     ignored folder is not walked. Caches, ``.git``, ``.venv`` and workspace
-    or runs folders, and the folders in ``exclude`` (the step's output),
-    are never shipped.
+    or runs folders, and the folders and files in ``exclude`` (the step's
+    inputs and output), are never shipped.
     """
     left_out = {os.path.realpath(p) for p in exclude}
+    root_real = os.path.realpath(root)
     specs: dict[str, pathspec.GitIgnoreSpec] = {}
 
     def ignored(rel: str, is_dir: bool) -> bool:
@@ -125,14 +126,14 @@ def source_files(
             if d not in _SKIP_DIRS
             and not os.path.exists(os.path.join(dirpath, d, "workspace.db"))
             and not os.path.exists(os.path.join(dirpath, d, "runs.db"))
-            and os.path.join(dirpath, d) not in left_out
+            and os.path.join(root_real, prefix, d) not in left_out
             and not ignored(prefix + d, True)
         )
         unnamed += [prefix + d + "/" for d in dirnames if not _utf8(d)]
         dirnames[:] = [d for d in dirnames if _utf8(d)]
         for filename in filenames:
             rel = prefix + filename
-            if ignored(rel, False):
+            if ignored(rel, False) or os.path.join(root_real, rel) in left_out:
                 continue
             if not _utf8(filename):
                 unnamed.append(rel)
@@ -207,7 +208,8 @@ def build_bundle(
 ) -> tuple[Path, str]:
     """Zip the entry script, or what :func:`source_files` ships of its
     ``source_directory``, into a file of ``cache_dir`` (default
-    :func:`bundle_cache_dir`); folders in ``exclude`` are left out.
+    :func:`bundle_cache_dir`); the folders and files in ``exclude`` (the
+    step's local inputs and output: data, not code) are left out.
 
     Files are streamed from disk into the zip, never held in memory. A
     bundle is built again only when a shipped file's path, size or mtime

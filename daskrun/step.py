@@ -592,16 +592,12 @@ def _execute(
     interrupt = interrupt or Interrupt()
     cfg = step.config.resolved
     started = time.perf_counter()
-    # a source directory too big to ship is refused before anything is written;
-    # a local output folder inside it is the step's, not source
-    bundle = build_bundle(
-        cfg.entry_script,
-        cfg.source_directory,
-        exclude=[step.output] if step.output and os.path.isabs(step.output) else [],
-    )
     # planning lists and measures the inputs: a missing or empty input fails
     # here, before any worker starts
     batches, total = step.plan()
+    bundle = build_bundle(
+        cfg.entry_script, cfg.source_directory, exclude=_not_source(step)
+    )
     items_planned, items_counted = _planned_items(step, batches)
     run_id = resume.run_id if resume else (step.run_id or new_run_id(step.name))
     root = step.workspace.runs_dir if step.workspace is not None else runs_dir()
@@ -818,6 +814,29 @@ def _execute(
         if where:
             say(f"daskrun: raised at {where}")
     return run
+
+
+def _not_source(step: ParallelRunStep) -> list[str]:
+    """What the source directory may hold that is data, not code: the
+    step's local input folders and files, and its output folder. Inputs
+    reach the workers as paths; they are never shipped with the script."""
+    source = step.config.resolved.source_directory
+    if source is None:
+        return []
+    root = os.path.realpath(source) + os.sep
+    found = [step.output] if step.output and os.path.isabs(step.output) else []
+    for ds in [*step.inputs, *step.side_inputs]:
+        if not ds.local:
+            continue
+        given = [os.fspath(p) for p in _as_paths(ds)]
+        found += [p for p in given if os.path.isdir(p)]
+        found += [f for f in ds.files() if f.startswith(root)]
+    return found
+
+
+def _as_paths(dataset: Input) -> list[Any]:
+    path = dataset._path
+    return [path] if isinstance(path, (str, os.PathLike)) else list(path)
 
 
 def _planned_items(step: ParallelRunStep, batches: Any) -> tuple[int | None, str]:

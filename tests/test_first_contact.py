@@ -441,3 +441,27 @@ def test_too_many_files_are_refused_naming_the_largest_entries(
     assert f"KB, {BUNDLE_MAX_FILES} files), score.py (" in message
     assert f"list what is not code in {src.resolve() / '.gitignore'}" in message
     assert not (tmp_path / "cache").exists()
+
+
+def test_input_folders_beside_the_script_are_data_not_source(
+    tmp_path: Path, runs_dir: Path
+) -> None:
+    # `daskrun run score.py --input images/`, the images beside the script:
+    # they reach the workers as paths, never in the bundle, so no limit hits
+    write_script(
+        tmp_path,
+        "import os\ndef init(): pass\n"
+        "def run(mb): return [os.path.basename(p) for p in mb]\n",
+    )
+    make_files(tmp_path / "images", BUNDLE_MAX_FILES + 10)
+    result = daskrun(
+        "run", "score.py", "--input", "images", "--output", "out",
+        "--mini-batch-size", "500", "--processes", "1", "-q",
+        cwd=tmp_path, runs=runs_dir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+    assert len(lines) == BUNDLE_MAX_FILES + 10
+    (run_dir,) = [d for d in runs_dir.iterdir() if d.is_dir()]
+    with zipfile.ZipFile(run_dir / "source.zip") as z:
+        assert z.namelist() == ["score.py"]
