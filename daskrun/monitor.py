@@ -394,7 +394,7 @@ class Console:
             "initial": done,
             "unit": "mini-batch",
             "bar_format": "{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-            "mini-batches [{elapsed}{postfix}]",
+            "[{elapsed}{postfix}]",
             "mininterval": 0.2,
             "leave": True,
         }
@@ -456,10 +456,13 @@ class Console:
         text = f"items ok={tally.items_succeeded} failed={tally.items_failed}"
         if self._init is not None:
             return text
-        return f"{text}, {self._rate(tally, now, pace)}"
+        return f"{text}, {self._rate(tally, now, pace, mini_batches=True)}"
 
-    def _rate(self, tally: Tally, now: float, pace: Pace | None) -> str:
-        """``N items/s, ETA N s``, measured over the run phase only."""
+    def _rate(
+        self, tally: Tally, now: float, pace: Pace | None, mini_batches: bool = False
+    ) -> str:
+        """``[N mini-batch/s, ]N items/s, ETA N s``, measured over the run
+        phase only."""
         since = self._started if self._run_at is None else self._run_at
         elapsed = max(now - since, 1e-9)
         done = tally.mini_batches_done - self._run_done
@@ -469,7 +472,9 @@ class Console:
             eta = pace.eta(left)
         else:
             eta = left * elapsed / done if done and left else None
-        return f"{rate:.0f} items/s" + ("" if eta is None else f", ETA {eta:.0f} s")
+        text = f"{done / elapsed:.1f} mini-batch/s, " if mini_batches else ""
+        text += f"{rate:.0f} items/s"
+        return text + ("" if eta is None else f", ETA {eta:.0f} s")
 
     def line(
         self, tally: Tally, now: float | None = None, pace: Pace | None = None
