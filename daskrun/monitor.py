@@ -20,10 +20,13 @@ otherwise.
 from __future__ import annotations
 
 import collections
+import copy
 import csv
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -63,6 +66,40 @@ class WorkerStats:
     seconds: float = 0.0  # in run() (and reading its inputs)
 
 
+@dataclass
+class Pace:
+    """How long mini-batches take, measured in the run phase: those finished
+    since it began, the seconds their ``run()`` calls took, and the worker
+    threads that run them.
+
+    The ETA is the work left shared over the threads, which the runner keeps
+    busy. Elapsed time over mini-batches done would count the cluster's
+    start-up, ``init()`` and, early on, results still in flight (a task
+    carries several mini-batches) as if they were the pace of the rest.
+
+    >>> pace = Pace(threads=2)
+    >>> pace.add(0.1); pace.add(0.3)
+    >>> pace.eta(left=40)
+    4.0
+    >>> pace.eta(left=1)   # one mini-batch on one thread
+    0.2
+    """
+
+    threads: int = 1
+    finished: int = 0
+    busy: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.finished += 1
+        self.busy += seconds
+
+    def eta(self, left: int) -> float | None:
+        if not self.finished or left <= 0:
+            return None
+        per_mini_batch = self.busy / self.finished
+        return per_mini_batch * max(left / max(self.threads, 1), 1.0)
+
+
 class JobLogs:
     """Writer of one run's log folder."""
 
@@ -100,6 +137,16 @@ class JobLogs:
         self.workers: dict[str, WorkerStats] = collections.defaultdict(WorkerStats)
         self.latest_errors: collections.deque[str] = collections.deque(maxlen=10)
         self.started = time.monotonic()
+        # (when, mini-batches done, items ok) as init() ended everywhere
+        self._run_phase: tuple[float, int, int] | None = None
+
+    def running(self, tally: Tally) -> None:
+        """Mini-batches start now: speed and ETA are measured from here."""
+        self._run_phase = (
+            time.monotonic(),
+            tally.mini_batches_done,
+            tally.items_succeeded,
+        )
 
     def mini_batch(self, result: TryResult, tries: int, counts: Counts) -> None:
         """Add the final outcome of one mini-batch to the job report."""
@@ -143,12 +190,25 @@ class JobLogs:
             f.write(text)
             f.flush()
 
-    def snapshot(self, tally: Tally, status: str) -> dict[str, Any]:
+    def snapshot(
+        self, tally: Tally, status: str, pace: Pace | None = None
+    ) -> dict[str, Any]:
         """The job's state, for the overview file and the dashboard page."""
-        elapsed = time.monotonic() - self.started
+        now_ = time.monotonic()
+        elapsed = now_ - self.started
         done, total = tally.mini_batches_done, tally.mini_batches_total
-        rate = tally.items_succeeded / elapsed if elapsed > 0 else 0.0
-        eta = (total - done) * elapsed / done if done else None
+        # not from the start: cluster start-up and init() are no measure of
+        # how fast mini-batches go
+        since, done0, items0 = self._run_phase or (now_, done, tally.items_succeeded)
+        run_elapsed = now_ - since
+        rate = (
+            (tally.items_succeeded - items0) / run_elapsed if run_elapsed > 0 else 0.0
+        )
+        eta: float | None = None
+        if pace is not None:
+            eta = pace.eta(total - done)
+        elif done > done0:
+            eta = (total - done) * run_elapsed / (done - done0)
         return {
             "status": status,
             "elapsed": elapsed,
@@ -281,12 +341,19 @@ class JobLogs:
 
 
 class Console:
-    """The terminal's view of a run.
+    """The terminal's (or notebook's) view of a run.
 
     On a terminal: a tqdm progress bar of mini-batches with items ok,
-    failed, items/s and ETA. Otherwise (CI logs, files): one plain line at
-    most every ``interval`` seconds, and one at the end. ``say`` prints a
-    line above the bar.
+    failed, items/s and ETA; in a Jupyter kernel the same bar as a widget
+    (``tqdm.auto``). Otherwise (CI logs, files): one plain line at most every
+    ``interval`` seconds, and one at the end. ``say`` prints a line above the
+    bar.
+
+    A run has two phases: ``init()`` on the workers (:meth:`initializing`,
+    which shows the workers ready out of the total and no ETA), then the
+    mini-batches (:meth:`running`). Items/s and the ETA are measured from
+    the start of the second phase only: cluster start-up and ``init()`` say
+    nothing about how fast mini-batches go.
     """
 
     def __init__(
@@ -295,17 +362,26 @@ class Console:
         stream: IO[str] | QueueStream | None = None,
         tty: bool | None = None,
         interval: float | None = None,
+        notebook: bool | None = None,
     ):
         self.show = show
         self.stream: Any = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
+        # the widget goes to the cell being run: only for the kernel's own
+        # output, not for a stream the caller gave
+        self.notebook = (
+            stream is None and _in_notebook() if notebook is None else notebook
+        )
         self.interval = float(
             config_get("progress-interval") if interval is None else interval
         )
         self._bar: Any = None
         self._last = self._started = time.monotonic()
-        self._initial = 0
         self._total = 0
+        self._init: tuple[int, int] | None = None  # workers ready, workers
+        self._run_at: float | None = None  # when the first mini-batch could start
+        self._run_done = 0  # mini-batches done then (a resume's earlier ones)
+        self._run_items = 0  # items ok then
 
     def say(self, line: str) -> None:
         if not self.show:
@@ -317,58 +393,200 @@ class Console:
             self.stream.flush()
 
     def start(self, total: int, done: int = 0) -> None:
+        self.close()  # a pipeline's consoles show one step after another
         self._total = total
         self._last = self._started = time.monotonic()
-        self._initial = done
-        if self.show and self.tty:
-            from tqdm import tqdm
+        self._init, self._run_at = None, None
+        self._run_done = done
+        self._run_items = 0
+        if not self.show or not (self.tty or self.notebook):
+            return
+        # the rate and ETA are daskrun's own (see line()), not tqdm's, whose
+        # clock starts before the cluster and init()
+        kwargs: dict[str, Any] = {
+            "total": total,
+            "initial": done,
+            "unit": "mini-batch",
+            "bar_format": "{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+            "[{elapsed}{postfix}]",
+            "mininterval": 0.2,
+            "leave": True,
+        }
+        if self.notebook:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(**kwargs)
+        else:
+            from tqdm import tqdm as tqdm_std
 
             size = shutil.get_terminal_size((100, 20))
-            self._bar = tqdm(
-                total=total,
-                initial=done,
-                unit="mini-batch",
-                file=self.stream,
-                mininterval=0.2,
-                # a terminal that reports no size gets 100 × 20
-                ncols=size.columns,
-                nrows=size.lines,
-                leave=True,
+            # a terminal that reports no size gets 100 × 20
+            self._bar = tqdm_std(
+                file=self.stream, ncols=size.columns, nrows=size.lines, **kwargs
             )
 
-    def update(self, tally: Tally) -> None:
-        """After a mini-batch finished (cheap: the display is throttled)."""
+    def initializing(self, ready: int, workers: int, at: float | None = None) -> None:
+        """While ``init()`` runs: ``ready`` of ``workers`` have finished it."""
         if not self.show:
             return
-        now = time.monotonic()
+        changed = self._init != (ready, workers)
+        self._init = (ready, workers)
+        text = _init_text(ready, workers)
+        if self._bar is not None:
+            if changed:
+                self._bar.set_description_str(text + " ")
+        elif changed or (at or time.monotonic()) - self._last >= self.interval:
+            self._last = at or time.monotonic()
+            self.say(f"daskrun: {text}, 0/{self._total} mini-batches")
+
+    def running(self, tally: Tally, at: float | None = None) -> None:
+        """``init()`` is done everywhere: mini-batches start now."""
+        self._init = None
+        self._run_at = time.monotonic() if at is None else at
+        self._run_done = tally.mini_batches_done
+        self._run_items = tally.items_succeeded
+        if self._bar is not None:
+            self._bar.set_description_str("")
+
+    def update(
+        self, tally: Tally, at: float | None = None, pace: Pace | None = None
+    ) -> None:
+        """After a mini-batch finished (cheap: the display is throttled).
+        ``pace``: how long this phase's mini-batches took, for the ETA."""
+        if not self.show:
+            return
+        now = time.monotonic() if at is None else at
         if self._bar is not None:
             self._bar.update(tally.mini_batches_done - self._bar.n)
-            if now - self._last >= 0.5:
+            if now - self._last >= 0.5 or tally.mini_batches_done == self._total:
                 self._last = now
-                self._bar.set_postfix_str(
-                    f"items ok={tally.items_succeeded} failed={tally.items_failed}",
-                    refresh=False,
-                )
+                self._bar.set_postfix_str(self._speed(tally, now, pace), refresh=False)
         elif now - self._last >= self.interval:
             self._last = now
-            self.say(self.line(tally))
+            self.say(self.line(tally, now, pace))
 
-    def line(self, tally: Tally) -> str:
-        elapsed = max(time.monotonic() - self._started, 1e-9)
-        done = tally.mini_batches_done - self._initial
+    def _speed(self, tally: Tally, now: float, pace: Pace | None) -> str:
+        """``items ok=…, failed=…, N items/s, ETA N s`` for the bar."""
+        text = f"items ok={tally.items_succeeded} failed={tally.items_failed}"
+        if self._init is not None:
+            return text
+        return f"{text}, {self._rate(tally, now, pace, mini_batches=True)}"
+
+    def _rate(
+        self, tally: Tally, now: float, pace: Pace | None, mini_batches: bool = False
+    ) -> str:
+        """``[N mini-batch/s, ]N items/s, ETA N s``, measured over the run
+        phase only."""
+        since = self._started if self._run_at is None else self._run_at
+        elapsed = max(now - since, 1e-9)
+        done = tally.mini_batches_done - self._run_done
         left = tally.mini_batches_total - tally.mini_batches_done
-        eta = f", ETA {left * elapsed / done:.0f} s" if done else ""
+        rate = (tally.items_succeeded - self._run_items) / elapsed
+        if pace is not None:
+            eta = pace.eta(left)
+        else:
+            eta = left * elapsed / done if done and left else None
+        text = f"{done / elapsed:.1f} mini-batch/s, " if mini_batches else ""
+        text += f"{rate:.0f} items/s"
+        return text + ("" if eta is None else f", ETA {eta:.0f} s")
+
+    def line(
+        self, tally: Tally, now: float | None = None, pace: Pace | None = None
+    ) -> str:
+        if self._init is not None:
+            return (
+                f"daskrun: {_init_text(*self._init)}, "
+                f"{tally.mini_batches_done}/{tally.mini_batches_total} mini-batches"
+            )
+        rate = self._rate(tally, time.monotonic() if now is None else now, pace)
         return (
             f"daskrun: {tally.mini_batches_done}/{tally.mini_batches_total} "
             f"mini-batches, {tally.items_succeeded} items ok, "
-            f"{tally.items_failed} failed, "
-            f"{tally.items_succeeded / elapsed:.0f} items/s{eta}"
+            f"{tally.items_failed} failed, {rate}"
         )
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _init_text(ready: int, workers: int) -> str:
+    return f"init() on {ready}/{workers} workers…"
+
+
+def init_done(name: str, dask_worker: Any) -> bool:
+    """On a worker (``client.run``): whether the entry script plugin
+    ``name`` has finished ``init()`` there."""
+    plugin = dask_worker.plugins.get(name)
+    ready = getattr(plugin, "_ready", None)  # set when setup() ends
+    return ready is not None and bool(ready.is_set())
+
+
+def _in_notebook() -> bool:
+    """Whether this is a Jupyter kernel (whose output is a notebook cell)."""
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+class ConsoleFeed(Console):
+    """The console of a run in a background thread: it shows nothing, but
+    keeps the calls for the thread that waits on the run, which replays them
+    on its own :class:`Console` (``replay``). Lines are kept in order; of
+    the counts only the latest, so a run nobody watches holds little."""
+
+    def __init__(self) -> None:
+        super().__init__(True, QueueStream(lambda text: None), tty=False)
+        self._calls: queue.Queue[tuple[str, float, Any]] = queue.Queue()
+        self._latest: tuple[float, Tally, Pace | None] | None = None
+        self._lock = threading.Lock()
+
+    def say(self, line: str) -> None:
+        self._calls.put(("say", time.monotonic(), line))
+
+    def start(self, total: int, done: int = 0) -> None:
+        self._calls.put(("start", time.monotonic(), (total, done)))
+
+    def initializing(self, ready: int, workers: int, at: float | None = None) -> None:
+        self._calls.put(("initializing", time.monotonic(), (ready, workers)))
+
+    def running(self, tally: Tally, at: float | None = None) -> None:
+        self._calls.put(("running", time.monotonic(), copy.copy(tally)))
+
+    def update(
+        self, tally: Tally, at: float | None = None, pace: Pace | None = None
+    ) -> None:
+        with self._lock:
+            pending = self._latest is not None
+            self._latest = (time.monotonic(), copy.copy(tally), copy.copy(pace))
+        if not pending:
+            self._calls.put(("update", 0.0, None))
+
+    def close(self) -> None:
+        self._calls.put(("close", time.monotonic(), None))
+
+    def replay(self, console: Console) -> None:
+        """Show on ``console`` what the run did since the last replay."""
+        while True:
+            try:
+                name, at, arg = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if name == "say":
+                console.say(arg)
+            elif name == "start":
+                console.start(*arg)
+            elif name == "initializing":
+                console.initializing(arg[0], arg[1], at=at)
+            elif name == "running":
+                console.running(arg, at=at)
+            elif name == "update":
+                with self._lock:
+                    latest, self._latest = self._latest, None
+                if latest is not None:
+                    console.update(latest[1], at=latest[0], pace=latest[2])
+            else:
+                console.close()
 
 
 class QueueStream:

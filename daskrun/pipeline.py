@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import queue
-import sys
 import threading
 import time
 from dataclasses import asdict
@@ -24,7 +22,7 @@ from .config import PipelineParameter, check_parameter_names
 from .datasets import FileDataset
 from .exceptions import ConfigError, DaskRunError, JobFailedError
 from .models import model_refs
-from .monitor import Console, QueueStream
+from .monitor import Console, ConsoleFeed
 from .plugin import bundle_source
 from .records import RunRecord, now
 from .runner import Interrupt
@@ -185,7 +183,8 @@ class PipelineRun:
         self._record = record
         self._thread: threading.Thread | None = None
         self._interrupt = Interrupt()
-        self._lines: queue.Queue[str] = queue.Queue()
+        # what the background thread shows, for the thread that waits
+        self._feed = ConsoleFeed()
 
     @property
     def id(self) -> str:
@@ -228,7 +227,7 @@ class PipelineRun:
         self._thread.start()
 
     def _say(self, line: str) -> None:
-        self._lines.put(line + "\n")
+        self._feed.say(line)
 
     def _run(self) -> None:
         assert self.pipeline is not None and self._record is not None
@@ -270,8 +269,7 @@ class PipelineRun:
             earlier = _reusable(self.workspace, bound.fingerprint)
             if earlier is not None:
                 return self._reuse(bound, earlier)
-        console = Console(True, QueueStream(self._lines.put), tty=sys.stderr.isatty())
-        return _execute(bound, console=console, interrupt=self._interrupt)
+        return _execute(bound, console=self._feed, interrupt=self._interrupt)
 
     def _reuse(self, bound: ParallelRunStep, earlier: RunRecord) -> StepRun:
         assert bound.run_id is not None
@@ -304,17 +302,20 @@ class PipelineRun:
     ) -> str:
         """Wait for the run to end; return its status.
 
-        With ``show_output`` the run's progress lines are printed as they
-        come. A run that ends ``Failed`` or ``Canceled`` raises
-        :class:`~daskrun.JobFailedError` unless ``raise_on_error=False``.
+        With ``show_output`` the run's progress is shown as it comes: a
+        progress bar on a terminal, a live widget in a Jupyter notebook
+        (``tqdm.auto``), plain lines otherwise. A run that ends ``Failed`` or
+        ``Canceled`` raises :class:`~daskrun.JobFailedError` unless
+        ``raise_on_error=False``.
         Ctrl-C cancels the run.
         """
         deadline = (
             None if timeout_seconds is None else time.monotonic() + timeout_seconds
         )
+        console = Console(show_output)
         try:
             while True:
-                self._flush(show_output)
+                self._feed.replay(console)
                 status = self.get_status()
                 if status in TERMINAL and (
                     self._thread is None or not self._thread.is_alive()
@@ -333,23 +334,15 @@ class PipelineRun:
             if self._thread is not None:
                 self._thread.join()
             raise
-        self._flush(show_output)
+        finally:
+            self._feed.replay(console)
+            console.close()
         record = self._load()
         if raise_on_error and record.status != "Completed":
             raise JobFailedError(
                 record.error or record.status, status=record.status, run_id=self.run_id
             )
         return record.status
-
-    def _flush(self, show: bool) -> None:
-        while True:
-            try:
-                line = self._lines.get_nowait()
-            except queue.Empty:
-                return
-            if show:
-                sys.stderr.write(line)
-                sys.stderr.flush()
 
     def _load(self) -> RunRecord:
         return RunRecord.load(self.run_id, self.workspace.runs_dir)

@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -56,7 +57,7 @@ from .datasets import (
 from .delimited import count_csv_rows
 from .exceptions import ConfigError, EntryScriptError, InputError, JobFailedError
 from .models import model_refs
-from .monitor import REPORT, Console, JobLogs
+from .monitor import REPORT, Console, JobLogs, Pace, init_done
 from .plugin import (
     EntryScriptPlugin,
     InputSpec,
@@ -688,6 +689,7 @@ def _execute(
             interrupt.check()
             timings.setdefault("first_result", time.perf_counter() - started)
             succeeded[result.index] = result.ok
+            watch.pace.add(result.seconds)
             logs.mini_batch(result, tries, counts)
             logs.user_output(result)
             if counts.failed:
@@ -734,8 +736,13 @@ def _execute(
             watch.client, watch.run_id = client, run_id
             console.start(total, tally.mini_batches_done)
             _check_environment(client, step.config.environment, run_id)
-            _register(client, plugin, cfg.run_invocation_timeout, run_id)
+            _register_watched(
+                client, plugin, cfg.run_invocation_timeout, run_id, console
+            )
             timings["init_done"] = time.perf_counter() - started
+            console.running(tally)
+            logs.running(tally)
+            watch.pace.threads = sum(client.nthreads().values()) or 1
             try:
                 exceeded = run_mini_batches(
                     client,
@@ -1163,6 +1170,39 @@ def _register(
         ) from None
 
 
+def _register_watched(
+    client: Any,
+    plugin: EntryScriptPlugin,
+    timeout: float,
+    run_id: str,
+    console: Console,
+) -> None:
+    """:func:`_register`, showing how many workers have finished ``init()``
+    while it runs (``init()`` may load a model for minutes)."""
+    failure: list[BaseException] = []
+
+    def register() -> None:
+        try:
+            _register(client, plugin, timeout, run_id)
+        except BaseException as e:  # noqa: BLE001 - raised in the caller
+            failure.append(e)
+
+    thread = threading.Thread(target=register, name=f"{plugin.name}-init", daemon=True)
+    thread.start()
+    while True:
+        thread.join(0.5)
+        if not thread.is_alive():
+            break
+        try:
+            ready = client.run(init_done, plugin.name, on_error="return")
+        except Exception:  # noqa: BLE001 - a worker going away shows up above
+            continue
+        if thread.is_alive():
+            console.initializing(sum(r is True for r in ready.values()), len(ready))
+    if failure:
+        raise failure[0]
+
+
 def _unregister(client: Any, name: str) -> None:
     # runs shutdown() on every worker; a cluster going away must not mask errors
     try:
@@ -1195,13 +1235,14 @@ class _Watch:
         self.logs, self.tally, self.console = logs, tally, console
         self.client: Any = None
         self.run_id = ""
+        self.pace = Pace()
         self._last = 0.0
 
     def tick(self, status: str = "Running", force: bool = False) -> None:
         now_ = time.monotonic()
         due = force or now_ - self._last >= 1.0
-        snap = self.logs.snapshot(self.tally, status) if due else None
-        self.console.update(self.tally)
+        snap = self.logs.snapshot(self.tally, status, self.pace) if due else None
+        self.console.update(self.tally, pace=self.pace)
         if snap is None:
             return
         self._last = now_
