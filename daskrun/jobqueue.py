@@ -21,6 +21,7 @@ import contextlib
 import logging
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -35,11 +36,10 @@ logger = logging.getLogger("daskrun")
 
 
 def is_jobqueue_cluster(obj: Any) -> bool:
-    try:
-        from dask_jobqueue.core import JobQueueCluster
-    except ImportError:
-        return False
-    return isinstance(obj, JobQueueCluster)
+    # a cluster of dask-jobqueue's means it is imported already; importing it
+    # here would install its SIGINT handler, which fails off the main thread
+    core = sys.modules.get("dask_jobqueue.core")
+    return core is not None and isinstance(obj, core.JobQueueCluster)
 
 
 def _queue_name(cluster: Any) -> str:
