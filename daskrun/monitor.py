@@ -27,6 +27,7 @@ import collections
 import contextlib
 import csv
 import logging
+import multiprocessing
 import os
 import shutil
 import sys
@@ -321,6 +322,11 @@ class _DistributedLogRoute:
                 logging.getLogger(name).addHandler(handler)
             self._files[key] = handler, 1
 
+    def path(self) -> str | None:
+        """The first open file, if any."""
+        with self._lock:
+            return next(iter(self._files), None)
+
     def close(self, path: str | os.PathLike[str]) -> None:
         key = os.path.abspath(path)
         with self._lock:
@@ -380,8 +386,43 @@ def distributed_log(path: str | os.PathLike[str]) -> Iterator[None]:
 def log_distributed_to(path: str) -> None:
     """Send distributed's log lines to ``path`` for the rest of this process:
     run by each local worker process as it starts (see
-    ``compute._worker_log_options``)."""
+    ``compute._worker_log_options``). So does the traceback that
+    multiprocessing prints when the process's function raised, see
+    :class:`_ExitTracebackToLog`."""
     _route.open(path)
+    if not isinstance(sys.stderr, _ExitTracebackToLog):
+        sys.stderr = _ExitTracebackToLog(sys.stderr, path)
+
+
+class _ExitTracebackToLog:
+    """``sys.stderr`` of a local worker process: what is written goes to the
+    process's own stderr (user code's messages, say), until multiprocessing
+    writes ``Process <name>:``, the head of the traceback of a process
+    function that raised. That function is distributed's worker loop, never
+    the user's code (whose errors are caught and reported), and it raises
+    in races of distributed's own shutdown (a worker closed while it still
+    starts): that traceback, and the rest of the process's stderr, goes to
+    the log file.
+    """
+
+    def __init__(self, stream: Any, path: str):
+        self._stream = stream
+        self._path = path
+        self._head = f"Process {multiprocessing.current_process().name}:\n"
+        self._log: IO[str] | None = None
+
+    def write(self, text: str) -> int:
+        if self._log is None and text == self._head:
+            self._log = open(  # noqa: SIM115 - open while the process lives
+                self._path, "a", encoding="utf-8", errors=_ESCAPE, buffering=1
+            )
+        return int((self._log or self._stream).write(text))
+
+    def flush(self) -> None:
+        (self._log or self._stream).flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 class Console:
