@@ -363,8 +363,10 @@ def _report(run: StepRun) -> int:
             f"daskrun: resume with: daskrun resume {run.run_id}{again}",
             file=sys.stderr,
         )
-    # the cause last, where a terminal leaves the eye
-    print(f"daskrun: job {run.status.lower()}: {run.error}", file=sys.stderr)
+    # the cause last, where a terminal leaves the eye; its traceback, if
+    # any, is in the logs (job_error.txt)
+    cause = run.error.splitlines()[0] if run.error else run.error
+    print(f"daskrun: job {run.status.lower()}: {cause}", file=sys.stderr)
     return 1
 
 

@@ -19,12 +19,14 @@ import gc
 import json
 import logging
 import multiprocessing
+import multiprocessing.spawn
 import os
 import re
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
@@ -34,10 +36,11 @@ import dask.utils
 from distributed import Client, LocalCluster, WorkerPlugin
 from distributed.core import Status
 from distributed.security import Security
+from distributed.worker_memory import parse_memory_limit
 
 from .config import config_get
 from .dashboard import serve_dashboard_on_demand
-from .exceptions import ConfigError
+from .exceptions import ConfigError, JobFailedError
 from .jobqueue import WorkerWatch, is_jobqueue_cluster, jobqueue_client
 
 logger = logging.getLogger("daskrun")
@@ -139,21 +142,25 @@ def connect(
     process_count_per_node: int | None,
     on_lost: Callable[[str], None] | None = None,
     security: Any = None,
+    log_file: str | os.PathLike[str] | None = None,
 ) -> Iterator[Client]:
     """Yield a client for ``compute_target``; clean up only what was started.
     The client is never made the process's default one: the user's own
     Dask code keeps its scheduler.
 
     On a batch queue, ``on_lost(reason)`` is called when every worker is gone
-    for ``daskrun.jobqueue.start-timeout`` seconds.
+    for ``daskrun.jobqueue.start-timeout`` seconds. The worker processes of a
+    local cluster log distributed's lines to ``log_file``; local workers that
+    do not start within ``daskrun.local-cluster.start-timeout`` seconds fail
+    the step (:class:`~daskrun.JobFailedError`).
     """
     if compute_target is None:
         n = node_count * (process_count_per_node or default_process_count())
-        with _local_cluster(n) as client:
+        with _local_cluster(n, log_file=log_file) as client:
             yield client
     elif isinstance(compute_target, ComputeTarget):
         with compute_target.connect(
-            node_count, process_count_per_node, on_lost
+            node_count, process_count_per_node, on_lost, log_file
         ) as client:
             yield client
     elif is_jobqueue_cluster(compute_target):
@@ -182,16 +189,25 @@ def connect(
 
 @contextlib.contextmanager
 def _local_cluster(
-    n: int, memory_limit: str | None = None, dashboard_address: str | None = None
+    n: int,
+    memory_limit: str | None = None,
+    dashboard_address: str | None = None,
+    log_file: str | os.PathLike[str] | None = None,
 ) -> Iterator[Client]:
     if getattr(multiprocessing.current_process(), "_inheriting", False):
-        # a new worker process is importing the user's script, which starts
-        # a job again at import time
+        # some other process of the user's imports their script, which
+        # starts a job again at import time (daskrun's own workers do not
+        # import it, see _MainHidden)
         raise ConfigError(
             "a local cluster was started while a worker process imported "
             "your script; put the code that runs the step under "
             "'if __name__ == \"__main__\":'"
         )
+    start_timeout = _start_timeout()
+    memory_limit = _memory_limit(
+        memory_limit or config_get("local-cluster.memory-limit"),
+        "memory_limit" if memory_limit else "daskrun.local-cluster.memory-limit",
+    )
     # A worker that dies (a run() stopped for its timeout, a memory kill)
     # fails its task at once, since daskrun counts tries itself; and each
     # worker holds only the task it runs, so a death charges no other.
@@ -207,38 +223,213 @@ def _local_cluster(
         host=config_get("local-cluster.host"),
         dashboard_address=dashboard_address
         or config_get("local-cluster.dashboard-address"),
-        memory_limit=memory_limit or config_get("local-cluster.memory-limit"),
+        memory_limit=memory_limit,
         # Bokeh is imported on the dashboard's first visit, not before the
         # workers start (see serve_dashboard_on_demand)
         scheduler_kwargs={"dashboard": False},
+        # a Nanny gives up a worker process that has not joined by then (its
+        # start would otherwise hold the cluster, and its close, for ever);
+        # lifted once they have joined, see _wait_for_workers
+        death_timeout=start_timeout,
+        **_worker_log_options(log_file),
     )
-    with dask.config.set(
-        {
-            "distributed.scheduler.allowed-failures": 0,
-            "distributed.scheduler.worker-saturation": 1.0,
-        }
-    ):
-        cuda = _cuda_cluster_class() if gpu_count() else None
-        if cuda is not None:
-            # one worker per GPU, each with its own CUDA_VISIBLE_DEVICES
-            cluster = cuda(**{**options, "n_workers": n})
-        else:
-            cluster = LocalCluster(processes=True, **options)
-    try:
-        with _few_messages():
-            cluster.scale(n)
-            with Client(
-                cluster, security=options["security"], set_as_default=False
-            ) as client:
-                # while the workers start; each gets the plugin when it joins,
-                # before the entry script's, so the plugin's hook runs last
+    # from the first worker's start to the last one's end, restarts included
+    with _main_hidden():
+        with dask.config.set(
+            {
+                "distributed.scheduler.allowed-failures": 0,
+                "distributed.scheduler.worker-saturation": 1.0,
+            }
+        ):
+            cuda = _cuda_cluster_class() if gpu_count() else None
+            if cuda is not None:
+                # one worker per GPU, each with its own CUDA_VISIBLE_DEVICES
+                cluster = cuda(**{**options, "n_workers": n})
+            else:
+                cluster = LocalCluster(processes=True, **options)
+        try:
+            with (
+                _few_messages(),
+                # before the workers: a client made later waits for them all
+                # to start, for ever if one never does
+                Client(
+                    cluster, security=options["security"], set_as_default=False
+                ) as client,
+            ):
+                # each worker gets the plugin when it joins, before the
+                # entry script's, so the plugin's hook runs last
                 client.register_plugin(QuickExit())
+                cluster.scale(n)
                 if options["dashboard_address"]:
                     serve_dashboard_on_demand(client)
-                client.wait_for_workers(n)
+                _wait_for_workers(cluster, client, n, start_timeout, log_file)
                 yield client
-    finally:
-        cluster.close()
+        finally:
+            cluster.close()
+
+
+def _start_timeout() -> float:
+    value = config_get("local-cluster.start-timeout")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(
+            f"daskrun.local-cluster.start-timeout={value!r} is not a number of "
+            "seconds; set it to e.g. 60 (DASK_DASKRUN__LOCAL_CLUSTER__START_TIMEOUT=60)"
+        )
+    return seconds
+
+
+def _memory_limit(value: Any, name: str) -> Any:
+    """``value`` if distributed reads it as a memory limit; a worker started
+    with one it cannot read fails in the cluster's event loop instead."""
+    try:
+        parse_memory_limit(value, 1, logger=logger)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{name}={value!r} is not a memory size per worker process; use "
+            "e.g. '4GB', 'auto' (this machine's memory shared between them) or 0 "
+            "(no limit)"
+        ) from None
+    return value
+
+
+def _wait_for_workers(
+    cluster: Any,
+    client: Client,
+    n: int,
+    timeout: float,
+    log_file: str | os.PathLike[str] | None,
+) -> None:
+    """Wait for ``n`` workers to join, ``timeout`` seconds at most, and fail
+    as soon as one of the worker processes failed to start."""
+    where = f"see {log_file}" if log_file is not None else "see the log lines above"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.wait_for_workers(n, timeout=min(0.5, timeout))
+        except TimeoutError:
+            pass
+        else:
+            for nanny in list(cluster.workers.values()):
+                # a restarted worker runs init() again as it starts, which
+                # has a timeout of its own (3 × run_invocation_timeout + 30)
+                nanny.death_timeout = None
+            return
+        nannies = list(cluster.workers.values())
+        failed = [w for w in nannies if w.status == Status.failed]
+        if failed:
+            cause = cluster.sync(_start_error, failed[0])
+            raise JobFailedError(
+                f"{len(failed)} of {n} local worker processes failed to start: "
+                f"{cause}; {where}"
+            )
+        if time.monotonic() > deadline:
+            joined = len(client.scheduler_info(n_workers=-1)["workers"])
+            raise JobFailedError(
+                f"{joined} of {n} local workers started within "
+                f"daskrun.local-cluster.start-timeout={timeout:g} s; {where}, or "
+                "raise the timeout if the machine is busy (e.g. "
+                f"DASK_DASKRUN__LOCAL_CLUSTER__START_TIMEOUT={4 * timeout:g})"
+            )
+
+
+async def _start_error(server: Any) -> str:
+    """Why ``server`` (a Nanny whose start failed) failed: awaiting a failed
+    server raises its start's exception again; the innermost one is the
+    worker process's own."""
+    try:
+        await server
+    except Exception as e:
+        error: BaseException = e
+        while error.__cause__ is not None:
+            error = error.__cause__
+        text = f"{type(error).__name__}: {error}"
+        if str(error) == "Nanny failed to start worker process":
+            text += " (the process ended before it could say why)"
+        return text
+    return "it started after all"
+
+
+def _worker_log_options(log_file: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Nanny options that send each worker process's distributed log lines
+    to ``log_file``, from the moment its worker is made.
+
+    A preload with a space in it is Python code that the worker runs as it
+    is made; ours comes first, so that a failing preload of the user's
+    (``distributed.worker.preload``) is logged to the file too.
+    """
+    if log_file is None:
+        return {}
+    code = (
+        "from daskrun.monitor import log_distributed_to; "
+        f"log_distributed_to({os.fspath(log_file)!r})"
+    )
+    preload = list(dask.config.get("distributed.worker.preload") or [])
+    argv = list(dask.config.get("distributed.worker.preload-argv") or [])
+    if argv and not isinstance(argv[0], str):  # one list of arguments each
+        argv = [[], *argv]
+    return {"preload": [code, *preload], "preload_argv": argv}
+
+
+# multiprocessing's name for the worker process of a distributed Nanny
+_NANNY_PROCESS = "Dask Worker process (from Nanny)"
+
+
+class _MainHidden:
+    """Keeps the user's main module out of daskrun's worker processes.
+
+    A process started with ``spawn`` (distributed's default) runs its
+    parent's main script again, as ``__mp_main__``, before its target: a
+    script that runs a step at module level, without ``if __name__ ==
+    "__main__":``, would start a step in every worker, and ``python - <
+    job.py`` names a file ``<stdin>`` that does not exist. daskrun's workers
+    need nothing from it: the entry script travels inside the plugin, and
+    cloudpickle sends functions of ``__main__`` by value. So while one of
+    daskrun's local clusters is up, the preparation data that
+    multiprocessing sends to a Nanny's worker process names no main module
+    (a user's own Nanny starting meanwhile is spared it too); otherwise it
+    is multiprocessing's own.
+
+    Neither other start method would do: ``forkserver``'s children run the
+    main script again all the same (its preparation data is the same), and
+    ``fork`` copies a client whose threads (the event loop's, TensorFlow's)
+    may hold locks that then stay held in the child for ever.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._installed = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if not self._installed:
+                multiprocessing.spawn.get_preparation_data = functools.partial(
+                    self._preparation_data, multiprocessing.spawn.get_preparation_data
+                )
+                self._installed = True
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+
+    def _preparation_data(
+        self, original: Callable[..., dict[str, Any]], name: str, *args: Any
+    ) -> dict[str, Any]:
+        data = original(name, *args)
+        if self._depth and name == _NANNY_PROCESS:
+            data.pop("init_main_from_name", None)
+            data.pop("init_main_from_path", None)
+        return data
+
+
+_main_hidden = _MainHidden()
 
 
 class QuickExit(WorkerPlugin):
@@ -524,6 +715,7 @@ class ComputeTarget:
         node_count: int,
         process_count_per_node: int | None,
         on_lost: Callable[[str], None] | None = None,
+        log_file: str | os.PathLike[str] | None = None,
     ) -> Iterator[Client]:
         if self.kind == "slurm":
             cluster = slurm_cluster(self.options, process_count_per_node or 1)
@@ -537,6 +729,7 @@ class ComputeTarget:
                 n,
                 self.options.get("memory_limit"),
                 self.options.get("dashboard_address"),
+                log_file,
             ) as client:
                 yield client
         else:

@@ -8,27 +8,34 @@
       job_error.txt                           first real user error, traceback first
       sys/job_report/processed_mini-batches.csv  one row per mini-batch
       sys/job_report/failed_items.csv         every failed input and its error
+      sys/distributed.log                     distributed's own log lines, the
+                                              client's and the local workers'
       user/entry_script_log/<agent>.txt       EntryScript().logger lines
       user/stdout/<agent>.txt                 what init() and run() printed
 
 Rows of ``processed_mini-batches.csv`` are written as mini-batches finish, so
-the client never holds them all. :class:`Console` is the terminal's view: a
-live progress bar (tqdm) on a terminal, plain lines every few seconds
-otherwise.
+the client never holds them all. While a step runs, distributed's messages
+("Nanny failed to start", "Restarting worker", a worker's tracebacks) go to
+``sys/distributed.log``, not to the terminal (:func:`distributed_log`).
+:class:`Console` is the terminal's view: a live progress bar (tqdm) on a
+terminal, plain lines every few seconds otherwise.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import csv
+import logging
+import multiprocessing
 import os
 import queue
 import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -39,6 +46,7 @@ from .plugin import TryResult
 from .runner import Counts, Tally
 
 REPORT = Path("sys", "job_report", "processed_mini-batches.csv")
+DISTRIBUTED_LOG = Path("sys", "distributed.log")
 # file names that are not UTF-8 (lone surrogates from os.fsdecode) are
 # written escaped, as \udce9, rather than failing the log
 _ESCAPE = "backslashreplace"
@@ -338,6 +346,156 @@ class JobLogs:
         for f in (self._report, self._failed, *self._user.values()):
             if not f.closed:
                 f.close()
+
+
+# distributed's loggers and those of the event loop it runs on: Tornado's
+# "Exception in callback", asyncio's "Task exception was never retrieved"
+_DISTRIBUTED_LOGGERS = ("distributed", "tornado", "asyncio")
+
+
+class _DistributedLogRoute:
+    """Sends the records of distributed's loggers to log files instead of
+    their own handlers (distributed's is the terminal).
+
+    Routes overlap (steps run side by side in threads): while any is open,
+    each open file gets every record, and the loggers get their own
+    handlers back when the last one closes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: dict[str, tuple[logging.Handler, int]] = {}
+        self._saved: dict[str, tuple[list[logging.Handler], bool]] = {}
+
+    def open(self, path: str | os.PathLike[str]) -> None:
+        key = os.path.abspath(path)
+        with self._lock:
+            if key in self._files:
+                handler, count = self._files[key]
+                self._files[key] = handler, count + 1
+                return
+            os.makedirs(os.path.dirname(key), exist_ok=True)
+            handler = logging.FileHandler(key, encoding="utf-8", errors=_ESCAPE)
+            handler.setFormatter(
+                logging.Formatter(
+                    "%(asctime)s pid %(process)d %(name)s %(levelname)s: %(message)s"
+                )
+            )
+            if not self._files:
+                # distributed gives its handler to each logger it configures
+                # ("distributed.client", "tornado.application", ...): they all
+                # lose theirs, and pass their records up to ours
+                for name in _logger_names():
+                    logger = logging.getLogger(name)
+                    self._saved[name] = list(logger.handlers), logger.propagate
+                    for own in self._saved[name][0]:
+                        logger.removeHandler(own)
+                    logger.propagate = name not in _DISTRIBUTED_LOGGERS
+            for name in _DISTRIBUTED_LOGGERS:
+                logging.getLogger(name).addHandler(handler)
+            self._files[key] = handler, 1
+
+    def path(self) -> str | None:
+        """The first open file, if any."""
+        with self._lock:
+            return next(iter(self._files), None)
+
+    def close(self, path: str | os.PathLike[str]) -> None:
+        key = os.path.abspath(path)
+        with self._lock:
+            handler, count = self._files[key]
+            if count > 1:
+                self._files[key] = handler, count - 1
+                return
+            del self._files[key]
+            for name in _DISTRIBUTED_LOGGERS:
+                logging.getLogger(name).removeHandler(handler)
+            handler.close()
+            if not self._files:
+                for name, (handlers, propagate) in self._saved.items():
+                    logger = logging.getLogger(name)
+                    for own in handlers:
+                        logger.addHandler(own)
+                    logger.propagate = propagate
+                self._saved.clear()
+
+
+def _logger_names() -> list[str]:
+    """The loggers made so far in distributed's hierarchies, and their tops."""
+    made = list(logging.Logger.manager.loggerDict)
+    return [
+        name
+        for name in dict.fromkeys([*_DISTRIBUTED_LOGGERS, *made])
+        if name in _DISTRIBUTED_LOGGERS
+        or (
+            name.startswith(tuple(f"{top}." for top in _DISTRIBUTED_LOGGERS))
+            and isinstance(logging.Logger.manager.loggerDict[name], logging.Logger)
+        )
+    ]
+
+
+_route = _DistributedLogRoute()
+
+
+@contextlib.contextmanager
+def distributed_log(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Within this, distributed's log lines in this process go to ``path``
+    (appended), not to the terminal: a run's ``sys/distributed.log``.
+
+    On the way out, the collector runs once: an asyncio task that failed
+    unseen (a worker's start, say) logs "Task exception was never
+    retrieved" when it is freed, and it is freed here, not at exit.
+    """
+    _route.open(path)
+    try:
+        yield
+    finally:
+        import gc
+
+        gc.collect()
+        _route.close(path)
+
+
+def log_distributed_to(path: str) -> None:
+    """Send distributed's log lines to ``path`` for the rest of this process:
+    run by each local worker process as it starts (see
+    ``compute._worker_log_options``). So does the traceback that
+    multiprocessing prints when the process's function raised, see
+    :class:`_ExitTracebackToLog`."""
+    _route.open(path)
+    if not isinstance(sys.stderr, _ExitTracebackToLog):
+        sys.stderr = _ExitTracebackToLog(sys.stderr, path)
+
+
+class _ExitTracebackToLog:
+    """``sys.stderr`` of a local worker process: what is written goes to the
+    process's own stderr (user code's messages, say), until multiprocessing
+    writes ``Process <name>:``, the head of the traceback of a process
+    function that raised. That function is distributed's worker loop, never
+    the user's code (whose errors are caught and reported), and it raises
+    in races of distributed's own shutdown (a worker closed while it still
+    starts): that traceback, and the rest of the process's stderr, goes to
+    the log file.
+    """
+
+    def __init__(self, stream: Any, path: str):
+        self._stream = stream
+        self._path = path
+        self._head = f"Process {multiprocessing.current_process().name}:\n"
+        self._log: IO[str] | None = None
+
+    def write(self, text: str) -> int:
+        if self._log is None and text == self._head:
+            self._log = open(  # noqa: SIM115 - open while the process lives
+                self._path, "a", encoding="utf-8", errors=_ESCAPE, buffering=1
+            )
+        return int((self._log or self._stream).write(text))
+
+    def flush(self) -> None:
+        (self._log or self._stream).flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 class Console:

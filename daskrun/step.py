@@ -57,7 +57,15 @@ from .datasets import (
 from .delimited import count_csv_rows
 from .exceptions import ConfigError, EntryScriptError, InputError, JobFailedError
 from .models import model_refs
-from .monitor import REPORT, Console, JobLogs, Pace, init_done
+from .monitor import (
+    DISTRIBUTED_LOG,
+    REPORT,
+    Console,
+    JobLogs,
+    Pace,
+    distributed_log,
+    init_done,
+)
 from .plugin import (
     EntryScriptPlugin,
     InputSpec,
@@ -716,13 +724,20 @@ def _execute(
     record.status, record.error = "Running", None
     record.save()
     try:
-        with connect(
-            step.config.compute_target,
-            cfg.node_count,
-            cfg.process_count_per_node,
-            on_lost=lambda reason: interrupt.trigger(reason.replace("RUN_ID", run_id)),
-            security=step.config.security,
-        ) as client:
+        with (
+            # distributed's own lines go to the log folder, not the terminal
+            distributed_log(logs.dir / DISTRIBUTED_LOG),
+            connect(
+                step.config.compute_target,
+                cfg.node_count,
+                cfg.process_count_per_node,
+                on_lost=lambda reason: interrupt.trigger(
+                    reason.replace("RUN_ID", run_id)
+                ),
+                security=step.config.security,
+                log_file=logs.dir / DISTRIBUTED_LOG,
+            ) as client,
+        ):
             timings["cluster_ready"] = time.perf_counter() - started
             link = dashboard_link(client)
             verb = "resuming" if resume else "run"
@@ -814,8 +829,9 @@ def _execute(
     say(f"daskrun: {status}: {tally.progress()}")
     if status == "Failed" and error:
         say(f"daskrun: {error.splitlines()[0]}")
+        # an init() that failed has its traceback in the error
         where = _user_frame(
-            tally.first_failure.traceback if tally.first_failure else None,
+            tally.first_failure.traceback if tally.first_failure else error,
             cfg.source_directory or cfg.entry_script,
         )
         if where:
