@@ -75,7 +75,36 @@ def default_process_count() -> int:
     )
 
 
-class _GcPause:
+class _Nested:
+    """A context manager that nests and overlaps across threads: ``_first()``
+    runs as the first holder enters, ``_last()`` as the last one leaves."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._first()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._last()
+
+    def _first(self) -> None:
+        pass
+
+    def _last(self) -> None:
+        pass
+
+
+class _GcPause(_Nested):
     """Keeps the cyclic garbage collector off while clients start and stop.
 
     distributed's event loop runners share one lock, held while a client's
@@ -85,25 +114,15 @@ class _GcPause:
     the collector comes back with the last one, as it was before the first.
     """
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._was_enabled = False
+    _was_enabled = False
 
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if self._depth == 0:
-                self._was_enabled = gc.isenabled()
-                gc.disable()
-            self._depth += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._depth -= 1
-                if self._depth == 0 and self._was_enabled:
-                    gc.enable()
+    def _first(self) -> None:
+        self._was_enabled = gc.isenabled()
+        gc.disable()
+
+    def _last(self) -> None:
+        if self._was_enabled:
+            gc.enable()
 
 
 _gc_paused = _GcPause()
@@ -378,7 +397,7 @@ def _worker_log_options(log_file: str | os.PathLike[str] | None) -> dict[str, An
 _NANNY_PROCESS = "Dask Worker process (from Nanny)"
 
 
-class _MainHidden:
+class _MainHidden(_Nested):
     """Keeps the user's main module out of daskrun's worker processes.
 
     A process started with ``spawn`` (distributed's default) runs its
@@ -399,25 +418,14 @@ class _MainHidden:
     may hold locks that then stay held in the child for ever.
     """
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._installed = False
+    _installed = False
 
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if not self._installed:
-                multiprocessing.spawn.get_preparation_data = functools.partial(
-                    self._preparation_data, multiprocessing.spawn.get_preparation_data
-                )
-                self._installed = True
-            self._depth += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._depth -= 1
+    def _first(self) -> None:
+        if not self._installed:  # for good: it is a no-op while not entered
+            multiprocessing.spawn.get_preparation_data = functools.partial(
+                self._preparation_data, multiprocessing.spawn.get_preparation_data
+            )
+            self._installed = True
 
     def _preparation_data(
         self, original: Callable[..., dict[str, Any]], name: str, *args: Any
