@@ -17,7 +17,9 @@ An entry script with ``init()`` and ``run(mini_batch)``, a
 
 from __future__ import annotations
 
-from .compute import ComputeTarget, LocalCompute, RemoteCompute, SlurmCompute
+from typing import TYPE_CHECKING, Any
+
+# the engine, which a worker process imports with the plugin
 from .config import Environment, ParallelRunConfig, PipelineParameter
 from .datasets import (
     Dataset,
@@ -35,11 +37,50 @@ from .exceptions import (
     OutputError,
     ThresholdExceededError,
 )
-from .models import Model
-from .pipeline import Experiment, Pipeline, PipelineRun
 from .plugin import EntryScript
-from .step import ParallelRunStep, StepRun, resume
-from .workspace import DataPath, Datastore, OutputData, Workspace
+
+# the registry (workspace, SQLite run records, compute targets, pipelines),
+# imported on first use: a worker never loads it
+_REGISTRY = {
+    "ComputeTarget": "compute",
+    "LocalCompute": "compute",
+    "RemoteCompute": "compute",
+    "SlurmCompute": "compute",
+    "Model": "models",
+    "Experiment": "pipeline",
+    "Pipeline": "pipeline",
+    "PipelineRun": "pipeline",
+    "ParallelRunStep": "step",
+    "StepRun": "step",
+    "resume": "step",
+    "DataPath": "workspace",
+    "Datastore": "workspace",
+    "OutputData": "workspace",
+    "Workspace": "workspace",
+}
+
+if TYPE_CHECKING:
+    from .compute import ComputeTarget, LocalCompute, RemoteCompute, SlurmCompute
+    from .models import Model
+    from .pipeline import Experiment, Pipeline, PipelineRun
+    from .step import ParallelRunStep, StepRun, resume
+    from .workspace import DataPath, Datastore, OutputData, Workspace
+
+
+def __getattr__(name: str) -> Any:
+    module = _REGISTRY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'daskrun' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_REGISTRY})
+
 
 __version__ = "0.1.0"
 

@@ -137,6 +137,23 @@ def mini_batch_size_for(kind: str, value: object) -> int:
     return parse_file_count(value) if kind == "file" else parse_byte_size(value)
 
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
+
+
+def check_name(kind: str, name: object) -> str:
+    """A registry name: letters, digits, ``_ . -``; starts alphanumeric.
+
+    >>> check_name("datastore", "mnist_datastore")
+    'mnist_datastore'
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(
+            f"{kind} name {name!r} is not valid; use letters, digits, '_', '.' "
+            "or '-', starting with a letter or digit, e.g. 'mnist_datastore'"
+        )
+    return name
+
+
 def check_step_name(name: object) -> str:
     """Check a step name: 3–32 characters of ``^[a-z]([-a-z0-9]*[a-z0-9])?$``.
 

@@ -17,7 +17,6 @@ receives.
 from __future__ import annotations
 
 import glob as globlib
-import json
 import os
 import shutil
 import tempfile
@@ -30,10 +29,9 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from .config import config_get, mini_batch_size_for
+from .config import check_name, config_get, mini_batch_size_for
 from .delimited import CsvBatch, check_csv_options, plan_csv, read_csv
 from .exceptions import ConfigError, DaskRunError, InputError
-from .records import now as _now
 from .storage import describe_error, redact, within
 
 if TYPE_CHECKING:
@@ -211,7 +209,7 @@ class _DatasetBase:
     """Files plus how to reach them.
 
     ``path`` is a local path, folder, glob or fsspec URL, a
-    ``datastore.path(...)`` (:class:`~daskrun.workspace.DataPath`), a
+    ``datastore.path(...)`` (a ``DataPath`` of the registry), a
     ``(datastore, "path")`` pair, or a list of one of these.
     """
 
@@ -324,26 +322,13 @@ class _DatasetBase:
     ) -> Any:
         """Register this data set in ``workspace`` under ``name``; with
         ``create_new_version`` an existing name gets a new version."""
-        from .workspace import check_name
-
-        check_name("data set", name)
-        spec = json.dumps(self.spec())
-        with workspace.db() as db:
-            (latest,) = db.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM datasets WHERE name = ?",
-                (name,),
-            ).fetchone()
-            if latest and not create_new_version:
-                raise ConfigError(
-                    f"data set {name!r} is already registered (version {latest}); "
-                    "pass create_new_version=True to add a version"
-                )
-            db.execute(
-                "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?)",
-                (name, latest + 1, spec, description, json.dumps(tags or {}), _now()),
-            )
-        self.name, self.version = name, latest + 1
-        return self
+        return workspace.register_dataset(
+            self,
+            name,
+            description=description,
+            tags=tags,
+            create_new_version=create_new_version,
+        )
 
     def as_named_input(self, name: str) -> DatasetConsumptionConfig:
         """This data set as a step input named ``name``."""
@@ -391,31 +376,34 @@ def _check_path(path: Any) -> None:
 
 
 def _datastore_paths(path: Any) -> tuple[Any, list[str]]:
-    """``(datastore, paths on it)`` when ``path`` names datastore paths,
-    else ``(None, [])``."""
-    from .workspace import DataPath, Datastore
-
-    items = [path] if isinstance(path, (DataPath, tuple)) else path
+    """``(datastore, paths on it)`` when ``path`` names datastore paths
+    (``datastore.path(...)``, ``(datastore, "path")`` or a list of either),
+    else ``(None, [])``. A datastore is anything with ``url()``, ``name``
+    and ``storage_options``: the registry's objects, never imported here."""
+    items = [path] if _datastore_path(path) or isinstance(path, tuple) else path
     if isinstance(items, (str, os.PathLike)) or not isinstance(items, Sequence):
         return None, []
-    pairs = []
-    for item in items:
-        if isinstance(item, DataPath):
-            pairs.append((item.datastore, item.path_on_datastore))
-        elif (
-            isinstance(item, tuple)
-            and len(item) == 2
-            and isinstance(item[0], Datastore)
-        ):
-            pairs.append((item[0], str(item[1])))
+    pairs = [pair for pair in map(_datastore_path, items) if pair is not None]
     if not pairs:
         return None, []
-    if len(pairs) != len(items) or len({p[0] for p in pairs}) > 1:
+    if len(pairs) != len(items) or len({id(p[0]) for p in pairs}) > 1:
         raise ConfigError(
             f"path={path!r} mixes datastores or plain paths; make one data set "
             "per datastore"
         )
     return pairs[0][0], [p for _, p in pairs]
+
+
+def _datastore_path(item: Any) -> tuple[Any, str] | None:
+    if hasattr(item, "path_on_datastore") and hasattr(item, "datastore"):
+        return item.datastore, str(item.path_on_datastore)
+    if (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and all(hasattr(item[0], a) for a in ("url", "name", "storage_options"))
+    ):
+        return item[0], str(item[1])
+    return None
 
 
 def _bounded(
@@ -649,7 +637,8 @@ def localize_files(
 
 
 class Dataset:
-    """Factories for data sets, and the workspace's data set registry.
+    """Factories for data sets; ``get_by_name`` asks a workspace for a
+    registered one.
 
     >>> import pathlib, tempfile
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -663,31 +652,7 @@ class Dataset:
         workspace: Any, name: str, version: int | str = "latest"
     ) -> FileDataset | TabularDataset:
         """A registered data set (its files are listed when the step runs)."""
-        with workspace.db() as db:
-            if version == "latest":
-                row = db.execute(
-                    "SELECT version, spec FROM datasets WHERE name = ? "
-                    "ORDER BY version DESC",
-                    (name,),
-                ).fetchone()
-            else:
-                row = db.execute(
-                    "SELECT version, spec FROM datasets WHERE name = ? AND version = ?",
-                    (name, int(version)),
-                ).fetchone()
-            known = sorted({r[0] for r in db.execute("SELECT name FROM datasets")})
-        if row is None:
-            which = f"data set {name!r}" + (
-                "" if version == "latest" else f" version {version}"
-            )
-            raise ConfigError(
-                f"{which} is not registered in {workspace!r} (registered: "
-                f"{', '.join(known) or 'none'}); register it with "
-                "ds.register(ws, name)"
-            )
-        dataset = from_spec(json.loads(row["spec"]), workspace)
-        dataset.name, dataset.version = name, row["version"]
-        return dataset
+        return workspace.get_dataset(name, version)
 
     class File:
         @staticmethod
@@ -739,26 +704,6 @@ class Dataset:
             )
 
 
-def from_spec(
-    spec: dict[str, Any], workspace: Any = None
-) -> FileDataset | TabularDataset:
-    """Rebuild a data set from :meth:`_DatasetBase.spec` (not listed yet)."""
-    from .workspace import Datastore
-
-    path: Any = spec["paths"]
-    if spec.get("datastore"):
-        store = Datastore(workspace, spec["datastore"])
-        path = [store.path(p) for p in path]
-    if spec["kind"] == "file":
-        return FileDataset(path, validate=False)
-    return TabularDataset(
-        path,
-        file_format=spec["file_format"],
-        validate=False,
-        pandas_kwargs=spec.get("pandas_kwargs") or {},
-    )
-
-
 class DatasetConsumptionConfig:
     """A named step input: a data set, or a PipelineParameter whose value is
     one (``DatasetConsumptionConfig("images", param).as_mount()``).
@@ -803,8 +748,6 @@ class PipelineData:
     """
 
     def __init__(self, name: str, datastore: Any = None, **_: Any):
-        from .workspace import check_name
-
         self.name = check_name("PipelineData", name)
         self.datastore = datastore
 

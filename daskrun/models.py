@@ -10,42 +10,18 @@ fetches them once into a local cache.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
 
 from .exceptions import ConfigError
+from .modelrefs import ModelRef, fetch, local_model_path, worker_models
 from .records import now
 from .storage import redact
 from .workspace import Datastore, Workspace, check_name
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """Where one model version lives; what workers get (credentials are in
-    ``storage_options``, which is never logged)."""
-
-    name: str
-    version: int
-    url: str
-    storage_options: dict[str, Any]
-
-
-# set on a worker by the entry-script plugin before init() runs
-_worker_models: list[ModelRef] | None = None
-
-
-def set_worker_models(models: list[ModelRef] | None) -> None:
-    global _worker_models
-    _worker_models = models
 
 
 def model_refs(workspace: Workspace) -> list[ModelRef]:
@@ -166,7 +142,7 @@ class Model:
         target = Path(target_dir) / Path(self.path_on_datastore).name
         if target.exists() and not exist_ok:
             raise ConfigError(f"{str(target)!r} exists; pass exist_ok=True")
-        _fetch(
+        fetch(
             ModelRef(self.name, self.version, self.url, self.datastore.storage_options),
             target,
         )
@@ -181,33 +157,11 @@ class Model:
         On a daskrun worker the step's workspace is used; elsewhere the
         workspace found by :meth:`Workspace.from_config`.
         """
-        refs = _worker_models
+        refs = worker_models()
         if refs is None:
             workspace = _workspace or Workspace.from_config()
             refs = model_refs(workspace)
-        matches = [
-            r
-            for r in refs
-            if r.name == model_name and (version is None or r.version == version)
-        ]
-        if not matches:
-            known = sorted({r.name for r in refs})
-            which = f"model {model_name!r}" + (f" version {version}" if version else "")
-            raise ConfigError(
-                f"{which} is not registered (registered: "
-                f"{', '.join(known) or 'none'}); register it with "
-                "Model.register(ws, model_path, model_name)"
-            )
-        ref = max(matches, key=lambda r: r.version)
-        fs, path = url_to_fs(ref.url, **ref.storage_options)
-        if isinstance(fs, LocalFileSystem) and os.path.exists(path):
-            return path
-        digest = hashlib.sha256(ref.url.encode()).hexdigest()[:12]
-        cache = Path(tempfile.gettempdir()) / "daskrun-models" / digest
-        target = cache / Path(path).name
-        if not target.exists():
-            _fetch(ref, target)
-        return str(target)
+        return local_model_path(refs, model_name, version)
 
 
 def _copy_to(source: Path, store: Datastore, path: str) -> None:
@@ -227,30 +181,3 @@ def _copy_to(source: Path, store: Datastore, path: str) -> None:
             f"could not copy the model to datastore {store.name!r}: "
             + redact(f"{type(e).__name__}: {e}", store.storage_options)
         ) from None
-
-
-def _fetch(ref: ModelRef, target: Path) -> None:
-    """Copy a model to ``target`` atomically (several worker processes of a
-    node may fetch the same model at once)."""
-    fs, path = url_to_fs(ref.url, **ref.storage_options)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
-    try:
-        landing = tmp / target.name
-        try:
-            if fs.isdir(path):
-                fs.get(path.rstrip("/") + "/", str(landing), recursive=True)
-            else:
-                fs.get(path, str(landing))
-        except Exception as e:
-            raise ConfigError(
-                f"could not fetch model {ref.name!r} version {ref.version}: "
-                + redact(f"{type(e).__name__}: {e}", ref.storage_options)
-            ) from None
-        try:
-            os.rename(landing, target)
-        except OSError:
-            if not target.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -41,7 +41,7 @@ from fsspec.core import url_to_fs
 
 from .datasets import FileBatch, MiniBatch, localize_files, read_tabular
 from .exceptions import ConfigError, EntryScriptError
-from .models import ModelRef, set_worker_models
+from .modelrefs import ModelRef, set_worker_models
 from .output import OutputTarget, format_rows, printable, write_part
 from .storage import hide
 

@@ -31,6 +31,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from . import output as _output
+from .catalog import from_spec
 from .compute import connect, dashboard_link
 from .config import (
     ParallelRunConfig,
@@ -51,7 +52,6 @@ from .datasets import (
     FileDataset,
     PipelineData,
     TabularDataset,
-    from_spec,
     plan_files,
 )
 from .delimited import count_csv_rows

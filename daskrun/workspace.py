@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from .config import check_name
 from .exceptions import ConfigError
 from .records import now, open_db
 from .storage import redact
@@ -53,22 +54,7 @@ CREATE TABLE IF NOT EXISTS compute_targets (
     name TEXT PRIMARY KEY, kind TEXT NOT NULL, spec TEXT NOT NULL,
     created TEXT NOT NULL);
 """
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 _CONTAINER = re.compile(r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$")
-
-
-def check_name(kind: str, name: object) -> str:
-    """A registry name: letters, digits, ``_ . -``; starts alphanumeric.
-
-    >>> check_name("datastore", "mnist_datastore")
-    'mnist_datastore'
-    """
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(
-            f"{kind} name {name!r} is not valid; use letters, digits, '_', '.' "
-            "or '-', starting with a letter or digit, e.g. 'mnist_datastore'"
-        )
-    return name
 
 
 class Workspace:
@@ -178,6 +164,22 @@ class Workspace:
         with self.db() as db:
             names = [r[0] for r in db.execute("SELECT name FROM datastores")]
         return {n: Datastore(self, n) for n in sorted(names)}
+
+    def datastore(self, name: str) -> Datastore:
+        """The registered datastore ``name``."""
+        return Datastore(self, name)
+
+    def register_dataset(self, dataset: Any, name: str, **options: Any) -> Any:
+        """``dataset.register(ws, name)``: see :mod:`daskrun.catalog`."""
+        from .catalog import register_dataset
+
+        return register_dataset(self, dataset, name, **options)
+
+    def get_dataset(self, name: str, version: int | str = "latest") -> Any:
+        """``Dataset.get_by_name(ws, name)``: see :mod:`daskrun.catalog`."""
+        from .catalog import get_dataset
+
+        return get_dataset(self, name, version)
 
     def get_default_datastore(self) -> Datastore:
         with self.db() as db:
