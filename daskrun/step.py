@@ -31,7 +31,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from . import output as _output
-from .compute import connect, dashboard_link
+from .cluster import connect, dashboard_link
 from .config import (
     ParallelRunConfig,
     PipelineParameter,
