@@ -32,7 +32,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from . import output as _output
 from .catalog import from_spec
-from .compute import connect, dashboard_link
+from .cluster import connect, dashboard_link
 from .config import (
     ParallelRunConfig,
     PipelineParameter,

@@ -1,0 +1,179 @@
+"""The package's shape (docs/architecture.md): daskrun's modules import one
+another without cycles, the engine never imports the registry, and a worker
+process imports only the engine."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import daskrun
+
+PACKAGE = Path(daskrun.__file__).parent
+
+# the registry: modules a worker process must not load (what workers need of
+# registered models is in modelrefs.py, of registered data sets nothing)
+REGISTRY = {
+    "daskrun.catalog",
+    "daskrun.compute",
+    "daskrun.models",
+    "daskrun.pipeline",
+    "daskrun.records",
+    "daskrun.step",
+    "daskrun.workspace",
+}
+
+
+def _module_name(path: Path) -> str:
+    return "daskrun" if path.stem == "__init__" else f"daskrun.{path.stem}"
+
+
+def _imported(path: Path, modules: set[str]) -> set[str]:
+    """daskrun's modules that ``path`` imports, at module level or inside
+    functions: ``from .x import y``, ``from . import x``, ``import daskrun.x``
+    and ``from daskrun.x import y``."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # daskrun has no subpackages: relative is daskrun.*
+                base = "daskrun" + (f".{node.module}" if node.module else "")
+            # `from . import output` names a module; `from . import __version__`
+            # the package itself
+            submodules = [f"{base}.{alias.name}" for alias in node.names]
+            names = [n for n in submodules if n in modules] or [base]
+        else:
+            continue
+        found.update(n for n in names if n in modules)
+    found.discard(_module_name(path))
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    paths = sorted(PACKAGE.glob("*.py"))
+    modules = {_module_name(p) for p in paths}
+    return {_module_name(p): _imported(p, modules) for p in paths}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_import_graph_is_read() -> None:
+    # the walker itself: a module-level, a function-level and a package import
+    graph = _import_graph()
+    assert "daskrun.cluster" in graph["daskrun.compute"]
+    assert "daskrun.compute" in graph["daskrun.workspace"]  # inside a method
+    assert "daskrun" in graph["daskrun.cli"]  # from . import __version__
+    assert "daskrun.output" in graph["daskrun.step"]  # from . import output
+
+
+@pytest.mark.xfail(strict=True, reason="issue 16: the registry cycle is being removed")
+def test_no_import_cycle_between_daskrun_modules() -> None:
+    assert _cycles(_import_graph()) == []
+
+
+def test_cluster_imports_no_registry_module() -> None:
+    # the engine's cluster start; registered compute targets resolve
+    # themselves on the registry's side (compute.py imports cluster.py)
+    reached = _reachable(_import_graph(), "daskrun.cluster")
+    assert reached & (REGISTRY | {"daskrun"}) == set()
+
+
+def test_a_worker_imports_only_the_engine() -> None:
+    # what a worker unpickles: the plugin, the mini-batch task and the local
+    # cluster's QuickExit plugin
+    code = (
+        "import json, sys\n"
+        "import daskrun.plugin\n"
+        "from daskrun.plugin import process_mini_batches\n"
+        "from daskrun.cluster import QuickExit\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    loaded = set(json.loads(done.stdout.splitlines()[-1]))
+    assert "daskrun.plugin" in loaded
+    assert loaded & (REGISTRY | {"sqlite3"}) == set()
+
+
+def test_real_workers_load_no_registry(tmp_path: Path) -> None:
+    """Through a whole step on daskrun's own local cluster: the worker
+    processes never load SQLite or a registry module."""
+    from daskrun import Dataset, ParallelRunConfig, ParallelRunStep
+
+    from .conftest import make_files, write_script
+
+    make_files(tmp_path / "in", 4)
+    script = write_script(
+        tmp_path,
+        "import sys\ndef init(): pass\n"
+        "def run(mb):\n"
+        "    names = ['sqlite3', *(m for m in sys.modules if 'daskrun.' in m)]\n"
+        "    return [' '.join(n for n in names if n in sys.modules)] * len(mb)\n",
+    )
+    config = ParallelRunConfig(str(script), mini_batch_size=2, process_count_per_node=1)
+    step = ParallelRunStep(
+        "imports",
+        config,
+        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
+        output=str(tmp_path / "out"),
+    )
+    run = step.run()
+    assert run.status == "Completed", run.error
+    loaded = set(Path(run.output_path or "").read_text().split())
+    assert "daskrun.plugin" in loaded
+    assert loaded & (REGISTRY | {"sqlite3"}) == set(), loaded
