@@ -27,12 +27,16 @@ from .datasets import (
     TabularDataset,
 )
 from .exceptions import (
+    Canceled,
     ConfigError,
     DaskRunError,
     EntryScriptError,
     InputError,
     JobFailedError,
     OutputError,
+    RunTimeoutError,
+    StorageError,
+    StorageTimeoutError,
     ThresholdExceededError,
 )
 from .models import Model
@@ -44,6 +48,7 @@ from .workspace import DataPath, Datastore, OutputData, Workspace
 __version__ = "0.1.0"
 
 __all__ = [
+    "Canceled",
     "ComputeTarget",
     "ConfigError",
     "DaskRunError",
@@ -69,8 +74,11 @@ __all__ = [
     "PipelineParameter",
     "PipelineRun",
     "RemoteCompute",
+    "RunTimeoutError",
     "SlurmCompute",
     "StepRun",
+    "StorageError",
+    "StorageTimeoutError",
     "TabularDataset",
     "ThresholdExceededError",
     "Workspace",

@@ -24,7 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .exceptions import ConfigError
 from .records import now
-from .storage import redact
+from .storage import storage_errors
 from .workspace import Datastore, Workspace, check_name
 
 
@@ -37,6 +37,7 @@ class ModelRef:
     version: int
     url: str
     storage_options: dict[str, Any]
+    datastore: str = ""  # its name, for messages
 
 
 # set on a worker by the entry-script plugin before init() runs
@@ -66,6 +67,7 @@ def model_refs(workspace: Workspace) -> list[ModelRef]:
                 row["version"],
                 store.url(row["path"]),
                 store.storage_options,
+                store.name,
             )
         )
     return refs
@@ -167,7 +169,13 @@ class Model:
         if target.exists() and not exist_ok:
             raise ConfigError(f"{str(target)!r} exists; pass exist_ok=True")
         _fetch(
-            ModelRef(self.name, self.version, self.url, self.datastore.storage_options),
+            ModelRef(
+                self.name,
+                self.version,
+                self.url,
+                self.datastore.storage_options,
+                self.datastore.name,
+            ),
             target,
         )
         return str(target)
@@ -211,22 +219,7 @@ class Model:
 
 
 def _copy_to(source: Path, store: Datastore, path: str) -> None:
-    target = store.url(path)
-    fs, stripped = url_to_fs(target, **store.storage_options)
-    try:
-        if store.kind == "local":
-            os.makedirs(os.path.dirname(stripped), exist_ok=True)
-            if source.is_dir():
-                shutil.copytree(source, stripped)
-            else:
-                shutil.copyfile(source, stripped)
-        else:
-            fs.put(str(source), stripped, recursive=source.is_dir())
-    except Exception as e:
-        raise ConfigError(
-            f"could not copy the model to datastore {store.name!r}: "
-            + redact(f"{type(e).__name__}: {e}", store.storage_options)
-        ) from None
+    store.backend.upload([(source, path)], overwrite=True)
 
 
 def _fetch(ref: ModelRef, target: Path) -> None:
@@ -237,16 +230,15 @@ def _fetch(ref: ModelRef, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
     try:
         landing = tmp / target.name
-        try:
+        with storage_errors(
+            ref.datastore or ref.url,
+            ref.storage_options,
+            f"fetching model {ref.name!r} version {ref.version}",
+        ):
             if fs.isdir(path):
                 fs.get(path.rstrip("/") + "/", str(landing), recursive=True)
             else:
                 fs.get(path, str(landing))
-        except Exception as e:
-            raise ConfigError(
-                f"could not fetch model {ref.name!r} version {ref.version}: "
-                + redact(f"{type(e).__name__}: {e}", ref.storage_options)
-            ) from None
         try:
             os.rename(landing, target)
         except OSError:
