@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .datastores import StorageBackend, backend_for
+from .datastores import AzureBlobContainer, LocalFolder, StorageBackend, backend_for
 from .exceptions import ConfigError
 from .records import now, open_db
 
@@ -442,7 +442,12 @@ class Datastore:
         root = Path(path).expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
         return _register(
-            workspace, datastore_name, "local", {"root": str(root)}, None, overwrite
+            workspace,
+            datastore_name,
+            LocalFolder.kind,
+            {"root": str(root)},
+            None,
+            overwrite,
         )
 
     @staticmethod
@@ -528,7 +533,7 @@ class Datastore:
         if endpoint:
             spec["account_host"] = urlparse(endpoint).netloc
         store = _register(
-            workspace, datastore_name, "azure_blob", spec, secret, overwrite
+            workspace, datastore_name, AzureBlobContainer.kind, spec, secret, overwrite
         )
         if create_if_not_exists:
             store.backend.create()
