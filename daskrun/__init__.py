@@ -29,12 +29,16 @@ from .datasets import (
     TabularDataset,
 )
 from .exceptions import (
+    Canceled,
     ConfigError,
     DaskRunError,
     EntryScriptError,
     InputError,
     JobFailedError,
     OutputError,
+    RunTimeoutError,
+    StorageError,
+    StorageTimeoutError,
     ThresholdExceededError,
 )
 from .plugin import EntryScript
@@ -85,6 +89,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Canceled",
     "ComputeTarget",
     "ConfigError",
     "DaskRunError",
@@ -110,8 +115,11 @@ __all__ = [
     "PipelineParameter",
     "PipelineRun",
     "RemoteCompute",
+    "RunTimeoutError",
     "SlurmCompute",
     "StepRun",
+    "StorageError",
+    "StorageTimeoutError",
     "TabularDataset",
     "ThresholdExceededError",
     "Workspace",

@@ -6,13 +6,25 @@
     ├── ConfigError(ValueError)        a bad parameter; CLI exit status 2
     ├── InputError(ValueError)         a missing, empty or unreadable input; exit 2
     ├── EntryScriptError               init() failed on a worker
+    ├── StorageError                   a datastore refused or did not answer
+    │   │                              (upload, download, listing); exit 1
+    │   └── StorageTimeoutError(TimeoutError)
+    │                                  a bounded storage call did not answer
+    │                                  within daskrun.storage-timeout
+    ├── RunTimeoutError(TimeoutError)  wait_for_completion(timeout_seconds=...)
+    │                                  ran out; the run goes on
+    ├── Canceled                       raised inside a run to stop it (its
+    │                                  PipelineRun was canceled); recorded as
+    │                                  the status ``Canceled``
     └── JobFailedError                 the job ended Failed or Canceled; exit 1
         ├── ThresholdExceededError     error_threshold, allowed_failed_count or
         │                              allowed_failed_percent was exceeded
         └── OutputError                the output could not be published
 
 Usage errors (``ConfigError``, ``InputError``) are raised before any task runs.
-Their messages name the bad value and show the fix.
+Their messages name the bad value and show the fix. ``StorageError`` comes
+from one place, :func:`daskrun.storage.storage_errors`, which names the
+datastore and never shows its credentials.
 """
 
 from __future__ import annotations
@@ -32,6 +44,40 @@ class InputError(DaskRunError, ValueError):
 
 class EntryScriptError(DaskRunError):
     """The entry script's ``init()`` failed on a worker."""
+
+
+class StorageError(DaskRunError):
+    """A datastore's storage refused a call or could not be reached: a
+    network error, a bad credential, a failed upload or download.
+
+    Attributes
+    ----------
+    datastore : str
+        The datastore's name (or the storage's URL, where no datastore is
+        registered for it).
+    action : str
+        What was being done, e.g. ``"upload"``.
+    """
+
+    def __init__(self, message: str, *, datastore: str = "", action: str = ""):
+        super().__init__(message)
+        self.datastore = datastore
+        self.action = action
+
+
+class StorageTimeoutError(StorageError, TimeoutError):
+    """A bounded storage call did not answer within ``daskrun.storage-timeout``
+    seconds (cloud SDKs would otherwise retry an unreachable endpoint for
+    minutes)."""
+
+
+class RunTimeoutError(DaskRunError, TimeoutError):
+    """``wait_for_completion(timeout_seconds=...)`` ran out before the run
+    ended; the run itself goes on."""
+
+
+class Canceled(DaskRunError):
+    """Raised inside a run to stop it: its PipelineRun was canceled."""
 
 
 class JobFailedError(DaskRunError):

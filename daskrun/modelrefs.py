@@ -22,7 +22,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from .exceptions import ConfigError
-from .storage import redact
+from .storage import storage_errors
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class ModelRef:
     version: int
     url: str
     storage_options: dict[str, Any]
+    datastore: str = ""  # its name, for messages
 
 
 # set on a worker by the entry-script plugin before init() runs
@@ -89,16 +90,15 @@ def fetch(ref: ModelRef, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
     try:
         landing = tmp / target.name
-        try:
+        with storage_errors(
+            ref.datastore or ref.url,
+            ref.storage_options,
+            f"fetching model {ref.name!r} version {ref.version}",
+        ):
             if fs.isdir(path):
                 fs.get(path.rstrip("/") + "/", str(landing), recursive=True)
             else:
                 fs.get(path, str(landing))
-        except Exception as e:
-            raise ConfigError(
-                f"could not fetch model {ref.name!r} version {ref.version}: "
-                + redact(f"{type(e).__name__}: {e}", ref.storage_options)
-            ) from None
         try:
             os.rename(landing, target)
         except OSError:

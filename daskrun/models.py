@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
-
-from fsspec.core import url_to_fs
 
 from .exceptions import ConfigError
 from .modelrefs import ModelRef, fetch, local_model_path, worker_models
 from .records import now
-from .storage import redact
 from .workspace import Datastore, Workspace, check_name
 
 
@@ -42,6 +38,7 @@ def model_refs(workspace: Workspace) -> list[ModelRef]:
                 row["version"],
                 store.url(row["path"]),
                 store.storage_options,
+                store.name,
             )
         )
     return refs
@@ -143,7 +140,13 @@ class Model:
         if target.exists() and not exist_ok:
             raise ConfigError(f"{str(target)!r} exists; pass exist_ok=True")
         fetch(
-            ModelRef(self.name, self.version, self.url, self.datastore.storage_options),
+            ModelRef(
+                self.name,
+                self.version,
+                self.url,
+                self.datastore.storage_options,
+                self.datastore.name,
+            ),
             target,
         )
         return str(target)
@@ -165,19 +168,4 @@ class Model:
 
 
 def _copy_to(source: Path, store: Datastore, path: str) -> None:
-    target = store.url(path)
-    fs, stripped = url_to_fs(target, **store.storage_options)
-    try:
-        if store.kind == "local":
-            os.makedirs(os.path.dirname(stripped), exist_ok=True)
-            if source.is_dir():
-                shutil.copytree(source, stripped)
-            else:
-                shutil.copyfile(source, stripped)
-        else:
-            fs.put(str(source), stripped, recursive=source.is_dir())
-    except Exception as e:
-        raise ConfigError(
-            f"could not copy the model to datastore {store.name!r}: "
-            + redact(f"{type(e).__name__}: {e}", store.storage_options)
-        ) from None
+    store.backend.upload([(source, path)], overwrite=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import PipelineParameter, check_parameter_names
 from .datasets import FileDataset
-from .exceptions import ConfigError, DaskRunError, JobFailedError
+from .exceptions import ConfigError, DaskRunError, JobFailedError, RunTimeoutError
 from .models import model_refs
 from .monitor import Console, ConsoleFeed
 from .plugin import bundle_source
@@ -306,7 +306,8 @@ class PipelineRun:
         progress bar on a terminal, a live widget in a Jupyter notebook
         (``tqdm.auto``), plain lines otherwise. A run that ends ``Failed`` or
         ``Canceled`` raises :class:`~daskrun.JobFailedError` unless
-        ``raise_on_error=False``.
+        ``raise_on_error=False``; one still running after ``timeout_seconds``
+        raises :class:`~daskrun.RunTimeoutError` (a ``TimeoutError``).
         Ctrl-C cancels the run.
         """
         deadline = (
@@ -322,7 +323,7 @@ class PipelineRun:
                 ):
                     break
                 if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(
+                    raise RunTimeoutError(
                         f"run {self.run_id} still {status} after {timeout_seconds} s"
                     )
                 if self._thread is not None:

@@ -22,6 +22,9 @@ from distributed import Client, as_completed
 
 from .config import ResolvedConfig, config_get
 from .datasets import MiniBatch
+
+# Canceled lives in exceptions.py; ``runner.Canceled`` stays importable
+from .exceptions import Canceled as Canceled
 from .exceptions import JobFailedError, ThresholdExceededError
 from .plugin import TryResult, init_timeout, process_mini_batches
 
@@ -426,10 +429,6 @@ class FrozenWorkers:
         self._stop.set()
         with contextlib.suppress(Exception):
             self.client.unsubscribe_topic(self.starts_topic)
-
-
-class Canceled(Exception):
-    """Raised inside a run to stop it: its PipelineRun was canceled."""
 
 
 class Interrupt:

@@ -1,8 +1,12 @@
-"""What every stage needs of storage: bounded calls, hidden secrets, locks.
+"""What every stage needs of storage: bounded calls, one error map, hidden
+secrets, locks.
 
 - :func:`within` — a call to remote storage, given up after a bound: cloud
   SDKs retry an unreachable endpoint for minutes (82 s per call for Azure
   Blob Storage).
+- :func:`storage_errors` — the one place where storage, network and upload
+  failures become :class:`~daskrun.StorageError`, naming the datastore and
+  without its credentials.
 - :func:`secret_values`, :func:`redact`, :func:`hide` — credentials in
   ``storage_options`` (keys, SAS tokens, connection strings) never reach a
   message, a log or a run record.
@@ -15,8 +19,10 @@ import contextlib
 import fcntl
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any, TypeVar
+
+from .exceptions import DaskRunError, StorageError, StorageTimeoutError
 
 _T = TypeVar("_T")
 
@@ -27,12 +33,15 @@ _PUBLIC_OPTIONS = {"account_name", "account_host"}
 
 
 def within(
-    seconds: float, fn: Callable[[], _T], timed_out: Callable[[], Exception]
+    seconds: float,
+    fn: Callable[[], _T],
+    timed_out: Callable[[], Exception] | None = None,
 ) -> _T:
     """``fn()``, or ``raise timed_out()`` once ``seconds`` pass; the call's
-    thread is then left to finish on its own.
+    thread is then left to finish on its own. Without ``timed_out``, a
+    :class:`~daskrun.StorageTimeoutError` saying so is raised.
 
-    >>> within(1, lambda: 42, lambda: TimeoutError())
+    >>> within(1, lambda: 42)
     42
     """
     outcome: dict[str, Any] = {}
@@ -47,6 +56,8 @@ def within(
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
+        if timed_out is None:
+            raise StorageTimeoutError(f"did not answer within {seconds:g} s")
         raise timed_out()
     if "error" in outcome:
         raise outcome["error"]
@@ -101,6 +112,57 @@ def describe_error(error: BaseException, storage_options: Mapping[str, Any]) -> 
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
     return redact(text, storage_options)
+
+
+@contextlib.contextmanager
+def storage_errors(
+    datastore: str, storage_options: Mapping[str, Any], action: str
+) -> Iterator[None]:
+    """Turn the storage, network and upload failures raised in the block into
+    :class:`~daskrun.StorageError` (a timeout into
+    :class:`~daskrun.StorageTimeoutError`), naming ``datastore`` and
+    ``action``, without the secrets of ``storage_options``.
+
+    daskrun's own errors pass unchanged (a ``ConfigError`` that shows a fix),
+    except a timeout of :func:`within`, which gains the datastore's name.
+
+    >>> with storage_errors("blobs", {"account_key": "k3y=="}, "upload"):
+    ...     raise OSError("key k3y== refused")
+    Traceback (most recent call last):
+    daskrun.exceptions.StorageError: upload on datastore 'blobs' failed: OSError: key *** refused
+    """  # noqa: E501 - a doctest's output is one line
+    try:
+        yield
+    except StorageError as e:
+        if e.datastore or not isinstance(e, TimeoutError):
+            raise
+        raise _timed_out(datastore, storage_options, action, e) from None
+    except DaskRunError:
+        raise
+    except TimeoutError as e:
+        raise _timed_out(datastore, storage_options, action, e) from None
+    except Exception as e:
+        raise StorageError(
+            f"{action} on datastore {datastore!r} failed: "
+            f"{describe_error(e, storage_options)}",
+            datastore=datastore,
+            action=action,
+        ) from None
+
+
+def _timed_out(
+    datastore: str,
+    storage_options: Mapping[str, Any],
+    action: str,
+    error: BaseException,
+) -> StorageTimeoutError:
+    cause = redact(str(error).strip() or type(error).__name__, storage_options)
+    return StorageTimeoutError(
+        f"{action} on datastore {datastore!r}: {cause}; check its endpoint, network "
+        "and credentials (the bound is daskrun.storage-timeout)",
+        datastore=datastore,
+        action=action,
+    )
 
 
 class FileLock:

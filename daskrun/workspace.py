@@ -20,7 +20,6 @@ import json
 import os
 import posixpath
 import re
-import shutil
 import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .config import check_name
+from .datastores import AzureBlobContainer, LocalFolder, StorageBackend, backend_for
 from .exceptions import ConfigError
 from .records import now, open_db
-from .storage import redact
 
 WORKSPACE_DB = "workspace.db"
 CONFIG = Path(".daskrun") / "config.json"
@@ -280,29 +279,11 @@ class OutputData:
     ) -> str:
         """Copy the output's files to ``<local_path>/<path_on_datastore>/``
         (as the tutorial reads it); returns that folder."""
-        from fsspec.core import url_to_fs
-
-        options = self.datastore.storage_options
-        fs, root = url_to_fs(self.url, **options)
         # an absolute path on the datastore still lands under local_path
         target = Path(local_path) / self.path_on_datastore.lstrip("/")
-        try:
-            files = [f for f in fs.find(root) if "/.daskrun/" not in f]
-            for f in files:
-                dest = target / os.path.relpath(f, root)
-                if dest.exists() and not overwrite:
-                    raise ConfigError(
-                        f"{str(dest)!r} exists; pass overwrite=True to replace it"
-                    )
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                fs.get(f, str(dest))
-        except ConfigError:
-            raise
-        except Exception as e:
-            raise ConfigError(
-                f"download of {self.name!r} from datastore {self.datastore.name!r} "
-                "failed: " + redact(f"{type(e).__name__}: {e}", options)
-            ) from None
+        files = self.datastore.backend.download(
+            self.datastore._inside(self.path_on_datastore), target, overwrite
+        )
         if show_progress:
             print(f"downloaded {len(files)} files to {target}")
         return str(target)
@@ -312,7 +293,8 @@ class Datastore:
     """Storage registered in a workspace: a local folder or an Azure Blob
     Storage container (read and written through adlfs).
 
-    ``Datastore(ws, name)`` and :meth:`get` open a registered one.
+    ``Datastore(ws, name)`` and :meth:`get` open a registered one; its
+    :attr:`backend` (see :mod:`daskrun.datastores`) answers for the storage.
     """
 
     def __init__(self, workspace: Workspace, name: str):
@@ -327,13 +309,16 @@ class Datastore:
         self.name = name
         self.kind: str = row["kind"]
         self._spec: dict[str, Any] = json.loads(row["spec"])
+        self.backend: StorageBackend = backend_for(
+            self.kind,
+            name,
+            self._spec,
+            workspace.path,
+            lambda: workspace._read_secret(name),
+        )
 
     def __repr__(self) -> str:  # never shows credentials
-        where = (
-            f"container_name={self.container_name!r}"
-            if self.kind == "azure_blob"
-            else f"root={self.root!r}"
-        )
+        where = self.backend.where()
         return f"Datastore(name={self.name!r}, kind={self.kind!r}, {where})"
 
     def __eq__(self, other: object) -> bool:
@@ -357,33 +342,18 @@ class Datastore:
     @property
     def root(self) -> str | None:
         """The local folder of a local datastore."""
-        if self.kind != "local":
-            return None
-        return str(self.workspace.path / self._spec["root"])
+        return self.backend.root
 
     def url(self, path_on_datastore: str = "") -> str:
         """The fsspec URL (or local path) of a path on this datastore; a
         path that leaves the datastore's root (``../x``) is refused."""
-        path = self._inside(path_on_datastore)
-        if self.kind == "local":
-            return os.path.join(str(self.root), path)
-        return f"abfs://{self.container_name}/{path}"
+        return self.backend.url(self._inside(path_on_datastore))
 
     @property
     def storage_options(self) -> dict[str, Any]:
         """fsspec options for this datastore, credentials included (keep them
         out of logs)."""
-        if self.kind == "local":
-            return {}
-        secret = self.workspace._read_secret(self.name)
-        if "connection_string" in secret:
-            return {"connection_string": secret["connection_string"]}
-        options: dict[str, Any] = {"account_name": self.account_name}
-        if self._spec.get("account_host"):
-            options["account_host"] = self._spec["account_host"]
-        if not secret:
-            options["anon"] = True
-        return options
+        return self.backend.storage_options
 
     def path(self, path_on_datastore: str = "") -> DataPath:
         """A path on this datastore, for ``Dataset.File.from_files``."""
@@ -451,31 +421,7 @@ class Datastore:
         return self.path(target_path)
 
     def _put(self, pairs: list[tuple[Path, str]], overwrite: bool) -> None:
-        from fsspec.core import url_to_fs
-
-        fs, _ = url_to_fs(self.url(), **self.storage_options)
-        try:
-            targets = [fs._strip_protocol(self.url(t.lstrip("/"))) for _, t in pairs]
-            if not overwrite:
-                existing = [t for t in targets if fs.exists(t)]
-                if existing:
-                    raise ConfigError(
-                        f"{existing[0]!r} already exists on datastore "
-                        f"{self.name!r}; pass overwrite=True to replace it"
-                    )
-            if self.kind == "local":
-                for (src, _), target in zip(pairs, targets, strict=True):
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    shutil.copyfile(src, target)
-            elif pairs:
-                fs.put([str(p) for p, _ in pairs], targets)
-        except ConfigError:
-            raise
-        except Exception as e:
-            raise ConfigError(
-                f"upload to datastore {self.name!r} failed: "
-                + redact(f"{type(e).__name__}: {e}", self.storage_options)
-            ) from None
+        self.backend.upload(pairs, overwrite)
 
     # --- registration ----------------------------------------------------
 
@@ -498,7 +444,12 @@ class Datastore:
         root = Path(path).expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)
         return _register(
-            workspace, datastore_name, "local", {"root": str(root)}, None, overwrite
+            workspace,
+            datastore_name,
+            LocalFolder.kind,
+            {"root": str(root)},
+            None,
+            overwrite,
         )
 
     @staticmethod
@@ -584,21 +535,10 @@ class Datastore:
         if endpoint:
             spec["account_host"] = urlparse(endpoint).netloc
         store = _register(
-            workspace, datastore_name, "azure_blob", spec, secret, overwrite
+            workspace, datastore_name, AzureBlobContainer.kind, spec, secret, overwrite
         )
         if create_if_not_exists:
-            from fsspec.core import url_to_fs
-
-            fs, root = url_to_fs(store.url(), **store.storage_options)
-            try:
-                if not fs.exists(root):
-                    fs.mkdir(root)
-            except Exception as e:
-                raise ConfigError(
-                    f"container {container_name!r} of datastore {datastore_name!r} "
-                    "could not be created: "
-                    + redact(f"{type(e).__name__}: {e}", store.storage_options)
-                ) from None
+            store.backend.create()
         return store
 
 
