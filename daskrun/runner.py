@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -255,6 +255,69 @@ def _lost_try(
     )
 
 
+@dataclass(frozen=True)
+class LostVerdict:
+    """What becomes of the tries of a lost task (see :func:`judge_lost_task`).
+
+    ``charged`` are failed tries, each with its result, counted like any other
+    failure (retried while tries are left); ``free`` are rerun, each alone, at
+    the same try number; ``split`` says the whole group went to ``free``
+    because nothing tells which of its mini-batches killed the worker.
+    """
+
+    charged: list[tuple[MiniBatch, int, TryResult]]
+    free: list[tuple[MiniBatch, int]]
+    split: bool
+
+
+def judge_lost_task(
+    group: Sequence[tuple[MiniBatch, int]],
+    hung: Mapping[int, tuple[str, str]],
+    cause: tuple[str, str],
+) -> LostVerdict:
+    """Decide which tries of a lost task are charged.
+
+    A task (a ``group`` of ``(mini-batch, try)``) is lost when its worker
+    died or was restarted under it. ``hung`` maps the index of each of its
+    mini-batches reported hung (by the worker's watchdog, or by the client's
+    deadline for a frozen worker) to the error and worker to report;
+    ``cause`` is the error and worker of the loss otherwise (a memory kill, a
+    hung ``init()``, or an unknown death).
+
+    - Mini-batches reported hung are charged a try with their timeout error;
+      the others of the group were innocent and are rerun without charge.
+    - With none reported hung, a group of several mini-batches is split: each
+      is rerun alone and uncharged, so only the one that kills its worker
+      again is charged, by the rule below.
+    - A lone mini-batch is charged a try with ``cause``.
+
+    >>> from daskrun.datasets import FileBatch
+    >>> a, b = FileBatch.of(0, ["a.png"]), FileBatch.of(1, ["b.png"])
+    >>> died = ("WorkerDied: worker-0 died while running it", "worker-0")
+    >>> v = judge_lost_task([(a, 1), (b, 1)], {}, died)
+    >>> v.split, v.charged, [(m.index, t) for m, t in v.free]
+    (True, [], [(0, 1), (1, 1)])
+    >>> v = judge_lost_task([(a, 2)], {}, died)
+    >>> [(m.index, t, r.error) for m, t, r in v.charged], v.free
+    ([(0, 2, 'WorkerDied: worker-0 died while running it')], [])
+    >>> hung = {1: ("TimeoutError: run() did not return", "worker-1")}
+    >>> v = judge_lost_task([(a, 1), (b, 3)], hung, died)
+    >>> [(m.index, t, r.worker) for m, t, r in v.charged]
+    [(1, 3, 'worker-1')]
+    >>> [(m.index, t) for m, t in v.free], v.split
+    ([(0, 1)], False)
+    """
+    if hung:
+        charged = [
+            (b, t, _lost_try(b, t, *hung[b.index])) for b, t in group if b.index in hung
+        ]
+        free = [(b, t) for b, t in group if b.index not in hung]
+        return LostVerdict(charged, free, split=False)
+    if len(group) > 1:
+        return LostVerdict([], list(group), split=True)
+    return LostVerdict([(b, t, _lost_try(b, t, *cause)) for b, t in group], [], False)
+
+
 class LostTasks:
     """Why a task's worker died: a mini-batch stopped for its timeout (the
     watchdog's event, or the client's for a frozen worker), a memory kill
@@ -480,6 +543,14 @@ def run_mini_batches(
     ``None`` when every mini-batch has an outcome. With ``starts_topic`` (the
     plugin's), a frozen worker is caught by :class:`FrozenWorkers`;
     ``redact`` hides credentials in the errors of lost tasks.
+
+    A task lost with its worker is judged by :func:`judge_lost_task`. On a
+    cluster the user passed in whose scheduler retries tasks itself
+    (``distributed.scheduler.allowed-failures`` > 0; daskrun's own clusters
+    use 0), the runner sees a loss only once the scheduler gives up
+    (``KilledWorker``, after allowed-failures + 1 deaths): a mini-batch that
+    kills its worker then costs that many workers per try charged, and one
+    whose rerun by the scheduler succeeds is not charged at all.
     """
     threads = sum(client.nthreads().values()) or 1
     limit = max(1, threads * int(config_get("runner.in-flight-per-thread")))
@@ -538,30 +609,15 @@ def run_mini_batches(
                 sizer.observe(sum(r.seconds for r in results), len(results))
             else:  # the worker died, or the task was lost or cancelled
                 exc = outcome[1] if isinstance(outcome, tuple) else outcome
-                hung = lost.timed_out({b.index for b, _ in group})
-                if len(group) > 1 and not hung:
-                    # one of them killed the worker: rerun each alone, so only
-                    # the culprit is charged a try
-                    retries.extend(group)
-                    future.release()
-                    fill()
-                    continue
-                error, worker = lost.cause(exc)
-                results = [
-                    _lost_try(
-                        b,
-                        t,
-                        lost.timeout_error(b, hung[b.index]),
-                        hung[b.index]["worker"],
-                    )
-                    if b.index in hung
-                    else _lost_try(b, t, error, worker)
-                    for b, t in group
-                ]
-                if hung:  # the others were innocent: rerun without charging a try
-                    retries.extend((b, t) for b, t in group if b.index not in hung)
-                    group = [(b, t) for b, t in group if b.index in hung]
-                    results = [r for r in results if r.index in hung]
+                batch_of = {b.index: b for b, _ in group}
+                hung = {
+                    index: (lost.timeout_error(batch_of[index], msg), msg["worker"])
+                    for index, msg in lost.timed_out(set(batch_of)).items()
+                }
+                verdict = judge_lost_task(group, hung, lost.cause(exc))
+                retries.extend(verdict.free)
+                group = [(b, t) for b, t, _ in verdict.charged]
+                results = [r for _, _, r in verdict.charged]
             future.release()
             for (batch, try_no), result in zip(group, results, strict=True):
                 if not result.ok and try_no < cfg.run_max_try:

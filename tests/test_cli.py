@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import daskrun, make_files, write_script
+from .helpers import daskrun, make_files, write_script
 
 SCRIPT = """
 import argparse, os

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from daskrun import ConfigError, Dataset
 
-from .conftest import run_step
+from .helpers import run_step
 
 
 def _chunks(path: Path, size: int, **kwargs: Any) -> tuple[int, pd.DataFrame]:

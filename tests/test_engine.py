@@ -20,7 +20,7 @@ from daskrun import (
     ParallelRunStep,
 )
 
-from .conftest import make_files, run_step, write_script
+from .helpers import make_files, run_step, write_script
 
 MARKING_SCRIPT = """
 import argparse, os, sys, uuid

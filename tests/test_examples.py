@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import REPO
+from .helpers import REPO, require_module
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -21,7 +21,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 def test_mnist_demo(tmp_path: Path) -> None:
-    pytest.importorskip("tensorflow", reason="pip install -e '.[examples]'")
+    require_module("tensorflow", "pip install -e '.[examples]'")
     demo = _run(
         "-m", "daskrun", "demo", "--dir", "demo", "--images", "400", cwd=tmp_path
     )
@@ -46,7 +46,7 @@ def test_mnist_demo(tmp_path: Path) -> None:
 
 
 def test_tabular_example(tmp_path: Path) -> None:
-    pytest.importorskip("sklearn", reason="pip install -e '.[examples]'")
+    require_module("sklearn", "pip install -e '.[examples]'")
     result = _run(
         str(REPO / "examples/tabular/run_example.py"),
         "--dir",

@@ -17,7 +17,7 @@ from distributed import Client, LocalCluster
 
 from daskrun import Dataset
 
-from .conftest import make_files, run_step
+from .helpers import make_files, run_step
 
 HANGING_SCRIPT = """
 import os, time

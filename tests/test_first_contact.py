@@ -18,7 +18,7 @@ from daskrun import ConfigError, Dataset, Environment
 from daskrun.config import missing_packages, unmet_packages
 from daskrun.plugin import BUNDLE_MAX_FILES, build_bundle
 
-from .conftest import daskrun, make_files, run_step, write_script
+from .helpers import daskrun, make_files, run_step, write_script
 
 HELPER = """
 import json

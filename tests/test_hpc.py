@@ -27,7 +27,7 @@ from daskrun import (
     Workspace,
 )
 
-from .conftest import make_files, write_script
+from .helpers import make_files, require_module, write_script
 
 JOB_SCRIPT = """
 import os, time
@@ -95,7 +95,7 @@ def _step(tmp_path: Path, compute_target: Any, **config: Any) -> ParallelRunStep
 
 
 def test_two_slurm_jobs_exactly_once(tmp_path: Path, slurm: dict[str, str]) -> None:
-    pytest.importorskip("dask_jobqueue")
+    require_module("dask_jobqueue", "pip install 'daskrun[jobqueue]'")
     files = make_files(tmp_path / "in", 60)
     with _slurm_cluster(tmp_path) as cluster:
         run = _step(tmp_path, cluster).run()
@@ -110,7 +110,7 @@ def test_two_slurm_jobs_exactly_once(tmp_path: Path, slurm: dict[str, str]) -> N
 def test_registered_slurm_target_fails_threshold_and_cleans_up(
     tmp_path: Path, slurm: dict[str, str]
 ) -> None:
-    pytest.importorskip("dask_jobqueue")
+    require_module("dask_jobqueue", "pip install 'daskrun[jobqueue]'")
     make_files(tmp_path / "in", 20)
     make_files(tmp_path / "in", 5, prefix="bad")
     ws = Workspace.create(tmp_path / "ws")
@@ -134,7 +134,7 @@ def test_registered_slurm_target_fails_threshold_and_cleans_up(
 
 
 def test_wrong_queue_fails_at_once(tmp_path: Path, slurm: dict[str, str]) -> None:
-    pytest.importorskip("dask_jobqueue")
+    require_module("dask_jobqueue", "pip install 'daskrun[jobqueue]'")
     make_files(tmp_path / "in", 3)
     cluster = _slurm_cluster(tmp_path, queue="nonexistent")
     try:
@@ -150,7 +150,7 @@ def test_wrong_queue_fails_at_once(tmp_path: Path, slurm: dict[str, str]) -> Non
 
 
 def test_jobs_that_do_not_start_time_out(tmp_path: Path, slurm: dict[str, str]) -> None:
-    pytest.importorskip("dask_jobqueue")
+    require_module("dask_jobqueue", "pip install 'daskrun[jobqueue]'")
     make_files(tmp_path / "in", 3)
     # a job holding every CPU of the node keeps ours pending
     hold = subprocess.run(
@@ -179,7 +179,7 @@ def test_jobs_that_do_not_start_time_out(tmp_path: Path, slurm: dict[str, str]) 
 def test_walltime_too_short_fails_instead_of_hanging(
     tmp_path: Path, slurm: dict[str, str]
 ) -> None:
-    pytest.importorskip("dask_jobqueue")
+    require_module("dask_jobqueue", "pip install 'daskrun[jobqueue]'")
     make_files(tmp_path / "in", 200)
     os.environ["SLEEP"] = "5"  # 40 mini-batches × 5 s on 2 workers: 100 s
     try:
@@ -331,7 +331,7 @@ def _gpus() -> int:
 
 @pytest.mark.skipif(_gpus() == 0, reason="no NVIDIA GPU on this machine (nvidia-smi)")
 def test_one_worker_per_gpu(tmp_path: Path) -> None:
-    dask_cuda = pytest.importorskip("dask_cuda", reason="pip install 'daskrun[cuda]'")
+    dask_cuda = require_module("dask_cuda", "pip install 'daskrun[cuda]'")
     make_files(tmp_path / "in", 20)
     script = write_script(
         tmp_path,

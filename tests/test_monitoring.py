@@ -23,7 +23,7 @@ from daskrun import Dataset, ParallelRunConfig, ParallelRunStep, StepRun
 from daskrun.compute import connect, dashboard_link
 from daskrun.dashboard import install_page
 
-from .conftest import REPO, SLOW_SCRIPT, make_files, missing_service, write_script
+from .helpers import REPO, SLOW_SCRIPT, make_files, missing_service, write_script
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -13,7 +13,7 @@ import nbclient
 import nbformat
 import pytest
 
-from .conftest import REPO
+from .helpers import REPO
 
 # in the test extra (scripts/install): a missing one fails, it is not skipped
 

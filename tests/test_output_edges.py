@@ -16,7 +16,7 @@ from distributed import LocalCluster
 
 from daskrun import Dataset
 
-from .conftest import daskrun, make_files, run_step, write_script
+from .helpers import daskrun, make_files, run_step, write_script
 
 AS_READ = "def init():\n    pass\n\ndef run(df):\n    return df\n"
 

@@ -16,7 +16,7 @@ import pytest
 
 from daskrun.monitor import DISTRIBUTED_LOG, distributed_log
 
-from .conftest import REPO, make_files, write_script
+from .helpers import REPO, make_files, write_script
 
 JOB = """
 import daskrun

@@ -20,7 +20,7 @@ from daskrun.config import (
 from daskrun.datasets import CsvBatch, ParquetBatch, plan_row_groups
 from daskrun.runner import Tally, check_thresholds
 
-from .conftest import make_files, write_script
+from .helpers import make_files, write_script
 
 
 @pytest.mark.parametrize(

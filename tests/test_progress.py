@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, make_files, write_script
+from .helpers import REPO, make_files, write_script
 
 # the first worker to reach init() is ready after 2 s, the other after 5 s
 SLOW_INIT = """

@@ -9,7 +9,7 @@ import pytest
 
 from daskrun import Dataset
 
-from .conftest import make_files, run_step
+from .helpers import make_files, run_step
 
 # fake credentials, as a SAS token and an account key would look
 SAS = "sv=2024-05-04&ss=b&sig=Q2xpZW50U2VjcmV0U2lnbmF0dXJlMTIzNA%3D%3D"

@@ -17,7 +17,7 @@ from distributed import LocalCluster
 
 from daskrun import Dataset, InputError, ParallelRunConfig, ParallelRunStep
 
-from .conftest import run_step, write_script
+from .helpers import run_step, write_script
 
 CHECKING_SCRIPT = """
 import os

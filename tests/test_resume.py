@@ -15,7 +15,7 @@ import pytest
 
 from daskrun.records import RunRecord
 
-from .conftest import daskrun, make_files, write_script
+from .helpers import daskrun, make_files, write_script
 
 COUNTING_SCRIPT = """
 import argparse, os, time, uuid

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from daskrun import Dataset
 
-from .conftest import make_files, run_step
+from .helpers import make_files, run_step
 
 # run() publishes the scheduler's address, then waits (bounded) until the
 # test has tried to get in

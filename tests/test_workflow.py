@@ -38,49 +38,18 @@ from daskrun import (
     Workspace,
 )
 
-from .conftest import AZURITE_KEY, REPO, SLOW_SCRIPT, daskrun, make_files, write_script
-
-# The tutorial's digit_identification.py, with a "model" that is a text file:
-# the prediction is the image's content plus the model's offset.
-DIGIT_SCRIPT = """
-import os
-from daskrun import Model
-
-def init():
-    global offset
-    model_path = Model.get_model_path("mnist")
-    offset = int(open(os.path.join(model_path, "weights.txt")).read())
-    marker = os.environ.get("INIT_MARKERS")
-    if marker:
-        open(os.path.join(marker, f"{os.getpid()}-{time_ns()}"), "w").close()
-
-def time_ns():
-    import time
-    return time.time_ns()
-
-def run(mini_batch):
-    result_list = []
-    for image in mini_batch:
-        best_result = int(open(image).read()) + offset
-        result_list.append("{}: {}".format(os.path.basename(image), best_result))
-    return result_list
-"""
-
-
-def _images(folder: Path, n: int) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = folder / f"{i}.png"
-        p.write_text(str(i % 10))
-        paths.append(p)
-    return paths
-
-
-def _model(folder: Path, offset: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "weights.txt").write_text(str(offset))
-    return folder
+from .helpers import (
+    AZURITE_KEY,
+    DIGIT_SCRIPT,
+    REPO,
+    SLOW_SCRIPT,
+    daskrun,
+    digit_pipeline,
+    make_files,
+    make_images,
+    make_model,
+    write_script,
+)
 
 
 def test_the_tutorial_against_azure_blob_storage(
@@ -116,7 +85,7 @@ def test_the_tutorial_against_azure_blob_storage(
         create_if_not_exists=True,
         overwrite=True,
     )
-    _images(tmp_path / "images", 40)
+    make_images(tmp_path / "images", 40)
     mnist_blob.upload(tmp_path / "images", "mnist", overwrite=True)
     Datastore.register_azure_blob_container(
         ws,
@@ -143,7 +112,7 @@ def test_the_tutorial_against_azure_blob_storage(
 
     # the model, stored on Blob Storage: workers fetch it
     model = Model.register(
-        model_path=_model(tmp_path / "models", offset=100),
+        model_path=make_model(tmp_path / "models", offset=100),
         model_name="mnist",
         tags={"pretrained": "mnist"},
         description="Mnist trained tensorflow model",
@@ -230,47 +199,11 @@ def ws(tmp_path: Path) -> Workspace:
     return Workspace.create(tmp_path / "ws")
 
 
-def _pipeline(
-    ws: Workspace,
-    tmp_path: Path,
-    cluster: LocalCluster,
-    inputs: Path,
-    allow_reuse: bool = True,
-    **config: object,
-) -> tuple[Pipeline, ParallelRunStep]:
-    if not (tmp_path / "src" / "digit_identification.py").exists():
-        write_script(tmp_path / "src", DIGIT_SCRIPT, "digit_identification.py")
-    if "mnist" not in ws.models:
-        Model.register(ws, _model(tmp_path / "models"), "mnist")
-    store = Datastore.register_local(ws, "images", inputs, overwrite=True)
-    param = PipelineParameter(
-        "mnist_param", Dataset.File.from_files(store.path(""), validate=False)
-    )
-    cfg = ParallelRunConfig(
-        source_directory=str(tmp_path / "src"),
-        entry_script="digit_identification.py",
-        mini_batch_size=PipelineParameter("batch_size_param", 5),
-        output_action="append_row",
-        compute_target=cluster,
-        environment_variables={"INIT_MARKERS": str(tmp_path / "markers")},
-        **config,  # type: ignore[arg-type]
-    )
-    (tmp_path / "markers").mkdir(exist_ok=True)
-    step = ParallelRunStep(
-        "predict",
-        cfg,
-        inputs=[DatasetConsumptionConfig("images", param)],
-        output=PipelineData("inferences"),
-        allow_reuse=allow_reuse,
-    )
-    return Pipeline(ws, [step]), step
-
-
 def test_bad_resubmissions_fail_clearly(
     ws: Workspace, tmp_path: Path, cluster: LocalCluster
 ) -> None:
-    _images(tmp_path / "images", 3)
-    pipeline, _ = _pipeline(ws, tmp_path, cluster, tmp_path / "images")
+    make_images(tmp_path / "images", 3)
+    pipeline, _ = digit_pipeline(ws, tmp_path, cluster, tmp_path / "images")
     experiment = Experiment(ws, "digits")
     with pytest.raises(ConfigError, match="unknown pipeline parameter 'batch_sise'"):
         experiment.submit(pipeline, pipeline_parameters={"batch_sise": 1})
@@ -302,7 +235,7 @@ def test_wrong_key_fails_fast_without_showing_it(
         endpoint=endpoint,
         create_if_not_exists=True,
     )
-    _images(tmp_path / "images", 3)
+    make_images(tmp_path / "images", 3)
     good.upload(tmp_path / "images", "imgs")
     wrong_key = "WRONG" + AZURITE_KEY[5:]
     for name, options in (
@@ -324,7 +257,7 @@ def test_wrong_key_fails_fast_without_showing_it(
             **options,  # type: ignore[arg-type]
         )
         assert wrong_key not in repr(bad)
-        pipeline, step = _pipeline(ws, tmp_path, cluster, tmp_path / "images")
+        pipeline, step = digit_pipeline(ws, tmp_path, cluster, tmp_path / "images")
         ds = Dataset.File.from_files(bad.path("imgs/"), validate=False)
         started = time.monotonic()
         with dask.config.set({"daskrun.storage-timeout": 5}):
@@ -352,8 +285,8 @@ def test_wrong_key_fails_fast_without_showing_it(
 def test_unchanged_step_is_reused(
     ws: Workspace, tmp_path: Path, cluster: LocalCluster
 ) -> None:
-    images = _images(tmp_path / "images", 12)
-    pipeline, step = _pipeline(ws, tmp_path, cluster, tmp_path / "images")
+    images = make_images(tmp_path / "images", 12)
+    pipeline, step = digit_pipeline(ws, tmp_path, cluster, tmp_path / "images")
     experiment = Experiment(ws, "digits")
     markers = tmp_path / "markers"
 
@@ -384,7 +317,7 @@ def test_unchanged_step_is_reused(
     assert len(list(markers.iterdir())) > inits
     inits = len(list(markers.iterdir()))
 
-    pipeline, _ = _pipeline(
+    pipeline, _ = digit_pipeline(
         ws, tmp_path, cluster, tmp_path / "images", allow_reuse=False
     )
     assert submit()[0] == ""
@@ -393,7 +326,7 @@ def test_unchanged_step_is_reused(
 def test_two_steps_pass_pipeline_data(
     ws: Workspace, tmp_path: Path, cluster: LocalCluster
 ) -> None:
-    _images(tmp_path / "images", 10)
+    make_images(tmp_path / "images", 10)
     write_script(
         tmp_path / "src2",
         """
@@ -406,7 +339,7 @@ def test_two_steps_pass_pipeline_data(
         """,
         "count.py",
     )
-    first_pipeline, first = _pipeline(ws, tmp_path, cluster, tmp_path / "images")
+    first_pipeline, first = digit_pipeline(ws, tmp_path, cluster, tmp_path / "images")
     second = ParallelRunStep(
         "count-lines",
         ParallelRunConfig(
@@ -432,8 +365,8 @@ def test_two_steps_pass_pipeline_data(
 def test_records_outlive_the_process(
     ws: Workspace, tmp_path: Path, cluster: LocalCluster
 ) -> None:
-    _images(tmp_path / "images", 6)
-    pipeline, _ = _pipeline(ws, tmp_path, cluster, tmp_path / "images")
+    make_images(tmp_path / "images", 6)
+    pipeline, _ = digit_pipeline(ws, tmp_path, cluster, tmp_path / "images")
     run = Experiment(ws, "digits").submit(
         pipeline, pipeline_parameters={"batch_size_param": 4}
     )
@@ -480,7 +413,7 @@ def test_records_outlive_the_process(
 CONCURRENT = """
 import sys
 from daskrun import *
-from tests.test_workflow import _images, _pipeline
+from tests.helpers import digit_pipeline, make_images
 
 if __name__ == "__main__":
     ws = Workspace(sys.argv[1])
@@ -490,7 +423,9 @@ if __name__ == "__main__":
             ws, "shared", create_new_version=True
         )
     run = Experiment(ws, "concurrent").submit(
-        Pipeline(ws, [_pipeline(ws, tmp, None, tmp / "images", allow_reuse=False)[1]])
+        Pipeline(
+            ws, [digit_pipeline(ws, tmp, None, tmp / "images", allow_reuse=False)[1]]
+        )
     )
     print(run.wait_for_completion())
 """
@@ -502,7 +437,7 @@ def test_two_processes_share_a_workspace(ws: Workspace, tmp_path: Path) -> None:
     procs = []
     for n in range(2):
         own = tmp_path / f"p{n}"
-        _images(own / "images", 4)
+        make_images(own / "images", 4)
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(script), str(ws.path), str(own)],
@@ -528,9 +463,11 @@ def test_two_processes_share_a_workspace(ws: Workspace, tmp_path: Path) -> None:
 def test_environment_is_checked_before_the_job(
     ws: Workspace, tmp_path: Path, cluster: LocalCluster
 ) -> None:
-    _images(tmp_path / "images", 3)
+    make_images(tmp_path / "images", 3)
     env = Environment("needs-more", pip_packages=["pandas>=1", "no-such-package-xyz"])
-    pipeline, _ = _pipeline(ws, tmp_path, cluster, tmp_path / "images", environment=env)
+    pipeline, _ = digit_pipeline(
+        ws, tmp_path, cluster, tmp_path / "images", environment=env
+    )
     run = Experiment(ws, "env").submit(pipeline)
     with pytest.raises(
         JobFailedError, match="no-such-package-xyz not installed on worker"
@@ -589,8 +526,8 @@ def test_workspace_errors(tmp_path: Path) -> None:
         Datastore.register_azure_blob_container(ws, "x", "Bad_Name", "acct")
     with pytest.raises(ConfigError, match="already registered"):
         Datastore.register_local(ws, "workspacestore", tmp_path)
-    m1 = Model.register(ws, _model(tmp_path / "m"), "toy")
-    m2 = Model.register(ws, _model(tmp_path / "m", 3), "toy")
+    m1 = Model.register(ws, make_model(tmp_path / "m"), "toy")
+    m2 = Model.register(ws, make_model(tmp_path / "m", 3), "toy")
     assert (m1.version, m2.version, Model(ws, "toy").version) == (1, 2, 2)
     path = Model.get_model_path("toy", version=1, _workspace=ws)
     assert Path(path, "weights.txt").read_text() == "0"

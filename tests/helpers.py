@@ -1,0 +1,230 @@
+"""Helpers shared by the tests and the scripts they run in subprocesses.
+
+Fixtures live in ``conftest.py``; everything here is plain and importable as
+``tests.helpers`` (or ``from .helpers import ...`` inside the test package).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from distributed import LocalCluster
+
+from daskrun import (
+    Dataset,
+    DatasetConsumptionConfig,
+    Datastore,
+    Model,
+    ParallelRunConfig,
+    ParallelRunStep,
+    Pipeline,
+    PipelineData,
+    PipelineParameter,
+    StepRun,
+    Workspace,
+)
+
+# run() that takes 0.2 s per mini-batch and returns the file names
+SLOW_SCRIPT = """
+import os, time
+
+def init():
+    pass
+
+def run(mini_batch):
+    time.sleep(0.2)
+    return [os.path.basename(p) for p in mini_batch]
+"""
+
+
+def write_script(folder: Path, body: str, name: str = "score.py") -> Path:
+    """Write an entry script (dedented) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def make_files(folder: Path, n: int, prefix: str = "f") -> list[Path]:
+    """``n`` small text files whose content is their number."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"{prefix}{i:05d}.txt"
+        p.write_text(str(i))
+        paths.append(p)
+    return paths
+
+
+REPO = Path(__file__).resolve().parent.parent
+AZURITE = REPO / ".cache" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+# Azurite's well-known development account (public, not a secret)
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
+    "KBHBeksoGMGw=="
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def missing_service(name: str, fix: str) -> None:
+    """Skip with the reason, or fail where scripts/test requires services."""
+    message = f"{name} is not installed: {fix}"
+    if os.environ.get("DASKRUN_REQUIRE_SERVICES") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_module(name: str, fix: str) -> ModuleType:
+    """Import ``name``, as :func:`pytest.importorskip` does, but fail instead of
+    skipping where scripts/test requires every service
+    (``DASKRUN_REQUIRE_SERVICES=1``)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing_service(name, fix)
+        raise  # unreachable: missing_service skips or fails
+
+
+def run_step(
+    tmp_path: Path,
+    script_body: str,
+    inputs: Any,
+    *,
+    name: str = "test-step",
+    output: str | None = "out",
+    step_options: dict[str, Any] | None = None,
+    show_output: bool = False,
+    **config: Any,
+) -> StepRun:
+    """Write the entry script, build config and step, run it, return the run.
+
+    A relative ``output`` lands under ``tmp_path``; URLs are used as given.
+    """
+    script = write_script(tmp_path, script_body)
+    config.setdefault("output_action", "append_row")
+    cfg = ParallelRunConfig(str(script), **config)
+    if output is not None and "://" not in output:
+        output = str(tmp_path / output)
+    step = ParallelRunStep(
+        name, cfg, inputs=inputs, output=output, **(step_options or {})
+    )
+    return step.run(show_output=show_output)
+
+
+def daskrun(*args: str, cwd: Path, runs: Path) -> subprocess.CompletedProcess[str]:
+    """Run the ``daskrun`` command in ``cwd``, with run folders in ``runs``."""
+    env = dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs))
+    return subprocess.run(
+        [sys.executable, "-m", "daskrun", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def free_port_pair() -> int:
+    """A port P with P+1 free too (slurmctld and slurmd)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two free ports in a row")
+
+
+# The tutorial's digit_identification.py, with a "model" that is a text file:
+# the prediction is the image's content plus the model's offset.
+DIGIT_SCRIPT = """
+import os
+from daskrun import Model
+
+def init():
+    global offset
+    model_path = Model.get_model_path("mnist")
+    offset = int(open(os.path.join(model_path, "weights.txt")).read())
+    marker = os.environ.get("INIT_MARKERS")
+    if marker:
+        open(os.path.join(marker, f"{os.getpid()}-{time_ns()}"), "w").close()
+
+def time_ns():
+    import time
+    return time.time_ns()
+
+def run(mini_batch):
+    result_list = []
+    for image in mini_batch:
+        best_result = int(open(image).read()) + offset
+        result_list.append("{}: {}".format(os.path.basename(image), best_result))
+    return result_list
+"""
+
+
+def make_images(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"{i}.png"
+        p.write_text(str(i % 10))
+        paths.append(p)
+    return paths
+
+
+def make_model(folder: Path, offset: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "weights.txt").write_text(str(offset))
+    return folder
+
+
+def digit_pipeline(
+    ws: Workspace,
+    tmp_path: Path,
+    cluster: LocalCluster,
+    inputs: Path,
+    allow_reuse: bool = True,
+    **config: object,
+) -> tuple[Pipeline, ParallelRunStep]:
+    if not (tmp_path / "src" / "digit_identification.py").exists():
+        write_script(tmp_path / "src", DIGIT_SCRIPT, "digit_identification.py")
+    if "mnist" not in ws.models:
+        Model.register(ws, make_model(tmp_path / "models"), "mnist")
+    store = Datastore.register_local(ws, "images", inputs, overwrite=True)
+    param = PipelineParameter(
+        "mnist_param", Dataset.File.from_files(store.path(""), validate=False)
+    )
+    cfg = ParallelRunConfig(
+        source_directory=str(tmp_path / "src"),
+        entry_script="digit_identification.py",
+        mini_batch_size=PipelineParameter("batch_size_param", 5),
+        output_action="append_row",
+        compute_target=cluster,
+        environment_variables={"INIT_MARKERS": str(tmp_path / "markers")},
+        **config,  # type: ignore[arg-type]
+    )
+    (tmp_path / "markers").mkdir(exist_ok=True)
+    step = ParallelRunStep(
+        "predict",
+        cfg,
+        inputs=[DatasetConsumptionConfig("images", param)],
+        output=PipelineData("inferences"),
+        allow_reuse=allow_reuse,
+    )
+    return Pipeline(ws, [step]), step

@@ -1,0 +1,180 @@
+"""The runner's policy for tasks whose worker died: the pure rule
+(:func:`daskrun.runner.judge_lost_task`), then real workers that die."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.config
+import pandas as pd
+import pytest
+from distributed import Client, LocalCluster
+from hypothesis import given
+from hypothesis import strategies as st
+
+from daskrun import Dataset
+from daskrun.datasets import FileBatch
+from daskrun.runner import judge_lost_task
+
+from .helpers import make_files, run_step
+
+DIED = ("WorkerDied: worker-0 died while running it", "worker-0")
+
+
+def _batch(index: int) -> FileBatch:
+    return FileBatch.of(index, [f"/in/f{index}.txt"])
+
+
+def test_a_lone_lost_mini_batch_is_charged_with_the_cause() -> None:
+    verdict = judge_lost_task([(_batch(4), 2)], {}, DIED)
+    ((batch, try_no, result),) = verdict.charged
+    assert (batch.index, try_no, verdict.free, verdict.split) == (4, 2, [], False)
+    assert (result.index, result.try_no, result.ok) == (4, 2, False)
+    assert (result.error, result.worker) == DIED
+    assert result.items_in is None  # counted by the tally as never read
+
+
+def test_a_group_lost_without_a_hung_report_is_split_uncharged() -> None:
+    group = [(_batch(i), 1) for i in range(5)]
+    verdict = judge_lost_task(group, {}, DIED)
+    assert verdict.split and verdict.charged == [] and verdict.free == group
+
+
+def test_only_the_hung_mini_batches_of_a_group_are_charged() -> None:
+    group = [(_batch(0), 1), (_batch(1), 2), (_batch(2), 1)]
+    frozen = ("TimeoutError: worker-1 stopped answering for 8 s", "worker-1")
+    verdict = judge_lost_task(group, {1: frozen}, DIED)
+    assert [(b.index, t, r.error, r.worker) for b, t, r in verdict.charged] == [
+        (1, 2, *frozen)
+    ]
+    assert verdict.free == [group[0], group[2]] and not verdict.split
+
+
+def test_a_lone_hung_mini_batch_gets_its_timeout_error_not_the_cause() -> None:
+    hung = {7: ("TimeoutError: run() did not return", "worker-3")}
+    verdict = judge_lost_task([(_batch(7), 1)], hung, DIED)
+    assert [r.error for _, _, r in verdict.charged] == [hung[7][0]]
+
+
+@given(
+    tries=st.lists(st.integers(1, 5), min_size=1, max_size=8),
+    hung=st.sets(st.integers(0, 9)),
+)
+def test_every_try_of_a_lost_group_is_charged_or_rerun_once(
+    tries: list[int], hung: set[int]
+) -> None:
+    group = [(_batch(i), t) for i, t in enumerate(tries)]
+    # the runner reports only the group's own mini-batches as hung
+    reports = {i: (f"TimeoutError: {i}", "w") for i in hung if i < len(tries)}
+    verdict = judge_lost_task(group, reports, DIED)
+    charged = [(b, t) for b, t, _ in verdict.charged]
+    assert sorted(charged + verdict.free, key=lambda p: p[0].index) == group
+    assert all(r.try_no == t and not r.ok for _, t, r in verdict.charged)
+    if reports:  # only what hung is charged
+        assert {b.index for b, _ in charged} == set(reports)
+    elif len(group) > 1:
+        assert verdict.split and not charged
+    else:
+        assert len(charged) == 1
+
+
+# "a_once" kills its worker the first time it runs; "b_die" every time. Each
+# death leaves a file in DEATHS, so the test counts the workers lost.
+DYING_SCRIPT = """
+import os, time, uuid
+
+DEATHS = {deaths!r}
+
+def init():
+    pass
+
+def run(mini_batch):
+    for p in mini_batch:
+        name = os.path.basename(p)
+        once = os.path.join(DEATHS, "a_once")
+        if name.startswith("a_once") and not os.path.exists(once):
+            open(once, "w").close()
+            os._exit(3)
+        if name.startswith("b_die"):
+            open(os.path.join(DEATHS, uuid.uuid4().hex), "w").close()
+            os._exit(3)
+    time.sleep(0.05)
+    return [os.path.basename(p) for p in mini_batch]
+"""
+
+
+def _run_on_own_cluster(
+    tmp_path: Path, allowed_failures: int
+) -> tuple[pd.DataFrame, list[str], int]:
+    """Run a_once, b_die and 10 ok files on a cluster of two worker
+    processes, made by the test with ``allowed-failures``; return the
+    report, the output lines and how many workers b_die killed."""
+    make_files(tmp_path / "in", 1, prefix="a_once")
+    make_files(tmp_path / "in", 1, prefix="b_die")
+    make_files(tmp_path / "in", 10, prefix="ok")
+    deaths = tmp_path / "deaths"
+    deaths.mkdir()
+    with (
+        dask.config.set(
+            {
+                "distributed.scheduler.allowed-failures": allowed_failures,
+                # one task at a time per worker, as on daskrun's own cluster:
+                # nothing waits on a worker that b_die kills
+                "distributed.scheduler.worker-saturation": 1.0,
+            }
+        ),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=":0",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        run = run_step(
+            tmp_path,
+            DYING_SCRIPT.format(deaths=str(deaths)),
+            Dataset.File.from_files(str(tmp_path / "in")),
+            mini_batch_size=1,
+            run_max_try=2,
+            error_threshold=-1,
+            compute_target=client,
+        )
+    assert run.status == "Completed", run.error
+    report = pd.read_csv(
+        Path(run.logs_dir) / "sys/job_report/processed_mini-batches.csv"
+    ).set_index("index")
+    lines = Path(run.output_path or "").read_text().splitlines()
+    killed_by_die = len([p for p in deaths.iterdir() if p.name != "a_once"])
+    return report, lines, killed_by_die
+
+
+@pytest.mark.slow
+def test_a_lost_worker_costs_its_mini_batch_one_try(tmp_path: Path) -> None:
+    """With allowed-failures=0 (what daskrun's own cluster uses), each lost
+    task reaches the runner: a_once is charged the try that died and
+    succeeds on its second; b_die fails after run_max_try=2, one death each."""
+    report, lines, killed = _run_on_own_cluster(tmp_path, allowed_failures=0)
+    assert lines == ["a_once00000.txt"] + [f"ok{i:05d}.txt" for i in range(10)]
+    assert report.loc[0, "tries"] == 2 and pd.isna(report.loc[0, "error"])
+    assert report.loc[1, "tries"] == 2
+    assert report.loc[1, "error"].startswith("WorkerDied: worker-")
+    assert killed == 2
+    assert (report.drop(index=[0, 1])["tries"] <= 2).all()
+    assert report.drop(index=[0, 1])["error"].isna().all()
+
+
+@pytest.mark.slow
+def test_a_cluster_that_retries_tasks_itself(tmp_path: Path) -> None:
+    """With allowed-failures=1 the scheduler reruns a lost task once before
+    the runner sees it (KilledWorker): each of b_die's two tries kills two
+    workers, and the runner charges it one try per KilledWorker."""
+    report, lines, killed = _run_on_own_cluster(tmp_path, allowed_failures=1)
+    assert lines == ["a_once00000.txt"] + [f"ok{i:05d}.txt" for i in range(10)]
+    # the scheduler's rerun may land on the worker b_die kills next
+    assert report.loc[0, "tries"] <= 2 and pd.isna(report.loc[0, "error"])
+    assert report.loc[1, "tries"] == 2
+    assert "on 2 different workers" in report.loc[1, "error"]
+    assert killed >= 4  # two per try charged
+    assert report.drop(index=[0, 1])["error"].isna().all()
