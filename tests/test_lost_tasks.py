@@ -163,18 +163,3 @@ def test_a_lost_worker_costs_its_mini_batch_one_try(tmp_path: Path) -> None:
     assert killed == 2
     assert (report.drop(index=[0, 1])["tries"] <= 2).all()
     assert report.drop(index=[0, 1])["error"].isna().all()
-
-
-@pytest.mark.slow
-def test_a_cluster_that_retries_tasks_itself(tmp_path: Path) -> None:
-    """With allowed-failures=1 the scheduler reruns a lost task once before
-    the runner sees it (KilledWorker): each of b_die's two tries kills two
-    workers, and the runner charges it one try per KilledWorker."""
-    report, lines, killed = _run_on_own_cluster(tmp_path, allowed_failures=1)
-    assert lines == ["a_once00000.txt"] + [f"ok{i:05d}.txt" for i in range(10)]
-    # the scheduler's rerun may land on the worker b_die kills next
-    assert report.loc[0, "tries"] <= 2 and pd.isna(report.loc[0, "error"])
-    assert report.loc[1, "tries"] == 2
-    assert "on 2 different workers" in report.loc[1, "error"]
-    assert killed >= 4  # two per try charged
-    assert report.drop(index=[0, 1])["error"].isna().all()

@@ -26,7 +26,7 @@ from daskrun import (
 from daskrun.datastores import BACKENDS, AzureBlobContainer, LocalFolder
 from daskrun.storage import storage_errors
 
-from .conftest import REPO, _free_port
+from .helpers import REPO, free_port
 
 # base64, as an account key must be, but not Azurite's
 BAD_KEY = "YmFkLWtleS1iYWQta2V5LWJhZC1rZXktYmFkLWtleQ=="
@@ -99,7 +99,7 @@ def test_unreachable_endpoint_is_a_storage_timeout_naming_the_datastore(
     tmp_path: Path,
 ) -> None:
     # a closed port: the Azure SDK would retry for minutes without the bound
-    port = _free_port()
+    port = free_port()
     script = textwrap.dedent(
         f"""
         import json, time

@@ -155,7 +155,7 @@ def test_real_workers_load_no_registry(tmp_path: Path) -> None:
     processes never load SQLite or a registry module."""
     from daskrun import Dataset, ParallelRunConfig, ParallelRunStep
 
-    from .conftest import make_files, write_script
+    from .helpers import make_files, write_script
 
     make_files(tmp_path / "in", 4)
     script = write_script(
