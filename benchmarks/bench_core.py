@@ -84,7 +84,7 @@ def child_dask(data: Path, mbs: int, procs: int) -> dict:
     from distributed import Client, LocalCluster, WorkerPlugin
 
     class Init(WorkerPlugin):
-        def setup(self, worker):  # noqa: ANN001
+        def setup(self, worker):
             ns: dict = {}
             exec(NOOP, ns)
             ns["init"]()

@@ -33,7 +33,7 @@ def publish(client: Any, run_id: str, snapshot: dict[str, Any]) -> None:
     """Send one snapshot of a job to the scheduler (best effort)."""
     try:
         client.log_event(TOPIC, {"run_id": run_id, "time": time.time(), **snapshot})
-    except Exception:  # noqa: BLE001 - monitoring must never fail a job
+    except Exception:  # monitoring must never fail a job
         pass
 
 
@@ -43,7 +43,7 @@ def install_page(client: Any, dashboard_link: str) -> str | None:
     there)."""
     try:
         installed = client.run_on_scheduler(_install)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
     return urljoin(dashboard_link, "daskrun") if installed else None
 

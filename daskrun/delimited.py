@@ -392,7 +392,7 @@ def count_csv_rows(
         return 1
     try:
         return len(read_csv(batch, storage_options, pandas_kwargs))
-    except Exception:  # noqa: BLE001 - the mini-batch failed for this already
+    except Exception:  # the mini-batch failed for this already
         pass
     d = _Dialect.of(pandas_kwargs)
     if d is None or batch.length is None:

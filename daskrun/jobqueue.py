@@ -184,7 +184,7 @@ class WorkerWatch:
         while not self._stop.wait(1.0):
             try:
                 live = _live_workers(self.client)
-            except Exception:  # noqa: BLE001 - the client is closing
+            except Exception:  # the client is closing
                 return
             if live:
                 gone_since = None

@@ -122,7 +122,7 @@ class JobLogs:
         self.report_path.parent.mkdir(parents=True, exist_ok=True)
         # a resumed run starts from the rows its earlier attempts kept
         rows = [[row[c] for c in REPORT_COLUMNS] for row in earlier_rows]
-        self._report: IO[str] = open(  # noqa: SIM115 - closed in close()
+        self._report: IO[str] = open(  # closed in close()
             self.report_path, "w", newline="", errors=_ESCAPE
         )
         self._writer = csv.writer(self._report)
@@ -135,7 +135,7 @@ class JobLogs:
         if self.failed_path.exists() and not retry_failed:
             with open(self.failed_path, newline="") as f:
                 earlier = list(csv.reader(f))[1:]
-        self._failed: IO[str] = open(  # noqa: SIM115 - closed in close()
+        self._failed: IO[str] = open(  # closed in close()
             self.failed_path, "w", newline="", errors=_ESCAPE
         )
         self._failed_writer = csv.writer(self._failed)
@@ -192,7 +192,7 @@ class JobLogs:
             if f is None:
                 path = self.dir / "user" / kind / f"{result.worker}.txt"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                f = self._user[key] = open(  # noqa: SIM115 - close()
+                f = self._user[key] = open(  # close()
                     path, "a", errors=_ESCAPE
                 )
             f.write(text)
@@ -486,7 +486,7 @@ class _ExitTracebackToLog:
 
     def write(self, text: str) -> int:
         if self._log is None and text == self._head:
-            self._log = open(  # noqa: SIM115 - open while the process lives
+            self._log = open(  # open while the process lives
                 self._path, "a", encoding="utf-8", errors=_ESCAPE, buffering=1
             )
         return int((self._log or self._stream).write(text))

@@ -251,7 +251,7 @@ class PipelineRun:
                     )
         except DaskRunError as e:
             status, error = "Failed", str(e)
-        except BaseException as e:  # noqa: BLE001 - recorded, not lost
+        except BaseException as e:  # recorded, not lost
             status, error = "Failed", f"{type(e).__name__}: {e}"
         finally:
             record.status, record.error, record.ended = status, error, now()

@@ -808,7 +808,7 @@ def _process(
         output_format = plugin.output.output_format if plugin.output else "text"
         try:
             data, items_out = format_rows(result, output_format)
-        except Exception as e:  # noqa: BLE001 - about what run() returned
+        except Exception as e:  # about what run() returned
             return _returned(plugin, batch.index, try_no, items_in, start, e)
         if plugin.output is not None:
             write_part(plugin.output, batch.index, data)

@@ -234,7 +234,7 @@ class PlanLedger:
     def __init__(self, folder: Path):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        self._listing = open(  # noqa: SIM115 - closed in close()
+        self._listing = open(  # closed in close()
             # a file name that is not UTF-8 is kept escaped, as in the logs
             folder / f"{LISTING}.new",
             "w",
@@ -242,7 +242,7 @@ class PlanLedger:
             errors="backslashreplace",
         )
         self._writer = csv.writer(self._listing)
-        self._plan = open(folder / f"{PLAN}.new", "wb")  # noqa: SIM115
+        self._plan = open(folder / f"{PLAN}.new", "wb")
         self._total = hashlib.blake2b(digest_size=16)
         self.count = 0
 

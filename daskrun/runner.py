@@ -455,7 +455,7 @@ class FrozenWorkers:
         while not self._stop.wait(0.5):
             try:
                 self.check()
-            except Exception as e:  # noqa: BLE001 - the cluster may be going away
+            except Exception as e:  # the cluster may be going away
                 logger.debug("frozen-worker check failed: %s", e)
 
     def check(self) -> None:

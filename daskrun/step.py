@@ -1200,7 +1200,7 @@ def _register_watched(
     def register() -> None:
         try:
             _register(client, plugin, timeout, run_id)
-        except BaseException as e:  # noqa: BLE001 - raised in the caller
+        except BaseException as e:  # raised in the caller
             failure.append(e)
 
     thread = threading.Thread(target=register, name=f"{plugin.name}-init", daemon=True)
@@ -1211,7 +1211,7 @@ def _register_watched(
             break
         try:
             ready = client.run(init_done, plugin.name, on_error="return")
-        except Exception:  # noqa: BLE001 - a worker going away shows up above
+        except Exception:  # a worker going away shows up above
             continue
         if thread.is_alive():
             console.initializing(sum(r is True for r in ready.values()), len(ready))
@@ -1223,7 +1223,7 @@ def _unregister(client: Any, name: str) -> None:
     # runs shutdown() on every worker; a cluster going away must not mask errors
     try:
         client.unregister_worker_plugin(name)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         logger.debug("could not unregister plugin %s: %s", name, e)
 
 

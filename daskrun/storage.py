@@ -49,7 +49,7 @@ def within(
     def call() -> None:
         try:
             outcome["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
+        except BaseException as e:  # handed to the caller
             outcome["error"] = e
 
     thread = threading.Thread(target=call, name="daskrun-storage", daemon=True)
@@ -185,7 +185,7 @@ class FileLock:
         self.remove = remove
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         while True:
-            f = open(self.path, "a+")  # noqa: SIM115 - closed in release()
+            f = open(self.path, "a+")  # closed in release()
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -179,7 +179,7 @@ class RunDetails:
             try:
                 finished = self._finished()  # read before: the last view is final
                 self._widget.value = self.html()
-            except Exception as e:  # noqa: BLE001 - a view must not kill the kernel
+            except Exception as e:  # a view must not kill the kernel
                 print(f"daskrun: RunDetails stopped: {e}", file=sys.stderr)
                 return
             if finished:

@@ -25,10 +25,10 @@ from collections.abc import Sequence
 # Set before TensorFlow is imported: it reads the variable once, at import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
+from PIL import Image, UnidentifiedImageError
 
 MODEL_NAME = "mnist"
 MODEL_FILE = "mnist.keras"

@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.dir).resolve()
     sys.path.insert(0, str(HERE))
-    from make_data import make_images  # noqa: E402 - the example's own modules
+    from make_data import make_images  # the example's own modules
     from train_model import train_model
 
     started = time.perf_counter()
