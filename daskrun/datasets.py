@@ -266,27 +266,33 @@ class _DatasetBase:
         fs, _ = url_to_fs(self.files()[0], **self.storage_options)
         return _is_local(fs)
 
-    def stamps(self) -> list[tuple[str, int, str]]:
-        """``(path, size, mtime or ETag)`` of each file: what allow_reuse
-        compares. Remote folders are listed once each, not file by file."""
+    def stamps(self) -> Iterator[tuple[str, int, str]]:
+        """``(path, size, mtime or ETag)`` of each file, in listing order:
+        what allow_reuse and resume compare. Local files are stat'ed one at
+        a time (nothing held per file); remote folders are listed once
+        each, not file by file."""
         files = self.files()
         fs, _ = url_to_fs(files[0], **self.storage_options)
         if _is_local(fs):
-            out = []
             for f in files:
                 st = os.stat(f)
-                out.append((f, st.st_size, str(st.st_mtime_ns)))
-            return out
+                yield f, st.st_size, str(st.st_mtime_ns)
+            return
         infos: dict[str, dict[str, Any]] = {}
         for parent in sorted({fs._parent(fs._strip_protocol(f)) for f in files}):
             for info in fs.ls(parent, detail=True):
                 infos[info["name"].rstrip("/")] = info
-        out = []
         for f in files:
             info = infos.get(fs._strip_protocol(f), {})
             stamp = info.get("etag") or info.get("last_modified") or info.get("mtime")
-            out.append((f, int(info.get("size") or 0), str(stamp)))
-        return out
+            yield f, int(info.get("size") or 0), str(stamp)
+
+    @property
+    def given(self) -> list[str]:
+        """The paths, folders, globs or URLs the data set was made from."""
+        path = self._path
+        items = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        return [os.fspath(p) for p in items]
 
     def spec(self) -> dict[str, Any]:
         """Plain data that rebuilds this data set in a workspace (never
@@ -297,11 +303,7 @@ class _DatasetBase:
                 "workspace does not store; build it from a datastore path: "
                 "Dataset.File.from_files(datastore.path('folder/'))"
             )
-        paths = (
-            self._source
-            if self.datastore is not None
-            else [os.fspath(p) for p in _as_list(self._path)]
-        )
+        paths = self._source if self.datastore is not None else self.given
         if self.datastore is None:
             paths = [os.path.abspath(p) if "://" not in p else p for p in paths]
         return {
@@ -348,10 +350,6 @@ class _DatasetBase:
         if self.datastore is not None:
             return f"{type(self).__name__}({self.datastore.name}:{self._source!r})"
         return f"{type(self).__name__}({self._path!r})"
-
-
-def _as_list(path: Any) -> list[Any]:
-    return [path] if isinstance(path, (str, os.PathLike, tuple)) else list(path)
 
 
 def _check_path(path: Any) -> None:

@@ -177,44 +177,65 @@ class _Unsafe(Exception):
     """The file cannot be cut exactly; it is read whole."""
 
 
-def _boundary(data: bytes, target: int, at_eof: bool, d: _Dialect) -> int | None:
-    """The first record boundary at or after ``target`` in ``data``, which
-    starts at a record start; ``None`` when ``data`` ends first.
+class _Records:
+    """Finds the record boundaries of ``data``, which starts at a record
+    start: quotes are located once, and each quote counted as opening is
+    checked once, however many boundaries are asked for.
 
     Outside quotes, the k-th quote of a record opens a field when k is even;
     a quote counted as opening must follow a delimiter, a newline, another
     quote (a doubled quote) or start the data, else pandas would take it
     literally and counting would lie: :class:`_Unsafe`.
     """
-    import numpy as np
 
-    if d.escape is not None and d.escape in data:
-        raise _Unsafe(f"escapechar {d.escape.decode()!r} may escape a newline")
-    quoted = d.quote is not None and bytes([d.quote]) in data
-    if quoted and d.comment is not None and d.comment in data:
-        raise _Unsafe(f"comments ({d.comment.decode()!r}) beside quoted fields")
-    arr = np.frombuffer(data, dtype=np.uint8)
-    quotes = np.flatnonzero(arr == d.quote) if quoted else np.empty(0, np.int64)
-    p = max(target - 1, 0)
-    while True:
-        m = d.newline.search(data, p)
-        if m is None:
-            return None
-        if m.group() == b"\r" and m.end() == len(data) and not at_eof:
-            return None  # maybe the first half of \r\n
-        before = int(np.searchsorted(quotes, m.start()))
-        if before % 2 == 0:
-            openings = quotes[:before:2]
-            openings = openings[openings > 0]
-            follows = arr[openings - 1]
-            wrong = ~np.isin(follows, d.before_open)
-            if wrong.any():
-                line = data.count(b"\n", 0, int(openings[wrong][0])) + 1
-                raise _Unsafe(f"a quote inside an unquoted field, line {line} of a cut")
-            return m.end()
-        if before == len(quotes):
-            return None  # a quoted field runs past the data
-        p = int(quotes[before]) + 1
+    def __init__(self, data: bytes, at_eof: bool, d: _Dialect):
+        import numpy as np
+
+        if d.escape is not None and d.escape in data:
+            raise _Unsafe(f"escapechar {d.escape.decode()!r} may escape a newline")
+        quoted = d.quote is not None and bytes([d.quote]) in data
+        if quoted and d.comment is not None and d.comment in data:
+            raise _Unsafe(f"comments ({d.comment.decode()!r}) beside quoted fields")
+        self.data, self.at_eof, self.d = data, at_eof, d
+        self.arr = np.frombuffer(data, dtype=np.uint8)
+        self.quotes = (
+            np.flatnonzero(self.arr == d.quote) if quoted else np.empty(0, np.int64)
+        )
+        self.checked = 0  # quotes before this one are known to be valid
+
+    def boundary(self, target: int) -> int | None:
+        """The first record boundary at or after ``target``; ``None`` when
+        the data ends first."""
+        import numpy as np
+
+        data, quotes = self.data, self.quotes
+        p = max(target - 1, 0)
+        while True:
+            m = self.d.newline.search(data, p)
+            if m is None:
+                return None
+            if m.group() == b"\r" and m.end() == len(data) and not self.at_eof:
+                return None  # maybe the first half of \r\n
+            before = int(np.searchsorted(quotes, m.start()))
+            if before % 2 == 0:
+                self._check_openings(before)
+                return m.end()
+            if before == len(quotes):
+                return None  # a quoted field runs past the data
+            p = int(quotes[before]) + 1
+
+    def _check_openings(self, before: int) -> None:
+        import numpy as np
+
+        if before <= self.checked:
+            return
+        openings = self.quotes[self.checked : before : 2]  # checked is even
+        openings = openings[openings > 0]
+        wrong = ~np.isin(self.arr[openings - 1], self.d.before_open)
+        if wrong.any():
+            line = self.data.count(b"\n", 0, int(openings[wrong][0])) + 1
+            raise _Unsafe(f"a quote inside an unquoted field, line {line} of a cut")
+        self.checked = before
 
 
 def _next_cut(
@@ -230,7 +251,7 @@ def _next_cut(
     while True:
         data = read(start, min(window, nbytes - start))
         at_eof = start + len(data) >= nbytes
-        cut = _boundary(data, target - start, at_eof, d)
+        cut = _Records(data, at_eof, d).boundary(target - start)
         if cut is not None:
             return None if start + cut >= nbytes else start + cut
         if at_eof:
@@ -401,12 +422,17 @@ def count_csv_rows(
         data = _read_range(batch, storage_options, preamble=False)
     except OSError:
         return 1
-    records, start = 0, batch.header if batch.offset == 0 else 0
-    while start < len(data):
+    start = batch.header if batch.offset == 0 else 0
+    try:
+        found = _Records(data[start:], True, d)
+    except _Unsafe:
+        return 1
+    records, at = 0, 0
+    while at < len(found.data):
         try:
-            cut = _boundary(data[start:], 1, True, d)
+            cut = found.boundary(at + 1)
         except _Unsafe:
             cut = None
-        start = len(data) if cut is None else start + cut
+        at = len(found.data) if cut is None else cut
         records += 1
     return max(1, records)

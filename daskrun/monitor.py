@@ -27,6 +27,7 @@ import collections
 import contextlib
 import copy
 import csv
+import io
 import logging
 import multiprocessing
 import os
@@ -517,7 +518,7 @@ class Console:
     def __init__(
         self,
         show: bool,
-        stream: IO[str] | QueueStream | None = None,
+        stream: IO[str] | None = None,
         tty: bool | None = None,
         interval: float | None = None,
         notebook: bool | None = None,
@@ -694,7 +695,7 @@ class ConsoleFeed(Console):
     the counts only the latest, so a run nobody watches holds little."""
 
     def __init__(self) -> None:
-        super().__init__(True, QueueStream(lambda text: None), tty=False)
+        super().__init__(True, io.StringIO(), tty=False)  # shows nothing itself
         self._calls: queue.Queue[tuple[str, float, Any]] = queue.Queue()
         self._latest: tuple[float, Tally, Pace | None] | None = None
         self._lock = threading.Lock()
@@ -745,21 +746,3 @@ class ConsoleFeed(Console):
                     console.update(latest[1], at=latest[0], pace=latest[2])
             else:
                 console.close()
-
-
-class QueueStream:
-    """A text stream whose writes go to a queue, for a run in a background
-    thread whose output the waiting thread prints."""
-
-    def __init__(self, put: Any):
-        self._put = put
-
-    def write(self, text: str) -> int:
-        self._put(text)
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False

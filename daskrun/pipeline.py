@@ -412,12 +412,12 @@ def fingerprint(step: ParallelRunStep) -> str:
         "inputs": [
             (
                 ds.spec() if ds.datastore is not None else None,
-                ds.stamps(),
+                list(ds.stamps()),
                 getattr(ds, "pandas_kwargs", {}),
             )
             for ds in step.inputs
         ],
-        "side_inputs": [ds.stamps() for ds in step.side_inputs],
+        "side_inputs": [list(ds.stamps()) for ds in step.side_inputs],
         "arguments": [str(a) for a in step.arguments],
         "outputs": sorted(w["datastore"] for w in step.outputs.values()),
         # a newly registered model version may change the results

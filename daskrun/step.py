@@ -851,15 +851,11 @@ def _not_source(step: ParallelRunStep) -> list[str]:
     for ds in [*step.inputs, *step.side_inputs]:
         if not ds.local:
             continue
-        given = [os.fspath(p) for p in _as_paths(ds)]
-        found += [p for p in given if os.path.isdir(p)]
-        found += [f for f in ds.files() if f.startswith(root)]
+        folders = [p for p in ds.given if os.path.isdir(p)]
+        found += folders  # not walked: their files need no naming
+        if len(folders) < len(ds.given):  # files or globs
+            found += [f for f in ds.files() if f.startswith(root)]
     return found
-
-
-def _as_paths(dataset: Input) -> list[Any]:
-    path = dataset._path
-    return [path] if isinstance(path, (str, os.PathLike)) else list(path)
 
 
 def _planned_items(step: ParallelRunStep, batches: Any) -> tuple[int | None, str]:
@@ -1059,17 +1055,6 @@ def _new_record(
     return record
 
 
-def _stamps(dataset: Input) -> Iterator[tuple[str, int, str]]:
-    """``(path, size, mtime or ETag)`` of each file, in listing order; local
-    files one ``stat`` at a time (nothing held per file)."""
-    if not dataset.local:
-        yield from dataset.stamps()
-        return
-    for path in dataset.files():
-        st = os.stat(path)
-        yield path, st.st_size, str(st.st_mtime_ns)
-
-
 @contextlib.contextmanager
 def _released_on_error(locks: contextlib.ExitStack) -> Iterator[None]:
     """Release ``locks`` if the block raises; else they stay held."""
@@ -1086,7 +1071,7 @@ def _fill_ledger(step: ParallelRunStep, batches: Iterable[Any], ledger: Any) -> 
     own = step._own_output()  # never an input: step.plan() leaves it out
     stamps = (
         stamp
-        for stamp in itertools.chain.from_iterable(_stamps(ds) for ds in step.inputs)
+        for stamp in itertools.chain.from_iterable(ds.stamps() for ds in step.inputs)
         if stamp[0] != own
     )
     if step.kind == "file":
