@@ -32,8 +32,10 @@ from .cluster import (
     default_process_count,
     gpu_count,
 )
-from .config import config_get
+from .config import check_name, config_get
 from .exceptions import ConfigError
+from .records import now
+from .registry import registry_row
 
 __all__ = [
     "ComputeTarget",
@@ -172,8 +174,6 @@ class ComputeTarget:
     """
 
     def __init__(self, workspace: Any, name: str):
-        from .workspace import registry_row
-
         row = registry_row(
             workspace,
             "compute_targets",
@@ -195,9 +195,6 @@ class ComputeTarget:
     ) -> ComputeTarget:
         """Register (or replace) a compute target: a provisioning
         configuration, or a scheduler address."""
-        from .records import now
-        from .workspace import check_name
-
         check_name("compute target", name)
         config = provisioning_configuration
         if isinstance(config, str):

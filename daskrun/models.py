@@ -14,13 +14,14 @@ import json
 import os
 from pathlib import Path
 
+from .config import check_name
 from .exceptions import ConfigError
 from .modelrefs import ModelRef, fetch, local_model_path, worker_models
 from .records import now
-from .workspace import Datastore, Workspace, check_name
+from .registry import Datastore, Registry
 
 
-def model_refs(workspace: Workspace) -> list[ModelRef]:
+def model_refs(workspace: Registry) -> list[ModelRef]:
     """Every registered model version of ``workspace``."""
     with workspace.db() as db:
         rows = db.execute(
@@ -56,7 +57,7 @@ class Model:
         Where the copy lives on ``datastore``.
     """
 
-    def __init__(self, workspace: Workspace, name: str, version: int | None = None):
+    def __init__(self, workspace: Registry, name: str, version: int | None = None):
         with workspace.db() as db:
             if version is None:
                 row = db.execute(
@@ -94,7 +95,7 @@ class Model:
 
     @staticmethod
     def register(
-        workspace: Workspace,
+        workspace: Registry,
         model_path: str | os.PathLike[str],
         model_name: str,
         tags: dict[str, str] | None = None,
@@ -153,7 +154,7 @@ class Model:
 
     @staticmethod
     def get_model_path(
-        model_name: str, version: int | None = None, _workspace: Workspace | None = None
+        model_name: str, version: int | None = None, _workspace: Registry | None = None
     ) -> str:
         """A local path to a registered model, for ``init()``.
 
@@ -162,7 +163,7 @@ class Model:
         """
         refs = worker_models()
         if refs is None:
-            workspace = _workspace or Workspace.from_config()
+            workspace = _workspace or Registry.from_config()
             refs = model_refs(workspace)
         return local_model_path(refs, model_name, version)
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from .config import PipelineParameter, check_parameter_names
+from .config import PipelineParameter, check_name, check_parameter_names
 from .datasets import FileDataset
 from .exceptions import ConfigError, DaskRunError, JobFailedError, RunTimeoutError
 from .models import model_refs
@@ -115,8 +115,6 @@ class Experiment:
     """A named group of runs in a workspace."""
 
     def __init__(self, workspace: Workspace, name: str):
-        from .workspace import check_name
-
         self.workspace = workspace
         self.name = check_name("experiment", name)
 
