@@ -34,7 +34,7 @@ from .cluster import (
 )
 from .config import check_name, config_get
 from .exceptions import ConfigError
-from .records import now
+from .records import now, runs_dir
 from .registry import registry_row
 
 __all__ = [
@@ -139,8 +139,6 @@ def slurm_cluster(options: dict[str, Any], processes: int) -> Any:
     import sys
 
     from dask_jobqueue import SLURMCluster
-
-    from .records import runs_dir
 
     host = str(config_get("local-cluster.host"))
     logs = options.get("log_directory") or str(runs_dir() / "slurm-logs")

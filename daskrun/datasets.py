@@ -29,7 +29,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from .config import check_name, config_get, mini_batch_size_for
+from .config import PipelineParameter, check_name, config_get, mini_batch_size_for
 from .delimited import CsvBatch, check_csv_options, plan_csv, read_csv
 from .exceptions import ConfigError, DaskRunError, InputError
 from .storage import describe_error, redact, within
@@ -711,8 +711,6 @@ class DatasetConsumptionConfig:
     """
 
     def __init__(self, name: str, dataset: Any, mode: str = "direct"):
-        from .config import PipelineParameter
-
         source = (
             dataset.default_value if isinstance(dataset, PipelineParameter) else dataset
         )

@@ -66,6 +66,29 @@ REPORT_COLUMNS = (
 
 
 @dataclass
+class Finished:
+    """One mini-batch's final outcome, read back from the job report."""
+
+    row: dict[str, str]
+
+    @property
+    def index(self) -> int:
+        return int(self.row["index"])
+
+    @property
+    def ok(self) -> bool:
+        return not self.row["error"]
+
+
+def read_report(path: Path) -> list[Finished]:
+    """The rows of an earlier attempt's job report (empty if none)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [Finished(row) for row in csv.DictReader(f)]
+
+
+@dataclass
 class WorkerStats:
     """One worker's share of a job."""
 

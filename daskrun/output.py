@@ -28,7 +28,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from .exceptions import OutputError
+from .exceptions import ConfigError, OutputError
 from .storage import FileLock, describe_error, within
 
 _PART_DIGITS = 10
@@ -231,8 +231,6 @@ def check_output_folder(path: str, file_name: str | None) -> None:
     Probes with a real temporary file in the nearest existing folder, which
     is what counts (permissions, read-only mounts, root or not).
     """
-    from .exceptions import ConfigError
-
     fix = "pass an output folder you can write, e.g. output='out/'"
     shown = printable(path)
     existing = path
@@ -273,7 +271,6 @@ def printable(text: str) -> str:
 def lock_output(target: OutputTarget) -> FileLock:
     """One run at a time in a local output folder: a lock on
     ``<output>/.daskrun/lock``, which names the run holding it."""
-    from .exceptions import ConfigError
 
     def refused(holder: str) -> Exception:
         return ConfigError(

@@ -13,8 +13,6 @@ under the output say which mini-batches are done.
 from __future__ import annotations
 
 import contextlib
-import csv
-import hashlib
 import json
 import os
 import sqlite3
@@ -126,6 +124,24 @@ class RunRecord:
     def folder(self) -> Path:
         return Path(self.root) / self.run_id
 
+    def start(self) -> None:
+        """Mark the run running (again, on a resume) and save."""
+        self.status, self.error = "Running", None
+        self.save()
+
+    def end(
+        self,
+        status: str,
+        error: str | None,
+        counts: dict[str, int],
+        output_path: str | None,
+        logs_dir: str,
+    ) -> None:
+        """Record how the run ended, and save."""
+        self.status, self.error, self.ended = status, error, now()
+        self.counts, self.output_path, self.logs_dir = counts, output_path, logs_dir
+        self.save()
+
     def save(self) -> None:
         """Insert or update this record (atomic; safe across processes)."""
         with open_db(Path(self.root) / DATABASE, _SCHEMA) as db:
@@ -190,142 +206,7 @@ def _select(root: Path, where: str, args: tuple[Any, ...]) -> list[RunRecord]:
     return records
 
 
-@dataclass
-class Finished:
-    """One mini-batch's final outcome, read back from the job report."""
-
-    row: dict[str, str]
-
-    @property
-    def index(self) -> int:
-        return int(self.row["index"])
-
-    @property
-    def ok(self) -> bool:
-        return not self.row["error"]
-
-
-def read_report(path: Path) -> list[Finished]:
-    """The rows of an earlier attempt's job report (empty if none)."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [Finished(row) for row in csv.DictReader(f)]
-
-
-# --- what a run planned: its inputs' fingerprint, compared on resume --------
-
-LISTING = "inputs.csv"  # path, size, mtime or ETag of each input file
-PLAN = "plan.bin"  # 8 bytes per mini-batch: a digest of its plan and inputs
 LOCK = "run.lock"
-_DIGEST = 8
-
-
-class PlanLedger:
-    """Writes a run's input listing and mini-batch digests as they are
-    planned, one row and 8 bytes at a time (memory stays flat), into
-    ``<run folder>/<name>.new``; :meth:`commit` makes them the run's.
-
-    The digest of mini-batch *i* covers what it reads (paths, byte ranges or
-    row groups) and each file's size and mtime (or ETag); :attr:`digest`,
-    over all of them, is the run's ``inputs_digest``.
-    """
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self._listing = open(  # closed in close()
-            # a file name that is not UTF-8 is kept escaped, as in the logs
-            folder / f"{LISTING}.new",
-            "w",
-            newline="",
-            errors="backslashreplace",
-        )
-        self._writer = csv.writer(self._listing)
-        self._plan = open(folder / f"{PLAN}.new", "wb")
-        self._total = hashlib.blake2b(digest_size=16)
-        self.count = 0
-
-    def file(self, path: str, size: int, stamp: str) -> None:
-        self._writer.writerow((path, size, stamp))
-
-    def mini_batch(self, plan: Any, stamps: list[tuple[int, str]]) -> None:
-        h = hashlib.blake2b(repr((plan, stamps)).encode(), digest_size=_DIGEST)
-        digest = h.digest()
-        self._plan.write(digest)
-        self._total.update(digest)
-        self.count += 1
-
-    @property
-    def digest(self) -> str:
-        return f"{self.count}-{self._total.hexdigest()}"
-
-    def close(self) -> None:
-        self._listing.close()
-        self._plan.close()
-
-    def commit(self) -> None:
-        """Make the new listing and digests the run's."""
-        self.close()
-        for name in (LISTING, PLAN):
-            os.replace(self.folder / f"{name}.new", self.folder / name)
-
-    def discard(self) -> None:
-        self.close()
-        for name in (LISTING, PLAN):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.folder / f"{name}.new")
-
-    def unchanged(self) -> bytearray:
-        """1 for each new mini-batch whose digest equals the run's."""
-        self.close()
-        with open(self.folder / PLAN, "rb") as f:
-            old = f.read()
-        with open(self.folder / f"{PLAN}.new", "rb") as f:
-            new = f.read()
-        same = bytearray(len(new) // _DIGEST)
-        for i in range(min(len(old), len(new)) // _DIGEST):
-            j = i * _DIGEST
-            same[i] = old[j : j + _DIGEST] == new[j : j + _DIGEST]
-        return same
-
-    def changes(self) -> str:
-        """What changed between the run's listing and the new one, e.g.
-        ``3 files added, 1 removed (first: a.png)``."""
-        self.close()
-        with open(self.folder / LISTING, newline="") as f:
-            old = {row[0]: (row[1], row[2]) for row in csv.reader(f)}
-        added = changed = 0
-        first: str | None = None
-        with open(self.folder / f"{LISTING}.new", newline="") as f:
-            for path, size, stamp in csv.reader(f):
-                was = old.pop(path, None)
-                if was is None:
-                    added += 1
-                elif was != (size, stamp):
-                    changed += 1
-                else:
-                    continue
-                first = first or path
-        removed = len(old)
-        first = first or min(old, default=None)
-        counts = [
-            (n, what)
-            for n, what in (
-                (added, "added"),
-                (removed, "removed"),
-                (changed, "changed"),
-            )
-            if n
-        ]
-        if not counts:
-            return "the mini-batch plan differs (a changed mini_batch_size?)"
-        (n, what), rest = counts[0], counts[1:]
-        parts = [f"{n} file{'s' if n > 1 else ''} {what}"]
-        parts += [f"{n} {what}" for n, what in rest]
-        if first is not None:
-            parts[-1] += f" (first: {os.path.basename(first)})"
-        return ", ".join(parts)
 
 
 def lock_run(record: RunRecord) -> FileLock:

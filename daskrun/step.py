@@ -8,21 +8,15 @@ mini-batches (:mod:`daskrun.runner`), assembles the output
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import itertools
 import logging
 import math
 import os
-import re
 import secrets
 import shutil
-import sys
-import threading
-import time
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, astuple, dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,67 +26,41 @@ from fsspec.implementations.local import LocalFileSystem
 
 from . import output as _output
 from .catalog import from_spec
-from .cluster import connect, dashboard_link
 from .config import (
     ParallelRunConfig,
     PipelineParameter,
     check_arguments,
     check_parameter_names,
     check_step_name,
-    config_get,
     mini_batch_size_for,
-    unmet_packages,
 )
-from .dashboard import install_page, publish
 from .datasets import (
-    CsvBatch,
     Dataset,
     DatasetConsumptionConfig,
-    FileBatch,
     FileDataset,
     PipelineData,
     TabularDataset,
     plan_files,
 )
-from .delimited import count_csv_rows
-from .exceptions import ConfigError, EntryScriptError, InputError, JobFailedError
+from .exceptions import ConfigError, JobFailedError
+from .job import Job
 from .models import model_refs
 from .monitor import (
-    DISTRIBUTED_LOG,
-    REPORT,
     Console,
-    JobLogs,
-    Pace,
-    distributed_log,
-    init_done,
 )
 from .plugin import (
     EntryScriptPlugin,
-    InputSpec,
-    SideInput,
-    TryResult,
-    build_bundle,
 )
 from .records import (
     SOURCE,
-    PlanLedger,
     RunRecord,
     lock_run,
-    now,
-    read_report,
     runs_dir,
 )
 from .runner import (
-    Canceled,
-    Counts,
     Interrupt,
-    LostTasks,
-    Tally,
-    run_mini_batches,
-    threshold_error,
 )
-from .storage import FileLock, describe_error, secret_values, within
-from .workspace import Datastore, OutputData
+from .workspace import Datastore, OutputData, Workspace
 
 logger = logging.getLogger("daskrun")
 
@@ -539,53 +507,6 @@ def new_run_id(step_name: str) -> str:
     return f"{step_name}_{stamp}_{secrets.token_hex(3)}"
 
 
-def _entry_script_plugin(
-    step: ParallelRunStep,
-    run_id: str,
-    output_path: str,
-    target: _output.OutputTarget | None,
-    bundle: tuple[Path, str],
-) -> EntryScriptPlugin:
-    cfg = step.config.resolved
-    zipped, script = bundle
-    sides = {
-        id(ds): SideInput(n, tuple(ds.files()), ds.storage_options, ds.local)
-        for n, ds in enumerate(step.side_inputs)
-    }
-    first = step.inputs[0]
-    return EntryScriptPlugin(
-        name=f"daskrun-{run_id}",
-        # at most 300 MB (build_bundle refuses more): bytes travel to workers
-        # that cannot see the client's disk
-        bundle=zipped.read_bytes(),
-        script=script,
-        script_display=cfg.entry_script,
-        source_directory=cfg.source_directory,
-        arguments=[sides.get(id(a), a) for a in step.arguments],
-        side_inputs=list(sides.values()),
-        environment_variables=cfg.environment_variables,
-        output_path=output_path,
-        input_spec=InputSpec(
-            kind=step.kind,
-            storage_options=first.storage_options,
-            pandas_kwargs=getattr(first, "pandas_kwargs", {}),
-            local=all(ds.local for ds in step.inputs),
-        ),
-        output=target,
-        run_invocation_timeout=cfg.run_invocation_timeout,
-        models=None if step.workspace is None else model_refs(step.workspace),
-        logging_level=cfg.logging_level,
-        secrets=[
-            secret
-            for options in (
-                *(ds.storage_options for ds in (*step.inputs, *step.side_inputs)),
-                step.output_storage_options,
-            )
-            for secret in secret_values(options)
-        ],
-    )
-
-
 def _execute(
     step: ParallelRunStep,
     *,
@@ -595,318 +516,29 @@ def _execute(
     replan: bool = False,
     interrupt: Interrupt | None = None,
 ) -> StepRun:
-    """Run a bound step; ``interrupt`` (triggered from another thread) stops
-    it, ``Canceled`` or ``Failed``, cancelling what is in flight. A resume
-    whose inputs changed is refused unless ``replan``."""
-    interrupt = interrupt or Interrupt()
-    cfg = step.config.resolved
-    started = time.perf_counter()
-    # planning lists and measures the inputs: a missing or empty input fails
-    # here, before any worker starts
-    batches, total = step.plan()
-    bundle = build_bundle(
-        cfg.entry_script, cfg.source_directory, exclude=_not_source(step)
-    )
-    items_planned, items_counted = _planned_items(step, batches)
+    """Run a bound step as a :class:`~daskrun.job.Job`, with a new run
+    record or the one being resumed; a resume whose inputs changed is
+    refused unless ``replan``."""
     run_id = resume.run_id if resume else (step.run_id or new_run_id(step.name))
     root = step.workspace.runs_dir if step.workspace is not None else runs_dir()
-    run_dir = root / run_id
-    target = (
-        _output.OutputTarget(
-            step.output,
-            cfg.append_row_file_name,
-            run_id,
-            step.output_storage_options,
-            cfg.output_format,
-            float(config_get("storage-timeout")),
-        )
-        if step.output is not None and cfg.output_action == "append_row"
-        else None
+    job = Job(
+        step,
+        run_id,
+        root,
+        console=console,
+        models=None if step.workspace is None else model_refs(step.workspace),
+        interrupt=interrupt,
     )
-    # before any work or run folder: an unreachable store fails within its
-    # timeout, and a second run into this output folder is refused
-    locks = contextlib.ExitStack()
-    if target is not None and (lock := _prepare_output(target)) is not None:
-        locks.callback(lock.release)
-    with _released_on_error(locks):
-        ledger = PlanLedger(run_dir)
-        try:
-            _fill_ledger(step, batches, ledger)
-        except BaseException:
-            ledger.discard()
-            raise
-        # 1 for each mini-batch whose plan and input files are as the run had
-        unchanged: bytearray | None = None
-        if resume is not None and resume.inputs_digest not in (None, ledger.digest):
-            if not replan:
-                changes = ledger.changes()
-                ledger.discard()
-                raise InputError(
-                    f"input changed since run {run_id!r}: {changes}; rerun the "
-                    "step, or resume with --replan (replan=True) to keep the "
-                    "mini-batches whose inputs are unchanged and run the rest"
-                )
-            unchanged = ledger.unchanged()
-        output_path = step.output or str(run_dir / "outputs")
-        if step.output is None:
-            os.makedirs(output_path, exist_ok=True)
-        plugin = _entry_script_plugin(step, run_id, output_path, target, bundle)
-        record = resume or _new_record(step, run_id, plugin, root)
+    with job.opening():
+        job.plan(resume.inputs_digest if resume else None, replan=replan)
+        record = resume or _new_record(step, run_id, job.plugin, root)
         if resume is None:  # resume() holds the run's lock already
-            locks.enter_context(lock_run(record))
-        ledger.commit()
-        record.inputs_digest = ledger.digest
-        tally = Tally(mini_batches_total=total, count_items=_item_counter(step))
-        succeeded = bytearray(total)  # one byte per mini-batch: flat for millions
-        # 1: finished in an earlier attempt, in its report; 2: its part is
-        # committed but the report missed it (the client died in between)
-        done = bytearray(total)
-        kept = []
-        # a part may be gone (deleted by hand, or published and removed): its
-        # mini-batch runs again, even where the report says it succeeded
-        parts = bytearray(total)
-        if resume is not None and target is not None:
-            for index in _output.committed_parts(target):
-                if index < total and (unchanged is None or unchanged[index]):
-                    parts[index] = 1
-        if resume is not None:
-            for row in read_report(run_dir / "logs" / REPORT):
-                if (
-                    row.index < total
-                    and (row.ok or not retry_failed)
-                    and (unchanged is None or unchanged[row.index])
-                    and (not row.ok or target is None or parts[row.index])
-                ):
-                    kept.append(row.row)
-                    done[row.index], succeeded[row.index] = 1, row.ok
-                    tally.mini_batches_done += 1
-                    tally.mini_batches_failed += not row.ok
-                    tally.add(_row_counts(row.row))
-        logs = JobLogs(run_dir / "logs", kept, retry_failed=retry_failed)
-        # a part committed after the last report row (the client died in
-        # between) is done too
-        for index in range(total) if resume is not None and target is not None else ():
-            if parts[index] and not done[index]:
-                done[index], succeeded[index] = 2, 1
-
-        say = console.say
-        watch = _Watch(logs, tally, console)
-        timings: dict[str, float] = {}
-
-        def on_done(batch: Any, result: TryResult, tries: int, counts: Counts) -> None:
-            interrupt.check()
-            timings.setdefault("first_result", time.perf_counter() - started)
-            succeeded[result.index] = result.ok
-            watch.pace.add(result.seconds)
-            logs.mini_batch(result, tries, counts)
-            logs.user_output(result)
-            if counts.failed:
-                logs.failed_items(batch, result)
-            watch.tick()
-            if not result.ok:
-                say(
-                    f"daskrun: mini-batch {result.index} failed after {tries} "
-                    f"{'try' if tries == 1 else 'tries'} on {result.worker}: "
-                    f"{result.error}"
-                )
-
-        def to_run() -> Iterator[Any]:
-            for batch in batches:
-                if not done[batch.index]:
-                    yield batch
-                elif done[batch.index] == 2:
-                    counts = _part_counts(target, batch)
-                    tally.mini_batches_done += 1
-                    tally.add(counts)
-                    logs.mini_batch(_earlier(batch.index), 1, counts)
-
-    status, error, final, link = "Failed", None, None, None
-    record.status, record.error = "Running", None
-    record.save()
-    try:
-        with (
-            # distributed's own lines go to the log folder, not the terminal
-            distributed_log(logs.dir / DISTRIBUTED_LOG),
-            connect(
-                step.config.compute_target,
-                cfg.node_count,
-                cfg.process_count_per_node,
-                on_lost=lambda reason: interrupt.trigger(
-                    reason.replace("RUN_ID", run_id)
-                ),
-                security=step.config.security,
-                log_file=logs.dir / DISTRIBUTED_LOG,
-            ) as client,
-        ):
-            timings["cluster_ready"] = time.perf_counter() - started
-            link = dashboard_link(client)
-            verb = "resuming" if resume else "run"
-            say(f"daskrun: {verb} {run_id}: {total} mini-batches")
-            if link:
-                page = install_page(client, link)
-                say(
-                    f"daskrun: dashboard {link}"
-                    + (f" (this job: {page})" if page else "")
-                )
-            watch.client, watch.run_id = client, run_id
-            console.start(total, tally.mini_batches_done)
-            _check_environment(client, step.config.environment, run_id)
-            _register_watched(
-                client, plugin, cfg.run_invocation_timeout, run_id, console
-            )
-            timings["init_done"] = time.perf_counter() - started
-            console.running(tally)
-            logs.running(tally)
-            watch.pace.threads = sum(client.nthreads().values()) or 1
-            try:
-                exceeded = run_mini_batches(
-                    client,
-                    plugin.events_topic,
-                    plugin.name,
-                    to_run(),
-                    tally,
-                    cfg,
-                    key_prefix=f"{step.name}-{run_id[-6:]}",
-                    on_done=on_done,
-                    interrupt=interrupt,
-                    starts_topic=plugin.starts_topic,
-                    redact=plugin.redact,
-                )
-            finally:
-                _unregister(client, plugin.name)
-        if exceeded:
-            error = str(threshold_error(exceeded, tally, cfg, run_id))
-        else:
-            if target is not None:
-                final = _output.assemble(
-                    target,
-                    (i for i in range(total) if succeeded[i]),
-                    lambda index: _describe(step, batches, index),
-                )
-                if not tally.mini_batches_failed:
-                    # kept otherwise, for a resume with retry_failed
-                    _output.remove_parts(target)
-            status = "Completed"
-    except JobFailedError as e:
-        error = str(e)
-    except Canceled as e:
-        status, error = "Canceled", str(e)
-        say(f"daskrun: canceled; resume with: daskrun resume {run_id}")
-    except KeyboardInterrupt:
-        status, error = "Canceled", "canceled by the user (KeyboardInterrupt)"
-        print(
-            f"daskrun: canceled; resume with: daskrun resume {run_id}", file=sys.stderr
-        )
-        raise
-    finally:
-        console.close()
-        watch.tick(status, force=True)
-        record.status, record.error, record.ended = status, error, now()
-        record.counts = tally.counts()
-        record.output_path, record.logs_dir = final, str(logs.dir)
-        record.save()
-        logs.finish(
-            status=status,
-            run_id=run_id,
-            tally=tally,
-            error=error,
-            output_path=final,
-            seconds=time.perf_counter() - started,
-            timings=timings,
-            items_planned=items_planned,
-            items_counted=items_counted,
-        )
-        locks.close()
+            job.hold(lock_run(record))
+        job.open(record, resuming=resume is not None, retry_failed=retry_failed)
+    job.run(record)
     run = StepRun.from_record(record, step.workspace)
-    run.dashboard_link = link
-    if tally.items_extra:
-        logger.warning(
-            "run %s: run() returned %d more results than inputs; they are in the "
-            "output (see processed_mini-batches.csv)",
-            run_id,
-            tally.items_extra,
-        )
-    say(f"daskrun: {status}: {tally.progress()}")
-    if status == "Failed" and error:
-        say(f"daskrun: {error.splitlines()[0]}")
-        # an init() that failed has its traceback in the error
-        where = _user_frame(
-            tally.first_failure.traceback if tally.first_failure else error,
-            cfg.source_directory or cfg.entry_script,
-        )
-        if where:
-            say(f"daskrun: raised at {where}")
+    run.dashboard_link = job.link
     return run
-
-
-def _not_source(step: ParallelRunStep) -> list[str]:
-    """What the source directory may hold that is data, not code: the
-    step's local input folders and files, and its output folder. Inputs
-    reach the workers as paths; they are never shipped with the script."""
-    source = step.config.resolved.source_directory
-    if source is None:
-        return []
-    root = os.path.realpath(source) + os.sep
-    found = [step.output] if step.output and os.path.isabs(step.output) else []
-    for ds in [*step.inputs, *step.side_inputs]:
-        if not ds.local:
-            continue
-        folders = [p for p in ds.given if os.path.isdir(p)]
-        found += folders  # not walked: their files need no naming
-        if len(folders) < len(ds.given):  # files or globs
-            found += [f for f in ds.files() if f.startswith(root)]
-    return found
-
-
-def _planned_items(step: ParallelRunStep, batches: Any) -> tuple[int | None, str]:
-    """The items the plan holds, and how job_result.txt counts them: the
-    files of file inputs, the rows of Parquet inputs (from their metadata);
-    ``None`` for CSV, whose rows are known only once read."""
-    if step.kind == "file":
-        own = step._own_output()
-        n = 0
-        for ds in step.inputs:
-            files = ds.files()
-            n += len(files) - (own is not None and own in files)
-        return n, "files planned"
-    if all(b.n_items is not None for b in batches):
-        return sum(b.n_items for b in batches), "rows planned (Parquet metadata)"
-    return None, (
-        f"rows of finished mini-batches (CSV rows are counted as they are "
-        f"read; {len(batches)} mini-batches planned)"
-    )
-
-
-def _prepare_output(target: _output.OutputTarget) -> FileLock | None:
-    """Lock a local output folder for this run, and make the parts folder,
-    within ``daskrun.storage-timeout`` on remote storage."""
-    lock = _output.lock_output(target) if target.local else None
-    try:
-        _output.prepare_parts(target)
-    except BaseException as e:
-        if lock is not None:
-            lock.release()
-        if isinstance(e, _output.OutputError):
-            raise ConfigError(str(e)) from None
-        if isinstance(e, Exception):
-            raise ConfigError(
-                f"output={target.url!r} cannot be written: "
-                f"{describe_error(e, target.storage_options)}; check the output "
-                "storage's endpoint and credentials"
-            ) from None
-        raise
-    return lock
-
-
-def _describe(step: ParallelRunStep, batches: Iterable[Any], index: int) -> str:
-    """``mini-batch <index> (<its inputs>)``, for errors about its result."""
-    if isinstance(batches, list):
-        batch = batches[index]
-    else:  # file inputs, planned lazily: their lists are kept
-        files = [f for ds in step.inputs for f in ds.files()]
-        n = step.mini_batch_size
-        batch = FileBatch.of(index, files[index * n : (index + 1) * n])
-    return f"mini-batch {index} ({batch.describe()})"
 
 
 def resume(
@@ -960,8 +592,6 @@ def _resume(
     workspace: Any,
     replan: bool,
 ) -> StepRun:
-    from .workspace import Workspace
-
     run_id = record.run_id
     if workspace is None and record.workspace:
         workspace = Workspace(record.workspace)
@@ -1055,40 +685,6 @@ def _new_record(
     return record
 
 
-@contextlib.contextmanager
-def _released_on_error(locks: contextlib.ExitStack) -> Iterator[None]:
-    """Release ``locks`` if the block raises; else they stay held."""
-    try:
-        yield
-    except BaseException:
-        locks.close()
-        raise
-
-
-def _fill_ledger(step: ParallelRunStep, batches: Iterable[Any], ledger: Any) -> None:
-    """Record the step's input files and a digest of each planned mini-batch
-    (what it reads, and its files' sizes and mtimes) in ``ledger``."""
-    own = step._own_output()  # never an input: step.plan() leaves it out
-    stamps = (
-        stamp
-        for stamp in itertools.chain.from_iterable(ds.stamps() for ds in step.inputs)
-        if stamp[0] != own
-    )
-    if step.kind == "file":
-        for batch in step.plan()[0]:  # a fresh plan: ``batches`` is lazy
-            got = list(itertools.islice(stamps, batch.n_items))
-            for path, size, stamp in got:
-                ledger.file(path, size, stamp)
-            ledger.mini_batch(batch.joined, [(size, stamp) for _, size, stamp in got])
-        return
-    known: dict[str, tuple[int, str]] = {}
-    for path, size, stamp in stamps:
-        ledger.file(path, size, stamp)
-        known[path] = (size, stamp)
-    for batch in batches:
-        ledger.mini_batch(astuple(batch)[1:], [known.get(batch.path)])
-
-
 def _input_specs(inputs: list[Input]) -> list[dict[str, Any]]:
     """The data sets as workspace specs, when all come from datastores or
     local paths (so a resume gets credentials from the workspace)."""
@@ -1103,164 +699,3 @@ def _path_spec(dataset: Input) -> Any:
     if isinstance(path, (str, os.PathLike)):
         return os.fspath(path)
     return [os.fspath(p) for p in path]
-
-
-def _item_counter(step: ParallelRunStep) -> Any:
-    """Counts the rows of a CSV mini-batch that failed unread."""
-    if step.kind != "tabular":
-        return None
-    first = step.inputs[0]
-    assert isinstance(first, TabularDataset)
-
-    def count(batch: Any) -> int:
-        if not isinstance(batch, CsvBatch):
-            return batch.n_items or 1
-        try:  # bounded: the input may be what hung (a FIFO, a dead mount)
-            return within(
-                float(config_get("storage-timeout")),
-                lambda: count_csv_rows(
-                    batch, first.storage_options, first.pandas_kwargs
-                ),
-                TimeoutError,
-            )
-        except TimeoutError:
-            return 1
-
-    return count
-
-
-def _row_counts(row: dict[str, str]) -> Counts:
-    def number(key: str) -> int:
-        return int(row[key] or 0)
-
-    return Counts(
-        number("items_in"),
-        number("items_ok"),
-        number("items_failed"),
-        number("items_extra"),
-    )
-
-
-def _part_counts(target: _output.OutputTarget | None, batch: Any) -> Counts:
-    rows = _output.count_rows(target, batch.index) if target else 0
-    items_in = batch.n_items if batch.n_items is not None else rows
-    ok = min(rows, items_in)
-    return Counts(items_in, ok, items_in - ok, rows - ok)
-
-
-def _earlier(index: int) -> TryResult:
-    return TryResult(index, 0, True, "earlier attempt", None, 0, 0.0)
-
-
-def _register(
-    client: Any, plugin: EntryScriptPlugin, timeout: float, run_id: str
-) -> None:
-    """Run ``init()`` on every worker; a failure or a hang fails the job."""
-    try:
-        client.register_plugin(plugin, name=plugin.name)
-    except EntryScriptError as e:
-        raise JobFailedError(str(e), run_id=run_id) from None
-    except Exception as e:  # a worker died during init()
-        lost = LostTasks(client, plugin.events_topic, timeout)
-        hung = lost.init_timed_out()
-        if hung is not None:
-            raise JobFailedError(lost.init_timeout_error(hung), run_id=run_id) from None
-        raise JobFailedError(
-            plugin.redact(f"init() did not complete: {type(e).__name__}: {e}"),
-            run_id=run_id,
-        ) from None
-
-
-def _register_watched(
-    client: Any,
-    plugin: EntryScriptPlugin,
-    timeout: float,
-    run_id: str,
-    console: Console,
-) -> None:
-    """:func:`_register`, showing how many workers have finished ``init()``
-    while it runs (``init()`` may load a model for minutes)."""
-    failure: list[BaseException] = []
-
-    def register() -> None:
-        try:
-            _register(client, plugin, timeout, run_id)
-        except BaseException as e:  # raised in the caller
-            failure.append(e)
-
-    thread = threading.Thread(target=register, name=f"{plugin.name}-init", daemon=True)
-    thread.start()
-    while True:
-        thread.join(0.5)
-        if not thread.is_alive():
-            break
-        try:
-            ready = client.run(init_done, plugin.name, on_error="return")
-        except Exception:  # a worker going away shows up above
-            continue
-        if thread.is_alive():
-            console.initializing(sum(r is True for r in ready.values()), len(ready))
-    if failure:
-        raise failure[0]
-
-
-def _unregister(client: Any, name: str) -> None:
-    # runs shutdown() on every worker; a cluster going away must not mask errors
-    try:
-        client.unregister_worker_plugin(name)
-    except Exception as e:
-        logger.debug("could not unregister plugin %s: %s", name, e)
-
-
-def _check_environment(client: Any, environment: Any, run_id: str) -> None:
-    """Fail before any task runs when a worker lacks a required package."""
-    if environment is None or not environment.pip_packages:
-        return
-    found = client.run(unmet_packages, environment.pip_packages)
-    for worker, unmet in sorted(found.items()):
-        if unmet:
-            problems = "; ".join(problem for problem, _ in unmet)
-            fixes = " ".join(repr(fix) for _, fix in unmet)
-            raise JobFailedError(
-                f"Environment {environment.name!r}: {problems} on worker {worker}; "
-                f"fix the workers' environment (pip install {fixes})",
-                run_id=run_id,
-            )
-
-
-class _Watch:
-    """Keeps the live views of a run current: the progress display, the
-    overview file and the dashboard page (each at most once a second)."""
-
-    def __init__(self, logs: JobLogs, tally: Tally, console: Console):
-        self.logs, self.tally, self.console = logs, tally, console
-        self.client: Any = None
-        self.run_id = ""
-        self.pace = Pace()
-        self._last = 0.0
-
-    def tick(self, status: str = "Running", force: bool = False) -> None:
-        now_ = time.monotonic()
-        due = force or now_ - self._last >= 1.0
-        snap = self.logs.snapshot(self.tally, status, self.pace) if due else None
-        self.console.update(self.tally, pace=self.pace)
-        if snap is None:
-            return
-        self._last = now_
-        self.logs.overview(snap)
-        if self.client is not None:
-            publish(self.client, self.run_id, snap)
-
-
-def _user_frame(traceback: str | None, user: str) -> str | None:
-    """``file, line N, in fn`` of the innermost frame of a traceback in the
-    user's own files: ``user``, the source directory or the entry script.
-    The innermost frame of all where none is the user's."""
-    if not traceback:
-        return None
-    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', traceback)
-    if not frames:
-        return None
-    own = [f for f in frames if f[0] == user or f[0].startswith(user + os.sep)]
-    path, line, fn = (own or frames)[-1]
-    return f"{path}, line {line}, in {fn}"

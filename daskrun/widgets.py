@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .monitor import _in_notebook
 from .records import RunRecord
 
 TERMINAL = ("Completed", "Failed", "Canceled")
@@ -153,8 +154,6 @@ class RunDetails:
 
     def show(self) -> None:
         """Show the table; in a notebook, refresh it until the run ends."""
-        from .monitor import _in_notebook
-
         if not _in_notebook():
             print(self.text())
             return

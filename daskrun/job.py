@@ -1,0 +1,746 @@
+"""One run of a step, from plain values: the engine's part of ``step.run()``.
+
+A :class:`Job` takes a bound step (its validated config, resolved data sets,
+output and arguments), the registered models as plain references, and a run
+record to keep current. It plans the mini-batches, records the plan, picks up
+where an earlier attempt stopped, connects to the cluster, runs ``init()`` on
+every worker, runs the mini-batches (:mod:`daskrun.runner`), assembles the
+output (:mod:`daskrun.output`) and writes the log folder
+(:mod:`daskrun.monitor`). It never imports the registry: the record is any
+object with :class:`Record`'s methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import itertools
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import astuple
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import output as _output
+from .cluster import connect, dashboard_link
+from .config import ParallelRunConfig, config_get, unmet_packages
+from .dashboard import install_page, publish
+from .datasets import CsvBatch, FileBatch, TabularDataset
+from .delimited import count_csv_rows
+from .exceptions import ConfigError, EntryScriptError, InputError, JobFailedError
+from .ledger import PlanLedger
+from .modelrefs import ModelRef
+from .monitor import (
+    DISTRIBUTED_LOG,
+    REPORT,
+    Console,
+    JobLogs,
+    Pace,
+    distributed_log,
+    init_done,
+    read_report,
+)
+from .plugin import EntryScriptPlugin, InputSpec, SideInput, TryResult, build_bundle
+from .runner import (
+    Canceled,
+    Counts,
+    Interrupt,
+    LostTasks,
+    Tally,
+    run_mini_batches,
+    threshold_error,
+)
+from .storage import FileLock, describe_error, secret_values, within
+
+logger = logging.getLogger("daskrun")
+
+
+class Resumed(enum.IntEnum):
+    """What a resume knows of a mini-batch before it runs anything."""
+
+    TO_RUN = 0
+    REPORTED = 1  # finished in an earlier attempt, and in its report
+    COMMITTED = 2  # its part is committed, but the report missed it (the
+    # client died in between): done, its counts read back from the part
+
+
+class Record(Protocol):
+    """What a job needs of its run record (:class:`daskrun.records.RunRecord`)."""
+
+    run_id: str
+    inputs_digest: str | None
+
+    def start(self) -> None: ...
+
+    def end(
+        self,
+        status: str,
+        error: str | None,
+        counts: dict[str, int],
+        output_path: str | None,
+        logs_dir: str,
+    ) -> None: ...
+
+
+class BoundStep(Protocol):
+    """What a job needs of a step: a ``ParallelRunStep`` bound to its
+    parameters, whose inputs are resolved data sets."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...  # "file" or "tabular"
+    @property
+    def mini_batch_size(self) -> int: ...
+    @property
+    def inputs(self) -> Sequence[Any]: ...  # FileDataset or TabularDataset
+    @property
+    def side_inputs(self) -> Sequence[Any]: ...
+    @property
+    def arguments(self) -> Sequence[Any]: ...
+    @property
+    def output(self) -> str | None: ...
+    @property
+    def output_storage_options(self) -> dict[str, Any]: ...
+    @property
+    def config(self) -> ParallelRunConfig: ...
+
+    def plan(self) -> tuple[Any, int]: ...
+
+    def _own_output(self) -> str | None: ...
+
+
+class Job:
+    """One run of ``step`` as ``run_id``, in ``runs_root / run_id``.
+
+    Use it in this order (``step.run()`` and ``resume()`` do)::
+
+        job = Job(step, run_id, runs_root, console=..., models=...)
+        with job.opening():          # locks are released if this raises
+            job.plan(resumed_digest, replan)
+            record = ...             # a new record for job.plugin, or the old
+            job.hold(lock)           # the record's lock, if not held yet
+            job.open(record, resuming=..., retry_failed=...)
+        job.run(record)              # connect, init(), mini-batches, output
+
+    Planning lists and measures the inputs, so a missing or empty input
+    fails in the constructor, before any worker starts.
+    """
+
+    def __init__(
+        self,
+        step: BoundStep,
+        run_id: str,
+        runs_root: Path,
+        *,
+        console: Console,
+        models: list[ModelRef] | None = None,
+        interrupt: Interrupt | None = None,
+    ):
+        self.step, self.cfg = step, step.config.resolved
+        self.run_id, self.run_dir = run_id, runs_root / run_id
+        self.console, self.models = console, models
+        self.interrupt = interrupt or Interrupt()
+        self.started = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.batches, self.total = step.plan()
+        self.bundle = build_bundle(
+            self.cfg.entry_script, self.cfg.source_directory, exclude=self._not_source()
+        )
+        self.target = (
+            _output.OutputTarget(
+                step.output,
+                self.cfg.append_row_file_name,
+                run_id,
+                step.output_storage_options,
+                self.cfg.output_format,
+                float(config_get("storage-timeout")),
+            )
+            if step.output is not None and self.cfg.output_action == "append_row"
+            else None
+        )
+        self.items_planned, self.items_counted = self._planned_items()
+        self.locks = contextlib.ExitStack()
+        self.plugin: EntryScriptPlugin
+        self.link: str | None = None
+        self._ledger: PlanLedger
+        # 1 for each mini-batch whose plan and input files are as the run had
+        self._unchanged: bytearray | None = None
+
+    @contextlib.contextmanager
+    def opening(self) -> Iterator[None]:
+        """Release the job's locks if the block raises; else they stay held
+        until :meth:`run` ends."""
+        try:
+            yield
+        except BaseException:
+            self.locks.close()
+            raise
+
+    def hold(self, lock: FileLock) -> None:
+        """Hold ``lock`` (the run record's) until the job ends."""
+        self.locks.enter_context(lock)
+
+    def plan(self, resumed_digest: str | None = None, replan: bool = False) -> None:
+        """Lock the output, record the plan, and build the worker plugin.
+
+        Before any work or run folder: an unreachable store fails within its
+        timeout, and a second run into this output folder is refused. On a
+        resume (``resumed_digest`` is the run's) whose inputs changed, only
+        ``replan`` goes on, keeping the mini-batches whose inputs did not.
+        """
+        if self.target is not None and (lock := _prepare_output(self.target)):
+            self.locks.callback(lock.release)
+        ledger = self._ledger = PlanLedger(self.run_dir)
+        try:
+            self._fill_ledger(ledger)
+        except BaseException:
+            ledger.discard()
+            raise
+        if resumed_digest not in (None, ledger.digest):
+            if not replan:
+                changes = ledger.changes()
+                ledger.discard()
+                raise InputError(
+                    f"input changed since run {self.run_id!r}: {changes}; rerun "
+                    "the step, or resume with --replan (replan=True) to keep the "
+                    "mini-batches whose inputs are unchanged and run the rest"
+                )
+            self._unchanged = ledger.unchanged()
+        output_path = self.step.output or str(self.run_dir / "outputs")
+        if self.step.output is None:
+            os.makedirs(output_path, exist_ok=True)
+        self.plugin = self._entry_script_plugin(output_path)
+
+    def open(self, record: Record, *, resuming: bool, retry_failed: bool) -> None:
+        """Make the new plan the run's, and pick up an earlier attempt's
+        finished mini-batches when ``resuming``."""
+        self._ledger.commit()
+        record.inputs_digest = self._ledger.digest
+        self.tally = Tally(
+            mini_batches_total=self.total, count_items=self._item_counter()
+        )
+        # one byte per mini-batch: flat for millions
+        self.succeeded = bytearray(self.total)
+        self.state = bytearray(self.total)  # Resumed values
+        kept = self._restore(retry_failed) if resuming else []
+        self.logs = JobLogs(self.run_dir / "logs", kept, retry_failed=retry_failed)
+        self.watch = _Watch(self.logs, self.tally, self.console)
+        self.resuming = resuming
+
+    def _restore(self, retry_failed: bool) -> list[dict[str, str]]:
+        """Mark what an earlier attempt finished; its report rows to keep.
+
+        A part may be gone (deleted by hand, or published and removed): its
+        mini-batch runs again, even where the report says it succeeded.
+        """
+        total, target, unchanged = self.total, self.target, self._unchanged
+        parts = bytearray(total)
+        if target is not None:
+            for index in _output.committed_parts(target):
+                if index < total and (unchanged is None or unchanged[index]):
+                    parts[index] = 1
+        kept = []
+        for row in read_report(self.run_dir / "logs" / REPORT):
+            if (
+                row.index < total
+                and (row.ok or not retry_failed)
+                and (unchanged is None or unchanged[row.index])
+                and (not row.ok or target is None or parts[row.index])
+            ):
+                kept.append(row.row)
+                self.state[row.index] = Resumed.REPORTED
+                self.succeeded[row.index] = row.ok
+                self.tally.mini_batches_done += 1
+                self.tally.mini_batches_failed += not row.ok
+                self.tally.add(_row_counts(row.row))
+        if target is not None:
+            for index in range(total):
+                if parts[index] and self.state[index] == Resumed.TO_RUN:
+                    self.state[index] = Resumed.COMMITTED
+                    self.succeeded[index] = 1
+        return kept
+
+    def pending(self) -> Iterator[Any]:
+        """The mini-batches to run, lazily; a committed one the report
+        missed is counted and reported as it goes by."""
+        for batch in self.batches:
+            state = self.state[batch.index]
+            if state == Resumed.TO_RUN:
+                yield batch
+            elif state == Resumed.COMMITTED:
+                counts = _part_counts(self.target, batch)
+                self.tally.mini_batches_done += 1
+                self.tally.add(counts)
+                self.logs.mini_batch(_earlier(batch.index), 1, counts)
+
+    def on_done(
+        self, batch: Any, result: TryResult, tries: int, counts: Counts
+    ) -> None:
+        """One mini-batch's final result: logs, progress, a line if it failed."""
+        self.interrupt.check()
+        self.timings.setdefault("first_result", time.perf_counter() - self.started)
+        self.succeeded[result.index] = result.ok
+        self.watch.pace.add(result.seconds)
+        self.logs.mini_batch(result, tries, counts)
+        self.logs.user_output(result)
+        if counts.failed:
+            self.logs.failed_items(batch, result)
+        self.watch.tick()
+        if not result.ok:
+            self.console.say(
+                f"daskrun: mini-batch {result.index} failed after {tries} "
+                f"{'try' if tries == 1 else 'tries'} on {result.worker}: "
+                f"{result.error}"
+            )
+
+    def run(self, record: Record) -> str:
+        """Run the job to its end and record how it ended; its status.
+
+        ``interrupt`` (triggered from another thread) stops it, ``Canceled``
+        or ``Failed``, cancelling what is in flight. A KeyboardInterrupt is
+        recorded as ``Canceled`` and raised again.
+        """
+        status, error, final = "Failed", None, None
+        record.start()
+        try:
+            with (
+                # distributed's own lines go to the log folder, not the terminal
+                distributed_log(self.logs.dir / DISTRIBUTED_LOG),
+                connect(
+                    self.step.config.compute_target,
+                    self.cfg.node_count,
+                    self.cfg.process_count_per_node,
+                    on_lost=lambda reason: self.interrupt.trigger(
+                        reason.replace("RUN_ID", self.run_id)
+                    ),
+                    security=self.step.config.security,
+                    log_file=self.logs.dir / DISTRIBUTED_LOG,
+                ) as client,
+            ):
+                exceeded = self._run_on(client)
+            if exceeded:
+                error = str(
+                    threshold_error(exceeded, self.tally, self.cfg, self.run_id)
+                )
+            else:
+                final = self._assemble()
+                status = "Completed"
+        except JobFailedError as e:
+            error = str(e)
+        except Canceled as e:
+            status, error = "Canceled", str(e)
+            self.console.say(
+                f"daskrun: canceled; resume with: daskrun resume {self.run_id}"
+            )
+        except KeyboardInterrupt:
+            status, error = "Canceled", "canceled by the user (KeyboardInterrupt)"
+            print(
+                f"daskrun: canceled; resume with: daskrun resume {self.run_id}",
+                file=sys.stderr,
+            )
+            raise
+        finally:
+            self._finish(record, status, error, final)
+        self._summary(status, error)
+        return status
+
+    def _run_on(self, client: Any) -> Any:
+        """``init()`` on every worker, then the mini-batches; what exceeded
+        the error threshold, if anything did."""
+        say, cfg, plugin = self.console.say, self.cfg, self.plugin
+        self.timings["cluster_ready"] = time.perf_counter() - self.started
+        self.link = link = dashboard_link(client)
+        verb = "resuming" if self.resuming else "run"
+        say(f"daskrun: {verb} {self.run_id}: {self.total} mini-batches")
+        if link:
+            page = install_page(client, link)
+            say(f"daskrun: dashboard {link}" + (f" (this job: {page})" if page else ""))
+        self.watch.client, self.watch.run_id = client, self.run_id
+        self.console.start(self.total, self.tally.mini_batches_done)
+        _check_environment(client, self.step.config.environment, self.run_id)
+        _register_watched(
+            client, plugin, cfg.run_invocation_timeout, self.run_id, self.console
+        )
+        self.timings["init_done"] = time.perf_counter() - self.started
+        self.console.running(self.tally)
+        self.logs.running(self.tally)
+        self.watch.pace.threads = sum(client.nthreads().values()) or 1
+        try:
+            return run_mini_batches(
+                client,
+                plugin.events_topic,
+                plugin.name,
+                self.pending(),
+                self.tally,
+                cfg,
+                key_prefix=f"{self.step.name}-{self.run_id[-6:]}",
+                on_done=self.on_done,
+                interrupt=self.interrupt,
+                starts_topic=plugin.starts_topic,
+                redact=plugin.redact,
+            )
+        finally:
+            _unregister(client, plugin.name)
+
+    def _assemble(self) -> str | None:
+        """The final output file from the committed parts (none without an
+        ``append_row`` output)."""
+        target = self.target
+        if target is None:
+            return None
+        final = _output.assemble(
+            target,
+            (i for i in range(self.total) if self.succeeded[i]),
+            self._describe,
+        )
+        if not self.tally.mini_batches_failed:
+            # kept otherwise, for a resume with retry_failed
+            _output.remove_parts(target)
+        return final
+
+    def _finish(
+        self, record: Record, status: str, error: str | None, final: str | None
+    ) -> None:
+        """Record how the job ended (whatever ended it) and release its locks."""
+        try:
+            self.console.close()
+            self.watch.tick(status, force=True)
+            record.end(status, error, self.tally.counts(), final, str(self.logs.dir))
+            self.logs.finish(
+                status=status,
+                run_id=self.run_id,
+                tally=self.tally,
+                error=error,
+                output_path=final,
+                seconds=time.perf_counter() - self.started,
+                timings=self.timings,
+                items_planned=self.items_planned,
+                items_counted=self.items_counted,
+            )
+        finally:
+            self.locks.close()
+
+    def _summary(self, status: str, error: str | None) -> None:
+        """The job's last lines: its counts, and where a failure came from."""
+        say, tally = self.console.say, self.tally
+        if tally.items_extra:
+            logger.warning(
+                "run %s: run() returned %d more results than inputs; they are "
+                "in the output (see processed_mini-batches.csv)",
+                self.run_id,
+                tally.items_extra,
+            )
+        say(f"daskrun: {status}: {tally.progress()}")
+        if status == "Failed" and error:
+            say(f"daskrun: {error.splitlines()[0]}")
+            # an init() that failed has its traceback in the error
+            where = _user_frame(
+                tally.first_failure.traceback if tally.first_failure else error,
+                self.cfg.source_directory or self.cfg.entry_script,
+            )
+            if where:
+                say(f"daskrun: raised at {where}")
+
+    def _entry_script_plugin(self, output_path: str) -> EntryScriptPlugin:
+        step, cfg, target, run_id = self.step, self.cfg, self.target, self.run_id
+        zipped, script = self.bundle
+        sides = {
+            id(ds): SideInput(n, tuple(ds.files()), ds.storage_options, ds.local)
+            for n, ds in enumerate(step.side_inputs)
+        }
+        first = step.inputs[0]
+        return EntryScriptPlugin(
+            name=f"daskrun-{run_id}",
+            # at most 300 MB (build_bundle refuses more): bytes travel to workers
+            # that cannot see the client's disk
+            bundle=zipped.read_bytes(),
+            script=script,
+            script_display=cfg.entry_script,
+            source_directory=cfg.source_directory,
+            arguments=[sides.get(id(a), a) for a in step.arguments],
+            side_inputs=list(sides.values()),
+            environment_variables=cfg.environment_variables,
+            output_path=output_path,
+            input_spec=InputSpec(
+                kind=step.kind,
+                storage_options=first.storage_options,
+                pandas_kwargs=getattr(first, "pandas_kwargs", {}),
+                local=all(ds.local for ds in step.inputs),
+            ),
+            output=target,
+            run_invocation_timeout=cfg.run_invocation_timeout,
+            models=self.models,
+            logging_level=cfg.logging_level,
+            secrets=[
+                secret
+                for options in (
+                    *(ds.storage_options for ds in (*step.inputs, *step.side_inputs)),
+                    step.output_storage_options,
+                )
+                for secret in secret_values(options)
+            ],
+        )
+
+    def _not_source(self) -> list[str]:
+        """What the source directory may hold that is data, not code: the
+        step's local input folders and files, and its output folder. Inputs
+        reach the workers as paths; they are never shipped with the script."""
+        step, source = self.step, self.cfg.source_directory
+        if source is None:
+            return []
+        root = os.path.realpath(source) + os.sep
+        found = [step.output] if step.output and os.path.isabs(step.output) else []
+        for ds in [*step.inputs, *step.side_inputs]:
+            if not ds.local:
+                continue
+            folders = [p for p in ds.given if os.path.isdir(p)]
+            found += folders  # not walked: their files need no naming
+            if len(folders) < len(ds.given):  # files or globs
+                found += [f for f in ds.files() if f.startswith(root)]
+        return found
+
+    def _planned_items(self) -> tuple[int | None, str]:
+        """The items the plan holds, and how job_result.txt counts them: the
+        files of file inputs, the rows of Parquet inputs (from their metadata);
+        ``None`` for CSV, whose rows are known only once read."""
+        step, batches = self.step, self.batches
+        if step.kind == "file":
+            own = step._own_output()
+            n = 0
+            for ds in step.inputs:
+                files = ds.files()
+                n += len(files) - (own is not None and own in files)
+            return n, "files planned"
+        if all(b.n_items is not None for b in batches):
+            return sum(b.n_items for b in batches), "rows planned (Parquet metadata)"
+        return None, (
+            f"rows of finished mini-batches (CSV rows are counted as they are "
+            f"read; {len(batches)} mini-batches planned)"
+        )
+
+    def _describe(self, index: int) -> str:
+        """``mini-batch <index> (<its inputs>)``, for errors about its result."""
+        step, batches = self.step, self.batches
+        if isinstance(batches, list):
+            batch = batches[index]
+        else:  # file inputs, planned lazily: their lists are kept
+            files = [f for ds in step.inputs for f in ds.files()]
+            n = step.mini_batch_size
+            batch = FileBatch.of(index, files[index * n : (index + 1) * n])
+        return f"mini-batch {index} ({batch.describe()})"
+
+    def _fill_ledger(self, ledger: PlanLedger) -> None:
+        """Record the step's input files and a digest of each planned mini-batch
+        (what it reads, and its files' sizes and mtimes) in ``ledger``."""
+        step = self.step
+        own = step._own_output()  # never an input: step.plan() leaves it out
+        stamps = (
+            stamp
+            for stamp in itertools.chain.from_iterable(
+                ds.stamps() for ds in step.inputs
+            )
+            if stamp[0] != own
+        )
+        if step.kind == "file":
+            for batch in step.plan()[0]:  # a fresh plan: ``batches`` is lazy
+                got = list(itertools.islice(stamps, batch.n_items))
+                for path, size, stamp in got:
+                    ledger.file(path, size, stamp)
+                ledger.mini_batch(
+                    batch.joined, [(size, stamp) for _, size, stamp in got]
+                )
+            return
+        known: dict[str, tuple[int, str]] = {}
+        for path, size, stamp in stamps:
+            ledger.file(path, size, stamp)
+            known[path] = (size, stamp)
+        for batch in self.batches:
+            ledger.mini_batch(astuple(batch)[1:], [known.get(batch.path)])
+
+    def _item_counter(self) -> Any:
+        """Counts the rows of a CSV mini-batch that failed unread."""
+        step = self.step
+        if step.kind != "tabular":
+            return None
+        first = step.inputs[0]
+        assert isinstance(first, TabularDataset)
+
+        def count(batch: Any) -> int:
+            if not isinstance(batch, CsvBatch):
+                return batch.n_items or 1
+            try:  # bounded: the input may be what hung (a FIFO, a dead mount)
+                return within(
+                    float(config_get("storage-timeout")),
+                    lambda: count_csv_rows(
+                        batch, first.storage_options, first.pandas_kwargs
+                    ),
+                    TimeoutError,
+                )
+            except TimeoutError:
+                return 1
+
+        return count
+
+
+def _prepare_output(target: _output.OutputTarget) -> FileLock | None:
+    """Lock a local output folder for this run, and make the parts folder,
+    within ``daskrun.storage-timeout`` on remote storage."""
+    lock = _output.lock_output(target) if target.local else None
+    try:
+        _output.prepare_parts(target)
+    except BaseException as e:
+        if lock is not None:
+            lock.release()
+        if isinstance(e, _output.OutputError):
+            raise ConfigError(str(e)) from None
+        if isinstance(e, Exception):
+            raise ConfigError(
+                f"output={target.url!r} cannot be written: "
+                f"{describe_error(e, target.storage_options)}; check the output "
+                "storage's endpoint and credentials"
+            ) from None
+        raise
+    return lock
+
+
+def _row_counts(row: dict[str, str]) -> Counts:
+    def number(key: str) -> int:
+        return int(row[key] or 0)
+
+    return Counts(
+        number("items_in"),
+        number("items_ok"),
+        number("items_failed"),
+        number("items_extra"),
+    )
+
+
+def _part_counts(target: _output.OutputTarget | None, batch: Any) -> Counts:
+    rows = _output.count_rows(target, batch.index) if target else 0
+    items_in = batch.n_items if batch.n_items is not None else rows
+    ok = min(rows, items_in)
+    return Counts(items_in, ok, items_in - ok, rows - ok)
+
+
+def _earlier(index: int) -> TryResult:
+    return TryResult(index, 0, True, "earlier attempt", None, 0, 0.0)
+
+
+def _register(
+    client: Any, plugin: EntryScriptPlugin, timeout: float, run_id: str
+) -> None:
+    """Run ``init()`` on every worker; a failure or a hang fails the job."""
+    try:
+        client.register_plugin(plugin, name=plugin.name)
+    except EntryScriptError as e:
+        raise JobFailedError(str(e), run_id=run_id) from None
+    except Exception as e:  # a worker died during init()
+        lost = LostTasks(client, plugin.events_topic, timeout)
+        hung = lost.init_timed_out()
+        if hung is not None:
+            raise JobFailedError(lost.init_timeout_error(hung), run_id=run_id) from None
+        raise JobFailedError(
+            plugin.redact(f"init() did not complete: {type(e).__name__}: {e}"),
+            run_id=run_id,
+        ) from None
+
+
+def _register_watched(
+    client: Any,
+    plugin: EntryScriptPlugin,
+    timeout: float,
+    run_id: str,
+    console: Console,
+) -> None:
+    """:func:`_register`, showing how many workers have finished ``init()``
+    while it runs (``init()`` may load a model for minutes)."""
+    failure: list[BaseException] = []
+
+    def register() -> None:
+        try:
+            _register(client, plugin, timeout, run_id)
+        except BaseException as e:  # raised in the caller
+            failure.append(e)
+
+    thread = threading.Thread(target=register, name=f"{plugin.name}-init", daemon=True)
+    thread.start()
+    while True:
+        thread.join(0.5)
+        if not thread.is_alive():
+            break
+        try:
+            ready = client.run(init_done, plugin.name, on_error="return")
+        except Exception:  # a worker going away shows up above
+            continue
+        if thread.is_alive():
+            console.initializing(sum(r is True for r in ready.values()), len(ready))
+    if failure:
+        raise failure[0]
+
+
+def _unregister(client: Any, name: str) -> None:
+    # runs shutdown() on every worker; a cluster going away must not mask errors
+    try:
+        client.unregister_worker_plugin(name)
+    except Exception as e:
+        logger.debug("could not unregister plugin %s: %s", name, e)
+
+
+def _check_environment(client: Any, environment: Any, run_id: str) -> None:
+    """Fail before any task runs when a worker lacks a required package."""
+    if environment is None or not environment.pip_packages:
+        return
+    found = client.run(unmet_packages, environment.pip_packages)
+    for worker, unmet in sorted(found.items()):
+        if unmet:
+            problems = "; ".join(problem for problem, _ in unmet)
+            fixes = " ".join(repr(fix) for _, fix in unmet)
+            raise JobFailedError(
+                f"Environment {environment.name!r}: {problems} on worker {worker}; "
+                f"fix the workers' environment (pip install {fixes})",
+                run_id=run_id,
+            )
+
+
+class _Watch:
+    """Keeps the live views of a run current: the progress display, the
+    overview file and the dashboard page (each at most once a second)."""
+
+    def __init__(self, logs: JobLogs, tally: Tally, console: Console):
+        self.logs, self.tally, self.console = logs, tally, console
+        self.client: Any = None
+        self.run_id = ""
+        self.pace = Pace()
+        self._last = 0.0
+
+    def tick(self, status: str = "Running", force: bool = False) -> None:
+        now_ = time.monotonic()
+        due = force or now_ - self._last >= 1.0
+        snap = self.logs.snapshot(self.tally, status, self.pace) if due else None
+        self.console.update(self.tally, pace=self.pace)
+        if snap is None:
+            return
+        self._last = now_
+        self.logs.overview(snap)
+        if self.client is not None:
+            publish(self.client, self.run_id, snap)
+
+
+def _user_frame(traceback: str | None, user: str) -> str | None:
+    """``file, line N, in fn`` of the innermost frame of a traceback in the
+    user's own files: ``user``, the source directory or the entry script.
+    The innermost frame of all where none is the user's."""
+    if not traceback:
+        return None
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', traceback)
+    if not frames:
+        return None
+    own = [f for f in frames if f[0] == user or f[0].startswith(user + os.sep)]
+    path, line, fn = (own or frames)[-1]
+    return f"{path}, line {line}, in {fn}"
