@@ -131,6 +131,8 @@ class StepRun:
     parameters: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, dict[str, str]] = field(default_factory=dict)
     workspace: Any = field(default=None, repr=False, compare=False)
+    metrics: dict[str, Any] = field(default_factory=dict, repr=False)
+    tags: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_record(cls, record: RunRecord, workspace: Any = None) -> StepRun:
@@ -152,6 +154,8 @@ class StepRun:
             parameters=record.parameters,
             outputs=record.outputs,
             workspace=workspace,
+            metrics=record.metrics,
+            tags=record.tags,
         )
 
     @property
@@ -160,6 +164,13 @@ class StepRun:
 
     def get_status(self) -> str:
         return self.status
+
+    def get_metrics(self, name: str | None = None) -> dict[str, Any]:
+        """What the entry script logged through ``Run.get_context()``."""
+        return dict(self.metrics) if name is None else {name: self.metrics[name]}
+
+    def get_tags(self) -> dict[str, Any]:
+        return dict(self.tags)
 
     def get_details(self) -> dict[str, Any]:
         """Status, counts, parameters, outputs and where the logs are."""
@@ -561,6 +572,8 @@ def _entry_script_plugin(
         script=script,
         script_display=cfg.entry_script,
         source_directory=cfg.source_directory,
+        experiment=step.experiment,
+        parent_id=step.parent_id,
         arguments=[sides.get(id(a), a) for a in step.arguments],
         side_inputs=list(sides.values()),
         environment_variables=cfg.environment_variables,
@@ -804,6 +817,7 @@ def _execute(
         record.status, record.error, record.ended = status, error, now()
         record.counts = tally.counts()
         record.output_path, record.logs_dir = final, str(logs.dir)
+        record.add_logged(logs.logged)
         record.save()
         logs.finish(
             status=status,
