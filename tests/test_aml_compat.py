@@ -28,6 +28,7 @@ from daskrun.aml import MODULES
 
 from .helpers import REPO, make_files, write_script
 from .helpers import daskrun as daskrun_cli
+from .test_notebook import _execute, _text, kernel  # noqa: F401 (a fixture)
 
 # an Azure ML entry script, byte for byte: the SDK's imports, the model
 # through azureml.core.Model, the output folder from AZUREML_BI_OUTPUT_PATH
@@ -412,3 +413,220 @@ def test_datastore_and_file_dataset_transfers(tmp_path: Path) -> None:
     assert [Path(p).read_text() for p in local] == ["0", "1", "0"]
     with pytest.raises(daskrun.ConfigError, match="overwrite=True"):
         files.download(tmp_path / "dl")
+
+
+# ParallelRunStep's tutorial, as an Azure ML user's notebook: Azure ML's
+# imports throughout, and one daskrun line. On Azure the workspace exists
+# already (config.json); the test creates it, as the user would have.
+NOTEBOOK = [
+    "import daskrun; daskrun.install_as_azureml()",
+    """\
+import os
+from azureml.core import VERSION, Workspace
+
+print("SDK version:", VERSION)
+ws = Workspace.from_config()""",
+    """\
+from azureml.core.compute import AmlCompute, ComputeTarget
+from azureml.core.compute_target import ComputeTargetException
+
+compute_name = os.environ.get("AML_COMPUTE_CLUSTER_NAME", "cpucluster")
+compute_min_nodes = os.environ.get("AML_COMPUTE_CLUSTER_MIN_NODES", 0)
+compute_max_nodes = os.environ.get("AML_COMPUTE_CLUSTER_MAX_NODES", 2)
+vm_size = os.environ.get("AML_COMPUTE_CLUSTER_SKU", "STANDARD_D2_V2")
+
+if compute_name in ws.compute_targets:
+    compute_target = ws.compute_targets[compute_name]
+    if compute_target and type(compute_target) is AmlCompute:
+        print("found compute target. just use it. " + compute_name)
+else:
+    print("creating a new compute target...")
+    provisioning_config = AmlCompute.provisioning_configuration(
+        vm_size=vm_size, min_nodes=compute_min_nodes, max_nodes=compute_max_nodes
+    )
+    compute_target = ComputeTarget.create(ws, compute_name, provisioning_config)
+    compute_target.wait_for_completion(
+        show_output=True, min_node_count=None, timeout_in_minutes=20
+    )
+    print(compute_target.get_status().serialize())""",
+    """\
+from azureml.core import Datastore
+
+os.makedirs("sample_data", exist_ok=True)
+for i in range(12):
+    with open(f"sample_data/{i}.txt", "w") as f:
+        f.write(str(i))
+def_data_store = ws.get_default_datastore()
+def_data_store.upload_files(
+    files=[f"sample_data/{i}.txt" for i in range(12)],
+    relative_root="sample_data",
+    target_path="mnist/",
+    overwrite=True,
+    show_progress=True,
+)""",
+    """\
+from azureml.core.dataset import Dataset
+from azureml.data.dataset_consumption_config import DatasetConsumptionConfig
+from azureml.pipeline.core import Pipeline, PipelineData, PipelineParameter
+
+path_on_datastore = def_data_store.path("mnist/")
+input_mnist_ds = Dataset.File.from_files(path=path_on_datastore, validate=False)
+pipeline_param = PipelineParameter(name="mnist_param", default_value=input_mnist_ds)
+input_mnist_ds_consumption = DatasetConsumptionConfig(
+    "minist_param_config", pipeline_param
+).as_mount()
+output_dir = PipelineData(name="inferences", datastore=def_data_store)""",
+    """\
+from azureml.core.model import Model
+
+os.makedirs("models", exist_ok=True)
+with open("models/offset.txt", "w") as f:
+    f.write("100")
+model = Model.register(
+    model_path="models/",
+    model_name="mnist",
+    tags={"pretrained": "mnist"},
+    description="Mnist trained tensorflow model",
+    workspace=ws,
+)""",
+    """\
+%%writefile scripts/digit_identification.py
+import os
+
+from azureml.core import Model, Run
+from azureml_user.parallel_run import EntryScript
+
+
+def init():
+    global offset
+    model_path = Model.get_model_path("mnist")
+    with open(os.path.join(model_path, "offset.txt")) as f:
+        offset = int(f.read())
+
+
+def run(mini_batch):
+    logger = EntryScript().logger
+    resultList = []
+    for image in mini_batch:
+        with open(image) as f:
+            resultList.append(
+                "{}: {}".format(os.path.basename(image), int(f.read()) + offset)
+            )
+    logger.info("scored %d files", len(mini_batch))
+    Run.get_context().log("files", len(mini_batch))
+    return resultList""",
+    """\
+from azureml.core.environment import Environment
+from azureml.core.conda_dependencies import CondaDependencies
+from azureml.core.runconfig import DEFAULT_CPU_IMAGE
+
+batch_conda_deps = CondaDependencies.create(
+    pip_packages=["pandas", "azureml-core", "azureml-dataset-runtime[pandas, fuse]"]
+)
+batch_env = Environment(name="batch_environment")
+batch_env.python.conda_dependencies = batch_conda_deps
+batch_env.docker.enabled = True
+batch_env.docker.base_image = DEFAULT_CPU_IMAGE""",
+    """\
+from azureml.pipeline.steps import ParallelRunConfig, ParallelRunStep
+
+parallel_run_config = ParallelRunConfig(
+    source_directory="scripts",
+    entry_script="digit_identification.py",
+    mini_batch_size=PipelineParameter(name="batch_size_param", default_value="5"),
+    error_threshold=10,
+    output_action="append_row",
+    append_row_file_name="mnist_outputs.txt",
+    environment=batch_env,
+    compute_target=compute_target,
+    process_count_per_node=PipelineParameter(
+        name="process_count_param", default_value=1
+    ),
+    node_count=2,
+)
+parallelrun_step = ParallelRunStep(
+    name="predict-digits-mnist",
+    parallel_run_config=parallel_run_config,
+    inputs=[input_mnist_ds_consumption],
+    output=output_dir,
+    allow_reuse=True,
+)""",
+    """\
+from azureml.core.experiment import Experiment
+from azureml.widgets import RunDetails
+
+pipeline = Pipeline(workspace=ws, steps=[parallelrun_step])
+experiment = Experiment(ws, "digit_identification")
+pipeline_run = experiment.submit(pipeline)
+RunDetails(pipeline_run).show()
+pipeline_run.wait_for_completion(show_output=True)""",
+    """\
+path_on_datastore = def_data_store.path("mnist/0.txt")
+single_image_ds = Dataset.File.from_files(path=path_on_datastore, validate=False)
+pipeline_run_2 = experiment.submit(
+    pipeline,
+    pipeline_parameters={
+        "mnist_param": single_image_ds,
+        "batch_size_param": "1",
+        "process_count_param": 1,
+    },
+)
+pipeline_run_2.wait_for_completion(show_output=True)""",
+    """\
+import json
+import tempfile
+
+import pandas as pd
+
+results = {}
+for name, run in (("first", pipeline_run), ("second", pipeline_run_2)):
+    batch_run = run.find_step_run(parallelrun_step.name)[0]
+    batch_output = batch_run.get_output_data(output_dir.name)
+    target_dir = tempfile.mkdtemp()
+    batch_output.download(local_path=target_dir)
+    result_file = os.path.join(
+        target_dir, batch_output.path_on_datastore,
+        parallel_run_config.append_row_file_name,
+    )
+    df = pd.read_csv(result_file, delimiter=":", header=None)
+    df.columns = ["Filename", "Prediction"]
+    results[name] = {
+        "rows": df.values.tolist(),
+        "metrics": batch_run.get_metrics(),
+        "mini_batches": batch_run.mini_batches_total,
+    }
+print("RESULTS " + json.dumps(results))""",
+]
+
+
+def test_parallel_run_step_tutorial_notebook_runs_with_one_line_added(
+    tmp_path: Path,
+    kernel: str,  # noqa: F811 (test_notebook's fixture)
+) -> None:
+    import nbformat
+
+    Workspace.create(tmp_path / "ws").write_config(tmp_path)
+    (tmp_path / "scripts").mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in NOTEBOOK]
+    sources = "\n".join(NOTEBOOK)
+    assert sources.count("daskrun") == 2  # the one line: import and install
+    _execute(nb, tmp_path, kernel)
+
+    printed = {i: _text(cell) for i, cell in enumerate(nb.cells)}
+    assert "creating a new compute target..." in printed[2]
+    assert "'vm_size': 'STANDARD_D2_V2'" in printed[2]
+    assert "uploaded 12 files" in printed[3]
+    line = next(x for x in printed[11].splitlines() if x.startswith("RESULTS "))
+    results = json.loads(line.removeprefix("RESULTS "))
+
+    # a plain loop: files in path order, each value + the model's offset
+    names = sorted(f"{i}.txt" for i in range(12))
+    first = results["first"]
+    assert first["rows"] == [[n, int(n.split(".")[0]) + 100] for n in names]
+    assert first["mini_batches"] == 3  # batch_size_param "5"
+    assert sum(first["metrics"]["files"]) == 12
+    # resubmitted with one file and a mini-batch size of 1
+    second = results["second"]
+    assert second["rows"] == [["0.txt", 100]]
+    assert second["mini_batches"] == 1 and second["metrics"] == {"files": 1}
