@@ -20,11 +20,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 # the engine, which a worker process imports with the plugin
-from .config import Environment, ParallelRunConfig, PipelineParameter
+from .aml import install_as_azureml
+from .config import (
+    CondaDependencies,
+    Environment,
+    ParallelRunConfig,
+    PipelineParameter,
+)
 from .datasets import (
     Dataset,
     DatasetConsumptionConfig,
     FileDataset,
+    OutputFileDatasetConfig,
     PipelineData,
     TabularDataset,
 )
@@ -42,10 +49,12 @@ from .exceptions import (
     ThresholdExceededError,
 )
 from .plugin import EntryScript
+from .runcontext import Run
 
 # the registry (workspace, SQLite run records, compute targets, pipelines),
 # imported on first use: a worker never loads it
 _REGISTRY = {
+    "AmlCompute": "compute",
     "ComputeTarget": "compute",
     "LocalCompute": "compute",
     "RemoteCompute": "compute",
@@ -64,7 +73,13 @@ _REGISTRY = {
 }
 
 if TYPE_CHECKING:
-    from .compute import ComputeTarget, LocalCompute, RemoteCompute, SlurmCompute
+    from .compute import (
+        AmlCompute,
+        ComputeTarget,
+        LocalCompute,
+        RemoteCompute,
+        SlurmCompute,
+    )
     from .models import Model
     from .pipeline import Experiment, Pipeline, PipelineRun
     from .step import ParallelRunStep, StepRun, resume
@@ -89,8 +104,10 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmlCompute",
     "Canceled",
     "ComputeTarget",
+    "CondaDependencies",
     "ConfigError",
     "DaskRunError",
     "DataPath",
@@ -108,6 +125,7 @@ __all__ = [
     "Model",
     "OutputData",
     "OutputError",
+    "OutputFileDatasetConfig",
     "ParallelRunConfig",
     "ParallelRunStep",
     "Pipeline",
@@ -115,6 +133,7 @@ __all__ = [
     "PipelineParameter",
     "PipelineRun",
     "RemoteCompute",
+    "Run",
     "RunTimeoutError",
     "SlurmCompute",
     "StepRun",
@@ -123,5 +142,6 @@ __all__ = [
     "TabularDataset",
     "ThresholdExceededError",
     "Workspace",
+    "install_as_azureml",
     "resume",
 ]

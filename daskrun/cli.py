@@ -292,6 +292,8 @@ def _summary(r: RunRecord) -> dict[str, Any]:
         "outputs": r.outputs,
         "logs_dir": r.logs_dir,
         "reused_from": r.reused_from,
+        "metrics": r.metrics,
+        "tags": r.tags,
     }
 
 
@@ -299,6 +301,9 @@ def _cmd_runs_show(args: argparse.Namespace) -> int:
     root = _root(args)
     record = RunRecord.load(args.run_id, root)
     steps = RunRecord.find(root, parent_id=record.run_id)
+    for step in steps:  # what their entry scripts logged on run.parent
+        record.metrics.update(step.parent_logged.get("metrics", {}))
+        record.tags.update(step.parent_logged.get("tags", {}))
     if args.json:
         print(json.dumps({**_summary(record), "steps": [_summary(s) for s in steps]}))
         return 0

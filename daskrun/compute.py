@@ -38,6 +38,8 @@ from .records import now, runs_dir
 from .registry import registry_row
 
 __all__ = [
+    "AmlCompute",
+    "ComputeStatus",
     "ComputeTarget",
     "LocalCompute",
     "ProvisioningConfiguration",
@@ -171,14 +173,19 @@ class ComputeTarget:
     ComputeTarget(name='cpu-local', kind='local')
     """
 
+    def __new__(cls, workspace: Any = None, name: str | None = None) -> ComputeTarget:
+        # as Azure ML's: ComputeTarget(ws, name) is of its kind's class (copy
+        # and pickle call __new__ without arguments)
+        if (
+            cls is ComputeTarget
+            and name is not None
+            and _row(workspace, name)["kind"] == "aml"
+        ):
+            cls = AmlCompute
+        return super().__new__(cls)
+
     def __init__(self, workspace: Any, name: str):
-        row = registry_row(
-            workspace,
-            "compute_targets",
-            name,
-            "create it with ComputeTarget.create(ws, name, "
-            "LocalCompute.provisioning_configuration())",
-        )
+        row = _row(workspace, name)
         self.workspace = workspace
         self.name = name
         self.kind: str = row["kind"]
@@ -200,6 +207,7 @@ class ComputeTarget:
         if not isinstance(config, ProvisioningConfiguration):
             raise ConfigError(
                 f"provisioning_configuration={config!r} is not one; use "
+                "AmlCompute.provisioning_configuration(max_nodes=2), "
                 "LocalCompute.provisioning_configuration() or a scheduler address"
             )
         with workspace.db() as db:
@@ -214,14 +222,19 @@ class ComputeTarget:
         show_output: bool = False,
         min_node_count: int | None = None,
         timeout_in_minutes: int = 20,
+        is_delete_operation: bool = False,
     ) -> None:
         """Local and attached targets need no provisioning: workers start
         with each step. Kept for the tutorial's code."""
         if show_output:
             print(f"{self!r}: ready")
 
-    def get_status(self) -> str:
-        return "Succeeded"
+    def get_status(self) -> ComputeStatus:
+        """``"Succeeded"``: there is nothing to provision; its
+        ``serialize()`` gives the target's settings as a dict."""
+        return ComputeStatus(
+            "Succeeded", {"name": self.name, "kind": self.kind, **self.options}
+        )
 
     @contextlib.contextmanager
     def connect(
@@ -237,7 +250,9 @@ class ComputeTarget:
                 cluster, node_count, process_count_per_node, on_lost, close=True
             ) as client:
                 yield client
-        elif self.kind == "local":
+        elif self.kind in ("local", "aml"):
+            if self.kind == "aml":
+                _check_nodes(self.name, node_count, self.options["max_nodes"])
             n = node_count * (process_count_per_node or default_process_count())
             with _local_cluster(
                 n,
@@ -249,3 +264,108 @@ class ComputeTarget:
         else:
             with _scheduler(self.options["address"]) as client:
                 yield client
+
+
+def _row(workspace: Any, name: str) -> Any:
+    return registry_row(
+        workspace,
+        "compute_targets",
+        name,
+        "create it with ComputeTarget.create(ws, name, "
+        "AmlCompute.provisioning_configuration(max_nodes=2))",
+    )
+
+
+class ComputeStatus(str):
+    """A compute target's state (``"Succeeded"``), with Azure ML's
+    ``serialize()``: the target's settings as a dict."""
+
+    details: dict[str, Any]
+
+    def __new__(cls, state: str, details: dict[str, Any]) -> ComputeStatus:
+        status = super().__new__(cls, state)
+        status.details = details
+        return status
+
+    def serialize(self) -> dict[str, Any]:
+        return {"provisioningState": str(self), **self.details}
+
+
+class AmlCompute(ComputeTarget):
+    """Azure ML's managed cluster, here a local cluster started for each
+    step: ``node_count`` (at most ``max_nodes``) × ``process_count_per_node``
+    worker processes on this machine.
+
+    >>> config = AmlCompute.provisioning_configuration(
+    ...     vm_size="STANDARD_D2_V2", max_nodes=4)
+    >>> config.options["max_nodes"], config.options["vm_size"]
+    (4, 'STANDARD_D2_V2')
+    """
+
+    @staticmethod
+    def provisioning_configuration(
+        vm_size: str = "",
+        vm_priority: str = "dedicated",
+        min_nodes: int | str = 0,
+        max_nodes: int | str | None = None,
+        idle_seconds_before_scaledown: int | None = None,
+        admin_username: str | None = None,
+        admin_user_password: str | None = None,
+        admin_user_ssh_key: str | None = None,
+        vnet_resourcegroup_name: str | None = None,
+        vnet_name: str | None = None,
+        subnet_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        description: str | None = None,
+        remote_login_port_public_access: str = "NotSpecified",
+        identity_type: str | None = None,
+        identity_id: list[str] | None = None,
+        location: str | None = None,
+        enable_node_public_ip: bool = True,
+    ) -> ProvisioningConfiguration:
+        """Azure ML's parameters, in its order. ``max_nodes`` (default 4)
+        bounds the step's ``node_count``; ``vm_size``, ``vm_priority``,
+        ``min_nodes``, ``idle_seconds_before_scaledown``, ``tags`` and
+        ``description`` are recorded and otherwise unused; the login, network,
+        identity and location parameters are accepted and not kept (a
+        password is never stored)."""
+        low = _node_number("min_nodes", min_nodes, 0)
+        high = _node_number("max_nodes", 4 if max_nodes is None else max_nodes, 1)
+        if low > high:
+            raise ConfigError(
+                f"min_nodes={min_nodes!r} is more than max_nodes={max_nodes!r}; "
+                "pass min_nodes <= max_nodes"
+            )
+        return ProvisioningConfiguration(
+            "aml",
+            {
+                "vm_size": vm_size,
+                "vm_priority": vm_priority,
+                "min_nodes": low,
+                "max_nodes": high,
+                "idle_seconds_before_scaledown": idle_seconds_before_scaledown,
+                "tags": tags or {},
+                "description": description,
+            },
+        )
+
+
+def _node_number(what: str, value: object, least: int) -> int:
+    # os.environ.get("AML_COMPUTE_CLUSTER_MAX_NODES", 4) gives a string
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(
+            f"{what}={value!r} is not a whole number of at least {least}; use e.g. "
+            f"{what}={max(least, 2)}"
+        )
+    return value
+
+
+def _check_nodes(name: str, node_count: int, max_nodes: int) -> None:
+    if node_count > max_nodes:
+        raise ConfigError(
+            f"node_count={node_count} is more than max_nodes={max_nodes} of compute "
+            f"target {name!r}; lower node_count, or create the target again with "
+            f"AmlCompute.provisioning_configuration(max_nodes={node_count})"
+        )

@@ -344,6 +344,24 @@ class Environment:
         installing it.
     environment_variables : dict, optional
         Set on every worker before ``init()``.
+
+    Attributes
+    ----------
+    python : PythonSection
+        Azure ML's ``env.python``: the packages of
+        ``env.python.conda_dependencies`` (a :class:`CondaDependencies`) are
+        checked with ``pip_packages``.
+    docker : DockerSection
+        Azure ML's ``env.docker`` (``enabled``, ``base_image``): accepted
+        and unused, as workers run in their existing environment.
+
+    Examples
+    --------
+    >>> env = Environment("batch")
+    >>> env.python.conda_dependencies = CondaDependencies.create(
+    ...     pip_packages=["pillow", "azureml-core"])
+    >>> env.pip_packages
+    ['pillow']
     """
 
     def __init__(
@@ -352,22 +370,188 @@ class Environment:
         pip_packages: Sequence[str] | None = None,
         environment_variables: Mapping[str, str] | None = None,
     ):
-        from packaging.requirements import InvalidRequirement, Requirement
-
         self.name = name
-        self.pip_packages = list(pip_packages or [])
-        for package in self.pip_packages:
-            try:
-                Requirement(package)
-            except InvalidRequirement:
-                raise ConfigError(
-                    f"pip_packages item {package!r} is not a requirement; use e.g. "
-                    "'pillow' or 'tensorflow-cpu>=2.16'"
-                ) from None
+        self._pip_packages = _requirements("pip_packages", pip_packages or [])
         self.environment_variables = dict(environment_variables or {})
+        self.python = PythonSection()
+        self.docker = DockerSection()
+
+    @property
+    def pip_packages(self) -> list[str]:
+        """What every worker must have: ``pip_packages`` and the packages of
+        ``python.conda_dependencies``; Azure ML's own (``azureml-*``) are
+        daskrun's to provide and are left out."""
+        conda = self.python.conda_dependencies
+        extra = [] if conda is None else conda.requirements()
+        found = [
+            *self._pip_packages,
+            *(p for p in extra if p not in self._pip_packages),
+        ]
+        return [p for p in found if not _is_azureml(p)]
+
+    @pip_packages.setter
+    def pip_packages(self, value: Sequence[str]) -> None:
+        self._pip_packages = _requirements("pip_packages", value)
 
     def __repr__(self) -> str:
         return f"Environment(name={self.name!r}, pip_packages={self.pip_packages!r})"
+
+
+# Azure ML's base images, for env.docker.base_image: recorded, not pulled
+DEFAULT_CPU_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu20.04"
+DEFAULT_GPU_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-cuda11.1-cudnn8-ubuntu20.04"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _requirements(what: str, packages: Sequence[str]) -> list[str]:
+    """``packages`` as a list, each checked to be a pip requirement."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    if isinstance(packages, str):
+        raise ConfigError(
+            f"{what}={packages!r} is one string; pass a list, e.g. [{packages!r}]"
+        )
+    for package in packages:
+        try:
+            Requirement(package)
+        except InvalidRequirement:
+            raise ConfigError(
+                f"{what} item {package!r} is not a requirement; use e.g. "
+                "'pillow' or 'tensorflow-cpu>=2.16'"
+            ) from None
+    return list(packages)
+
+
+def _is_azureml(requirement: str) -> bool:
+    found = _NAME.match(requirement)
+    return found is not None and found.group().lower().startswith("azureml")
+
+
+class PythonSection:
+    """Azure ML's ``Environment.python``: ``conda_dependencies`` is checked;
+    ``user_managed_dependencies`` and ``interpreter_path`` are accepted and
+    unused (workers run in their existing environment)."""
+
+    def __init__(self) -> None:
+        self.conda_dependencies: CondaDependencies | None = None
+        self.user_managed_dependencies = False
+        self.interpreter_path = "python"
+
+
+class DockerSection:
+    """Azure ML's ``Environment.docker``: accepted and unused."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.base_image: str | None = DEFAULT_CPU_IMAGE
+        self.base_dockerfile: str | None = None
+
+
+class CondaDependencies:
+    """Azure ML's package list of an :class:`Environment`; daskrun checks its
+    packages on every worker, as ``Environment(pip_packages=...)``.
+
+    Pip packages are checked by name and version; conda packages by name
+    (conda's version syntax is not pip's; ``python`` and ``pip`` are left
+    out). Channels and ``pip_indexurl`` are kept and unused: nothing is
+    installed.
+
+    >>> deps = CondaDependencies.create(pip_packages=["pillow"],
+    ...                                 conda_packages=["numpy=1.26"])
+    >>> deps.requirements()
+    ['pillow', 'numpy']
+    """
+
+    def __init__(self, conda_dependencies_file_path: str | None = None, **_: Any):
+        self._pip: list[str] = []
+        self._conda: list[str] = []
+        self.channels: list[str] = []
+        self.pip_indexurl: str | None = None
+        self.python_version: str | None = None
+        if conda_dependencies_file_path is not None:
+            self._load(conda_dependencies_file_path)
+
+    @staticmethod
+    def create(
+        pip_indexurl: str | None = None,
+        pip_packages: Sequence[str] | None = None,
+        conda_packages: Sequence[str] | None = None,
+        python_version: str | None = None,
+        pin_sdk_version: bool = True,
+    ) -> CondaDependencies:
+        """A package list; ``python_version`` is recorded, not installed."""
+        deps = CondaDependencies()
+        deps.pip_indexurl = pip_indexurl
+        deps.python_version = python_version
+        for package in _requirements("pip_packages", pip_packages or []):
+            deps.add_pip_package(package)
+        for package in conda_packages or []:
+            deps.add_conda_package(package)
+        return deps
+
+    def _load(self, path: str) -> None:
+        try:
+            with open(path) as f:
+                spec = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(
+                f"conda_dependencies_file_path={path!r} cannot be read ({e}); "
+                "pass a conda environment file (name, channels, dependencies)"
+            ) from None
+        self.channels = list(spec.get("channels") or [])
+        for dep in spec.get("dependencies") or []:
+            if isinstance(dep, dict):
+                for package in dep.get("pip") or []:
+                    self.add_pip_package(package)
+            else:
+                self.add_conda_package(str(dep))
+
+    def add_pip_package(self, pip_package: str) -> None:
+        (package,) = _requirements("pip_packages", [pip_package])
+        if package not in self._pip:
+            self._pip.append(package)
+
+    def add_conda_package(self, conda_package: str) -> None:
+        if not isinstance(conda_package, str) or not _NAME.match(conda_package):
+            raise ConfigError(
+                f"conda_packages item {conda_package!r} is not a conda package; "
+                "use e.g. 'numpy' or 'numpy=1.26'"
+            )
+        if conda_package not in self._conda:
+            self._conda.append(conda_package)
+
+    def add_channel(self, channel: str) -> None:
+        if channel not in self.channels:
+            self.channels.append(channel)
+
+    @property
+    def pip_packages(self) -> list[str]:
+        return list(self._pip)
+
+    @property
+    def conda_packages(self) -> list[str]:
+        return list(self._conda)
+
+    def requirements(self) -> list[str]:
+        """What the workers must have, as pip requirements."""
+        names = [m.group() for m in map(_NAME.match, self._conda) if m is not None]
+        conda = [n for n in names if n.lower() not in ("python", "pip")]
+        return [*self._pip, *(n for n in conda if n not in self._pip)]
+
+    def serialize_to_string(self) -> str:
+        """The conda environment file these dependencies make."""
+        deps: list[Any] = (
+            [f"python={self.python_version}"] if self.python_version else []
+        )
+        deps += [*self._conda, "pip", {"pip": self._pip}]
+        spec = {"name": "daskrun", "channels": self.channels, "dependencies": deps}
+        return str(yaml.safe_dump(spec, sort_keys=False))
+
+    def __repr__(self) -> str:
+        return (
+            f"CondaDependencies(pip_packages={self._pip!r}, "
+            f"conda_packages={self._conda!r})"
+        )
 
 
 def missing_packages(requirements: Sequence[str]) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob as globlib
 import os
+import posixpath
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,7 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 from .config import PipelineParameter, check_name, config_get, mini_batch_size_for
 from .delimited import CsvBatch, check_csv_options, plan_csv, read_csv
 from .exceptions import ConfigError, DaskRunError, InputError
-from .storage import describe_error, redact, within
+from .storage import describe_error, redact, storage_errors, within
 
 if TYPE_CHECKING:
     import dask.bag
@@ -344,6 +345,27 @@ class _DatasetBase:
     def as_download(self) -> Any:
         return self
 
+    def _where(self) -> str:
+        if self.datastore is not None:
+            return f"datastore {self.datastore.name!r}"
+        return f"storage for {self.given!r}"
+
+
+def _relative(files: Sequence[str], storage_options: StorageOptions) -> list[str]:
+    """The files' paths below their common folder, as Azure ML's
+    ``to_path()`` gives them: ``/<path>`` with ``/`` separators."""
+    if not files:
+        return []
+    fs, _ = url_to_fs(files[0], **storage_options)
+    paths = [fs._strip_protocol(f).replace(os.sep, "/") for f in files]
+    base = posixpath.dirname(paths[0]) if len(paths) == 1 else _folder_of(paths)
+    return ["/" + posixpath.relpath(p, base) for p in paths]
+
+
+def _folder_of(paths: Sequence[str]) -> str:
+    common = posixpath.commonpath(list(paths))
+    return posixpath.dirname(common) if common in paths else common
+
     def __repr__(self) -> str:  # never shows storage_options: they hold secrets
         if self.name is not None:
             return f"{type(self).__name__}(name={self.name!r}, version={self.version})"
@@ -446,6 +468,49 @@ class FileDataset(_DatasetBase):
         """
         return plan_files(self.files(), mini_batch_size_for("file", mini_batch_size))
 
+    def to_path(self) -> list[str]:
+        """The files' paths below their common folder, each starting with
+        ``/``: where :meth:`download` puts them under its ``target_path``.
+
+        >>> import pathlib, tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> (d / "a").mkdir(); _ = (d / "a" / "1.png").write_bytes(b"")
+        >>> _ = (d / "2.png").write_bytes(b"")
+        >>> FileDataset(str(d)).to_path()
+        ['/2.png', '/a/1.png']
+        """
+        return _relative(self.files(), self.storage_options)
+
+    def download(
+        self,
+        target_path: str | os.PathLike[str] | None = None,
+        overwrite: bool = False,
+        ignore_not_found: bool = False,
+    ) -> list[str]:
+        """Copy the files to ``target_path`` (default: a new temporary
+        folder), laid out as :meth:`to_path` says; returns their local paths.
+        A file already there is refused unless ``overwrite``."""
+        target = (
+            tempfile.mkdtemp(prefix="daskrun-dataset-")
+            if target_path is None
+            else os.fspath(target_path)
+        )
+        files = self.files()
+        local = [os.path.join(target, *p.split("/")) for p in self.to_path()]
+        if not overwrite:
+            there = [p for p in local if os.path.exists(p)]
+            if there:
+                raise ConfigError(
+                    f"{len(there)} files are already in {target!r}, e.g. "
+                    f"{there[0]!r}; pass overwrite=True or another target_path"
+                )
+        fs, _ = url_to_fs(files[0], **self.storage_options)
+        with storage_errors(self._where(), self.storage_options, "downloading"):
+            for remote, path in zip(files, local, strict=True):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fs.get(fs._strip_protocol(remote), path)
+        return local
+
     def to_bag(self, mini_batch_size: object = None) -> dask.bag.Bag:
         """The mini-batches as a Dask bag of lists of paths."""
         import dask.bag as db
@@ -497,6 +562,21 @@ class TabularDataset(_DatasetBase):
                     rows = sum(groups[i][1] for i in rgs)
                     yield ParquetBatch(index, path, tuple(rgs), rows)
                     index += 1
+
+    def to_pandas_dataframe(
+        self, on_error: str = "null", out_of_range_datetime: str = "null"
+    ) -> pd.DataFrame:
+        """The whole data set in one DataFrame, read as workers read its
+        mini-batches (``on_error`` and ``out_of_range_datetime`` are
+        accepted and unused: pandas' own parsing applies)."""
+        import pandas as pd
+
+        # one mini-batch per file: the whole file, read once
+        whole = [
+            read_tabular(b, self.storage_options, self.pandas_kwargs)
+            for b in self.plan(1 << 62)
+        ]
+        return pd.concat(whole, ignore_index=True) if whole else pd.DataFrame()
 
     def to_dask_dataframe(
         self, mini_batch_size: object = None
@@ -749,3 +829,41 @@ class PipelineData:
 
     def __repr__(self) -> str:
         return f"PipelineData(name={self.name!r})"
+
+
+class OutputFileDatasetConfig(PipelineData):
+    """Azure ML's ``OutputFileDatasetConfig`` where it fits: a step's output
+    folder, as :class:`PipelineData`.
+
+    ``destination=(datastore, path)`` names the datastore; the output is
+    written to ``daskrun/<step run id>/<name>/`` on it, as PipelineData's is
+    (the ``path`` is recorded and unused). ``as_mount()``, ``as_upload()``
+    and ``as_input()`` return the output itself.
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        destination: tuple[Any, str] | None = None,
+        source: str | None = None,
+        partition_format: str | None = None,
+    ):
+        if name is None:
+            raise ConfigError(
+                "OutputFileDatasetConfig needs a name here (daskrun names the "
+                "output folder after it); pass name='inferences'"
+            )
+        datastore, path = destination or (None, None)
+        self.destination_path: str | None = path  # recorded, unused
+        super().__init__(name, datastore)
+
+    def as_mount(self, disable_metadata_cache: bool = False) -> OutputFileDatasetConfig:
+        return self
+
+    def as_upload(
+        self, overwrite: bool = False, source_globs: Any = None
+    ) -> OutputFileDatasetConfig:
+        return self
+
+    def as_input(self, name: str | None = None) -> OutputFileDatasetConfig:
+        return self

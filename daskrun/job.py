@@ -21,7 +21,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import astuple
 from pathlib import Path
 from typing import Any, Protocol
@@ -84,6 +84,7 @@ class Record(Protocol):
         counts: dict[str, int],
         output_path: str | None,
         logs_dir: str,
+        logged: Iterable[Sequence[Any]] = (),
     ) -> None: ...
 
 
@@ -107,6 +108,10 @@ class BoundStep(Protocol):
     def output(self) -> str | None: ...
     @property
     def output_storage_options(self) -> dict[str, Any]: ...
+    @property
+    def experiment(self) -> str | None: ...  # for Run.get_context()
+    @property
+    def parent_id(self) -> str | None: ...
     @property
     def config(self) -> ParallelRunConfig: ...
 
@@ -411,7 +416,14 @@ class Job:
         try:
             self.console.close()
             self.watch.tick(status, force=True)
-            record.end(status, error, self.tally.counts(), final, str(self.logs.dir))
+            record.end(
+                status,
+                error,
+                self.tally.counts(),
+                final,
+                str(self.logs.dir),
+                self.logs.logged,
+            )
             self.logs.finish(
                 status=status,
                 run_id=self.run_id,
@@ -463,6 +475,8 @@ class Job:
             script=script,
             script_display=cfg.entry_script,
             source_directory=cfg.source_directory,
+            experiment=step.experiment,
+            parent_id=step.parent_id,
             arguments=[sides.get(id(a), a) for a in step.arguments],
             side_inputs=list(sides.values()),
             environment_variables=cfg.environment_variables,

@@ -106,3 +106,33 @@ def fetch(ref: ModelRef, target: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Model:
+    """``Model`` as an entry script has it on a worker: ``from azureml.core
+    import Model`` there (see :mod:`daskrun.aml`), with what ``init()``
+    needs and no registry behind it.
+
+    >>> Model.get_model_path("mnist")  # doctest: +SKIP
+    '/tmp/daskrun-models/3f2a.../mnist-tf'
+    """
+
+    def __init__(self, workspace: Any = None, name: str | None = None, **_: Any):
+        raise ConfigError(
+            f"Model(workspace, {name!r}) opens the workspace's registry, which a "
+            "worker does not load; in an entry script use "
+            "Model.get_model_path(model_name)"
+        )
+
+    @staticmethod
+    def get_model_path(model_name: str, version: int | None = None) -> str:
+        """A local path to a registered model, for ``init()``."""
+        refs = worker_models()
+        if refs is None:
+            raise ConfigError(
+                f"Model.get_model_path({model_name!r}): this step was run without "
+                "a workspace, so no registered models were shipped to its "
+                "workers; run it with step.run(workspace=ws) or in a Pipeline "
+                "of that workspace"
+            )
+        return local_model_path(refs, model_name, version)

@@ -166,6 +166,8 @@ class JobLogs:
         self._failed_writer.writerow(FAILED_COLUMNS)
         self._failed_writer.writerows(earlier)
         self._user: dict[tuple[str, str], IO[str]] = {}
+        # what Run.get_context() logged: (run, kind, name, value) entries
+        self.logged: list[tuple[Any, ...]] = []
         self.workers: dict[str, WorkerStats] = collections.defaultdict(WorkerStats)
         self.latest_errors: collections.deque[str] = collections.deque(maxlen=10)
         self.started = time.monotonic()
@@ -207,7 +209,9 @@ class JobLogs:
             )
 
     def user_output(self, result: TryResult) -> None:
-        """Append what the script printed and logged to its worker's files."""
+        """Append what the script printed and logged to its worker's files,
+        and its metrics and tags to :attr:`logged`."""
+        self.logged.extend(result.logged)
         for kind, text in (("stdout", result.stdout), ("entry_script_log", result.log)):
             if not text:
                 continue

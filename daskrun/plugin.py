@@ -39,10 +39,12 @@ from typing import TYPE_CHECKING, Any
 from distributed import WorkerPlugin, get_worker
 from fsspec.core import url_to_fs
 
+from .aml import install_entry_script_shims
 from .datasets import FileBatch, MiniBatch, localize_files, read_tabular
 from .exceptions import ConfigError, EntryScriptError
 from .modelrefs import ModelRef, set_worker_models
 from .output import OutputTarget, format_rows, printable, write_part
+from .runcontext import Logged, WorkerRun, set_worker_run
 from .storage import hide
 
 if TYPE_CHECKING:
@@ -286,6 +288,8 @@ class TryResult:
     # what init() (first result of a worker) and run() printed and logged
     stdout: str = ""
     log: str = ""
+    # what Run.get_context() logged: (run, kind, name, value) entries
+    logged: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -423,6 +427,7 @@ class _Capture:
         self.logger.addHandler(handler)
         self.logger.setLevel(level)
         self.logger.propagate = False
+        self.logged = Logged()  # Run.get_context()'s metrics and tags
 
     def redirect(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.redirect_stdout(self.out)
@@ -520,7 +525,8 @@ class EntryScriptPlugin(WorkerPlugin):
     environment_variables : dict
         Set before ``init()``.
     output_path : str
-        The step's output folder, as ``DASKRUN_OUTPUT_PATH``.
+        The step's output folder, as ``DASKRUN_OUTPUT_PATH`` (and Azure
+        ML's ``AZUREML_BI_OUTPUT_PATH``).
     models : list of ModelRef, optional
         The workspace's registered models, for ``Model.get_model_path``.
     secrets : list of str, optional
@@ -529,6 +535,8 @@ class EntryScriptPlugin(WorkerPlugin):
     source_directory : str, optional
         The source directory on the client: tracebacks name the worker's
         copies of its files by their paths there.
+    experiment, parent_id : str, optional
+        The pipeline run's experiment and id, for ``Run.get_context()``.
     """
 
     def __init__(
@@ -548,8 +556,12 @@ class EntryScriptPlugin(WorkerPlugin):
         logging_level: str = "INFO",
         secrets: Sequence[str] = (),
         source_directory: str | None = None,
+        experiment: str | None = None,
+        parent_id: str | None = None,
     ):
         self.name = name
+        self.experiment = experiment
+        self.parent_id = parent_id
         self.source_directory = source_directory
         self.secrets = list(secrets)
         self.logging_level = logging_level
@@ -575,6 +587,11 @@ class EntryScriptPlugin(WorkerPlugin):
         state.pop("watchdog", None)
         state.pop("capture", None)
         return state
+
+    @property
+    def run_id(self) -> str:
+        """The step run's id (the plugin is named ``daskrun-<run id>``)."""
+        return self.name.removeprefix("daskrun-")
 
     @property
     def events_topic(self) -> str:
@@ -633,7 +650,16 @@ class EntryScriptPlugin(WorkerPlugin):
                 sys.path.insert(0, self.folder)
             os.environ.update(self.environment_variables)
             os.environ["DASKRUN_OUTPUT_PATH"] = self.output_path
+            os.environ["AZUREML_BI_OUTPUT_PATH"] = self.output_path
             set_worker_models(self.models)
+            # Azure ML's imports (azureml.core, azureml_user.parallel_run)
+            # resolve to daskrun's where the SDK is not installed
+            install_entry_script_shims()
+            set_worker_run(
+                WorkerRun(
+                    self.run_id, self.experiment, self.parent_id, self.capture.logged
+                )
+            )
             path = os.path.join(self.folder, self.script)
             local = {id(s): s.materialize(self.folder) for s in self.side_inputs}
             sys.argv = [
@@ -772,8 +798,9 @@ def process_mini_batches(
     for batch, try_no in tries:
         result = _process(plugin, batch, try_no, cache_root)
         stdout, log = plugin.capture.take()
-        if stdout or log:
-            result = dataclasses.replace(result, stdout=stdout, log=log)
+        logged = plugin.capture.logged.take()
+        if stdout or log or logged:
+            result = dataclasses.replace(result, stdout=stdout, log=log, logged=logged)
         results.append(result)
     return results
 

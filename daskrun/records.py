@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any
 
 from .config import config_get
 from .exceptions import ConfigError
+from .runcontext import RunLog
 from .storage import FileLock
 
 DATABASE = "runs.db"
@@ -104,6 +105,12 @@ class RunRecord:
     # PipelineData written by a step: name -> {"datastore": ..., "path": ...}
     outputs: dict[str, dict[str, str]] = field(default_factory=dict)
     fingerprint: str | None = None
+    # what the entry script logged through Run.get_context() (runcontext.RunLog:
+    # a value, a list, or a table of columns per name), and on run.parent:
+    # {"metrics": ..., "tags": ...}, shown as the pipeline run's
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, Any] = field(default_factory=dict)
+    parent_logged: dict[str, dict[str, Any]] = field(default_factory=dict)
     # the planned mini-batches and their inputs (see PlanLedger)
     inputs_digest: str | None = None
     reused_from: str | None = None
@@ -136,11 +143,31 @@ class RunRecord:
         counts: dict[str, int],
         output_path: str | None,
         logs_dir: str,
+        logged: Iterable[Sequence[Any]] = (),
     ) -> None:
-        """Record how the run ended, and save."""
+        """Record how the run ended and what its entry script logged
+        (:meth:`add_logged`), and save."""
         self.status, self.error, self.ended = status, error, now()
         self.counts, self.output_path, self.logs_dir = counts, output_path, logs_dir
+        self.add_logged(logged)
         self.save()
+
+    def add_logged(self, entries: Iterable[Sequence[Any]]) -> None:
+        """Add what the entry script logged through ``Run.get_context()``
+        (``(run, kind, name, value)`` entries) to :attr:`metrics` and
+        :attr:`tags`, or to :attr:`parent_logged`; a resumed run adds to
+        its earlier attempts'."""
+        parent = self.parent_logged
+        logs = {
+            "self": RunLog(self.metrics, self.tags),
+            "parent": RunLog(
+                parent.setdefault("metrics", {}), parent.setdefault("tags", {})
+            ),
+        }
+        for entry in entries:
+            logs[entry[0]].add([entry])
+        if not any(parent.values()):
+            self.parent_logged = {}
 
     def save(self) -> None:
         """Insert or update this record (atomic; safe across processes)."""

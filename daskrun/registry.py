@@ -354,40 +354,78 @@ class Datastore:
     def upload(
         self,
         src_dir: str | os.PathLike[str],
-        target_path: str = "",
+        target_path: str | None = None,
         overwrite: bool = False,
-        show_progress: bool = False,
+        show_progress: bool = True,
     ) -> DataPath:
-        """Copy a local folder's files to ``target_path`` on this datastore."""
-        self._inside(target_path)
+        """Copy a local folder's files to ``target_path`` on this datastore
+        (default: its root), as Azure ML's ``Datastore.upload``."""
+        target = self._inside(target_path or "").strip("/")
         src = Path(src_dir)
         if not src.is_dir():
-            raise ConfigError(f"src_dir={os.fspath(src_dir)!r} is not a folder")
+            raise ConfigError(
+                f"src_dir={os.fspath(src_dir)!r} is not a folder; pass a folder, "
+                "or use upload_files(files) for single files"
+            )
         files = [p for p in sorted(src.rglob("*")) if p.is_file()]
-        self._put(
-            [
-                (p, f"{target_path.strip('/')}/{p.relative_to(src).as_posix()}")
-                for p in files
-            ],
-            overwrite,
-        )
-        if show_progress:
-            print(f"uploaded {len(files)} files to {self.name}:{target_path}")
-        return self.path(target_path)
+        return self._upload(files, src, target, overwrite, show_progress)
 
     def upload_files(
         self,
         files: list[str | os.PathLike[str]],
-        target_path: str = "",
+        relative_root: str | os.PathLike[str] | None = None,
+        target_path: str | None = None,
         overwrite: bool = False,
+        show_progress: bool = True,
     ) -> DataPath:
-        """Copy local files to the folder ``target_path`` on this datastore."""
-        self._inside(target_path)
-        self._put(
-            [(Path(f), f"{target_path.strip('/')}/{Path(f).name}") for f in files],
-            overwrite,
-        )
-        return self.path(target_path)
+        """Copy local files to ``target_path`` on this datastore, as Azure
+        ML's ``Datastore.upload_files``: each keeps its path below
+        ``relative_root`` (default: only its base name is kept)."""
+        target = self._inside(target_path or "").strip("/")
+        paths = [Path(f) for f in files]
+        root = None if relative_root is None else Path(relative_root).resolve()
+        if root is not None:
+            outside = [p for p in paths if not p.resolve().is_relative_to(root)]
+            if outside:
+                raise ConfigError(
+                    f"relative_root={os.fspath(relative_root or '')!r} does not "
+                    f"hold {os.fspath(outside[0])!r}; pass a folder that holds "
+                    "every file, or relative_root=None"
+                )
+        return self._upload(paths, root, target, overwrite, show_progress)
+
+    def _upload(
+        self,
+        files: list[Path],
+        root: Path | None,
+        target: str,
+        overwrite: bool,
+        show_progress: bool,
+    ) -> DataPath:
+        def rel(p: Path) -> str:
+            return p.name if root is None else p.resolve().relative_to(root).as_posix()
+
+        self._put([(p, posixpath.join(target, rel(p))) for p in files], overwrite)
+        if show_progress:
+            print(f"uploaded {len(files)} files to {self.name}:{target or '/'}")
+        return self.path(target)
+
+    def download(
+        self,
+        target_path: str | os.PathLike[str],
+        prefix: str | None = None,
+        overwrite: bool = False,
+        show_progress: bool = True,
+    ) -> int:
+        """Copy the files under ``prefix`` (default: all) to ``target_path``,
+        each at its path on the datastore, as Azure ML's
+        ``Datastore.download``; returns how many were copied."""
+        path = self._inside(prefix or "")
+        target = Path(target_path) / path.strip("/")
+        files = self.backend.download(path, target, overwrite)
+        if show_progress:
+            print(f"downloaded {len(files)} files from {self.name} to {target_path}")
+        return len(files)
 
     def _put(self, pairs: list[tuple[Path, str]], overwrite: bool) -> None:
         self.backend.upload(pairs, overwrite)

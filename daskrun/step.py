@@ -99,6 +99,8 @@ class StepRun:
     parameters: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, dict[str, str]] = field(default_factory=dict)
     workspace: Any = field(default=None, repr=False, compare=False)
+    metrics: dict[str, Any] = field(default_factory=dict, repr=False)
+    tags: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_record(cls, record: RunRecord, workspace: Any = None) -> StepRun:
@@ -120,6 +122,8 @@ class StepRun:
             parameters=record.parameters,
             outputs=record.outputs,
             workspace=workspace,
+            metrics=record.metrics,
+            tags=record.tags,
         )
 
     @property
@@ -128,6 +132,13 @@ class StepRun:
 
     def get_status(self) -> str:
         return self.status
+
+    def get_metrics(self, name: str | None = None) -> dict[str, Any]:
+        """What the entry script logged through ``Run.get_context()``."""
+        return dict(self.metrics) if name is None else {name: self.metrics[name]}
+
+    def get_tags(self) -> dict[str, Any]:
+        return dict(self.tags)
 
     def get_details(self) -> dict[str, Any]:
         """Status, counts, parameters, outputs and where the logs are."""

@@ -73,7 +73,7 @@ def test_backend_contract(store: Datastore, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="already exists.*overwrite=True"):
         store.upload(str(src), "in/")
     (src / "a.txt").write_text("a2")
-    store.upload_files([src / "a.txt"], "in/", overwrite=True)
+    store.upload_files([src / "a.txt"], target_path="in/", overwrite=True)
 
     # download copies every file under a path
     got = backend.download("in", tmp_path / "got")
@@ -111,7 +111,7 @@ def test_unreachable_endpoint_is_a_storage_timeout_naming_the_datastore(
             endpoint="http://127.0.0.1:{port}/devstoreaccount1")
         start = time.monotonic()
         try:
-            store.upload_files([{__file__!r}], "x/")
+            store.upload_files([{__file__!r}], target_path="x/")
         except daskrun.StorageError as e:
             print(json.dumps({{
                 "types": [c.__name__ for c in type(e).__mro__],
@@ -152,7 +152,7 @@ def test_bad_key_is_a_storage_error_without_the_key(
     )
     (tmp_path / "a.txt").write_text("a")
     with pytest.raises(StorageError) as caught:
-        store.upload_files([tmp_path / "a.txt"], "x/")
+        store.upload_files([tmp_path / "a.txt"], target_path="x/")
     error = caught.value
     assert error.datastore == "badkey"
     assert error.action == "upload"

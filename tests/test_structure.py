@@ -130,8 +130,8 @@ def test_no_import_cycle_between_daskrun_modules() -> None:
 ENGINE = {
     f"daskrun.{name}"
     for name in (
-        "cluster config dashboard datasets delimited exceptions job jobqueue "
-        "ledger modelrefs monitor output plugin runner storage"
+        "aml cluster config dashboard datasets delimited exceptions job jobqueue "
+        "ledger modelrefs monitor output plugin runcontext runner storage"
     ).split()
 }
 

@@ -1,0 +1,213 @@
+"""Azure ML's module names for daskrun's classes, where the SDK is not installed.
+
+Two entry points, in the manner of ``pymysql.install_as_MySQLdb()``:
+
+- :func:`install_as_azureml` (driver code, one line in a notebook) makes
+  ``azureml.core``, ``azureml.pipeline.steps`` and the rest importable;
+- :func:`install_entry_script_shims` (called by the worker plugin before it
+  imports an entry script) does the same on a worker, where ``Model`` is
+  the worker's (``Model.get_model_path``) so that no registry module and
+  no SQLite is loaded there.
+
+Nothing is shadowed: the modules come from a finder placed *last* on
+``sys.meta_path``, so an installed SDK (or ``azureml_user``) is always found
+first, and a submodule is served only when its top-level package is this
+shim's, never beside a real ``azureml`` package. Names resolve lazily
+(PEP 562 module ``__getattr__``): ``from azureml.core import Run`` imports
+the engine only.
+
+>>> import daskrun
+>>> daskrun.install_as_azureml()
+>>> from azureml.pipeline.steps import ParallelRunConfig  # doctest: +SKIP
+>>> ParallelRunConfig is daskrun.ParallelRunConfig  # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+# Azure ML module -> {name: "daskrun module:attribute"}; the registry's
+# modules are named here as strings and imported on first use of a name
+_MODEL = "daskrun.models:Model"
+_WORKER_MODEL = "daskrun.modelrefs:Model"
+MODULES: dict[str, dict[str, str]] = {
+    "azureml": {},
+    "azureml.core": {
+        "ComputeTarget": "daskrun.compute:ComputeTarget",
+        "Dataset": "daskrun.datasets:Dataset",
+        "Datastore": "daskrun.workspace:Datastore",
+        "Environment": "daskrun.config:Environment",
+        "Experiment": "daskrun.pipeline:Experiment",
+        "Model": _MODEL,
+        "Run": "daskrun.runcontext:Run",
+        "VERSION": "daskrun:__version__",
+        "Workspace": "daskrun.workspace:Workspace",
+    },
+    "azureml.core.compute": {
+        "AmlCompute": "daskrun.compute:AmlCompute",
+        "ComputeTarget": "daskrun.compute:ComputeTarget",
+    },
+    "azureml.core.compute_target": {
+        "ComputeTargetException": "daskrun.exceptions:ConfigError",
+    },
+    "azureml.core.conda_dependencies": {
+        "CondaDependencies": "daskrun.config:CondaDependencies",
+    },
+    "azureml.core.dataset": {"Dataset": "daskrun.datasets:Dataset"},
+    "azureml.core.datastore": {"Datastore": "daskrun.workspace:Datastore"},
+    "azureml.core.environment": {"Environment": "daskrun.config:Environment"},
+    "azureml.core.experiment": {"Experiment": "daskrun.pipeline:Experiment"},
+    "azureml.core.model": {"Model": _MODEL},
+    "azureml.core.run": {"Run": "daskrun.runcontext:Run"},
+    "azureml.core.runconfig": {
+        "DEFAULT_CPU_IMAGE": "daskrun.config:DEFAULT_CPU_IMAGE",
+        "DEFAULT_GPU_IMAGE": "daskrun.config:DEFAULT_GPU_IMAGE",
+    },
+    "azureml.core.workspace": {"Workspace": "daskrun.workspace:Workspace"},
+    "azureml.data": {
+        "FileDataset": "daskrun.datasets:FileDataset",
+        "OutputFileDatasetConfig": "daskrun.datasets:OutputFileDatasetConfig",
+        "TabularDataset": "daskrun.datasets:TabularDataset",
+    },
+    "azureml.data.datapath": {"DataPath": "daskrun.workspace:DataPath"},
+    "azureml.data.dataset_consumption_config": {
+        "DatasetConsumptionConfig": "daskrun.datasets:DatasetConsumptionConfig",
+    },
+    "azureml.data.output_dataset_config": {
+        "OutputFileDatasetConfig": "daskrun.datasets:OutputFileDatasetConfig",
+    },
+    "azureml.pipeline": {},
+    "azureml.pipeline.core": {
+        "Pipeline": "daskrun.pipeline:Pipeline",
+        "PipelineData": "daskrun.datasets:PipelineData",
+        "PipelineParameter": "daskrun.config:PipelineParameter",
+        "PipelineRun": "daskrun.pipeline:PipelineRun",
+        "StepRun": "daskrun.step:StepRun",
+    },
+    "azureml.pipeline.steps": {
+        "ParallelRunConfig": "daskrun.config:ParallelRunConfig",
+        "ParallelRunStep": "daskrun.step:ParallelRunStep",
+    },
+    "azureml.widgets": {"RunDetails": "daskrun.widgets:RunDetails"},
+    "azureml_user": {},
+    "azureml_user.parallel_run": {"EntryScript": "daskrun.plugin:EntryScript"},
+}
+
+_TOPS = ("azureml", "azureml_user")
+# "driver" once install_as_azureml() ran in this process, else "worker"
+_mode: str | None = None
+
+
+def install_as_azureml() -> None:
+    """Make Azure ML's SDK v1 names importable from daskrun's classes, for
+    notebooks and driver scripts: ``from azureml.core import Workspace``.
+
+    An installed Azure ML SDK is never shadowed: it is found first and used.
+    Idempotent. See the README's "Coming from Azure ML" for what maps to
+    what and what is accepted but unused off Azure.
+
+    Examples
+    --------
+    >>> import daskrun
+    >>> daskrun.install_as_azureml()
+    """
+    global _mode
+    _install()
+    if _mode != "driver":
+        _mode = "driver"
+        _forget("Model")  # a worker's Model may have been resolved here
+
+
+def install_entry_script_shims() -> None:
+    """On a worker, before the entry script is imported: the same modules,
+    with ``Model`` the worker's (``Model.get_model_path``), so that no
+    registry module is loaded. A no-op for names the SDK provides."""
+    global _mode
+    _install()
+    if _mode is None:
+        _mode = "worker"
+
+
+def is_shim(module: object) -> bool:
+    """Whether ``module`` is one of these alias modules (not the SDK's)."""
+    return bool(getattr(module, "__daskrun_shim__", False))
+
+
+def _install() -> None:
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.append(_Finder())  # last: anything installed wins
+
+
+def _forget(name: str) -> None:
+    for module_name, names in MODULES.items():
+        module = sys.modules.get(module_name)
+        if name in names and is_shim(module):
+            vars(module).pop(name, None)
+
+
+def _target(module_name: str, name: str) -> str:
+    target = MODULES[module_name][name]
+    return _WORKER_MODEL if target == _MODEL and _mode == "worker" else target
+
+
+class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds the alias modules that nothing before it on ``sys.meta_path``
+    found."""
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in MODULES:
+            return None
+        top = fullname.split(".", 1)[0]
+        if fullname != top and not is_shim(sys.modules.get(top)):
+            return None  # a submodule beside a real azureml: never ours
+        package = any(m.startswith(fullname + ".") for m in MODULES)
+        return importlib.util.spec_from_loader(fullname, self, is_package=package)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None  # the default module
+
+    def exec_module(self, module: ModuleType) -> None:
+        module_name = module.__name__
+        names = MODULES[module_name]
+        module.__doc__ = (
+            f"daskrun's stand-in for Azure ML's {module_name} "
+            "(daskrun.install_as_azureml())"
+        )
+        module.__daskrun_shim__ = True  # type: ignore[attr-defined]
+        module.__all__ = sorted(names)  # type: ignore[attr-defined]
+
+        def __getattr__(name: str) -> Any:
+            if name not in names:
+                raise AttributeError(_missing(module_name, name))
+            where, _, attr = _target(module_name, name).partition(":")
+            value = getattr(importlib.import_module(where), attr)
+            setattr(module, name, value)  # once
+            return value
+
+        def __dir__() -> list[str]:
+            return sorted({*vars(module), *names})
+
+        module.__getattr__ = __getattr__  # type: ignore[method-assign]
+        module.__dir__ = __dir__  # type: ignore[method-assign]
+
+
+def _missing(module_name: str, name: str) -> str:
+    known = ", ".join(sorted(MODULES[module_name])) or "only submodules"
+    return (
+        f"daskrun's stand-in for {module_name} has no {name!r} (it has: {known}); "
+        "daskrun covers ParallelRunStep's workflow (see the README's 'Coming "
+        "from Azure ML'), or install the Azure ML SDK to use the real one"
+    )

@@ -1,0 +1,632 @@
+"""Azure ML drop-in (issue 17): ParallelRunStep entry scripts run unchanged
+on real worker processes, driver code runs with ``daskrun.install_as_azureml()``
+added, and an installed Azure ML SDK is never shadowed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import daskrun
+from daskrun import (
+    Dataset,
+    Experiment,
+    Model,
+    ParallelRunConfig,
+    ParallelRunStep,
+    Pipeline,
+    Workspace,
+)
+from daskrun.aml import MODULES
+
+from .helpers import REPO, make_files, write_script
+from .helpers import daskrun as daskrun_cli
+from .test_notebook import _execute, _text, kernel  # noqa: F401 (a fixture)
+
+# an Azure ML entry script, byte for byte: the SDK's imports, the model
+# through azureml.core.Model, the output folder from AZUREML_BI_OUTPUT_PATH
+FILE_SCRIPT = """\
+import os
+import sys
+
+from azureml.core import Model
+from azureml.core.model import Model as ModelToo
+from azureml_user.parallel_run import EntryScript
+
+
+def init():
+    global offset
+    assert Model is ModelToo
+    with open(Model.get_model_path("adder", version=1)) as f:
+        offset = int(f.read())
+    EntryScript().logger.info("model adder loaded: offset %d", offset)
+
+
+def run(mini_batch):
+    out = os.environ["AZUREML_BI_OUTPUT_PATH"]
+    assert out == os.environ["DASKRUN_OUTPUT_PATH"] == EntryScript().output_dir
+    registry = "sqlite3" in sys.modules or "daskrun.models" in sys.modules
+    results = []
+    for path in mini_batch:
+        with open(path) as f:
+            value = int(f.read())
+        results.append(f"{os.path.basename(path)} {value + offset} {registry}")
+    return results
+"""
+
+TABULAR_SCRIPT = """\
+from azureml.core import Run
+from azureml_user.parallel_run import EntryScript
+
+
+def init():
+    Run.get_context().log_list("classes", [0, 1, 2])
+
+
+def run(mini_batch):
+    run = Run.get_context()
+    EntryScript().logger.info("scoring %d rows", len(mini_batch))
+    run.log("rows", len(mini_batch))
+    run.log_row("batches", rows=len(mini_batch), first=int(mini_batch["a"].iloc[0]))
+    run.tag("seen", f"{run.id} {run.experiment.name} {run.parent.id}")
+    run.parent.log("pipeline_rows", len(mini_batch))
+    return [f"{a} {b} {a * b}" for a, b in zip(mini_batch["a"], mini_batch["b"])]
+"""
+
+
+def _workspace(tmp_path: Path) -> Workspace:
+    return Workspace.create(tmp_path / "ws")
+
+
+def test_file_entry_script_runs_unchanged_with_its_model(tmp_path: Path) -> None:
+    ws = _workspace(tmp_path)
+    (tmp_path / "model.txt").write_text("1000")
+    Model.register(ws, tmp_path / "model.txt", "adder")
+    (tmp_path / "model.txt").write_text("7")  # version 2: not the one asked for
+    Model.register(ws, tmp_path / "model.txt", "adder")
+    make_files(tmp_path / "in", 9)
+    script = write_script(tmp_path / "src", FILE_SCRIPT, "score.py")
+
+    config = ParallelRunConfig(
+        entry_script="score.py",
+        source_directory=str(script.parent),
+        error_threshold=0,
+        output_action="append_row",
+        mini_batch_size=2,
+        process_count_per_node=2,
+    )
+    step = ParallelRunStep(
+        "add-offset",
+        config,
+        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
+        output=str(tmp_path / "out"),
+    )
+    run = step.run(workspace=ws)
+    assert run.status == "Completed", run.error
+
+    # a plain loop over the same files
+    expected = [
+        f"{p.name} {int(p.read_text()) + 1000} False"
+        for p in sorted((tmp_path / "in").iterdir())
+    ]
+    assert Path(run.output_path or "").read_text().splitlines() == expected
+    logs = Path(run.logs_dir, "user", "entry_script_log")
+    assert "model adder loaded: offset 1000" in "".join(
+        p.read_text() for p in logs.iterdir()
+    )
+
+
+def test_tabular_entry_script_logs_metrics_into_the_run_record(
+    tmp_path: Path, runs_dir: Path
+) -> None:
+    ws = _workspace(tmp_path)
+    frames = []
+    for n in range(3):
+        df = pd.DataFrame({"a": range(n * 100, n * 100 + 60), "b": range(60)})
+        df.to_csv(tmp_path / f"part{n}.csv", index=False)
+        frames.append(df)
+    data = Dataset.Tabular.from_delimited_files(str(tmp_path / "part*.csv"))
+    script = write_script(tmp_path / "src", TABULAR_SCRIPT, "score.py")
+    config = ParallelRunConfig(
+        entry_script=str(script),
+        error_threshold=0,
+        output_action="append_row",
+        mini_batch_size="300",
+        process_count_per_node=2,
+    )
+    step = ParallelRunStep(
+        "score-rows", config, inputs=[data], output=str(tmp_path / "out")
+    )
+    pipeline_run = Experiment(ws, "aml-compat").submit(Pipeline(ws, [step]))
+    pipeline_run.wait_for_completion(show_output=False)
+    step_run = pipeline_run.find_step_run("score-rows")[0]
+    assert step_run.status == "Completed", step_run.error
+
+    # pandas reference: every row, in input order
+    whole = pd.concat(frames, ignore_index=True)
+    assert data.to_pandas_dataframe().equals(whole)
+    expected = [f"{a} {b} {a * b}" for a, b in zip(whole["a"], whole["b"], strict=True)]
+    output = Path(step_run.output_path or "").read_text().splitlines()
+    assert output == expected
+
+    # the metrics every worker logged are in the run record
+    metrics = step_run.get_metrics()
+    batches = step_run.mini_batches_total
+    assert batches > 3  # "300" bytes cut each file into several mini-batches
+    assert sum(metrics["rows"]) == len(whole) and len(metrics["rows"]) == batches
+    assert metrics["classes"] == [0, 1, 2]
+    assert sum(metrics["batches"]["rows"]) == len(whole)
+    assert sorted(metrics["batches"]["first"]) == sorted(
+        int(v) for v in metrics["batches"]["first"]
+    )
+    seen = f"{step_run.id} aml-compat {pipeline_run.id}"
+    assert step_run.get_tags() == {"seen": seen}
+
+    # and `daskrun runs show` prints them: the step's, and the pipeline's
+    shown = daskrun_cli(
+        "runs", "show", step_run.id, "--json", cwd=tmp_path, runs=ws.runs_dir
+    )
+    assert shown.returncode == 0, shown.stderr
+    record = json.loads(shown.stdout)
+    assert record["metrics"]["classes"] == [0, 1, 2]
+    assert record["tags"] == {"seen": seen}
+    text = daskrun_cli("runs", "show", step_run.id, cwd=tmp_path, runs=ws.runs_dir)
+    assert "metrics:\n" in text.stdout and "  classes: [0, 1, 2]" in text.stdout
+    parent = daskrun_cli(
+        "runs", "show", pipeline_run.id, "--json", cwd=tmp_path, runs=ws.runs_dir
+    )
+    assert sum(json.loads(parent.stdout)["metrics"]["pipeline_rows"]) == len(whole)
+
+
+def test_offline_run_outside_a_worker() -> None:
+    run = daskrun.Run.get_context()
+    run.log("loss", 0.5)
+    run.log("loss", 0.25)
+    run.log_row("table", x=1, y=2)
+    run.tag("kind")
+    assert run.get_metrics() == {"loss": [0.5, 0.25], "table": {"x": [1], "y": [2]}}
+    assert run.get_tags() == {"kind": ""} and run.parent is None
+    assert run.experiment.name == "daskrun"
+    with pytest.raises(TypeError, match=r"metric 'loss': list .* float\(value\)"):
+        run.log("loss", [1, 2])
+    with pytest.raises(RuntimeError, match="allow_offline=True"):
+        daskrun.Run.get_context(allow_offline=False)
+
+
+def _python(code: str, tmp_path: Path, path: list[Path] = ()) -> str:  # type: ignore[assignment]
+    """Run ``code`` in a fresh interpreter with ``path`` first on sys.path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*(str(p) for p in path), str(REPO)])
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_every_azureml_name_resolves_to_daskrun(tmp_path: Path) -> None:
+    out = _python(
+        """
+        import importlib, json, sys
+        import daskrun
+        from daskrun.aml import MODULES
+        daskrun.install_as_azureml()
+        found = {}
+        for module_name, names in MODULES.items():
+            module = importlib.import_module(module_name)
+            for name in names:
+                value = getattr(module, name)
+                where = f"{module_name}.{name}"
+                found[where] = value if isinstance(value, str) else (
+                    f"{value.__module__}.{value.__name__}"
+                )
+        from azureml.core import Workspace, VERSION
+        from azureml.pipeline.steps import ParallelRunStep
+        assert Workspace is daskrun.Workspace and VERSION == daskrun.__version__
+        assert ParallelRunStep is daskrun.ParallelRunStep
+        try:
+            from azureml.core import ScriptRunConfig
+        except ImportError as e:
+            missing = str(e)
+        print(json.dumps({"found": found, "missing": missing}))
+        """,
+        tmp_path,
+    )
+    result = json.loads(out)
+    assert len(result["found"]) == sum(len(names) for names in MODULES.values())
+    assert result["found"]["azureml.core.Model"] == "daskrun.models.Model"
+    assert result["found"]["azureml.core.compute.AmlCompute"] == (
+        "daskrun.compute.AmlCompute"
+    )
+    assert "ScriptRunConfig" in result["missing"]
+
+
+def test_a_worker_resolves_azureml_without_the_registry(tmp_path: Path) -> None:
+    # what the plugin installs before it imports an entry script
+    out = _python(
+        """
+        import sys
+        from daskrun.aml import install_entry_script_shims
+        install_entry_script_shims()
+        from azureml.core import Model, Run
+        from azureml.core.model import Model as ModelToo
+        from azureml_user.parallel_run import EntryScript
+        import daskrun.modelrefs, daskrun.plugin, daskrun.runcontext
+        assert Model is ModelToo is daskrun.modelrefs.Model
+        assert Run is daskrun.runcontext.Run
+        assert EntryScript is daskrun.plugin.EntryScript
+        loaded = [m for m in ("sqlite3", "daskrun.models", "daskrun.registry",
+                              "daskrun.workspace", "daskrun.step") if m in sys.modules]
+        print(loaded)
+        try:
+            Model.get_model_path("m")
+        except Exception as e:
+            print(e)
+        """,
+        tmp_path,
+    )
+    loaded, error = out.splitlines()
+    assert loaded == "[]"
+    assert "without a workspace" in error and "step.run(workspace=ws)" in error
+
+
+def test_an_installed_azureml_is_never_shadowed(tmp_path: Path) -> None:
+    # a stand-in for the real SDK: azureml.core only (no azureml.pipeline),
+    # and azureml_user
+    fake = tmp_path / "site"
+    for package, body in {
+        "azureml": "",
+        "azureml/core": "Model = 'real Model'\nVERSION = '1.57.0'\n",
+        "azureml_user": "",
+        "azureml_user/parallel_run": "EntryScript = 'real EntryScript'\n",
+    }.items():
+        (fake / package).mkdir(parents=True)
+        (fake / package / "__init__.py").write_text(body)
+    out = _python(
+        """
+        import daskrun
+        from daskrun.aml import install_entry_script_shims
+        daskrun.install_as_azureml()
+        install_entry_script_shims()
+        from azureml.core import Model, VERSION
+        from azureml_user.parallel_run import EntryScript
+        print(Model, VERSION, EntryScript, sep="|")
+        try:
+            import azureml.pipeline.steps
+        except ModuleNotFoundError as e:
+            print("not served:", e.name)
+        """,
+        tmp_path,
+        [fake],
+    )
+    assert out.splitlines() == [
+        "real Model|1.57.0|real EntryScript",
+        "not served: azureml.pipeline",
+    ]
+
+
+def test_aml_compute_is_a_local_cluster_of_up_to_max_nodes(tmp_path: Path) -> None:
+    ws = _workspace(tmp_path)
+    from daskrun import AmlCompute, ComputeTarget
+
+    config = AmlCompute.provisioning_configuration(
+        vm_size="STANDARD_D2_V2", min_nodes=0, max_nodes="2", admin_user_password="pw"
+    )
+    target = ComputeTarget.create(ws, "cpucluster", config)
+    assert type(target) is AmlCompute
+    assert type(ws.compute_targets["cpucluster"]) is AmlCompute
+    status = target.get_status()
+    assert status == "Succeeded"
+    assert status.serialize()["vm_size"] == "STANDARD_D2_V2"
+    assert status.serialize()["max_nodes"] == 2
+    assert "pw" not in json.dumps(target.options)  # a password is never kept
+    with pytest.raises(daskrun.ConfigError, match=r"max_nodes=0 is not a whole"):
+        AmlCompute.provisioning_configuration(max_nodes=0)
+    with pytest.raises(daskrun.ConfigError, match=r"min_nodes=3 is more than"):
+        AmlCompute.provisioning_configuration(min_nodes=3, max_nodes=2)
+
+    make_files(tmp_path / "in", 4)
+    script = write_script(
+        tmp_path, "def init(): pass\ndef run(mb): return [len(mb)] * len(mb)\n"
+    )
+
+    def run_on(node_count: int) -> daskrun.StepRun:
+        cfg = ParallelRunConfig(
+            str(script),
+            error_threshold=0,
+            output_action="summary_only",
+            mini_batch_size=1,
+            compute_target=target,
+            node_count=node_count,
+            process_count_per_node=1,
+        )
+        step = ParallelRunStep(
+            "on-aml", cfg, inputs=[Dataset.File.from_files(str(tmp_path / "in"))]
+        )
+        return step.run(workspace=ws)
+
+    assert run_on(2).items_succeeded == 4
+    with pytest.raises(daskrun.ConfigError, match=r"node_count=3 is more than"):
+        run_on(3)
+
+
+def test_conda_dependencies_are_checked_as_pip_packages() -> None:
+    from daskrun import CondaDependencies, Environment
+
+    deps = CondaDependencies.create(
+        pip_packages=["pillow>=1", "azureml-core", "azureml-dataset-runtime[fuse]"],
+        conda_packages=["python=3.11", "numpy=1.26", "pip"],
+    )
+    env = Environment(name="batch", pip_packages=["pandas"])
+    env.python.conda_dependencies = deps
+    env.docker.enabled = True
+    env.docker.base_image = "mcr.microsoft.com/azureml/anything"
+    assert env.pip_packages == ["pandas", "pillow>=1", "numpy"]
+    assert "numpy=1.26" in deps.serialize_to_string()
+    with pytest.raises(daskrun.ConfigError, match=r"'pillow!!' is not a requirement"):
+        CondaDependencies.create(pip_packages=["pillow!!"])
+    with pytest.raises(daskrun.ConfigError, match=r"is one string; pass a list"):
+        CondaDependencies.create(pip_packages="pillow")
+
+
+def test_datastore_and_file_dataset_transfers(tmp_path: Path) -> None:
+    ws = _workspace(tmp_path)
+    store = ws.get_default_datastore()
+    src = tmp_path / "src"
+    make_files(src / "a", 2)
+    make_files(src / "b", 1, prefix="g")
+
+    store.upload(str(src), target_path="up", overwrite=True, show_progress=False)
+    store.upload_files(
+        [src / "a" / "f00000.txt", src / "b" / "g00000.txt"],
+        relative_root=str(src),
+        target_path="files",
+        show_progress=False,
+    )
+    with pytest.raises(daskrun.ConfigError, match=r"relative_root=.* does not hold"):
+        store.upload_files([tmp_path / "src" / "a" / "f00001.txt"], str(src / "b"))
+
+    got = tmp_path / "got"
+    assert store.download(str(got), prefix="files", show_progress=False) == 2
+    assert sorted(p.relative_to(got).as_posix() for p in got.rglob("*.txt")) == [
+        "files/a/f00000.txt",
+        "files/b/g00000.txt",
+    ]
+    with pytest.raises(daskrun.ConfigError, match="overwrite=True"):
+        store.download(str(got), prefix="files", show_progress=False)
+
+    files = Dataset.File.from_files(store.path("up/"))
+    assert files.to_path() == ["/a/f00000.txt", "/a/f00001.txt", "/b/g00000.txt"]
+    local = files.download(tmp_path / "dl")
+    assert [Path(p).read_text() for p in local] == ["0", "1", "0"]
+    with pytest.raises(daskrun.ConfigError, match="overwrite=True"):
+        files.download(tmp_path / "dl")
+
+
+# ParallelRunStep's tutorial, as an Azure ML user's notebook: Azure ML's
+# imports throughout, and one daskrun line. On Azure the workspace exists
+# already (config.json); the test creates it, as the user would have.
+NOTEBOOK = [
+    "import daskrun; daskrun.install_as_azureml()",
+    """\
+import os
+from azureml.core import VERSION, Workspace
+
+print("SDK version:", VERSION)
+ws = Workspace.from_config()""",
+    """\
+from azureml.core.compute import AmlCompute, ComputeTarget
+from azureml.core.compute_target import ComputeTargetException
+
+compute_name = os.environ.get("AML_COMPUTE_CLUSTER_NAME", "cpucluster")
+compute_min_nodes = os.environ.get("AML_COMPUTE_CLUSTER_MIN_NODES", 0)
+compute_max_nodes = os.environ.get("AML_COMPUTE_CLUSTER_MAX_NODES", 2)
+vm_size = os.environ.get("AML_COMPUTE_CLUSTER_SKU", "STANDARD_D2_V2")
+
+if compute_name in ws.compute_targets:
+    compute_target = ws.compute_targets[compute_name]
+    if compute_target and type(compute_target) is AmlCompute:
+        print("found compute target. just use it. " + compute_name)
+else:
+    print("creating a new compute target...")
+    provisioning_config = AmlCompute.provisioning_configuration(
+        vm_size=vm_size, min_nodes=compute_min_nodes, max_nodes=compute_max_nodes
+    )
+    compute_target = ComputeTarget.create(ws, compute_name, provisioning_config)
+    compute_target.wait_for_completion(
+        show_output=True, min_node_count=None, timeout_in_minutes=20
+    )
+    print(compute_target.get_status().serialize())""",
+    """\
+from azureml.core import Datastore
+
+os.makedirs("sample_data", exist_ok=True)
+for i in range(12):
+    with open(f"sample_data/{i}.txt", "w") as f:
+        f.write(str(i))
+def_data_store = ws.get_default_datastore()
+def_data_store.upload_files(
+    files=[f"sample_data/{i}.txt" for i in range(12)],
+    relative_root="sample_data",
+    target_path="mnist/",
+    overwrite=True,
+    show_progress=True,
+)""",
+    """\
+from azureml.core.dataset import Dataset
+from azureml.data.dataset_consumption_config import DatasetConsumptionConfig
+from azureml.pipeline.core import Pipeline, PipelineData, PipelineParameter
+
+path_on_datastore = def_data_store.path("mnist/")
+input_mnist_ds = Dataset.File.from_files(path=path_on_datastore, validate=False)
+pipeline_param = PipelineParameter(name="mnist_param", default_value=input_mnist_ds)
+input_mnist_ds_consumption = DatasetConsumptionConfig(
+    "minist_param_config", pipeline_param
+).as_mount()
+output_dir = PipelineData(name="inferences", datastore=def_data_store)""",
+    """\
+from azureml.core.model import Model
+
+os.makedirs("models", exist_ok=True)
+with open("models/offset.txt", "w") as f:
+    f.write("100")
+model = Model.register(
+    model_path="models/",
+    model_name="mnist",
+    tags={"pretrained": "mnist"},
+    description="Mnist trained tensorflow model",
+    workspace=ws,
+)""",
+    """\
+%%writefile scripts/digit_identification.py
+import os
+
+from azureml.core import Model, Run
+from azureml_user.parallel_run import EntryScript
+
+
+def init():
+    global offset
+    model_path = Model.get_model_path("mnist")
+    with open(os.path.join(model_path, "offset.txt")) as f:
+        offset = int(f.read())
+
+
+def run(mini_batch):
+    logger = EntryScript().logger
+    resultList = []
+    for image in mini_batch:
+        with open(image) as f:
+            resultList.append(
+                "{}: {}".format(os.path.basename(image), int(f.read()) + offset)
+            )
+    logger.info("scored %d files", len(mini_batch))
+    Run.get_context().log("files", len(mini_batch))
+    return resultList""",
+    """\
+from azureml.core.environment import Environment
+from azureml.core.conda_dependencies import CondaDependencies
+from azureml.core.runconfig import DEFAULT_CPU_IMAGE
+
+batch_conda_deps = CondaDependencies.create(
+    pip_packages=["pandas", "azureml-core", "azureml-dataset-runtime[pandas, fuse]"]
+)
+batch_env = Environment(name="batch_environment")
+batch_env.python.conda_dependencies = batch_conda_deps
+batch_env.docker.enabled = True
+batch_env.docker.base_image = DEFAULT_CPU_IMAGE""",
+    """\
+from azureml.pipeline.steps import ParallelRunConfig, ParallelRunStep
+
+parallel_run_config = ParallelRunConfig(
+    source_directory="scripts",
+    entry_script="digit_identification.py",
+    mini_batch_size=PipelineParameter(name="batch_size_param", default_value="5"),
+    error_threshold=10,
+    output_action="append_row",
+    append_row_file_name="mnist_outputs.txt",
+    environment=batch_env,
+    compute_target=compute_target,
+    process_count_per_node=PipelineParameter(
+        name="process_count_param", default_value=1
+    ),
+    node_count=2,
+)
+parallelrun_step = ParallelRunStep(
+    name="predict-digits-mnist",
+    parallel_run_config=parallel_run_config,
+    inputs=[input_mnist_ds_consumption],
+    output=output_dir,
+    allow_reuse=True,
+)""",
+    """\
+from azureml.core.experiment import Experiment
+from azureml.widgets import RunDetails
+
+pipeline = Pipeline(workspace=ws, steps=[parallelrun_step])
+experiment = Experiment(ws, "digit_identification")
+pipeline_run = experiment.submit(pipeline)
+RunDetails(pipeline_run).show()
+pipeline_run.wait_for_completion(show_output=True)""",
+    """\
+path_on_datastore = def_data_store.path("mnist/0.txt")
+single_image_ds = Dataset.File.from_files(path=path_on_datastore, validate=False)
+pipeline_run_2 = experiment.submit(
+    pipeline,
+    pipeline_parameters={
+        "mnist_param": single_image_ds,
+        "batch_size_param": "1",
+        "process_count_param": 1,
+    },
+)
+pipeline_run_2.wait_for_completion(show_output=True)""",
+    """\
+import json
+import tempfile
+
+import pandas as pd
+
+results = {}
+for name, run in (("first", pipeline_run), ("second", pipeline_run_2)):
+    batch_run = run.find_step_run(parallelrun_step.name)[0]
+    batch_output = batch_run.get_output_data(output_dir.name)
+    target_dir = tempfile.mkdtemp()
+    batch_output.download(local_path=target_dir)
+    result_file = os.path.join(
+        target_dir, batch_output.path_on_datastore,
+        parallel_run_config.append_row_file_name,
+    )
+    df = pd.read_csv(result_file, delimiter=":", header=None)
+    df.columns = ["Filename", "Prediction"]
+    results[name] = {
+        "rows": df.values.tolist(),
+        "metrics": batch_run.get_metrics(),
+        "mini_batches": batch_run.mini_batches_total,
+    }
+print("RESULTS " + json.dumps(results))""",
+]
+
+
+def test_parallel_run_step_tutorial_notebook_runs_with_one_line_added(
+    tmp_path: Path,
+    kernel: str,  # noqa: F811 (test_notebook's fixture)
+) -> None:
+    import nbformat
+
+    Workspace.create(tmp_path / "ws").write_config(tmp_path)
+    (tmp_path / "scripts").mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in NOTEBOOK]
+    sources = "\n".join(NOTEBOOK)
+    assert sources.count("daskrun") == 2  # the one line: import and install
+    _execute(nb, tmp_path, kernel)
+
+    printed = {i: _text(cell) for i, cell in enumerate(nb.cells)}
+    assert "creating a new compute target..." in printed[2]
+    assert "'vm_size': 'STANDARD_D2_V2'" in printed[2]
+    assert "uploaded 12 files" in printed[3]
+    line = next(x for x in printed[11].splitlines() if x.startswith("RESULTS "))
+    results = json.loads(line.removeprefix("RESULTS "))
+
+    # a plain loop: files in path order, each value + the model's offset
+    names = sorted(f"{i}.txt" for i in range(12))
+    first = results["first"]
+    assert first["rows"] == [[n, int(n.split(".")[0]) + 100] for n in names]
+    assert first["mini_batches"] == 3  # batch_size_param "5"
+    assert sum(first["metrics"]["files"]) == 12
+    # resubmitted with one file and a mini-batch size of 1
+    second = results["second"]
+    assert second["rows"] == [["0.txt", 100]]
+    assert second["mini_batches"] == 1 and second["metrics"] == {"files": 1}
