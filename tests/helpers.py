@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
-from distributed import LocalCluster
+from distributed import Client, LocalCluster
 
 from daskrun import (
     Dataset,
@@ -228,3 +232,145 @@ def digit_pipeline(
         allow_reuse=allow_reuse,
     )
     return Pipeline(ws, [step]), step
+
+
+# run() whose "victims" (mini-batches named by their first file) wait in
+# run() on each of their first ``VICTIMS[name]`` starts, having written their
+# worker's pid to MARKS/<name>.<start>.pid, until the test kills the process
+# (see VictimKiller), or until MARKS/release exists. A victim that finishes
+# appends its pid to MARKS/<name>.done. Every mini-batch then takes
+# ``seconds`` per file and returns the file names.
+VICTIM_SCRIPT = """
+import os, time
+
+MARKS = {marks!r}
+VICTIMS = {victims!r}
+
+def init():
+    pass
+
+def run(mini_batch):
+    name = os.path.basename(mini_batch[0])
+    pid = str(os.getpid())
+    if name in VICTIMS:
+        marks = [f for f in os.listdir(MARKS) if f.startswith(name + ".")]
+        started = len([f for f in marks if f.endswith(".pid")])
+        if started < VICTIMS[name]:
+            mark = os.path.join(MARKS, name + "." + str(started) + ".pid")
+            with open(mark + ".tmp", "w") as f:
+                f.write(pid)
+            os.replace(mark + ".tmp", mark)
+            deadline = time.monotonic() + 120
+            release = os.path.join(MARKS, "release")
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.02)
+    time.sleep({seconds} * len(mini_batch))
+    if name in VICTIMS:
+        with open(os.path.join(MARKS, name + ".done"), "a") as f:
+            f.write(pid + "\\n")
+    return [os.path.basename(p) for p in mini_batch]
+"""
+
+
+def victim_script(marks: Path, victims: dict[str, int], seconds: float) -> str:
+    """:data:`VICTIM_SCRIPT` for ``victims`` (first file name -> starts to
+    wait in), its markers in ``marks`` (made here)."""
+    marks.mkdir(parents=True, exist_ok=True)
+    return VICTIM_SCRIPT.format(marks=str(marks), victims=victims, seconds=seconds)
+
+
+@dataclass(frozen=True)
+class Kill:
+    """One SIGKILL: the victim, which of its starts, the worker process and
+    the keys its worker held then (the victim's task alone, normally)."""
+
+    name: str
+    start: int
+    pid: int
+    address: str
+    held: int
+
+
+class VictimKiller:
+    """SIGKILLs the worker process of each start of each victim of
+    :data:`VICTIM_SCRIPT` while that victim waits in ``run()``: the kill lands
+    while the mini-batch is in flight, never between mini-batches.
+
+    Before each kill it waits (up to ``settle`` s) until the victim's worker
+    holds no task but the victim's, so a kill costs only the victim. Use as a
+    context manager; on exit it lets any victim still waiting go on (the test
+    then fails on :meth:`check`), and stops.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        marks: Path,
+        victims: dict[str, int],
+        deadline: float = 180,
+        settle: float = 10,
+    ):
+        self.client = client
+        self.marks = marks
+        self.expected = [(n, i) for n, k in victims.items() for i in range(k)]
+        self.deadline = time.monotonic() + deadline
+        self.settle = settle
+        self.kills: list[Kill] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def __enter__(self) -> VictimKiller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        (self.marks / "release").touch()
+        self._thread.join(30)
+
+    def _main(self) -> None:
+        try:
+            left = list(self.expected)
+            while left and not self._stop.is_set():
+                if time.monotonic() > self.deadline:
+                    raise TimeoutError(f"victims never started: {left}")
+                for name, start in list(left):
+                    mark = self.marks / f"{name}.{start}.pid"
+                    if mark.exists():
+                        self._kill(name, start, int(mark.read_text()))
+                        left.remove((name, start))
+                time.sleep(0.02)
+        except BaseException as e:  # reported by check()
+            self.error = e
+
+    def _address(self, pid: int) -> str:
+        while time.monotonic() < self.deadline:
+            try:
+                pids = self.client.run(os.getpid, on_error="ignore")
+            except Exception:  # a worker is coming or going
+                pids = {}
+            for address, worker_pid in pids.items():
+                if worker_pid == pid:
+                    return str(address)
+            time.sleep(0.05)
+        raise TimeoutError(f"no worker has pid {pid}")
+
+    def _kill(self, name: str, start: int, pid: int) -> None:
+        address = self._address(pid)
+        settled = time.monotonic() + self.settle
+        while True:
+            held = len(self.client.processing([address]).get(address, ()))
+            if held <= 1 or time.monotonic() > settled:
+                break
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        self.kills.append(Kill(name, start, pid, address, held))
+
+    def check(self) -> list[Kill]:
+        """The kills, all of them; raises what went wrong in the thread."""
+        if self.error is not None:
+            raise AssertionError(f"killer failed: {self.error!r}") from self.error
+        done = [(k.name, k.start) for k in self.kills]
+        assert sorted(done) == sorted(self.expected), (done, self.expected)
+        return self.kills

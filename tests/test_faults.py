@@ -17,7 +17,7 @@ from distributed import Client, LocalCluster
 
 from daskrun import Dataset
 
-from .helpers import make_files, run_step
+from .helpers import VictimKiller, make_files, run_step, victim_script
 
 HANGING_SCRIPT = """
 import os, time
@@ -92,62 +92,69 @@ def test_a_mini_batch_that_kills_its_worker_fails_after_max_tries(
     assert report.drop(index=0)["error"].isna().all()
 
 
-SLOW_SCRIPT = """
-import os, time
-
-def init():
-    pass
-
-def run(mini_batch):
-    time.sleep(0.02 * len(mini_batch))
-    return [os.path.basename(p) for p in mini_batch]
-"""
-
-
-@pytest.mark.parametrize("trial", range(4))
+@pytest.mark.parametrize(
+    ("trial", "grouped"), [(0, False), (1, False), (2, True), (3, True)]
+)
 def test_sigkill_of_workers_never_loses_or_duplicates_rows(
-    tmp_path: Path, trial: int
+    tmp_path: Path, trial: int, grouped: bool
 ) -> None:
-    """Five SIGKILLs of random worker processes at random moments per trial
-    (20 over the four trials); every output equals the uninterrupted one."""
+    """Five SIGKILLs per trial (20 over the four), each of a worker process
+    while a chosen mini-batch is in its run(), on a cluster that leaves lost
+    tasks to the runner (allowed-failures=0, as daskrun's own): each killed
+    mini-batch runs again on another process and the output equals the
+    uninterrupted one. With one mini-batch per task the killed try is charged
+    (tries 2); a task of several is split and rerun uncharged."""
     files = make_files(tmp_path / "in", 240)
-    rng = random.Random(trial)
-    killed: list[int] = []
-
-    def killer(client: Client) -> None:
-        while len(killed) < 5:
-            time.sleep(rng.uniform(0.2, 0.9))
-            pids = client.run(os.getpid)
-            if not pids:
-                continue
-            pid = rng.choice(sorted(pids.values()))
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except ProcessLookupError:
-                pass
-
+    # fewer, bigger mini-batches where each is a task of its own (round trips)
+    size = 2 if grouped else 4
+    # the first tasks are left alone: the scheduler queues tasks (one per
+    # worker) once their group outnumbers the threads
+    indices = sorted(random.Random(trial).sample(range(10, 240 // size), 5))
+    victims = {files[size * i].name: 1 for i in indices}  # their first files
+    marks = tmp_path / "marks"
+    settings = {
+        "distributed.scheduler.allowed-failures": 0,
+        "distributed.scheduler.worker-saturation": 1.0,
+    }
+    if not grouped:
+        settings["daskrun.runner.task-seconds"] = 0
     with (
+        dask.config.set(settings),
         LocalCluster(
-            n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0"
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=":0",
         ) as cluster,
         Client(cluster) as client,
+        VictimKiller(client, marks, victims) as killer,
     ):
-        thread = threading.Thread(target=killer, args=(client,), daemon=True)
-        thread.start()
         run = run_step(
             tmp_path,
-            SLOW_SCRIPT,
+            victim_script(marks, victims, seconds=0.02),
             Dataset.File.from_files(str(tmp_path / "in")),
-            mini_batch_size=2,
-            run_max_try=10,
+            mini_batch_size=size,
+            run_max_try=2,
             compute_target=client,
         )
-        thread.join(30)
-    assert len(killed) == 5
+    kills = killer.check()
     assert run.status == "Completed", run.error
     lines = Path(run.output_path or "").read_text().splitlines()
     assert lines == [p.name for p in files]
+    # each kill cost its victim alone, and the victim ran again elsewhere
+    assert [k.held for k in kills] == [1] * 5, kills
+    for kill in kills:
+        done = (marks / f"{kill.name}.done").read_text().split()
+        assert done and str(kill.pid) not in done, (kill, done)
+    report = _report(run.logs_dir)
+    assert sorted(report.index) == list(range(240 // size))
+    assert report["error"].isna().all()
+    assert (report.drop(index=indices)["tries"] == 1).all()
+    if grouped:  # 1 where the victim's task was split, 2 where it ran alone
+        assert report.loc[indices, "tries"].isin([1, 2]).all()
+    else:
+        assert (report.loc[indices, "tries"] == 2).all()
 
 
 def test_memory_kill_is_reported_with_its_mini_batch(

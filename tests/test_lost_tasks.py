@@ -16,7 +16,7 @@ from daskrun import Dataset
 from daskrun.datasets import FileBatch
 from daskrun.runner import judge_lost_task
 
-from .helpers import make_files, run_step
+from .helpers import VictimKiller, make_files, run_step, victim_script
 
 DIED = ("WorkerDied: worker-0 died while running it", "worker-0")
 
@@ -163,3 +163,64 @@ def test_a_lost_worker_costs_its_mini_batch_one_try(tmp_path: Path) -> None:
     assert killed == 2
     assert (report.drop(index=[0, 1])["tries"] <= 2).all()
     assert report.drop(index=[0, 1])["error"].isna().all()
+
+
+@pytest.mark.slow
+def test_a_cluster_that_retries_tasks_itself(tmp_path: Path) -> None:
+    """On a cluster the user passed in with allowed-failures=3, the scheduler
+    reruns a task lost with its worker (same key, same try) until 4 workers
+    have died under it; only then does the runner see the loss (KilledWorker)
+    and charge a try. Mini-batch 15 is killed once: rerun by the scheduler,
+    never charged (tries 1). Mini-batch 30 is killed 4 times: one try charged
+    (tries 2), its second try succeeds."""
+    allowed_failures = 3
+    files = make_files(tmp_path / "in", 60)
+    once, given_up = files[15].name, files[30].name
+    victims = {once: 1, given_up: allowed_failures + 1}
+    marks = tmp_path / "marks"
+    with (
+        dask.config.set(
+            {
+                "distributed.scheduler.allowed-failures": allowed_failures,
+                # one task at a time per worker, queued on the scheduler: a
+                # kill costs the victim's task alone
+                "distributed.scheduler.worker-saturation": 1.0,
+                # one mini-batch per task, so the charged try is the victim's
+                "daskrun.runner.task-seconds": 0,
+            }
+        ),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=":0",
+        ) as cluster,
+        Client(cluster) as client,
+        VictimKiller(client, marks, victims) as killer,
+    ):
+        run = run_step(
+            tmp_path,
+            victim_script(marks, victims, seconds=0.02),
+            Dataset.File.from_files(str(tmp_path / "in")),
+            mini_batch_size=1,
+            run_max_try=3,
+            compute_target=client,
+        )
+    kills = killer.check()
+    assert run.status == "Completed", run.error
+    lines = Path(run.output_path or "").read_text().splitlines()
+    assert lines == [p.name for p in files]
+    assert [k.held for k in kills] == [1] * len(kills), kills
+    assert len({k.pid for k in kills}) == len(kills) == 1 + allowed_failures + 1
+    for name in victims:  # ran to the end once, on a process not killed under it
+        (done,) = (marks / f"{name}.done").read_text().split()
+        assert int(done) not in {k.pid for k in kills if k.name == name}
+    report = pd.read_csv(
+        Path(run.logs_dir) / "sys/job_report/processed_mini-batches.csv"
+    ).set_index("index")
+    assert sorted(report.index) == list(range(60))
+    assert report["error"].isna().all()
+    assert report.loc[15, "tries"] == 1  # the scheduler's rerun is not a try
+    assert report.loc[30, "tries"] == 2  # 4 deaths: one KilledWorker, one try
+    assert (report.drop(index=[15, 30])["tries"] == 1).all()

@@ -3,6 +3,7 @@ compute targets, pipelines, resubmission, reuse and run records."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sqlite3
@@ -35,6 +36,7 @@ from daskrun import (
     Pipeline,
     PipelineData,
     PipelineParameter,
+    StepRun,
     Workspace,
 )
 
@@ -495,20 +497,38 @@ def test_cancel_then_resume(
         output=PipelineData("names"),
     )
     run = Experiment(ws, "cancel").submit(Pipeline(ws, [step]))
-    deadline = time.monotonic() + 60
-    while not run.get_steps() or run.get_steps()[0].status != "Running":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    time.sleep(1.0)
+    # cancel once a mini-batch is in the job report (60 take 6 s at least)
+    deadline = time.monotonic() + 120
+    while len(_report_rows(run.get_steps())) < 1:
+        assert time.monotonic() < deadline, "no mini-batch finished in 120 s"
+        time.sleep(0.05)
     run.cancel()
     assert run.wait_for_completion(raise_on_error=False) == "Canceled"
     (step_run,) = run.get_steps()
     assert step_run.status == "Canceled"
+    kept = _report_rows([step_run])
+    assert 1 <= len(kept) < len(files), len(kept)
     resumed = step_run.resume()
     assert resumed.status == "Completed"
     assert Path(resumed.output_path or "").read_text().splitlines() == [
         p.name for p in files
     ]
+    # what finished before the cancel was not run again
+    rows = _report_rows([resumed])
+    assert sorted(int(r["index"]) for r in rows) == list(range(len(files)))
+    assert [r for r in rows if r["index"] in {k["index"] for k in kept}] == kept
+
+
+def _report_rows(steps: list[StepRun]) -> list[dict[str, str]]:
+    """The rows of a step run's job report so far (none before it starts)."""
+    if not steps:
+        return []
+    path = Path(steps[0].logs_dir) / "sys/job_report/processed_mini-batches.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        # a row being written may be cut short: its last fields are None
+        return [row for row in csv.DictReader(f) if row.get("error") is not None]
 
 
 def test_workspace_errors(tmp_path: Path) -> None:
