@@ -550,7 +550,10 @@ def run_mini_batches(
     use 0), the runner sees a loss only once the scheduler gives up
     (``KilledWorker``, after allowed-failures + 1 deaths): a mini-batch that
     kills its worker then costs that many workers per try charged, and one
-    whose rerun by the scheduler succeeds is not charged at all.
+    whose rerun by the scheduler succeeds is not charged at all (the report
+    shows one try). The scheduler counts a death against every task its
+    worker held, waiting ones too. Tested in
+    ``tests/test_lost_tasks.py::test_a_cluster_that_retries_tasks_itself``.
     """
     threads = sum(client.nthreads().values()) or 1
     limit = max(1, threads * int(config_get("runner.in-flight-per-thread")))
