@@ -131,7 +131,7 @@ ENGINE = {
     f"daskrun.{name}"
     for name in (
         "cluster config dashboard datasets delimited exceptions job jobqueue "
-        "ledger modelrefs monitor output plugin runner storage"
+        "ledger modelrefs monitor output partitions plugin runner storage"
     ).split()
 }
 
