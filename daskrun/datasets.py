@@ -338,11 +338,18 @@ class _DatasetBase:
     def partition_values(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """``(path, {key: value})`` for each file, in path order; a file
         that does not match ``partition_format`` raises :class:`InputError`
-        naming it and the pattern. Nothing without a ``partition_format``."""
+        naming it and the pattern. Nothing without a ``partition_format``.
+
+        The pattern is matched against the end of each file's path below
+        the folder it was listed from (a folder given, or the part of a glob
+        before its first wildcard), so a stray file beside the partition
+        folders is refused rather than read with the folders above it as keys.
+        """
         if self._partitions is None:
             return
+        roots = _listing_roots(self._path)
         for path in self.files():
-            yield path, self._partitions.match(path)
+            yield path, self._partitions.match(path, _root_of(path, roots))
 
     def register(
         self,
@@ -380,6 +387,25 @@ class _DatasetBase:
         if self.datastore is not None:
             return f"{type(self).__name__}({self.datastore.name}:{self._source!r})"
         return f"{type(self).__name__}({self._path!r})"
+
+
+def _listing_roots(path: Any) -> list[str]:
+    """The folders the given paths list files from: each path, or a glob's
+    part before its first wildcard; longest first."""
+    items = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    roots = []
+    for item in (str(os.fspath(i)) for i in items):
+        wild = min((item.find(c) for c in "*?[" if c in item), default=-1)
+        root = item if wild < 0 else item[:wild].rsplit("/", 1)[0]
+        if "://" not in root:
+            root = os.path.abspath(root)
+        roots.append(root.rstrip("/"))
+    return sorted(roots, key=len, reverse=True)
+
+
+def _root_of(path: str, roots: Sequence[str]) -> str | None:
+    """The longest of ``roots`` that ``path`` lies below, if any."""
+    return next((r for r in roots if path.startswith(r + "/")), None)
 
 
 def _check_path(path: Any) -> None:

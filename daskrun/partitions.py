@@ -93,11 +93,11 @@ class PartitionFormat:
         parts: list[tuple[str, str]] = []
         regex, end = "", 0
         for m in _DATE_TOKEN.finditer(date):
-            regex += re.escape(date[end : m.start()])
-            end = m.end()
             field, pattern = _DATE_PARTS[m.group()]
             if field in {f for f, _ in parts}:
                 break  # named twice: refused below
+            regex += re.escape(date[end : m.start()])
+            end = m.end()
             group = f"k{n}_{field}"
             parts.append((field, group))
             regex += f"(?P<{group}>{pattern})"
@@ -110,9 +110,11 @@ class PartitionFormat:
         self._dates[key] = parts
         return regex + re.escape(date[end:])
 
-    def values(self, path: str) -> dict[str, Any] | None:
-        """The keys' values in ``path``, or ``None`` where it does not match."""
-        m = self._regex.search(path.replace(os.sep, "/"))
+    def values(self, path: str, root: str | None = None) -> dict[str, Any] | None:
+        """The keys' values in ``path`` (its part below ``root``, if given),
+        or ``None`` where it does not match."""
+        below = path[len(root) :] if root and path.startswith(root) else path
+        m = self._regex.search(below.replace(os.sep, "/"))
         if m is None:
             return None
         found: dict[str, Any] = {}
@@ -138,15 +140,16 @@ class PartitionFormat:
                 ) from None
         return found
 
-    def match(self, path: str) -> dict[str, Any]:
+    def match(self, path: str, root: str | None = None) -> dict[str, Any]:
         """:meth:`values`, or an :class:`InputError` naming the file and the
         pattern."""
-        found = self.values(path)
+        found = self.values(path, root)
         if found is None:
+            below = f" below {root!r}" if root else ""
             raise InputError(
                 f"input file {path!r} does not match partition_format="
-                f"{self.text!r} (its path must end with that pattern); fix the "
-                "pattern, or leave the file out of the data set"
+                f"{self.text!r} (its path{below} must end with that pattern); "
+                "fix the pattern, or leave the file out of the data set"
             )
         return found
 
