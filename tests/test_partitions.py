@@ -28,42 +28,32 @@ from daskrun import (
 )
 from daskrun.partitions import PartitionFormat, plan_partitions
 
-from .helpers import run_step, write_script
+from .helpers import daskrun, run_step, write_script
 
-# one JSON line per file: the mini-batch it came in, and the file's number
-FILE_SCRIPT = """
+# run(mini_batch, mini_batch_context) writing one JSON line per item: the
+# mini-batch's context, and what ITEM says of the item
+CONTEXT_SCRIPT = """
 import json, os
 
 def init():
     pass
 
-def run(mini_batch, mini_batch_context):
-    return [json.dumps({
-        "keys": mini_batch_context.partition_key_value,
-        "index": mini_batch_context.minibatch_index,
-        "dataset": mini_batch_context.dataset,
-        "file": os.path.basename(p),
-        "n": int(open(p).read()),
-    }, default=str) for p in mini_batch]
-"""
-
-# one JSON line per row: the mini-batch it came in, and the row
-TABLE_SCRIPT = """
-import json
-
-def init():
-    pass
+def context(c):
+    return {"keys": c.partition_key_value, "index": c.minibatch_index,
+            "dataset": c.dataset}
 
 def run(mini_batch, mini_batch_context):
-    return [json.dumps({
-        "keys": mini_batch_context.partition_key_value,
-        "index": mini_batch_context.minibatch_index,
-        "dataset": mini_batch_context.dataset,
-        "rows": len(mini_batch),
-        "columns": sorted(mini_batch.columns),
-        "row": {k: (v if isinstance(v, str) else int(v)) for k, v in row.items()},
-    }) for row in mini_batch.to_dict("records")]
+    return [json.dumps({**context(mini_batch_context), **ITEM}, default=str)
+            for item in ITEMS]
 """
+FILE_SCRIPT = CONTEXT_SCRIPT.replace("ITEMS", "mini_batch").replace(
+    "ITEM", '{"file": os.path.basename(item), "n": int(open(item).read())}'
+)
+TABLE_SCRIPT = CONTEXT_SCRIPT.replace("ITEMS", 'mini_batch.to_dict("records")').replace(
+    "ITEM",
+    '{"rows": len(mini_batch), "columns": sorted(mini_batch.columns), '
+    '"row": {k: (v if isinstance(v, str) else int(v)) for k, v in item.items()}}',
+)
 
 
 def _batches(lines: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -374,3 +364,32 @@ def test_hive_values_that_cannot_name_a_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="has no column 'nope'; its columns are k, v"):
         ds.partition_by(["nope"], (store, "parts2"), show_progress=False)
     assert os.listdir(tmp_path / "store") in ([], ["parts"])
+
+
+def test_cli_partition_keys(
+    tmp_path: Path, runs_dir: Path, cluster: LocalCluster
+) -> None:
+    made = _audio(tmp_path / "audio")
+    write_script(tmp_path, FILE_SCRIPT)
+    result = daskrun(
+        "run",
+        "score.py",
+        "--input",
+        "audio",
+        "--partition-format",
+        "/{user}/{genre}/{fname}.wav",
+        "--partition-keys",
+        "user",
+        "--scheduler",
+        cluster.scheduler_address,
+        "--output",
+        "out",
+        cwd=tmp_path,
+        runs=runs_dir,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "out/parallel_run_step.txt").read_text().splitlines()
+    batches = _batches([json.loads(line) for line in lines])
+    assert [(b["keys"], b["lines"]) for b in batches] == [
+        ({"user": user}, sum(1 for m in made if m[0] == user)) for user in USERS
+    ]
