@@ -709,7 +709,8 @@ def _check_run(module: ModuleType, script: str) -> str | None:
     if not callable(run):
         return (
             f"run of {name} is a {type(run).__name__}, not a function; it must "
-            "take one mini-batch: def run(mini_batch)"
+            "take one mini-batch: def run(mini_batch), or def run(mini_batch, "
+            "mini_batch_context)"
         )
     try:
         signature = inspect.signature(run)
