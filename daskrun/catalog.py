@@ -1,10 +1,11 @@
 """The workspace's catalog of registered data sets (registry side).
 
 A registered data set is its :meth:`~daskrun.datasets.FileDataset.spec`
-(kind, datastore name, paths, pandas options; never credentials) under a
-name and version in ``workspace.db``. :class:`~daskrun.workspace.Workspace`
-answers ``register_dataset`` and ``get_dataset`` with these functions, so
-that the data set classes (engine side) never import the registry.
+(kind, datastore name, paths, pandas options, partition format; never
+credentials) under a name and version in ``workspace.db``.
+:class:`~daskrun.workspace.Workspace` answers ``register_dataset`` and
+``get_dataset`` with these functions, so that the data set classes (engine
+side) never import the registry.
 """
 
 from __future__ import annotations
@@ -87,11 +88,13 @@ def from_spec(
     if spec.get("datastore"):
         store = workspace.datastore(spec["datastore"])
         path = [store.path(p) for p in path]
+    partition_format = spec.get("partition_format")
     if spec["kind"] == "file":
-        return FileDataset(path, validate=False)
+        return FileDataset(path, validate=False, partition_format=partition_format)
     return TabularDataset(
         path,
         file_format=spec["file_format"],
         validate=False,
         pandas_kwargs=spec.get("pandas_kwargs") or {},
+        partition_format=partition_format,
     )

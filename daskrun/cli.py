@@ -78,6 +78,18 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="files per mini-batch, or bytes for --tabular (e.g. 1MB)",
     )
+    run.add_argument(
+        "--partition-format",
+        metavar="PATTERN",
+        help="keys read from each input path, e.g. '/{user}/{genre}/{fname}.wav' "
+        "or '/{day:yyyy/MM/dd}/{name}.csv'",
+    )
+    run.add_argument(
+        "--partition-keys",
+        metavar="A,B",
+        help="one mini-batch per distinct combination of these keys of "
+        "--partition-format (instead of --mini-batch-size)",
+    )
     run.add_argument("--error-threshold", type=int, metavar="N")
     run.add_argument("--allowed-failed-count", type=int, metavar="N")
     run.add_argument("--allowed-failed-percent", type=float, metavar="P")
@@ -189,12 +201,16 @@ def _script_and_source(script: str, source: str | None) -> tuple[str, str | None
     return script, source
 
 
-def _datasets(paths: Sequence[str], tabular: bool) -> FileDataset | TabularDataset:
+def _datasets(
+    paths: Sequence[str], tabular: bool, partition_format: str | None = None
+) -> FileDataset | TabularDataset:
     if not tabular:
-        return Dataset.File.from_files(list(paths))
+        return Dataset.File.from_files(list(paths), partition_format=partition_format)
     parquet = [p.rstrip("/").endswith((".parquet", ".pq")) for p in paths]
     if all(parquet):
-        return Dataset.Tabular.from_parquet_files(list(paths))
+        return Dataset.Tabular.from_parquet_files(
+            list(paths), partition_format=partition_format
+        )
     if any(parquet):
         raise InputError(
             f"--input mixes Parquet and CSV paths {list(paths)!r}; run them as two jobs"
@@ -202,8 +218,12 @@ def _datasets(paths: Sequence[str], tabular: bool) -> FileDataset | TabularDatas
     # a folder of Parquet files is named by its contents
     files = Dataset.File.from_files(list(paths)).files()
     if all(f.endswith((".parquet", ".pq")) for f in files):
-        return Dataset.Tabular.from_parquet_files(list(paths))
-    return Dataset.Tabular.from_delimited_files(list(paths))
+        return Dataset.Tabular.from_parquet_files(
+            list(paths), partition_format=partition_format
+        )
+    return Dataset.Tabular.from_delimited_files(
+        list(paths), partition_format=partition_format
+    )
 
 
 def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
@@ -227,11 +247,12 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         output_format=args.output_format,
         allowed_failed_count=args.allowed_failed_count,
         allowed_failed_percent=args.allowed_failed_percent,
+        partition_keys=args.partition_keys,
     )
     step = ParallelRunStep(
         name=args.name or _step_name(args.script),
         parallel_run_config=config,
-        inputs=[_datasets(args.input, args.tabular)],
+        inputs=[_datasets(args.input, args.tabular, args.partition_format)],
         output=args.output,
         arguments=script_args,
     )

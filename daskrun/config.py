@@ -22,6 +22,7 @@ import dask.config
 import yaml
 
 from .exceptions import ConfigError
+from .partitions import parse_partition_keys
 
 _defaults_file = Path(__file__).with_name("daskrun.yaml")
 with _defaults_file.open() as _f:
@@ -56,6 +57,7 @@ RESERVED_ARGUMENTS = frozenset(
         "allowed_failed_count",
         "allowed_failed_percent",
         "environment_variables",
+        "partition_keys",
         "output",
         "input",
         "inputs",
@@ -275,7 +277,9 @@ class PipelineParameter:
 
     It may stand for ``mini_batch_size``, ``process_count_per_node``,
     ``node_count``, ``error_threshold``, ``logging_level``,
-    ``run_invocation_timeout`` and ``run_max_try``, or for an input data set.
+    ``run_invocation_timeout``, ``run_max_try`` and ``partition_keys`` (a
+    list, a JSON list as Azure ML passes it, or ``"a,b"``), or for an input
+    data set.
     ``Experiment.submit(pipeline, pipeline_parameters={name: value})``
     overrides ``default_value``.
 
@@ -328,6 +332,7 @@ PARAMETERIZABLE = (
     "logging_level",
     "run_invocation_timeout",
     "run_max_try",
+    "partition_keys",
 )
 
 
@@ -653,6 +658,7 @@ class ResolvedConfig:
     environment_variables: Mapping[str, str] = field(default_factory=dict)
     output_format: str = "text"
     description: str | None = None
+    partition_keys: tuple[str, ...] | None = None
 
 
 class ParallelRunConfig:
@@ -701,6 +707,11 @@ class ParallelRunConfig:
         Set on every worker before ``init()``.
     security : distributed.security.Security, optional
         TLS certificates for connecting to a ``tls://`` scheduler address.
+    partition_keys : list of str, optional
+        One mini-batch per distinct combination of these keys of the
+        inputs' ``partition_format``, whatever its size; instead of
+        ``mini_batch_size``. A JSON list (``'["user"]'``) or ``"a,b"`` works
+        too, as from a PipelineParameter.
 
     Examples
     --------
@@ -735,6 +746,7 @@ class ParallelRunConfig:
         environment_variables: Mapping[str, str] | None = None,
         output_format: str | None = None,
         security: Any = None,
+        partition_keys: Sequence[str] | str | None = None,
     ):
         self.compute_target = compute_target
         # distributed.security.Security for TLS scheduler connections; kept
@@ -763,6 +775,7 @@ class ParallelRunConfig:
             allowed_failed_percent=allowed_failed_percent,
             environment_variables=environment_variables,
             output_format=output_format,
+            partition_keys=partition_keys,
         )
         self.parameters: dict[str, PipelineParameter] = {}
         for key, value in self._kwargs.items():
@@ -839,6 +852,13 @@ def _resolve(**kw: Any) -> ResolvedConfig:
         )
     if mbs is not None and _is_int(mbs) and mbs < 1:
         raise ConfigError(f"mini_batch_size={mbs!r} must be at least 1")
+    partition_keys = parse_partition_keys(kw["partition_keys"])
+    if partition_keys is not None and mbs is not None:
+        raise ConfigError(
+            f"partition_keys={list(partition_keys)!r} and mini_batch_size={mbs!r} "
+            "were both given; partition_keys makes one mini-batch per partition, "
+            "whatever its size: drop mini_batch_size (or partition_keys)"
+        )
 
     level = str(_pick(kw["logging_level"], "logging-level")).upper()
     if level not in LOGGING_LEVELS:
@@ -942,4 +962,5 @@ def _resolve(**kw: Any) -> ResolvedConfig:
         environment_variables=env_vars,
         description=kw["description"],
         output_format=output_format,
+        partition_keys=partition_keys,
     )

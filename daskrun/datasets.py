@@ -33,6 +33,12 @@ from fsspec.implementations.local import LocalFileSystem
 from .config import PipelineParameter, check_name, config_get, mini_batch_size_for
 from .delimited import CsvBatch, check_csv_options, plan_csv, read_csv
 from .exceptions import ConfigError, DaskRunError, InputError
+from .partitions import (
+    PartitionBatch,
+    PartitionFormat,
+    hive_format,
+    parse_partition_keys,
+)
 from .storage import describe_error, redact, storage_errors, within
 
 if TYPE_CHECKING:
@@ -94,7 +100,7 @@ class ParquetBatch:
         return f"{self.path} row groups {first}-{last} ({self.num_rows} rows)"
 
 
-MiniBatch = FileBatch | CsvBatch | ParquetBatch
+MiniBatch = FileBatch | CsvBatch | ParquetBatch | PartitionBatch
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -211,7 +217,9 @@ class _DatasetBase:
 
     ``path`` is a local path, folder, glob or fsspec URL, a
     ``datastore.path(...)`` (a ``DataPath`` of the registry), a
-    ``(datastore, "path")`` pair, or a list of one of these.
+    ``(datastore, "path")`` pair, or a list of one of these. With a
+    ``partition_format`` (:mod:`daskrun.partitions`) every file's path must
+    match it, and its keys are :attr:`partition_keys`.
     """
 
     kind = ""
@@ -222,7 +230,12 @@ class _DatasetBase:
         *,
         validate: bool = True,
         storage_options: StorageOptions | None = None,
+        partition_format: str | None = None,
     ):
+        self.partition_format = partition_format
+        self._partitions = (
+            None if partition_format is None else PartitionFormat(partition_format)
+        )
         self.name: str | None = None  # set once registered
         self.version: int | None = None
         self.datastore, self._source = _datastore_paths(path)
@@ -237,6 +250,8 @@ class _DatasetBase:
         self._files: list[str] | None = None
         if validate:
             self.files()
+            for _ in self.partition_values():  # a file off the pattern fails now
+                pass
 
     def files(self) -> list[str]:
         """The data set's files, sorted by path (listed once, then cached).
@@ -313,7 +328,29 @@ class _DatasetBase:
             "paths": paths,
             "file_format": getattr(self, "file_format", None),
             "pandas_kwargs": getattr(self, "pandas_kwargs", {}),
+            "partition_format": self.partition_format,
         }
+
+    @property
+    def partition_keys(self) -> list[str]:
+        """The keys of ``partition_format`` (``[]`` without one)."""
+        return [] if self._partitions is None else list(self._partitions.keys)
+
+    def partition_values(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(path, {key: value})`` for each file, in path order; a file
+        that does not match ``partition_format`` raises :class:`InputError`
+        naming it and the pattern. Nothing without a ``partition_format``.
+
+        The pattern is matched against the end of each file's path below
+        the folder it was listed from (a folder given, or the part of a glob
+        before its first wildcard), so a stray file beside the partition
+        folders is refused rather than read with the folders above it as keys.
+        """
+        if self._partitions is None:
+            return
+        roots = _listing_roots(self._path)
+        for path in self.files():
+            yield path, self._partitions.match(path, _root_of(path, roots))
 
     def register(
         self,
@@ -372,6 +409,25 @@ def _folder_of(paths: Sequence[str]) -> str:
         if self.datastore is not None:
             return f"{type(self).__name__}({self.datastore.name}:{self._source!r})"
         return f"{type(self).__name__}({self._path!r})"
+
+
+def _listing_roots(path: Any) -> list[str]:
+    """The folders the given paths list files from: each path, or a glob's
+    part before its first wildcard; longest first."""
+    items = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    roots = []
+    for item in (str(os.fspath(i)) for i in items):
+        wild = min((item.find(c) for c in "*?[" if c in item), default=-1)
+        root = item if wild < 0 else item[:wild].rsplit("/", 1)[0]
+        if "://" not in root:
+            root = os.path.abspath(root)
+        roots.append(root.rstrip("/"))
+    return sorted(roots, key=len, reverse=True)
+
+
+def _root_of(path: str, roots: Sequence[str]) -> str | None:
+    """The longest of ``roots`` that ``path`` lies below, if any."""
+    return next((r for r in roots if path.startswith(r + "/")), None)
 
 
 def _check_path(path: Any) -> None:
@@ -532,12 +588,18 @@ class TabularDataset(_DatasetBase):
         validate: bool = True,
         storage_options: StorageOptions | None = None,
         pandas_kwargs: Mapping[str, Any] | None = None,
+        partition_format: str | None = None,
     ):
         self.file_format = file_format
         self.pandas_kwargs = (
             check_csv_options(pandas_kwargs or {}) if file_format == "csv" else {}
         )
-        super().__init__(path, validate=validate, storage_options=storage_options)
+        super().__init__(
+            path,
+            validate=validate,
+            storage_options=storage_options,
+            partition_format=partition_format,
+        )
 
     def plan(
         self, mini_batch_size: object = None, start: int = 0, exclude: str | None = None
@@ -566,17 +628,10 @@ class TabularDataset(_DatasetBase):
     def to_pandas_dataframe(
         self, on_error: str = "null", out_of_range_datetime: str = "null"
     ) -> pd.DataFrame:
-        """The whole data set in one DataFrame, read as workers read its
-        mini-batches (``on_error`` and ``out_of_range_datetime`` are
-        accepted and unused: pandas' own parsing applies)."""
-        import pandas as pd
-
-        # one mini-batch per file: the whole file, read once
-        whole = [
-            read_tabular(b, self.storage_options, self.pandas_kwargs)
-            for b in self.plan(1 << 62)
-        ]
-        return pd.concat(whole, ignore_index=True) if whole else pd.DataFrame()
+        """The whole data set in one DataFrame: each file read whole, with
+        its partition columns (``on_error`` and ``out_of_range_datetime``
+        are accepted and unused: pandas' own parsing applies)."""
+        return self._whole_frame()
 
     def to_dask_dataframe(
         self, mini_batch_size: object = None
@@ -591,9 +646,118 @@ class TabularDataset(_DatasetBase):
             enforce_metadata=False,
         )
 
+    def partition_by(
+        self,
+        partition_keys: Sequence[str] | str,
+        target: Any,
+        name: str | None = None,
+        show_progress: bool = True,
+    ) -> TabularDataset:
+        """Write the rows as one Parquet file per combination of
+        ``partition_keys``, in Hive-style folders (``key=value/``) under
+        ``target`` (``datastore.path('folder/')`` or ``(datastore,
+        'folder/')``), and return them as a partitioned data set; with
+        ``name`` it is also registered in the datastore's workspace.
+
+        The key columns leave the files and come back, as strings, from the
+        folder names (``partition_format='/key={key}/data.parquet'``), as in
+        Azure ML. ``target`` must be empty or new.
+
+        >>> by_user = ds.partition_by(["user"], store.path("by_user/"),
+        ...                           name="by_user")  # doctest: +SKIP
+        >>> by_user.partition_keys  # doctest: +SKIP
+        ['user']
+        """
+        keys = parse_partition_keys(partition_keys) or ()
+        store, paths = _datastore_paths(target)
+        if store is None or len(paths) != 1:
+            raise ConfigError(
+                f"target={target!r} is not a datastore path; use "
+                "datastore.path('folder/') or (datastore, 'folder/')"
+            )
+        frame = self._whole_frame()
+        missing = [k for k in keys if k not in frame.columns]
+        if missing:
+            raise ConfigError(
+                f"partition_keys={list(keys)!r}: {self!r} has no column "
+                f"{', '.join(map(repr, missing))}; its columns are "
+                f"{', '.join(map(str, frame.columns))}"
+            )
+        _write_partitions(
+            frame, keys, store.url(paths[0]), store.storage_options, show_progress
+        )
+        out = TabularDataset(
+            target, file_format="parquet", partition_format=hive_format(keys)
+        )
+        if name is not None:
+            workspace = getattr(store, "workspace", None)
+            if workspace is None:
+                raise ConfigError(
+                    f"partition_by(name={name!r}): datastore {store.name!r} "
+                    "belongs to no workspace to register it in; register it with "
+                    "Datastore.register_local(ws, ...)"
+                )
+            out = out.register(workspace, name, create_new_version=True)
+        return out
+
+    def _whole_frame(self) -> pd.DataFrame:
+        """Every row of every file, each file read whole, with its
+        partition columns."""
+        import pandas as pd
+
+        frames = [
+            read_whole(
+                path,
+                self.file_format,
+                self.storage_options,
+                self.pandas_kwargs,
+                self.partition_format,
+            )
+            for path in self.files()
+        ]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _write_partitions(
+    frame: pd.DataFrame,
+    keys: Sequence[str],
+    base: str,
+    storage_options: StorageOptions,
+    show_progress: bool,
+) -> None:
+    """``frame`` as ``base/k1=v1/k2=v2/data.parquet`` files, one per key
+    combination, without the key columns."""
+    fs, root = url_to_fs(base, **dict(storage_options))
+    root = root.rstrip("/")
+    if fs.exists(root) and fs.find(root):
+        raise ConfigError(
+            f"partition_by target {base!r} already holds files; choose a new or "
+            "empty folder"
+        )
+    groups = frame.groupby(list(keys), sort=True, dropna=False)
+    for n, (combo, part) in enumerate(groups, 1):
+        values = combo if isinstance(combo, tuple) else (combo,)
+        folder = []
+        for key, value in zip(keys, values, strict=True):
+            text = "" if value is None or value != value else str(value)  # NaN
+            if text in ("", ".", "..") or "/" in text:
+                raise InputError(
+                    f"partition_by: column {key!r} holds {value!r}, which cannot "
+                    "name a folder; fill or replace it first (e.g. "
+                    f"df[{key!r}].fillna('none'))"
+                )
+            folder.append(f"{key}={text}")
+        path = "/".join([root, *folder, "data.parquet"])
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "wb") as f:
+            part.drop(columns=list(keys)).to_parquet(f, index=False)
+        if show_progress:
+            print(f"partition_by: {n}/{groups.ngroups} {'/'.join(folder)}")
+
 
 def _read_for_dask(batch: CsvBatch | ParquetBatch, dataset: TabularDataset) -> Any:
-    return read_tabular(batch, dataset.storage_options, dataset.pandas_kwargs)
+    frame = read_tabular(batch, dataset.storage_options, dataset.pandas_kwargs)
+    return with_partition_columns(frame, batch.path, dataset.partition_format)
 
 
 def plan_files(files: Sequence[str], n: int) -> Iterator[FileBatch]:
@@ -684,6 +848,60 @@ def read_tabular(
     return read_csv(batch, storage_options, pandas_kwargs)
 
 
+def read_whole(
+    path: str,
+    file_format: str,
+    storage_options: StorageOptions,
+    pandas_kwargs: Mapping[str, Any],
+    partition_format: str | None,
+) -> pd.DataFrame:
+    """One tabular file, read whole, with its partition columns."""
+    if file_format == "csv":
+        frame = read_csv(CsvBatch(0, path), storage_options, pandas_kwargs)
+    else:
+        import pyarrow.parquet as pq
+
+        with fsspec.open(path, "rb", **storage_options) as f:
+            frame = pq.ParquetFile(f).read().to_pandas()
+    return with_partition_columns(frame, path, partition_format)
+
+
+def with_partition_columns(
+    frame: pd.DataFrame, path: str, partition_format: str | None
+) -> pd.DataFrame:
+    """``frame`` (read from ``path``) with a column per partition key, as
+    Azure ML adds them to a partitioned tabular data set's rows."""
+    if partition_format is not None:
+        for key, value in PartitionFormat(partition_format).match(path).items():
+            frame[key] = value
+    return frame
+
+
+def read_partition(
+    batch: PartitionBatch,
+    storage_options: StorageOptions,
+    pandas_kwargs: Mapping[str, Any],
+    partition_format: str | None,
+    local: bool,
+    cache_root: str,
+) -> tuple[Any, str | None]:
+    """What ``run()`` gets for one partition: its files' local paths, or
+    all rows of its tabular files; and the folder to delete afterwards."""
+    if batch.file_format is None:
+        if local:
+            return batch.paths, None
+        return localize_files(batch.paths, storage_options, cache_root)
+    import pandas as pd
+
+    frames = [
+        read_whole(
+            p, batch.file_format, storage_options, pandas_kwargs, partition_format
+        )
+        for p in batch.paths
+    ]
+    return pd.concat(frames, ignore_index=True), None
+
+
 def localize_files(
     paths: Sequence[str], storage_options: StorageOptions, cache_root: str
 ) -> tuple[list[str], str | None]:
@@ -738,9 +956,17 @@ class Dataset:
             path: Any,
             validate: bool = True,
             storage_options: StorageOptions | None = None,
+            partition_format: str | None = None,
         ) -> FileDataset:
-            """Files from local paths, folders, globs, lists or fsspec URLs."""
-            return FileDataset(path, validate=validate, storage_options=storage_options)
+            """Files from local paths, folders, globs, lists or fsspec URLs;
+            ``partition_format`` (e.g. ``'/{user}/{genre}/{fname}.wav'``)
+            reads partition keys from their paths."""
+            return FileDataset(
+                path,
+                validate=validate,
+                storage_options=storage_options,
+                partition_format=partition_format,
+            )
 
     class Tabular:
         @staticmethod
@@ -750,10 +976,12 @@ class Dataset:
             separator: str = ",",
             header: bool | int = True,
             storage_options: StorageOptions | None = None,
+            partition_format: str | None = None,
             **pandas_kwargs: Any,
         ) -> TabularDataset:
             """CSV (or other delimited) files; ``pandas_kwargs`` go to
-            ``pandas.read_csv``."""
+            ``pandas.read_csv``. With ``partition_format`` the keys read
+            from each file's path are columns of its rows."""
             pandas_kwargs.setdefault("sep", separator)
             if header is False:
                 pandas_kwargs.setdefault("header", None)
@@ -765,6 +993,7 @@ class Dataset:
                 validate=validate,
                 storage_options=storage_options,
                 pandas_kwargs=pandas_kwargs,
+                partition_format=partition_format,
             )
 
         @staticmethod
@@ -772,13 +1001,17 @@ class Dataset:
             path: Any,
             validate: bool = True,
             storage_options: StorageOptions | None = None,
+            partition_format: str | None = None,
         ) -> TabularDataset:
-            """Parquet files, split into mini-batches by row groups."""
+            """Parquet files, split into mini-batches by row groups; with
+            ``partition_format`` the keys read from each file's path are
+            columns of its rows."""
             return TabularDataset(
                 path,
                 file_format="parquet",
                 validate=validate,
                 storage_options=storage_options,
+                partition_format=partition_format,
             )
 
 

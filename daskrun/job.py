@@ -114,6 +114,8 @@ class BoundStep(Protocol):
     def parent_id(self) -> str | None: ...
     @property
     def config(self) -> ParallelRunConfig: ...
+    @property
+    def dataset_name(self) -> str | None: ...
 
     def plan(self) -> tuple[Any, int]: ...
 
@@ -486,6 +488,8 @@ class Job:
                 storage_options=first.storage_options,
                 pandas_kwargs=getattr(first, "pandas_kwargs", {}),
                 local=all(ds.local for ds in step.inputs),
+                partition_format=first.partition_format,
+                dataset=step.dataset_name,
             ),
             output=target,
             run_invocation_timeout=cfg.run_invocation_timeout,
@@ -561,6 +565,9 @@ class Job:
             )
             if stamp[0] != own
         )
+        if self.cfg.partition_keys:
+            self._fill_partitions(ledger, stamps)
+            return
         if step.kind == "file":
             for batch in step.plan()[0]:  # a fresh plan: ``batches`` is lazy
                 got = list(itertools.islice(stamps, batch.n_items))
@@ -576,6 +583,20 @@ class Job:
             known[path] = (size, stamp)
         for batch in self.batches:
             ledger.mini_batch(astuple(batch)[1:], [known.get(batch.path)])
+
+    def _fill_partitions(
+        self, ledger: PlanLedger, stamps: Iterator[tuple[str, int, str]]
+    ) -> None:
+        """:meth:`_fill_ledger` for a partitioned plan: each partition's
+        digest covers its key values, its files and their sizes and mtimes."""
+        known: dict[str, tuple[int, str]] = {}
+        for path, size, stamp in stamps:
+            ledger.file(path, size, stamp)
+            known[path] = (size, stamp)
+        for batch in self.batches:
+            ledger.mini_batch(
+                (batch.key_value, batch.joined), [known.get(p) for p in batch.paths]
+            )
 
     def _item_counter(self) -> Any:
         """Counts the rows of a CSV mini-batch that failed unread."""

@@ -405,6 +405,7 @@ def fingerprint(step: ParallelRunStep) -> str:
             k: v
             for k, v in asdict(cfg).items()
             if k not in ("entry_script", "source_directory")
+            and not (k == "partition_keys" and v is None)
         },
         "kind": step.kind,
         "inputs": [
@@ -417,6 +418,8 @@ def fingerprint(step: ParallelRunStep) -> str:
         ],
         "side_inputs": [list(ds.stamps()) for ds in step.side_inputs],
         "arguments": [str(a) for a in step.arguments],
+        # only where set, so that the runs from before they existed still match
+        **_partitioning(step),
         "outputs": sorted(w["datastore"] for w in step.outputs.values()),
         # a newly registered model version may change the results
         "models": sorted(
@@ -426,6 +429,19 @@ def fingerprint(step: ParallelRunStep) -> str:
     }
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _partitioning(step: ParallelRunStep) -> dict[str, Any]:
+    """What partitioned inputs add to a fingerprint: their formats (tabular
+    rows get their keys as columns) and the inputs' name (a two-parameter
+    ``run()`` sees it); nothing for a step without them."""
+    found: dict[str, Any] = {}
+    formats = [ds.partition_format for ds in step.inputs]
+    if any(formats):
+        found["partition_formats"] = formats
+    if step.dataset_name is not None:
+        found["dataset"] = step.dataset_name
+    return found
 
 
 def _reusable(workspace: Workspace, key: str) -> RunRecord | None:

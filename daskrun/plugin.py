@@ -40,10 +40,19 @@ from distributed import WorkerPlugin, get_worker
 from fsspec.core import url_to_fs
 
 from .aml import install_entry_script_shims
-from .datasets import FileBatch, MiniBatch, localize_files, read_tabular
+from .datasets import (
+    FileBatch,
+    MiniBatch,
+    PartitionBatch,
+    localize_files,
+    read_partition,
+    read_tabular,
+    with_partition_columns,
+)
 from .exceptions import ConfigError, EntryScriptError
 from .modelrefs import ModelRef, set_worker_models
 from .output import OutputTarget, format_rows, printable, write_part
+from .partitions import MiniBatchContext
 from .runcontext import Logged, WorkerRun, set_worker_run
 from .storage import hide
 
@@ -300,6 +309,8 @@ class InputSpec:
     storage_options: Mapping[str, Any]
     pandas_kwargs: Mapping[str, Any]
     local: bool  # every input file is on a local (or shared) file system
+    partition_format: str | None = None  # tabular: its keys become columns
+    dataset: str | None = None  # the inputs' name, for mini_batch_context
 
 
 @dataclass(frozen=True)
@@ -580,6 +591,8 @@ class EntryScriptPlugin(WorkerPlugin):
         self.init_error: TryResult | None = None
         # run() cannot take a mini-batch: one line, found before init()
         self.contract_error: str | None = None
+        # run(mini_batch, mini_batch_context): set once the script is loaded
+        self.takes_context = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -691,6 +704,7 @@ class EntryScriptPlugin(WorkerPlugin):
                 self.contract_error = _check_run(module, self.script)
                 if self.contract_error is not None:
                     return
+                self.takes_context = _takes_context(module.run)
                 module.init()
             self.module = module
         except (Exception, SystemExit) as e:
@@ -712,15 +726,17 @@ class EntryScriptPlugin(WorkerPlugin):
 def _check_run(module: ModuleType, script: str) -> str | None:
     """Why the script's ``run`` cannot take one mini-batch, or ``None``.
 
-    ``run(mini_batch)``, ``run(mini_batch, extra=None)`` and ``run(*args)``
-    pass; ``run()`` and ``run(a, b)`` do not.
+    ``run(mini_batch)``, ``run(mini_batch, extra=None)``, ``run(*args)`` and
+    ``run(mini_batch, mini_batch_context)`` pass; ``run()`` and
+    ``run(a, b, c)`` do not.
     """
     run = getattr(module, "run", None)
     name = os.path.basename(script)
     if not callable(run):
         return (
             f"run of {name} is a {type(run).__name__}, not a function; it must "
-            "take one mini-batch: def run(mini_batch)"
+            "take one mini-batch: def run(mini_batch), or def run(mini_batch, "
+            "mini_batch_context)"
         )
     try:
         signature = inspect.signature(run)
@@ -729,11 +745,39 @@ def _check_run(module: ModuleType, script: str) -> str | None:
     try:
         signature.bind(object())
     except TypeError:
+        if _takes_context(run):
+            return None
         return (
             f"run() of {name} takes `run{signature}`; it must take one "
-            "mini-batch: def run(mini_batch)"
+            "mini-batch: def run(mini_batch), or def run(mini_batch, "
+            "mini_batch_context)"
         )
     return None
+
+
+def _takes_context(run: Callable[..., Any]) -> bool:
+    """Whether ``run`` needs a second argument: Azure ML's
+    ``run(mini_batch, mini_batch_context)``."""
+    try:
+        signature = inspect.signature(run)
+    except (TypeError, ValueError):
+        return False
+    try:
+        signature.bind(object())
+        return False
+    except TypeError:
+        pass
+    try:
+        signature.bind(object(), object())
+    except TypeError:
+        return False
+    return True
+
+
+def _context(plugin: EntryScriptPlugin, batch: MiniBatch) -> MiniBatchContext:
+    """The ``mini_batch_context`` of ``batch``."""
+    keys = batch.partition_key_value if isinstance(batch, PartitionBatch) else {}
+    return MiniBatchContext(keys, batch.index, plugin.input_spec.dataset)
 
 
 def _failure(
@@ -818,7 +862,18 @@ def _process(
         # reading (a remote copy, a CSV that is a FIFO or on a hung mount) and
         # writing are bounded by the same timeout as run()
         watchdog.arm(batch.index, phase="read")
-        if isinstance(batch, FileBatch):
+        if isinstance(batch, PartitionBatch):
+            mini_batch, cache = read_partition(
+                batch,
+                spec.storage_options,
+                spec.pandas_kwargs,
+                spec.partition_format,
+                spec.local,
+                cache_root,
+            )
+            if batch.file_format is not None:
+                items_in = len(mini_batch)
+        elif isinstance(batch, FileBatch):
             if spec.local:
                 mini_batch = batch.paths
             else:
@@ -826,11 +881,16 @@ def _process(
                     batch.paths, spec.storage_options, cache_root
                 )
         else:
-            mini_batch = read_tabular(batch, spec.storage_options, spec.pandas_kwargs)
+            mini_batch = with_partition_columns(
+                read_tabular(batch, spec.storage_options, spec.pandas_kwargs),
+                batch.path,
+                spec.partition_format,
+            )
             items_in = len(mini_batch)
         watchdog.arm(batch.index, phase="run")
+        args = (_context(plugin, batch),) if plugin.takes_context else ()
         with plugin.capture.redirect():
-            result = plugin.module.run(mini_batch)  # type: ignore[union-attr]
+            result = plugin.module.run(mini_batch, *args)  # type: ignore[union-attr]
         watchdog.arm(batch.index, phase="write")
         output_format = plugin.output.output_format if plugin.output else "text"
         try:

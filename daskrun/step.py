@@ -48,6 +48,7 @@ from .models import model_refs
 from .monitor import (
     Console,
 )
+from .partitions import check_partition_keys, plan_partitions
 from .plugin import (
     EntryScriptPlugin,
 )
@@ -242,6 +243,11 @@ class ParallelRunStep:
         cfg = parallel_run_config.resolved
         self.input_specs = _check_input_specs(inputs)
         self.kind = _kind_of(self.input_specs)
+        # as_named_input names, for run()'s mini_batch_context.dataset
+        self.input_names: list[str | None] = [
+            s.name if isinstance(s, DatasetConsumptionConfig) else None
+            for s in self.input_specs
+        ]
         self.mini_batch_size = mini_batch_size_for(self.kind, cfg.mini_batch_size)
         if output is None and cfg.output_action == "append_row":
             raise ConfigError(
@@ -288,6 +294,7 @@ class ParallelRunStep:
             if not any(isinstance(i, PipelineData) for i in self._flat_specs())
             else []
         )
+        _check_partitioned(cfg.partition_keys, self.inputs)
         self.run_id: str | None = None
         self.workspace: Any = None
         self.parent_id: str | None = None
@@ -329,6 +336,7 @@ class ParallelRunStep:
             for spec in self.input_specs
         ]
         _check_kinds(bound.inputs)
+        _check_partitioned(cfg.partition_keys, bound.inputs)
         bound.workspace = workspace
         bound.run_id = run_id or new_run_id(self.name)
         bound.parameter_values = {
@@ -354,6 +362,16 @@ class ParallelRunStep:
     def __repr__(self) -> str:
         return f"ParallelRunStep(name={self.name!r}, inputs={self.inputs!r})"
 
+    @property
+    def dataset_name(self) -> str | None:
+        """The inputs' name (``as_named_input``, else registered) when they
+        share one, for ``mini_batch_context.dataset``; else ``None``."""
+        names = {
+            given or ds.name
+            for given, ds in zip(self.input_names, self.inputs, strict=False)
+        }
+        return names.pop() if len(names) == 1 else None
+
     def plan(self) -> tuple[Iterable[Any], int]:
         """The mini-batch plans (lazily, for file inputs) and their count.
 
@@ -362,6 +380,19 @@ class ParallelRunStep:
         every listing).
         """
         own = self._own_output()
+        keys = self.config.resolved.partition_keys
+        if keys:
+            partitions = plan_partitions(
+                (
+                    pair
+                    for ds in self.inputs
+                    for pair in ds.partition_values()
+                    if pair[0] != own
+                ),
+                keys,
+                getattr(self.inputs[0], "file_format", None),
+            )
+            return partitions, len(partitions)
         if self.kind == "file":
             files = (
                 self.inputs[0].files()
@@ -468,6 +499,21 @@ def _check_kinds(items: list[Input]) -> None:
         raise ConfigError(
             f"inputs mix kinds {sorted(str(k) for k in kinds)}; all inputs of one "
             "step must be file data sets, or all tabular of one format"
+        )
+
+
+def _check_partitioned(keys: Sequence[str] | None, inputs: list[Input]) -> None:
+    """Every input has the ``partition_keys``; tabular inputs share one
+    ``partition_format`` (the workers add its columns to every row)."""
+    for ds in inputs:
+        if keys:
+            check_partition_keys(keys, ds)
+    formats = {ds.partition_format for ds in inputs if ds.kind == "tabular"}
+    if len(formats) > 1:
+        raise ConfigError(
+            f"tabular inputs have different partition_format values "
+            f"{sorted(map(str, formats))}; give them one format, or run one step "
+            "per format"
         )
 
 
@@ -633,7 +679,10 @@ def _resume(
             from_spec(spec, workspace) for spec in record.input_specs
         ]
     elif record.kind == "file":
-        inputs = [FileDataset(p, storage_options=options) for p in record.inputs]
+        inputs = [
+            FileDataset(p, storage_options=options, partition_format=f)
+            for p, f in _with_formats(record)
+        ]
     else:
         inputs = [
             TabularDataset(
@@ -641,8 +690,9 @@ def _resume(
                 file_format=record.file_format or "csv",
                 storage_options=options,
                 pandas_kwargs=record.pandas_kwargs,
+                partition_format=f,
             )
-            for p in record.inputs
+            for p, f in _with_formats(record)
         ]
     output_options: dict[str, Any] = {}
     for where in record.outputs.values():
@@ -657,6 +707,7 @@ def _resume(
     )
     step.workspace = workspace
     step.outputs = record.outputs
+    step.input_names = list(record.input_names) or step.input_names
     return _execute(
         step,
         console=Console(show_output),
@@ -664,6 +715,12 @@ def _resume(
         retry_failed=retry_failed,
         replan=replan,
     )
+
+
+def _with_formats(record: RunRecord) -> list[tuple[Any, str | None]]:
+    """Each input's paths and ``partition_format``."""
+    formats = record.partition_formats or [None] * len(record.inputs)
+    return list(zip(record.inputs, formats, strict=True))
 
 
 def _new_record(
@@ -684,6 +741,11 @@ def _new_record(
         file_format=getattr(step.inputs[0], "file_format", None),
         inputs=[_path_spec(ds) for ds in step.inputs],
         input_specs=_input_specs(step.inputs),
+        partition_formats=[ds.partition_format for ds in step.inputs],
+        input_names=[
+            given or ds.name
+            for given, ds in zip(step.input_names, step.inputs, strict=False)
+        ],
         pandas_kwargs=getattr(step.inputs[0], "pandas_kwargs", {}),
         remote_inputs=not plugin.input_spec.local,
         output=step.output,

@@ -105,7 +105,7 @@ def test_cli_run_that_cannot_take_a_mini_batch_fails_at_once(
     write_script(
         tmp_path,
         f"def init():\n    open({str(marker)!r}, 'w').close()\n"
-        "def run(a, b):\n    return a\n",
+        "def run(a, b, c):\n    return a\n",
     )
     result = daskrun(
         "run",
@@ -124,8 +124,9 @@ def test_cli_run_that_cannot_take_a_mini_batch_fails_at_once(
     assert result.returncode == 1, result.stderr
     cause = result.stderr.strip().splitlines()[-1]
     assert cause == (
-        "daskrun: job failed: run() of score.py takes `run(a, b)`; it must take "
-        "one mini-batch: def run(mini_batch)"
+        "daskrun: job failed: run() of score.py takes `run(a, b, c)`; it must "
+        "take one mini-batch: def run(mini_batch), or def run(mini_batch, "
+        "mini_batch_context)"
     )
     assert not marker.exists()  # init() never ran
     assert "mini-batch 0 failed" not in result.stderr  # no mini-batch was tried
@@ -140,6 +141,7 @@ def test_cli_run_that_cannot_take_a_mini_batch_fails_at_once(
         ("run = 5\n", "run of score.py is a int, not a function"),
         ("def run(mini_batch, context=None):\n    return mini_batch\n", None),
         ("def run(*args):\n    return args[0]\n", None),
+        ("def run(mini_batch, mini_batch_context):\n    return mini_batch\n", None),
     ],
 )
 def test_run_signature_is_checked_on_the_workers(
@@ -159,7 +161,10 @@ def test_run_signature_is_checked_on_the_workers(
         return
     assert run.status == "Failed"
     assert run.error is not None and shown in run.error
-    assert run.error.endswith("it must take one mini-batch: def run(mini_batch)")
+    assert run.error.endswith(
+        "it must take one mini-batch: def run(mini_batch), or "
+        "def run(mini_batch, mini_batch_context)"
+    )
     assert "\n" not in run.error
     assert run.mini_batches_failed == 0 and run.items_succeeded == 0
 

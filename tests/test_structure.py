@@ -131,7 +131,8 @@ ENGINE = {
     f"daskrun.{name}"
     for name in (
         "aml cluster config dashboard datasets delimited exceptions job jobqueue "
-        "ledger modelrefs monitor output plugin runcontext runner storage"
+        "ledger modelrefs monitor output partitions plugin runcontext runner "
+        "storage"
     ).split()
 }
 
