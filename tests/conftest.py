@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -129,3 +131,28 @@ def slurm() -> Iterator[dict[str, str]]:
         else:
             os.environ["SLURM_CONF"] = old
         shutil.rmtree(state, ignore_errors=True)
+
+
+KERNEL = "daskrun-test"
+
+
+@pytest.fixture
+def kernel(tmp_path: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A kernel spec running this interpreter with this checkout on its path,
+    found through JUPYTER_PATH (nothing installed outside the test)."""
+    spec = tmp_path / "jupyter" / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
+                         "{connection_file}"],
+                "display_name": "daskrun (test)",
+                "language": "python",
+                "env": {"PYTHONPATH": str(REPO)},
+            }
+        )
+    )  # fmt: skip
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("DASK_DASKRUN__RUNS_DIR", str(runs_dir))
+    return KERNEL

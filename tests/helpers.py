@@ -374,3 +374,23 @@ class VictimKiller:
         done = [(k.name, k.start) for k in self.kills]
         assert sorted(done) == sorted(self.expected), (done, self.expected)
         return self.kills
+
+
+def execute_notebook(nb: Any, cwd: Path, kernel: str) -> Any:
+    """Run every cell of ``nb`` in ``kernel`` (see the ``kernel`` fixture),
+    in ``cwd``; the notebook, with its outputs."""
+    import nbclient
+
+    client = nbclient.NotebookClient(
+        nb,
+        kernel_name=kernel,
+        timeout=240,
+        resources={"metadata": {"path": str(cwd)}},
+    )
+    client.execute()
+    return nb
+
+
+def cell_text(cell: Any) -> str:
+    """What a notebook cell printed."""
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")

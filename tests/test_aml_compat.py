@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -26,9 +27,8 @@ from daskrun import (
 )
 from daskrun.aml import MODULES
 
-from .helpers import REPO, make_files, write_script
+from .helpers import REPO, cell_text, execute_notebook, make_files, write_script
 from .helpers import daskrun as daskrun_cli
-from .test_notebook import _execute, _text, kernel  # noqa: F401 (a fixture)
 
 # an Azure ML entry script, byte for byte: the SDK's imports, the model
 # through azureml.core.Model, the output folder from AZUREML_BI_OUTPUT_PATH
@@ -611,9 +611,9 @@ def test_parallel_run_step_tutorial_notebook_runs_with_one_line_added(
     nb.cells = [nbformat.v4.new_code_cell(source) for source in NOTEBOOK]
     sources = "\n".join(NOTEBOOK)
     assert sources.count("daskrun") == 2  # the one line: import and install
-    _execute(nb, tmp_path, kernel)
+    execute_notebook(nb, tmp_path, kernel)
 
-    printed = {i: _text(cell) for i, cell in enumerate(nb.cells)}
+    printed = {i: cell_text(cell) for i, cell in enumerate(nb.cells)}
     assert "creating a new compute target..." in printed[2]
     assert "'vm_size': 'STANDARD_D2_V2'" in printed[2]
     assert "uploaded 12 files" in printed[3]
@@ -630,3 +630,81 @@ def test_parallel_run_step_tutorial_notebook_runs_with_one_line_added(
     second = results["second"]
     assert second["rows"] == [["0.txt", 100]]
     assert second["mini_batches"] == 1 and second["metrics"] == {"files": 1}
+
+
+# Azure ML's partitioned entry script: the SDK's imports, and run() with the
+# mini-batch's context (partition_key_value, minibatch_index, dataset)
+PARTITION_SCRIPT = """\
+import os
+
+from azureml.core import Run
+from azureml_user.parallel_run import EntryScript
+
+
+def init():
+    EntryScript().logger.info("ready")
+
+
+def run(mini_batch, mini_batch_context):
+    keys = mini_batch_context.partition_key_value
+    where = f"{mini_batch_context.minibatch_index} {mini_batch_context.dataset}"
+    Run.get_context().log("partitions", 1)
+    if hasattr(mini_batch, "columns"):  # a table: the partition's rows
+        return [f"{where} {keys['region']} {r} {a}"
+                for r, a in zip(mini_batch["region"], mini_batch["amount"])]
+    return [f"{where} {keys['user']} {os.path.basename(p)} {open(p).read()}"
+            for p in mini_batch]
+"""
+
+
+def test_partitioned_entry_scripts_run_unchanged(tmp_path: Path) -> None:
+    ws = _workspace(tmp_path)
+    script = write_script(tmp_path / "src", PARTITION_SCRIPT, "score.py")
+
+    def run(inputs: Any, name: str) -> list[str]:
+        config = ParallelRunConfig(
+            entry_script="score.py",
+            source_directory=str(script.parent),
+            error_threshold=0,
+            output_action="append_row",
+            partition_keys=["region"] if name == "sales" else ["user"],
+            process_count_per_node=2,
+        )
+        out = str(tmp_path / f"out-{name}")
+        step = ParallelRunStep(f"by-{name}", config, inputs=[inputs], output=out)
+        result = step.run(workspace=ws)
+        assert result.status == "Completed", result.error
+        assert result.get_metrics()["partitions"]  # Run.get_context().log
+        return Path(result.output_path or "").read_text().splitlines()
+
+    # a partitioned file data set: a plain loop over the files, by user
+    for i in range(7):
+        path = tmp_path / "audio" / ["ann", "bo"][i % 2] / f"{i}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(i * i))
+    audio = Dataset.File.from_files(
+        str(tmp_path / "audio"), partition_format="/{user}/{fname}.wav"
+    )
+    got = run(audio.as_named_input("audio"), "audio")
+    expected = [
+        f"{index} audio {user} {p.name} {p.read_text()}"
+        for index, user in enumerate(["ann", "bo"])
+        for p in sorted((tmp_path / "audio" / user).iterdir())
+    ]
+    assert got == expected
+
+    # a partition_by tabular data set: pandas, grouped by region
+    store = ws.get_default_datastore()
+    frame = pd.DataFrame(
+        {"region": [["n", "s", "e"][i % 3] for i in range(30)], "amount": range(30)}
+    )
+    frame.to_csv(tmp_path / "sales.csv", index=False)
+    sales = Dataset.Tabular.from_delimited_files(str(tmp_path / "sales.csv"))
+    parts = sales.partition_by(["region"], store.path("sales/"), name="sales")
+    got = run(parts, "sales")
+    expected = [
+        f"{index} sales {region} {region} {amount}"
+        for index, (region, group) in enumerate(frame.groupby("region", sort=True))
+        for amount in group["amount"]
+    ]
+    assert got == expected

@@ -3,59 +3,18 @@ kernel (ipykernel, driven by nbclient) with this venv's Python."""
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-import nbclient
 import nbformat
 import pytest
 
-from .helpers import REPO
+from .helpers import REPO, cell_text, execute_notebook
 
 # in the test extra (scripts/install): a missing one fails, it is not skipped
 
-KERNEL = "daskrun-test"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
-
-
-@pytest.fixture
-def kernel(tmp_path: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A kernel spec running this interpreter with this checkout on its path,
-    found through JUPYTER_PATH (nothing installed outside the test)."""
-    spec = tmp_path / "jupyter" / "kernels" / KERNEL
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(
-        json.dumps(
-            {
-                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
-                         "{connection_file}"],
-                "display_name": "daskrun (test)",
-                "language": "python",
-                "env": {"PYTHONPATH": str(REPO)},
-            }
-        )
-    )  # fmt: skip
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("DASK_DASKRUN__RUNS_DIR", str(runs_dir))
-    return KERNEL
-
-
-def _execute(nb: Any, cwd: Path, kernel: str) -> Any:
-    client = nbclient.NotebookClient(
-        nb,
-        kernel_name=kernel,
-        timeout=240,
-        resources={"metadata": {"path": str(cwd)}},
-    )
-    client.execute()
-    return nb
-
-
-def _text(cell: Any) -> str:
-    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
 
 
 def _widgets(nb: Any) -> dict[str, dict[str, Any]]:
@@ -100,12 +59,12 @@ def test_quickstart_notebook_shows_live_progress_and_run_details(
     tmp_path: Path, kernel: str
 ) -> None:
     nb = nbformat.read(REPO / "examples" / "notebook" / "quickstart.ipynb", 4)
-    _execute(nb, tmp_path, kernel)
+    execute_notebook(nb, tmp_path, kernel)
     code = [c for c in nb.cells if c.cell_type == "code"]
     step_cell, details_cell, pipeline_cell, summary_cell = code[1:]
 
     # step.run(show_output=True): a tqdm widget that ended full, then returned
-    assert "Completed 40 0" in _text(step_cell)
+    assert "Completed 40 0" in cell_text(step_cell)
     bars = _progress_bars(nb, step_cell)
     assert len(bars) == 1, step_cell.outputs
     value, maximum, right = bars[0]
@@ -119,7 +78,7 @@ def test_quickstart_notebook_shows_live_progress_and_run_details(
     assert rows[1][:5] == ["score-images", "Completed", "10/10", "40", "0"]
 
     # the pipeline: a progress widget per step, and the live table's last view
-    assert "Completed" in _text(pipeline_cell)
+    assert "Completed" in cell_text(pipeline_cell)
     bars = _progress_bars(nb, pipeline_cell)
     assert [(v, m) for v, m, _ in bars] == [(10, 10), (1, 1)], pipeline_cell.outputs
     table_id = _shown(pipeline_cell)[0]
@@ -130,7 +89,7 @@ def test_quickstart_notebook_shows_live_progress_and_run_details(
         ["summarize", "Completed", "1/1", "1", "0"],
     ]
     # 0 + 1 + ... + 39 characters, read back through PipelineData
-    assert "40 scores, total 780" in _text(summary_cell)
+    assert "40 scores, total 780" in cell_text(summary_cell)
 
 
 def _readme_notebook_cell() -> str:
@@ -154,7 +113,7 @@ def test_readme_notebook_cell_runs_as_written(tmp_path: Path, kernel: str) -> No
         (tmp_path / "images" / f"img{i:02}.png").write_bytes(b"\x89PNG")
     cell = _readme_notebook_cell()
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)])
-    _execute(nb, tmp_path, kernel)
+    execute_notebook(nb, tmp_path, kernel)
     (ran,) = nb.cells
     bars = _progress_bars(nb, ran)
     assert [(v, m) for v, m, _ in bars] == [(3, 3)], ran.outputs

@@ -202,3 +202,21 @@ def test_real_workers_load_no_registry(tmp_path: Path) -> None:
     loaded = set(Path(run.output_path or "").read_text().split())
     assert "daskrun.plugin" in loaded
     assert loaded & (REGISTRY | {"sqlite3"}) == set(), loaded
+
+
+def test_no_test_module_imports_another() -> None:
+    # shared code lives in tests/helpers.py (importable by subprocess
+    # scripts) and fixtures in conftest.py, which pytest loads itself
+    tests = Path(__file__).parent
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or "", *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            others = [
+                n for n in names if n.split(".")[-1].startswith(("test_", "conftest"))
+            ]
+            assert others == [], f"{path.name} imports {others}"
