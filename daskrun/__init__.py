@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 # the engine, which a worker process imports with the plugin
 from .aml import install_as_azureml
+from .cluster import close_warm_clusters, keep_warm
 from .config import (
     CondaDependencies,
     Environment,
@@ -142,6 +143,8 @@ __all__ = [
     "TabularDataset",
     "ThresholdExceededError",
     "Workspace",
+    "close_warm_clusters",
     "install_as_azureml",
+    "keep_warm",
     "resume",
 ]

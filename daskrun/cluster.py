@@ -45,6 +45,7 @@ from .config import config_get
 from .dashboard import serve_dashboard_on_demand
 from .exceptions import ConfigError, JobFailedError
 from .jobqueue import WorkerWatch, is_jobqueue_cluster, jobqueue_client
+from .monitor import log_distributed_only_to
 
 logger = logging.getLogger("daskrun")
 
@@ -193,7 +194,7 @@ def connect(
     """
     if compute_target is None:
         n = node_count * (process_count_per_node or default_process_count())
-        with _local_cluster(n, log_file=log_file) as client:
+        with _warm.lease(n, log_file) as client:
             yield client
     elif is_jobqueue_cluster(compute_target):
         with _on_queue(
@@ -304,6 +305,115 @@ def _local_cluster(
                 yield client
         finally:
             cluster.close()
+
+
+class _WarmClusters:
+    """daskrun's local clusters, kept running between jobs while wanted.
+
+    A job leases a cluster of its size: an idle one started for an earlier
+    job with the same settings, else a new one. When the job ends, the
+    cluster is closed, unless clusters are kept warm (inside
+    :func:`keep_warm`, as a Pipeline's steps are, or with
+    ``daskrun.local-cluster.keep-warm``); then it waits, idle, for the next
+    job, until the last ``keep_warm`` block ends, :func:`close_warm_clusters`
+    is called or the process exits. A job that raised closes its cluster
+    all the same: its workers' state is unknown. At most one cluster is
+    kept idle.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[
+            tuple[Any, contextlib.AbstractContextManager[Client], Client]
+        ] = []
+        self._holders = 0  # keep_warm() blocks open
+        self._atexit = False
+
+    def wanted(self) -> bool:
+        return self._holders > 0 or bool(config_get("local-cluster.keep-warm"))
+
+    @contextlib.contextmanager
+    def lease(
+        self, n: int, log_file: str | os.PathLike[str] | None
+    ) -> Iterator[Client]:
+        key = (n, repr(config_get("local-cluster")), gpu_count())
+        with self._lock:
+            found = [entry for entry in self._idle if entry[0] == key]
+            stale = [entry for entry in self._idle if entry[0] != key]
+            self._idle = []
+        self._close(stale)
+        if found:
+            _, cm, client = found[0]
+            _route_worker_logs(client, log_file)
+        else:
+            cm = _local_cluster(n, log_file=log_file)
+            client = cm.__enter__()
+        try:
+            yield client
+        except BaseException:
+            cm.__exit__(*sys.exc_info())
+            raise
+        if not self.wanted():
+            cm.__exit__(None, None, None)
+            return
+        with self._lock:
+            self._idle.append((key, cm, client))
+            if not self._atexit:
+                atexit.register(self.close)
+                self._atexit = True
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                last = self._holders == 0
+            if last and not config_get("local-cluster.keep-warm"):
+                self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        self._close(idle)
+
+    def _close(self, entries: list[Any]) -> None:
+        for _, cm, _ in entries:
+            with _gc_paused():
+                cm.__exit__(None, None, None)
+
+    def clients(self) -> list[Client]:
+        with self._lock:
+            return [client for _, _, client in self._idle]
+
+
+_warm = _WarmClusters()
+
+
+def keep_warm() -> contextlib.AbstractContextManager[None]:
+    """Within this block, daskrun's local cluster stays up between jobs,
+    and is closed when the block ends.
+
+    >>> with daskrun.keep_warm():  # doctest: +SKIP
+    ...     first = step.run()     # starts the cluster
+    ...     second = step.run()    # the same worker processes, warm
+    """
+    return _warm.held()
+
+
+def close_warm_clusters() -> None:
+    """Close the local clusters kept warm (``daskrun.local-cluster.keep-warm``)
+    that no job is using."""
+    _warm.close()
+
+
+def _route_worker_logs(client: Client, log_file: str | os.PathLike[str] | None) -> None:
+    """Send the warm workers' distributed log lines to this job's file."""
+    if log_file is not None:
+        client.run(log_distributed_only_to, os.fspath(log_file))
 
 
 def _start_timeout() -> float:

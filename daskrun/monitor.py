@@ -423,6 +423,17 @@ class _DistributedLogRoute:
                 logging.getLogger(name).addHandler(handler)
             self._files[key] = handler, 1
 
+    def only(self, path: str | os.PathLike[str]) -> None:
+        """Route to ``path`` alone, closing the files routed to so far."""
+        key = os.path.abspath(path)
+        if key not in self._files:
+            self.open(path)  # first: closing the last file restores the terminal
+        with self._lock:
+            others = [k for k in self._files if k != key]
+        for other in others:
+            while other in self._files:
+                self.close(other)
+
     def path(self) -> str | None:
         """The first open file, if any."""
         with self._lock:
@@ -495,6 +506,17 @@ def log_distributed_to(path: str) -> None:
         sys.stderr = _ExitTracebackToLog(sys.stderr, path)
 
 
+def log_distributed_only_to(path: str) -> None:
+    """:func:`log_distributed_to` ``path`` instead of the files so far: a
+    warm local worker's lines go to the job that now uses it."""
+    _route.only(path)
+    stderr = sys.stderr
+    if isinstance(stderr, _ExitTracebackToLog):
+        stderr.path = path
+    else:
+        sys.stderr = _ExitTracebackToLog(stderr, path)
+
+
 class _ExitTracebackToLog:
     """``sys.stderr`` of a local worker process: what is written goes to the
     process's own stderr (user code's messages, say), until multiprocessing
@@ -508,14 +530,14 @@ class _ExitTracebackToLog:
 
     def __init__(self, stream: Any, path: str):
         self._stream = stream
-        self._path = path
+        self.path = path  # the log file; a warm worker changes it
         self._head = f"Process {multiprocessing.current_process().name}:\n"
         self._log: IO[str] | None = None
 
     def write(self, text: str) -> int:
         if self._log is None and text == self._head:
             self._log = open(  # open while the process lives
-                self._path, "a", encoding="utf-8", errors=_ESCAPE, buffering=1
+                self.path, "a", encoding="utf-8", errors=_ESCAPE, buffering=1
             )
         return int((self._log or self._stream).write(text))
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from .cluster import keep_warm
 from .config import PipelineParameter, check_name, check_parameter_names
 from .datasets import FileDataset
 from .exceptions import ConfigError, DaskRunError, JobFailedError, RunTimeoutError
@@ -230,23 +231,12 @@ class PipelineRun:
     def _run(self) -> None:
         assert self.pipeline is not None and self._record is not None
         record = self._record
-        produced: dict[str, Any] = {}
-        status, error = "Completed", None
+        status, error = "Failed", None
         try:
-            for step in self.pipeline.steps:
-                if self._interrupt.reason is not None:
-                    status, error = "Canceled", self._interrupt.reason
-                    break
-                run = self._run_step(step, produced)
-                if run.status != "Completed":
-                    status = run.status
-                    error = f"step {step.name!r} {run.status.lower()}: {run.error}"
-                    break
-                for name, where in run.outputs.items():
-                    store = Datastore(self.workspace, where["datastore"])
-                    produced[name] = FileDataset(
-                        store.path(where["path"]), validate=False
-                    )
+            # one local cluster for all the steps: started by the first
+            # that needs it, closed after the last
+            with keep_warm():
+                status, error = self._run_steps()
         except DaskRunError as e:
             status, error = "Failed", str(e)
         except BaseException as e:  # recorded, not lost
@@ -257,6 +247,23 @@ class PipelineRun:
             self._say(f"daskrun: pipeline run {self.run_id}: {status}")
             if error:
                 self._say(f"daskrun: {error}")
+
+    def _run_steps(self) -> tuple[str, str | None]:
+        """Run the steps in order, each given what earlier ones produced;
+        the pipeline run's status and error."""
+        assert self.pipeline is not None
+        produced: dict[str, Any] = {}
+        for step in self.pipeline.steps:
+            if self._interrupt.reason is not None:
+                return "Canceled", self._interrupt.reason
+            run = self._run_step(step, produced)
+            if run.status != "Completed":
+                error = f"step {step.name!r} {run.status.lower()}: {run.error}"
+                return run.status, error
+            for name, where in run.outputs.items():
+                store = Datastore(self.workspace, where["datastore"])
+                produced[name] = FileDataset(store.path(where["path"]), validate=False)
+        return "Completed", None
 
     def _run_step(self, step: ParallelRunStep, produced: dict[str, Any]) -> StepRun:
         bound = step.bind(self.values, produced, self.workspace)
