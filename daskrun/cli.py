@@ -13,16 +13,24 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from .cluster import (
+    SharedCluster,
+    default_process_count,
+    serve_shared_cluster,
+    stop_shared_cluster,
+)
 from .config import (
     LOGGING_LEVELS,
     OUTPUT_ACTIONS,
     OUTPUT_FORMATS,
     ParallelRunConfig,
+    config_get,
     unmet_packages,
 )
 from .datasets import Dataset, FileDataset, TabularDataset
@@ -166,6 +174,33 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default="daskrun-demo", help="workspace and data")
     demo.add_argument("--images", type=int, default=10_000, metavar="N")
     demo.add_argument("--processes", type=int, default=2, metavar="N")
+    shared = subs.add_parser(
+        "cluster",
+        help="keep a local cluster running for later jobs",
+        description="Start a local cluster in the background that every later "
+        "job of yours with no compute target uses (a warm start: no cluster "
+        "start, and workers that have imported their libraries), or stop it. "
+        "It listens on 127.0.0.1 with TLS, as the cluster a job starts itself.",
+    )
+    shared._sub = "cluster"
+    shared_sub = shared.add_subparsers(dest="cluster_command", parser_class=_Parser)
+    start = shared_sub.add_parser("start", help="start it in the background")
+    start._sub = "cluster start"
+    start.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="worker processes (default: one per core, or per GPU)",
+    )
+    for name, text in (
+        ("stop", "stop it"),
+        ("status", "where it is, if it runs"),
+        ("serve", argparse.SUPPRESS),  # what start runs in the background
+    ):
+        sub = shared_sub.add_parser(name, help=text)
+        sub._sub = f"cluster {name}"
+        if name == "serve":
+            sub.add_argument("--processes", type=int, required=True)
     for sub in (run, again, listing, show):
         sub.add_argument(
             "--workspace",
@@ -396,6 +431,65 @@ def _report(run: StepRun) -> int:
     return 1
 
 
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    command = args.cluster_command
+    if command == "serve":
+        serve_shared_cluster(args.processes)
+        return 0
+    if command == "stop":
+        stopped = stop_shared_cluster()
+        print(
+            f"daskrun: stopped the cluster at {stopped.address}"
+            if stopped
+            else "daskrun: no cluster is running"
+        )
+        return 0
+    running = SharedCluster.find()
+    if command == "status":
+        print(f"daskrun: {running.describe()}" if running else "daskrun: not running")
+        return 0 if running else 1
+    if running is not None:
+        raise ConfigError(
+            f"a cluster is already running at {running.describe()}; stop it "
+            "first with 'daskrun cluster stop'"
+        )
+    processes = args.processes or default_process_count()
+    if processes < 1:
+        raise ConfigError(f"--processes={processes} must be at least 1")
+    return _start_shared(processes)
+
+
+def _start_shared(processes: int) -> int:
+    """Start ``daskrun cluster serve`` in a session of its own and wait
+    until it has published its cluster (or ended, saying why)."""
+    log = SharedCluster.path().with_suffix(".log")
+    log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "daskrun", "cluster", "serve"]
+            + ["--processes", str(processes)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,  # outlives this command and its terminal
+        )
+    deadline = time.monotonic() + float(config_get("local-cluster.start-timeout")) + 30
+    while time.monotonic() < deadline:
+        shared = SharedCluster.find()
+        if shared is not None and shared.pid == server.pid:
+            print(f"daskrun: cluster started at {shared.describe()}")
+            print("daskrun: jobs with no compute target use it; stop it with "
+                  "'daskrun cluster stop'")  # fmt: skip
+            return 0
+        if server.poll() is not None:
+            print(f"daskrun: the cluster did not start; see {log}", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    server.terminate()
+    print(f"daskrun: the cluster did not start in time; see {log}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``daskrun`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -422,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "cluster" and args.cluster_command:
+            return _cmd_cluster(args)
         if args.command == "runs" and args.runs_command == "list":
             return _cmd_runs_list(args)
         if args.command == "runs" and args.runs_command == "show":

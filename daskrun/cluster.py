@@ -20,22 +20,27 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
 import gc
+import json
 import logging
 import multiprocessing
 import multiprocessing.spawn
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 import dask.config
+import psutil
 from distributed import Client, LocalCluster, WorkerPlugin
 from distributed.core import Status
 from distributed.security import Security
@@ -192,7 +197,12 @@ def connect(
     do not start within ``daskrun.local-cluster.start-timeout`` seconds fail
     the step (:class:`~daskrun.JobFailedError`).
     """
-    if compute_target is None:
+    if compute_target is None and (shared := SharedCluster.find()) is not None:
+        # started by 'daskrun cluster start': used as it is, left running
+        with _few_messages(), shared.client() as client:
+            _route_worker_logs(client, log_file)
+            yield client
+    elif compute_target is None:
         n = node_count * (process_count_per_node or default_process_count())
         with _warm.lease(n, log_file) as client:
             yield client
@@ -414,6 +424,129 @@ def _route_worker_logs(client: Client, log_file: str | os.PathLike[str] | None) 
     """Send the warm workers' distributed log lines to this job's file."""
     if log_file is not None:
         client.run(log_distributed_only_to, os.fspath(log_file))
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedCluster:
+    """A local cluster that ``daskrun cluster start`` keeps running for the
+    jobs of later processes: its scheduler's address and the TLS
+    certificates that get in, in ``daskrun.local-cluster.shared-file``
+    (mode 0600, in a folder only its user may enter), as secured as the
+    cluster a job starts for itself. Every job with no ``compute_target``
+    uses it while it runs; ``daskrun cluster stop`` ends it.
+    """
+
+    address: str
+    pid: int  # the process that runs it (``daskrun cluster serve``)
+    workers: int
+    dashboard: str | None
+    ca: str
+    cert: str
+    key: str
+
+    @staticmethod
+    def path() -> Path:
+        return Path(os.path.expanduser(str(config_get("local-cluster.shared-file"))))
+
+    @classmethod
+    def find(cls) -> SharedCluster | None:
+        """The running shared cluster, if any (a stale file is removed)."""
+        path = cls.path()
+        try:
+            found = cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        if not _is_server(found.pid):
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        return found
+
+    def save(self) -> None:
+        path = self.path()
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(dataclasses.asdict(self), f)
+        os.replace(tmp, path)
+
+    def security(self) -> Security:
+        return Security(
+            tls_ca_file=self.ca,
+            tls_client_cert=self.cert,
+            tls_client_key=self.key,
+            require_encryption=True,
+        )
+
+    def client(self) -> Client:
+        return Client(
+            self.address, security=self.security(), timeout=10, set_as_default=False
+        )
+
+    def describe(self) -> str:
+        board = f", dashboard {self.dashboard}" if self.dashboard else ""
+        return (
+            f"{self.address}: {self.workers} worker processes, "
+            f"served by process {self.pid}{board}"
+        )
+
+
+def _is_server(pid: int) -> bool:
+    """Whether ``pid`` is a running ``daskrun cluster serve`` (not a process
+    that got its number since)."""
+    try:
+        argv = psutil.Process(pid).cmdline()
+    except (psutil.Error, OSError):
+        return False
+    return "cluster" in argv and "serve" in argv
+
+
+def serve_shared_cluster(processes: int) -> None:
+    """Run a local cluster of ``processes`` workers and publish it as the
+    shared one until SIGTERM or SIGINT: ``daskrun cluster serve``, started
+    in the background by ``daskrun cluster start``."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log = SharedCluster.path().with_suffix(".log")
+    with _gc_paused():
+        started = _local_cluster(processes, log_file=log)
+        client = started.__enter__()
+    try:
+        security = client.security
+        SharedCluster(
+            address=str(client.scheduler_info()["address"]),
+            pid=os.getpid(),
+            workers=processes,
+            dashboard=dashboard_link(client),
+            ca=security.tls_ca_file,
+            cert=security.tls_client_cert,
+            key=security.tls_client_key,
+        ).save()
+        while not stop.wait(1.0) and client.status == "running":
+            pass
+    finally:
+        with contextlib.suppress(OSError):
+            SharedCluster.path().unlink()
+        with _gc_paused():
+            started.__exit__(None, None, None)
+
+
+def stop_shared_cluster(timeout: float = 60.0) -> SharedCluster | None:
+    """Stop the shared cluster, if one runs, and wait for its process to end."""
+    shared = SharedCluster.find()
+    if shared is None:
+        return None
+    process = psutil.Process(shared.pid)
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except psutil.TimeoutExpired:
+        process.kill()
+    with contextlib.suppress(OSError):
+        SharedCluster.path().unlink()
+    return shared
 
 
 def _start_timeout() -> float:

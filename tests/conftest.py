@@ -35,6 +35,18 @@ def runs_dir(tmp_path: Path) -> Iterator[Path]:
         yield runs
 
 
+@pytest.fixture(autouse=True)
+def shared_cluster_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """Every test looks for a cluster of 'daskrun cluster start' in its own
+    folder (never the user's), in this process and in the ones it starts."""
+    path = tmp_path / "shared" / "cluster.json"
+    monkeypatch.setenv("DASK_DASKRUN__LOCAL_CLUSTER__SHARED_FILE", str(path))
+    with dask.config.set({"daskrun.local-cluster.shared-file": str(path)}):
+        yield path
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
     """Two real single-threaded worker processes, shared by the tests that
