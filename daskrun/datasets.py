@@ -103,6 +103,9 @@ class ParquetBatch:
 MiniBatch = FileBatch | CsvBatch | ParquetBatch | PartitionBatch
 
 
+_LOCAL = LocalFileSystem()
+
+
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
@@ -123,7 +126,10 @@ def expand_paths(
     for item in items:
         text = os.fspath(item)
         try:
-            fs, root = url_to_fs(text, **dict(storage_options or {}))
+            if "://" in text or any(c in text for c in "*?["):
+                fs, root = url_to_fs(text, **dict(storage_options or {}))
+            else:  # a plain local path: no fsspec per item of a long list
+                fs, root = _LOCAL, os.path.abspath(os.path.expanduser(text))
             files = [f for f in _find_files(fs, root) if f"/{BOOKKEEPING}/" not in f]
         except (FileNotFoundError, NotADirectoryError):
             files = []
