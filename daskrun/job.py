@@ -220,7 +220,9 @@ class Job:
                 )
             self._unchanged = ledger.unchanged()
         output_path = self.step.output or str(self.run_dir / "outputs")
-        if self.step.output is None:
+        if "://" not in output_path:
+            # run() may write its own files there (EntryScript().output_dir),
+            # as with output_action="summary_only" into a PipelineData
             os.makedirs(output_path, exist_ok=True)
         self.plugin = self._entry_script_plugin(output_path)
 

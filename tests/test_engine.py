@@ -420,6 +420,42 @@ def test_summary_only_and_compute_targets(
         assert client.status == "running" and len(client.nthreads()) == 2
 
 
+def test_summary_only_writes_its_own_files_into_a_new_output_folder(
+    tmp_path: Path, cluster: LocalCluster
+) -> None:
+    # run() writes one file per mini-batch into DASKRUN_OUTPUT_PATH, a
+    # folder that does not exist yet (a PipelineData's, say)
+    make_files(tmp_path / "in", 6)
+    script = write_script(
+        tmp_path,
+        """
+        import os
+        def init(): pass
+        def run(mb):
+            folder = os.environ["DASKRUN_OUTPUT_PATH"]
+            with open(os.path.join(folder, os.path.basename(mb[0])), "w") as f:
+                f.write(" ".join(open(p).read() for p in mb))
+            return mb
+        """,
+    )
+    cfg = ParallelRunConfig(
+        str(script),
+        output_action="summary_only",
+        mini_batch_size=2,
+        compute_target=cluster,
+    )
+    out = tmp_path / "not" / "yet"
+    run = ParallelRunStep(
+        "own-files",
+        cfg,
+        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
+        output=str(out),
+    ).run()
+    assert run.status == "Completed", run.error
+    written = {p.name: p.read_text() for p in out.iterdir() if p.is_file()}
+    assert written == {"f00000.txt": "0 1", "f00002.txt": "2 3", "f00004.txt": "4 5"}
+
+
 def test_script_travels_with_its_source_directory(
     tmp_path: Path, cluster: LocalCluster
 ) -> None:
