@@ -7,6 +7,10 @@ Workloads (data made locally; nothing downloaded):
   mini-batch, TensorFlow on 1 thread per process.
 - W3: CSV files; score = dot product of 10 columns; ``[id, score]`` out as
   CSV; 16 MiB per mini-batch (daskrun's "16MB"), cut alike for every tool.
+- W4: a two-step pipeline over W2's images: step 1 writes a table of
+  features of each 100 images (28 row means per image, one CSV file per
+  mini-batch), step 2 scores the tables (a dot product), 10 files per
+  mini-batch; daskrun runs it as a ``Pipeline`` with ``PipelineData``.
 
 Tools, each in a fresh process, timed from process start to exit (imports
 and cluster start included), in rotation, ``--repeat`` times:
@@ -16,7 +20,11 @@ and cluster start included), in rotation, ``--repeat`` times:
   ``imap`` in order;
 - ``dask``: hand-written Dask: ``LocalCluster(2)``, a WorkerPlugin for
   ``init``, ``client.map`` over the mini-batches, results gathered in order;
-- ``daskrun``: a ParallelRunStep on a local cluster of 2 processes.
+- ``pool-arrow``: the pool, writing W3's CSV with Arrow's writer, as
+  daskrun does (the other tools write with pandas, as a user would);
+- ``daskrun``: a ParallelRunStep on a local cluster of 2 processes, its
+  input given as a folder (or a glob);
+- ``daskrun-list``: the same, its input given as a list of file paths.
 
 Prints a table of medians and ratios against the pool (the README's table),
 the peak RSS of each tool's client process and of its largest worker, and,
@@ -47,7 +55,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench-workloads"
 MNIST = REPO / "examples" / "mnist"
-TOOLS = ("loop", "pool", "dask", "daskrun")
+TOOLS = ("loop", "pool", "pool-arrow", "dask", "daskrun", "daskrun-list")
 
 NOOP = "def init():\n    pass\n\n\ndef run(mini_batch):\n    return mini_batch\n"
 W3_SCRIPT = """
@@ -65,6 +73,51 @@ def init():
 def run(df):
     return pd.DataFrame({"id": df["id"].to_numpy(),
                          "score": df[COLUMNS].to_numpy() @ WEIGHTS})
+"""
+
+
+# W4: step 1, features of each image (its 28 row means), one CSV file per
+# mini-batch in the step's output folder; step 2, a score of each row
+W4_FEATURES = """
+import os
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+
+def init():
+    pass
+
+
+def run(mini_batch):
+    rows = [np.asarray(Image.open(p), dtype=np.float32).mean(axis=1)
+            for p in mini_batch]
+    frame = pd.DataFrame(rows, columns=[f"f{i}" for i in range(28)])
+    frame.insert(0, "file", [os.path.basename(p) for p in mini_batch])
+    out = os.path.join(os.environ["DASKRUN_OUTPUT_PATH"],
+                       os.path.basename(mini_batch[0]) + ".csv")
+    frame.to_csv(out, index=False, float_format="%.4f")
+    return list(frame["file"])
+"""
+W4_SCORE = """
+import numpy as np
+import pandas as pd
+
+WEIGHTS = np.linspace(-1.0, 1.0, 28)
+
+
+def init():
+    pass
+
+
+def run(mini_batch):
+    lines = []
+    for path in mini_batch:
+        frame = pd.read_csv(path)
+        scores = frame[[f"f{i}" for i in range(28)]].to_numpy() @ WEIGHTS
+        lines += [f"{f} {s:.4f}" for f, s in zip(frame["file"], scores)]
+    return lines
 """
 
 
@@ -145,6 +198,10 @@ def mini_batches(workload: str, data: Path) -> list[Any]:
 def load_script(workload: str) -> Any:
     import types
 
+    if workload in ("w4-features", "w4-score"):
+        module = types.ModuleType(workload)
+        exec(W4_FEATURES if workload == "w4-features" else W4_SCORE, module.__dict__)
+        return module
     if workload == "w2":
         sys.path.insert(0, str(MNIST))
         import digit_identification as script
@@ -165,6 +222,29 @@ def _init(workload: str, model: str) -> None:
         _script.model = _script.load(model)
     else:
         _script.init()
+
+
+def _run_arrow(batch: Any) -> bytes:
+    """:func:`_run`, writing W3's CSV with Arrow's writer."""
+    if not isinstance(batch, tuple):
+        return _run(batch)
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    path, offset, length = batch
+    with open(path, "rb") as f:
+        header = f.readline()
+        f.seek(offset)
+        block = f.read(length)
+    frame = _script.run(pd.read_csv(io.BytesIO(header + block)))
+    buf = io.BytesIO()
+    pacsv.write_csv(
+        pa.Table.from_pandas(frame, preserve_index=False),
+        buf,
+        pacsv.WriteOptions(quoting_style="none"),
+    )
+    return buf.getvalue()
 
 
 def _run(batch: Any) -> bytes:
@@ -194,29 +274,77 @@ def _write(out: Path, parts: Any, csv: bool) -> None:
 # --- tools --------------------------------------------------------------------
 
 
+def _features(batch: list[str], folder: str) -> str:
+    """W4's step 1 on one mini-batch, as daskrun runs it: its CSV file in
+    ``folder``."""
+    os.environ["DASKRUN_OUTPUT_PATH"] = folder
+    _script.run(batch)
+    return os.path.basename(batch[0]) + ".csv"
+
+
+def w4_passes(data: Path, out: Path, mapper: Any, init: Any) -> None:
+    """W4 as two passes of ``mapper(function, items)`` (in order), each
+    after ``init(workload)``: features into a folder, then scores."""
+    import functools
+
+    folder = out.parent / f"{out.name}.features"
+    folder.mkdir(parents=True, exist_ok=True)
+    init("w4-features")
+    images = mini_batches("w2", data)
+    names = list(mapper(functools.partial(_features, folder=str(folder)), images))
+    init("w4-score")
+    tables = sorted(str(folder / n) for n in names)
+    batches = [tables[i : i + 10] for i in range(0, len(tables), 10)]
+    _write(out, mapper(_run, batches), False)
+
+
 def tool_loop(workload: str, data: Path, model: str, out: Path) -> None:
+    if workload == "w4":
+        w4_passes(data, out, map, lambda w: _init(w, model))
+        return
     _init(workload, model)
     _write(out, (_run(b) for b in mini_batches(workload, data)), workload == "w3")
 
 
-def tool_pool(workload: str, data: Path, model: str, out: Path) -> None:
+def tool_pool(
+    workload: str, data: Path, model: str, out: Path, arrow: bool = False
+) -> None:
     import multiprocessing
 
+    spawn = multiprocessing.get_context("spawn")
+    if workload == "w4":
+        pools = []
+
+        def init(which: str) -> None:  # a pool per pass, as two scripts
+            pools.append(spawn.Pool(2, initializer=_init, initargs=(which, model)))
+
+        try:
+            w4_passes(data, out, lambda f, items: pools[-1].imap(f, items), init)
+        finally:
+            for pool in pools:
+                pool.close()
+                pool.join()
+        return
     batches = mini_batches(workload, data)
-    with multiprocessing.get_context("spawn").Pool(
-        2, initializer=_init, initargs=(workload, model)
-    ) as pool:
-        _write(out, pool.imap(_run, batches), workload == "w3")
+    with spawn.Pool(2, initializer=_init, initargs=(workload, model)) as pool:
+        _write(out, pool.imap(_run_arrow if arrow else _run, batches), workload == "w3")
+
+
+def tool_pool_arrow(workload: str, data: Path, model: str, out: Path) -> None:
+    tool_pool(workload, data, model, out, arrow=True)
 
 
 def tool_dask(workload: str, data: Path, model: str, out: Path) -> None:
     from distributed import Client, LocalCluster, WorkerPlugin
 
     class Init(WorkerPlugin):
-        def setup(self, worker: Any) -> None:
-            _init(workload, model)
+        def __init__(self, which: str):
+            self.which = which
 
-    batches = mini_batches(workload, data)
+        def setup(self, worker: Any) -> None:
+            _init(self.which, model)
+
+    batches = [] if workload == "w4" else mini_batches(workload, data)
     with (
         LocalCluster(
             n_workers=2,
@@ -226,19 +354,36 @@ def tool_dask(workload: str, data: Path, model: str, out: Path) -> None:
         ) as cluster,
         Client(cluster) as client,
     ):
-        client.register_plugin(Init(), name="init")
+        if workload == "w4":
+
+            def init(which: str) -> None:
+                client.register_plugin(Init(which), name=which)
+
+            def mapper(f: Any, items: list[Any]) -> Any:
+                return (r.result() for r in client.map(f, items, pure=False))
+
+            w4_passes(data, out, mapper, init)
+            return
+        client.register_plugin(Init(workload), name="init")
         futures = client.map(_run, batches, pure=False)
         _write(out, (f.result() for f in futures), workload == "w3")
 
 
-def tool_daskrun(workload: str, data: Path, model: str, out: Path) -> dict[str, float]:
+def tool_daskrun(
+    workload: str, data: Path, model: str, out: Path, as_list: bool = False
+) -> dict[str, float]:
     import dask.config
 
     from daskrun import Dataset, Model, ParallelRunConfig, ParallelRunStep, Workspace
 
     folder = out.parent / f"{out.name}.work"
     folder.mkdir(parents=True, exist_ok=True)
+    if workload == "w4":
+        with dask.config.set({"daskrun.runs-dir": str(folder / "runs")}):
+            return w4_pipeline(data, folder, out, as_list)
     workspace = None
+    pattern = {"w1": "*", "w2": "*.png", "w3": "*.csv"}[workload]
+    given: Any = sorted(str(p) for p in data.glob(pattern)) if as_list else None
     if workload == "w2":
         workspace = Workspace.create(folder / "ws")
         Model.register(workspace, model, "mnist")
@@ -248,7 +393,7 @@ def tool_daskrun(workload: str, data: Path, model: str, out: Path) -> dict[str, 
             mini_batch_size=100,
             process_count_per_node=2,
         )
-        inputs = Dataset.File.from_files(str(data / "*.png"))
+        inputs = Dataset.File.from_files(given or str(data / pattern))
     else:
         script = folder / "script.py"
         script.write_text(NOOP if workload == "w1" else W3_SCRIPT)
@@ -259,9 +404,9 @@ def tool_daskrun(workload: str, data: Path, model: str, out: Path) -> dict[str, 
             output_format="text" if workload == "w1" else "csv",
         )
         inputs = (
-            Dataset.File.from_files(str(data))
+            Dataset.File.from_files(given or str(data))
             if workload == "w1"
-            else Dataset.Tabular.from_delimited_files(str(data))
+            else Dataset.Tabular.from_delimited_files(given or str(data))
         )
     with dask.config.set({"daskrun.runs-dir": str(folder / "runs")}):
         step = ParallelRunStep(
@@ -270,8 +415,60 @@ def tool_daskrun(workload: str, data: Path, model: str, out: Path) -> dict[str, 
         run = step.run(workspace=workspace)
     assert run.status == "Completed", run.error
     os.replace(run.output_path or "", out)
-    # seconds from the call to the cluster being up, init() done on every
-    # worker and the first result in (job_result.txt)
+    return _timings(run)
+
+
+def tool_daskrun_list(workload: str, data: Path, model: str, out: Path) -> Any:
+    return tool_daskrun(workload, data, model, out, as_list=True)
+
+
+def w4_pipeline(data: Path, folder: Path, out: Path, as_list: bool) -> dict[str, float]:
+    """W4 as a daskrun Pipeline: step 1's output folder (PipelineData) is
+    step 2's input, on one local cluster."""
+    from daskrun import (
+        Dataset,
+        Experiment,
+        ParallelRunConfig,
+        ParallelRunStep,
+        Pipeline,
+        PipelineData,
+        Workspace,
+    )
+
+    ws = Workspace.create(folder / "ws")
+    features = PipelineData("features", datastore=ws.get_default_datastore())
+    scripts = []
+    for name, body in (("features.py", W4_FEATURES), ("score.py", W4_SCORE)):
+        (folder / name).write_text(body)
+        scripts.append(str(folder / name))
+    images: Any = sorted(str(p) for p in data.glob("*.png")) if as_list else None
+    step1 = ParallelRunStep(
+        "features",
+        ParallelRunConfig(
+            scripts[0],
+            mini_batch_size=100,
+            process_count_per_node=2,
+            output_action="summary_only",
+        ),
+        inputs=[Dataset.File.from_files(images or str(data / "*.png"))],
+        output=features,
+    )
+    step2 = ParallelRunStep(
+        "score",
+        ParallelRunConfig(scripts[1], mini_batch_size=10, process_count_per_node=2),
+        inputs=[features],
+        output=str(folder / "out"),
+    )
+    run = Experiment(ws, "w4").submit(Pipeline(workspace=ws, steps=[step1, step2]))
+    assert run.wait_for_completion() == "Completed"
+    steps = {r.name: r for r in run.get_steps()}
+    os.replace(steps["score"].output_path or "", out)
+    return _timings(steps["features"])
+
+
+def _timings(run: Any) -> dict[str, float]:
+    """Seconds from the call to the cluster being up, init() done on every
+    worker and the first result in (job_result.txt)."""
     result = Path(run.logs_dir, "job_result.txt").read_text().splitlines()
     return {
         key[: -len("_seconds")]: float(value)
@@ -323,7 +520,7 @@ def child(tool: str, workload: str, data: str, model: str, out: str) -> None:
     import bench_workloads
 
     peak = PeakRss()
-    timings = getattr(bench_workloads, f"tool_{tool}")(
+    timings = getattr(bench_workloads, f"tool_{tool.replace('-', '_')}")(
         workload, Path(data), model, Path(out)
     )
     print(json.dumps({**peak.stop(), **({"timings": timings} if timings else {})}))
@@ -386,7 +583,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--workloads", nargs="+", default=["w1", "w2", "w3"])
+    parser.add_argument("--workloads", nargs="+", default=["w1", "w2", "w3", "w4"])
     parser.add_argument("--tools", nargs="+", default=list(TOOLS))
     parser.add_argument("--child", nargs=5)
     args = parser.parse_args()
@@ -397,14 +594,15 @@ def main() -> None:
         "w1": 20_000,
         "w2": 10_000 if args.quick else 50_000,
         "w3": 300 if args.quick else 1000,
+        "w4": 10_000 if args.quick else 50_000,
     }
     results: dict[str, Any] = {}
     for workload in args.workloads:
         model = ""
         if workload == "w1":
             data = w1_data(sizes["w1"])
-        elif workload == "w2":
-            data, model_path = w2_data(sizes["w2"])
+        elif workload in ("w2", "w4"):
+            data, model_path = w2_data(sizes[workload])
             model = str(model_path)
         else:
             data = w3_data(sizes["w3"])
@@ -476,12 +674,15 @@ def markdown(results: dict[str, Any], tools: list[str]) -> str:
         "loop": "1-process loop",
         "pool": "`Pool(2)`",
         "dask": "hand-written Dask",
+        "pool-arrow": "`Pool(2)`, Arrow's CSV writer",
         "daskrun": "daskrun",
+        "daskrun-list": "daskrun, a list of paths",
     }
     what = {
         "w1": "W1: {:,} tiny files, no-op",
         "w2": "W2: {:,} PNGs, Keras CNN",
         "w3": "W3: {} MB CSV, dot product",
+        "w4": "W4: {:,} PNGs → features → scores, 2 steps",
     }
     lines = [
         "| workload | " + " | ".join(names[t] for t in tools) + " |",
