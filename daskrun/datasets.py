@@ -287,6 +287,8 @@ class _DatasetBase:
         )
         self.name: str | None = None  # set once registered
         self.version: int | None = None
+        # of StepRun.failed_items(): each input's last exception
+        self.last_errors: dict[str, str] = {}
         self.datastore, self._source = _datastore_paths(path)
         if self.datastore is None:
             _check_path(path)

@@ -771,9 +771,10 @@ def run_mini_batches(
 
     def fill() -> None:
         nonlocal scheduled
-        while retries and len(pending) < limit:
-            submit([retries.pop()])  # a retry runs alone: it may fail again
-        while not tally.all_scheduled and len(pending) < limit:
+        while len(pending) < limit and (retries or not tally.all_scheduled):
+            if retries:
+                submit([retries.pop()])  # a retry runs alone: it may fail again
+                continue
             n = sizer.size(tally.mini_batches_total - scheduled)
             taken = list(itertools.islice(plans, n))
             scheduled += len(taken)
