@@ -35,6 +35,7 @@ from .config import (
 )
 from .datasets import Dataset, FileDataset, TabularDataset
 from .exceptions import ConfigError, DaskRunError, InputError
+from .monitor import FAILED_ITEMS
 from .records import RunRecord, runs_dir
 from .step import ParallelRunStep, StepRun, resume
 from .workspace import Workspace
@@ -136,7 +137,7 @@ def _build_parser() -> argparse.ArgumentParser:
     again.add_argument(
         "--retry-failed",
         action="store_true",
-        help="also run the mini-batches that failed again",
+        help="also run the failed items (the mini-batches that failed) again",
     )
     again.add_argument(
         "--replan",
@@ -347,10 +348,20 @@ def _summary(r: RunRecord) -> dict[str, Any]:
         "output_path": r.output_path,
         "outputs": r.outputs,
         "logs_dir": r.logs_dir,
+        "failed_items": _failed_items(r),
         "reused_from": r.reused_from,
         "metrics": r.metrics,
         "tags": r.tags,
     }
+
+
+def _failed_items(r: RunRecord) -> dict[str, Any] | None:
+    """How many inputs of a run failed, and the file that lists them."""
+    count = r.counts.get("items_failed", 0)
+    if not count:
+        return None
+    logs = Path(r.logs_dir) if r.logs_dir else r.folder / "logs"
+    return {"count": count, "csv": str(logs / FAILED_ITEMS)}
 
 
 def _cmd_runs_show(args: argparse.Namespace) -> int:

@@ -75,6 +75,24 @@ def config_get(key: str) -> Any:
     return dask.config.get(f"daskrun.{key}")
 
 
+def isolate_failures() -> bool:
+    """``daskrun.isolate-failures``: whether a mini-batch that failed its
+    last try is split to find the items that fail.
+
+    >>> isolate_failures()
+    True
+    """
+    value = config_get("isolate-failures")
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"  # from an environment variable
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"daskrun.isolate-failures={value!r} must be true or false; e.g. "
+            'dask.config.set({"daskrun.isolate-failures": False})'
+        )
+    return value
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

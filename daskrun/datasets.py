@@ -103,6 +103,55 @@ class ParquetBatch:
 MiniBatch = FileBatch | CsvBatch | ParquetBatch | PartitionBatch
 
 
+@dataclass(frozen=True)
+class SubBatch:
+    """Items ``[start, stop)`` of mini-batch ``parent``: a piece of a
+    mini-batch whose last try failed, run to find the items that fail
+    (:class:`daskrun.runner.Isolation`).
+
+    Its files are a slice of the parent's paths; its rows are read as the
+    parent's (the same reader, CSV byte range or Parquet row groups) and
+    sliced. Its rows go to a part of their own, at the parent's place in
+    the output.
+
+    >>> piece = SubBatch(FileBatch.of(4, ["a", "b", "c"]), 1, 3)
+    >>> piece.index, piece.n_items, piece.describe()
+    (4, 2, 'files b, c of mini-batch 4')
+    >>> [(h.start, h.stop) for h in piece.halves()]
+    [(1, 2), (2, 3)]
+    """
+
+    parent: FileBatch | CsvBatch | ParquetBatch
+    start: int
+    stop: int
+
+    @property
+    def index(self) -> int:
+        return self.parent.index
+
+    @property
+    def n_items(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def paths(self) -> list[str]:
+        assert isinstance(self.parent, FileBatch)
+        return self.parent.paths[self.start : self.stop]
+
+    def describe(self) -> str:
+        if isinstance(self.parent, FileBatch):
+            files = FileBatch.of(self.index, self.paths).describe()
+            return f"{files} of mini-batch {self.index}"
+        return f"rows {self.start}-{self.stop} of {self.parent.describe()}"
+
+    def halves(self) -> tuple[SubBatch, SubBatch]:
+        middle = (self.start + self.stop) // 2
+        return (
+            SubBatch(self.parent, self.start, middle),
+            SubBatch(self.parent, middle, self.stop),
+        )
+
+
 _LOCAL = LocalFileSystem()
 
 
@@ -244,6 +293,8 @@ class _DatasetBase:
         )
         self.name: str | None = None  # set once registered
         self.version: int | None = None
+        # of StepRun.failed_items(): each input's last exception
+        self.last_errors: dict[str, str] = {}
         self.datastore, self._source = _datastore_paths(path)
         if self.datastore is None:
             _check_path(path)

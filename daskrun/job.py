@@ -22,13 +22,18 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import astuple
+from dataclasses import astuple, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from . import output as _output
 from .cluster import connect, dashboard_link
-from .config import ParallelRunConfig, config_get, unmet_packages
+from .config import (
+    ParallelRunConfig,
+    config_get,
+    isolate_failures,
+    unmet_packages,
+)
 from .dashboard import install_page, publish
 from .datasets import CsvBatch, FileBatch, TabularDataset
 from .delimited import count_csv_rows
@@ -37,12 +42,14 @@ from .ledger import PlanLedger
 from .modelrefs import ModelRef
 from .monitor import (
     DISTRIBUTED_LOG,
+    FAILED_ITEMS,
     REPORT,
     Console,
     JobLogs,
     Pace,
     distributed_log,
     init_done,
+    read_failed_spans,
     read_report,
 )
 from .plugin import EntryScriptPlugin, InputSpec, SideInput, TryResult, build_bundle
@@ -52,6 +59,7 @@ from .runner import (
     Interrupt,
     LostTasks,
     Tally,
+    Unfinished,
     run_mini_batches,
     threshold_error,
 )
@@ -237,6 +245,10 @@ class Job:
         # one byte per mini-batch: flat for millions
         self.succeeded = bytearray(self.total)
         self.state = bytearray(self.total)  # Resumed values
+        # a mini-batch that failed its last try is split to find the items
+        # that fail (runner.Isolation); those of an earlier attempt to retry
+        self.isolate = isolate_failures()
+        self.unfinished: dict[int, Unfinished] = {}
         kept = self._restore(retry_failed) if resuming else []
         self.logs = JobLogs(self.run_dir / "logs", kept, retry_failed=retry_failed)
         self.watch = _Watch(self.logs, self.tally, self.console)
@@ -254,13 +266,28 @@ class Job:
             for index in _output.committed_parts(target):
                 if index < total and (unchanged is None or unchanged[index]):
                     parts[index] = 1
+        pieces = _output.committed_pieces(target) if target is not None else {}
+        failed = (
+            read_failed_spans(self.run_dir / "logs" / FAILED_ITEMS)
+            if retry_failed and self.isolate
+            else {}
+        )
         kept = []
         for row in read_report(self.run_dir / "logs" / REPORT):
+            if row.index >= total or not (unchanged is None or unchanged[row.index]):
+                continue
+            if not row.ok and retry_failed:
+                unfinished = _unfinished(
+                    row.row, pieces.get(row.index), failed.get(row.index), target
+                )
+                if unfinished is not None:
+                    self.unfinished[row.index] = unfinished
+                continue
             if (
-                row.index < total
-                and (row.ok or not retry_failed)
-                and (unchanged is None or unchanged[row.index])
-                and (not row.ok or target is None or parts[row.index])
+                not row.ok
+                or target is None
+                or parts[row.index]
+                or _covers(pieces.get(row.index, []), int(row.row["items_in"] or 0))
             ):
                 kept.append(row.row)
                 self.state[row.index] = Resumed.REPORTED
@@ -281,7 +308,8 @@ class Job:
         for batch in self.batches:
             state = self.state[batch.index]
             if state == Resumed.TO_RUN:
-                yield batch
+                unfinished = self.unfinished.get(batch.index)
+                yield batch if unfinished is None else replace(unfinished, batch=batch)
             elif state == Resumed.COMMITTED:
                 counts = _part_counts(self.target, batch)
                 self.tally.mini_batches_done += 1
@@ -393,19 +421,29 @@ class Job:
                 interrupt=self.interrupt,
                 starts_topic=plugin.starts_topic,
                 redact=plugin.redact,
+                isolate=self._isolating if self.isolate else None,
             )
         finally:
             _unregister(client, plugin.name)
 
+    def _isolating(self, batch: Any) -> None:
+        """Before mini-batch ``batch``'s items are isolated: remove its
+        part, and on a resume the pieces an earlier isolation of it wrote,
+        so that its rows are those of this isolation alone."""
+        if self.target is not None:
+            _output.remove_part(self.target, batch.index, pieces=self.resuming)
+
     def _assemble(self) -> str | None:
         """The final output file from the committed parts (none without an
-        ``append_row`` output)."""
+        ``append_row`` output): those of the mini-batches that succeeded, and
+        the pieces of those whose failed items were isolated."""
         target = self.target
         if target is None:
             return None
+        pieces = _output.committed_pieces(target)
         final = _output.assemble(
             target,
-            (i for i in range(self.total) if self.succeeded[i]),
+            (i for i in range(self.total) if self.succeeded[i] or i in pieces),
             self._describe,
         )
         if not self.tally.mini_batches_failed:
@@ -656,6 +694,39 @@ def _row_counts(row: dict[str, str]) -> Counts:
         number("items_failed"),
         number("items_extra"),
     )
+
+
+def _covers(spans: Sequence[tuple[int, int]], n: int) -> bool:
+    """Whether ``spans`` (sorted, ``[start, stop)``) cover items ``[0, n)``
+    once each.
+
+    >>> _covers([(0, 2), (2, 5)], 5), _covers([(0, 2), (3, 5)], 5)
+    (True, False)
+    """
+    at = 0
+    for start, stop in spans:
+        if start != at:
+            return False
+        at = stop
+    return at == n and n > 0
+
+
+def _unfinished(
+    row: dict[str, str],
+    pieces: Sequence[tuple[int, int]] | None,
+    failed: Sequence[tuple[int, int]] | None,
+    target: _output.OutputTarget | None,
+) -> Unfinished | None:
+    """A failed mini-batch of an earlier attempt whose items were isolated,
+    to retry as its failed items alone; ``None`` to run it whole (it was not
+    isolated, or a piece of its output is missing)."""
+    items_in = int(row["items_in"] or 0)
+    if not failed or _covers(failed, items_in):
+        return None
+    if target is not None and not _covers(sorted([*(pieces or []), *failed]), items_in):
+        return None
+    counts = _row_counts(row)
+    return Unfinished(None, tuple(failed), items_in, counts.ok, counts.extra)
 
 
 def _part_counts(target: _output.OutputTarget | None, batch: Any) -> Counts:

@@ -42,16 +42,19 @@ from pathlib import Path
 from typing import IO, Any
 
 from .config import config_get
-from .datasets import FileBatch, MiniBatch
+from .datasets import FileBatch, MiniBatch, PartitionBatch
 from .plugin import TryResult
 from .runner import Counts, Tally
 
 REPORT = Path("sys", "job_report", "processed_mini-batches.csv")
+FAILED_ITEMS = REPORT.with_name("failed_items.csv")
 DISTRIBUTED_LOG = Path("sys", "distributed.log")
 # file names that are not UTF-8 (lone surrogates from os.fsdecode) are
 # written escaped, as \udce9, rather than failing the log
 _ESCAPE = "backslashreplace"
-FAILED_COLUMNS = ("index", "input", "error")
+# start and stop: the items [start, stop) of its mini-batch an input holds
+# (a file is one; a row range, as many rows), blank where unknown
+FAILED_COLUMNS = ("index", "input", "error", "start", "stop")
 REPORT_COLUMNS = (
     "index",
     "worker",
@@ -86,6 +89,44 @@ def read_report(path: Path) -> list[Finished]:
         return []
     with open(path, newline="") as f:
         return [Finished(row) for row in csv.DictReader(f)]
+
+
+def read_failed_items(path: Path) -> list[dict[str, str]]:
+    """The rows of a job's ``failed_items.csv`` (empty if none); those of a
+    file written before it had ``start`` and ``stop`` get them blank."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [
+            {column: row.get(column) or "" for column in FAILED_COLUMNS}
+            for row in csv.DictReader(f)
+        ]
+
+
+def read_failed_spans(path: Path) -> dict[int, list[tuple[int, int]]]:
+    """The failed items ``[start, stop)`` of each mini-batch in a job's
+    ``failed_items.csv``, adjacent ones merged, sorted; a mini-batch with an
+    input of unknown span is left out (it runs again whole)."""
+    spans: dict[int, list[tuple[int, int]]] = {}
+    unknown: set[int] = set()
+    for row in read_failed_items(path):
+        index = int(row["index"])
+        if row["start"].isdigit() and row["stop"].isdigit():
+            spans.setdefault(index, []).append((int(row["start"]), int(row["stop"])))
+        else:
+            unknown.add(index)
+    merged: dict[int, list[tuple[int, int]]] = {}
+    for index, found in spans.items():
+        if index in unknown:
+            continue
+        out: list[tuple[int, int]] = []
+        for start, stop in sorted(set(found)):
+            if out and start <= out[-1][1]:
+                out[-1] = (out[-1][0], max(stop, out[-1][1]))
+            else:
+                out.append((start, stop))
+        merged[index] = out
+    return merged
 
 
 @dataclass
@@ -154,11 +195,15 @@ class JobLogs:
         self._writer.writerows(rows)
         self._report.flush()
         # failed inputs: those of earlier attempts stay unless retried now
-        self.failed_path = self.report_path.with_name("failed_items.csv")
-        earlier: list[list[str]] = []
-        if self.failed_path.exists() and not retry_failed:
-            with open(self.failed_path, newline="") as f:
-                earlier = list(csv.reader(f))[1:]
+        self.failed_path = self.dir / FAILED_ITEMS
+        earlier = (
+            []
+            if retry_failed
+            else [
+                [row[c] for c in FAILED_COLUMNS]
+                for row in read_failed_items(self.failed_path)
+            ]
+        )
         self._failed: IO[str] = open(  # closed in close()
             self.failed_path, "w", newline="", errors=_ESCAPE
         )
@@ -294,16 +339,31 @@ class JobLogs:
 
     def failed_items(self, batch: MiniBatch, result: TryResult) -> None:
         """List the failed inputs of one mini-batch: each file of a failed
-        file mini-batch, or the row range of a tabular one; when ``run()``
-        returned fewer results than inputs, the mini-batch as a whole."""
-        if result.ok:
-            rows = [(batch.describe(), "run() returned fewer results than inputs")]
-        elif isinstance(batch, FileBatch):
-            rows = [(path, result.error or "") for path in batch.paths]
-        else:
-            rows = [(batch.describe(), result.error or "")]
-        for item, error in rows:
-            self._failed_writer.writerow((batch.index, item, error))
+        file mini-batch, or the row range of a tabular one; of one whose
+        failed items were isolated, those items, each with its own error;
+        when ``run()`` returned fewer results than inputs, the mini-batch as
+        a whole. Each with its items' ``start`` and ``stop`` in the
+        mini-batch."""
+        failed = result.failed_pieces or (((None, result),) if not result.ok else ())
+        rows: list[tuple[str, str, Any, Any]] = []
+        if result.ok and not failed:
+            n = result.items_in if result.items_in is not None else ""
+            error = "run() returned fewer results than inputs"
+            rows = [(batch.describe(), error, 0, n)]
+        for piece, tried in failed:
+            error = tried.error or ""
+            start = piece.start if piece is not None else 0
+            paths = _paths(batch)
+            if paths is not None:
+                stop = piece.stop if piece is not None else len(paths)
+                rows += [(paths[i], error, i, i + 1) for i in range(start, stop)]
+            elif piece is not None:
+                rows.append((piece.describe(), error, piece.start, piece.stop))
+            else:
+                n = result.items_in if result.items_in is not None else ""
+                rows.append((batch.describe(), error, 0 if n != "" else "", n))
+        for item, error, start, stop in rows:
+            self._failed_writer.writerow((batch.index, item, error, start, stop))
         self._failed.flush()
 
     def finish(
@@ -374,6 +434,15 @@ class JobLogs:
         for f in (self._report, self._failed, *self._user.values()):
             if not f.closed:
                 f.close()
+
+
+def _paths(batch: MiniBatch) -> list[str] | None:
+    """The files of a mini-batch of files (a partition's too), else ``None``."""
+    if isinstance(batch, FileBatch):
+        return batch.paths
+    if isinstance(batch, PartitionBatch) and batch.file_format is None:
+        return batch.paths
+    return None
 
 
 # distributed's loggers and those of the event loop it runs on: Tornado's

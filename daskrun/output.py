@@ -70,8 +70,16 @@ class OutputTarget:
     def fs(self) -> fsspec.AbstractFileSystem:
         return url_to_fs(self.url, **self.storage_options)[0]
 
-    def part_url(self, index: int) -> str:
-        return f"{self.parts_url}/{index:0{_PART_DIGITS}d}.part"
+    def part_url(self, index: int, span: tuple[int, int] | None = None) -> str:
+        """The part of mini-batch ``index``, or of its items ``span``
+        (``[start, stop)``, a piece of it that succeeded in isolation)."""
+        if span is None:
+            return f"{self.parts_url}/{index:0{_PART_DIGITS}d}.part"
+        start, stop = span
+        return (
+            f"{self.parts_url}/{index:0{_PART_DIGITS}d}."
+            f"{start:0{_PART_DIGITS}d}-{stop:0{_PART_DIGITS}d}.part"
+        )
 
 
 def format_rows(result: Any, output_format: str = "text") -> tuple[bytes, int]:
@@ -171,9 +179,15 @@ def bounded(
     )
 
 
-def write_part(target: OutputTarget, index: int, data: bytes) -> None:
-    """Write mini-batch ``index``'s rows atomically, replacing any earlier copy."""
-    path = target.part_url(index)
+def write_part(
+    target: OutputTarget,
+    index: int,
+    data: bytes,
+    span: tuple[int, int] | None = None,
+) -> None:
+    """Write mini-batch ``index``'s rows (of its items ``span`` only, for a
+    piece of it) atomically, replacing any earlier copy."""
+    path = target.part_url(index, span)
     if target.local:  # prepare_parts() made the folder
         tmp = f"{target.parts_url}/.{index}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as f:
@@ -189,8 +203,8 @@ def write_part(target: OutputTarget, index: int, data: bytes) -> None:
         )
 
 
-def committed_parts(target: OutputTarget) -> list[int]:
-    """Indices of the mini-batches whose parts are written."""
+def _part_names(target: OutputTarget) -> list[str]:
+    """The names of the parts written, without their folder and suffix."""
     fs = target.fs()
     try:
         names = bounded(
@@ -198,12 +212,43 @@ def committed_parts(target: OutputTarget) -> list[int]:
         )
     except FileNotFoundError:
         return []
-    out = []
-    for name in names:
-        base = name.rsplit("/", 1)[-1]
-        if base.endswith(".part") and base[:-5].isdigit():
-            out.append(int(base[:-5]))
-    return out
+    bases = (name.rsplit("/", 1)[-1] for name in names)
+    return [base[:-5] for base in bases if base.endswith(".part")]
+
+
+def committed_parts(target: OutputTarget) -> list[int]:
+    """Indices of the mini-batches whose parts are written."""
+    return [int(name) for name in _part_names(target) if name.isdigit()]
+
+
+def committed_pieces(target: OutputTarget) -> dict[int, list[tuple[int, int]]]:
+    """The items ``[start, stop)`` of each mini-batch whose pieces (parts of
+    failed mini-batches' items that succeeded in isolation) are written,
+    in item order."""
+    found: dict[int, list[tuple[int, int]]] = {}
+    for name in _part_names(target):
+        index, _, span = name.partition(".")
+        start, _, stop = span.partition("-")
+        if index.isdigit() and start.isdigit() and stop.isdigit():
+            found.setdefault(int(index), []).append((int(start), int(stop)))
+    return {index: sorted(spans) for index, spans in found.items()}
+
+
+def remove_part(target: OutputTarget, index: int, pieces: bool = True) -> None:
+    """Delete mini-batch ``index``'s part and (with ``pieces``, which lists
+    the parts folder) its pieces, if written: its items are about to be
+    isolated afresh."""
+    fs = target.fs()
+    prefix = f"{index:0{_PART_DIGITS}d}"
+    names = _part_names(target) if pieces else [prefix]
+    there = [
+        f"{target.parts_url}/{name}.part"
+        for name in names
+        if name == prefix or name.startswith(prefix + ".")
+    ]
+    there = [url for url in there if pieces or fs.exists(url)]
+    if there:
+        bounded(target, f"removing mini-batch {index}'s part", lambda: fs.rm(there))
 
 
 def count_rows(target: OutputTarget, index: int) -> int:
@@ -309,6 +354,9 @@ def assemble(
     and a part with others raises :class:`~daskrun.OutputError` naming both
     mini-batches (``describe(index)``, default ``"mini-batch <index>"``)
     before anything is published.
+
+    A mini-batch without a part of its own contributes its pieces (its items
+    that succeeded in isolation), in item order, at its place.
     """
     fs = target.fs()
     final = target.final_url
@@ -318,7 +366,18 @@ def assemble(
         # an unreachable store fails here, in seconds; the copy itself is
         # not bounded, since a large output takes as long as it takes
         bounded(target, "reaching the parts", lambda: fs.exists(target.parts_url))
-        _write(target, tmp, final, indices, name)
+        pieces = committed_pieces(target)
+        whole = set(committed_parts(target)) if pieces else set()
+        parts = (
+            (index, url)
+            for index in indices
+            for url in (
+                [target.part_url(index)]
+                if index in whole or index not in pieces
+                else [target.part_url(index, span) for span in pieces[index]]
+            )
+        )
+        _write(target, tmp, final, parts, name)
     except OutputError as e:
         raise OutputError(f"{e}; {_kept(target)}", run_id=target.run_id) from None
     except Exception as e:
@@ -341,19 +400,19 @@ def _write(
     target: OutputTarget,
     tmp: str,
     final: str,
-    indices: Iterable[int],
+    parts: Iterable[tuple[int, str]],
     name: Callable[[int], str],
 ) -> None:
     fs = target.fs()
     try:
         with fs.open(tmp, "wb") as out:
             if target.output_format == "parquet":
-                _concat_parquet(target, indices, out, name)
+                _concat_parquet(target, parts, out, name)
             elif target.output_format == "csv":
-                _concat_csv(target, indices, out, name)
+                _concat_csv(target, parts, out, name)
             else:
-                for index in indices:
-                    with fs.open(target.part_url(index), "rb") as part:
+                for _, url in parts:
+                    with fs.open(url, "rb") as part:
                         shutil.copyfileobj(part, out, 1 << 20)
             if isinstance(fs, LocalFileSystem):
                 out.flush()
@@ -384,14 +443,17 @@ def _mismatch(
 
 
 def _concat_csv(
-    target: OutputTarget, indices: Iterable[int], out: Any, name: Callable[[int], str]
+    target: OutputTarget,
+    parts: Iterable[tuple[int, str]],
+    out: Any,
+    name: Callable[[int], str],
 ) -> None:
     """Stream the parts under one header line, one part at a time."""
     fs = target.fs()
     first: tuple[int, list[str]] | None = None
     empty_header: bytes | None = None  # used only if no part has rows
-    for index in indices:
-        with fs.open(target.part_url(index), "rb") as part:
+    for index, url in parts:
+        with fs.open(url, "rb") as part:
             header = part.readline()
             chunk = part.read(1 << 20)
             if not chunk:
@@ -411,7 +473,10 @@ def _concat_csv(
 
 
 def _concat_parquet(
-    target: OutputTarget, indices: Iterable[int], out: Any, name: Callable[[int], str]
+    target: OutputTarget,
+    parts: Iterable[tuple[int, str]],
+    out: Any,
+    name: Callable[[int], str],
 ) -> None:
     """Stream the parts' tables into one Parquet file, one part at a time."""
     import pyarrow.parquet as pq
@@ -421,8 +486,8 @@ def _concat_parquet(
     first = 0
     empty = None  # the first part's table, used only if no part has rows
     try:
-        for index in indices:
-            with fs.open(target.part_url(index), "rb") as part:
+        for index, url in parts:
+            with fs.open(url, "rb") as part:
                 table = pq.read_table(part)
             if not table.num_rows:
                 empty = table if empty is None else empty

@@ -44,6 +44,7 @@ from .datasets import (
     FileBatch,
     MiniBatch,
     PartitionBatch,
+    SubBatch,
     localize_files,
     read_partition,
     read_tabular,
@@ -299,6 +300,9 @@ class TryResult:
     log: str = ""
     # what Run.get_context() logged: (run, kind, name, value) entries
     logged: tuple[Any, ...] = ()
+    # a mini-batch whose failed items were isolated (set on the client):
+    # each failed piece (a SubBatch) with its try
+    failed_pieces: tuple[tuple[Any, TryResult], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -373,16 +377,28 @@ class Watchdog:
         self.topic = topic
         self.agent = agent
         self.timeout = timeout
-        self._armed: tuple[int, float, str] | None = None
+        self._armed: tuple[int, float, str, int | None] | None = None
         self._stopped = threading.Event()
         threading.Thread(
             target=self._watch, name="daskrun-watchdog", daemon=True
         ).start()
 
-    def arm(self, index: int, timeout: float | None = None, phase: str = "run") -> None:
+    def arm(
+        self,
+        index: int,
+        timeout: float | None = None,
+        phase: str = "run",
+        piece: int | None = None,
+    ) -> None:
         """Watch mini-batch ``index`` (``INIT`` for ``init()``) in ``phase``:
-        ``"read"`` (its inputs), ``"run"`` or ``"write"`` (its part)."""
-        self._armed = (index, time.monotonic() + (timeout or self.timeout), phase)
+        ``"read"`` (its inputs), ``"run"`` or ``"write"`` (its part);
+        ``piece``: the first item of a piece of it being isolated."""
+        self._armed = (
+            index,
+            time.monotonic() + (timeout or self.timeout),
+            phase,
+            piece,
+        )
 
     def disarm(self) -> None:
         self._armed = None
@@ -401,6 +417,7 @@ class Watchdog:
                         "worker": self.agent,
                         "cause": "init-timeout" if armed[0] == INIT else "timeout",
                         "phase": armed[2],
+                        "piece": armed[3],
                     },
                 )
                 time.sleep(1.0)  # let the event reach the scheduler
@@ -774,7 +791,9 @@ def _takes_context(run: Callable[..., Any]) -> bool:
     return True
 
 
-def _context(plugin: EntryScriptPlugin, batch: MiniBatch) -> MiniBatchContext:
+def _context(
+    plugin: EntryScriptPlugin, batch: MiniBatch | SubBatch
+) -> MiniBatchContext:
     """The ``mini_batch_context`` of ``batch``."""
     keys = batch.partition_key_value if isinstance(batch, PartitionBatch) else {}
     return MiniBatchContext(keys, batch.index, plugin.input_spec.dataset)
@@ -810,7 +829,7 @@ def _failure(
 
 
 def process_mini_batches(
-    plugin_name: str, tries: Sequence[tuple[MiniBatch, int]]
+    plugin_name: str, tries: Sequence[tuple[MiniBatch | SubBatch, int]]
 ) -> list[TryResult]:
     """The task function: run one try of each ``(mini-batch, try number)``
     in turn on this worker.
@@ -850,7 +869,10 @@ def process_mini_batches(
 
 
 def _process(
-    plugin: EntryScriptPlugin, batch: MiniBatch, try_no: int, cache_root: str
+    plugin: EntryScriptPlugin,
+    batch: MiniBatch | SubBatch,
+    try_no: int,
+    cache_root: str,
 ) -> TryResult:
     start = time.perf_counter()
     spec = plugin.input_spec
@@ -861,44 +883,21 @@ def _process(
     try:
         # reading (a remote copy, a CSV that is a FIFO or on a hung mount) and
         # writing are bounded by the same timeout as run()
-        watchdog.arm(batch.index, phase="read")
-        if isinstance(batch, PartitionBatch):
-            mini_batch, cache = read_partition(
-                batch,
-                spec.storage_options,
-                spec.pandas_kwargs,
-                spec.partition_format,
-                spec.local,
-                cache_root,
-            )
-            if batch.file_format is not None:
-                items_in = len(mini_batch)
-        elif isinstance(batch, FileBatch):
-            if spec.local:
-                mini_batch = batch.paths
-            else:
-                mini_batch, cache = localize_files(
-                    batch.paths, spec.storage_options, cache_root
-                )
-        else:
-            mini_batch = with_partition_columns(
-                read_tabular(batch, spec.storage_options, spec.pandas_kwargs),
-                batch.path,
-                spec.partition_format,
-            )
-            items_in = len(mini_batch)
-        watchdog.arm(batch.index, phase="run")
+        watchdog.arm(batch.index, phase="read", piece=_piece_of(batch))
+        mini_batch, read_items, cache = _read(spec, batch, cache_root)
+        items_in = read_items if read_items is not None else items_in
+        watchdog.arm(batch.index, phase="run", piece=_piece_of(batch))
         args = (_context(plugin, batch),) if plugin.takes_context else ()
         with plugin.capture.redirect():
             result = plugin.module.run(mini_batch, *args)  # type: ignore[union-attr]
-        watchdog.arm(batch.index, phase="write")
+        watchdog.arm(batch.index, phase="write", piece=_piece_of(batch))
         output_format = plugin.output.output_format if plugin.output else "text"
         try:
             data, items_out = format_rows(result, output_format)
         except Exception as e:  # about what run() returned
             return _returned(plugin, batch.index, try_no, items_in, start, e)
         if plugin.output is not None:
-            write_part(plugin.output, batch.index, data)
+            write_part(plugin.output, batch.index, data, _span_of(batch))
     except (Exception, SystemExit) as e:
         return _failure(
             batch.index, try_no, plugin.agent, items_in, start, e, plugin.clean
@@ -916,6 +915,54 @@ def _process(
         items_out=items_out,
         seconds=time.perf_counter() - start,
     )
+
+
+def _read(
+    spec: InputSpec, batch: MiniBatch | SubBatch, cache_root: str
+) -> tuple[Any, int | None, str | None]:
+    """What ``run()`` receives for ``batch``, its items where reading counts
+    them (rows), and the folder to delete afterwards. A piece of a failed
+    mini-batch (:class:`~daskrun.datasets.SubBatch`) gets a slice of its
+    files, or its parent's rows read as for the parent and sliced."""
+    if isinstance(batch, SubBatch):
+        if isinstance(batch.parent, FileBatch):
+            return _read(spec, FileBatch.of(batch.index, batch.paths), cache_root)
+        frame, _, _ = _read(spec, batch.parent, cache_root)
+        piece = frame.iloc[batch.start : batch.stop]
+        return piece, len(piece), None
+    if isinstance(batch, PartitionBatch):
+        mini_batch, cache = read_partition(
+            batch,
+            spec.storage_options,
+            spec.pandas_kwargs,
+            spec.partition_format,
+            spec.local,
+            cache_root,
+        )
+        rows = len(mini_batch) if batch.file_format is not None else None
+        return mini_batch, rows, cache
+    if isinstance(batch, FileBatch):
+        if spec.local:
+            return batch.paths, None, None
+        paths, cache = localize_files(batch.paths, spec.storage_options, cache_root)
+        return paths, None, cache
+    frame = with_partition_columns(
+        read_tabular(batch, spec.storage_options, spec.pandas_kwargs),
+        batch.path,
+        spec.partition_format,
+    )
+    return frame, len(frame), None
+
+
+def _piece_of(batch: MiniBatch | SubBatch) -> int | None:
+    """The first item of a piece of a failed mini-batch, for the events that
+    name what hung; ``None`` for a whole mini-batch."""
+    return batch.start if isinstance(batch, SubBatch) else None
+
+
+def _span_of(batch: MiniBatch | SubBatch) -> tuple[int, int] | None:
+    """The items a piece's part holds; ``None`` for a whole mini-batch's."""
+    return (batch.start, batch.stop) if isinstance(batch, SubBatch) else None
 
 
 def _returned(

@@ -15,13 +15,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from distributed import Client, as_completed
 
 from .config import ResolvedConfig, config_get
-from .datasets import MiniBatch
+from .datasets import CsvBatch, FileBatch, MiniBatch, ParquetBatch, SubBatch
 
 # Canceled lives in exceptions.py; ``runner.Canceled`` stays importable
 from .exceptions import Canceled as Canceled
@@ -91,12 +91,13 @@ class Tally:
             if items_in is None:  # a CSV range that was never read
                 items_in = self.count_items(batch) if self.count_items else 1
             n = items_in
-            counts = Counts(n, 0, n, 0)
+            counts = _isolated_counts(n, result) or Counts(n, 0, n, 0)
             self.mini_batches_failed += 1
             if self.first_failure is None or self.first_failure.traceback is None:
+                piece = result.failed_pieces[0][0] if result.failed_pieces else batch
                 self.first_failure = Failure(
                     batch.index,
-                    batch.describe(),
+                    piece.describe(),
                     result.error or "unknown error",
                     result.traceback,
                     result.worker,
@@ -128,6 +129,16 @@ class Tally:
             f"{self.mini_batches_done}/{self.mini_batches_total} mini-batches, "
             f"{self.items_succeeded} items ok, {self.items_failed} failed"
         )
+
+
+def _isolated_counts(n: int, result: TryResult) -> Counts | None:
+    """The counts of a mini-batch whose failed items were isolated: only
+    the items of its failed pieces failed."""
+    if not result.failed_pieces:
+        return None
+    failed = sum(piece.n_items for piece, _ in result.failed_pieces)
+    ok = min(result.items_out, n - failed)
+    return Counts(n, ok, failed, result.items_out - ok)
 
 
 def check_thresholds(tally: Tally, cfg: ResolvedConfig) -> str | None:
@@ -240,6 +251,154 @@ class GroupSizer:
         return max(1, min(remaining, self.max_size, by_time, max(fair_share, floor)))
 
 
+@dataclass(frozen=True)
+class Unfinished:
+    """A mini-batch of an earlier attempt whose failed items were isolated,
+    to retry: only its failed items ``spans`` run again (``daskrun resume
+    --retry-failed``); ``ok`` and ``extra`` are the results its other items
+    gave then, which are kept."""
+
+    batch: FileBatch | CsvBatch | Any
+    spans: tuple[tuple[int, int], ...]
+    items_in: int
+    ok: int
+    extra: int
+
+    @property
+    def index(self) -> int:
+        return int(self.batch.index)
+
+
+@dataclass
+class _Isolating:
+    """One mini-batch being isolated: its pieces in flight and what its
+    finished pieces gave."""
+
+    batch: Any
+    tries: int
+    items_in: int
+    in_flight: int = 0
+    items_out: int = 0
+    seconds: float = 0.0
+    worker: str = ""
+    stdout: str = ""
+    log: str = ""
+    logged: tuple[Any, ...] = ()
+    failed: list[tuple[SubBatch, TryResult]] = field(default_factory=list)
+
+
+class Isolation:
+    """Finds the items that fail in a mini-batch that failed its last try.
+
+    The mini-batch is split in halves, and each half is tried once; a half
+    that fails is split again, down to single items. The pieces that
+    succeed write their rows to parts of their own, at the mini-batch's
+    place in the output; only the items of the pieces that fail down to one
+    item count as failed. A mini-batch of ``n`` items with ``k`` failing
+    ones costs at most ``2·k·log2(n)`` tries more.
+
+    ``on_start(batch)`` is called before a mini-batch's pieces run (the job
+    removes what an earlier isolation of it wrote). Partitions (one
+    mini-batch per partition key) and mini-batches whose inputs could not be
+    read (how many rows they hold is unknown) are not isolated.
+
+    >>> iso = Isolation(lambda batch: None)
+    >>> batch = FileBatch.of(0, ["a", "b", "c", "d"])
+    >>> bad = TryResult(0, 3, False, "w", 4, 0, 0.1, error="ValueError: d")
+    >>> [(p.start, p.stop) for p in iso.start(batch, bad, 3)]
+    [(0, 2), (2, 4)]
+    >>> iso.piece_done(SubBatch(batch, 0, 2), TryResult(0, 3, True, "w", 2, 2, 0.1))
+    ([], None)
+    >>> more, _ = iso.piece_done(SubBatch(batch, 2, 4), bad)
+    >>> [(p.start, p.stop) for p in more]
+    [(2, 3), (3, 4)]
+    >>> _ = iso.piece_done(SubBatch(batch, 2, 3), TryResult(0, 3, True, "w", 1, 1, 0.1))
+    >>> _, (done, result, tries) = iso.piece_done(SubBatch(batch, 3, 4), bad)
+    >>> result.ok, result.items_out, result.error
+    (False, 3, '1 of 4 items failed, in isolation; first: ValueError: d')
+    >>> [(p.start, p.stop) for p, _ in result.failed_pieces]
+    [(3, 4)]
+    """
+
+    def __init__(self, on_start: Callable[[Any], None]):
+        self.on_start = on_start
+        self.open: dict[int, _Isolating] = {}
+
+    def start(self, batch: Any, result: TryResult, tries: int) -> list[SubBatch] | None:
+        """The first pieces of ``batch``, whose last try ``result`` failed;
+        ``None`` when it is not isolated."""
+        n = result.items_in if result.items_in is not None else batch.n_items
+        if not isinstance(batch, (FileBatch, CsvBatch, ParquetBatch)) or not n:
+            return None
+        if n < 2:
+            return None
+        self.on_start(batch)
+        self.open[batch.index] = _Isolating(batch, tries, n, worker=result.worker)
+        return self._split(SubBatch(batch, 0, n))
+
+    def resume(self, unfinished: Unfinished) -> list[SubBatch]:
+        """The pieces of an earlier attempt's isolated mini-batch to retry."""
+        state = _Isolating(unfinished.batch, 1, unfinished.items_in)
+        state.items_out = unfinished.ok + unfinished.extra
+        self.open[unfinished.index] = state
+        pieces = [SubBatch(unfinished.batch, a, b) for a, b in unfinished.spans]
+        state.in_flight = len(pieces)
+        return pieces
+
+    def piece_done(
+        self, piece: SubBatch, result: TryResult
+    ) -> tuple[list[SubBatch], tuple[Any, TryResult, int] | None]:
+        """Count a piece's try: the pieces to run next, and, once the
+        mini-batch has no piece left, its outcome ``(batch, result, tries)``."""
+        state = self.open[piece.index]
+        state.in_flight -= 1
+        state.seconds += result.seconds
+        state.stdout += result.stdout
+        state.log += result.log
+        state.logged += result.logged
+        more: list[SubBatch] = []
+        if result.ok:
+            state.items_out += result.items_out
+        elif piece.n_items > 1:
+            more = self._split(piece)
+        else:
+            state.failed.append((piece, result))
+        if state.in_flight:
+            return more, None
+        del self.open[piece.index]
+        return [], (state.batch, self._outcome(state), state.tries)
+
+    def _split(self, piece: SubBatch) -> list[SubBatch]:
+        self.open[piece.index].in_flight += 2
+        return list(piece.halves())
+
+    @staticmethod
+    def _outcome(state: _Isolating) -> TryResult:
+        failed = sorted(state.failed, key=lambda f: f[0].start)
+        n_failed = sum(piece.n_items for piece, _ in failed)
+        first = failed[0][1] if failed else None
+        return TryResult(
+            index=state.batch.index,
+            try_no=state.tries,
+            ok=not failed,
+            worker=first.worker if first else state.worker,
+            items_in=state.items_in,
+            items_out=state.items_out,
+            seconds=state.seconds,
+            error=(
+                f"{n_failed} of {state.items_in} items failed, in isolation; "
+                f"first: {first.error}"
+                if first
+                else None
+            ),
+            traceback=first.traceback if first else None,
+            stdout=state.stdout,
+            log=state.log,
+            logged=state.logged,
+            failed_pieces=tuple(failed),
+        )
+
+
 def _lost_try(
     batch: MiniBatch, try_no: int, error: str, worker: str = "unknown worker"
 ) -> TryResult:
@@ -337,11 +496,17 @@ class LostTasks:
         self.redact = redact
         self.seen: set[tuple[float, int]] = set()
 
-    def timed_out(self, indices: set[int]) -> dict[int, dict[str, Any]]:
-        """Mini-batches of ``indices`` newly reported hung, with the event."""
+    def timed_out(self, batches: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
+        """Mini-batches of ``batches`` (by index) newly reported hung, with the
+        event; a piece of a mini-batch being isolated matches only the events
+        that name its first item."""
         found = {}
         for stamp, msg in self.client.get_events(self.topic):
-            if msg.get("cause") == "timeout" and msg["index"] in indices:
+            if (
+                msg.get("cause") == "timeout"
+                and msg["index"] in batches
+                and msg.get("piece") == _first_item(batches[msg["index"]])
+            ):
                 if (stamp, msg["index"]) not in self.seen:
                     self.seen.add((stamp, msg["index"]))
                     found[msg["index"]] = msg
@@ -398,6 +563,12 @@ class LostTasks:
         # a lost task's exception may quote storage errors of the worker
         error = f"WorkerDied: {worker} died while running it ({exc})"
         return self.redact(error), worker
+
+
+def _first_item(batch: Any) -> int | None:
+    """The first item of a piece of a mini-batch being isolated; ``None``
+    for a whole mini-batch."""
+    return batch.start if isinstance(batch, SubBatch) else None
 
 
 def _silent_workers(dask_scheduler: Any, limit: float) -> dict[str, list[Any]]:
@@ -474,6 +645,7 @@ class FrozenWorkers:
                     self.events_topic,
                     {
                         "index": group[0][0].index,
+                        "piece": _first_item(group[0][0]),
                         "worker": agent,
                         "cause": "timeout",
                         "phase": "frozen",
@@ -534,8 +706,15 @@ def run_mini_batches(
     interrupt: Interrupt | None = None,
     starts_topic: str | None = None,
     redact: Callable[[str], str] = str,
+    isolate: Callable[[Any], None] | None = None,
 ) -> str | None:
     """Run every mini-batch to success or ``run_max_try`` failed tries.
+
+    With ``isolate`` (``daskrun.isolate-failures``), a mini-batch that
+    failed its last try is split by :class:`Isolation`, which calls
+    ``isolate(batch)`` first; its outcome then counts only the items that
+    fail alone. ``batches`` may hold :class:`Unfinished` ones of an earlier
+    attempt, of which only the failed items run.
 
     ``on_done(batch, last_try, tries, counts)`` is called once per mini-batch when
     its outcome is final. Returns the name of the exceeded threshold, in which
@@ -558,8 +737,8 @@ def run_mini_batches(
     threads = sum(client.nthreads().values()) or 1
     limit = max(1, threads * int(config_get("runner.in-flight-per-thread")))
     sizer = GroupSizer(float(config_get("runner.task-seconds")), threads)
-    pending: dict[Any, list[tuple[MiniBatch, int]]] = {}
-    retries: list[tuple[MiniBatch, int]] = []
+    pending: dict[Any, list[tuple[Any, int]]] = {}
+    retries: list[tuple[MiniBatch | SubBatch, int]] = []
     # results are fetched concurrently in the background as tasks finish
     queue = as_completed(with_results=True, raise_errors=False, loop=client.loop)
     plans = iter(batches)
@@ -576,7 +755,9 @@ def run_mini_batches(
         )
     )
 
-    def submit(group: list[tuple[MiniBatch, int]]) -> None:
+    isolation = Isolation(isolate) if isolate is not None else None
+
+    def submit(group: list[tuple[MiniBatch | SubBatch, int]]) -> None:
         first, try_no = group[0]
         future = client.submit(
             process_mini_batches,
@@ -590,15 +771,22 @@ def run_mini_batches(
 
     def fill() -> None:
         nonlocal scheduled
-        while retries and len(pending) < limit:
-            submit([retries.pop()])  # a retry runs alone: it may fail again
-        while not tally.all_scheduled and len(pending) < limit:
+        while len(pending) < limit and (retries or not tally.all_scheduled):
+            if retries:
+                submit([retries.pop()])  # a retry runs alone: it may fail again
+                continue
             n = sizer.size(tally.mini_batches_total - scheduled)
-            group = [(b, 1) for b in itertools.islice(plans, n)]
-            scheduled += len(group)
+            taken = list(itertools.islice(plans, n))
+            scheduled += len(taken)
+            group: list[tuple[MiniBatch | SubBatch, int]] = [
+                (b, 1) for b in taken if not isinstance(b, Unfinished)
+            ]
             if group:
                 submit(group)
-            if len(group) < n:
+            for b in taken:
+                if isinstance(b, Unfinished) and isolation is not None:
+                    retries.extend((p, 1) for p in isolation.resume(b))
+            if len(taken) < n:
                 tally.all_scheduled = True
 
     try:
@@ -615,7 +803,7 @@ def run_mini_batches(
                 batch_of = {b.index: b for b, _ in group}
                 hung = {
                     index: (lost.timeout_error(batch_of[index], msg), msg["worker"])
-                    for index, msg in lost.timed_out(set(batch_of)).items()
+                    for index, msg in lost.timed_out(batch_of).items()
                 }
                 verdict = judge_lost_task(group, hung, lost.cause(exc))
                 retries.extend(verdict.free)
@@ -623,7 +811,14 @@ def run_mini_batches(
                 results = [r for _, _, r in verdict.charged]
             future.release()
             for (batch, try_no), result in zip(group, results, strict=True):
-                if not result.ok and try_no < cfg.run_max_try:
+                if isinstance(batch, SubBatch):
+                    assert isolation is not None
+                    more, outcome_ = isolation.piece_done(batch, result)
+                    retries.extend((p, try_no) for p in more)
+                    if outcome_ is None:
+                        continue
+                    batch, result, try_no = outcome_
+                elif not result.ok and try_no < cfg.run_max_try:
                     logger.info(
                         "mini-batch %d try %d failed (%s); retrying",
                         batch.index,
@@ -632,6 +827,17 @@ def run_mini_batches(
                     )
                     retries.append((batch, try_no + 1))
                     continue
+                elif not result.ok and isolation is not None:
+                    pieces = isolation.start(batch, result, try_no)
+                    if pieces:
+                        logger.info(
+                            "mini-batch %d failed its last try (%s); isolating "
+                            "its failed items",
+                            batch.index,
+                            result.error,
+                        )
+                        retries.extend((p, try_no) for p in pieces)
+                        continue
                 on_done(batch, result, try_no, tally.record(batch, result))
                 exceeded = check_thresholds(tally, cfg)
                 if exceeded:

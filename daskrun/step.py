@@ -41,12 +41,15 @@ from .datasets import (
     PipelineData,
     TabularDataset,
     plan_files,
+    read_tabular,
 )
 from .exceptions import ConfigError, JobFailedError
 from .job import Job
 from .models import model_refs
 from .monitor import (
+    FAILED_ITEMS,
     Console,
+    read_failed_items,
 )
 from .partitions import check_partition_keys, plan_partitions
 from .plugin import (
@@ -180,6 +183,19 @@ class StepRun:
             workspace=self.workspace,
             replan=replan,
         )
+
+    def failed_items(
+        self, storage_options: dict[str, Any] | None = None
+    ) -> FileDataset | TabularDataset:
+        """The inputs that failed, as a data set: a ``FileDataset`` of the
+        failed files, or a ``TabularDataset`` of the failed rows (read again
+        from the run's inputs and written to ``failed_items/`` in the run
+        folder). Register it, or feed it to a new step; its
+        ``last_errors`` map each input (a path, or a row range) to its last
+        exception, as ``failed_items.csv`` lists them. Remote inputs need
+        their ``storage_options`` again unless they come from a datastore of
+        the run's workspace."""
+        return failed_items(self, storage_options)
 
     def raise_for_status(self) -> StepRun:
         """Raise :class:`~daskrun.JobFailedError` unless the run completed."""
@@ -663,6 +679,24 @@ def _resume(
             f"run {run_id!r} reads remote inputs; pass their storage_options to "
             "resume(), since run records never hold credentials"
         )
+    step = _rebuild(record, storage_options, compute_target, workspace)
+    return _execute(
+        step,
+        console=Console(show_output),
+        resume=record,
+        retry_failed=retry_failed,
+        replan=replan,
+    )
+
+
+def _rebuild(
+    record: RunRecord,
+    storage_options: dict[str, Any] | None,
+    compute_target: Any,
+    workspace: Any,
+) -> ParallelRunStep:
+    """The step a run record describes: its source (unpacked into the run
+    folder), config, inputs, output and arguments."""
     source = record.folder / "source"
     shutil.rmtree(source, ignore_errors=True)
     with zipfile.ZipFile(record.folder / SOURCE) as zf:
@@ -708,13 +742,7 @@ def _resume(
     step.workspace = workspace
     step.outputs = record.outputs
     step.input_names = list(record.input_names) or step.input_names
-    return _execute(
-        step,
-        console=Console(show_output),
-        resume=record,
-        retry_failed=retry_failed,
-        replan=replan,
-    )
+    return step
 
 
 def _with_formats(record: RunRecord) -> list[tuple[Any, str | None]]:
@@ -772,3 +800,87 @@ def _path_spec(dataset: Input) -> Any:
     if isinstance(path, (str, os.PathLike)):
         return os.fspath(path)
     return [os.fspath(p) for p in path]
+
+
+def failed_items(
+    run: StepRun, storage_options: dict[str, Any] | None = None
+) -> FileDataset | TabularDataset:
+    """:meth:`StepRun.failed_items`."""
+    rows = read_failed_items(Path(run.logs_dir) / FAILED_ITEMS)
+    if not rows:
+        raise ConfigError(
+            f"run {run.run_id!r} has no failed items; failed_items() is the "
+            "data set of the inputs that failed"
+        )
+    root = run.workspace.runs_dir if run.workspace is not None else None
+    record = RunRecord.load(run.run_id, root)
+    workspace = run.workspace
+    if workspace is None and record.workspace:
+        workspace = Workspace(record.workspace)
+    errors = {row["input"]: row["error"] for row in rows}
+    if record.kind == "file":
+        found = FileDataset(
+            list(errors),
+            storage_options=_failed_options(record, storage_options, workspace),
+        )
+        found.last_errors = errors
+        return found
+    step = _rebuild(record, storage_options, None, workspace)
+    if step.config.resolved.partition_keys:
+        raise ConfigError(
+            f"run {run.run_id!r} ran partitions of rows; its failed partitions "
+            f"are listed in {Path(run.logs_dir) / FAILED_ITEMS}"
+        )
+    return _failed_rows(step, rows, record.folder / "failed_items", errors)
+
+
+def _failed_options(
+    record: RunRecord, given: dict[str, Any] | None, workspace: Any
+) -> dict[str, Any]:
+    """The storage options of a run's inputs: those given, else those of
+    the datastore its inputs came from."""
+    if given is not None or not record.input_specs or workspace is None:
+        return dict(given or {})
+    return dict(from_spec(record.input_specs[0], workspace).storage_options)
+
+
+def _failed_rows(
+    step: ParallelRunStep,
+    rows: list[dict[str, str]],
+    folder: Path,
+    errors: dict[str, str],
+) -> TabularDataset:
+    """The failed rows of a tabular run, read again as their mini-batches
+    were and sliced, in one file of the inputs' format in ``folder``."""
+    import pandas as pd
+
+    first = step.inputs[0]
+    assert isinstance(first, TabularDataset)
+    batches = list(step.plan()[0])
+    frames = []
+    for row in rows:
+        if not (row["start"].isdigit() and row["stop"].isdigit()):
+            continue  # never read: its rows are unknown
+        batch = batches[int(row["index"])]
+        frame = read_tabular(batch, first.storage_options, first.pandas_kwargs)
+        frames.append(frame.iloc[int(row["start"]) : int(row["stop"])])
+    if not frames:
+        raise ConfigError(
+            f"the failed inputs of run {step.run_id or ''!r} could not be read "
+            f"({'; '.join(f'{k}: {v}' for k, v in errors.items())}); fix them "
+            "and resume with retry_failed=True"
+        )
+    found = pd.concat(frames, ignore_index=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"failed_items.{first.file_format}"
+    tmp = path.with_name(f".{path.name}.tmp")
+    if first.file_format == "parquet":
+        found.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+        dataset: TabularDataset = Dataset.Tabular.from_parquet_files(str(path))
+    else:
+        found.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        dataset = Dataset.Tabular.from_delimited_files(str(path))
+    dataset.last_errors = errors
+    return dataset

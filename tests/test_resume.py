@@ -168,7 +168,7 @@ def test_retry_failed_after_fixing_the_cause(tmp_path: Path, runs_dir: Path) -> 
     assert result.returncode == 0, result.stderr
     lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
     assert lines == names  # complete, in order, no duplicates
-    assert failed_items.read_text().splitlines() == ["index,input,error"]
+    assert failed_items.read_text().splitlines() == ["index,input,error,start,stop"]
     assert len(list((tmp_path / "calls").iterdir())) == 2  # only bad00000-03
 
 
