@@ -48,6 +48,7 @@ from .exceptions import (
     StorageTimeoutError,
     ThresholdExceededError,
 )
+from .native import map_partitions
 from .plugin import EntryScript
 from .runcontext import Run
 
@@ -143,5 +144,6 @@ __all__ = [
     "ThresholdExceededError",
     "Workspace",
     "install_as_azureml",
+    "map_partitions",
     "resume",
 ]

@@ -1,0 +1,214 @@
+"""Dask collections in and out: ``daskrun.map_partitions`` over dataframes and
+bags on real worker processes, collections as step inputs, and step outputs
+read back lazily."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import dask.bag as db
+import dask.dataframe as dd
+import pandas as pd
+import pytest
+from distributed import Client, LocalCluster
+
+import daskrun
+from daskrun import JobFailedError
+
+from .helpers import write_script
+
+SCORE = """
+import os
+
+def init():
+    global factor
+    factor = 2
+    marks = os.environ.get("MARKS")
+    if marks:
+        with open(os.path.join(marks, f"init-{os.getpid()}"), "a") as f:
+            f.write("init\\n")
+
+def run(df):
+    return df.assign(score=df.x * factor + 1, pid=os.getpid())
+"""
+
+RANK = """
+def init():
+    pass
+
+def run(df):
+    return df.assign(rank=df.score * 10)
+"""
+
+
+@pytest.fixture
+def client(cluster: LocalCluster) -> Iterator[Client]:
+    with Client(cluster) as c:
+        yield c
+
+
+def _frame(n: int = 40) -> pd.DataFrame:
+    return pd.DataFrame({"id": range(n), "x": [float(i) for i in range(n)]})
+
+
+def _parquet(folder: Path, n: int = 40, parts: int = 4) -> Path:
+    dd.from_pandas(_frame(n), npartitions=parts).to_parquet(folder)
+    return folder
+
+
+def test_parquet_in_parquet_out_equals_pandas(tmp_path: Path, client: Client) -> None:
+    script = write_script(tmp_path / "src", SCORE)
+    ddf = dd.read_parquet(_parquet(tmp_path / "in"))
+    scored = daskrun.map_partitions(str(script), ddf)
+    assert isinstance(scored, dd.DataFrame)  # lazy: nothing written yet
+    scored.drop(columns="pid").to_parquet(tmp_path / "out")
+    got = pd.read_parquet(tmp_path / "out").sort_values("id", ignore_index=True)
+    frame = _frame()
+    expected = frame.assign(score=frame.x * 2 + 1)
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False)
+
+
+def test_init_runs_once_per_worker_process(tmp_path: Path, client: Client) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = write_script(tmp_path / "src", SCORE)
+    ddf = dd.from_pandas(_frame(60), npartitions=12)
+    scored = daskrun.map_partitions(
+        str(script), ddf, environment_variables={"MARKS": str(marks)}
+    )
+    pids = set(scored.pid.compute())
+    inits = {int(p.name.split("-")[1]): p.read_text() for p in marks.iterdir()}
+    # every worker process ran init() once, before any of its partitions
+    assert pids <= set(inits)
+    assert all(text == "init\n" for text in inits.values())
+    assert len(inits) == len(client.nthreads())
+    # a second collection through the same script and options: no new init()
+    again = daskrun.map_partitions(
+        str(script), ddf, environment_variables={"MARKS": str(marks)}
+    )
+    assert len(again.compute()) == 60
+    assert all(p.read_text() == "init\n" for p in marks.iterdir())
+
+
+FLAKY = """
+import os
+
+def init():
+    pass
+
+def run(df):
+    tries = os.path.join(os.environ["TRIES"], str(int(df.id.iloc[0])))
+    with open(tries, "a") as f:
+        f.write("x")
+    if int(df.id.iloc[0]) == 10 and os.path.getsize(tries) < 3:
+        raise RuntimeError("flaky")
+    return df.assign(y=df.x + 1)
+"""
+
+
+def test_a_partition_failing_twice_then_succeeding_appears_once(
+    tmp_path: Path, client: Client
+) -> None:
+    tries = tmp_path / "tries"
+    tries.mkdir()
+    script = write_script(tmp_path / "src", FLAKY)
+    ddf = dd.from_pandas(_frame(40), npartitions=4)  # ids 0, 10, 20, 30 first
+    out = daskrun.map_partitions(
+        str(script),
+        ddf,
+        run_max_try=3,
+        error_threshold=0,
+        environment_variables={"TRIES": str(tries)},
+    ).compute()
+    assert sorted(out.id) == list(range(40))
+    assert (tries / "10").read_text() == "xxx"
+    assert (tries / "20").read_text() == "x"
+    # the first partition's head was also the sample that inferred the meta
+    assert (tries / "0").read_text() == "xx"
+
+
+POISON = """
+def init():
+    pass
+
+def run(df):
+    if (df.id == 13).any():
+        1 / 0
+    return df.assign(y=df.x + 1)
+"""
+
+
+def test_poison_partition_within_threshold_is_dropped_and_reported(
+    tmp_path: Path, client: Client
+) -> None:
+    script = write_script(tmp_path / "src", POISON)
+    ddf = dd.from_pandas(_frame(40), npartitions=4)
+    out = daskrun.map_partitions(
+        str(script), ddf, error_threshold=10, run_max_try=1, name="poison-within"
+    ).compute()
+    assert sorted(out.id) == [*range(10), *range(20, 40)]
+    events = [msg for _, msg in client.get_events("daskrun-poison-within")]
+    assert [(e["index"], e["items"]) for e in events] == [(1, 10)]
+    assert events[0]["error"] == "ZeroDivisionError: division by zero"
+    assert "1 / 0" in events[0]["traceback"]
+
+
+def test_poison_partition_beyond_threshold_fails_compute(
+    tmp_path: Path, client: Client
+) -> None:
+    script = write_script(tmp_path / "src", POISON)
+    ddf = dd.from_pandas(_frame(40), npartitions=4)
+    scored = daskrun.map_partitions(str(script), ddf, error_threshold=5, run_max_try=2)
+    with pytest.raises(JobFailedError) as info:
+        scored.compute()
+    first = str(info.value).splitlines()[0]
+    assert first.startswith("error_threshold=5 exceeded: 10 items failed")
+    assert "partition 1" in first
+    assert "ZeroDivisionError: division by zero" in first
+
+
+def test_two_scripts_chained(tmp_path: Path, client: Client) -> None:
+    score = write_script(tmp_path / "src", SCORE)
+    rank = write_script(tmp_path / "src", RANK, name="rank.py")
+    ddf = dd.from_pandas(_frame(30), npartitions=3)
+    ranked = daskrun.map_partitions(
+        str(rank), daskrun.map_partitions(str(score), ddf).drop(columns="pid")
+    )
+    got = ranked.compute().sort_values("id", ignore_index=True)
+    assert list(got["rank"]) == [(i * 2 + 1) * 10 for i in range(30)]
+    # and joined with plain Dask
+    joined = ranked.merge(ddf.assign(z=ddf.x * 3)[["id", "z"]], on="id").compute()
+    assert sorted(joined.z) == [i * 3 for i in range(30)]
+
+
+READ = """
+import os
+
+def init():
+    pass
+
+def run(paths):
+    return [f"{os.path.basename(p)}:{open(p).read()}" for p in paths]
+"""
+
+
+def test_a_bag_of_paths(tmp_path: Path, client: Client) -> None:
+    folder = tmp_path / "files"
+    folder.mkdir()
+    paths = []
+    for i in range(9):
+        (folder / f"{i}.txt").write_text(str(i * i))
+        paths.append(str(folder / f"{i}.txt"))
+    script = write_script(tmp_path / "src", READ)
+    bag = db.from_sequence(paths, npartitions=3)
+    out = daskrun.map_partitions(str(script), bag)
+    assert isinstance(out, db.Bag)
+    assert out.npartitions == 3
+    assert out.compute() == [f"{i}.txt:{i * i}" for i in range(9)]
+
+
+def test_not_a_collection_is_refused(tmp_path: Path, client: Client) -> None:
+    script = write_script(tmp_path / "src", READ)
+    with pytest.raises(daskrun.ConfigError, match="is not a Dask dataframe or bag"):
+        daskrun.map_partitions(str(script), [1, 2, 3])
