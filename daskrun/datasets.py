@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -100,7 +100,26 @@ class ParquetBatch:
         return f"{self.path} row groups {first}-{last} ({self.num_rows} rows)"
 
 
-MiniBatch = FileBatch | CsvBatch | ParquetBatch | PartitionBatch
+@dataclass(frozen=True)
+class CollectionBatch:
+    """Partition ``index`` of a Dask collection given as a step's input.
+
+    The plan is the number alone; ``data``, the computed partition, is set
+    on the worker, where the partition arrives as a task argument.
+    """
+
+    index: int
+    data: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def n_items(self) -> int | None:
+        return None  # rows or items, known once computed
+
+    def describe(self) -> str:
+        return f"partition {self.index} of the Dask collection"
+
+
+MiniBatch = FileBatch | CsvBatch | ParquetBatch | PartitionBatch | CollectionBatch
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -41,6 +41,7 @@ from fsspec.core import url_to_fs
 
 from .aml import install_entry_script_shims
 from .datasets import (
+    CollectionBatch,
     FileBatch,
     MiniBatch,
     PartitionBatch,
@@ -849,6 +850,30 @@ def process_mini_batches(
     return results
 
 
+def process_collection_batches(
+    plugin_name: str, tries: Sequence[tuple[CollectionBatch, int]], *partitions: Any
+) -> list[TryResult]:
+    """:func:`process_mini_batches` for partitions of a Dask collection: the
+    scheduler computes each partition and hands it over as an argument."""
+    return process_mini_batches(
+        plugin_name,
+        [
+            (dataclasses.replace(batch, data=_items(partition)), try_no)
+            for (batch, try_no), partition in zip(tries, partitions, strict=True)
+        ],
+    )
+
+
+def _items(partition: Any) -> Any:
+    """A dataframe's partition as it is; a bag's (maybe a lazy iterator) as
+    a list."""
+    import pandas as pd
+
+    if isinstance(partition, (pd.DataFrame, pd.Series)):
+        return partition
+    return list(partition)
+
+
 def _process(
     plugin: EntryScriptPlugin, batch: MiniBatch, try_no: int, cache_root: str
 ) -> TryResult:
@@ -873,6 +898,9 @@ def _process(
             )
             if batch.file_format is not None:
                 items_in = len(mini_batch)
+        elif isinstance(batch, CollectionBatch):
+            mini_batch = batch.data
+            items_in = len(mini_batch)
         elif isinstance(batch, FileBatch):
             if spec.local:
                 mini_batch = batch.paths

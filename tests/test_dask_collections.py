@@ -4,17 +4,25 @@ read back lazily."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import dask.bag as db
 import dask.dataframe as dd
 import pandas as pd
+import psutil
 import pytest
 from distributed import Client, LocalCluster
 
 import daskrun
 from daskrun import JobFailedError
+from daskrun.native import collection_token
+from daskrun.records import RunRecord
 
 from .helpers import write_script
 
@@ -212,3 +220,103 @@ def test_not_a_collection_is_refused(tmp_path: Path, client: Client) -> None:
     script = write_script(tmp_path / "src", READ)
     with pytest.raises(daskrun.ConfigError, match="is not a Dask dataframe or bag"):
         daskrun.map_partitions(str(script), [1, 2, 3])
+
+
+STEP_SCORE = """
+import os, time, uuid
+
+def init():
+    pass
+
+def run(df):
+    calls = os.environ["CALLS"]
+    open(os.path.join(calls, f"{int(df.id.iloc[0])}.{uuid.uuid4().hex}"), "w").close()
+    time.sleep(0.05)
+    return df.assign(score=df.x * 2 + 1)
+"""
+
+DRIVER = """
+import sys
+import dask.dataframe as dd
+import daskrun
+
+cfg = daskrun.ParallelRunConfig(
+    "score.py", error_threshold=0, output_action="append_row",
+    output_format="csv", process_count_per_node=2,
+    environment_variables={"CALLS": sys.argv[2]},
+)
+step = daskrun.ParallelRunStep(
+    "score-frame", cfg, inputs=[dd.read_parquet(sys.argv[1])], output="out"
+)
+step.run().raise_for_status()
+"""
+
+
+def _parts(out: Path) -> set[str]:
+    return {p.name for p in out.glob(".daskrun/*/parts/*.part")}
+
+
+def test_a_step_over_a_dataframe_resumes_after_a_client_kill(
+    tmp_path: Path, runs_dir: Path
+) -> None:
+    frame = _frame(400)
+    dd.from_pandas(frame, npartitions=80).to_parquet(tmp_path / "in")
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    write_script(tmp_path, STEP_SCORE)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    env = dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs_dir))
+    proc = subprocess.Popen(
+        [sys.executable, "driver.py", str(tmp_path / "in"), str(calls)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while len(_parts(tmp_path / "out")) < 15:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    for child in alive:
+        child.kill()
+    committed = _parts(tmp_path / "out")
+    assert 15 <= len(committed) < 80
+    assert not (tmp_path / "out" / "parallel_run_step.csv").exists()
+    for marker in calls.iterdir():
+        marker.unlink()
+    (record,) = RunRecord.find(runs_dir)
+    run_id = record.run_id
+    assert record.inputs == [
+        f"dask-dataframe:{collection_token(dd.read_parquet(str(tmp_path / 'in')))}"
+    ]
+
+    # the collection is needed again, and must be the same one
+    with pytest.raises(daskrun.ConfigError, match=r"inputs=\[ddf\]"):
+        daskrun.resume(run_id)
+    changed = dd.read_parquet(str(tmp_path / "in")).assign(x=lambda d: d.x + 1)
+    with pytest.raises(daskrun.InputError) as info:
+        daskrun.resume(run_id, inputs=[changed])
+    assert "\n" not in str(info.value)
+    assert "is not the collection run" in str(info.value)
+
+    run = daskrun.resume(
+        run_id, inputs=[dd.read_parquet(str(tmp_path / "in"))], show_output=False
+    ).raise_for_status()
+    got = pd.read_csv(run.output_path)
+    pd.testing.assert_frame_equal(
+        got, frame.assign(score=frame.x * 2 + 1), check_dtype=False
+    )
+    redone = {int(m.name.split(".")[0]) // 5 for m in calls.iterdir()}
+    assert len(list(calls.iterdir())) == 80 - len(committed)
+    assert not {f"{i:010d}.part" for i in redone} & committed
+    # and the published output, lazily, for the next step in Dask
+    again = run.to_dask_dataframe()
+    assert sorted(again.id.compute()) == list(range(400))
+    rows = run.to_bag().take(2)
+    assert rows[0] == {"id": 0, "x": 0.0, "score": 1.0}
