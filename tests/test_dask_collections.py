@@ -18,13 +18,15 @@ import pandas as pd
 import psutil
 import pytest
 from distributed import Client, LocalCluster
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import daskrun
-from daskrun import JobFailedError
+from daskrun import Dataset, JobFailedError
 from daskrun.native import collection_token
 from daskrun.records import RunRecord
 
-from .helpers import write_script
+from .helpers import make_files, run_step, write_script
 
 SCORE = """
 import os
@@ -320,3 +322,112 @@ def test_a_step_over_a_dataframe_resumes_after_a_client_kill(
     assert sorted(again.id.compute()) == list(range(400))
     rows = run.to_bag().take(2)
     assert rows[0] == {"id": 0, "x": 0.0, "score": 1.0}
+
+
+SAVE = """
+import os
+
+def init():
+    pass
+
+def run(mini_batch, mini_batch_context):
+    where = os.path.join(os.environ["SAVED"], f"{mini_batch_context.minibatch_index}")
+    if isinstance(mini_batch, list):
+        with open(where + ".txt", "w") as f:
+            f.write("\\n".join(mini_batch))
+    else:
+        mini_batch.to_pickle(where + ".pkl")
+    return [1] * len(mini_batch)
+"""
+
+
+def _saved_by_the_engine(
+    tmp_path: Path, inputs: object, **config: object
+) -> dict[int, object]:
+    saved = tmp_path / f"saved-{len(list(tmp_path.iterdir()))}"
+    saved.mkdir()
+    run_step(
+        tmp_path,
+        SAVE,
+        [inputs],
+        name="save-batches",
+        output=None,
+        output_action="summary_only",
+        environment_variables={"SAVED": str(saved)},
+        process_count_per_node=2,
+        **config,
+    ).raise_for_status()
+    return {
+        int(p.stem): p.read_text().split("\n")
+        if p.suffix == ".txt"
+        else pd.read_pickle(p)
+        for p in saved.iterdir()
+    }
+
+
+def test_collections_and_the_engine_cut_the_same_mini_batches(tmp_path: Path) -> None:
+    # quoted newlines, cut at sizes smaller than a record
+    rows = [f'{i},"line {i}\nstill {i}, quoted",{i * 0.5}' for i in range(60)]
+    (tmp_path / "a.csv").write_text("id,text,v\n" + "\n".join(rows) + "\n")
+    (tmp_path / "b.csv").write_text('id,text,v\n99,"x\ny",1.0\n')
+    csv = Dataset.Tabular.from_delimited_files(str(tmp_path / "*.csv"))
+    for size in (40, 300):
+        ddf = csv.to_dask_dataframe(size)
+        engine = _saved_by_the_engine(tmp_path, csv, mini_batch_size=size)
+        assert ddf.npartitions == len(engine) > 2
+        for i in range(ddf.npartitions):
+            pd.testing.assert_frame_equal(
+                ddf.partitions[i].compute(scheduler="sync").reset_index(drop=True),
+                engine[i].reset_index(drop=True),
+                check_dtype=False,  # Dask makes strings pyarrow strings
+            )
+    # a partitioned data set with partition_keys: one mini-batch per key
+    for user, n in (("ann", 3), ("bob", 5)):
+        folder = tmp_path / "by" / f"user={user}"
+        folder.mkdir(parents=True)
+        for k in range(2):
+            pd.DataFrame({"x": range(n)}).to_parquet(folder / f"{k}.parquet")
+    parted = Dataset.Tabular.from_parquet_files(
+        str(tmp_path / "by"), partition_format="/user={user}/{name}.parquet"
+    )
+    ddf = parted.to_dask_dataframe(partition_keys=["user"])
+    engine = _saved_by_the_engine(tmp_path, parted, partition_keys=["user"])
+    assert ddf.npartitions == len(engine) == 2
+    for i in range(2):
+        pd.testing.assert_frame_equal(
+            ddf.partitions[i].compute(scheduler="sync").reset_index(drop=True),
+            engine[i].reset_index(drop=True),
+            check_dtype=False,
+        )
+    # files: a bag's partition is the mini-batch's paths
+    make_files(tmp_path / "files", 7)
+    files = Dataset.File.from_files(str(tmp_path / "files"))
+    bag = files.to_bag(3)
+    engine = _saved_by_the_engine(tmp_path, files, mini_batch_size=3)
+    assert bag.npartitions == 3
+    got = [list(p.compute(scheduler="sync")) for p in bag.to_delayed()]
+    assert got == [engine[i] for i in range(3)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    values=st.lists(st.text(alphabet='ab,"\n', max_size=6), min_size=1, max_size=30),
+    size=st.integers(min_value=1, max_value=200),
+)
+def test_a_tabular_data_set_as_dataframe_is_the_whole_file(
+    tmp_path_factory: pytest.TempPathFactory, values: list[str], size: int
+) -> None:
+    # the partitions, in order, are the file read by pandas in one go
+    folder = tmp_path_factory.mktemp("csv")
+    frame = pd.DataFrame({"id": range(len(values)), "text": values})
+    frame.to_csv(folder / "a.csv", index=False)
+    ds = Dataset.Tabular.from_delimited_files(str(folder / "a.csv"))
+    got = ds.to_dask_dataframe(size).compute(scheduler="sync")
+    expected = pd.read_csv(folder / "a.csv")
+
+    # Dask's strings are pyarrow strings: compare values, missing as None
+    def plain(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame.reset_index(drop=True).astype(object)
+        return frame.where(frame.notna(), None)
+
+    pd.testing.assert_frame_equal(plain(got), plain(expected))
