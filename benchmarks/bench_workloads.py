@@ -30,7 +30,7 @@ for daskrun, how soon a 100-file job returns its first result. Saves
     python benchmarks/bench_workloads.py --quick   # W2 10k, W3 300 MB: ~5 min
     python benchmarks/bench_workloads.py           # W1 20k, W2 50k, W3 1 GB
     python benchmarks/bench_workloads.py --quick --workloads w3 \
-        --tools dask daskrun daskrun-map --out workloads-w3-map-quick.json
+        --tools dask daskrun daskrun-map --out map-partitions-w3-quick.json
 """
 
 from __future__ import annotations
