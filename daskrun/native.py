@@ -13,7 +13,8 @@ A Dask user who holds a dataframe (``dd.read_parquet``) or a bag
   exactly-once ordered output, thresholds, logs and resume.
 
 >>> import dask.dataframe as dd, daskrun  # doctest: +SKIP
->>> scored = daskrun.map_partitions("score.py", dd.read_parquet("in/"))  # doctest: +SKIP
+>>> ddf = dd.read_parquet("in/")  # doctest: +SKIP
+>>> scored = daskrun.map_partitions("score.py", ddf)  # doctest: +SKIP
 >>> scored.to_parquet("out/")  # doctest: +SKIP
 """
 
