@@ -24,16 +24,21 @@ and cluster start included), in rotation, ``--repeat`` times:
   daskrun does (the other tools write with pandas, as a user would);
 - ``daskrun``: a ParallelRunStep on a local cluster of 2 processes, its
   input given as a folder (or a glob);
-- ``daskrun-list``: the same, its input given as a list of file paths.
+- ``daskrun-list``: the same, its input given as a list of file paths;
+- ``daskrun-map`` (W3 only): the Dask user's path, ``dd.read_csv(blocksize=
+  "16MB")`` → ``daskrun.map_partitions`` → ``.to_csv(single_file=True)`` on
+  ``LocalCluster(2)``.
 
 Prints a table of medians and ratios against the pool (the README's table),
 the peak RSS of each tool's client process and of its largest worker, and,
 for daskrun, how soon a 100-file job returns its first result. Saves
 ``benchmarks/results/workloads.json`` (``workloads-quick.json`` with
-``--quick``). Usage::
+``--quick``; ``--out NAME`` for another file). Usage::
 
     python benchmarks/bench_workloads.py --quick   # W2 10k, W3 300 MB: ~5 min
     python benchmarks/bench_workloads.py           # W1 20k, W2 50k, W3 1 GB
+    python benchmarks/bench_workloads.py --quick --workloads w3 \
+        --tools dask daskrun daskrun-map --out map-partitions-w3-quick.json
 """
 
 from __future__ import annotations
@@ -55,7 +60,16 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "bench-workloads"
 MNIST = REPO / "examples" / "mnist"
-TOOLS = ("loop", "pool", "pool-arrow", "dask", "daskrun", "daskrun-list")
+TOOLS = (
+    "loop",
+    "pool",
+    "pool-arrow",
+    "dask",
+    "daskrun",
+    "daskrun-list",
+    "daskrun-map",
+)
+W3_ONLY = {"daskrun-map"}
 
 NOOP = "def init():\n    pass\n\n\ndef run(mini_batch):\n    return mini_batch\n"
 W3_SCRIPT = """
@@ -334,8 +348,20 @@ def tool_pool_arrow(workload: str, data: Path, model: str, out: Path) -> None:
     tool_pool(workload, data, model, out, arrow=True)
 
 
+def _local_cluster() -> Any:
+    """The cluster of the Dask tools: 2 single-threaded worker processes."""
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+    )
+
+
 def tool_dask(workload: str, data: Path, model: str, out: Path) -> None:
-    from distributed import Client, LocalCluster, WorkerPlugin
+    from distributed import Client, WorkerPlugin
 
     class Init(WorkerPlugin):
         def __init__(self, which: str):
@@ -345,15 +371,7 @@ def tool_dask(workload: str, data: Path, model: str, out: Path) -> None:
             _init(self.which, model)
 
     batches = [] if workload == "w4" else mini_batches(workload, data)
-    with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with _local_cluster() as cluster, Client(cluster) as client:
         if workload == "w4":
 
             def init(which: str) -> None:
@@ -477,6 +495,21 @@ def _timings(run: Any) -> dict[str, float]:
     }
 
 
+def tool_daskrun_map(workload: str, data: Path, model: str, out: Path) -> None:
+    import dask.dataframe as dd
+    from distributed import Client
+
+    import daskrun
+
+    assert workload == "w3", "daskrun-map runs W3 only"
+    script = out.parent / f"{out.name}.script.py"
+    script.write_text(W3_SCRIPT)
+    with _local_cluster() as cluster, Client(cluster):
+        frame = dd.read_csv(str(data / "*.csv"), blocksize="16MB")
+        scored = daskrun.map_partitions(str(script), frame)
+        scored.to_csv(str(out), single_file=True, index=False)
+
+
 # --- driver -------------------------------------------------------------------
 
 
@@ -586,6 +619,7 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["w1", "w2", "w3", "w4"])
     parser.add_argument("--tools", nargs="+", default=list(TOOLS))
     parser.add_argument("--child", nargs=5)
+    parser.add_argument("--out", help="results file name in benchmarks/results")
     args = parser.parse_args()
     if args.child:
         child(*args.child)
@@ -606,24 +640,21 @@ def main() -> None:
             model = str(model_path)
         else:
             data = w3_data(sizes["w3"])
-        runs: dict[str, list[dict[str, Any]]] = {t: [] for t in args.tools}
+        tools = [t for t in args.tools if workload == "w3" or t not in W3_ONLY]
+        runs: dict[str, list[dict[str, Any]]] = {t: [] for t in tools}
         for _ in range(args.repeat):
-            for tool in args.tools:  # in rotation: drifts hit every tool alike
+            for tool in tools:  # in rotation: drifts hit every tool alike
                 runs[tool].append(run_tool(tool, workload, data, model))
                 print(
                     f"{workload} {tool}: {runs[tool][-1]['seconds']:.2f} s", flush=True
                 )
-        sizes_out = {t: {r["output_bytes"] for r in runs[t]} for t in args.tools}
-        medians = {
-            t: statistics.median(r["seconds"] for r in runs[t]) for t in args.tools
-        }
+        sizes_out = {t: {r["output_bytes"] for r in runs[t]} for t in tools}
+        medians = {t: statistics.median(r["seconds"] for r in runs[t]) for t in tools}
         results[workload] = {
             "size": sizes[workload],
             "runs": runs,
             "median_seconds": medians,
-            "ratio_to_pool": {
-                t: round(medians[t] / medians["pool"], 2) for t in args.tools
-            }
+            "ratio_to_pool": {t: round(medians[t] / medians["pool"], 2) for t in tools}
             if "pool" in medians
             else {},
             "peak_rss_mb": {
@@ -631,11 +662,15 @@ def main() -> None:
                     "client": max(r["client_rss_mb"] for r in runs[t]),
                     "workers": max(r["workers_rss_mb"] for r in runs[t]),
                 }
-                for t in args.tools
+                for t in tools
             },
             "output_sizes": {t: sorted(v) for t, v in sizes_out.items()},
         }
-    first = first_result(args.repeat) if "daskrun" in args.tools else None
+    first = (
+        first_result(args.repeat)
+        if "daskrun" in args.tools and "w1" in args.workloads
+        else None
+    )
     table = markdown(results, args.tools)
     print("\n" + table)
     if first:
@@ -645,12 +680,8 @@ def main() -> None:
             f"{first['median']['first_result']} "
             f"({first['median']['first_result_without_init']} without init())"
         )
-    target = (
-        REPO
-        / "benchmarks"
-        / "results"
-        / ("workloads-quick.json" if args.quick else "workloads.json")
-    )
+    name = args.out or ("workloads-quick.json" if args.quick else "workloads.json")
+    target = REPO / "benchmarks" / "results" / name
     target.write_text(
         json.dumps(
             {
@@ -677,6 +708,7 @@ def markdown(results: dict[str, Any], tools: list[str]) -> str:
         "pool-arrow": "`Pool(2)`, Arrow's CSV writer",
         "daskrun": "daskrun",
         "daskrun-list": "daskrun, a list of paths",
+        "daskrun-map": "`daskrun.map_partitions`",
     }
     what = {
         "w1": "W1: {:,} tiny files, no-op",
@@ -691,6 +723,9 @@ def markdown(results: dict[str, Any], tools: list[str]) -> str:
     for workload, r in results.items():
         cells = []
         for t in tools:
+            if t not in r["median_seconds"]:  # a W3-only tool
+                cells.append("–")
+                continue
             cell = f"{r['median_seconds'][t]:.2f} s"
             if r["ratio_to_pool"] and t != "pool":
                 cell += f" ({r['ratio_to_pool'][t]}×)"

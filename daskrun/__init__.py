@@ -49,6 +49,7 @@ from .exceptions import (
     StorageTimeoutError,
     ThresholdExceededError,
 )
+from .native import map_partitions
 from .plugin import EntryScript
 from .runcontext import Run
 
@@ -146,5 +147,6 @@ __all__ = [
     "close_warm_clusters",
     "install_as_azureml",
     "keep_warm",
+    "map_partitions",
     "resume",
 ]

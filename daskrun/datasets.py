@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -36,8 +36,10 @@ from .exceptions import ConfigError, DaskRunError, InputError
 from .partitions import (
     PartitionBatch,
     PartitionFormat,
+    check_partition_keys,
     hive_format,
     parse_partition_keys,
+    plan_partitions,
 )
 from .storage import describe_error, redact, storage_errors, within
 
@@ -100,7 +102,26 @@ class ParquetBatch:
         return f"{self.path} row groups {first}-{last} ({self.num_rows} rows)"
 
 
-MiniBatch = FileBatch | CsvBatch | ParquetBatch | PartitionBatch
+@dataclass(frozen=True)
+class CollectionBatch:
+    """Partition ``index`` of a Dask collection given as a step's input.
+
+    The plan is the number alone; ``data``, the computed partition, is set
+    on the worker, where the partition arrives as a task argument.
+    """
+
+    index: int
+    data: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def n_items(self) -> int | None:
+        return None  # rows or items, known once computed
+
+    def describe(self) -> str:
+        return f"partition {self.index} of the Dask collection"
+
+
+MiniBatch = FileBatch | CsvBatch | ParquetBatch | PartitionBatch | CollectionBatch
 
 
 @dataclass(frozen=True)
@@ -624,12 +645,27 @@ class FileDataset(_DatasetBase):
                 fs.get(fs._strip_protocol(remote), path)
         return local
 
-    def to_bag(self, mini_batch_size: object = None) -> dask.bag.Bag:
-        """The mini-batches as a Dask bag of lists of paths."""
+    def to_bag(
+        self, mini_batch_size: object = None, partition_keys: Any = None
+    ) -> dask.bag.Bag:
+        """The mini-batches as a Dask bag: one partition per mini-batch,
+        holding its paths, as a step plans them (with ``partition_keys``,
+        one per partition of the data set).
+
+        >>> import pathlib, tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> for i in range(5): _ = (d / f"{i}.txt").write_text("x")
+        >>> FileDataset(str(d)).to_bag(2).npartitions
+        3
+        """
         import dask.bag as db
 
-        batches = [b.paths for b in self.plan(mini_batch_size)]
-        return db.from_sequence(batches, partition_size=1)
+        batches = (
+            self.plan(mini_batch_size)
+            if partition_keys is None
+            else _plan_partitioned(self, partition_keys, None)
+        )
+        return db.from_delayed([_delayed_paths(b.paths) for b in batches])
 
 
 class TabularDataset(_DatasetBase):
@@ -691,16 +727,22 @@ class TabularDataset(_DatasetBase):
         return self._whole_frame()
 
     def to_dask_dataframe(
-        self, mini_batch_size: object = None
+        self, mini_batch_size: object = None, partition_keys: Any = None
     ) -> dask.dataframe.DataFrame:
-        """The data set as a Dask dataframe with one partition per mini-batch."""
+        """The data set as a Dask dataframe with one partition per
+        mini-batch, cut where a step cuts them: CSV byte ranges on record
+        boundaries, groups of Parquet row groups, or with ``partition_keys``
+        one partition per combination of their values (as
+        ``ParallelRunConfig(partition_keys=...)``)."""
         import dask.dataframe as dd
 
+        batches: list[Any] = (
+            list(self.plan(mini_batch_size))
+            if partition_keys is None
+            else _plan_partitioned(self, partition_keys, self.file_format)
+        )
         return dd.from_map(
-            _read_for_dask,
-            list(self.plan(mini_batch_size)),
-            dataset=self,
-            enforce_metadata=False,
+            _read_for_dask, batches, dataset=self, enforce_metadata=False
         )
 
     def partition_by(
@@ -812,9 +854,36 @@ def _write_partitions(
             print(f"partition_by: {n}/{groups.ngroups} {'/'.join(folder)}")
 
 
-def _read_for_dask(batch: CsvBatch | ParquetBatch, dataset: TabularDataset) -> Any:
+def _read_for_dask(batch: MiniBatch, dataset: TabularDataset) -> Any:
+    """What ``run()`` gets of ``batch``, as a partition of a Dask dataframe."""
+    if isinstance(batch, PartitionBatch):
+        frame, _ = read_partition(
+            batch,
+            dataset.storage_options,
+            dataset.pandas_kwargs,
+            dataset.partition_format,
+            True,  # tabular: read whole, nothing copied
+            "",
+        )
+        return frame
+    assert isinstance(batch, CsvBatch | ParquetBatch)
     frame = read_tabular(batch, dataset.storage_options, dataset.pandas_kwargs)
     return with_partition_columns(frame, batch.path, dataset.partition_format)
+
+
+def _plan_partitioned(
+    dataset: _DatasetBase, partition_keys: Any, file_format: str | None
+) -> list[PartitionBatch]:
+    """A step's plan of ``dataset`` with ``partition_keys``."""
+    keys = parse_partition_keys(partition_keys) or ()
+    check_partition_keys(keys, dataset)
+    return plan_partitions(dataset.partition_values(), keys, file_format)
+
+
+def _delayed_paths(paths: list[str]) -> Any:
+    import dask
+
+    return dask.delayed(paths, traverse=False)
 
 
 def plan_files(files: Sequence[str], n: int) -> Iterator[FileBatch]:

@@ -422,6 +422,10 @@ class Job:
                 starts_topic=plugin.starts_topic,
                 redact=plugin.redact,
                 isolate=self._isolating if self.isolate else None,
+                # a Dask collection's partitions are the tasks' dependencies
+                task=self.step.inputs[0].submit
+                if self.step.kind == "collection"
+                else None,
             )
         finally:
             _unregister(client, plugin.name)
@@ -568,6 +572,11 @@ class Job:
         files of file inputs, the rows of Parquet inputs (from their metadata);
         ``None`` for CSV, whose rows are known only once read."""
         step, batches = self.step, self.batches
+        if step.kind == "collection":
+            return None, (
+                f"rows or items of finished mini-batches ({len(batches)} "
+                "partitions of a Dask collection planned)"
+            )
         if step.kind == "file":
             own = step._own_output()
             n = 0
@@ -607,6 +616,13 @@ class Job:
         )
         if self.cfg.partition_keys:
             self._fill_partitions(ledger, stamps)
+            return
+        if step.kind == "collection":  # its token stands for its content
+            (collection,) = step.inputs
+            for path, size, stamp in stamps:
+                ledger.file(path, size, stamp)
+            for batch in self.batches:
+                ledger.mini_batch(collection.ledger_plan(batch.index), [])
             return
         if step.kind == "file":
             for batch in step.plan()[0]:  # a fresh plan: ``batches`` is lazy

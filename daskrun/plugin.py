@@ -41,6 +41,7 @@ from fsspec.core import url_to_fs
 
 from .aml import install_entry_script_shims
 from .datasets import (
+    CollectionBatch,
     FileBatch,
     MiniBatch,
     PartitionBatch,
@@ -868,6 +869,30 @@ def process_mini_batches(
     return results
 
 
+def process_collection_batches(
+    plugin_name: str, tries: Sequence[tuple[CollectionBatch, int]], *partitions: Any
+) -> list[TryResult]:
+    """:func:`process_mini_batches` for partitions of a Dask collection: the
+    scheduler computes each partition and hands it over as an argument."""
+    return process_mini_batches(
+        plugin_name,
+        [
+            (dataclasses.replace(batch, data=_items(partition)), try_no)
+            for (batch, try_no), partition in zip(tries, partitions, strict=True)
+        ],
+    )
+
+
+def _items(partition: Any) -> Any:
+    """A dataframe's partition as it is; a bag's (maybe a lazy iterator) as
+    a list."""
+    import pandas as pd
+
+    if isinstance(partition, (pd.DataFrame, pd.Series)):
+        return partition
+    return list(partition)
+
+
 def _process(
     plugin: EntryScriptPlugin,
     batch: MiniBatch | SubBatch,
@@ -930,6 +955,8 @@ def _read(
         frame, _, _ = _read(spec, batch.parent, cache_root)
         piece = frame.iloc[batch.start : batch.stop]
         return piece, len(piece), None
+    if isinstance(batch, CollectionBatch):  # a partition, computed by Dask
+        return batch.data, len(batch.data), None
     if isinstance(batch, PartitionBatch):
         mini_batch, cache = read_partition(
             batch,

@@ -707,6 +707,7 @@ def run_mini_batches(
     starts_topic: str | None = None,
     redact: Callable[[str], str] = str,
     isolate: Callable[[Any], None] | None = None,
+    task: Callable[[Client, str, list[tuple[Any, int]], Any], Any] | None = None,
 ) -> str | None:
     """Run every mini-batch to success or ``run_max_try`` failed tries.
 
@@ -721,7 +722,10 @@ def run_mini_batches(
     case nothing more was scheduled and in-flight tries were cancelled, or
     ``None`` when every mini-batch has an outcome. With ``starts_topic`` (the
     plugin's), a frozen worker is caught by :class:`FrozenWorkers`;
-    ``redact`` hides credentials in the errors of lost tasks.
+    ``redact`` hides credentials in the errors of lost tasks. ``task(client,
+    plugin_name, group, key)``, if given, submits a group instead of
+    :func:`~daskrun.plugin.process_mini_batches` (a Dask collection's
+    partitions are the task's dependencies).
 
     A task lost with its worker is judged by :func:`judge_lost_task`. On a
     cluster the user passed in whose scheduler retries tasks itself
@@ -759,13 +763,13 @@ def run_mini_batches(
 
     def submit(group: list[tuple[MiniBatch | SubBatch, int]]) -> None:
         first, try_no = group[0]
-        future = client.submit(
-            process_mini_batches,
-            plugin_name,
-            group,
-            key=(key_prefix, first.index, try_no, next(submitted)),
-            pure=False,
-        )
+        key = (key_prefix, first.index, try_no, next(submitted))
+        if task is not None:
+            future = task(client, plugin_name, group, key)
+        else:
+            future = client.submit(
+                process_mini_batches, plugin_name, group, key=key, pure=False
+            )
         pending[future] = group
         queue.add(future)
 

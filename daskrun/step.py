@@ -51,6 +51,7 @@ from .monitor import (
     Console,
     read_failed_items,
 )
+from .native import CollectionInput, check_same_collection, is_collection
 from .partitions import check_partition_keys, plan_partitions
 from .plugin import (
     EntryScriptPlugin,
@@ -68,7 +69,7 @@ from .workspace import Datastore, OutputData, Workspace
 
 logger = logging.getLogger("daskrun")
 
-Input = FileDataset | TabularDataset
+Input = FileDataset | TabularDataset | CollectionInput
 
 
 @dataclass
@@ -105,6 +106,7 @@ class StepRun:
     workspace: Any = field(default=None, repr=False, compare=False)
     metrics: dict[str, Any] = field(default_factory=dict, repr=False)
     tags: dict[str, Any] = field(default_factory=dict, repr=False)
+    output_format: str = "text"
 
     @classmethod
     def from_record(cls, record: RunRecord, workspace: Any = None) -> StepRun:
@@ -128,6 +130,7 @@ class StepRun:
             workspace=workspace,
             metrics=record.metrics,
             tags=record.tags,
+            output_format=(record.config or {}).get("output_format", "text"),
         )
 
     @property
@@ -172,16 +175,19 @@ class StepRun:
         retry_failed: bool = False,
         show_output: bool = False,
         replan: bool = False,
+        inputs: Sequence[Any] | None = None,
     ) -> StepRun:
         """Run again only the mini-batches without a committed result (and,
         with ``retry_failed``, those that failed; with ``replan``, those
-        whose inputs changed); see :func:`resume`."""
+        whose inputs changed); a run over a Dask collection needs it again
+        as ``inputs=[ddf]``; see :func:`resume`."""
         return resume(
             self.run_id,
             retry_failed=retry_failed,
             show_output=show_output,
             workspace=self.workspace,
             replan=replan,
+            inputs=inputs,
         )
 
     def failed_items(
@@ -196,6 +202,54 @@ class StepRun:
         their ``storage_options`` again unless they come from a datastore of
         the run's workspace."""
         return failed_items(self, storage_options)
+
+    def to_dask_dataframe(
+        self, storage_options: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Any:
+        """The published output as a lazy Dask dataframe, for the next step
+        in Dask: ``dd.read_csv`` of a CSV output, ``dd.read_parquet`` of a
+        Parquet one (``kwargs`` go to them). Text output has no columns:
+        read it with :meth:`to_bag`.
+
+        >>> run.to_dask_dataframe().groupby("label").size()  # doctest: +SKIP
+        """
+        import dask.dataframe as dd
+
+        path = self._published()
+        options = dict(storage_options or {})
+        if self.output_format == "parquet":
+            return dd.read_parquet(path, storage_options=options, **kwargs)
+        if self.output_format == "csv":
+            return dd.read_csv(path, storage_options=options, **kwargs)
+        raise ConfigError(
+            f"step run {self.run_id!r} wrote text lines ({path}), which have no "
+            "columns; read them with run.to_bag(), or write a table with "
+            "output_format='csv' or 'parquet'"
+        )
+
+    def to_bag(self, storage_options: dict[str, Any] | None = None) -> Any:
+        """The published output as a lazy Dask bag: its lines (without the
+        newline) for text output, one dict per row for CSV and Parquet.
+
+        >>> run.to_bag().filter(lambda line: "cat" in line).count()  # doctest: +SKIP
+        """
+        import dask.bag as db
+
+        if self.output_format in ("csv", "parquet"):
+            frame = self.to_dask_dataframe(storage_options)
+            return frame.to_bag(format="dict")
+        path = self._published()
+        lines = db.read_text(path, storage_options=dict(storage_options or {}))
+        return lines.map(_without_newline)
+
+    def _published(self) -> str:
+        if self.output_path is None:
+            raise ConfigError(
+                f"step run {self.run_id!r} ({self.status}) has no published "
+                "output to read; only a Completed run with "
+                "output_action='append_row' has one"
+            )
+        return self.output_path
 
     def raise_for_status(self) -> StepRun:
         """Raise :class:`~daskrun.JobFailedError` unless the run completed."""
@@ -264,7 +318,7 @@ class ParallelRunStep:
             s.name if isinstance(s, DatasetConsumptionConfig) else None
             for s in self.input_specs
         ]
-        self.mini_batch_size = mini_batch_size_for(self.kind, cfg.mini_batch_size)
+        self.mini_batch_size = _mini_batch_size(self.kind, cfg)
         if output is None and cfg.output_action == "append_row":
             raise ConfigError(
                 "output is required with output_action='append_row'; pass "
@@ -346,7 +400,7 @@ class ParallelRunStep:
         bound = copy.copy(self)
         bound.config = self.config.bind(values)
         cfg = bound.config.resolved
-        bound.mini_batch_size = mini_batch_size_for(self.kind, cfg.mini_batch_size)
+        bound.mini_batch_size = _mini_batch_size(self.kind, cfg)
         bound.inputs = [
             _concrete(spec, values, produced or {}, workspace)
             for spec in self.input_specs
@@ -395,6 +449,9 @@ class ParallelRunStep:
         folder lies inside an input folder (daskrun's parts are left out of
         every listing).
         """
+        if self.kind == "collection":  # one mini-batch per partition
+            parts = [b for ds in self.inputs for b in ds.plan()]
+            return parts, len(parts)
         own = self._own_output()
         keys = self.config.resolved.partition_keys
         if keys:
@@ -460,23 +517,37 @@ class ParallelRunStep:
         )
 
 
+def _without_newline(line: str) -> str:
+    return line.removesuffix("\n")
+
+
 def _check_input_specs(inputs: Any) -> list[Any]:
     specs = (PipelineParameter, PipelineData, DatasetConsumptionConfig)
     single = (FileDataset, TabularDataset, *specs)
+    if is_collection(inputs):
+        inputs = [inputs]
     items = [inputs] if isinstance(inputs, single) else inputs
     if isinstance(items, (str, os.PathLike)) or not isinstance(items, Sequence):
         raise ConfigError(
             f"inputs={inputs!r} is not a data set; use "
             "inputs=[Dataset.File.from_files(path)]"
         )
-    items = list(items)
+    items = [CollectionInput(i) if is_collection(i) else i for i in items]
+    if len(items) > 1 and any(isinstance(i, CollectionInput) for i in items):
+        raise ConfigError(
+            f"inputs hold a Dask collection and {len(items) - 1} more inputs; a "
+            "step reads one collection: concatenate them first (dd.concat or "
+            "db.concat)"
+        )
     if not items:
         raise ConfigError(
             "inputs=[] is empty; pass at least one data set, e.g. "
             "[Dataset.File.from_files('images/')]"
         )
     for item in items:
-        if not isinstance(_default(item), (FileDataset, TabularDataset, PipelineData)):
+        if not isinstance(
+            _default(item), (FileDataset, TabularDataset, PipelineData, CollectionInput)
+        ):
             raise ConfigError(
                 f"inputs item {item!r} is not a data set; use "
                 f"Dataset.File.from_files({item!r}) or "
@@ -507,6 +578,27 @@ def _kind_of(specs: list[Any]) -> str:
             "file data sets, or all tabular"
         )
     return kinds.pop()
+
+
+def _mini_batch_size(kind: str, cfg: Any) -> int:
+    """Files or bytes per mini-batch; a collection's partitions are its
+    mini-batches, as they are."""
+    if kind != "collection":
+        return mini_batch_size_for(kind, cfg.mini_batch_size)
+    given = (
+        f"mini_batch_size={cfg.mini_batch_size!r}"
+        if cfg.mini_batch_size is not None
+        else f"partition_keys={list(cfg.partition_keys)!r}"
+        if cfg.partition_keys
+        else None
+    )
+    if given is not None:
+        raise ConfigError(
+            f"{given} does not apply to a Dask collection input: each of its "
+            "partitions is one mini-batch; drop it, and repartition the "
+            "collection instead (ddf.repartition(partition_size='10MB'))"
+        )
+    return 1
 
 
 def _check_kinds(items: list[Input]) -> None:
@@ -623,6 +715,7 @@ def resume(
     compute_target: Any = None,
     workspace: Any = None,
     replan: bool = False,
+    inputs: Sequence[Any] | None = None,
 ) -> StepRun:
     """Resume a failed, canceled or interrupted run where it stopped.
 
@@ -634,7 +727,10 @@ def resume(
     committed mini-batches whose inputs are unchanged and runs the rest.
     Remote inputs need their ``storage_options`` again, since run records
     never hold credentials, unless they come from a datastore of the run's
-    ``workspace``. One resume of a run at a time: another one, or one of a
+    ``workspace``. A run over a Dask collection needs the collection again
+    (``inputs=[ddf]``): one whose token (``dask.base.tokenize``) differs from
+    the run's is refused (:class:`~daskrun.InputError`). One resume of a run
+    at a time: another one, or one of a
     run still in progress, is refused at once (:class:`~daskrun.ConfigError`).
 
     >>> run = daskrun.resume("score-images_20261122T010203_a1b2c3")  # doctest: +SKIP
@@ -652,6 +748,7 @@ def resume(
             compute_target=compute_target,
             workspace=workspace,
             replan=replan,
+            given=inputs,
         )
 
 
@@ -664,6 +761,7 @@ def _resume(
     compute_target: Any,
     workspace: Any,
     replan: bool,
+    given: Sequence[Any] | None = None,
 ) -> StepRun:
     run_id = record.run_id
     if workspace is None and record.workspace:
@@ -679,7 +777,7 @@ def _resume(
             f"run {run_id!r} reads remote inputs; pass their storage_options to "
             "resume(), since run records never hold credentials"
         )
-    step = _rebuild(record, storage_options, compute_target, workspace)
+    step = _rebuild(record, storage_options, compute_target, workspace, given)
     return _execute(
         step,
         console=Console(show_output),
@@ -694,9 +792,12 @@ def _rebuild(
     storage_options: dict[str, Any] | None,
     compute_target: Any,
     workspace: Any,
+    given: Sequence[Any] | None = None,
 ) -> ParallelRunStep:
     """The step a run record describes: its source (unpacked into the run
-    folder), config, inputs, output and arguments."""
+    folder), config, inputs (a Dask collection's: ``given`` again, checked),
+    output and arguments."""
+    run_id = record.run_id
     source = record.folder / "source"
     shutil.rmtree(source, ignore_errors=True)
     with zipfile.ZipFile(record.folder / SOURCE) as zf:
@@ -708,10 +809,19 @@ def _rebuild(
         source_directory=str(source), compute_target=compute_target, **config
     )
     options = storage_options or {}
-    if record.input_specs and workspace is not None:
-        inputs: list[Input] = [
-            from_spec(spec, workspace) for spec in record.input_specs
+    inputs: list[Input]
+    if record.kind == "collection":
+        if given is None or len(given) != len(record.inputs):
+            raise ConfigError(
+                f"run {run_id!r} read a Dask collection; pass it again: "
+                f"resume({run_id!r}, inputs=[ddf])"
+            )
+        inputs = [
+            check_same_collection(item, str(path), run_id)
+            for item, path in zip(given, record.inputs, strict=True)
         ]
+    elif record.input_specs and workspace is not None:
+        inputs = [from_spec(spec, workspace) for spec in record.input_specs]
     elif record.kind == "file":
         inputs = [
             FileDataset(p, storage_options=options, partition_format=f)
