@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from . import output as _output
 from .cluster import connect, dashboard_link
-from .config import ParallelRunConfig, config_get, unmet_packages
+from .config import ParallelRunConfig, config_get, config_seconds, unmet_packages
 from .dashboard import install_page, publish
 from .datasets import CsvBatch, FileBatch, TabularDataset
 from .delimited import count_csv_rows
@@ -46,6 +46,7 @@ from .monitor import (
     read_report,
 )
 from .plugin import EntryScriptPlugin, InputSpec, SideInput, TryResult, build_bundle
+from .resources import PerfLog
 from .runner import (
     Canceled,
     Counts,
@@ -150,6 +151,11 @@ class Job:
         interrupt: Interrupt | None = None,
     ):
         self.step, self.cfg = step, step.config.resolved
+        # checked before anything is planned or started
+        self.resource_interval = config_seconds("resource-interval")
+        self.progress_timeout = config_seconds("progress-timeout")
+        self.first_result_timeout = config_seconds("first-result-timeout")
+        self.perf: PerfLog | None = None
         self.run_id, self.run_dir = run_id, runs_root / run_id
         self.console, self.models = console, models
         self.interrupt = interrupt or Interrupt()
@@ -342,6 +348,7 @@ class Job:
             error = str(e)
         except Canceled as e:
             status, error = "Canceled", str(e)
+            self.console.say(f"daskrun: {e}")
             self.console.say(
                 f"daskrun: canceled; resume with: daskrun resume {self.run_id}"
             )
@@ -371,6 +378,7 @@ class Job:
         self.watch.client, self.watch.run_id = client, self.run_id
         self.console.start(self.total, self.tally.mini_batches_done)
         _check_environment(client, self.step.config.environment, self.run_id)
+        self._watch_resources(client)
         _register_watched(
             client, plugin, cfg.run_invocation_timeout, self.run_id, self.console
         )
@@ -391,9 +399,25 @@ class Job:
                 interrupt=self.interrupt,
                 starts_topic=plugin.starts_topic,
                 redact=plugin.redact,
+                progress_timeout=self.progress_timeout,
+                first_result_timeout=self.first_result_timeout,
             )
         finally:
             _unregister(client, plugin.name)
+            if self.perf is not None:
+                with contextlib.suppress(Exception):  # the cluster may be gone
+                    client.unsubscribe_topic(plugin.perf_topic)
+                self.perf.close()
+
+    def _watch_resources(self, client: Any) -> None:
+        """Write the workers' resource samples to ``logs/perf`` as they come
+        (:mod:`daskrun.resources`), from before ``init()`` on."""
+        if self.resource_interval is None:
+            return
+        self.perf = PerfLog(
+            self.logs.dir / "perf", self.console.say, describe=self._describe
+        )
+        client.subscribe_topic(self.plugin.perf_topic, self.perf.add)
 
     def _assemble(self) -> str | None:
         """The final output file from the committed parts (none without an
@@ -436,6 +460,7 @@ class Job:
                 timings=self.timings,
                 items_planned=self.items_planned,
                 items_counted=self.items_counted,
+                resources=self.perf.lines() if self.perf is not None else (),
             )
         finally:
             self.locks.close()
@@ -495,6 +520,7 @@ class Job:
             run_invocation_timeout=cfg.run_invocation_timeout,
             models=self.models,
             logging_level=cfg.logging_level,
+            resource_interval=self.resource_interval,
             secrets=[
                 secret
                 for options in (

@@ -131,7 +131,7 @@ ENGINE = {
     f"daskrun.{name}"
     for name in (
         "aml cluster config dashboard datasets delimited exceptions job jobqueue "
-        "ledger modelrefs monitor output partitions plugin runcontext runner "
+        "ledger modelrefs monitor output partitions plugin resources runcontext runner "
         "storage"
     ).split()
 }
