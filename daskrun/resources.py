@@ -100,7 +100,8 @@ class ResourceSampler:
 
     It runs on the worker's event loop (a Tornado ``PeriodicCallback``, as
     distributed's own monitor does), which stays free while ``run()`` works
-    in the task thread. ``running()`` names what the worker is running: a
+    in the task thread. A sample is also taken as it starts and as it
+    stops. ``running()`` names what the worker is running: a
     mini-batch's index, ``-1`` for ``init()``, ``None`` for nothing.
     """
 
@@ -117,6 +118,7 @@ class ResourceSampler:
         self._count = worker.monitor.count
         self._callback = PeriodicCallback(self.sample, interval * 1000)
         self._callback.start()
+        self.sample()  # every worker has a row, however short its job
 
     def sample(self) -> None:
         try:
@@ -141,7 +143,10 @@ class ResourceSampler:
             logger.debug("resource sample failed: %s", e)
 
     def stop(self) -> None:
+        """Stop sampling, after a last sample of the time since the last
+        (best effort: the client may already have stopped listening)."""
         self._callback.stop()
+        self.sample()
 
 
 @dataclass
