@@ -324,6 +324,6 @@ def _resource_plots(perf: dict[str, list[dict[str, Any]]], t0: float) -> dict[st
         else:  # a limit far above what is used would flatten the lines
             end = limit * 1.05 if 0 < limit <= 2 * top else top * 1.3
         plot.y_range = Range1d(start=0, end=end)
-        plot.legend.location = "top_left"
+        plot.legend.location = "bottom_right"
         plots[name] = plot
     return plots
