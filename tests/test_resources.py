@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import daskrun
 from daskrun import ConfigError, Dataset, ParallelRunConfig, ParallelRunStep, StepRun
 from daskrun.config import config_seconds
-from daskrun.resources import PERF_COLUMNS, summarize
+from daskrun.resources import PERF_COLUMNS, PerfLog, summarize
 
 from .helpers import (
     CHROMIUM,
@@ -115,6 +115,38 @@ def test_gpu_columns_are_empty_when_nvml_is_unavailable(tmp_path: Path) -> None:
     assert rows and all(row[c] == "" for row in rows for c in GPU_COLUMNS)
     assert not [k for k in _result(run.logs_dir) if "_gpu_" in k]
     assert "peak_rss_mib.worker-0" in _result(run.logs_dir)
+
+
+def test_gpu_samples_fill_the_gpu_columns_and_job_result(tmp_path: Path) -> None:
+    """What a worker with NVML sends (this machine may have no GPU): its
+    GPU columns and job_result.txt lines."""
+    said: list[str] = []
+    log = PerfLog(tmp_path / "perf", said.append)
+    for t, (gpu, used) in enumerate([(40.0, 3 * MIB), (60.0, 5 * MIB)]):
+        sample = {
+            "agent": "worker-0-gpu0",
+            "time": 1.7e9 + t,
+            "index": 2,
+            "limit": 0,
+            "cpu": 50.0,
+            "rss": 80 * MIB,
+            "gpu": gpu,
+            "gpu_memory": used,
+            "gpu_memory_total": 16 * MIB,
+        }
+        log.add((0.0, sample))
+    log.close()
+    rows = _perf(str(tmp_path))["worker-0-gpu0"]
+    assert [r["gpu_utilization_percent"] for r in rows] == ["40.0", "60.0"]
+    assert [r["gpu_memory_used_bytes"] for r in rows] == [str(3 * MIB), str(5 * MIB)]
+    assert {r["gpu_memory_total_bytes"] for r in rows} == {str(16 * MIB)}
+    assert log.lines() == [
+        "peak_rss_mib.worker-0-gpu0: 80.0",
+        "mean_cpu_percent.worker-0-gpu0: 50.0",
+        "mean_gpu_percent.worker-0-gpu0: 50.0",
+        "peak_gpu_memory_mib.worker-0-gpu0: 5.0",
+    ]
+    assert said == []  # no memory limit: nothing to warn about
 
 
 readings = st.lists(st.floats(0, 1e4, allow_nan=False), max_size=20)
