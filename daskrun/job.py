@@ -441,6 +441,8 @@ class Job:
         """Record how the job ended (whatever ended it) and release its locks."""
         try:
             self.console.close()
+            if self.perf is not None:  # init() failed: _run_on did not get far
+                self.perf.close()
             self.watch.tick(status, force=True)
             record.end(
                 status,
