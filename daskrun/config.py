@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import copy
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 
 import dask.config
 import yaml
+from dask.utils import parse_timedelta
 
 from .exceptions import ConfigError
 from .partitions import parse_partition_keys
@@ -91,6 +93,43 @@ def isolate_failures() -> bool:
             'dask.config.set({"daskrun.isolate-failures": False})'
         )
     return value
+
+
+def config_seconds(key: str) -> float | None:
+    """Read ``daskrun.<key>`` as seconds: a number, or a duration such as
+    ``"10 minutes"`` or ``"90s"``; ``None`` (null in YAML) turns it off.
+
+    >>> with dask.config.set({"daskrun.progress-timeout": "2 minutes"}):
+    ...     config_seconds("progress-timeout")
+    120
+    >>> with dask.config.set({"daskrun.progress-timeout": "soon"}):
+    ...     config_seconds("progress-timeout")
+    Traceback (most recent call last):
+    ...
+    daskrun.exceptions.ConfigError: daskrun.progress-timeout='soon' is not a \
+number of seconds; use e.g. dask.config.set({"daskrun.progress-timeout": 600}) \
+or "10 minutes", or None to turn it off
+    """
+    value = config_get(key)
+    if value is None:
+        return None
+    seconds: Any = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = value
+    elif isinstance(value, str):
+        try:
+            seconds = parse_timedelta(value, default="seconds")
+        except (ValueError, TypeError, KeyError):
+            pass
+    fix = (
+        f'use e.g. dask.config.set({{"daskrun.{key}": 600}}) or "10 minutes", '
+        "or None to turn it off"
+    )
+    if seconds is None or not math.isfinite(seconds):
+        raise ConfigError(f"daskrun.{key}={value!r} is not a number of seconds; {fix}")
+    if seconds <= 0:
+        raise ConfigError(f"daskrun.{key}={value!r} must be above 0 s; {fix}")
+    return seconds
 
 
 def _is_int(value: object) -> bool:

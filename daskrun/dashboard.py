@@ -5,8 +5,11 @@ scheduler event (topic ``daskrun-progress``): counts, speed, ETA, each
 worker's throughput and the latest errors. :func:`install_page` adds a small
 web application to the scheduler's own HTTP server (the one serving the
 Bokeh dashboard), so the page works on clusters daskrun started and on
-clusters it was given. The page draws Bokeh plots of progress over time and
-of throughput per worker, refreshed every two seconds; BokehJS is served
+clusters it was given. The page draws Bokeh plots of progress over time, of
+throughput per worker, and of each worker's memory, CPU and (where NVML
+measures one) GPU over time, from the workers' resource samples
+(:mod:`daskrun.resources`, events the scheduler keeps), refreshed every two
+seconds; BokehJS is served
 inline, so the page needs no network.
 
 On the local cluster daskrun starts, Dask's own Bokeh dashboard is connected
@@ -25,8 +28,12 @@ from urllib.parse import urljoin
 
 from tornado import web
 
+from .resources import perf_topic
+
 TOPIC = "daskrun-progress"
 REFRESH_MS = 2000
+# the latest samples of each worker plotted: a long job's page stays small
+PLOTTED_SAMPLES = 600
 
 
 def publish(client: Any, run_id: str, snapshot: dict[str, Any]) -> None:
@@ -117,6 +124,14 @@ def _history(scheduler: Any) -> list[dict[str, Any]]:
     return [e for e in events if e["run_id"] == latest]
 
 
+def _samples(scheduler: Any, run_id: str) -> dict[str, list[dict[str, Any]]]:
+    """The latest resource samples of a job, by worker."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for _, msg in scheduler.get_events(perf_topic(run_id)):
+        found.setdefault(str(msg.get("agent")), []).append(msg)
+    return {agent: found[agent][-PLOTTED_SAMPLES:] for agent in sorted(found)}
+
+
 class PageHandler(web.RequestHandler):
     def initialize(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -128,7 +143,9 @@ class PageHandler(web.RequestHandler):
 class PlotsHandler(PageHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "application/json")
-        self.write(json.dumps(_plots(_history(self.scheduler))))
+        history = _history(self.scheduler)
+        perf = _samples(self.scheduler, history[-1]["run_id"]) if history else {}
+        self.write(json.dumps(_plots(history, perf)))
 
 
 def _page() -> str:
@@ -147,6 +164,8 @@ body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
 <h2>daskrun: <span id="run">waiting for a job…</span></h2>
 <table id="summary"></table>
 <div class="plots"><div id="progress"></div><div id="workers"></div></div>
+<h3>Resources per worker</h3>
+<div class="plots"><div id="memory"></div><div id="cpu"></div><div id="gpu"></div></div>
 <h3>Latest errors</h3><ul id="errors"><li>none</li></ul>
 <script>
 async function refresh() {{
@@ -157,7 +176,8 @@ async function refresh() {{
   document.getElementById("run").textContent = data.run_id;
   document.getElementById("summary").innerHTML = data.summary;
   document.getElementById("errors").innerHTML = data.errors;
-  for (const name of ["progress", "workers"]) {{
+  for (const name of ["progress", "workers", "memory", "cpu", "gpu"]) {{
+    if (!data[name]) continue;
     const el = document.getElementById(name);
     el.innerHTML = "";
     await Bokeh.embed.embed_item(data[name], name);
@@ -169,7 +189,9 @@ setInterval(refresh, {REFRESH_MS});
 </script></body></html>"""
 
 
-def _plots(history: list[dict[str, Any]]) -> dict[str, Any]:
+def _plots(
+    history: list[dict[str, Any]], perf: dict[str, list[dict[str, Any]]] | None = None
+) -> dict[str, Any]:
     from bokeh.embed import json_item
     from bokeh.models import ColumnDataSource, FactorRange, Range1d
     from bokeh.plotting import figure
@@ -245,10 +267,63 @@ def _plots(history: list[dict[str, Any]]) -> dict[str, Any]:
         "".join(f"<li>{html.escape(e)}</li>" for e in last["latest_errors"])
         or "<li>none</li>"
     )
-    return {
+    plots = {
         "run_id": last["run_id"],
         "summary": summary,
         "errors": errors,
         "progress": json_item(progress),
         "workers": json_item(workers),
     }
+    for name, figure_ in _resource_plots(perf or {}, t0).items():
+        plots[name] = json_item(figure_)
+    return plots
+
+
+def _resource_plots(perf: dict[str, list[dict[str, Any]]], t0: float) -> dict[str, Any]:
+    """Line plots of each worker's RSS (its memory limit dashed), CPU %
+    and, where measured, GPU utilisation, over the job's seconds."""
+    from bokeh.models import Range1d
+    from bokeh.palettes import Category10_10
+    from bokeh.plotting import figure
+
+    if not perf:
+        return {}
+    plots = {}
+    specs = [
+        ("memory", "Memory per worker (RSS, MiB; dashed: limit)", "rss", 2**20),
+        ("cpu", "CPU per worker (%)", "cpu", 1),
+        ("gpu", "GPU utilisation per worker (%)", "gpu", 1),
+    ]
+    for name, title, field, scale in specs:
+        if not any(m.get(field) is not None for ms in perf.values() for m in ms):
+            continue  # no GPU measured
+        plot = figure(
+            title=title,
+            width=520 if name != "gpu" else 400,
+            height=280,
+            x_axis_label="seconds",
+            tools="",
+            toolbar_location=None,
+        )
+        top, limit = 1.0, 0.0
+        for i, (agent, samples) in enumerate(perf.items()):
+            color = Category10_10[i % 10]
+            kept = [m for m in samples if m.get(field) is not None]
+            t = [m["time"] - t0 for m in kept]
+            y = [m[field] / scale for m in kept]
+            plot.line(t, y, line_width=2, color=color, legend_label=agent)
+            top = max([top, *y])
+            limits = [m.get("limit") or 0 for m in kept]
+            if name == "memory" and t and limits[-1]:
+                limit = max(limit, limits[-1] / scale)
+                plot.line(
+                    t, [v / scale for v in limits], color=color, line_dash="dashed"
+                )
+        if name != "memory":
+            end = max(top * 1.1, 100.0)
+        else:  # a limit far above what is used would flatten the lines
+            end = limit * 1.05 if 0 < limit <= 2 * top else top * 1.3
+        plot.y_range = Range1d(start=0, end=end)
+        plot.legend.location = "bottom_right"
+        plots[name] = plot
+    return plots

@@ -31,6 +31,7 @@ from .cluster import connect, dashboard_link
 from .config import (
     ParallelRunConfig,
     config_get,
+    config_seconds,
     isolate_failures,
     unmet_packages,
 )
@@ -53,6 +54,7 @@ from .monitor import (
     read_report,
 )
 from .plugin import EntryScriptPlugin, InputSpec, SideInput, TryResult, build_bundle
+from .resources import PerfLog
 from .runner import (
     Canceled,
     Counts,
@@ -158,6 +160,11 @@ class Job:
         interrupt: Interrupt | None = None,
     ):
         self.step, self.cfg = step, step.config.resolved
+        # checked before anything is planned or started
+        self.resource_interval = config_seconds("resource-interval")
+        self.progress_timeout = config_seconds("progress-timeout")
+        self.first_result_timeout = config_seconds("first-result-timeout")
+        self.perf: PerfLog | None = None
         self.run_id, self.run_dir = run_id, runs_root / run_id
         self.console, self.models = console, models
         self.interrupt = interrupt or Interrupt()
@@ -372,6 +379,7 @@ class Job:
             error = str(e)
         except Canceled as e:
             status, error = "Canceled", str(e)
+            self.console.say(f"daskrun: {e}")
             self.console.say(
                 f"daskrun: canceled; resume with: daskrun resume {self.run_id}"
             )
@@ -401,6 +409,7 @@ class Job:
         self.watch.client, self.watch.run_id = client, self.run_id
         self.console.start(self.total, self.tally.mini_batches_done)
         _check_environment(client, self.step.config.environment, self.run_id)
+        self._watch_resources(client)
         _register_watched(
             client, plugin, cfg.run_invocation_timeout, self.run_id, self.console
         )
@@ -426,9 +435,25 @@ class Job:
                 task=self.step.inputs[0].submit
                 if self.step.kind == "collection"
                 else None,
+                progress_timeout=self.progress_timeout,
+                first_result_timeout=self.first_result_timeout,
             )
         finally:
             _unregister(client, plugin.name)
+            if self.perf is not None:
+                with contextlib.suppress(Exception):  # the cluster may be gone
+                    client.unsubscribe_topic(plugin.perf_topic)
+                self.perf.close()
+
+    def _watch_resources(self, client: Any) -> None:
+        """Write the workers' resource samples to ``logs/perf`` as they come
+        (:mod:`daskrun.resources`), from before ``init()`` on."""
+        if self.resource_interval is None:
+            return
+        self.perf = PerfLog(
+            self.logs.dir / "perf", self.console.say, describe=self._describe
+        )
+        client.subscribe_topic(self.plugin.perf_topic, self.perf.add)
 
     def _isolating(self, batch: Any) -> None:
         """Before mini-batch ``batch``'s items are isolated: remove its
@@ -461,6 +486,8 @@ class Job:
         """Record how the job ended (whatever ended it) and release its locks."""
         try:
             self.console.close()
+            if self.perf is not None:  # init() failed: _run_on did not get far
+                self.perf.close()
             self.watch.tick(status, force=True)
             record.end(
                 status,
@@ -480,6 +507,7 @@ class Job:
                 timings=self.timings,
                 items_planned=self.items_planned,
                 items_counted=self.items_counted,
+                resources=self.perf.lines() if self.perf is not None else (),
             )
         finally:
             self.locks.close()
@@ -539,6 +567,7 @@ class Job:
             run_invocation_timeout=cfg.run_invocation_timeout,
             models=self.models,
             logging_level=cfg.logging_level,
+            resource_interval=self.resource_interval,
             secrets=[
                 secret
                 for options in (

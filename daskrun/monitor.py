@@ -12,6 +12,9 @@
                                               client's and the local workers'
       user/entry_script_log/<agent>.txt       EntryScript().logger lines
       user/stdout/<agent>.txt                 what init() and run() printed
+      perf/<agent>.csv                        the worker's CPU, memory and GPU
+                                              over time (daskrun.resources)
+      perf/warnings.txt                       workers near their memory limit
 
 Rows of ``processed_mini-batches.csv`` are written as mini-batches finish, so
 the client never holds them all. While a step runs, distributed's messages
@@ -378,6 +381,7 @@ class JobLogs:
         timings: dict[str, float] | None = None,
         items_planned: int | None = None,
         items_counted: str = "items of finished mini-batches",
+        resources: Iterable[str] = (),
     ) -> None:
         """Write ``job_result.txt`` and, on failure, ``job_error.txt``.
 
@@ -390,7 +394,8 @@ class JobLogs:
 
         ``timings``: seconds from the call to milestones of the job
         (``cluster_ready``, ``init_done``, ``first_result``), written as
-        ``<name>_seconds``."""
+        ``<name>_seconds``. ``resources``: lines about each worker's peak
+        RSS and mean CPU (:meth:`daskrun.resources.PerfLog.lines`)."""
         self.close()
         planned = items_planned is not None
         total = max(items_planned or 0, tally.items_total)
@@ -412,6 +417,7 @@ class JobLogs:
                 f"{name}_seconds: {value:.2f}"
                 for name, value in (timings or {}).items()
             ),
+            *resources,
         ]
         if error:
             lines.append(f"error: {error}")

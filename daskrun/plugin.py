@@ -55,6 +55,7 @@ from .exceptions import ConfigError, EntryScriptError
 from .modelrefs import ModelRef, set_worker_models
 from .output import OutputTarget, format_rows, printable, write_part
 from .partitions import MiniBatchContext
+from .resources import ResourceSampler, perf_topic
 from .runcontext import Logged, WorkerRun, set_worker_run
 from .storage import hide
 
@@ -404,6 +405,11 @@ class Watchdog:
     def disarm(self) -> None:
         self._armed = None
 
+    def running(self) -> int | None:
+        """The mini-batch being run (``INIT`` for ``init()``), if any."""
+        armed = self._armed
+        return None if armed is None else armed[0]
+
     def stop(self) -> None:
         self._stopped.set()
 
@@ -425,14 +431,21 @@ class Watchdog:
                 os._exit(TIMEOUT_EXIT_CODE)
 
 
+def agent_label(name: object) -> str:
+    """``worker-<name>`` for a worker named by a number, else its name.
+
+    >>> agent_label(0), agent_label("3"), agent_label("gpu-node-a")
+    ('worker-0', 'worker-3', 'gpu-node-a')
+    """
+    numbered = isinstance(name, int) or str(name).isdigit()
+    return f"worker-{name}" if numbered else str(name)
+
+
 def agent_name(worker: Any) -> str:
     """``worker-<name>`` for a worker, as ParallelRunStep names its agents;
     ``-gpu<n>`` is added for a worker pinned to GPU ``n`` (dask-cuda sets
     ``CUDA_VISIBLE_DEVICES`` with its own GPU first)."""
-    name = worker.name
-    agent = (
-        f"worker-{name}" if isinstance(name, int) or str(name).isdigit() else str(name)
-    )
+    agent = agent_label(worker.name)
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
     return f"{agent}-gpu{gpu}" if gpu and gpu != "-1" else agent
 
@@ -566,6 +579,9 @@ class EntryScriptPlugin(WorkerPlugin):
         copies of its files by their paths there.
     experiment, parent_id : str, optional
         The pipeline run's experiment and id, for ``Run.get_context()``.
+    resource_interval : float, optional
+        Seconds between samples of the worker's CPU, memory and GPU
+        (:class:`~daskrun.resources.ResourceSampler`); ``None``: none.
     """
 
     def __init__(
@@ -587,8 +603,11 @@ class EntryScriptPlugin(WorkerPlugin):
         source_directory: str | None = None,
         experiment: str | None = None,
         parent_id: str | None = None,
+        resource_interval: float | None = None,
     ):
         self.name = name
+        self.resource_interval = resource_interval
+        self.sampler: ResourceSampler | None = None  # started in setup()
         self.experiment = experiment
         self.parent_id = parent_id
         self.source_directory = source_directory
@@ -617,6 +636,7 @@ class EntryScriptPlugin(WorkerPlugin):
         state.pop("_ready", None)
         state.pop("watchdog", None)
         state.pop("capture", None)
+        state.pop("sampler", None)
         return state
 
     @property
@@ -634,6 +654,12 @@ class EntryScriptPlugin(WorkerPlugin):
         """The topic of task starts: ``{"key", "address", "worker"}``, which
         the client's deadline for frozen workers reads."""
         return f"{self.name}-starts"
+
+    @property
+    def perf_topic(self) -> str:
+        """The topic of this run's resource samples
+        (:mod:`daskrun.resources`)."""
+        return perf_topic(self.run_id)
 
     def redact(self, text: str) -> str:
         """``text`` with this run's storage credentials replaced by ``***``."""
@@ -657,6 +683,18 @@ class EntryScriptPlugin(WorkerPlugin):
             worker, self.events_topic, self.agent, self.run_invocation_timeout
         )
         self.watchdog.arm(INIT, init_timeout(self.run_invocation_timeout))
+        # before init(): the memory a model takes to load is seen too
+        self.sampler = (
+            ResourceSampler(
+                worker,
+                self.perf_topic,
+                self.agent,
+                self.resource_interval,
+                self.watchdog.running,
+            )
+            if self.resource_interval
+            else None
+        )
         try:
             # init() may load a model for seconds: keep the event loop free
             await loop.run_in_executor(None, self._init)
@@ -730,6 +768,9 @@ class EntryScriptPlugin(WorkerPlugin):
 
     def teardown(self, worker: Any) -> None:
         self.watchdog.stop()
+        sampler = getattr(self, "sampler", None)
+        if sampler is not None:
+            sampler.stop()
         module = self.module
         self.module = None
         if module is not None and callable(getattr(module, "shutdown", None)):

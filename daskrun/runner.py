@@ -26,7 +26,7 @@ from .datasets import CsvBatch, FileBatch, MiniBatch, ParquetBatch, SubBatch
 # Canceled lives in exceptions.py; ``runner.Canceled`` stays importable
 from .exceptions import Canceled as Canceled
 from .exceptions import JobFailedError, ThresholdExceededError
-from .plugin import TryResult, init_timeout, process_mini_batches
+from .plugin import TryResult, agent_label, init_timeout, process_mini_batches
 
 logger = logging.getLogger("daskrun")
 
@@ -666,6 +666,148 @@ class FrozenWorkers:
             self.client.unsubscribe_topic(self.starts_topic)
 
 
+def _held_tasks(dask_scheduler: Any) -> dict[str, tuple[Any, list[str]]]:
+    """On the scheduler: each worker's name and the keys (as text) of the
+    tasks it is processing."""
+    return {
+        address: (ws.name, [str(ts.key) for ts in ws.processing])
+        for address, ws in dask_scheduler.workers.items()
+    }
+
+
+def stall_message(
+    seconds: float,
+    setting: str,
+    alive: int,
+    held: Mapping[str, Sequence[MiniBatch]],
+) -> str:
+    """Why a job that stopped making progress was canceled: its timeout,
+    and the workers with the mini-batches they hold.
+
+    >>> from daskrun.datasets import FileBatch
+    >>> line = stall_message(600, "progress-timeout", 2,
+    ...                      {"worker-1": [FileBatch.of(3, ["a.png"])]})
+    >>> print(line)  # doctest: +NORMALIZE_WHITESPACE
+    no mini-batch finished for 600 s (daskrun.progress-timeout=600) while 2
+    workers are alive: worker-1 holds mini-batch 3 (files a.png); those
+    workers were restarted
+    """
+    bound = f"daskrun.{setting}={seconds:g}"
+    when = (
+        f"within {seconds:g} s of init() ({bound})"
+        if setting == "first-result-timeout"
+        else f"for {seconds:g} s ({bound})"
+    )
+    line = (
+        f"no mini-batch finished {when} while {alive} "
+        f"worker{'' if alive == 1 else 's'} {'is' if alive == 1 else 'are'} alive: "
+    )
+    if not held:
+        return line + "none holds a mini-batch of this job (all wait to be run)"
+    named = []
+    for worker, batches in sorted(held.items()):
+        if len(batches) == 1:
+            named.append(
+                f"{worker} holds mini-batch {batches[0].index} "
+                f"({batches[0].describe()})"
+            )
+        else:
+            indices = ", ".join(str(b.index) for b in batches)
+            named.append(f"{worker} holds mini-batches {indices}")
+    return line + "; ".join(named) + "; those workers were restarted"
+
+
+class NoProgress:
+    """Cancels a job whose workers are alive but finish nothing.
+
+    Azure ML's ``progress_update_timeout``: once no task of the job has
+    returned for ``progress_timeout`` seconds (``first_result_timeout``
+    until the first one, counted from the start of the mini-batches, after
+    ``init()``) while mini-batches are in flight and the cluster has
+    workers, the job is stopped through ``interrupt`` as ``Canceled``, so it
+    can be resumed, with a line naming the workers and the mini-batches they
+    hold (:func:`stall_message`). A deadlock in ``run()``, or a stalled mount,
+    otherwise waits for ``run_invocation_timeout`` at best. Those workers are
+    then restarted through their Nannies, as for :class:`FrozenWorkers`: a
+    worker thread stuck in ``run()`` would keep the worker from anything
+    else, a resume of this job included. A cluster without workers is left to
+    ``cluster.connect``'s watch of lost workers.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        interrupt: Interrupt,
+        pending: dict[Any, list[tuple[MiniBatch, int]]],
+        progress_timeout: float | None,
+        first_result_timeout: float | None,
+    ):
+        self.client, self.interrupt, self.pending = client, interrupt, pending
+        self.progress_timeout = progress_timeout
+        self.first_result_timeout = first_result_timeout
+        self.last = time.monotonic()
+        self.results = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._watch, name="daskrun-no-progress", daemon=True
+        )
+        self._thread.start()
+
+    def beat(self) -> None:
+        """A task of the job returned."""
+        self.last = time.monotonic()
+        self.results += 1
+
+    def bound(self) -> tuple[float, str] | None:
+        """The timeout that applies now, and its setting's name."""
+        if self.results == 0 and self.first_result_timeout is not None:
+            return self.first_result_timeout, "first-result-timeout"
+        if self.progress_timeout is not None:
+            return self.progress_timeout, "progress-timeout"
+        return None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.25):
+            try:
+                if self.check():
+                    return
+            except Exception as e:  # the cluster may be going away
+                logger.debug("progress check failed: %s", e)
+
+    def check(self) -> bool:
+        """Cancel the job if it is stalled; whether it was."""
+        bound = self.bound()
+        now_ = time.monotonic()
+        if not self.pending:  # nothing outstanding: nothing to wait for
+            self.last = now_
+            return False
+        if bound is None or self.interrupt.reason is not None:
+            return False
+        seconds, setting = bound
+        if now_ - self.last < seconds:
+            return False
+        workers = self.client.run_on_scheduler(_held_tasks)
+        if not workers:
+            return False
+        groups = {str(f.key): g for f, g in list(self.pending.items())}
+        held: dict[str, list[MiniBatch]] = {}
+        holders = []
+        for address, (name, keys) in workers.items():
+            ours = [b for k in keys for b, _ in groups.get(k, ())]
+            if ours:
+                held[agent_label(name)] = sorted(ours, key=lambda b: b.index)
+                holders.append(address)
+        self.interrupt.trigger(
+            stall_message(seconds, setting, len(workers), held), canceled=True
+        )
+        if holders:
+            self.client.restart_workers(holders, timeout=10, raise_for_error=False)
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+
+
 class Interrupt:
     """Stops :func:`run_mini_batches` from another thread: a canceled run,
     or a cluster whose workers are gone. What is in flight is cancelled at
@@ -708,6 +850,8 @@ def run_mini_batches(
     redact: Callable[[str], str] = str,
     isolate: Callable[[Any], None] | None = None,
     task: Callable[[Client, str, list[tuple[Any, int]], Any], Any] | None = None,
+    progress_timeout: float | None = None,
+    first_result_timeout: float | None = None,
 ) -> str | None:
     """Run every mini-batch to success or ``run_max_try`` failed tries.
 
@@ -725,7 +869,9 @@ def run_mini_batches(
     ``redact`` hides credentials in the errors of lost tasks. ``task(client,
     plugin_name, group, key)``, if given, submits a group instead of
     :func:`~daskrun.plugin.process_mini_batches` (a Dask collection's
-    partitions are the task's dependencies).
+    partitions are the task's dependencies). With
+    ``progress_timeout`` or ``first_result_timeout``, a job that finishes
+    nothing for that long is canceled by :class:`NoProgress`.
 
     A task lost with its worker is judged by :func:`judge_lost_task`. On a
     cluster the user passed in whose scheduler retries tasks itself
@@ -756,6 +902,17 @@ def run_mini_batches(
         if starts_topic is None
         else FrozenWorkers(
             client, events_topic, starts_topic, cfg.run_invocation_timeout, pending
+        )
+    )
+    stall = (
+        None
+        if progress_timeout is None and first_result_timeout is None
+        else NoProgress(
+            client,
+            interrupt,
+            pending,
+            progress_timeout,
+            first_result_timeout,
         )
     )
 
@@ -798,6 +955,8 @@ def run_mini_batches(
         exceeded = check_thresholds(tally, cfg)
         for future, outcome in queue:
             interrupt.check()
+            if stall is not None:
+                stall.beat()
             group = pending.pop(future)
             if isinstance(outcome, list):
                 results: list[TryResult] = outcome
@@ -866,3 +1025,5 @@ def run_mini_batches(
     finally:
         if frozen is not None:
             frozen.close()
+        if stall is not None:
+            stall.close()

@@ -23,30 +23,15 @@ from daskrun import Dataset, ParallelRunConfig, ParallelRunStep, StepRun
 from daskrun.compute import connect, dashboard_link
 from daskrun.dashboard import install_page
 
-from .helpers import REPO, SLOW_SCRIPT, make_files, missing_service, write_script
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _chromium(*args: str) -> subprocess.CompletedProcess[str]:
-    """Headless Chromium, with no network beyond 127.0.0.1."""
-    return subprocess.run(
-        [
-            str(CHROMIUM),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            "--proxy-server=127.0.0.1:9",  # anything not local fails
-            "--proxy-bypass-list=127.0.0.1",
-            "--virtual-time-budget=6000",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+from .helpers import (
+    CHROMIUM,
+    REPO,
+    SLOW_SCRIPT,
+    chromium,
+    make_files,
+    missing_service,
+    write_script,
+)
 
 
 def _get_json(url: str) -> dict[str, object]:
@@ -84,7 +69,7 @@ def test_dashboard_page_shows_the_running_job(
             pass
         assert time.monotonic() < deadline, "no daskrun page"
         time.sleep(0.3)
-    dom = _chromium("--dump-dom", page)
+    dom = chromium("--dump-dom", page)
     assert dom.returncode == 0, dom.stderr
     assert (
         str(data["run_id"]).startswith("watched-step_") and data["run_id"] in dom.stdout
@@ -94,7 +79,7 @@ def test_dashboard_page_shows_the_running_job(
     assert 'id="progress" data-rendered="1"' in dom.stdout  # Bokeh plots drawn
     assert 'id="workers" data-rendered="1"' in dom.stdout
     shot = tmp_path / "dashboard.png"
-    taken = _chromium(f"--screenshot={shot}", "--window-size=1150,820", page)
+    taken = chromium(f"--screenshot={shot}", "--window-size=1150,820", page)
     assert taken.returncode == 0 and shot.stat().st_size > 10_000, taken.stderr
     if os.environ.get("DASKRUN_SCREENSHOT"):
         shutil.copy(shot, os.environ["DASKRUN_SCREENSHOT"])

@@ -131,8 +131,8 @@ ENGINE = {
     f"daskrun.{name}"
     for name in (
         "aml cluster config dashboard datasets delimited exceptions job jobqueue "
-        "ledger modelrefs monitor native output partitions plugin runcontext runner "
-        "storage"
+        "ledger modelrefs monitor native output partitions plugin resources "
+        "runcontext runner storage"
     ).split()
 }
 
