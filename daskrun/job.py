@@ -39,6 +39,8 @@ from .dashboard import install_page, publish
 from .datasets import CsvBatch, FileBatch, TabularDataset
 from .delimited import count_csv_rows
 from .exceptions import ConfigError, EntryScriptError, InputError, JobFailedError
+from .forecast import Forecast
+from .jobqueue import is_jobqueue_cluster
 from .ledger import PlanLedger
 from .modelrefs import ModelRef
 from .monitor import (
@@ -417,6 +419,7 @@ class Job:
         self.console.running(self.tally)
         self.logs.running(self.tally)
         self.watch.pace.threads = sum(client.nthreads().values()) or 1
+        self.watch.forecast = self._forecast(self.watch.pace.threads)
         try:
             return run_mini_batches(
                 client,
@@ -439,11 +442,23 @@ class Job:
                 first_result_timeout=self.first_result_timeout,
             )
         finally:
+            self.timings["last_result"] = time.perf_counter() - self.started
             _unregister(client, plugin.name)
             if self.perf is not None:
                 with contextlib.suppress(Exception):  # the cluster may be gone
                     client.unsubscribe_topic(plugin.perf_topic)
                 self.perf.close()
+
+    def _forecast(self, slots: int) -> Forecast:
+        """The job's forecast (:mod:`daskrun.forecast`), its pilot starting
+        now: on ``slots`` worker threads, in node-hours on a batch queue."""
+        target = self.step.config.compute_target
+        queued = is_jobqueue_cluster(target) or getattr(target, "kind", "") == "slurm"
+        forecast = Forecast(
+            self.started, slots=slots, nodes=self.cfg.node_count if queued else None
+        )
+        forecast.begin(time.perf_counter(), self.tally.mini_batches_done, self.total)
+        return forecast
 
     def _watch_resources(self, client: Any) -> None:
         """Write the workers' resource samples to ``logs/perf`` as they come
@@ -489,6 +504,7 @@ class Job:
             if self.perf is not None:  # init() failed: _run_on did not get far
                 self.perf.close()
             self.watch.tick(status, force=True)
+            seconds = time.perf_counter() - self.started
             record.end(
                 status,
                 error,
@@ -503,11 +519,14 @@ class Job:
                 tally=self.tally,
                 error=error,
                 output_path=final,
-                seconds=time.perf_counter() - self.started,
+                seconds=seconds,
                 timings=self.timings,
                 items_planned=self.items_planned,
                 items_counted=self.items_counted,
-                resources=self.perf.lines() if self.perf is not None else (),
+                resources=[
+                    *self.watch.cost_lines(seconds),
+                    *(self.perf.lines() if self.perf is not None else ()),
+                ],
             )
         finally:
             self.locks.close()
@@ -870,19 +889,39 @@ class _Watch:
         self.client: Any = None
         self.run_id = ""
         self.pace = Pace()
+        self.forecast: Forecast | None = None  # from the run phase on
         self._last = 0.0
 
     def tick(self, status: str = "Running", force: bool = False) -> None:
         now_ = time.monotonic()
         due = force or now_ - self._last >= 1.0
-        snap = self.logs.snapshot(self.tally, status, self.pace) if due else None
-        self.console.update(self.tally, pace=self.pace)
+        tally, forecast = self.tally, self.forecast
+        estimate = (
+            forecast.update(
+                time.perf_counter(),
+                tally.mini_batches_done,
+                tally.mini_batches_total,
+                self.pace.finished,
+                self.pace.busy,
+            )
+            if forecast is not None and status == "Running"
+            else None
+        )
+        snap = self.logs.snapshot(tally, status, self.pace, estimate) if due else None
+        self.console.update(tally, pace=self.pace, forecast=estimate)
         if snap is None:
             return
         self._last = now_
         self.logs.overview(snap)
         if self.client is not None:
             publish(self.client, self.run_id, snap)
+
+    def cost_lines(self, seconds: float) -> list[str]:
+        """``job_result.txt``'s forecast made as the pilot ended, and the
+        job's actual cost over ``seconds``."""
+        if self.forecast is None:  # it never reached its run phase
+            return []
+        return self.forecast.lines(seconds, self.pace.busy)
 
 
 def _user_frame(traceback: str | None, user: str) -> str | None:

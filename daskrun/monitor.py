@@ -46,6 +46,7 @@ from typing import IO, Any
 
 from .config import config_get
 from .datasets import FileBatch, MiniBatch, PartitionBatch
+from .forecast import Estimate
 from .plugin import TryResult
 from .runner import Counts, Tally
 
@@ -275,9 +276,14 @@ class JobLogs:
             f.flush()
 
     def snapshot(
-        self, tally: Tally, status: str, pace: Pace | None = None
+        self,
+        tally: Tally,
+        status: str,
+        pace: Pace | None = None,
+        forecast: Estimate | None = None,
     ) -> dict[str, Any]:
-        """The job's state, for the overview file and the dashboard page."""
+        """The job's state, for the overview file and the dashboard page;
+        ``forecast``: the job's, once its pilot is over."""
         now_ = time.monotonic()
         elapsed = now_ - self.started
         done, total = tally.mini_batches_done, tally.mini_batches_total
@@ -303,6 +309,7 @@ class JobLogs:
             "items_failed": tally.items_failed,
             "items_per_second": rate,
             "eta_seconds": eta,
+            "forecast": None if forecast is None else forecast.text(),
             "workers": {
                 name: {
                     "mini_batches": w.mini_batches,
@@ -326,6 +333,8 @@ class JobLogs:
             f"items: {snap['items_succeeded']} ok, {snap['items_failed']} failed",
             f"speed: {snap['items_per_second']:.1f} items/s",
             f"eta: {'-' if eta is None else f'{eta:.0f} s'}",
+            # absent before the pilot is over (daskrun.forecast)
+            f"forecast: {snap.get('forecast') or '- (pilot running)'}",
             "workers:",
         ]
         for name, w in snap["workers"].items():
@@ -665,6 +674,7 @@ class Console:
         self._run_at: float | None = None  # when the first mini-batch could start
         self._run_done = 0  # mini-batches done then (a resume's earlier ones)
         self._run_items = 0  # items ok then
+        self._forecast: Estimate | None = None  # the latest, after the pilot
 
     def say(self, line: str) -> None:
         if not self.show:
@@ -682,6 +692,7 @@ class Console:
         self._init, self._run_at = None, None
         self._run_done = done
         self._run_items = 0
+        self._forecast = None
         if not self.show or not (self.tty or self.notebook):
             return
         # the rate and ETA are daskrun's own (see line()), not tqdm's, whose
@@ -732,12 +743,18 @@ class Console:
             self._bar.set_description_str("")
 
     def update(
-        self, tally: Tally, at: float | None = None, pace: Pace | None = None
+        self,
+        tally: Tally,
+        at: float | None = None,
+        pace: Pace | None = None,
+        forecast: Estimate | None = None,
     ) -> None:
         """After a mini-batch finished (cheap: the display is throttled).
-        ``pace``: how long this phase's mini-batches took, for the ETA."""
+        ``pace``: how long this phase's mini-batches took, for the ETA;
+        ``forecast``: the job's, once its pilot is over."""
         if not self.show:
             return
+        self._forecast = forecast
         now = time.monotonic() if at is None else at
         if self._bar is not None:
             self._bar.update(tally.mini_batches_done - self._bar.n)
@@ -771,7 +788,9 @@ class Console:
             eta = left * elapsed / done if done and left else None
         text = f"{done / elapsed:.1f} mini-batch/s, " if mini_batches else ""
         text += f"{rate:.0f} items/s"
-        return text + ("" if eta is None else f", ETA {eta:.0f} s")
+        text += "" if eta is None else f", ETA {eta:.0f} s"
+        forecast = self._forecast
+        return text + ("" if forecast is None else f", {forecast.text()}")
 
     def line(
         self, tally: Tally, now: float | None = None, pace: Pace | None = None
@@ -821,7 +840,7 @@ class ConsoleFeed(Console):
     def __init__(self) -> None:
         super().__init__(True, io.StringIO(), tty=False)  # shows nothing itself
         self._calls: queue.Queue[tuple[str, float, Any]] = queue.Queue()
-        self._latest: tuple[float, Tally, Pace | None] | None = None
+        self._latest: tuple[float, Tally, Pace | None, Estimate | None] | None = None
         self._lock = threading.Lock()
 
     def say(self, line: str) -> None:
@@ -837,11 +856,20 @@ class ConsoleFeed(Console):
         self._calls.put(("running", time.monotonic(), copy.copy(tally)))
 
     def update(
-        self, tally: Tally, at: float | None = None, pace: Pace | None = None
+        self,
+        tally: Tally,
+        at: float | None = None,
+        pace: Pace | None = None,
+        forecast: Estimate | None = None,
     ) -> None:
         with self._lock:
             pending = self._latest is not None
-            self._latest = (time.monotonic(), copy.copy(tally), copy.copy(pace))
+            self._latest = (
+                time.monotonic(),
+                copy.copy(tally),
+                copy.copy(pace),
+                forecast,  # frozen
+            )
         if not pending:
             self._calls.put(("update", 0.0, None))
 
@@ -867,6 +895,8 @@ class ConsoleFeed(Console):
                 with self._lock:
                     latest, self._latest = self._latest, None
                 if latest is not None:
-                    console.update(latest[1], at=latest[0], pace=latest[2])
+                    console.update(
+                        latest[1], at=latest[0], pace=latest[2], forecast=latest[3]
+                    )
             else:
                 console.close()
