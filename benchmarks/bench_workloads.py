@@ -486,13 +486,38 @@ def w4_pipeline(data: Path, folder: Path, out: Path, as_list: bool) -> dict[str,
 
 def _timings(run: Any) -> dict[str, float]:
     """Seconds from the call to the cluster being up, init() done on every
-    worker and the first result in (job_result.txt)."""
-    result = Path(run.logs_dir, "job_result.txt").read_text().splitlines()
-    return {
+    worker, the first and the last result in, and the job's end (``job``);
+    the forecast of the job's seconds made at 10 % (``forecast_at_10pct``),
+    where its pilot ended (job_result.txt)."""
+    result = dict(
+        line.split(": ", 1)
+        for line in Path(run.logs_dir, "job_result.txt").read_text().splitlines()
+    )
+    found = {
         key[: -len("_seconds")]: float(value)
-        for key, value in (line.split(": ", 1) for line in result)
+        for key, value in result.items()
         if key.endswith("_seconds")
     }
+    found["job"] = float(result["seconds"])
+    if "forecast_seconds_at_10pct" in result:
+        found["forecast_at_10pct"] = float(result["forecast_seconds_at_10pct"])
+    return found
+
+
+def forecast_errors(runs: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """Each daskrun tool's median forecast error: the forecast made at 10 %
+    over the job's actual seconds, less 1 (+0.1: 10 % too long)."""
+    errors = {}
+    for tool, tried in runs.items():
+        pairs = [
+            r["timings"] for r in tried if "forecast_at_10pct" in r.get("timings", {})
+        ]
+        if pairs:
+            errors[tool] = round(
+                statistics.median(t["forecast_at_10pct"] / t["job"] - 1 for t in pairs),
+                3,
+            )
+    return errors
 
 
 def tool_daskrun_map(workload: str, data: Path, model: str, out: Path) -> None:
@@ -665,7 +690,10 @@ def main() -> None:
                 for t in tools
             },
             "output_sizes": {t: sorted(v) for t, v in sizes_out.items()},
+            "forecast_error": forecast_errors(runs),
         }
+        for tool, error in results[workload]["forecast_error"].items():
+            print(f"{workload} {tool}: forecast at 10 % off by {error:+.0%}")
     first = (
         first_result(args.repeat)
         if "daskrun" in args.tools and "w1" in args.workloads
