@@ -130,8 +130,8 @@ def test_no_import_cycle_between_daskrun_modules() -> None:
 ENGINE = {
     f"daskrun.{name}"
     for name in (
-        "aml cluster config dashboard datasets delimited exceptions job jobqueue "
-        "ledger modelrefs monitor native output partitions plugin resources "
+        "aml auto cluster config dashboard datasets delimited exceptions job jobqueue "
+        "ledger modelrefs monitor native output partitions pilot plugin resources "
         "runcontext runner storage"
     ).split()
 }
