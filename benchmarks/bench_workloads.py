@@ -37,6 +37,8 @@ for daskrun, how soon a 100-file job returns its first result. Saves
 
     python benchmarks/bench_workloads.py --quick   # W2 10k, W3 300 MB: ~5 min
     python benchmarks/bench_workloads.py           # W1 20k, W2 50k, W3 1 GB
+    python benchmarks/bench_workloads.py --quick --auto-grid --workloads w1 w3 \
+        --repeat 1 --scale 0.1     # "auto" beside a grid: auto-grid.json
     python benchmarks/bench_workloads.py --quick --workloads w3 \
         --tools dask daskrun daskrun-map --out map-partitions-w3-quick.json
 """
@@ -408,8 +410,8 @@ def tool_daskrun(
         config = ParallelRunConfig(
             source_directory=str(MNIST),
             entry_script="digit_identification.py",
-            mini_batch_size=100,
-            process_count_per_node=2,
+            mini_batch_size=_grid("MINI_BATCH_SIZE", 100),
+            process_count_per_node=_grid("PROCESSES", 2),
         )
         inputs = Dataset.File.from_files(given or str(data / pattern))
     else:
@@ -417,8 +419,10 @@ def tool_daskrun(
         script.write_text(NOOP if workload == "w1" else W3_SCRIPT)
         config = ParallelRunConfig(
             str(script),
-            process_count_per_node=2,
-            mini_batch_size=10 if workload == "w1" else "16MB",
+            process_count_per_node=_grid("PROCESSES", 2),
+            mini_batch_size=_grid(
+                "MINI_BATCH_SIZE", 10 if workload == "w1" else "16MB"
+            ),
             output_format="text" if workload == "w1" else "csv",
         )
         inputs = (
@@ -434,6 +438,15 @@ def tool_daskrun(
     assert run.status == "Completed", run.error
     os.replace(run.output_path or "", out)
     return _timings(run)
+
+
+def _grid(name: str, default: Any) -> Any:
+    """A size the ``--auto-grid`` mode sets for one run (``BENCH_<name>``):
+    a number, a byte size or ``auto``; else ``default``."""
+    value = os.environ.get(f"BENCH_{name}")
+    if value is None:
+        return default
+    return int(value) if value.isdigit() else value
 
 
 def tool_daskrun_list(workload: str, data: Path, model: str, out: Path) -> Any:
@@ -584,8 +597,15 @@ def child(tool: str, workload: str, data: str, model: str, out: str) -> None:
     print(json.dumps({**peak.stop(), **({"timings": timings} if timings else {})}))
 
 
-def run_tool(tool: str, workload: str, data: Path, model: str) -> dict[str, Any]:
-    """One run in a fresh process, timed from its start to its exit."""
+def run_tool(
+    tool: str,
+    workload: str,
+    data: Path,
+    model: str,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One run in a fresh process, timed from its start to its exit; ``env``
+    adds to its environment (``BENCH_*`` sizes, :func:`_grid`)."""
     out = CACHE / "out" / f"{workload}-{tool}.out"
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -605,6 +625,7 @@ def run_tool(tool: str, workload: str, data: Path, model: str) -> dict[str, Any]
         # this checkout's daskrun, not whichever one is installed
         env=dict(
             os.environ,
+            **(env or {}),
             PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(REPO)]),
         ),
     )
@@ -637,6 +658,63 @@ def first_result(repeat: int) -> dict[str, Any]:
     }
 
 
+GRID = {
+    "w1": ["1", "10", "100", "1000"],
+    "w2": ["1", "10", "100", "1000"],
+    "w3": ["1MB", "16MB", "64MB"],
+}
+
+
+def auto_grid(
+    workloads: list[str], sizes: dict[str, int], repeat: int
+) -> dict[str, Any]:
+    """daskrun's wall time with ``"auto"`` sizes beside a grid of hand-picked
+    ``mini_batch_size`` × ``process_count_per_node`` (1 or 2); the target
+    is auto within 10 % of the grid's best."""
+    results: dict[str, Any] = {}
+    for workload in workloads:
+        model = ""
+        if workload == "w1":
+            data = w1_data(sizes["w1"])
+        elif workload == "w2":
+            data, model_path = w2_data(sizes["w2"])
+            model = str(model_path)
+        else:
+            data = w3_data(sizes["w3"])
+        cells = [(m, p) for m in GRID[workload] for p in ("1", "2")]
+        cells += [("auto", "auto"), ("auto", "2")]
+        seconds: dict[str, list[float]] = {f"{m} x {p}": [] for m, p in cells}
+        for _ in range(repeat):
+            for m, p in cells:  # in rotation: drifts hit every cell alike
+                env = {"BENCH_MINI_BATCH_SIZE": m, "BENCH_PROCESSES": p}
+                took = run_tool("daskrun", workload, data, model, env)["seconds"]
+                seconds[f"{m} x {p}"].append(took)
+                print(f"{workload} {m} x {p}: {took:.2f} s", flush=True)
+        medians = {k: statistics.median(v) for k, v in seconds.items()}
+        grid = {k: v for k, v in medians.items() if not k.startswith("auto")}
+        best = min(grid, key=grid.__getitem__)
+        results[workload] = {
+            "size": sizes[workload],
+            "seconds": seconds,
+            "median_seconds": medians,
+            "best_of_grid": best,
+            "auto_to_best": {
+                k: round(v / grid[best], 2)
+                for k, v in medians.items()
+                if k.startswith("auto")
+            },
+        }
+        print(
+            f"{workload}: best of grid {best} {grid[best]:.2f} s; auto "
+            + ", ".join(
+                f"{k}: {medians[k]:.2f} s ({r}x)"
+                for k, r in results[workload]["auto_to_best"].items()
+            ),
+            flush=True,
+        )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -645,16 +723,50 @@ def main() -> None:
     parser.add_argument("--tools", nargs="+", default=list(TOOLS))
     parser.add_argument("--child", nargs=5)
     parser.add_argument("--out", help="results file name in benchmarks/results")
+    parser.add_argument(
+        "--auto-grid",
+        action="store_true",
+        help="daskrun with mini_batch_size/process_count_per_node 'auto' beside "
+        "a grid of hand-picked values; saves auto-grid.json",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply the workloads' sizes (e.g. 0.1 for a reduced grid)",
+    )
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
     sizes = {
-        "w1": 20_000,
-        "w2": 10_000 if args.quick else 50_000,
-        "w3": 300 if args.quick else 1000,
-        "w4": 10_000 if args.quick else 50_000,
+        name: max(1, int(n * args.scale))
+        for name, n in {
+            "w1": 20_000,
+            "w2": 10_000 if args.quick else 50_000,
+            "w3": 300 if args.quick else 1000,
+            "w4": 10_000 if args.quick else 50_000,
+        }.items()
     }
+    if args.auto_grid:
+        workloads = [w for w in args.workloads if w in GRID]
+        grid = auto_grid(workloads, sizes, args.repeat)
+        target = REPO / "benchmarks" / "results" / (args.out or "auto-grid.json")
+        target.write_text(
+            json.dumps(
+                {
+                    "cores": os.cpu_count(),
+                    "quick": args.quick,
+                    "scale": args.scale,
+                    "repeat": args.repeat,
+                    "results": grid,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        print(f"saved {target}")
+        return
     results: dict[str, Any] = {}
     for workload in args.workloads:
         model = ""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from .auto import AUTO, is_auto
 from .cluster import (
     SharedCluster,
     default_process_count,
@@ -85,7 +86,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--mini-batch-size",
         metavar="N",
-        help="files per mini-batch, or bytes for --tabular (e.g. 1MB)",
+        help="files per mini-batch, or bytes for --tabular (e.g. 1MB), or "
+        "'auto' (chosen from a pilot's measured rates)",
     )
     run.add_argument(
         "--partition-format",
@@ -110,7 +112,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="text lines (default), csv with a header, or parquet",
     )
     run.add_argument(
-        "--processes", type=int, metavar="N", help="worker processes per node"
+        "--processes",
+        type=_count_or_auto,
+        metavar="N",
+        help="worker processes per node, or 'auto' (per GPU, else per core, "
+        "as many as the memory holds)",
     )
     run.add_argument("--nodes", type=int, metavar="N")
     run.add_argument(
@@ -260,6 +266,18 @@ def _datasets(
     return Dataset.Tabular.from_delimited_files(
         list(paths), partition_format=partition_format
     )
+
+
+def _count_or_auto(value: str) -> int | str:
+    """``--processes``: a number, or ``auto``."""
+    if is_auto(value):
+        return AUTO
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a number of processes; use e.g. 2, or auto"
+        ) from None
 
 
 def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:

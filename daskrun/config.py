@@ -23,6 +23,7 @@ import dask.config
 import yaml
 from dask.utils import parse_timedelta
 
+from .auto import AUTO, is_auto
 from .exceptions import ConfigError
 from .partitions import parse_partition_keys
 
@@ -186,12 +187,13 @@ use an int like 1048576 or a string like '1MB', '512KB', '1GB'
 
 def mini_batch_size_for(kind: str, value: object) -> int:
     """Parse ``mini_batch_size`` for a ``"file"`` or ``"tabular"`` input;
-    ``None`` takes the default from ``daskrun.mini-batch-size.<kind>``.
+    ``None`` takes the default from ``daskrun.mini-batch-size.<kind>``, and
+    so does ``"auto"`` until the job chooses (:mod:`daskrun.auto`).
 
     >>> mini_batch_size_for("file", None), mini_batch_size_for("tabular", "1KB")
     (10, 1024)
     """
-    if value is None:
+    if value is None or is_auto(value):  # "auto" starts from the default
         value = config_get(f"mini-batch-size.{kind}")
     return parse_file_count(value) if kind == "file" else parse_byte_size(value)
 
@@ -704,8 +706,8 @@ class ResolvedConfig:
     error_threshold: int
     output_action: str
     node_count: int
-    process_count_per_node: int | None
-    mini_batch_size: object  # parsed later, against the kind of input
+    process_count_per_node: int | str | None  # "auto": chosen by the job
+    mini_batch_size: object  # parsed later, against the kind of input; "auto"
     logging_level: str
     run_invocation_timeout: int
     run_max_try: int
@@ -740,9 +742,13 @@ class ParallelRunConfig:
         a ``distributed.Client`` or a Dask cluster object is used as given.
     node_count, process_count_per_node : int
         Nodes and worker processes per node (default: one per core).
+        ``process_count_per_node="auto"``: one per GPU, else per core, as
+        many as the memory holds (:mod:`daskrun.auto`).
     mini_batch_size : int or str
         Files per mini-batch for file inputs (default 10); bytes per
         mini-batch for tabular inputs (``"1MB"``, ``1024``, default ``"1MB"``).
+        ``"auto"`` chooses it from a pilot's measured rates (files) or the
+        input's size and memory (tables): see :mod:`daskrun.auto`.
     run_invocation_timeout : int
         Seconds a ``run()`` call may take.
     run_max_try : int
@@ -789,7 +795,7 @@ class ParallelRunConfig:
         output_action: str | None = None,
         compute_target: Any = None,
         node_count: int | None = None,
-        process_count_per_node: int | None = None,
+        process_count_per_node: int | str | None = None,
         mini_batch_size: int | str | None = None,
         source_directory: str | None = None,
         environment: Any = None,
@@ -895,21 +901,33 @@ def _resolve(**kw: Any) -> ResolvedConfig:
         )
     node_count = _check_int("node_count", _pick(kw["node_count"], "node-count"), 1, 1)
     pcpn = _pick(kw["process_count_per_node"], "process-count-per-node")
-    if pcpn is not None:
+    if is_auto(pcpn):
+        pcpn = AUTO  # chosen by the job, before the cluster starts
+    elif pcpn is not None:
         pcpn = _check_int("process_count_per_node", pcpn, 1, 2)
 
     mbs = kw["mini_batch_size"]
-    if mbs is not None and not (
+    if is_auto(mbs):
+        mbs = AUTO  # chosen by the job (daskrun.auto)
+    elif mbs is not None and not (
         _is_int(mbs) or (isinstance(mbs, str) and _BYTE_SIZE.match(mbs.strip()))
     ):
         # checked fully once the kind of input is known; catch nonsense now
         raise ConfigError(
             f"mini_batch_size={mbs!r} is not a number of files nor a size in bytes; "
-            "use an int like 10 (files) or a string like '1MB' (tabular)"
+            "use an int like 10 (files), a string like '1MB' (tabular), or "
+            "'auto'"
         )
     if mbs is not None and _is_int(mbs) and mbs < 1:
         raise ConfigError(f"mini_batch_size={mbs!r} must be at least 1")
     partition_keys = parse_partition_keys(kw["partition_keys"])
+    if partition_keys is not None and mbs == AUTO:
+        raise ConfigError(
+            f"partition_keys={list(partition_keys)!r} and mini_batch_size='auto' "
+            "were both given; partition_keys makes one mini-batch per partition, "
+            "whatever its size, so there is no size to choose: drop "
+            "mini_batch_size='auto' (or partition_keys)"
+        )
     if partition_keys is not None and mbs is not None:
         raise ConfigError(
             f"partition_keys={list(partition_keys)!r} and mini_batch_size={mbs!r} "

@@ -17,6 +17,7 @@ receives.
 from __future__ import annotations
 
 import glob as globlib
+import math
 import os
 import posixpath
 import shutil
@@ -886,14 +887,44 @@ def _delayed_paths(paths: list[str]) -> Any:
     return dask.delayed(paths, traverse=False)
 
 
-def plan_files(files: Sequence[str], n: int) -> Iterator[FileBatch]:
-    """Mini-batch *i* holds ``files[i*n:(i+1)*n]``.
+def plan_files(files: Sequence[str], n: int, pilot: int = 0) -> Iterator[FileBatch]:
+    """Mini-batch *i* holds ``files[i*n:(i+1)*n]``; with a ``pilot``
+    (``mini_batch_size="auto"``), the first ``pilot`` mini-batches hold one
+    file each, and the rest ``n`` each from there on.
 
     >>> [b.paths for b in plan_files(["a", "b", "c"], 2)]
     [['a', 'b'], ['c']]
+    >>> [b.paths for b in plan_files(["a", "b", "c", "d", "e"], 2, pilot=2)]
+    [['a'], ['b'], ['c', 'd'], ['e']]
     """
-    for i in range(0, len(files), n):
-        yield FileBatch.of(i // n, files[i : i + n])
+    k = min(pilot, len(files))
+    for i in range(k):
+        yield FileBatch.of(i, files[i : i + 1])
+    for i in range(k, len(files), n):
+        yield FileBatch.of(k + (i - k) // n, files[i : i + n])
+
+
+def file_batch_count(n_files: int, n: int, pilot: int = 0) -> int:
+    """How many mini-batches :func:`plan_files` makes.
+
+    >>> file_batch_count(5, 2), file_batch_count(5, 2, 2), file_batch_count(1, 2, 8)
+    (3, 4, 1)
+    """
+    k = min(pilot, n_files)
+    return k + math.ceil((n_files - k) / n)
+
+
+def file_batch_at(
+    files: Sequence[str], index: int, n: int, pilot: int = 0
+) -> FileBatch:
+    """Mini-batch ``index`` of :func:`plan_files`, without planning the others.
+
+    >>> file_batch_at(["a", "b", "c", "d", "e"], 3, 2, pilot=2).paths
+    ['e']
+    """
+    k = min(pilot, len(files))
+    start = index if index < k else k + (index - k) * n
+    return FileBatch.of(index, files[start : start + (1 if index < k else n)])
 
 
 def plan_row_groups(group_bytes: Sequence[int], size: int) -> list[list[int]]:

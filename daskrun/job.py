@@ -36,7 +36,7 @@ from .config import (
     unmet_packages,
 )
 from .dashboard import install_page, publish
-from .datasets import CsvBatch, FileBatch, TabularDataset
+from .datasets import CsvBatch, TabularDataset, file_batch_at
 from .delimited import count_csv_rows
 from .exceptions import ConfigError, EntryScriptError, InputError, JobFailedError
 from .forecast import Forecast
@@ -55,6 +55,7 @@ from .monitor import (
     read_failed_spans,
     read_report,
 )
+from .pilot import AutoSizes
 from .plugin import EntryScriptPlugin, InputSpec, SideInput, TryResult, build_bundle
 from .resources import PerfLog
 from .runner import (
@@ -86,8 +87,11 @@ class Record(Protocol):
 
     run_id: str
     inputs_digest: str | None
+    auto: dict[str, Any]
 
     def start(self) -> None: ...
+
+    def save(self) -> None: ...
 
     def end(
         self,
@@ -108,8 +112,11 @@ class BoundStep(Protocol):
     def name(self) -> str: ...
     @property
     def kind(self) -> str: ...  # "file" or "tabular"
-    @property
-    def mini_batch_size(self) -> int: ...
+
+    mini_batch_size: int  # "auto": set by the job before it plans
+    pilot: int  # mini_batch_size="auto": one-file mini-batches first
+    auto_recorded: dict[str, Any]  # a resumed run's AutoChoice
+
     @property
     def inputs(self) -> Sequence[Any]: ...  # FileDataset or TabularDataset
     @property
@@ -172,6 +179,9 @@ class Job:
         self.interrupt = interrupt or Interrupt()
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
+        # "auto" sizes: set on the step before it plans (daskrun.auto)
+        self.auto = AutoSizes(step, self.cfg)
+        self._after_pilot = 0  # the pilot's mini-batches, once they have run
         self.batches, self.total = step.plan()
         self.bundle = build_bundle(
             self.cfg.entry_script, self.cfg.source_directory, exclude=self._not_source()
@@ -248,6 +258,9 @@ class Job:
         finished mini-batches when ``resuming``."""
         self._ledger.commit()
         record.inputs_digest = self._ledger.digest
+        self.record = record  # kept current when a pilot chooses the size
+        if self.auto.choice is not None:
+            record.auto = self.auto.choice.as_dict()
         self.tally = Tally(
             mini_batches_total=self.total, count_items=self._item_counter()
         )
@@ -311,10 +324,13 @@ class Job:
                     self.succeeded[index] = 1
         return kept
 
-    def pending(self) -> Iterator[Any]:
-        """The mini-batches to run, lazily; a committed one the report
+    def pending(self, batches: Iterable[Any] | None = None) -> Iterator[Any]:
+        """The mini-batches to run of ``batches`` (the plan's, else the
+        mini-batches after a pilot's), lazily; a committed one the report
         missed is counted and reported as it goes by."""
-        for batch in self.batches:
+        if batches is None:
+            batches = itertools.islice(self.batches, self._after_pilot, None)
+        for batch in batches:
             state = self.state[batch.index]
             if state == Resumed.TO_RUN:
                 unfinished = self.unfinished.get(batch.index)
@@ -331,6 +347,7 @@ class Job:
         """One mini-batch's final result: logs, progress, a line if it failed."""
         self.interrupt.check()
         self.timings.setdefault("first_result", time.perf_counter() - self.started)
+        self.auto.observe(result)
         self.succeeded[result.index] = result.ok
         self.watch.pace.add(result.seconds)
         self.logs.mini_batch(result, tries, counts)
@@ -361,7 +378,7 @@ class Job:
                 connect(
                     self.step.config.compute_target,
                     self.cfg.node_count,
-                    self.cfg.process_count_per_node,
+                    self.auto.processes,
                     on_lost=lambda reason: self.interrupt.trigger(
                         reason.replace("RUN_ID", self.run_id)
                     ),
@@ -420,27 +437,17 @@ class Job:
         self.logs.running(self.tally)
         self.watch.pace.threads = sum(client.nthreads().values()) or 1
         self.watch.forecast = self._forecast(self.watch.pace.threads)
+        if self.auto.choice is not None and not self.auto.pilot_pending:
+            say(self.auto.choice.line())
         try:
-            return run_mini_batches(
-                client,
-                plugin.events_topic,
-                plugin.name,
-                self.pending(),
-                self.tally,
-                cfg,
-                key_prefix=f"{self.step.name}-{self.run_id[-6:]}",
-                on_done=self.on_done,
-                interrupt=self.interrupt,
-                starts_topic=plugin.starts_topic,
-                redact=plugin.redact,
-                isolate=self._isolating if self.isolate else None,
-                # a Dask collection's partitions are the tasks' dependencies
-                task=self.step.inputs[0].submit
-                if self.step.kind == "collection"
-                else None,
-                progress_timeout=self.progress_timeout,
-                first_result_timeout=self.first_result_timeout,
-            )
+            if self.auto.pilot_pending:
+                self.auto.before_pilot(client)
+                pilot = itertools.islice(self.batches, self.step.pilot)
+                exceeded = self._run_batches(client, self.pending(pilot))
+                if exceeded:
+                    return exceeded
+                self._plan_rest(client)
+            return self._run_batches(client, self.pending())
         finally:
             self.timings["last_result"] = time.perf_counter() - self.started
             _unregister(client, plugin.name)
@@ -459,6 +466,63 @@ class Job:
         )
         forecast.begin(time.perf_counter(), self.tally.mini_batches_done, self.total)
         return forecast
+
+    def _run_batches(self, client: Any, batches: Iterator[Any]) -> Any:
+        """:func:`run_mini_batches` over ``batches`` of the plan."""
+        cfg, plugin = self.cfg, self.plugin
+        return run_mini_batches(
+            client,
+            plugin.events_topic,
+            plugin.name,
+            batches,
+            self.tally,
+            cfg,
+            key_prefix=f"{self.step.name}-{self.run_id[-6:]}",
+            on_done=self.on_done,
+            interrupt=self.interrupt,
+            starts_topic=plugin.starts_topic,
+            redact=plugin.redact,
+            isolate=self._isolating if self.isolate else None,
+            # a Dask collection's partitions are the tasks' dependencies
+            task=self.step.inputs[0].submit if self.step.kind == "collection" else None,
+            progress_timeout=self.progress_timeout,
+            first_result_timeout=self.first_result_timeout,
+        )
+
+    def _plan_rest(self, client: Any) -> None:
+        """After the pilot: choose the size of the rest from its measurements,
+        plan the rest (indices go on after the pilot's), record the new plan
+        in the ledger, then the choice in the run record.
+
+        Only the pilot's mini-batches have run, and they are the first of
+        the plan at any size. A client that dies before the record is saved
+        leaves the run's digest and choice as they were: its resume plans
+        the pilot and the default size again, and chooses once more.
+        """
+        pilot = min(self.step.pilot, self.total)
+        init = self.timings.get("init_done", 0.0) - self.timings.get(
+            "cluster_ready", 0.0
+        )
+        items_left = max(0, (self.items_planned or 0) - pilot)
+        choice = self.auto.choose(client, self.step, init, items_left)
+        ledger = PlanLedger(self.run_dir)
+        try:
+            self._fill_ledger(ledger)
+        except BaseException:
+            ledger.discard()
+            raise
+        ledger.commit()
+        self.batches, total = self.step.plan()
+        self.succeeded = self.succeeded[:pilot] + bytearray(total - pilot)
+        self.state = self.state[:pilot] + bytearray(total - pilot)
+        self.total = self.tally.mini_batches_total = total
+        self.tally.all_scheduled = False
+        self._after_pilot = pilot
+        self.record.inputs_digest = ledger.digest
+        self.record.auto = choice.as_dict()
+        self.record.save()
+        self.console.say(choice.line())
+        self.watch.restart_forecast(self._forecast(self.watch.pace.threads))
 
     def _watch_resources(self, client: Any) -> None:
         """Write the workers' resource samples to ``logs/perf`` as they come
@@ -526,6 +590,7 @@ class Job:
                 resources=[
                     *self.watch.cost_lines(seconds),
                     *(self.perf.lines() if self.perf is not None else ()),
+                    *self.auto.lines(),
                 ],
             )
         finally:
@@ -646,8 +711,7 @@ class Job:
             batch = batches[index]
         else:  # file inputs, planned lazily: their lists are kept
             files = [f for ds in step.inputs for f in ds.files()]
-            n = step.mini_batch_size
-            batch = FileBatch.of(index, files[index * n : (index + 1) * n])
+            batch = file_batch_at(files, index, step.mini_batch_size, step.pilot)
         return f"mini-batch {index} ({batch.describe()})"
 
     def _fill_ledger(self, ledger: PlanLedger) -> None:
@@ -890,7 +954,13 @@ class _Watch:
         self.run_id = ""
         self.pace = Pace()
         self.forecast: Forecast | None = None  # from the run phase on
+        self._since = (0, 0.0)  # the pace when the forecast's pilot began
         self._last = 0.0
+
+    def restart_forecast(self, forecast: Forecast) -> None:
+        """Forecast afresh from here (the mini-batches' size changed: an
+        auto pilot ended), from a pilot of what is left."""
+        self.forecast, self._since = forecast, (self.pace.finished, self.pace.busy)
 
     def tick(self, status: str = "Running", force: bool = False) -> None:
         now_ = time.monotonic()
@@ -901,8 +971,8 @@ class _Watch:
                 time.perf_counter(),
                 tally.mini_batches_done,
                 tally.mini_batches_total,
-                self.pace.finished,
-                self.pace.busy,
+                self.pace.finished - self._since[0],
+                self.pace.busy - self._since[1],
             )
             if forecast is not None and status == "Running"
             else None

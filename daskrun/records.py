@@ -113,6 +113,8 @@ class RunRecord:
     parent_logged: dict[str, dict[str, Any]] = field(default_factory=dict)
     # the planned mini-batches and their inputs (see PlanLedger)
     inputs_digest: str | None = None
+    # what mini_batch_size / process_count_per_node="auto" chose (AutoChoice)
+    auto: dict[str, Any] = field(default_factory=dict)
     reused_from: str | None = None
     # what a step needs to be resumed
     kind: str = "file"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -40,6 +39,7 @@ from .datasets import (
     FileDataset,
     PipelineData,
     TabularDataset,
+    file_batch_count,
     plan_files,
     read_tabular,
 )
@@ -319,6 +319,10 @@ class ParallelRunStep:
             for s in self.input_specs
         ]
         self.mini_batch_size = _mini_batch_size(self.kind, cfg)
+        # mini_batch_size="auto": one-file mini-batches first (set by the job,
+        # daskrun.auto), and the choice a resumed run recorded
+        self.pilot = 0
+        self.auto_recorded: dict[str, Any] = {}
         if output is None and cfg.output_action == "append_row":
             raise ConfigError(
                 "output is required with output_action='append_row'; pass "
@@ -474,8 +478,8 @@ class ParallelRunStep:
             )
             if own is not None and own in files:
                 files = [f for f in files if f != own]
-            count = math.ceil(len(files) / self.mini_batch_size)
-            return plan_files(files, self.mini_batch_size), count
+            n, pilot = self.mini_batch_size, self.pilot
+            return plan_files(files, n, pilot), file_batch_count(len(files), n, pilot)
         batches: list[Any] = []
         for ds in self.inputs:
             assert isinstance(ds, TabularDataset)
@@ -852,6 +856,7 @@ def _rebuild(
     step.workspace = workspace
     step.outputs = record.outputs
     step.input_names = list(record.input_names) or step.input_names
+    step.auto_recorded = dict(record.auto)
     return step
 
 

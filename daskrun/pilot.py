@@ -1,0 +1,136 @@
+"""The job's side of ``"auto"`` sizes (:mod:`daskrun.auto`): what is chosen
+before planning, the pilot's measurements, and the choice of the rest.
+
+:class:`AutoSizes` sets the step's ``pilot`` and ``mini_batch_size`` before
+the job plans, and resolves ``process_count_per_node="auto"`` before the
+cluster starts. A resumed run's recorded choice (``step.auto_recorded``) is
+taken as it is, so the resume plans what the run planned.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from typing import Any
+
+import psutil
+from dask.utils import parse_bytes
+
+from .auto import (
+    AUTO,
+    AutoChoice,
+    choose_mini_batch_size,
+    choose_process_count,
+    choose_table_size,
+    worker_memory,
+)
+from .cluster import default_process_count, gpu_count
+from .config import config_get, mini_batch_size_for
+from .plugin import TryResult
+
+
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+class AutoSizes:
+    """The ``"auto"`` choices of one job (none where nothing is ``"auto"``)."""
+
+    def __init__(self, step: Any, cfg: Any):
+        recorded = AutoChoice.from_dict(getattr(step, "auto_recorded", {}) or {})
+        self.choice: AutoChoice | None = None
+        self.pilot_pending = False
+        self.processes: int | None = cfg.process_count_per_node
+        self._seconds: list[float] = []
+        self._rss0: dict[str, int] = {}
+        if cfg.process_count_per_node == AUTO:
+            self.processes = recorded.process_count_per_node or choose_process_count(
+                _cores(),
+                gpu_count(),
+                psutil.virtual_memory().total,
+                parse_bytes(str(config_get("auto.process-memory"))),
+            )
+            self.choice = AutoChoice(process_count_per_node=self.processes)
+        if cfg.mini_batch_size != AUTO:
+            return
+        base = self.choice or AutoChoice()
+        if step.kind == "tabular":
+            size = recorded.mini_batch_size or self._table_size(step, cfg)
+            step.mini_batch_size = size
+            self.choice = AutoChoice(
+                mini_batch_size=size,
+                process_count_per_node=base.process_count_per_node,
+                basis=f"{size >> 20} MiB: the input's bytes over 4 per process, "
+                "within 1-64 MiB and 1/16 of a process's memory; no pilot",
+            )
+        elif recorded.mini_batch_size:  # the pilot ran: plan as the run did
+            step.pilot = recorded.pilot_mini_batches
+            step.mini_batch_size = recorded.mini_batch_size
+            self.choice = recorded
+        else:
+            step.pilot = int(config_get("auto.pilot-mini-batches"))
+            step.mini_batch_size = mini_batch_size_for("file", None)
+            self.pilot_pending = step.pilot > 0
+            self.choice = base
+
+    def _table_size(self, step: Any, cfg: Any) -> int:
+        total = sum(size for ds in step.inputs for _, size, _ in ds.stamps())
+        processes = cfg.node_count * (self.processes or default_process_count())
+        memory = psutil.virtual_memory().total / max(1, self.processes or 1)
+        return choose_table_size(total, processes=processes, memory_limit=memory)
+
+    def lines(self) -> list[str]:
+        """``job_result.txt``'s line about the choice, if any."""
+        if self.choice is None:
+            return []
+        return [self.choice.line().removeprefix("daskrun: ")]
+
+    def before_pilot(self, client: Any) -> None:
+        """Each worker's RSS after ``init()``, to measure the pilot's growth."""
+        if self.pilot_pending:
+            self._rss0 = {w: rss for w, (rss, _) in client.run(worker_memory).items()}
+
+    def observe(self, result: TryResult) -> None:
+        """A pilot mini-batch's outcome: its seconds per item."""
+        if self.pilot_pending and result.ok and result.items_in:
+            self._seconds.append(result.seconds / result.items_in)
+
+    def choose(
+        self, client: Any, step: Any, init_seconds: float | None, items_left: int
+    ) -> AutoChoice:
+        """The size of the rest of the plan, from the pilot's measurements;
+        sets ``step.mini_batch_size``."""
+        after = client.run(worker_memory)
+        workers = sum(client.nthreads().values()) or 1
+        growth = max(
+            (rss - self._rss0.get(w, rss) for w, (rss, _) in after.items()),
+            default=0,
+        )
+        per_worker = max(1.0, step.pilot / max(1, len(after)))
+        free = [limit - rss for rss, limit in after.values() if limit]
+        item_seconds = statistics.median(self._seconds) if self._seconds else None
+        size = step.mini_batch_size  # no measurement: the default stays
+        if item_seconds is not None:
+            size = choose_mini_batch_size(
+                item_seconds,
+                items_left=items_left,
+                workers=workers,
+                target_seconds=float(config_get("auto.target-seconds")),
+                largest=int(config_get("auto.max-files")),
+                item_bytes=max(0, growth) / per_worker,
+                memory_free=min(free) if free else None,
+            )
+        step.mini_batch_size = size
+        self.pilot_pending = False
+        self.choice = AutoChoice(
+            mini_batch_size=size,
+            pilot_mini_batches=step.pilot,
+            process_count_per_node=(self.choice or AutoChoice()).process_count_per_node,
+            item_seconds=item_seconds,
+            init_seconds=init_seconds,
+            process_memory=max((rss for rss, _ in after.values()), default=None),
+            basis="" if item_seconds is not None else "no pilot result: the default",
+        )
+        return self.choice
