@@ -67,6 +67,9 @@ def choose_mini_batch_size(
     >>> choose_mini_batch_size(0.01, items_left=10_000, workers=2,
     ...                        item_bytes=10e6, memory_free=200e6)
     10
+    >>> choose_mini_batch_size(1e-300, items_left=10**9, workers=1,
+    ...                        item_bytes=5e-324, memory_free=1.0)
+    1000
     """
     by_time = largest if item_seconds <= 0 else target_seconds / item_seconds
     by_balance = math.ceil(max(items_left, 1) / (2 * max(workers, 1)))
@@ -75,7 +78,9 @@ def choose_mini_batch_size(
         if item_bytes > 0 and memory_free is not None
         else largest
     )
-    return max(1, min(largest, by_balance, int(by_time), int(by_memory)))
+    # the float bounds may be huge (items of a few bytes, or near-instant
+    # ones): bounded by ``largest`` before they become ints
+    return max(1, int(min(largest, by_balance, by_time, by_memory)))
 
 
 def choose_table_size(
