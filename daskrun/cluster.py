@@ -346,7 +346,7 @@ class _WarmClusters:
     def lease(
         self, n: int, log_file: str | os.PathLike[str] | None
     ) -> Iterator[Client]:
-        key = (n, repr(config_get("local-cluster")), gpu_count())
+        key = (n, repr(config_get("local-cluster")))
         with self._lock:
             found = [entry for entry in self._idle if entry[0] == key]
             stale = [entry for entry in self._idle if entry[0] != key]

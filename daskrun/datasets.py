@@ -857,19 +857,33 @@ def _write_partitions(
 
 def _read_for_dask(batch: MiniBatch, dataset: TabularDataset) -> Any:
     """What ``run()`` gets of ``batch``, as a partition of a Dask dataframe."""
+    return read_rows(
+        batch, dataset.storage_options, dataset.pandas_kwargs, dataset.partition_format
+    )
+
+
+def read_rows(
+    batch: Any,
+    storage_options: StorageOptions,
+    pandas_kwargs: Mapping[str, Any],
+    partition_format: str | None,
+) -> pd.DataFrame:
+    """A tabular mini-batch's rows as ``run()`` gets them: a partition's
+    files read whole, or a CSV byte range or Parquet row groups, with a
+    column per partition key."""
     if isinstance(batch, PartitionBatch):
         frame, _ = read_partition(
             batch,
-            dataset.storage_options,
-            dataset.pandas_kwargs,
-            dataset.partition_format,
+            storage_options,
+            pandas_kwargs,
+            partition_format,
             True,  # tabular: read whole, nothing copied
             "",
         )
         return frame
     assert isinstance(batch, CsvBatch | ParquetBatch)
-    frame = read_tabular(batch, dataset.storage_options, dataset.pandas_kwargs)
-    return with_partition_columns(frame, batch.path, dataset.partition_format)
+    frame = read_tabular(batch, storage_options, pandas_kwargs)
+    return with_partition_columns(frame, batch.path, partition_format)
 
 
 def _plan_partitioned(

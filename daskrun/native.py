@@ -20,13 +20,14 @@ A Dask user who holds a dataframe (``dd.read_parquet``) or a bag
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from distributed import get_client, get_worker
+from distributed import get_client
 
 from .config import ParallelRunConfig, ResolvedConfig
 from .datasets import CollectionBatch
@@ -39,7 +40,10 @@ from .plugin import (
     _failure,
     build_bundle,
     process_collection_batches,
+    ready_plugin,
 )
+
+logger = logging.getLogger("daskrun")
 
 # the sample map_partitions runs run() on to infer its result's type
 SAMPLE_ROWS = 2
@@ -258,9 +262,6 @@ def _plugin_names(dask_scheduler: Any) -> list[str]:
 
 def _report(client: Any, topic: str, threshold: int) -> None:
     """A warning on the client for each partition dropped."""
-    import logging
-
-    logger = logging.getLogger("daskrun")
 
     def on_event(event: tuple[float, dict[str, Any]]) -> None:
         msg = event[1]
@@ -292,24 +293,11 @@ def _infer_meta(client: Any, part: Any, kind: str, plugin_name: str) -> Any:
     return sample
 
 
-def _plugin(plugin_name: str) -> EntryScriptPlugin:
-    worker = get_worker()
-    plugin: EntryScriptPlugin = worker.plugins[plugin_name]  # type: ignore[assignment]
-    plugin.wait_ready()
-    if plugin.module is None:
-        error = plugin.init_error
-        raise EntryScriptError(
-            plugin.contract_error
-            or f"init() failed on {plugin.agent}: {error.error if error else 'not run'}"
-        )
-    return plugin
-
-
 def _sample(part: Any, plugin_name: str) -> Any:
     import pandas as pd
 
     head = _partition(part)[:SAMPLE_ROWS]
-    result = _call(_plugin(plugin_name), head, 0)
+    result = _call(ready_plugin(plugin_name), head, 0)
     if not result.ok:
         return RuntimeError(result.error)
     if isinstance(result.value, pd.Series):
@@ -358,7 +346,7 @@ def _run_partition(
     """The task of one output partition: ``run()`` up to ``max_try`` times;
     a partition that fails is reported and dropped, unless that takes the
     failed items beyond ``threshold``."""
-    plugin = _plugin(plugin_name)
+    plugin = ready_plugin(plugin_name)
     part = _partition(part)
     for _ in range(max_try):
         called = _call(plugin, part, index)

@@ -48,8 +48,7 @@ from .datasets import (
     SubBatch,
     localize_files,
     read_partition,
-    read_tabular,
-    with_partition_columns,
+    read_rows,
 )
 from .exceptions import ConfigError, EntryScriptError
 from .modelrefs import ModelRef, set_worker_models
@@ -870,6 +869,21 @@ def _failure(
     )
 
 
+def ready_plugin(plugin_name: str) -> EntryScriptPlugin:
+    """This worker's entry-script plugin ``plugin_name`` once its ``init()``
+    has run; a script whose ``init()`` failed (or whose ``run()`` cannot take
+    a mini-batch) raises :class:`~daskrun.EntryScriptError` saying why."""
+    plugin: EntryScriptPlugin = get_worker().plugins[plugin_name]  # type: ignore[assignment]
+    plugin.wait_ready()
+    if plugin.module is None:
+        error = plugin.init_error
+        raise EntryScriptError(
+            plugin.contract_error
+            or f"init() failed on {plugin.agent}: {error.error if error else 'not run'}"
+        )
+    return plugin
+
+
 def process_mini_batches(
     plugin_name: str, tries: Sequence[tuple[MiniBatch | SubBatch, int]]
 ) -> list[TryResult]:
@@ -881,14 +895,7 @@ def process_mini_batches(
     part and its own :class:`TryResult`.
     """
     worker = get_worker()
-    plugin: EntryScriptPlugin = worker.plugins[plugin_name]  # type: ignore[assignment]
-    plugin.wait_ready()
-    if plugin.module is None:
-        error = plugin.init_error
-        raise EntryScriptError(
-            plugin.contract_error
-            or f"init() failed on {plugin.agent}: {error.error if error else 'not run'}"
-        )
+    plugin = ready_plugin(plugin_name)
     cache_root = os.path.join(worker.local_directory, "daskrun-cache")
     # the client's deadline for a frozen worker starts here
     worker.log_event(
@@ -1014,10 +1021,8 @@ def _read(
             return batch.paths, None, None
         paths, cache = localize_files(batch.paths, spec.storage_options, cache_root)
         return paths, None, cache
-    frame = with_partition_columns(
-        read_tabular(batch, spec.storage_options, spec.pandas_kwargs),
-        batch.path,
-        spec.partition_format,
+    frame = read_rows(
+        batch, spec.storage_options, spec.pandas_kwargs, spec.partition_format
     )
     return frame, len(frame), None
 

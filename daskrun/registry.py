@@ -63,17 +63,6 @@ class Registry:
     :class:`~daskrun.Workspace` adds the registered data sets, models and
     compute targets, which build on this (their modules import this one,
     never the other way round). Open a workspace as ``Workspace(path)``.
-
-    Parameters
-    ----------
-    path : str or Path
-        An existing workspace folder (see :meth:`create`).
-
-    Examples
-    --------
-    >>> ws = Workspace.create(tempfile.mkdtemp())  # doctest: +SKIP
-    >>> ws.get_default_datastore().name  # doctest: +SKIP
-    'workspacestore'
     """
 
     def __init__(self, path: str | os.PathLike[str]):
