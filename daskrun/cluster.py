@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 import dask.config
 import psutil
@@ -234,6 +234,60 @@ def connect(
             "a scheduler address like 'tcp://127.0.0.1:8786', a distributed.Client, "
             "a Dask cluster object or a registered ComputeTarget"
         )
+
+
+class EarlyStart(Generic[_T]):
+    """A context manager entered in a thread of its own from now on, so that
+    what it starts (a local cluster: worker processes importing distributed)
+    comes up while this thread goes on (a job plans its mini-batches).
+
+    :meth:`use` waits for it and yields what it gave, or raises what it
+    raised, where the caller would have entered it, then exits it as a
+    ``with`` would; :meth:`close` ends one never used. Either waits for the
+    start to finish first, so nothing it started is left behind.
+    """
+
+    def __init__(self, manager: contextlib.AbstractContextManager[_T]):
+        self._manager = manager
+        self._value: _T | None = None
+        self._error: BaseException | None = None
+        self._entered = False
+        self._thread = threading.Thread(
+            target=self._enter, name="daskrun-early-start", daemon=True
+        )
+        self._thread.start()
+
+    def _enter(self) -> None:
+        try:
+            self._value = self._manager.__enter__()
+            self._entered = True
+        except BaseException as e:  # raised in use()
+            self._error = e
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[_T]:
+        try:
+            self._thread.join()
+        except BaseException:  # a KeyboardInterrupt while it starts
+            self.close()
+            raise
+        if self._error is not None:
+            raise self._error
+        self._entered = False  # exited below, whatever happens
+        try:
+            yield self._value  # type: ignore[misc]  # set: no error
+        except BaseException:
+            if not self._manager.__exit__(*sys.exc_info()):
+                raise
+        else:
+            self._manager.__exit__(None, None, None)
+
+    def close(self) -> None:
+        """End what was started, unless :meth:`use` has it."""
+        self._thread.join()
+        if self._entered:
+            self._entered = False
+            self._manager.__exit__(None, None, None)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import output as _output
-from .cluster import connect, dashboard_link
+from .cluster import EarlyStart, connect, dashboard_link
 from .config import (
     ParallelRunConfig,
     config_get,
@@ -205,6 +205,7 @@ class Job:
         self._ledger: PlanLedger
         # 1 for each mini-batch whose plan and input files are as the run had
         self._unchanged: bytearray | None = None
+        self._early: EarlyStart[Any] | None = None  # see plan()
 
     @contextlib.contextmanager
     def opening(self) -> Iterator[None]:
@@ -230,6 +231,11 @@ class Job:
         """
         if self.target is not None and (lock := _prepare_output(self.target)):
             self.locks.callback(lock.release)
+        if self.step.config.compute_target is None:
+            # daskrun's own cluster starts while the inputs are planned (its
+            # workers importing distributed take most of a short job's start)
+            self._early = EarlyStart(self._connection())
+            self.locks.callback(self._early.close)
         ledger = self._ledger = PlanLedger(self.run_dir)
         try:
             self._fill_ledger(ledger)
@@ -373,19 +379,8 @@ class Job:
         record.start()
         try:
             with (
-                # distributed's own lines go to the log folder, not the terminal
-                distributed_log(self.logs.dir / DISTRIBUTED_LOG),
-                connect(
-                    self.step.config.compute_target,
-                    self.cfg.node_count,
-                    self.auto.processes,
-                    on_lost=lambda reason: self.interrupt.trigger(
-                        reason.replace("RUN_ID", self.run_id)
-                    ),
-                    security=self.step.config.security,
-                    log_file=self.logs.dir / DISTRIBUTED_LOG,
-                ) as client,
-            ):
+                self._connection() if self._early is None else self._early.use()
+            ) as client:
                 exceeded = self._run_on(client)
             if exceeded:
                 error = str(
@@ -413,6 +408,27 @@ class Job:
             self._finish(record, status, error, final)
         self._summary(status, error)
         return status
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """A client of the job's cluster (:func:`~daskrun.cluster.connect`);
+        meanwhile distributed's own lines go to the log folder, not the
+        terminal."""
+        log_file = self.run_dir / "logs" / DISTRIBUTED_LOG
+        with (
+            distributed_log(log_file),
+            connect(
+                self.step.config.compute_target,
+                self.cfg.node_count,
+                self.auto.processes,
+                on_lost=lambda reason: self.interrupt.trigger(
+                    reason.replace("RUN_ID", self.run_id)
+                ),
+                security=self.step.config.security,
+                log_file=log_file,
+            ) as client,
+        ):
+            yield client
 
     def _run_on(self, client: Any) -> Any:
         """``init()`` on every worker, then the mini-batches; what exceeded

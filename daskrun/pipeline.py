@@ -322,14 +322,18 @@ class PipelineRun:
         try:
             while True:
                 self._feed.replay(console)
-                status = self.get_status()
-                if status in TERMINAL and (
-                    self._thread is None or not self._thread.is_alive()
+                # a run of this process has ended when its thread has (the
+                # record is not read meanwhile: its polls took a core's time)
+                if (
+                    not self._thread.is_alive()
+                    if self._thread is not None
+                    else self.get_status() in TERMINAL
                 ):
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     raise RunTimeoutError(
-                        f"run {self.run_id} still {status} after {timeout_seconds} s"
+                        f"run {self.run_id} still {self.get_status()} after "
+                        f"{timeout_seconds} s"
                     )
                 if self._thread is not None:
                     self._thread.join(0.2)

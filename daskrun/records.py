@@ -17,7 +17,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -188,7 +188,9 @@ class RunRecord:
                     self.status,
                     self.created,
                     self.fingerprint,
-                    json.dumps(asdict(self)),
+                    # its fields are plain values already; asdict() would
+                    # copy a list of a million paths item by item first
+                    json.dumps({f.name: getattr(self, f.name) for f in fields(self)}),
                 ),
             )
 

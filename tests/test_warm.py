@@ -4,11 +4,14 @@ explicit (the block's end, :func:`daskrun.close_warm_clusters`, or exit)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import dask.config
 import psutil
+import pytest
 
 import daskrun
 from daskrun import (
@@ -19,6 +22,9 @@ from daskrun import (
     Pipeline,
     Workspace,
 )
+from daskrun.cluster import EarlyStart
+from daskrun.exceptions import InputError
+from daskrun.job import Job
 
 from .helpers import make_files, write_script
 
@@ -139,3 +145,103 @@ def test_a_warm_workers_log_lines_go_to_the_job_using_it(tmp_path: Path) -> None
         assert run.status == "Completed", run.error
         log = Path(run.logs_dir or "", "sys", "distributed.log").read_text()
         assert log.count("hello from init") == 2, log  # its own workers' lines
+
+
+def _worker_processes() -> set[int]:
+    """This process's local worker processes (spawned by distributed's
+    Nannies through multiprocessing)."""
+    return {
+        child.pid
+        for child in psutil.Process().children(recursive=True)
+        if "spawn_main" in " ".join(child.cmdline())
+    }
+
+
+def _planning_waits_for_workers(monkeypatch: Any, then: Any = None) -> set[int]:
+    """Make a job's planning (the ledger of its inputs) wait until its two
+    worker processes run, then call ``then``; the pids it saw, filled in
+    when it ran (fewer if they never came)."""
+    seen: set[int] = set()
+    fill = Job._fill_ledger
+
+    def waiting(job: Job, ledger: Any) -> None:
+        end = time.monotonic() + 60
+        while len(found := _worker_processes()) < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        seen.update(found)
+        if then is not None:
+            then()
+        fill(job, ledger)
+
+    monkeypatch.setattr(Job, "_fill_ledger", waiting)
+    return seen
+
+
+def test_the_cluster_starts_while_the_job_plans(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    make_files(tmp_path / "in", 8)
+    seen = _planning_waits_for_workers(monkeypatch)
+    pids = _pids(_step(tmp_path, "early").run())
+    # the workers were up before the plan was done, and they ran the job
+    assert len(seen) == 2 and pids == seen
+    assert _all_gone(seen)
+
+
+def test_a_job_failing_while_it_plans_closes_the_cluster_it_started(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    make_files(tmp_path / "in", 8)
+
+    def fail() -> None:
+        raise InputError("input listing failed")
+
+    seen = _planning_waits_for_workers(monkeypatch, then=fail)
+    with pytest.raises(InputError, match="input listing failed"):
+        _step(tmp_path, "early").run()
+    assert len(seen) == 2  # it had started
+    assert _all_gone(seen)
+
+
+class _Recorded:
+    """A context manager that records how it was entered and exited."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.entered_in, self.exits = fail, "", []
+
+    def __enter__(self) -> str:
+        self.entered_in = threading.current_thread().name
+        if self.fail:
+            raise OSError("start failed")
+        return "client"
+
+    def __exit__(self, *exc: Any) -> bool:
+        self.exits.append(exc[0])
+        return False
+
+
+def test_early_start_enters_in_its_thread_and_exits_where_used() -> None:
+    manager = _Recorded()
+    early = EarlyStart(manager)
+    with early.use() as value:
+        assert value == "client"
+    assert manager.entered_in == "daskrun-early-start"
+    assert manager.exits == [None]
+    early.close()  # used: nothing more to end
+    assert manager.exits == [None]
+
+    manager = _Recorded()
+    with pytest.raises(KeyError), EarlyStart(manager).use():
+        raise KeyError("in the job")
+    assert manager.exits == [KeyError]
+
+
+def test_early_start_raises_its_error_where_used_and_ends_unused_starts() -> None:
+    early = EarlyStart(_Recorded(fail=True))
+    with pytest.raises(OSError, match="start failed"), early.use():
+        pass
+    early.close()  # nothing started: nothing to end
+
+    manager = _Recorded()
+    EarlyStart(manager).close()
+    assert manager.exits == [None]
