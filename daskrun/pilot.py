@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import statistics
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -45,6 +46,7 @@ class AutoSizes:
         self.processes: int | None = cfg.process_count_per_node
         self._seconds: list[float] = []
         self._rss0: dict[str, int] = {}
+        self._feed: PilotFeed | None = None
         if cfg.process_count_per_node == AUTO:
             self.processes = recorded.process_count_per_node or choose_process_count(
                 _cores(),
@@ -62,8 +64,9 @@ class AutoSizes:
             self.choice = AutoChoice(
                 mini_batch_size=size,
                 process_count_per_node=base.process_count_per_node,
-                basis=f"{size >> 20} MiB: the input's bytes over 4 per process, "
-                "within 1-64 MiB and 1/16 of a process's memory; no pilot",
+                basis=f"{size / (1 << 20):.3g} MiB: the largest that leaves 4 "
+                "mini-batches per process, within 1-64 MiB and 1/16 of a "
+                "process's memory, each file cut evenly; no pilot",
             )
         elif recorded.mini_batch_size:  # the pilot ran: plan as the run did
             step.pilot = recorded.pilot_mini_batches
@@ -76,10 +79,10 @@ class AutoSizes:
             self.choice = base
 
     def _table_size(self, step: Any, cfg: Any) -> int:
-        total = sum(size for ds in step.inputs for _, size, _ in ds.stamps())
+        sizes = [size for ds in step.inputs for _, size, _ in ds.stamps()]
         processes = cfg.node_count * (self.processes or default_process_count())
         memory = psutil.virtual_memory().total / max(1, self.processes or 1)
-        return choose_table_size(total, processes=processes, memory_limit=memory)
+        return choose_table_size(sizes, processes=processes, memory_limit=memory)
 
     def lines(self) -> list[str]:
         """``job_result.txt``'s line about the choice, if any."""
@@ -92,10 +95,21 @@ class AutoSizes:
         if self.pilot_pending:
             self._rss0 = {w: rss for w, (rss, _) in client.run(worker_memory).items()}
 
+    def feed(
+        self, pilot: Iterator[Any], rest: Callable[[], Iterator[Any]], tally: Any
+    ) -> PilotFeed:
+        """The run's mini-batches for the runner: ``pilot``'s, then those of
+        ``rest()`` (which chooses and plans them) once enough are measured."""
+        needed = int(config_get("auto.pilot-results"))
+        self._feed = PilotFeed(pilot, rest, tally, needed)
+        return self._feed
+
     def observe(self, result: TryResult) -> None:
         """A pilot mini-batch's outcome: its seconds per item."""
         if self.pilot_pending and result.ok and result.items_in:
             self._seconds.append(result.seconds / result.items_in)
+        if self._feed is not None and self.pilot_pending:
+            self._feed.outcome()
 
     def choose(
         self, client: Any, step: Any, init_seconds: float | None, items_left: int
@@ -134,3 +148,62 @@ class AutoSizes:
             basis="" if item_seconds is not None else "no pilot result: the default",
         )
         return self.choice
+
+
+class PilotFeed:
+    """The mini-batches of a run with a pilot, as the runner takes them,
+    without a barrier: the pilot's one-file mini-batches, then the rest,
+    planned at the chosen size as soon as ``needed`` of the pilot's outcomes
+    are in, while the rest of the pilot still runs.
+
+    The runner takes mini-batches as its workers free up. Asked for more once
+    the whole pilot is out but before ``needed`` outcomes are in, the feed
+    ends for now: the runner marks everything scheduled and waits on what is
+    in flight. The outcome that makes ``needed`` (:meth:`outcome`, from the
+    job's ``on_done``) marks it unscheduled again (``tally.all_scheduled``),
+    and the runner, which tops up after every result, asks again.
+    """
+
+    def __init__(
+        self,
+        pilot: Iterator[Any],
+        rest: Callable[[], Iterator[Any]],
+        tally: Any,
+        needed: int,
+    ):
+        self._pilot: Iterator[Any] | None = pilot
+        self._plan_rest: Callable[[], Iterator[Any]] | None = rest
+        self._rest: Iterator[Any] = iter(())
+        self._tally = tally
+        self.needed = max(1, needed)
+        self.handed = 0  # the pilot's mini-batches handed out
+        self.done = 0  # of them, with an outcome
+        self.waiting = False
+
+    def __iter__(self) -> PilotFeed:
+        return self
+
+    def __next__(self) -> Any:
+        if self._pilot is not None:
+            batch = next(self._pilot, None)
+            if batch is not None:
+                self.handed += 1
+                return batch
+            self._pilot = None  # all out (a resume may have none to run)
+        if self._plan_rest is not None:
+            if not self._enough():
+                self.waiting = True
+                raise StopIteration  # for now: outcome() wakes the runner
+            plan_rest, self._plan_rest = self._plan_rest, None
+            self._rest = plan_rest()
+        return next(self._rest)
+
+    def _enough(self) -> bool:
+        return self.done >= min(self.handed, self.needed)
+
+    def outcome(self) -> None:
+        """One of the pilot's mini-batches has its outcome."""
+        self.done += 1
+        if self.waiting and self._enough():
+            self.waiting = False
+            self._tally.all_scheduled = False  # the runner asks again
