@@ -6,13 +6,15 @@ first ``daskrun.auto.pilot-mini-batches`` mini-batches hold one file each.
 They are real mini-batches (their parts and report rows are the run's);
 their times per item, ``init()``'s time and the workers' memory choose the
 size of the rest of the plan (:func:`choose_mini_batch_size`), whose indices
-continue after the pilot's. The choice is printed (:meth:`AutoChoice.line`),
+continue after the pilot's, as soon as ``daskrun.auto.pilot-results`` of
+them are in: the rest runs while the pilot's last ones still run
+(:class:`daskrun.pilot.PilotFeed`). The choice is printed (:meth:`AutoChoice.line`),
 kept in the run record (``auto``) and in ``job_result.txt``; a resume plans
 with the recorded choice, so its plan and ledger are the run's.
 
 Tables have no pilot: their mini-batches are byte ranges planned from the
-start of each file, so the size is chosen before planning, from the input's
-bytes, the processes and their memory (:func:`choose_table_size`).
+start of each file, so the size is chosen before planning, from the input
+files' bytes, the processes and their memory (:func:`choose_table_size`).
 
 ``process_count_per_node="auto"`` is chosen before the cluster starts (a
 started local cluster cannot change cheaply) from the cores, the GPUs and
