@@ -4,8 +4,9 @@ before planning, the pilot's measurements, and the choice of the rest.
 :class:`AutoSizes` sets the step's ``pilot`` and ``mini_batch_size`` before
 the job plans, and resolves ``process_count_per_node="auto"`` before the
 cluster starts; :class:`PilotFeed` hands the runner the pilot's mini-batches
-and then the rest's, planned once enough of the pilot is measured. A resumed run's recorded choice (``step.auto_recorded``) is
-taken as it is, so the resume plans what the run planned.
+and then the rest's, planned once enough of the pilot is measured. A
+resumed run's recorded choice (``step.auto_recorded``) is taken as it is,
+so the resume plans what the run planned.
 """
 
 from __future__ import annotations
