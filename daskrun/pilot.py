@@ -46,7 +46,11 @@ class AutoSizes:
         self.choice: AutoChoice | None = None
         self.pilot_pending = False
         self.processes: int | None = cfg.process_count_per_node
-        self._seconds: list[float] = []
+        # seconds per item of the pilot's mini-batches: a worker's first
+        # (cold: imports, caches, a model's first call) and later ones (warm)
+        self._cold: list[float] = []
+        self._warm: list[float] = []
+        self._seen: set[str] = set()  # workers with an outcome of the pilot
         self._rss0: dict[str, int] = {}
         self._feed: PilotFeed | None = None
         if cfg.process_count_per_node == AUTO:
@@ -107,11 +111,18 @@ class AutoSizes:
         return self._feed
 
     def observe(self, result: TryResult) -> None:
-        """A pilot mini-batch's outcome: its seconds per item."""
-        if self.pilot_pending and result.ok and result.items_in:
-            self._seconds.append(result.seconds / result.items_in)
-        if self._feed is not None and self.pilot_pending:
-            self._feed.outcome()
+        """A pilot mini-batch's outcome: its seconds per item, warm if its
+        worker had one before (a first try pays one-off costs)."""
+        if not self.pilot_pending:
+            return
+        warm = result.worker in self._seen
+        self._seen.add(result.worker)
+        if result.ok and result.items_in:
+            (self._warm if warm else self._cold).append(
+                result.seconds / result.items_in
+            )
+        if self._feed is not None:
+            self._feed.outcome(warm)
 
     def choose(
         self, client: Any, step: Any, init_seconds: float | None, items_left: int
@@ -126,7 +137,8 @@ class AutoSizes:
         )
         per_worker = max(1.0, step.pilot / max(1, len(after)))
         free = [limit - rss for rss, limit in after.values() if limit]
-        item_seconds = statistics.median(self._seconds) if self._seconds else None
+        measured = self._warm or self._cold
+        item_seconds = statistics.median(measured) if measured else None
         size = step.mini_batch_size  # no measurement: the default stays
         if item_seconds is not None:
             size = choose_mini_batch_size(
@@ -155,8 +167,10 @@ class AutoSizes:
 class PilotFeed:
     """The mini-batches of a run with a pilot, as the runner takes them,
     without a barrier: the pilot's one-file mini-batches, then the rest,
-    planned at the chosen size as soon as ``needed`` of the pilot's outcomes
-    are in, while the rest of the pilot still runs.
+    planned at the chosen size as soon as ``needed`` warm outcomes of the
+    pilot are in (from a worker that had one before: a worker's first try
+    pays one-off costs, a model's first call say), or all of them, while the
+    rest of the pilot still runs.
 
     The runner takes mini-batches as its workers free up. Asked for more once
     the whole pilot is out but before ``needed`` outcomes are in, the feed
@@ -180,6 +194,7 @@ class PilotFeed:
         self.needed = max(1, needed)
         self.handed = 0  # the pilot's mini-batches handed out
         self.done = 0  # of them, with an outcome
+        self.warm = 0  # of those, from a worker that had one before
         self.waiting = False
 
     def __iter__(self) -> PilotFeed:
@@ -201,11 +216,12 @@ class PilotFeed:
         return next(self._rest)
 
     def _enough(self) -> bool:
-        return self.done >= min(self.handed, self.needed)
+        return self.warm >= self.needed or self.done >= self.handed
 
-    def outcome(self) -> None:
+    def outcome(self, warm: bool) -> None:
         """One of the pilot's mini-batches has its outcome."""
         self.done += 1
+        self.warm += warm
         if self.waiting and self._enough():
             self.waiting = False
             self._tally.all_scheduled = False  # the runner asks again

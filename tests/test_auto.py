@@ -42,7 +42,8 @@ def run(mini_batch):
 """
 
 # the pilot's last file waits until a file of the rest has run: a pilot with
-# a barrier (the rest planned once the whole pilot is in) never finishes it
+# a barrier (the rest planned once the whole pilot is in) never finishes it;
+# the pilot's files take 0.3 s, so that each is a task of its own
 WAITS_FOR_THE_REST = """
 import os, time
 
@@ -51,6 +52,8 @@ def init():
 
 def run(mini_batch):
     names = [os.path.basename(p) for p in mini_batch]
+    if names[0] < "f00007.txt":
+        time.sleep(0.3)
     flag = os.path.join(os.path.dirname(mini_batch[0]), os.pardir, "rest-ran")
     if any(n > "f00007.txt" for n in names):
         open(flag, "w").close()
