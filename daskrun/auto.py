@@ -6,11 +6,12 @@ first ``daskrun.auto.pilot-mini-batches`` mini-batches hold one file each.
 They are real mini-batches (their parts and report rows are the run's);
 their times per item, ``init()``'s time and the workers' memory choose the
 size of the rest of the plan (:func:`choose_mini_batch_size`), whose indices
-continue after the pilot's, as soon as ``daskrun.auto.pilot-results`` of
-them are in: the rest runs while the pilot's last ones still run
-(:class:`daskrun.pilot.PilotFeed`). The choice is printed (:meth:`AutoChoice.line`),
-kept in the run record (``auto``) and in ``job_result.txt``; a resume plans
-with the recorded choice, so its plan and ledger are the run's.
+continue after the pilot's, as soon as ``daskrun.auto.pilot-results`` warm
+outcomes (not a worker's first) are in: the rest runs while the pilot's last
+ones still run (:class:`daskrun.pilot.PilotFeed`). The choice is printed
+(:meth:`AutoChoice.line`), kept in the run record (``auto``) and in
+``job_result.txt``; a resume plans with the recorded choice, so its plan and
+ledger are the run's.
 
 Tables have no pilot: their mini-batches are byte ranges planned from the
 start of each file, so the size is chosen before planning, from the input
