@@ -4,6 +4,10 @@ worker processes: the pilot, the recorded choice, exact output, resume."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import dask.config
@@ -63,6 +67,26 @@ def run(mini_batch):
             if time.monotonic() > deadline:
                 raise RuntimeError("the rest never ran while the pilot ran")
             time.sleep(0.01)
+    return names
+"""
+
+# the pilot's last file hangs until 'release' exists; each call leaves a marker
+HANGS_IN_THE_PILOT = """
+import os, sys, time, uuid
+
+def init():
+    global calls, release
+    calls = sys.argv[sys.argv.index("--calls") + 1]
+    release = sys.argv[sys.argv.index("--release") + 1]
+
+def run(mini_batch):
+    names = [os.path.basename(p) for p in mini_batch]
+    open(os.path.join(calls, f"{names[0]}.{uuid.uuid4().hex}"), "w").close()
+    if names[0] < "f00007.txt":
+        time.sleep(0.3)
+    while "f00007.txt" in names and not os.path.exists(release):
+        time.sleep(0.05)
+    time.sleep(0.05)
     return names
 """
 
@@ -171,6 +195,58 @@ def test_the_rest_runs_while_the_pilot_still_runs(tmp_path: Path) -> None:
     rows = read_report(Path(record.logs_dir or "") / REPORT)
     assert sorted(r.index for r in rows) == list(range(len(rows)))
     assert all(r.ok and r.row["tries"] == "1" for r in rows)
+
+
+def test_a_client_killed_while_the_pilot_and_the_rest_ran_is_resumed_exactly_once(
+    tmp_path: Path, runs_dir: Path
+) -> None:
+    make_files(tmp_path / "in", 100)
+    write_script(tmp_path, HANGS_IN_THE_PILOT)
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daskrun", "run", "score.py", "--input", "in"]
+        + ["--output", "out", "--mini-batch-size", "auto", "--processes", "2"]
+        + ["--", "--calls", str(calls), "--release", str(tmp_path / "release")],
+        cwd=tmp_path,
+        env=dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs_dir)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def rest_parts() -> set[int]:
+        parts = (tmp_path / "out").glob(".daskrun/*/parts/*.part")
+        return {int(p.name.split(".")[0]) for p in parts} - set(range(8))
+
+    # the pilot's f00007.txt hangs: parts of the rest show it is not waited for
+    deadline = time.monotonic() + 120
+    while len(rest_parts()) < 5:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    for child in alive:
+        child.kill()
+    committed = rest_parts()
+    (record,) = RunRecord.find(runs_dir)
+    size = record.auto["mini_batch_size"]  # recorded before the rest ran
+    for marker in calls.iterdir():
+        marker.unlink()
+
+    (tmp_path / "release").touch()
+    done = daskrun("resume", record.run_id, cwd=tmp_path, runs=runs_dir)
+    assert done.returncode == 0, done.stderr
+    lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+    assert lines == [f"f{i:05d}.txt" for i in range(100)]
+    assert RunRecord.load(record.run_id).auto == record.auto
+    ran = {int(m.name[1:6]) for m in calls.iterdir()}
+    assert 7 in ran  # the pilot's hung file ran in the resume
+    # no committed mini-batch of the rest ran again
+    assert not {8 + (i - 8) // size for i in ran if i >= 8} & committed
 
 
 def test_auto_processes_are_bounded_by_memory(tmp_path: Path) -> None:
