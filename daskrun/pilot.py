@@ -53,6 +53,7 @@ class AutoSizes:
         self._seen: set[str] = set()  # workers with an outcome of the pilot
         self._rss0: dict[str, int] = {}
         self._feed: PilotFeed | None = None
+        self._pilot_count = 0  # the pilot's mini-batches, if it runs
         if cfg.process_count_per_node == AUTO:
             self.processes = recorded.process_count_per_node or choose_process_count(
                 _cores(),
@@ -79,7 +80,7 @@ class AutoSizes:
             step.mini_batch_size = recorded.mini_batch_size
             self.choice = recorded
         else:
-            step.pilot = int(config_get("auto.pilot-mini-batches"))
+            step.pilot = self._pilot_count = int(config_get("auto.pilot-mini-batches"))
             step.mini_batch_size = mini_batch_size_for("file", None)
             self.pilot_pending = step.pilot > 0
             self.choice = base
@@ -111,18 +112,18 @@ class AutoSizes:
         return self._feed
 
     def observe(self, result: TryResult) -> None:
-        """A pilot mini-batch's outcome: its seconds per item, warm if its
-        worker had one before (a first try pays one-off costs)."""
-        if not self.pilot_pending:
-            return
+        """A mini-batch's outcome; of the pilot, its seconds per item, warm
+        if its worker had one before (a first try pays one-off costs)."""
+        pilot = result.index < self._pilot_count
         warm = result.worker in self._seen
-        self._seen.add(result.worker)
-        if result.ok and result.items_in:
-            (self._warm if warm else self._cold).append(
-                result.seconds / result.items_in
-            )
+        if pilot and self.pilot_pending:
+            self._seen.add(result.worker)
+            if result.ok and result.items_in:
+                (self._warm if warm else self._cold).append(
+                    result.seconds / result.items_in
+                )
         if self._feed is not None:
-            self._feed.outcome(warm)
+            self._feed.outcome(pilot, warm)
 
     def choose(
         self, client: Any, step: Any, init_seconds: float | None, items_left: int
@@ -172,12 +173,20 @@ class PilotFeed:
     pays one-off costs, a model's first call say), or all of them, while the
     rest of the pilot still runs.
 
-    The runner takes mini-batches as its workers free up. Asked for more once
-    the whole pilot is out but before ``needed`` outcomes are in, the feed
-    ends for now: the runner marks everything scheduled and waits on what is
-    in flight. The outcome that makes ``needed`` (:meth:`outcome`, from the
-    job's ``on_done``) marks it unscheduled again (``tally.all_scheduled``),
-    and the runner, which tops up after every result, asks again.
+    The runner groups mini-batches into tasks by the time it has measured
+    per mini-batch, and it has measured the pilot's one-file ones: it would
+    put many of the rest's, each far larger, into one task, and leave
+    workers idle. So the rest is planned by the outcome that makes
+    ``needed`` (:meth:`outcome`, from the job's ``on_done``), before the
+    runner next tops up (it sizes tasks from the plan's new total), and
+    until an outcome of the rest is in, the feed hands out one mini-batch
+    of the rest per outcome.
+
+    When it has nothing to hand out for now (too few outcomes, or one of the
+    rest is out since the last outcome), the feed ends: the runner marks
+    everything scheduled and waits on what is in flight, and the next outcome
+    that lets it go on marks it unscheduled again (``tally.all_scheduled``);
+    the runner tops up after every result, so it asks again.
     """
 
     def __init__(
@@ -195,6 +204,8 @@ class PilotFeed:
         self.handed = 0  # the pilot's mini-batches handed out
         self.done = 0  # of them, with an outcome
         self.warm = 0  # of those, from a worker that had one before
+        self.probing = True  # no outcome of the rest yet
+        self._given = 0  # of the rest, handed out since the last outcome
         self.waiting = False
 
     def __iter__(self) -> PilotFeed:
@@ -207,21 +218,36 @@ class PilotFeed:
                 self.handed += 1
                 return batch
             self._pilot = None  # all out (a resume may have none to run)
-        if self._plan_rest is not None:
-            if not self._enough():
-                self.waiting = True
-                raise StopIteration  # for now: outcome() wakes the runner
-            plan_rest, self._plan_rest = self._plan_rest, None
-            self._rest = plan_rest()
-        return next(self._rest)
+        if self._plan_rest is not None and self._enough():
+            self._start_rest()
+        if self._plan_rest is not None or (self.probing and self._given):
+            self.waiting = True
+            raise StopIteration  # for now: outcome() wakes the runner
+        batch = next(self._rest)  # the rest's end is the end
+        self._given += 1
+        return batch
 
     def _enough(self) -> bool:
-        return self.warm >= self.needed or self.done >= self.handed
+        return self.warm >= self.needed or (
+            self._pilot is None and self.done >= self.handed
+        )
 
-    def outcome(self, warm: bool) -> None:
-        """One of the pilot's mini-batches has its outcome."""
-        self.done += 1
-        self.warm += warm
-        if self.waiting and self._enough():
+    def _start_rest(self) -> None:
+        if self._plan_rest is not None:
+            plan_rest, self._plan_rest = self._plan_rest, None
+            self._rest = plan_rest()
+
+    def outcome(self, pilot: bool, warm: bool = False) -> None:
+        """A mini-batch has its outcome: one of the ``pilot`` (``warm`` if
+        its worker had one before), or of the rest."""
+        if pilot:
+            self.done += 1
+            self.warm += warm
+        else:
+            self.probing = False  # the runner has measured one of the rest
+        self._given = 0
+        if self._plan_rest is not None and self._enough():
+            self._start_rest()
+        if self.waiting and self._plan_rest is None:
             self.waiting = False
             self._tally.all_scheduled = False  # the runner asks again

@@ -90,6 +90,18 @@ def run(mini_batch):
     return names
 """
 
+# 1 ms per file
+ONE_MS = """
+import os, time
+
+def init():
+    pass
+
+def run(mini_batch):
+    time.sleep(0.001 * len(mini_batch))
+    return [os.path.basename(p) for p in mini_batch]
+"""
+
 PIDS = """
 import os
 
@@ -247,6 +259,26 @@ def test_a_client_killed_while_the_pilot_and_the_rest_ran_is_resumed_exactly_onc
     assert 7 in ran  # the pilot's hung file ran in the resume
     # no committed mini-batch of the rest ran again
     assert not {8 + (i - 8) // size for i in ran if i >= 8} & committed
+
+
+def test_the_rest_is_spread_over_the_workers(tmp_path: Path) -> None:
+    # the runner has measured the pilot's one-file mini-batches (1 ms): had
+    # it grouped the rest's by that, its four of ~500 files would be one task
+    make_files(tmp_path / "in", 2000)
+    run = run_step(
+        tmp_path,
+        ONE_MS,
+        [Dataset.File.from_files(str(tmp_path / "in"))],
+        mini_batch_size="auto",
+        process_count_per_node=2,
+    )
+    assert run.status == "Completed", run.error
+    assert _lines(run) == [f"f{i:05d}.txt" for i in range(2000)]
+    record = RunRecord.load(run.run_id)
+    rows = read_report(Path(record.logs_dir or "") / REPORT)
+    rest = [r for r in rows if r.index >= 8]
+    assert len(rest) >= 4
+    assert len({r.row["worker"] for r in rest}) == 2
 
 
 def test_auto_processes_are_bounded_by_memory(tmp_path: Path) -> None:
