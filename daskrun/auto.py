@@ -6,13 +6,16 @@ first ``daskrun.auto.pilot-mini-batches`` mini-batches hold one file each.
 They are real mini-batches (their parts and report rows are the run's);
 their times per item, ``init()``'s time and the workers' memory choose the
 size of the rest of the plan (:func:`choose_mini_batch_size`), whose indices
-continue after the pilot's. The choice is printed (:meth:`AutoChoice.line`),
-kept in the run record (``auto``) and in ``job_result.txt``; a resume plans
-with the recorded choice, so its plan and ledger are the run's.
+continue after the pilot's, as soon as ``daskrun.auto.pilot-results`` warm
+outcomes (not a worker's first) are in: the rest runs while the pilot's last
+ones still run (:class:`daskrun.pilot.PilotFeed`). The choice is printed
+(:meth:`AutoChoice.line`), kept in the run record (``auto``) and in
+``job_result.txt``; a resume plans with the recorded choice, so its plan and
+ledger are the run's.
 
 Tables have no pilot: their mini-batches are byte ranges planned from the
-start of each file, so the size is chosen before planning, from the input's
-bytes, the processes and their memory (:func:`choose_table_size`).
+start of each file, so the size is chosen before planning, from the input
+files' bytes, the processes and their memory (:func:`choose_table_size`).
 
 ``process_count_per_node="auto"`` is chosen before the cluster starts (a
 started local cluster cannot change cheaply) from the cores, the GPUs and
@@ -25,6 +28,7 @@ Pure functions here; the job calls them (:mod:`daskrun.job`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -84,29 +88,54 @@ def choose_mini_batch_size(
 
 
 def choose_table_size(
-    total_bytes: int,
+    file_bytes: Sequence[int],
     *,
     processes: int,
     memory_limit: float | None,
     smallest: int = 1 << 20,
     largest: int = 64 << 20,
+    per_process: int = 4,
 ) -> int:
-    """Bytes per mini-batch of a table: the input split into about four
-    mini-batches per process, between ``smallest`` and ``largest``, and at
-    most 1/16 of a process's ``memory_limit`` (a frame in memory is several
-    times its file's bytes).
+    """Bytes per mini-batch of a table whose files hold ``file_bytes``.
 
-    >>> choose_table_size(400 << 20, processes=2, memory_limit=None) >> 20
+    A mini-batch costs a task, a read and a part whatever its bytes, so the
+    size is the largest that still gives every one of ``processes`` about
+    ``per_process`` mini-batches (the tail spreads over all), between
+    ``smallest`` and ``largest`` and at most 1/16 of a process's
+    ``memory_limit`` (a frame in memory is several times its file's bytes).
+    A mini-batch never crosses a file, so the count is per file: eight 4 MB
+    files are eight mini-batches at any size from 4 MB up. The size is then
+    lowered to the smallest that cuts the files into as many mini-batches:
+    a 36 MB file at 32 MiB is two 18 MB halves, not 32 MiB and a 2 MiB tail.
+
+    >>> choose_table_size([400 << 20], processes=2, memory_limit=None) >> 20
     50
-    >>> choose_table_size(1 << 20, processes=2, memory_limit=None) >> 20
+    >>> choose_table_size([36_000_000] * 8, processes=2, memory_limit=None)
+    36000000
+    >>> choose_table_size([1 << 20], processes=2, memory_limit=None) >> 20
     1
-    >>> choose_table_size(4 << 30, processes=2, memory_limit=512 << 20) >> 20
+    >>> choose_table_size([4 << 30], processes=2, memory_limit=512 << 20) >> 20
     32
     """
-    size = total_bytes // (4 * max(processes, 1))
-    if memory_limit:
-        size = min(size, int(memory_limit) // 16)
-    return max(smallest, min(largest, size))
+    share = int(memory_limit) // 16 if memory_limit else largest
+    cap = max(smallest, min(largest, share))
+    want = per_process * max(processes, 1)
+
+    def count(size: int) -> int:
+        return sum(max(1, -(-b // size)) for b in file_bytes)
+
+    if count(cap) >= want:
+        size = cap
+    elif count(smallest) < want:
+        size = smallest
+    else:  # the largest size that still gives ``want``: count falls with size
+        low, high = smallest, cap  # count(low) >= want > count(high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if count(middle) >= want else (low, middle)
+        size = low
+    even = max((-(-b // max(1, -(-b // size))) for b in file_bytes), default=size)
+    return max(smallest, min(size, even))
 
 
 def choose_process_count(

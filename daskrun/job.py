@@ -181,7 +181,9 @@ class Job:
         self.timings: dict[str, float] = {}
         # "auto" sizes: set on the step before it plans (daskrun.auto)
         self.auto = AutoSizes(step, self.cfg)
-        self._after_pilot = 0  # the pilot's mini-batches, once they have run
+        self._after_pilot = 0  # the pilot's mini-batches, once handed out
+        # an auto pilot's input stamps as first listed, for the re-plan
+        self._listed: list[tuple[str, int, str]] | None = None
         self.batches, self.total = step.plan()
         self.bundle = build_bundle(
             self.cfg.entry_script, self.cfg.source_directory, exclude=self._not_source()
@@ -464,13 +466,13 @@ class Job:
         if self.auto.choice is not None and not self.auto.pilot_pending:
             say(self.auto.choice.line())
         try:
-            if self.auto.pilot_pending:
+            if self.auto.pilot_pending:  # no barrier: the rest follows on
                 self.auto.before_pilot(client)
                 pilot = itertools.islice(self.batches, self.step.pilot)
-                exceeded = self._run_batches(client, self.pending(pilot))
-                if exceeded:
-                    return exceeded
-                self._plan_rest(client)
+                feed = self.auto.feed(
+                    self.pending(pilot), lambda: self._plan_rest(client), self.tally
+                )
+                return self._run_batches(client, feed)
             return self._run_batches(client, self.pending())
         finally:
             self.timings["last_result"] = time.perf_counter() - self.started
@@ -513,15 +515,17 @@ class Job:
             first_result_timeout=self.first_result_timeout,
         )
 
-    def _plan_rest(self, client: Any) -> None:
-        """After the pilot: choose the size of the rest from its measurements,
+    def _plan_rest(self, client: Any) -> Iterator[Any]:
+        """Once enough of the pilot's outcomes are in (the rest of the pilot
+        may still run): choose the size of the rest from its measurements,
         plan the rest (indices go on after the pilot's), record the new plan
-        in the ledger, then the choice in the run record.
+        in the ledger, then the choice in the run record; the rest's
+        mini-batches to run.
 
-        Only the pilot's mini-batches have run, and they are the first of
-        the plan at any size. A client that dies before the record is saved
-        leaves the run's digest and choice as they were: its resume plans
-        the pilot and the default size again, and chooses once more.
+        Only the pilot's mini-batches have been handed out, and they are the
+        first of the plan at any size. A client that dies before the record
+        is saved leaves the run's digest and choice as they were: its resume
+        plans the pilot and the default size again, and chooses once more.
         """
         pilot = min(self.step.pilot, self.total)
         init = self.timings.get("init_done", 0.0) - self.timings.get(
@@ -531,11 +535,12 @@ class Job:
         choice = self.auto.choose(client, self.step, init, items_left)
         ledger = PlanLedger(self.run_dir)
         try:
-            self._fill_ledger(ledger)
+            self._fill_ledger(ledger, self._listed)
         except BaseException:
             ledger.discard()
             raise
         ledger.commit()
+        self._listed = None
         self.batches, total = self.step.plan()
         self.succeeded = self.succeeded[:pilot] + bytearray(total - pilot)
         self.state = self.state[:pilot] + bytearray(total - pilot)
@@ -547,6 +552,7 @@ class Job:
         self.record.save()
         self.console.say(choice.line())
         self.watch.restart_forecast(self._forecast(self.watch.pace.threads))
+        return self.pending()
 
     def _watch_resources(self, client: Any) -> None:
         """Write the workers' resource samples to ``logs/perf`` as they come
@@ -739,18 +745,27 @@ class Job:
             batch = file_batch_at(files, index, step.mini_batch_size, step.pilot)
         return f"mini-batch {index} ({batch.describe()})"
 
-    def _fill_ledger(self, ledger: PlanLedger) -> None:
+    def _fill_ledger(
+        self, ledger: PlanLedger, listed: list[tuple[str, int, str]] | None = None
+    ) -> None:
         """Record the step's input files and a digest of each planned mini-batch
-        (what it reads, and its files' sizes and mtimes) in ``ledger``."""
+        (what it reads, and its files' sizes and mtimes) in ``ledger``; from
+        ``listed`` stamps if given (an auto pilot's re-plan: the files as
+        first listed, not stat'ed again)."""
         step = self.step
         own = step._own_output()  # never an input: step.plan() leaves it out
-        stamps = (
+        stamps: Iterator[tuple[str, int, str]] = (
             stamp
             for stamp in itertools.chain.from_iterable(
                 ds.stamps() for ds in step.inputs
             )
             if stamp[0] != own
         )
+        if listed is not None:
+            stamps = iter(listed)
+        elif self.auto.pilot_pending:  # kept for the re-plan (_plan_rest)
+            self._listed = listed = list(stamps)
+            stamps = iter(listed)
         if self.cfg.partition_keys:
             self._fill_partitions(ledger, stamps)
             return

@@ -164,14 +164,14 @@ def _planning_waits_for_workers(monkeypatch: Any, then: Any = None) -> set[int]:
     seen: set[int] = set()
     fill = Job._fill_ledger
 
-    def waiting(job: Job, ledger: Any) -> None:
+    def waiting(job: Job, ledger: Any, *listed: Any) -> None:
         end = time.monotonic() + 60
         while len(found := _worker_processes()) < 2 and time.monotonic() < end:
             time.sleep(0.05)
         seen.update(found)
         if then is not None:
             then()
-        fill(job, ledger)
+        fill(job, ledger, *listed)
 
     monkeypatch.setattr(Job, "_fill_ledger", waiting)
     return seen
