@@ -307,10 +307,13 @@ class Parts:
         urls = [
             url for url, held in self._groups.items() if any(i in indices for i in held)
         ]
-        for index in (*self.own, *self.pieces):
-            if index in indices:
-                urls.append(target.part_url(index))
-                urls += [target.part_url(index, s) for s in self.pieces.get(index, [])]
+        urls += [target.part_url(i) for i in self.own if i in indices]
+        urls += [
+            target.part_url(i, span)
+            for i, spans in self.pieces.items()
+            if i in indices
+            for span in spans
+        ]
         if urls:  # all listed above: they are there
             fs = target.fs()
             bounded(target, "removing changed mini-batches' parts", lambda: fs.rm(urls))
