@@ -207,6 +207,8 @@ class Job:
         self._ledger: PlanLedger
         # 1 for each mini-batch whose plan and input files are as the run had
         self._unchanged: bytearray | None = None
+        # what an earlier attempt wrote, on a resume (see _restore)
+        self._written: _output.Parts | None = None
         self._early: EarlyStart[Any] | None = None  # see plan()
 
     @contextlib.contextmanager
@@ -292,11 +294,17 @@ class Job:
         """
         total, target, unchanged = self.total, self.target, self._unchanged
         parts = bytearray(total)
-        if target is not None:
-            for index in _output.committed_parts(target):
-                if index < total and (unchanged is None or unchanged[index]):
-                    parts[index] = 1
-        pieces = _output.committed_pieces(target) if target is not None else {}
+        found = _output.Parts(target) if target is not None else None
+        if found is not None and unchanged is not None:
+            # a replanned mini-batch's earlier rows are gone before it runs
+            # again: a group would keep them beside the new ones
+            written = {*found.whole, *found.pieces}
+            found = found.remove({i for i in written if i >= total or not unchanged[i]})
+        self._written = found
+        for index in found.whole if found is not None else ():
+            if index < total and (unchanged is None or unchanged[index]):
+                parts[index] = 1
+        pieces = found.pieces if found is not None else {}
         failed = (
             read_failed_spans(self.run_dir / "logs" / FAILED_ITEMS)
             if retry_failed and self.isolate
@@ -344,7 +352,7 @@ class Job:
                 unfinished = self.unfinished.get(batch.index)
                 yield batch if unfinished is None else replace(unfinished, batch=batch)
             elif state == Resumed.COMMITTED:
-                counts = _part_counts(self.target, batch)
+                counts = _part_counts(self._written, batch)
                 self.tally.mini_batches_done += 1
                 self.tally.add(counts)
                 self.logs.mini_batch(_earlier(batch.index), 1, counts)
@@ -575,6 +583,7 @@ class Job:
             target,
             (i for i in range(self.total) if self.succeeded[i] or i in pieces),
             self._describe,
+            isolated={i for i in pieces if not self.succeeded[i]},
         )
         if not self.tally.mini_batches_failed:
             # kept otherwise, for a resume with retry_failed
@@ -888,8 +897,8 @@ def _unfinished(
     return Unfinished(None, tuple(failed), items_in, counts.ok, counts.extra)
 
 
-def _part_counts(target: _output.OutputTarget | None, batch: Any) -> Counts:
-    rows = _output.count_rows(target, batch.index) if target else 0
+def _part_counts(written: _output.Parts | None, batch: Any) -> Counts:
+    rows = _output.count_rows(written, batch.index) if written else 0
     items_in = batch.n_items if batch.n_items is not None else rows
     ok = min(rows, items_in)
     return Counts(items_in, ok, items_in - ok, rows - ok)

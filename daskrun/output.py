@@ -3,23 +3,30 @@
 Workers write each successful mini-batch's rows to its own *part*, named by
 mini-batch index, in one atomic step (a local rename, or a single object
 upload). A retried or duplicated mini-batch rewrites the same part with the same
-rows, so it can never add rows. When the job ends within its thresholds, the
-client streams the parts, in index order, into a temporary file next to the
-final one and publishes it with one rename. A failed job publishes nothing.
+rows, so it can never add rows. The cheap mini-batches that share one task
+have their parts written together, as one *group* file holding each one's
+rows under its index (:func:`write_group`): one file created, or one object
+uploaded, per task instead of per mini-batch. A mini-batch in two groups (a
+task rerun after its result was lost) is still taken once. When the job ends
+within its thresholds, the client streams the parts, in index order, into a
+temporary file next to the final one and publishes it with one rename. A
+failed job publishes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import importlib
 import io
+import json
 import os
 import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, TypeVar
@@ -32,6 +39,8 @@ from .exceptions import ConfigError, OutputError
 from .storage import FileLock, describe_error, within
 
 _PART_DIGITS = 10
+GROUP_BYTES = 16 << 20
+"""A task's parts are written together up to this many bytes per group."""
 # a file name that is not UTF-8 (os.fsdecode's lone surrogates) is written
 # escaped, as \udce9, not refused
 _ESCAPE = "backslashreplace"
@@ -187,9 +196,32 @@ def write_part(
 ) -> None:
     """Write mini-batch ``index``'s rows (of its items ``span`` only, for a
     piece of it) atomically, replacing any earlier copy."""
-    path = target.part_url(index, span)
+    _put(target, target.part_url(index, span), data, f"mini-batch {index}'s result")
+
+
+def write_group(target: OutputTarget, parts: Sequence[tuple[int, bytes]]) -> None:
+    """Write several whole mini-batches' rows (``(index, rows)``, the
+    mini-batches of one task) as one group file, atomically.
+
+    The file's first line lists each mini-batch's index and its rows' bytes
+    (JSON); their rows follow in that order. Its name starts with the first
+    index and holds a random part, so a rerun never replaces another group.
+    """
+    header = json.dumps([[index, len(data)] for index, data in parts])
+    body = b"".join([header.encode() + b"\n", *(data for _, data in parts)])
+    first = parts[0][0]
+    _put(
+        target,
+        f"{target.parts_url}/{first:0{_PART_DIGITS}d}.{uuid.uuid4().hex}.group",
+        body,
+        f"the results of mini-batches {first}-{parts[-1][0]}",
+    )
+
+
+def _put(target: OutputTarget, path: str, data: bytes, what: str) -> None:
+    """Write ``data`` to ``path`` in one atomic step."""
     if target.local:  # prepare_parts() made the folder
-        tmp = f"{target.parts_url}/.{index}.{uuid.uuid4().hex}.tmp"
+        tmp = f"{target.parts_url}/.{uuid.uuid4().hex}.tmp"
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -197,14 +229,15 @@ def write_part(
         # one PUT: object stores commit a blob whole or not at all
         bounded(
             target,
-            f"writing mini-batch {index}'s result",
+            f"writing {what}",
             lambda: target.fs().pipe_file(path, data),
             len(data),
         )
 
 
-def _part_names(target: OutputTarget) -> list[str]:
-    """The names of the parts written, without their folder and suffix."""
+def _part_names(target: OutputTarget, suffix: str = ".part") -> list[str]:
+    """The names of the parts (or groups) written, without their folder and
+    suffix."""
     fs = target.fs()
     try:
         names = bounded(
@@ -213,25 +246,100 @@ def _part_names(target: OutputTarget) -> list[str]:
     except FileNotFoundError:
         return []
     bases = (name.rsplit("/", 1)[-1] for name in names)
-    return [base[:-5] for base in bases if base.endswith(".part")]
+    return [base[: -len(suffix)] for base in bases if base.endswith(suffix)]
+
+
+@dataclass(frozen=True)
+class _Grouped:
+    """Where a mini-batch's rows lie in a group file."""
+
+    url: str
+    start: int
+    stop: int
+
+
+class Parts:
+    """What a run's parts folder holds, listed once: the mini-batches whose
+    rows are written whole (a part of their own, or in a group), and the
+    pieces of those whose failed items were isolated."""
+
+    def __init__(self, target: OutputTarget):
+        self.target = target
+        names = _part_names(target)
+        self.own = {int(name) for name in names if name.isdigit()}
+        found: dict[int, list[tuple[int, int]]] = {}
+        for name in names:
+            index, _, span = name.partition(".")
+            start, _, stop = span.partition("-")
+            if index.isdigit() and start.isdigit() and stop.isdigit():
+                found.setdefault(int(index), []).append((int(start), int(stop)))
+        self.pieces = {index: sorted(spans) for index, spans in found.items()}
+        self.grouped: dict[int, _Grouped] = {}
+        self._groups: dict[str, list[int]] = {}  # each group's mini-batches
+        for name in _part_names(target, ".group"):
+            self._read_header(f"{target.parts_url}/{name}.group")
+        self.whole = self.own | set(self.grouped)
+        self._cached: tuple[str, bytes] = ("", b"")
+
+    def _read_header(self, url: str) -> None:
+        fs = self.target.fs()
+
+        def read() -> bytes:
+            with fs.open(url, "rb") as f:
+                return bytes(f.readline())
+
+        header = bounded(self.target, "reading a group of parts", read)
+        offset = len(header)
+        self._groups[url] = []
+        for index, size in json.loads(header):
+            # a mini-batch in two groups (a task rerun after its result was
+            # lost) has the same rows in both: either will do
+            self.grouped.setdefault(index, _Grouped(url, offset, offset + size))
+            self._groups[url].append(index)
+            offset += size
+
+    def remove(self, indices: Container[int]) -> Parts:
+        """Delete what is written of mini-batches ``indices`` (those a
+        replanned resume changed): their parts, their pieces, and every group
+        that holds one of them, whose other mini-batches then run again too.
+        What is left, listed again."""
+        target = self.target
+        urls = [
+            url for url, held in self._groups.items() if any(i in indices for i in held)
+        ]
+        urls += [target.part_url(i) for i in self.own if i in indices]
+        urls += [
+            target.part_url(i, span)
+            for i, spans in self.pieces.items()
+            if i in indices
+            for span in spans
+        ]
+        if urls:  # all listed above: they are there
+            fs = target.fs()
+            bounded(target, "removing changed mini-batches' parts", lambda: fs.rm(urls))
+        return Parts(target)
+
+    def open(self, index: int, span: tuple[int, int] | None = None) -> Any:
+        """A binary file of mini-batch ``index``'s rows (its own part, or its
+        rows in a group), or of its piece ``span``."""
+        if span is not None or index in self.own or index not in self.grouped:
+            return self.target.fs().open(self.target.part_url(index, span), "rb")
+        where = self.grouped[index]
+        if self._cached[0] != where.url:  # a group's mini-batches come in a row
+            self._cached = (where.url, self.target.fs().cat_file(where.url))
+        return io.BytesIO(self._cached[1][where.start : where.stop])
 
 
 def committed_parts(target: OutputTarget) -> list[int]:
-    """Indices of the mini-batches whose parts are written."""
-    return [int(name) for name in _part_names(target) if name.isdigit()]
+    """Indices of the mini-batches whose rows are written whole."""
+    return sorted(Parts(target).whole)
 
 
 def committed_pieces(target: OutputTarget) -> dict[int, list[tuple[int, int]]]:
     """The items ``[start, stop)`` of each mini-batch whose pieces (parts of
     failed mini-batches' items that succeeded in isolation) are written,
     in item order."""
-    found: dict[int, list[tuple[int, int]]] = {}
-    for name in _part_names(target):
-        index, _, span = name.partition(".")
-        start, _, stop = span.partition("-")
-        if index.isdigit() and start.isdigit() and stop.isdigit():
-            found.setdefault(int(index), []).append((int(start), int(stop)))
-    return {index: sorted(spans) for index, spans in found.items()}
+    return Parts(target).pieces
 
 
 def remove_part(target: OutputTarget, index: int, pieces: bool = True) -> None:
@@ -251,9 +359,10 @@ def remove_part(target: OutputTarget, index: int, pieces: bool = True) -> None:
         bounded(target, f"removing mini-batch {index}'s part", lambda: fs.rm(there))
 
 
-def count_rows(target: OutputTarget, index: int) -> int:
-    """Rows in a committed part."""
-    with target.fs().open(target.part_url(index), "rb") as f:
+def count_rows(parts: Parts, index: int) -> int:
+    """Rows of a mini-batch written whole."""
+    target = parts.target
+    with parts.open(index) as f:
         if target.output_format == "parquet":
             import pyarrow.parquet as pq
 
@@ -345,6 +454,7 @@ def assemble(
     target: OutputTarget,
     indices: Iterable[int],
     describe: Callable[[int], str] | None = None,
+    isolated: Container[int] = (),
 ) -> str:
     """Concatenate the parts of ``indices`` (in that order) into the final
     file and publish it atomically. Returns the final file's path or URL.
@@ -356,7 +466,9 @@ def assemble(
     before anything is published.
 
     A mini-batch without a part of its own contributes its pieces (its items
-    that succeeded in isolation), in item order, at its place.
+    that succeeded in isolation), in item order, at its place; so does one of
+    ``isolated`` (those whose items were isolated in the end) that a group
+    holds whole: a task whose result was lost had written it.
     """
     fs = target.fs()
     final = target.final_url
@@ -366,16 +478,11 @@ def assemble(
         # an unreachable store fails here, in seconds; the copy itself is
         # not bounded, since a large output takes as long as it takes
         bounded(target, "reaching the parts", lambda: fs.exists(target.parts_url))
-        pieces = committed_pieces(target)
-        whole = set(committed_parts(target)) if pieces else set()
+        found = Parts(target)
         parts = (
-            (index, url)
+            (index, functools.partial(found.open, index, span))
             for index in indices
-            for url in (
-                [target.part_url(index)]
-                if index in whole or index not in pieces
-                else [target.part_url(index, span) for span in pieces[index]]
-            )
+            for span in _spans(found, index, isolated)
         )
         _write(target, tmp, final, parts, name)
     except OutputError as e:
@@ -389,6 +496,21 @@ def assemble(
     return final
 
 
+def _spans(
+    found: Parts, index: int, isolated: Container[int]
+) -> list[tuple[int, int] | None]:
+    """What of mini-batch ``index`` goes into the output: ``[None]`` for its
+    rows whole, else its pieces' spans."""
+    pieces = found.pieces.get(index)
+    if (
+        not pieces
+        or index in found.own
+        or (index in found.grouped and index not in isolated)
+    ):
+        return [None]
+    return list(pieces)
+
+
 def _kept(target: OutputTarget) -> str:
     return (
         "nothing was published and the mini-batches' results are kept: fix the "
@@ -400,7 +522,7 @@ def _write(
     target: OutputTarget,
     tmp: str,
     final: str,
-    parts: Iterable[tuple[int, str]],
+    parts: Iterable[tuple[int, Callable[[], Any]]],
     name: Callable[[int], str],
 ) -> None:
     fs = target.fs()
@@ -411,8 +533,8 @@ def _write(
             elif target.output_format == "csv":
                 _concat_csv(target, parts, out, name)
             else:
-                for _, url in parts:
-                    with fs.open(url, "rb") as part:
+                for _, open_part in parts:
+                    with open_part() as part:
                         shutil.copyfileobj(part, out, 1 << 20)
             if isinstance(fs, LocalFileSystem):
                 out.flush()
@@ -444,16 +566,15 @@ def _mismatch(
 
 def _concat_csv(
     target: OutputTarget,
-    parts: Iterable[tuple[int, str]],
+    parts: Iterable[tuple[int, Callable[[], Any]]],
     out: Any,
     name: Callable[[int], str],
 ) -> None:
     """Stream the parts under one header line, one part at a time."""
-    fs = target.fs()
     first: tuple[int, list[str]] | None = None
     empty_header: bytes | None = None  # used only if no part has rows
-    for index, url in parts:
-        with fs.open(url, "rb") as part:
+    for index, open_part in parts:
+        with open_part() as part:
             header = part.readline()
             chunk = part.read(1 << 20)
             if not chunk:
@@ -474,20 +595,19 @@ def _concat_csv(
 
 def _concat_parquet(
     target: OutputTarget,
-    parts: Iterable[tuple[int, str]],
+    parts: Iterable[tuple[int, Callable[[], Any]]],
     out: Any,
     name: Callable[[int], str],
 ) -> None:
     """Stream the parts' tables into one Parquet file, one part at a time."""
     import pyarrow.parquet as pq
 
-    fs = target.fs()
     writer = None
     first = 0
     empty = None  # the first part's table, used only if no part has rows
     try:
-        for index, url in parts:
-            with fs.open(url, "rb") as part:
+        for index, open_part in parts:
+            with open_part() as part:
                 table = pq.read_table(part)
             if not table.num_rows:
                 empty = table if empty is None else empty

@@ -52,7 +52,14 @@ from .datasets import (
 )
 from .exceptions import ConfigError, EntryScriptError
 from .modelrefs import ModelRef, set_worker_models
-from .output import OutputTarget, format_rows, printable, write_part
+from .output import (
+    GROUP_BYTES,
+    OutputTarget,
+    format_rows,
+    printable,
+    write_group,
+    write_part,
+)
 from .partitions import MiniBatchContext
 from .resources import ResourceSampler, perf_topic
 from .runcontext import Logged, WorkerRun, set_worker_run
@@ -906,15 +913,70 @@ def process_mini_batches(
             "worker": plugin.agent,
         },
     )
-    results = []
+    results: list[TryResult] = []
+    # a task of several whole mini-batches writes their rows as groups
+    group = _Group(plugin, results) if len(tries) > 1 and plugin.output else None
     for batch, try_no in tries:
-        result = _process(plugin, batch, try_no, cache_root)
+        held = group.rows if group is not None and _span_of(batch) is None else None
+        result = _process(plugin, batch, try_no, cache_root, held)
         stdout, log = plugin.capture.take()
         logged = plugin.capture.logged.take()
         if stdout or log or logged:
             result = dataclasses.replace(result, stdout=stdout, log=log, logged=logged)
         results.append(result)
+        if group is not None:
+            group.added()
+    if group is not None:
+        group.write()
     return results
+
+
+class _Group:
+    """The rows of a task's whole mini-batches that succeeded, held until
+    they are written together (:func:`~daskrun.output.write_group`), at the
+    task's end or once they reach ``GROUP_BYTES``. Their results are the
+    task's only once written: a group that cannot be written fails them."""
+
+    def __init__(self, plugin: EntryScriptPlugin, results: list[TryResult]):
+        self.plugin, self.results = plugin, results
+        self.rows: list[tuple[int, bytes]] = []
+        self._at: list[int] = []  # their places in results
+        self._bytes = 0
+
+    def added(self) -> None:
+        """The last result is in: note its place if its rows are held."""
+        if len(self.rows) > len(self._at):
+            self._at.append(len(self.results) - 1)
+            self._bytes += len(self.rows[-1][1])
+            if self._bytes >= GROUP_BYTES:
+                self.write()
+
+    def write(self) -> None:
+        if not self.rows:
+            return
+        plugin = self.plugin
+        assert plugin.output is not None
+        try:
+            plugin.watchdog.arm(self.rows[0][0], phase="write")
+            write_group(plugin.output, self.rows)
+        except (Exception, SystemExit) as e:
+            for at in self._at:
+                done = self.results[at]
+                failed = _failure(
+                    done.index,
+                    done.try_no,
+                    plugin.agent,
+                    done.items_in,
+                    time.perf_counter() - done.seconds,
+                    e,
+                    plugin.clean,
+                )
+                self.results[at] = dataclasses.replace(
+                    failed, stdout=done.stdout, log=done.log, logged=done.logged
+                )
+        finally:
+            plugin.watchdog.disarm()
+            self.rows, self._at, self._bytes = [], [], 0
 
 
 def process_collection_batches(
@@ -946,7 +1008,10 @@ def _process(
     batch: MiniBatch | SubBatch,
     try_no: int,
     cache_root: str,
+    held: list[tuple[int, bytes]] | None = None,
 ) -> TryResult:
+    """One try of ``batch``; its rows are written as its part, or added to
+    ``held`` (to be written with others, see :class:`_Group`)."""
     start = time.perf_counter()
     spec = plugin.input_spec
     items_in: int | None = batch.n_items
@@ -969,7 +1034,9 @@ def _process(
             data, items_out = format_rows(result, output_format)
         except Exception as e:  # about what run() returned
             return _returned(plugin, batch.index, try_no, items_in, start, e)
-        if plugin.output is not None:
+        if held is not None:
+            held.append((batch.index, data))
+        elif plugin.output is not None:
             write_part(plugin.output, batch.index, data, _span_of(batch))
     except (Exception, SystemExit) as e:
         return _failure(

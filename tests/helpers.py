@@ -37,6 +37,7 @@ from daskrun import (
     StepRun,
     Workspace,
 )
+from daskrun.output import OutputTarget, committed_parts
 
 # run() that takes 0.2 s per mini-batch and returns the file names
 SLOW_SCRIPT = """
@@ -101,6 +102,16 @@ def chromium(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
     )
+
+
+def committed(out: Path) -> set[int]:
+    """The mini-batches whose rows are written (in parts of their own or in
+    groups) in the parts folders of output folder ``out``."""
+    found: set[int] = set()
+    for parts in out.glob(".daskrun/*/parts"):
+        target = OutputTarget(str(out), "unused", parts.parent.name)
+        found.update(committed_parts(target))
+    return found
 
 
 def free_port() -> int:

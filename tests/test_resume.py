@@ -13,9 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from daskrun.output import OutputTarget, Parts
 from daskrun.records import RunRecord
 
-from .helpers import daskrun, make_files, write_script
+from .helpers import committed, daskrun, make_files, write_script
 
 COUNTING_SCRIPT = """
 import argparse, os, time, uuid
@@ -80,14 +81,10 @@ def _job(tmp_path: Path) -> list[str]:
 
 def _wait_for_parts(tmp_path: Path, n: int, proc: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + 120
-    while len(list((tmp_path / "out").glob(".daskrun/*/parts/*.part"))) < n:
+    while len(committed(tmp_path / "out")) < n:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
-
-
-def _parts(tmp_path: Path) -> set[str]:
-    return {p.name for p in (tmp_path / "out").glob(".daskrun/*/parts/*.part")}
 
 
 def _run_id(runs: Path) -> str:
@@ -107,8 +104,8 @@ def test_client_killed_then_resumed(tmp_path: Path, runs_dir: Path) -> None:
     for child in alive:
         child.kill()
     assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
-    committed = _parts(tmp_path)
-    assert 15 <= len(committed) < 80
+    written = committed(tmp_path / "out")
+    assert 15 <= len(written) < 80
     for marker in (tmp_path / "calls").iterdir():
         marker.unlink()
 
@@ -117,9 +114,9 @@ def test_client_killed_then_resumed(tmp_path: Path, runs_dir: Path) -> None:
     lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
     assert lines == [p.name for p in files]
     calls = {m.name.split(".txt.")[0] for m in (tmp_path / "calls").iterdir()}
-    assert len(list((tmp_path / "calls").iterdir())) == 80 - len(committed)
-    redone = {f"{int(name[2:]) // 2:010d}.part" for name in calls}
-    assert not redone & committed  # nothing committed ran again
+    assert len(list((tmp_path / "calls").iterdir())) == 80 - len(written)
+    redone = {int(name[2:]) // 2 for name in calls}
+    assert not redone & written  # nothing committed ran again
 
 
 def test_cancel_then_resume(tmp_path: Path, runs_dir: Path) -> None:
@@ -258,9 +255,12 @@ def test_two_resumes_at_once_and_a_missing_part(tmp_path: Path, runs_dir: Path) 
     make_files(tmp_path / "in", 4, prefix="bad")
     make_files(tmp_path / "in", 60, prefix="ok")
     run_id = _completed_with_failures(tmp_path, runs_dir)
-    # the report says mini-batch 5 succeeded, but its part is gone
-    (part,) = (tmp_path / "out").glob(".daskrun/*/parts/0000000005.part")
-    part.unlink()
+    # the report says mini-batch 5 succeeded, but its part is gone (with the
+    # others of its group, if its task wrote one)
+    parts = Parts(OutputTarget(str(tmp_path / "out"), "unused", run_id))
+    where = parts.grouped[5].url if 5 in parts.grouped else parts.target.part_url(5)
+    lost = [i for i, g in parts.grouped.items() if g.url == where] or [5]
+    os.remove(where)
     first = _start(tmp_path, runs_dir, "resume", run_id, "--retry-failed")
     lock = runs_dir / run_id / "run.lock"
     deadline = time.monotonic() + 60
@@ -279,5 +279,6 @@ def test_two_resumes_at_once_and_a_missing_part(tmp_path: Path, runs_dir: Path) 
     names = sorted(p.name for p in (tmp_path / "in").iterdir())
     lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
     assert lines == names
-    # the two bad mini-batches and the one whose part was lost ran again
-    assert _called(tmp_path) == ["bad00000", "bad00002", "ok00006"]
+    # the two bad mini-batches and those whose rows were lost ran again
+    again = [f"ok{(i - 2) * 2:05d}" for i in sorted(lost)]
+    assert _called(tmp_path) == ["bad00000", "bad00002", *again]
