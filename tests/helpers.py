@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import psutil
 import pytest
 from distributed import Client, LocalCluster
 
@@ -112,6 +113,18 @@ def committed(out: Path) -> set[int]:
         target = OutputTarget(str(out), "unused", parts.parent.name)
         found.update(committed_parts(target))
     return found
+
+
+def kill_client(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a client process, then wait for its worker processes to notice
+    and stop (killing those that do not within 30 s): only then is what the
+    run wrote settled."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    for child in alive:
+        child.kill()
 
 
 def free_port() -> int:

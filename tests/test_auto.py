@@ -4,7 +4,6 @@ worker processes: the pilot, the recorded choice, exact output, resume."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,14 @@ from daskrun.exceptions import ConfigError
 from daskrun.monitor import REPORT, read_report
 from daskrun.records import RunRecord
 
-from .helpers import daskrun, make_files, run_step, write_script
+from .helpers import (
+    committed,
+    daskrun,
+    kill_client,
+    make_files,
+    run_step,
+    write_script,
+)
 
 # 10 ms per file; fails on f00030.txt until the file 'fixed' exists
 SCRIPT = """
@@ -227,9 +233,8 @@ def test_a_client_killed_while_the_pilot_and_the_rest_ran_is_resumed_exactly_onc
         text=True,
     )
 
-    def rest_parts() -> set[int]:
-        parts = (tmp_path / "out").glob(".daskrun/*/parts/*.part")
-        return {int(p.name.split(".")[0]) for p in parts} - set(range(8))
+    def rest_parts() -> set[int]:  # in parts of their own or in groups
+        return committed(tmp_path / "out") - set(range(8))
 
     # the pilot's f00007.txt hangs: parts of the rest show it is not waited for
     deadline = time.monotonic() + 120
@@ -237,13 +242,8 @@ def test_a_client_killed_while_the_pilot_and_the_rest_ran_is_resumed_exactly_onc
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    children = psutil.Process(proc.pid).children(recursive=True)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    _, alive = psutil.wait_procs(children, timeout=30)
-    for child in alive:
-        child.kill()
-    committed = rest_parts()
+    kill_client(proc)
+    written = rest_parts()
     (record,) = RunRecord.find(runs_dir)
     size = record.auto["mini_batch_size"]  # recorded before the rest ran
     for marker in calls.iterdir():
@@ -258,7 +258,7 @@ def test_a_client_killed_while_the_pilot_and_the_rest_ran_is_resumed_exactly_onc
     ran = {int(m.name[1:6]) for m in calls.iterdir()}
     assert 7 in ran  # the pilot's hung file ran in the resume
     # no committed mini-batch of the rest ran again
-    assert not {8 + (i - 8) // size for i in ran if i >= 8} & committed
+    assert not {8 + (i - 8) // size for i in ran if i >= 8} & written
 
 
 def test_the_rest_is_spread_over_the_workers(tmp_path: Path) -> None:

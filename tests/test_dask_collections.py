@@ -5,7 +5,6 @@ read back lazily."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,6 @@ from pathlib import Path
 import dask.bag as db
 import dask.dataframe as dd
 import pandas as pd
-import psutil
 import pytest
 from distributed import Client, LocalCluster
 from hypothesis import given, settings
@@ -26,7 +24,7 @@ from daskrun import Dataset, JobFailedError
 from daskrun.native import collection_token
 from daskrun.records import RunRecord
 
-from .helpers import committed, make_files, run_step, write_script
+from .helpers import committed, kill_client, make_files, run_step, write_script
 
 SCORE = """
 import os
@@ -277,12 +275,7 @@ def test_a_step_over_a_dataframe_resumes_after_a_client_kill(
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    children = psutil.Process(proc.pid).children(recursive=True)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    _, alive = psutil.wait_procs(children, timeout=30)
-    for child in alive:
-        child.kill()
+    kill_client(proc)
     written = committed(tmp_path / "out")
     assert 15 <= len(written) < 80
     assert not (tmp_path / "out" / "parallel_run_step.csv").exists()

@@ -10,13 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from daskrun.output import OutputTarget, Parts
 from daskrun.records import RunRecord
 
-from .helpers import committed, daskrun, make_files, write_script
+from .helpers import committed, daskrun, kill_client, make_files, write_script
 
 COUNTING_SCRIPT = """
 import argparse, os, time, uuid
@@ -96,13 +95,7 @@ def test_client_killed_then_resumed(tmp_path: Path, runs_dir: Path) -> None:
     files = make_files(tmp_path / "in", 160, prefix="ok")
     proc = _start(tmp_path, runs_dir, *_job(tmp_path))
     _wait_for_parts(tmp_path, 15, proc)
-    children = psutil.Process(proc.pid).children(recursive=True)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    # its worker processes notice and stop; only then is the count settled
-    _, alive = psutil.wait_procs(children, timeout=30)
-    for child in alive:
-        child.kill()
+    kill_client(proc)
     assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
     written = committed(tmp_path / "out")
     assert 15 <= len(written) < 80
