@@ -24,6 +24,7 @@ from .cluster import (
     SharedCluster,
     default_process_count,
     serve_shared_cluster,
+    start_timeout,
     stop_shared_cluster,
 )
 from .config import (
@@ -31,7 +32,6 @@ from .config import (
     OUTPUT_ACTIONS,
     OUTPUT_FORMATS,
     ParallelRunConfig,
-    config_get,
     unmet_packages,
 )
 from .datasets import Dataset, FileDataset, TabularDataset
@@ -491,7 +491,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 def _start_shared(processes: int) -> int:
     """Start ``daskrun cluster serve`` in a session of its own and wait
     until it has published its cluster (or ended, saying why)."""
-    log = SharedCluster.path().with_suffix(".log")
+    log = SharedCluster.log_path()
     log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(log, "ab") as out:
         server = subprocess.Popen(
@@ -502,7 +502,7 @@ def _start_shared(processes: int) -> int:
             stderr=out,
             start_new_session=True,  # outlives this command and its terminal
         )
-    deadline = time.monotonic() + float(config_get("local-cluster.start-timeout")) + 30
+    deadline = time.monotonic() + start_timeout() + 30
     while time.monotonic() < deadline:
         shared = SharedCluster.find()
         if shared is not None and shared.pid == server.pid:

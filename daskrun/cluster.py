@@ -79,6 +79,12 @@ def gpu_count() -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return len([d for d in visible.split(",") if d.strip() not in ("", "-1")])
+    return _listed_gpus()
+
+
+@functools.cache
+def _listed_gpus() -> int:
+    """``nvidia-smi -L``'s GPUs, asked once per process (a subprocess)."""
     if shutil.which("nvidia-smi") is None:
         return 0
     try:
@@ -90,13 +96,16 @@ def gpu_count() -> int:
     return done.stdout.count("GPU ") if done.returncode == 0 else 0
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def default_process_count() -> int:
     """One worker process per GPU on a GPU machine, else one per core."""
-    return gpu_count() or (
-        len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else (os.cpu_count() or 1)
-    )
+    return gpu_count() or cpu_cores()
 
 
 class _Nested:
@@ -306,7 +315,7 @@ def _local_cluster(
             "your script; put the code that runs the step under "
             "'if __name__ == \"__main__\":'"
         )
-    start_timeout = _start_timeout()
+    start_seconds = start_timeout()
     memory_limit = _memory_limit(
         memory_limit or config_get("local-cluster.memory-limit"),
         "memory_limit" if memory_limit else "daskrun.local-cluster.memory-limit",
@@ -333,7 +342,7 @@ def _local_cluster(
         # a Nanny gives up a worker process that has not joined by then (its
         # start would otherwise hold the cluster, and its close, for ever);
         # lifted once they have joined, see _wait_for_workers
-        death_timeout=start_timeout,
+        death_timeout=start_seconds,
         **_worker_log_options(log_file),
     )
     # from the first worker's start to the last one's end, restarts included
@@ -365,7 +374,7 @@ def _local_cluster(
                 cluster.scale(n)
                 if options["dashboard_address"]:
                     serve_dashboard_on_demand(client)
-                _wait_for_workers(cluster, client, n, start_timeout, log_file)
+                _wait_for_workers(cluster, client, n, start_seconds, log_file)
                 yield client
         finally:
             cluster.close()
@@ -449,10 +458,6 @@ class _WarmClusters:
             with _gc_paused():
                 cm.__exit__(None, None, None)
 
-    def clients(self) -> list[Client]:
-        with self._lock:
-            return [client for _, _, client in self._idle]
-
 
 _warm = _WarmClusters()
 
@@ -497,6 +502,11 @@ class SharedCluster:
     ca: str
     cert: str
     key: str
+
+    @staticmethod
+    def log_path() -> Path:
+        """Where ``daskrun cluster serve`` writes its output."""
+        return SharedCluster.path().with_suffix(".log")
 
     @staticmethod
     def path() -> Path:
@@ -563,7 +573,7 @@ def serve_shared_cluster(processes: int) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    log = SharedCluster.path().with_suffix(".log")
+    log = SharedCluster.log_path()
     with _gc_paused():
         started = _local_cluster(processes, log_file=log)
         client = started.__enter__()
@@ -603,7 +613,8 @@ def stop_shared_cluster(timeout: float = 60.0) -> SharedCluster | None:
     return shared
 
 
-def _start_timeout() -> float:
+def start_timeout() -> float:
+    """``daskrun.local-cluster.start-timeout``, checked."""
     value = config_get("local-cluster.start-timeout")
     try:
         seconds = float(value)

@@ -578,13 +578,7 @@ class Job:
         target = self.target
         if target is None:
             return None
-        pieces = _output.committed_pieces(target)
-        final = _output.assemble(
-            target,
-            (i for i in range(self.total) if self.succeeded[i] or i in pieces),
-            self._describe,
-            isolated={i for i in pieces if not self.succeeded[i]},
-        )
+        final = _output.assemble(target, self.succeeded, self._describe)
         if not self.tally.mini_batches_failed:
             # kept otherwise, for a resume with retry_failed
             _output.remove_parts(target)

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from distributed import get_client
@@ -39,6 +40,7 @@ from .plugin import (
     InputSpec,
     _failure,
     build_bundle,
+    partition_items,
     process_collection_batches,
     ready_plugin,
 )
@@ -84,11 +86,11 @@ def _entry_plugin(
     cfg: ResolvedConfig,
     arguments: Sequence[Any],
     output_path: str,
-    dataset: str | None = None,
+    bundle: tuple[Path, str],
 ) -> EntryScriptPlugin:
     """The worker plugin of a script over a collection: as a step's, with
     nothing to read (the partitions arrive as task arguments)."""
-    zipped, script = build_bundle(cfg.entry_script, cfg.source_directory)
+    zipped, script = bundle
     return EntryScriptPlugin(
         name=name,
         bundle=zipped.read_bytes(),
@@ -104,7 +106,6 @@ def _entry_plugin(
             storage_options={},
             pandas_kwargs={},
             local=True,
-            dataset=dataset,
         ),
         output=None,
         run_invocation_timeout=cfg.run_invocation_timeout,
@@ -192,8 +193,10 @@ def map_partitions(
     ).resolved
     client = client if client is not None else _current_client()
     stem = os.path.splitext(os.path.basename(cfg.entry_script))[0]
+    # the bundle's name changes with any shipped file (a helper module too)
+    bundle = build_bundle(cfg.entry_script, cfg.source_directory)
     script_token = tokenize(
-        _file_token(cfg.entry_script),
+        str(bundle[0]),
         cfg.source_directory,
         list(arguments or ()),
         dict(cfg.environment_variables),
@@ -203,7 +206,9 @@ def map_partitions(
     plugin_name = f"daskrun-map-{stem}-{script_token[:12]}"
     name = name or f"{stem}-{tokenize(script_token, collection, cfg)[:16]}"
     topic = f"daskrun-{name}"
-    plugin = _entry_plugin(plugin_name, cfg, arguments or (), os.path.abspath("."))
+    plugin = _entry_plugin(
+        plugin_name, cfg, arguments or (), os.path.abspath("."), bundle
+    )
     _register(client, plugin)
     _report(client, topic, cfg.error_threshold)
     parts = collection.to_delayed()
@@ -237,11 +242,6 @@ def _current_client() -> Any:
             "workers; start one first: client = distributed.Client() (or pass "
             "client=)"
         ) from None
-
-
-def _file_token(path: str) -> tuple[str, int, int]:
-    st = os.stat(path)
-    return path, st.st_size, st.st_mtime_ns
 
 
 def _register(client: Any, plugin: EntryScriptPlugin) -> None:
@@ -296,7 +296,7 @@ def _infer_meta(client: Any, part: Any, kind: str, plugin_name: str) -> Any:
 def _sample(part: Any, plugin_name: str) -> Any:
     import pandas as pd
 
-    head = _partition(part)[:SAMPLE_ROWS]
+    head = partition_items(part)[:SAMPLE_ROWS]
     result = _call(ready_plugin(plugin_name), head, 0)
     if not result.ok:
         return RuntimeError(result.error)
@@ -347,7 +347,7 @@ def _run_partition(
     a partition that fails is reported and dropped, unless that takes the
     failed items beyond ``threshold``."""
     plugin = ready_plugin(plugin_name)
-    part = _partition(part)
+    part = partition_items(part)
     for _ in range(max_try):
         called = _call(plugin, part, index)
         if called.ok:
@@ -383,14 +383,6 @@ def _run_partition(
             )
         )
     return [] if empty is None else empty
-
-
-def _partition(part: Any) -> Any:
-    """What ``run()`` gets of a partition: a DataFrame as it is, a bag's
-    items as a list (a bag's partition may be a lazy iterator)."""
-    import pandas as pd
-
-    return part if isinstance(part, (pd.DataFrame, pd.Series)) else list(part)
 
 
 def _result(value: Any, empty: Any) -> Any:

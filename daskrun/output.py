@@ -314,9 +314,10 @@ class Parts:
             if i in indices
             for span in spans
         ]
-        if urls:  # all listed above: they are there
-            fs = target.fs()
-            bounded(target, "removing changed mini-batches' parts", lambda: fs.rm(urls))
+        if not urls:
+            return self
+        fs = target.fs()  # all listed above: they are there
+        bounded(target, "removing changed mini-batches' parts", lambda: fs.rm(urls))
         return Parts(target)
 
     def open(self, index: int, span: tuple[int, int] | None = None) -> Any:
@@ -333,13 +334,6 @@ class Parts:
 def committed_parts(target: OutputTarget) -> list[int]:
     """Indices of the mini-batches whose rows are written whole."""
     return sorted(Parts(target).whole)
-
-
-def committed_pieces(target: OutputTarget) -> dict[int, list[tuple[int, int]]]:
-    """The items ``[start, stop)`` of each mini-batch whose pieces (parts of
-    failed mini-batches' items that succeeded in isolation) are written,
-    in item order."""
-    return Parts(target).pieces
 
 
 def remove_part(target: OutputTarget, index: int, pieces: bool = True) -> None:
@@ -452,12 +446,13 @@ def prepare_parts(target: OutputTarget) -> None:
 
 def assemble(
     target: OutputTarget,
-    indices: Iterable[int],
+    succeeded: Sequence[int],
     describe: Callable[[int], str] | None = None,
-    isolated: Container[int] = (),
 ) -> str:
-    """Concatenate the parts of ``indices`` (in that order) into the final
-    file and publish it atomically. Returns the final file's path or URL.
+    """Concatenate, in index order, the rows of the mini-batches that
+    ``succeeded`` (a true value per mini-batch of the plan) and the pieces
+    of those whose failed items were isolated, into the final file, and
+    publish it atomically. Returns the final file's path or URL.
 
     CSV and Parquet parts must have one set of columns: the first part with
     rows sets them (a part without rows adds nothing and is not compared),
@@ -466,22 +461,23 @@ def assemble(
     before anything is published.
 
     A mini-batch without a part of its own contributes its pieces (its items
-    that succeeded in isolation), in item order, at its place; so does one of
-    ``isolated`` (those whose items were isolated in the end) that a group
-    holds whole: a task whose result was lost had written it.
+    that succeeded in isolation), in item order, at its place; so does one
+    that did not succeed whose rows a group holds whole (a task whose result
+    was lost had written it before its items were isolated).
     """
-    fs = target.fs()
     final = target.final_url
     tmp = f"{target.url.rstrip('/')}/.{target.file_name}.{uuid.uuid4().hex}.partial"
     name = describe or (lambda index: f"mini-batch {index}")
     try:
-        # an unreachable store fails here, in seconds; the copy itself is
-        # not bounded, since a large output takes as long as it takes
-        bounded(target, "reaching the parts", lambda: fs.exists(target.parts_url))
+        # an unreachable store fails here, in seconds (the listing is
+        # bounded); the copy itself is not, since a large output takes as
+        # long as it takes
         found = Parts(target)
+        isolated = {i for i in found.pieces if not succeeded[i]}
         parts = (
             (index, functools.partial(found.open, index, span))
-            for index in indices
+            for index in range(len(succeeded))
+            if succeeded[index] or index in found.pieces
             for span in _spans(found, index, isolated)
         )
         _write(target, tmp, final, parts, name)

@@ -11,7 +11,6 @@ so the resume plans what the run planned.
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,15 +26,9 @@ from .auto import (
     choose_table_size,
     worker_memory,
 )
-from .cluster import default_process_count, gpu_count
+from .cluster import cpu_cores, default_process_count, gpu_count
 from .config import config_get, mini_batch_size_for
 from .plugin import TryResult
-
-
-def _cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 class AutoSizes:
@@ -56,7 +49,7 @@ class AutoSizes:
         self._pilot_count = 0  # the pilot's mini-batches, if it runs
         if cfg.process_count_per_node == AUTO:
             self.processes = recorded.process_count_per_node or choose_process_count(
-                _cores(),
+                cpu_cores(),
                 gpu_count(),
                 psutil.virtual_memory().total,
                 parse_bytes(str(config_get("auto.process-memory"))),
@@ -87,9 +80,11 @@ class AutoSizes:
 
     def _table_size(self, step: Any, cfg: Any) -> int:
         sizes = [size for ds in step.inputs for _, size, _ in ds.stamps()]
-        processes = cfg.node_count * (self.processes or default_process_count())
-        memory = psutil.virtual_memory().total / max(1, self.processes or 1)
-        return choose_table_size(sizes, processes=processes, memory_limit=memory)
+        per_node = self.processes or default_process_count()
+        memory = psutil.virtual_memory().total / per_node
+        return choose_table_size(
+            sizes, processes=cfg.node_count * per_node, memory_limit=memory
+        )
 
     def lines(self) -> list[str]:
         """``job_result.txt``'s line about the choice, if any."""

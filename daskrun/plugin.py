@@ -61,7 +61,7 @@ from .output import (
     write_part,
 )
 from .partitions import MiniBatchContext
-from .resources import ResourceSampler, perf_topic
+from .resources import INIT, ResourceSampler, perf_topic
 from .runcontext import Logged, WorkerRun, set_worker_run
 from .storage import hide
 
@@ -360,7 +360,6 @@ def _common(paths: Sequence[str]) -> str:
 
 
 TIMEOUT_EXIT_CODE = 75
-INIT = -1  # the watchdog's index for init()
 
 
 def init_timeout(run_invocation_timeout: float) -> float:
@@ -987,15 +986,15 @@ def process_collection_batches(
     return process_mini_batches(
         plugin_name,
         [
-            (dataclasses.replace(batch, data=_items(partition)), try_no)
+            (dataclasses.replace(batch, data=partition_items(partition)), try_no)
             for (batch, try_no), partition in zip(tries, partitions, strict=True)
         ],
     )
 
 
-def _items(partition: Any) -> Any:
-    """A dataframe's partition as it is; a bag's (maybe a lazy iterator) as
-    a list."""
+def partition_items(partition: Any) -> Any:
+    """What ``run()`` gets of a Dask collection's partition: a DataFrame as
+    it is, a bag's items (maybe a lazy iterator) as a list."""
     import pandas as pd
 
     if isinstance(partition, (pd.DataFrame, pd.Series)):

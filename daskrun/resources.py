@@ -50,7 +50,7 @@ PERF_COLUMNS = (
 # a worker's RSS beyond this share of its memory limit is warned about once;
 # distributed pauses the worker at 80 % and restarts it at 95 % by default
 MEMORY_WARNING = 0.8
-_INIT = -1  # the plugin watchdog's index for init()
+INIT = -1  # the plugin watchdog's index for init()
 _MIB = 2**20
 
 
@@ -153,7 +153,6 @@ class ResourceSampler:
 class WorkerUsage:
     """What one worker used over a job, from its samples."""
 
-    samples: int = 0
     cpu_total: float = 0.0
     cpu_samples: int = 0
     peak_rss: float = 0.0
@@ -164,7 +163,6 @@ class WorkerUsage:
     warned: bool = False
 
     def add(self, msg: Mapping[str, Any]) -> None:
-        self.samples += 1
         if msg.get("cpu") is not None:
             self.cpu_total += msg["cpu"]
             self.cpu_samples += 1
@@ -264,7 +262,7 @@ class PerfLog:
         index = msg.get("index")
         if index is None:
             return "no mini-batch"
-        return "init()" if index == _INIT else self.describe(int(index))
+        return "init()" if index == INIT else self.describe(int(index))
 
     def _warn(self, line: str) -> None:
         with open(self.folder / "warnings.txt", "a", errors="backslashreplace") as f:
@@ -312,7 +310,7 @@ def _row(msg: Mapping[str, Any]) -> list[Any]:
         number(msg.get("cpu")),
         int(msg.get("rss") or 0),
         int(msg.get("limit") or 0),
-        "" if index is None else ("init" if index == _INIT else index),
+        "" if index is None else ("init" if index == INIT else index),
         number(msg.get("gpu")),
         "" if msg.get("gpu_memory") is None else int(msg["gpu_memory"]),
         "" if msg.get("gpu_memory_total") is None else int(msg["gpu_memory_total"]),

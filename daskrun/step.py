@@ -53,6 +53,7 @@ from .monitor import (
 )
 from .native import CollectionInput, check_same_collection, is_collection
 from .partitions import check_partition_keys, plan_partitions
+from .pilot import AutoSizes
 from .plugin import (
     EntryScriptPlugin,
 )
@@ -971,14 +972,18 @@ def _failed_rows(
 
     first = step.inputs[0]
     assert isinstance(first, TabularDataset)
+    AutoSizes(step, step.config.resolved)  # "auto": the size the run chose
     batches = list(step.plan()[0])
-    frames = []
+    spans: dict[int, list[tuple[int, int]]] = {}
     for row in rows:
-        if not (row["start"].isdigit() and row["stop"].isdigit()):
-            continue  # never read: its rows are unknown
-        batch = batches[int(row["index"])]
-        frame = read_tabular(batch, first.storage_options, first.pandas_kwargs)
-        frames.append(frame.iloc[int(row["start"]) : int(row["stop"])])
+        if row["start"].isdigit() and row["stop"].isdigit():  # else never read
+            spans.setdefault(int(row["index"]), []).append(
+                (int(row["start"]), int(row["stop"]))
+            )
+    frames = []
+    for index, cuts in spans.items():  # each mini-batch read once
+        frame = read_tabular(batches[index], first.storage_options, first.pandas_kwargs)
+        frames += [frame.iloc[start:stop] for start, stop in cuts]
     if not frames:
         raise ConfigError(
             f"the failed inputs of run {step.run_id or ''!r} could not be read "
