@@ -53,7 +53,14 @@ from .partitions import (
     parse_partition_keys,
     plan_partitions,
 )
-from .storage import describe_error, redact, storage_errors, within
+from .storage import (
+    BOOKKEEPING,
+    bookkeeping,
+    describe_error,
+    redact,
+    storage_errors,
+    within,
+)
 
 if TYPE_CHECKING:
     import dask.bag
@@ -61,8 +68,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 StorageOptions = Mapping[str, Any]
-# daskrun's own files under an output folder (parts of unfinished runs)
-BOOKKEEPING = ".daskrun"
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +290,7 @@ def _find_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     # the output is inside an input folder) is no input; a folder given that
     # lies below some ".daskrun" (a runs folder in a home) is listed all the same
     base = _glob_base(root)
-    return [f for f in files if f"/{BOOKKEEPING}/" not in f[len(base) :]]
+    return [f for f in files if not bookkeeping(f, base)]
 
 
 def _glob_base(root: str) -> str:

@@ -22,8 +22,16 @@ from distributed import LocalCluster
 from daskrun import ConfigError, Dataset, Datastore, InputError, Workspace
 from daskrun.partitions import PartitionFormat
 
-from .helpers import daskrun, make_files, run_step, write_script
-from .test_isolation import POISON_SCRIPT, ROWS_SCRIPT, _poison_files, _poison_rows
+from .helpers import (
+    POISON_SCRIPT,
+    ROWS_SCRIPT,
+    daskrun,
+    make_files,
+    poison_files,
+    poison_rows,
+    run_step,
+    write_script,
+)
 
 NAMES_SCRIPT = """
 import os
@@ -115,6 +123,18 @@ def test_inputs_below_a_daskrun_folder_are_listed(tmp_path: Path) -> None:
     made = make_files(home, 2)
     for path in (home, home / "*.txt", made[0]):
         assert Dataset.File.from_files(str(path)).files()[0] == str(made[0])
+
+
+def test_a_workspace_below_a_daskrun_folder_lists_its_datastore(
+    tmp_path: Path,
+) -> None:
+    ws = Workspace.create(tmp_path / "home" / ".daskrun" / "ws")
+    store = ws.get_default_datastore()
+    make_files(tmp_path / "src", 2)
+    store.upload(str(tmp_path / "src"), "in", show_progress=False)
+    ds = Dataset.File.from_files(store.path("in/"))
+    assert [Path(f).name for f in ds.files()] == ["f00000.txt", "f00001.txt"]
+    assert store.download(tmp_path / "back", "in", show_progress=False) == 2
 
 
 def test_dataset_reprs_name_their_paths(tmp_path: Path) -> None:
@@ -267,7 +287,7 @@ def test_failed_items_with_runs_below_a_daskrun_folder(
 ) -> None:
     """The default runs folder is ~/.daskrun/runs: the dead-letter file
     written there is an input like any other."""
-    _poison_rows(tmp_path / "in" / "rows.csv", 100, {12, 87})
+    poison_rows(tmp_path / "in" / "rows.csv", 100, {12, 87})
     with dask.config.set({"daskrun.runs-dir": str(tmp_path / "home/.daskrun/runs")}):
         run = run_step(
             tmp_path,
@@ -288,7 +308,7 @@ def test_failed_items_of_a_remote_run_ask_for_credentials(
     fs = AzureBlobFileSystem(connection_string=azurite)
     name = f"c{uuid.uuid4().hex[:12]}"
     fs.mkdir(name)
-    names = _poison_files(tmp_path / "in", 6, {4})
+    names = poison_files(tmp_path / "in", 6, {4})
     for file in names:
         fs.pipe_file(f"{name}/in/{file}", (tmp_path / "in" / file).read_bytes())
     options = {"connection_string": azurite}
