@@ -279,6 +279,22 @@ def test_dtypes_are_recorded_by_name(tmp_path: Path, cluster: LocalCluster) -> N
         )
 
 
+def test_a_run_record_that_cannot_be_saved_frees_the_output(
+    tmp_path: Path, cluster: LocalCluster
+) -> None:
+    (tmp_path / "t.csv").write_text("id,name\n1,a\n2,b\n")
+    ds = Dataset.Tabular.from_delimited_files(str(tmp_path / "t.csv"))
+    ds.pandas_kwargs["converters"] = {"id": int}  # behind the check's back
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        run_step(tmp_path, DTYPES_SCRIPT, ds, compute_target=cluster.scheduler_address)
+    assert not (tmp_path / "out" / ".daskrun" / "lock").exists()
+    del ds.pandas_kwargs["converters"]
+    run = run_step(
+        tmp_path, DTYPES_SCRIPT, ds, compute_target=cluster.scheduler_address
+    )
+    assert run.status == "Completed", run.error
+
+
 # --- the dead-letter data set ----------------------------------------------
 
 
