@@ -621,8 +621,8 @@ class _DatasetBase:
 
     def __repr__(self) -> str:
         """What messages show of a data set: its name, or the paths it was
-        made from (the first three of a list) and, once listed, its count of
-        files; never its storage_options, which hold secrets.
+        made from (the first three of a list, and how many more); never its
+        storage_options, which hold secrets.
 
         >>> FileDataset(["a.png", "b.png", "c.png", "d.png"], validate=False)
         FileDataset(['a.png', 'b.png', 'c.png', ... 1 more])
@@ -633,13 +633,9 @@ class _DatasetBase:
         given = self._source if self.datastore is not None else self.given
         where = "" if self.datastore is None else f"{self.datastore.name}:"
         if len(given) == 1 and isinstance(self._path, (str, os.PathLike)):
-            shown = repr(given[0])
-        else:
-            more = f", ... {len(given) - 3} more" if len(given) > 3 else ""
-            shown = f"[{', '.join(map(repr, given[:3]))}{more}]"
-        n = None if self._files is None else len(self._files)
-        count = "" if n is None else f", {n} file{'' if n == 1 else 's'}"
-        return f"{kind}({where}{shown}{count})"
+            return f"{kind}({where}{given[0]!r})"
+        more = f", ... {len(given) - 3} more" if len(given) > 3 else ""
+        return f"{kind}({where}[{', '.join(map(repr, given[:3]))}{more}])"
 
     def _where(self) -> str:
         if self.datastore is not None:

@@ -140,13 +140,13 @@ def test_a_workspace_below_a_daskrun_folder_lists_its_datastore(
 def test_dataset_reprs_name_their_paths(tmp_path: Path) -> None:
     make_files(tmp_path / "in", 3)
     ds = Dataset.File.from_files(str(tmp_path / "in"))
-    assert repr(ds) == f"FileDataset({str(tmp_path / 'in')!r}, 3 files)"
+    assert repr(ds) == f"FileDataset({str(tmp_path / 'in')!r})"
     lazy = Dataset.Tabular.from_delimited_files(
         [str(tmp_path / n) for n in "abcd"], validate=False
     )
     shown = ", ".join(repr(str(tmp_path / n)) for n in "abc")
     assert repr(lazy) == f"TabularDataset([{shown}, ... 1 more])"
-    with pytest.raises(ConfigError, match=r"input FileDataset\('.*in', 3 files\)"):
+    with pytest.raises(ConfigError, match=r"input FileDataset\('.*in'\) is not"):
         run_step(tmp_path, NAMES_SCRIPT, ds, partition_keys=["user"])
 
 
