@@ -1058,7 +1058,7 @@ def _write_partitions(
         for path in written:
             try:
                 fs.rm(path)
-            except OSError:
+            except Exception:  # the first error is the one to tell
                 pass
         raise
 

@@ -247,6 +247,21 @@ def test_partition_by_is_all_or_nothing(tmp_path: Path, value: str, shown: str) 
     assert sorted(parts.to_pandas_dataframe()["k"]) == ["a", "b", "c", "d"]
 
 
+def test_partition_by_removes_what_it_wrote_when_a_write_fails(
+    tmp_path: Path,
+) -> None:
+    store = _store(tmp_path)
+    path = tmp_path / "t.csv"
+    path.write_text("k,v\na,0\nb,1\nc,2\n")
+    # a folder where the last group's file goes: the target holds no file,
+    # and the third write fails after two succeeded
+    (tmp_path / "store" / "parts" / "k=c" / "data.parquet").mkdir(parents=True)
+    ds = Dataset.Tabular.from_delimited_files(str(path))
+    with pytest.raises(OSError):
+        ds.partition_by(["k"], (store, "parts"), show_progress=False)
+    assert not [f for _, _, fs in os.walk(tmp_path / "store") for f in fs]
+
+
 # --- pandas options a run record keeps ---------------------------------------
 
 DTYPES_SCRIPT = """
