@@ -351,10 +351,10 @@ def _glob_local(pattern: str) -> list[str]:
         for s in os.path.normpath(pattern)[len(base) :].split("/")
         if s
     ]
-    if _matches(segments, ()):  # "data/**" matches data/ itself
-        return _walk_local(base)
     if not os.path.isdir(base):
         return []
+    if _matches(segments, ()):  # "data/**" matches data/ itself
+        return _walk_local(base)
     fixed = segments.index(None) if None in segments else len(segments)
     hidden_below = any(s is not None and s.hidden for s in segments[fixed:])
     files: list[str] = []
@@ -365,7 +365,7 @@ def _glob_local(pattern: str) -> list[str]:
             for entry in entries:
                 names = (*above, entry.name)
                 if not entry.is_dir():
-                    if _matches(segments, names):
+                    if _matches(segments, names, folder=False):
                         if not entry.is_file():
                             raise _not_a_file(entry.path)
                         files.append(entry.path)
@@ -403,22 +403,32 @@ def _segment(text: str) -> _Segment:
 
 
 def _matches(
-    segments: Sequence[_Segment | None], names: Sequence[str], i: int = 0, j: int = 0
+    segments: Sequence[_Segment | None],
+    names: Sequence[str],
+    folder: bool = True,
+    i: int = 0,
+    j: int = 0,
 ) -> bool:
-    """Whether the path ``names`` matches the glob ``segments`` (``None``
-    for ``**``: any number of parts, none of them hidden)."""
+    """Whether the path ``names`` (a folder, or a file) matches the glob
+    ``segments`` (``None`` for ``**``: any number of parts, none of them
+    hidden). As in glob, a ``**`` at the end matches a folder itself, but
+    a file only by its own name."""
     if i == len(segments):
         return j == len(names)
     segment = segments[i]
     if segment is None:
+        if not folder and i == len(segments) - 1 and j == len(names):
+            return False
         for k in range(j, len(names) + 1):
-            if _matches(segments, names, i + 1, k):
+            if _matches(segments, names, folder, i + 1, k):
                 return True
             if k < len(names) and names[k].startswith("."):
                 return False
         return False
     return (
-        j < len(names) and segment(names[j]) and _matches(segments, names, i + 1, j + 1)
+        j < len(names)
+        and segment(names[j])
+        and _matches(segments, names, folder, i + 1, j + 1)
     )
 
 

@@ -6,8 +6,10 @@ input is one line naming it and the fix, before anything is written."""
 
 from __future__ import annotations
 
+import glob
 import os
 import re
+import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -18,6 +20,8 @@ import pandas as pd
 import pytest
 from adlfs import AzureBlobFileSystem
 from distributed import LocalCluster
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daskrun import ConfigError, Dataset, Datastore, InputError, Workspace
 from daskrun.partitions import PartitionFormat
@@ -74,6 +78,47 @@ def test_recursive_globs_over_symlink_loops_list_each_file_once(
     ):
         files = Dataset.File.from_files(str(top / pattern)).files()
         assert _names(files, top) == expected, pattern
+
+
+_NAMES = ("a", "b", "ab", ".h", "x.csv", "y.txt", ".z.csv")
+_PATTERNS = ("*", "*.csv", "**", "**/*.csv", "*/**", "a*/**/*.txt", "**/a/*", "?")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    paths=st.lists(
+        st.lists(st.sampled_from(_NAMES), min_size=1, max_size=4),
+        min_size=1,
+        max_size=20,
+    ),
+    pattern=st.sampled_from(_PATTERNS),
+)
+def test_local_globs_match_what_glob_matches(
+    paths: list[list[str]], pattern: str
+) -> None:
+    """The one-walk glob lists what ``glob.glob(recursive=True)`` matches,
+    with the folders it matches listed whole, on trees without links."""
+    with tempfile.TemporaryDirectory() as top:
+        for parts in paths:
+            path = os.path.join(top, *parts)
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                if not os.path.isdir(path):
+                    Path(path).write_text("x")
+            except (FileExistsError, NotADirectoryError):
+                pass  # a file where a folder would go, or the other way
+        expected: set[str] = set()
+        for found in glob.glob(os.path.join(top, pattern), recursive=True):
+            if os.path.isdir(found):
+                for folder, _, files in os.walk(found):
+                    expected.update(os.path.join(folder, f) for f in files)
+            else:
+                expected.add(os.path.normpath(found))
+        try:
+            listed = Dataset.File.from_files(os.path.join(top, pattern)).files()
+        except InputError:
+            listed = []
+        assert listed == sorted(expected)
 
 
 def test_fifos_and_broken_links_are_refused_when_listed(
