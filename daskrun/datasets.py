@@ -16,15 +16,20 @@ receives.
 
 from __future__ import annotations
 
-import glob as globlib
+import fnmatch
 import math
 import os
 import posixpath
+import re
 import shutil
+import stat
+import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -32,7 +37,13 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from .config import PipelineParameter, check_name, config_get, mini_batch_size_for
-from .delimited import CsvBatch, check_csv_options, plan_csv, read_csv
+from .delimited import (
+    CsvBatch,
+    check_csv_options,
+    csv_columns,
+    plan_csv,
+    read_csv,
+)
 from .exceptions import ConfigError, DaskRunError, InputError
 from .partitions import (
     PartitionBatch,
@@ -42,7 +53,14 @@ from .partitions import (
     parse_partition_keys,
     plan_partitions,
 )
-from .storage import describe_error, redact, storage_errors, within
+from .storage import (
+    BOOKKEEPING,
+    bookkeeping,
+    describe_error,
+    redact,
+    storage_errors,
+    within,
+)
 
 if TYPE_CHECKING:
     import dask.bag
@@ -50,8 +68,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 StorageOptions = Mapping[str, Any]
-# daskrun's own files under an output folder (parts of unfinished runs)
-BOOKKEEPING = ".daskrun"
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,21 +203,25 @@ def expand_paths(
 ) -> list[str]:
     """Expand paths, folders (recursively) and globs into a sorted file list.
 
-    Local files come back as absolute paths, remote ones as full URLs.
-    Raises :class:`InputError` naming the first path that matches nothing.
+    Local files come back as absolute paths, remote ones as full URLs. A
+    file that a list names twice is listed once, with one warning saying
+    how many repeats there were. Raises :class:`InputError` naming the
+    first path that matches nothing, and a local input that is not a
+    regular file (a FIFO, a socket, a broken symbolic link).
     """
     items = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not items:
         raise InputError("no input path given; pass a file, folder, glob or URL")
     found: set[str] = set()
+    named = 0
     for item in items:
         text = os.fspath(item)
         try:
-            if "://" in text or any(c in text for c in "*?["):
+            if "://" in text or _is_glob(text):
                 fs, root = url_to_fs(text, **dict(storage_options or {}))
             else:  # a plain local path: no fsspec per item of a long list
                 fs, root = _LOCAL, os.path.abspath(os.path.expanduser(text))
-            files = [f for f in _find_files(fs, root) if f"/{BOOKKEEPING}/" not in f]
+            files = _find_files(fs, root)
         except (FileNotFoundError, NotADirectoryError):
             files = []
         except OSError as e:
@@ -221,17 +241,41 @@ def expand_paths(
             # million-file job a set and a second list
             files.sort()
             return files
+        named += len(files)
         found.update(files)
+    if named > len(found):
+        warnings.warn(
+            f"the input list names {named - len(found)} file(s) more than once "
+            "(the same path twice, or a file inside a folder also listed); "
+            "each is read once: drop the repeats to silence this",
+            UserWarning,
+            stacklevel=_outside_daskrun(),
+        )
     return sorted(found)
+
+
+def _outside_daskrun() -> int:
+    """The ``stacklevel`` of the first caller outside daskrun: a warning
+    then points at the user's line, however deep daskrun called."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
 
 
 def _find_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     if _is_local(fs):
-        return _find_local(root)
-    if any(c in root for c in "*?["):
+        return _glob_local(root) if _is_glob(root) else _walk_local(root)
+    if _is_glob(root):
         matches = fs.glob(root, detail=True)
     elif fs.isdir(root):
-        return list(fs.find(root))
+        matches = {root: {"type": "directory"}}
     elif fs.isfile(root):
         return [root]
     else:
@@ -242,39 +286,39 @@ def _find_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
             files.update(fs.find(name))
         else:
             files.add(name)
-    return list(files)
+    # daskrun's bookkeeping below the listed folder (an output's parts, when
+    # the output is inside an input folder) is no input; a folder given that
+    # lies below some ".daskrun" (a runs folder in a home) is listed all the same
+    base = _glob_base(root)
+    return [f for f in files if not bookkeeping(f, base)]
 
 
-def _find_local(root: str) -> list[str]:
-    # os.scandir keeps no per-file metadata: a million paths cost only their
-    # strings, where fsspec's find() builds an info dict for each
-    if not any(c in root for c in "*?["):
-        return _walk_local(root)
-    # "dir/**" matches each file and every folder above it: walk a folder
-    # only when no folder above it was walked, so each file is listed once
-    walked: set[str] = set()
-    files: list[str] = []
-    for top in sorted(map(os.path.normpath, globlib.glob(root, recursive=True))):
-        if walked and _inside(top, walked):
-            continue
-        if os.path.isdir(top):
-            walked.add(top)
-        files.extend(_walk_local(top))
-    return files
+def _glob_base(root: str) -> str:
+    """``root`` up to the folder holding its first wildcard, without a
+    trailing ``/``: the part of every path it lists that the user chose.
 
-
-def _inside(path: str, folders: set[str]) -> bool:
-    parent, child = os.path.dirname(path), path
-    while parent != child:
-        if parent in folders:
-            return True
-        parent, child = os.path.dirname(parent), parent
-    return False
+    >>> _glob_base("c/data/*/x.csv"), _glob_base("c/data/")
+    ('c/data', 'c/data')
+    """
+    if not _is_glob(root):
+        return root.rstrip("/")
+    wild = min(root.find(c) for c in "*?[" if c in root)
+    return root[:wild].rsplit("/", 1)[0]
 
 
 def _walk_local(top: str) -> list[str]:
-    if os.path.isfile(top):
+    """The files of a local file or folder (recursively), daskrun's
+    bookkeeping folders and linked folders left out (as os.walk)."""
+    try:
+        mode = os.stat(top).st_mode
+    except FileNotFoundError:
+        if os.path.islink(top):
+            raise _not_a_file(top) from None
+        raise
+    if stat.S_ISREG(mode):
         return [top]
+    if not stat.S_ISDIR(mode):
+        raise _not_a_file(top)
     # os.scandir one entry at a time: os.walk would first hold all of a
     # folder's names as a second list (70 MB for a million files)
     files: list[str] = []
@@ -282,11 +326,135 @@ def _walk_local(top: str) -> list[str]:
     while folders:
         with os.scandir(folders.pop()) as entries:
             for entry in entries:
-                if not entry.is_dir():
+                if entry.is_file():  # no stat: the folder listing says so
                     files.append(entry.path)
+                elif not entry.is_dir():
+                    raise _not_a_file(entry.path)
                 elif entry.name != BOOKKEEPING and not entry.is_symlink():
-                    folders.append(entry.path)  # as os.walk: no linked dirs
+                    folders.append(entry.path)
     return files
+
+
+def _glob_local(pattern: str) -> list[str]:
+    """The files that a local glob matches, as ``glob.glob(pattern,
+    recursive=True)`` would, and all files below the folders it matches,
+    each once.
+
+    One walk from the folder above the first wildcard: ``**`` never enters
+    a linked folder (as ``pathlib``'s ``rglob``), so symlink loops cost
+    nothing and the time is linear in the files below; a folder the
+    pattern matches is listed whole by :func:`_walk_local`.
+    """
+    base = _glob_base(os.path.normpath(pattern)) or "/"
+    segments = [
+        None if s == "**" else _segment(s)
+        for s in os.path.normpath(pattern)[len(base) :].split("/")
+        if s
+    ]
+    if not os.path.isdir(base):
+        return []
+    if _matches(segments, ()):  # "data/**" matches data/ itself
+        return _walk_local(base)
+    fixed = segments.index(None) if None in segments else len(segments)
+    hidden_below = any(s is not None and s.hidden for s in segments[fixed:])
+    files: list[str] = []
+    folders: list[tuple[str, tuple[str, ...]]] = [(base, ())]
+    while folders:
+        folder, above = folders.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                names = (*above, entry.name)
+                if not entry.is_dir():
+                    if _matches(segments, names, folder=False):
+                        if not entry.is_file():
+                            raise _not_a_file(entry.path)
+                        files.append(entry.path)
+                elif entry.name == BOOKKEEPING:
+                    continue
+                elif _matches(segments, names):
+                    files.extend(_walk_local(entry.path))
+                elif len(names) <= fixed:  # a segment before any "**"
+                    step = segments[len(names) - 1]
+                    if len(names) < len(segments) and step and step(entry.name):
+                        folders.append((entry.path, names))
+                elif not entry.is_symlink() and (
+                    hidden_below or not entry.name.startswith(".")
+                ):
+                    folders.append((entry.path, names))
+    return files
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """One ``/``-separated part of a glob: a name to match, as fnmatch does;
+    a name starting with ``.`` matches only a part that starts with one."""
+
+    regex: re.Pattern[str]
+    hidden: bool
+
+    def __call__(self, name: str) -> bool:
+        if name.startswith(".") and not self.hidden:
+            return False
+        return self.regex.match(name) is not None
+
+
+def _segment(text: str) -> _Segment:
+    return _Segment(re.compile(fnmatch.translate(text)), text.startswith("."))
+
+
+def _matches(
+    segments: Sequence[_Segment | None],
+    names: Sequence[str],
+    folder: bool = True,
+    i: int = 0,
+    j: int = 0,
+) -> bool:
+    """Whether the path ``names`` (a folder, or a file) matches the glob
+    ``segments`` (``None`` for ``**``: any number of parts, none of them
+    hidden). As in glob, a ``**`` at the end matches a folder itself, but
+    a file only by its own name."""
+    if i == len(segments):
+        return j == len(names)
+    segment = segments[i]
+    if segment is None:
+        if not folder and i == len(segments) - 1 and j == len(names):
+            return False
+        for k in range(j, len(names) + 1):
+            if _matches(segments, names, folder, i + 1, k):
+                return True
+            if k < len(names) and names[k].startswith("."):
+                return False
+        return False
+    return (
+        j < len(names)
+        and segment(names[j])
+        and _matches(segments, names, folder, i + 1, j + 1)
+    )
+
+
+def _not_a_file(path: str) -> InputError:
+    """The one line for a local input that is no regular file: reading a
+    FIFO would wait for a writer until the mini-batch timed out."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return InputError(
+            f"input {path!r} is a broken symbolic link (to "
+            f"{os.readlink(path)!r}); fix or remove the link, or list the "
+            "files to read"
+        )
+    mode = os.stat(path).st_mode
+    kind = (
+        "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "not a regular file"
+    )
+    return InputError(
+        f"input {path!r} is {kind}, not a regular file; move it out of the "
+        "input folder, or list the files to read"
+    )
 
 
 class _DatasetBase:
@@ -461,6 +629,24 @@ class _DatasetBase:
     def as_download(self) -> Any:
         return self
 
+    def __repr__(self) -> str:
+        """What messages show of a data set: its name, or the paths it was
+        made from (the first three of a list, and how many more); never its
+        storage_options, which hold secrets.
+
+        >>> FileDataset(["a.png", "b.png", "c.png", "d.png"], validate=False)
+        FileDataset(['a.png', 'b.png', 'c.png', ... 1 more])
+        """
+        kind = type(self).__name__
+        if self.name is not None:
+            return f"{kind}(name={self.name!r}, version={self.version})"
+        given = self._source if self.datastore is not None else self.given
+        where = "" if self.datastore is None else f"{self.datastore.name}:"
+        if len(given) == 1 and isinstance(self._path, (str, os.PathLike)):
+            return f"{kind}({where}{given[0]!r})"
+        more = f", ... {len(given) - 3} more" if len(given) > 3 else ""
+        return f"{kind}({where}[{', '.join(map(repr, given[:3]))}{more}])"
+
     def _where(self) -> str:
         if self.datastore is not None:
             return f"datastore {self.datastore.name!r}"
@@ -481,13 +667,6 @@ def _relative(files: Sequence[str], storage_options: StorageOptions) -> list[str
 def _folder_of(paths: Sequence[str]) -> str:
     common = posixpath.commonpath(list(paths))
     return posixpath.dirname(common) if common in paths else common
-
-    def __repr__(self) -> str:  # never shows storage_options: they hold secrets
-        if self.name is not None:
-            return f"{type(self).__name__}(name={self.name!r}, version={self.version})"
-        if self.datastore is not None:
-            return f"{type(self).__name__}({self.datastore.name}:{self._source!r})"
-        return f"{type(self).__name__}({self._path!r})"
 
 
 def _listing_roots(path: Any) -> list[str]:
@@ -694,6 +873,35 @@ class TabularDataset(_DatasetBase):
             storage_options=storage_options,
             partition_format=partition_format,
         )
+        if validate and self._partitions is not None:
+            first = self.files()[0]
+            check_key_columns(self._partitions, self._columns(first), first)
+
+    def _columns(self, path: str) -> list[str]:
+        """The column names of one file (its header or Parquet schema),
+        ``[]`` where it cannot be read: a run says why, per mini-batch."""
+
+        def read() -> list[str]:
+            try:
+                if self.file_format == "csv":
+                    return csv_columns(path, self.storage_options, self.pandas_kwargs)
+                import pyarrow.parquet as pq
+
+                with fsspec.open(path, "rb", **self.storage_options) as f:
+                    return list(pq.read_schema(f).names)
+            except Exception:
+                return []
+
+        if self.local:
+            return read()
+        return list(
+            _bounded(
+                read,
+                float(config_get("storage-timeout")),
+                self._where(),
+                self.storage_options,
+            )
+        )
 
     def plan(
         self, mini_batch_size: object = None, start: int = 0, exclude: str | None = None
@@ -826,7 +1034,12 @@ def _write_partitions(
     show_progress: bool,
 ) -> None:
     """``frame`` as ``base/k1=v1/k2=v2/data.parquet`` files, one per key
-    combination, without the key columns."""
+    combination, without the key columns.
+
+    All or nothing: every combination's folder name is checked before the
+    first file is written, and the files written are removed if a later
+    one fails, so that a retry finds the target empty again.
+    """
     fs, root = url_to_fs(base, **dict(storage_options))
     root = root.rstrip("/")
     if fs.exists(root) and fs.find(root):
@@ -834,25 +1047,63 @@ def _write_partitions(
             f"partition_by target {base!r} already holds files; choose a new or "
             "empty folder"
         )
+    for values in frame[list(keys)].drop_duplicates().itertuples(index=False):
+        _hive_folder(keys, tuple(values))
     groups = frame.groupby(list(keys), sort=True, dropna=False)
-    for n, (combo, part) in enumerate(groups, 1):
-        values = combo if isinstance(combo, tuple) else (combo,)
-        folder = []
-        for key, value in zip(keys, values, strict=True):
-            text = "" if value is None or value != value else str(value)  # NaN
-            if text in ("", ".", "..") or "/" in text:
-                raise InputError(
-                    f"partition_by: column {key!r} holds {value!r}, which cannot "
-                    "name a folder; fill or replace it first (e.g. "
-                    f"df[{key!r}].fillna('none'))"
-                )
-            folder.append(f"{key}={text}")
-        path = "/".join([root, *folder, "data.parquet"])
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "wb") as f:
-            part.drop(columns=list(keys)).to_parquet(f, index=False)
-        if show_progress:
-            print(f"partition_by: {n}/{groups.ngroups} {'/'.join(folder)}")
+    written: list[str] = []
+    try:
+        for n, (combo, part) in enumerate(groups, 1):
+            folder = _hive_folder(keys, combo if isinstance(combo, tuple) else (combo,))
+            path = "/".join([root, folder, "data.parquet"])
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            rows = part.drop(columns=list(keys)).reset_index(drop=True)
+            with fs.open(path, "wb") as f:
+                written.append(path)
+                # a frame of key columns only keeps its rows as an index
+                # column: Parquet without columns would hold no rows
+                rows.to_parquet(f, index=rows.columns.empty)
+            if show_progress:
+                print(f"partition_by: {n}/{groups.ngroups} {folder}")
+    except BaseException:
+        for path in written:
+            try:
+                fs.rm(path)
+            except Exception:  # the first error is the one to tell
+                pass
+        raise
+
+
+# a folder name's limit on local file systems (NAME_MAX)
+_NAME_BYTES = 255
+
+
+def _hive_folder(keys: Sequence[str], values: Sequence[Any]) -> str:
+    """``k1=v1/k2=v2``, or an :class:`InputError` for a value that cannot
+    name a folder (missing, ``.``, holding ``/``, too long).
+
+    >>> _hive_folder(["user", "day"], ["alice", 3])
+    'user=alice/day=3'
+    """
+    import pandas as pd
+
+    folder = []
+    for key, value in zip(keys, values, strict=True):
+        text = "" if pd.isna(value) else str(value)  # None, NaN, NaT, pd.NA
+        name = f"{key}={text}"
+        if text in ("", ".", "..") or "/" in text or "\0" in text:
+            why, fix = "which cannot name a folder", f"df[{key!r}].fillna('none')"
+        elif len(name.encode("utf-8", "surrogateescape")) > _NAME_BYTES:
+            why = f"too long to name a folder ({_NAME_BYTES} bytes at most)"
+            fix = f"df[{key!r}].map(short_ids)"
+        else:
+            folder.append(name)
+            continue
+        shown = repr(value) if len(repr(value)) <= 60 else f"{repr(value)[:57]}..."
+        raise InputError(
+            f"partition_by: column {key!r} holds {shown}, {why}; nothing was "
+            f"written: fill or replace it first (e.g. {fix})"
+        )
+    return "/".join(folder)
 
 
 def _read_for_dask(batch: MiniBatch, dataset: TabularDataset) -> Any:
@@ -1041,11 +1292,32 @@ def with_partition_columns(
     frame: pd.DataFrame, path: str, partition_format: str | None
 ) -> pd.DataFrame:
     """``frame`` (read from ``path``) with a column per partition key, as
-    Azure ML adds them to a partitioned tabular data set's rows."""
+    Azure ML adds them to a partitioned tabular data set's rows; a key
+    named like one of the file's columns is refused, never overwritten."""
     if partition_format is not None:
-        for key, value in PartitionFormat(partition_format).match(path).items():
+        pattern = PartitionFormat(partition_format)
+        check_key_columns(pattern, frame.columns, path)
+        for key, value in pattern.match(path).items():
             frame[key] = value
     return frame
+
+
+def check_key_columns(pattern: PartitionFormat, columns: Any, path: str) -> None:
+    """Refuse a partition key named like a column of the file at ``path``:
+    its values from the path would replace the column's.
+
+    >>> check_key_columns(PartitionFormat("/{m}/x.csv"), ["m", "v"], "a/x.csv")
+    Traceback (most recent call last):
+    ...
+    daskrun.exceptions.InputError: partition_format='/{m}/x.csv': key 'm' is also a column of 'a/x.csv', whose values it would replace; rename the key in the pattern, e.g. {m_key}
+    """  # noqa: E501
+    same = [k for k in pattern.keys if k in set(map(str, columns))]
+    if same:
+        raise InputError(
+            f"partition_format={pattern.text!r}: key {same[0]!r} is also a column "
+            f"of {path!r}, whose values it would replace; rename the key in the "
+            f"pattern, e.g. {{{same[0]}_key}}"
+        )
 
 
 def read_partition(

@@ -33,7 +33,7 @@ from fsspec.core import url_to_fs
 
 from .config import config_get
 from .exceptions import ConfigError
-from .storage import redact, storage_errors, within
+from .storage import bookkeeping, redact, storage_errors, within
 
 # kind name -> back-end class; filled by StorageBackend.__init_subclass__
 BACKENDS: dict[str, type[StorageBackend]] = {}
@@ -158,7 +158,7 @@ class StorageBackend(ABC):
         return sorted(
             os.path.relpath(f, prefix).replace(os.sep, "/")
             for f in found
-            if "/.daskrun/" not in f
+            if not bookkeeping(f, root)
         )
 
     def upload(self, pairs: Sequence[Upload], overwrite: bool = False) -> None:
@@ -194,7 +194,7 @@ class StorageBackend(ABC):
         written = []
         with self.errors(f"download of {path or '/'!r}"):
             found = self._bounded(lambda: fs.find(root))
-            for f in (f for f in found if "/.daskrun/" not in f):
+            for f in (f for f in found if not bookkeeping(f, root)):
                 dest = target / os.path.relpath(f, root)
                 if dest.exists() and not overwrite:
                     raise ConfigError(

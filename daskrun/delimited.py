@@ -27,6 +27,7 @@ Refused when the data set is made: options that need the whole file
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -113,7 +114,47 @@ def check_csv_options(pandas_kwargs: Mapping[str, Any]) -> dict[str, Any]:
             "pandas option filepath_or_buffer is daskrun's to set; pass the files "
             "as the data set's path"
         )
+    if "dtype" in kwargs:
+        kwargs["dtype"] = _dtype_names(kwargs["dtype"])
+    for name, value in kwargs.items():
+        # run records and workspaces keep the options as JSON, for resume
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"pandas option {name}={value!r} cannot be recorded for a resume "
+                "(run records keep JSON: strings, numbers, lists, dicts); pass it "
+                "as one, or apply it in run()"
+            ) from None
     return kwargs
+
+
+def _dtype_names(dtype: Any) -> Any:
+    """``dtype`` (one, or a dict by column) with each type given by its
+    name, which pandas reads back as the same type: ``str`` is ``'str'``,
+    ``np.int32`` is ``'int32'``.
+
+    >>> import numpy as np
+    >>> _dtype_names({"id": np.int32, "name": str})
+    {'id': 'int32', 'name': 'str'}
+    """
+    if isinstance(dtype, Mapping):
+        return {column: _dtype_names(value) for column, value in dtype.items()}
+    from pandas.api.types import pandas_dtype
+
+    try:
+        found = pandas_dtype(dtype)
+        name = dtype if isinstance(dtype, str) else str(found)
+        same = pandas_dtype(name) == found
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise ConfigError(
+            f"pandas option dtype={dtype!r} has no name that reads back as the "
+            "same type; pass a name pandas knows, e.g. dtype={'id': 'int32'}, "
+            "or convert in run()"
+        )
+    return name
 
 
 def _compression(path: str, pandas_kwargs: Mapping[str, Any]) -> str | None:
@@ -398,6 +439,22 @@ def read_csv(
         return pd.read_csv(io.BytesIO(_read_range(batch, storage_options)), **kwargs)
     except pd.errors.EmptyDataError:
         return pd.DataFrame()  # only blank or comment lines
+
+
+def csv_columns(
+    path: str, storage_options: StorageOptions, pandas_kwargs: Mapping[str, Any]
+) -> list[str]:
+    """The column names pandas gives the file at ``path``, read from its
+    start only (``[]`` for a file without rows or header)."""
+    import pandas as pd
+
+    kwargs = {**_for_pandas(pandas_kwargs), "nrows": 0}
+    compression = _compression(path, pandas_kwargs)
+    with fsspec.open(path, "rb", compression=compression, **storage_options) as f:
+        try:
+            return [str(c) for c in pd.read_csv(f, **kwargs).columns]
+        except pd.errors.EmptyDataError:
+            return []
 
 
 def count_csv_rows(

@@ -386,7 +386,8 @@ class Job:
         recorded as ``Canceled`` and raised again.
         """
         status, error, final = "Failed", None, None
-        record.start()
+        with self.opening():  # a record that cannot be saved holds no lock
+            record.start()
         try:
             with (
                 self._connection() if self._early is None else self._early.use()

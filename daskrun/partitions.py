@@ -65,8 +65,20 @@ class PartitionFormat:
         keys: list[str] = []
         self._dates: dict[str, list[tuple[str, str]]] = {}
         regex, end = "", 0
+        stray = re.search(r"[{}]", _FIELD.sub("", text))
+        if stray is not None:
+            raise ConfigError(
+                f"partition_format={text!r} has an unbalanced {stray.group()!r}; "
+                "write each key as {name} (or {name:yyyy/MM/dd}), e.g. "
+                "'/{user}/{genre}/{fname}.wav'"
+            )
         for n, m in enumerate(_FIELD.finditer(text)):
             key, date = m.group(1), m.group(2)
+            if not key:
+                raise ConfigError(
+                    f"partition_format={text!r}: {m.group()} names no key; put a "
+                    "key's name in the braces, e.g. '/{user}/{fname}.wav'"
+                )
             if not _KEY.match(key) or key in keys:
                 why = "is named twice" if key in keys else "is not a key name"
                 raise ConfigError(

@@ -777,11 +777,7 @@ def _resume(
             "(--retry-failed) to run its failed mini-batches again, or "
             "replan=True (--replan) to run those whose inputs changed"
         )
-    if record.remote_inputs and storage_options is None and not record.input_specs:
-        raise ConfigError(
-            f"run {run_id!r} reads remote inputs; pass their storage_options to "
-            "resume(), since run records never hold credentials"
-        )
+    _check_credentials(record, storage_options, "resume()")
     step = _rebuild(record, storage_options, compute_target, workspace, given)
     return _execute(
         step,
@@ -790,6 +786,19 @@ def _resume(
         retry_failed=retry_failed,
         replan=replan,
     )
+
+
+def _check_credentials(
+    record: RunRecord, storage_options: dict[str, Any] | None, call: str
+) -> None:
+    """Refuse to read a run's remote inputs again without credentials:
+    neither given (run records never hold them) nor a workspace
+    datastore's."""
+    if record.remote_inputs and storage_options is None and not record.input_specs:
+        raise ConfigError(
+            f"run {record.run_id!r} reads remote inputs; pass their "
+            f"storage_options to {call}, since run records never hold credentials"
+        )
 
 
 def _rebuild(
@@ -933,6 +942,7 @@ def failed_items(
     workspace = run.workspace
     if workspace is None and record.workspace:
         workspace = Workspace(record.workspace)
+    _check_credentials(record, storage_options, "failed_items()")
     errors = {row["input"]: row["error"] for row in rows}
     if record.kind == "file":
         found = FileDataset(

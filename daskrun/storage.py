@@ -11,6 +11,7 @@ secrets, locks.
   ``storage_options`` (keys, SAS tokens, connection strings) never reach a
   message, a log or a run record.
 - :class:`FileLock` — one process at a time on a run or an output folder.
+- :func:`bookkeeping` — daskrun's own files below a listed folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from typing import IO, Any, TypeVar
 from .exceptions import DaskRunError, StorageError, StorageTimeoutError
 
 _T = TypeVar("_T")
+
+# the folder daskrun keeps its own files in, inside an output folder
+BOOKKEEPING = ".daskrun"
 
 # the parts of a connection string that are secret
 _SECRET_KEYS = {"AccountKey", "SharedAccessSignature", "SharedAccessKey"}
@@ -228,3 +232,19 @@ def _same_file(f: IO[str], path: str) -> bool:
         return os.path.samestat(os.fstat(f.fileno()), os.stat(path))
     except FileNotFoundError:
         return False
+
+
+def bookkeeping(path: str, below: str) -> bool:
+    """Whether ``path``, listed from the folder ``below``, lies in a
+    ``.daskrun`` folder under it: daskrun's own files (an output's parts,
+    when the output is inside an input folder), never an input. A folder
+    listed that itself lies under a ``.daskrun`` (a runs folder in
+    ``~/.daskrun``) is read as any other.
+
+    >>> bookkeeping("c/in/out/.daskrun/r1/parts/0", "c/in")
+    True
+    >>> bookkeeping("/home/u/.daskrun/runs/r1/failed.csv", "/home/u/.daskrun/runs")
+    False
+    """
+    rest = path[len(below.rstrip("/")) :] if path.startswith(below) else path
+    return f"/{BOOKKEEPING}/" in rest

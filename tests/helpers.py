@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
@@ -39,6 +39,9 @@ from daskrun import (
     Workspace,
 )
 from daskrun.output import OutputTarget, committed_parts
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # run() that takes 0.2 s per mini-batch and returns the file names
 SLOW_SCRIPT = """
@@ -70,6 +73,56 @@ def make_files(folder: Path, n: int, prefix: str = "f") -> list[Path]:
         p.write_text(str(i))
         paths.append(p)
     return paths
+
+
+# run() that raises for a file named ...-poison, else returns the names
+POISON_SCRIPT = """
+import os
+
+def init():
+    pass
+
+def run(mini_batch):
+    for p in mini_batch:
+        if "poison" in os.path.basename(p):
+            raise ValueError(f"cannot score {os.path.basename(p)}")
+    return [os.path.basename(p) for p in mini_batch]
+"""
+
+
+def poison_files(folder: Path, n: int, poison: set[int]) -> list[str]:
+    """``n`` files in name order, those at ``poison`` named ``...-poison``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        name = f"f{i:05d}{'-poison' if i in poison else ''}.txt"
+        (folder / name).write_text(str(i))
+        names.append(name)
+    return names
+
+
+# run() that raises for rows with a negative v, else returns them
+ROWS_SCRIPT = """
+def init():
+    pass
+
+def run(df):
+    if (df["v"] < 0).any():
+        raise ValueError(f"negative v in rows {list(df.index[df['v'] < 0])}")
+    return df
+"""
+
+
+def poison_rows(path: Path, n: int, poison: set[int]) -> pd.DataFrame:
+    """``n`` rows ``id, v`` in ``path``, ``v`` negative at ``poison``."""
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {"id": range(n), "v": [-1 if i in poison else i for i in range(n)]}
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return frame
 
 
 REPO = Path(__file__).resolve().parent.parent

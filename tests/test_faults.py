@@ -219,18 +219,21 @@ def test_a_stuck_init_is_bounded(tmp_path: Path) -> None:
 
 
 def test_a_fifo_among_csv_inputs_times_out_naming_it(tmp_path: Path) -> None:
-    """Reading inputs runs under run_invocation_timeout too: a FIFO whose
-    writer never comes fails its mini-batch, and the job ends."""
+    """Reading inputs runs under run_invocation_timeout too: a file that
+    became a FIFO after it was listed (a FIFO listed is refused; a hung
+    mount reads the same) fails its mini-batch, and the job ends."""
     folder = tmp_path / "in"
     folder.mkdir()
-    for name in ("t0.csv", "t1.csv", "t2.csv"):
+    for name in ("t0.csv", "t1.csv", "t1fifo.csv", "t2.csv"):
         (folder / name).write_text("a,b\n1,2\n3,4\n")
+    inputs = Dataset.Tabular.from_delimited_files(str(folder))
+    (folder / "t1fifo.csv").unlink()
     os.mkfifo(folder / "t1fifo.csv")  # sorted third: mini-batch 2
     start = time.monotonic()
     run = run_step(
         tmp_path,
         "def init():\n    pass\ndef run(df):\n    return df\n",
-        Dataset.Tabular.from_delimited_files(str(folder)),
+        inputs,
         run_invocation_timeout=2,
         run_max_try=1,
         error_threshold=-1,

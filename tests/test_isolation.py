@@ -17,31 +17,14 @@ from hypothesis import strategies as st
 from daskrun import Dataset, StepRun
 from daskrun.records import RunRecord
 
-from .helpers import daskrun, run_step
-
-POISON_SCRIPT = """
-import os
-
-def init():
-    pass
-
-def run(mini_batch):
-    for p in mini_batch:
-        if "poison" in os.path.basename(p):
-            raise ValueError(f"cannot score {os.path.basename(p)}")
-    return [os.path.basename(p) for p in mini_batch]
-"""
-
-
-def _poison_files(folder: Path, n: int, poison: set[int]) -> list[str]:
-    """``n`` files in name order, those at ``poison`` named ``...-poison``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for i in range(n):
-        name = f"f{i:05d}{'-poison' if i in poison else ''}.txt"
-        (folder / name).write_text(str(i))
-        names.append(name)
-    return names
+from .helpers import (
+    POISON_SCRIPT,
+    ROWS_SCRIPT,
+    daskrun,
+    poison_files,
+    poison_rows,
+    run_step,
+)
 
 
 def _failed_items(run: StepRun) -> pd.DataFrame:
@@ -52,7 +35,7 @@ def _failed_items(run: StepRun) -> pd.DataFrame:
 
 
 def test_poison_files_are_isolated(tmp_path: Path, cluster: LocalCluster) -> None:
-    names = _poison_files(tmp_path / "in", 100, {7, 50, 93})
+    names = poison_files(tmp_path / "in", 100, {7, 50, 93})
     run = run_step(
         tmp_path,
         POISON_SCRIPT,
@@ -84,28 +67,8 @@ def test_poison_files_are_isolated(tmp_path: Path, cluster: LocalCluster) -> Non
     ]
 
 
-ROWS_SCRIPT = """
-def init():
-    pass
-
-def run(df):
-    if (df["v"] < 0).any():
-        raise ValueError(f"negative v in rows {list(df.index[df['v'] < 0])}")
-    return df
-"""
-
-
-def _poison_rows(path: Path, n: int, poison: set[int]) -> pd.DataFrame:
-    frame = pd.DataFrame(
-        {"id": range(n), "v": [-1 if i in poison else i for i in range(n)]}
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False)
-    return frame
-
-
 def test_poison_rows_are_isolated(tmp_path: Path, cluster: LocalCluster) -> None:
-    frame = _poison_rows(tmp_path / "in" / "rows.csv", 1000, {123, 877})
+    frame = poison_rows(tmp_path / "in" / "rows.csv", 1000, {123, 877})
     run = run_step(
         tmp_path,
         ROWS_SCRIPT,
@@ -149,7 +112,7 @@ def run(mini_batch):
 
 @pytest.mark.slow
 def test_an_item_that_kills_its_worker_is_isolated(tmp_path: Path) -> None:
-    names = _poison_files(tmp_path / "in", 8, {5})
+    names = poison_files(tmp_path / "in", 8, {5})
     run = run_step(
         tmp_path,
         CRASH_SCRIPT,
@@ -171,7 +134,7 @@ def test_an_item_that_kills_its_worker_is_isolated(tmp_path: Path) -> None:
 def test_isolation_off_fails_the_mini_batch_whole(
     tmp_path: Path, cluster: LocalCluster
 ) -> None:
-    _poison_files(tmp_path / "in", 100, {7, 50, 93})
+    poison_files(tmp_path / "in", 100, {7, 50, 93})
     with dask.config.set({"daskrun.isolate-failures": False}):
         run = run_step(
             tmp_path,
@@ -193,7 +156,7 @@ def test_isolation_off_fails_the_mini_batch_whole(
 def test_a_bad_isolate_failures_setting_is_refused(
     tmp_path: Path, cluster: LocalCluster
 ) -> None:
-    _poison_files(tmp_path / "in", 2, set())
+    poison_files(tmp_path / "in", 2, set())
     with dask.config.set({"daskrun.isolate-failures": "sometimes"}):
         with pytest.raises(Exception, match="isolate-failures='sometimes'"):
             run_step(
@@ -229,7 +192,7 @@ def run(mini_batch):
 def test_retry_failed_runs_only_the_failed_items(
     tmp_path: Path, runs_dir: Path
 ) -> None:
-    names = _poison_files(tmp_path / "in", 40, {3, 4, 30})
+    names = poison_files(tmp_path / "in", 40, {3, 4, 30})
     (tmp_path / "score.py").write_text(FIXABLE_SCRIPT)
     (tmp_path / "calls").mkdir()
     args = ["--", "--calls", str(tmp_path / "calls"), "--fixed", str(tmp_path / "ok")]
@@ -281,7 +244,7 @@ def test_retry_failed_runs_only_the_failed_items(
 def test_failed_items_feed_a_new_step(tmp_path: Path, cluster: LocalCluster) -> None:
     from daskrun import Workspace
 
-    names = _poison_files(tmp_path / "in", 30, {2, 17})
+    names = poison_files(tmp_path / "in", 30, {2, 17})
     run = run_step(
         tmp_path,
         POISON_SCRIPT,
@@ -328,7 +291,7 @@ def test_isolation_matches_the_plain_loop(
     poison ones."""
     poison = data.draw(st.sets(st.integers(0, n - 1), max_size=n))
     tmp_path = tmp_path_factory.mktemp("prop")
-    names = _poison_files(tmp_path / "in", n, poison)
+    names = poison_files(tmp_path / "in", n, poison)
     with dask.config.set({"daskrun.runs-dir": str(tmp_path / "runs")}):
         run = run_step(
             tmp_path,
