@@ -20,6 +20,7 @@ import glob as globlib
 import math
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
 StorageOptions = Mapping[str, Any]
 # daskrun's own files under an output folder (parts of unfinished runs)
 BOOKKEEPING = ".daskrun"
+# the final file an earlier daskrun was assembling when it was killed,
+# .<name>.<uuid hex>.partial beside the final file: never data
+LEFTOVER = re.compile(r"\.[^/]+\.[0-9a-f]{32}\.partial")
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +205,7 @@ def expand_paths(
                 fs, root = url_to_fs(text, **dict(storage_options or {}))
             else:  # a plain local path: no fsspec per item of a long list
                 fs, root = _LOCAL, os.path.abspath(os.path.expanduser(text))
-            files = [f for f in _find_files(fs, root) if f"/{BOOKKEEPING}/" not in f]
+            files = [f for f in _find_files(fs, root) if not _bookkeeping(f)]
         except (FileNotFoundError, NotADirectoryError):
             files = []
         except OSError as e:
@@ -223,6 +227,23 @@ def expand_paths(
             return files
         found.update(files)
     return sorted(found)
+
+
+def _bookkeeping(path: str) -> bool:
+    """Whether ``path`` is a file daskrun wrote for itself in an output
+    folder.
+
+    >>> _bookkeeping("out/.daskrun/run/parts/0000000000.part")
+    True
+    >>> _bookkeeping("out/.parallel_run_step.txt." + "3f2a" * 8 + ".partial")
+    True
+    >>> _bookkeeping("out/parallel_run_step.txt")
+    False
+    """
+    return f"/{BOOKKEEPING}/" in path or (
+        path.endswith(".partial")
+        and LEFTOVER.fullmatch(path.rsplit("/", 1)[-1]) is not None
+    )
 
 
 def _find_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:

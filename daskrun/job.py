@@ -294,6 +294,8 @@ class Job:
         """
         total, target, unchanged = self.total, self.target, self._unchanged
         parts = bytearray(total)
+        if target is not None:  # a kill while publishing left it
+            _output.remove_partial(target)
         found = _output.Parts(target) if target is not None else None
         if found is not None and unchanged is not None:
             # a replanned mini-batch's earlier rows are gone before it runs
