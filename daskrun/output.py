@@ -249,8 +249,10 @@ def _put(target: OutputTarget, path: str, data: bytes, what: str) -> None:
 
 def _part_names(target: OutputTarget, suffix: str = ".part") -> list[str]:
     """The names of the parts (or groups) written, without their folder and
-    suffix."""
+    suffix, as they are now: workers write them from other processes, so an
+    earlier listing that the file system cached (adlfs does) is stale."""
     fs = target.fs()
+    fs.invalidate_cache(fs._strip_protocol(target.parts_url).rstrip("/"))
     try:
         names = bounded(
             target, "listing the parts", lambda: fs.ls(target.parts_url, detail=False)

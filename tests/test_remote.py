@@ -16,8 +16,9 @@ from adlfs import AzureBlobFileSystem
 from distributed import LocalCluster
 
 from daskrun import Dataset, InputError, ParallelRunConfig, ParallelRunStep
+from daskrun.records import RunRecord
 
-from .helpers import run_step, write_script
+from .helpers import kill_client, make_files, run_step, write_script
 
 CHECKING_SCRIPT = """
 import os
@@ -224,3 +225,63 @@ def test_unreachable_output_store_fails_within_the_storage_timeout(
     ]
     assert key not in result.stderr
     assert not runs.exists()  # no run was started
+
+
+GATED_SCRIPT = """
+import os, time
+
+def init():
+    pass
+
+def run(mini_batch):
+    names = [os.path.basename(p) for p in mini_batch]
+    go = os.path.join(os.path.dirname(os.path.dirname(mini_batch[0])), "go")
+    while "f00039.txt" in names and not os.path.exists(go):
+        time.sleep(0.05)
+    return names
+"""
+
+
+def test_a_killed_run_with_blob_output_resumes_and_publishes(
+    tmp_path: Path,
+    runs_dir: Path,
+    azurite: str,
+    container: tuple[AzureBlobFileSystem, str],
+) -> None:
+    """The first resume of a client killed mid-run publishes: it lists the
+    parts the killed attempt wrote as they are, not as a cache saw them."""
+    fs, name = container
+    files = make_files(tmp_path / "in", 40)
+    write_script(tmp_path, GATED_SCRIPT)
+    env = dict(
+        os.environ,
+        AZURE_STORAGE_CONNECTION_STRING=azurite,
+        DASK_DASKRUN__RUNS_DIR=str(runs_dir),
+    )
+    command = [sys.executable, "-m", "daskrun"]
+    proc = subprocess.Popen(
+        [*command, "run", "score.py", "--input", "in", "--output",
+         f"abfs://{name}/out", "--mini-batch-size", "2", "--processes", "2", "-q"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:  # all but the gated mini-batch's group are written
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        fs.invalidate_cache()
+        written = fs.find(f"{name}/out/.daskrun") if fs.exists(f"{name}/out") else []
+        if len(written) >= 3:
+            break
+        time.sleep(0.2)
+    kill_client(proc)
+    (tmp_path / "go").touch()
+    (record,) = RunRecord.find(runs_dir)
+    resumed = subprocess.run(
+        [*command, "resume", record.run_id, "-q"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    fs.invalidate_cache()
+    lines = fs.cat_file(f"{name}/out/parallel_run_step.txt").decode().splitlines()
+    assert lines == [p.name for p in files]
