@@ -16,6 +16,7 @@ receives.
 
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
 import math
 import os
@@ -200,6 +201,13 @@ def expand_paths(
     found: set[str] = set()
     for item in items:
         text = os.fspath(item)
+        if not text:
+            raise InputError(
+                "input path '' is empty, which would read the current folder; "
+                "pass a file, folder, glob or URL, e.g. 'data/' ('.' for the "
+                "current folder)"
+            )
+        shown = redact(text, storage_options or {})  # a URL may hold a SAS
         try:
             if "://" in text or any(c in text for c in "*?["):
                 fs, root = url_to_fs(text, **dict(storage_options or {}))
@@ -210,13 +218,15 @@ def expand_paths(
             files = []
         except OSError as e:
             raise InputError(
-                f"input path {text!r} cannot be listed: {type(e).__name__}: {e}; "
-                "check the path and its storage_options"
+                f"input path {shown!r} cannot be listed: "
+                f"{describe_error(e, storage_options or {})}; check the path and "
+                "its storage_options"
             ) from None
         if not files:
             raise InputError(
-                f"input path {text!r} matches no files; check that it exists "
-                "and is not an empty folder"
+                f"input path {shown!r} matches no files; check that it exists "
+                "(and that a URL's credentials allow reading it) and is not an "
+                "empty folder"
             )
         if not _is_local(fs):
             files = [fs.unstrip_protocol(p) for p in files]
@@ -728,13 +738,17 @@ class TabularDataset(_DatasetBase):
             return
         fs, _ = url_to_fs(files[0], **self.storage_options)
         index = start
+        options = self.storage_options
         if self.file_format == "csv":
-            for path, nbytes in zip(files, _sizes(fs, files), strict=True):
-                for cut in plan_csv(fs, path, nbytes, size, self.pandas_kwargs):
+            for path, nbytes in zip(files, _sizes(fs, files, options), strict=True):
+                with _reading(path, options):
+                    cuts = plan_csv(fs, path, nbytes, size, self.pandas_kwargs)
+                for cut in cuts:
                     yield CsvBatch(index, path, *cut)
                     index += 1
         else:
-            for path, groups in zip(files, _row_group_sizes(fs, files), strict=True):
+            groups_of = _row_group_sizes(fs, files, options)
+            for path, groups in zip(files, groups_of, strict=True):
                 for rgs in plan_row_groups([g[0] for g in groups], size):
                     rows = sum(groups[i][1] for i in rgs)
                     yield ParquetBatch(index, path, tuple(rgs), rows)
@@ -991,12 +1005,36 @@ def _map_files(fn: Any, files: list[str]) -> list[Any]:
         return list(pool.map(fn, files))
 
 
-def _sizes(fs: fsspec.AbstractFileSystem, files: list[str]) -> list[int]:
-    return _map_files(lambda p: int(fs.size(p)), files)
+@contextlib.contextmanager
+def _reading(path: str, storage_options: StorageOptions) -> Iterator[None]:
+    """Errors reading input file ``path`` to plan its mini-batches: one
+    InputError line naming it, without credentials (a URL's SAS token
+    included)."""
+    try:
+        yield
+    except DaskRunError:
+        raise
+    except Exception as e:
+        raise InputError(
+            f"input file {redact(path, storage_options)!r} cannot be read: "
+            f"{describe_error(e, storage_options)}; check that it exists and "
+            "that its storage_options (or the SAS token in its URL) allow "
+            "reading it"
+        ) from None
+
+
+def _sizes(
+    fs: fsspec.AbstractFileSystem, files: list[str], storage_options: StorageOptions
+) -> list[int]:
+    def size(path: str) -> int:
+        with _reading(path, storage_options):
+            return int(fs.size(path))
+
+    return _map_files(size, files)
 
 
 def _row_group_sizes(
-    fs: fsspec.AbstractFileSystem, files: list[str]
+    fs: fsspec.AbstractFileSystem, files: list[str], storage_options: StorageOptions
 ) -> list[list[tuple[int, int]]]:
     import pyarrow.parquet as pq
 
@@ -1006,8 +1044,9 @@ def _row_group_sizes(
                 meta = pq.ParquetFile(f).metadata
         except Exception as e:
             raise InputError(
-                f"input file {path!r} is not a readable Parquet file: "
-                f"{type(e).__name__}: {e}; use from_delimited_files for CSV"
+                f"input file {redact(path, storage_options)!r} is not a readable "
+                f"Parquet file: {describe_error(e, storage_options)}; use "
+                "from_delimited_files for CSV"
             ) from None
         out = []
         for i in range(meta.num_row_groups):

@@ -337,6 +337,12 @@ class ParallelRunStep:
             self.output: str | None = None
         elif output is None:
             self.output = None
+        elif not os.fspath(output):
+            raise ConfigError(
+                "output='' is empty, which would write into the current folder; "
+                "pass an output folder or URL, e.g. output='out/' ('.' for the "
+                "current folder)"
+            )
         else:
             self.output = _absolute(os.fspath(output), self.output_storage_options)
             if os.path.isabs(self.output):  # a local folder

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,9 +20,10 @@ from distributed import LocalCluster
 from daskrun import Dataset, InputError, ParallelRunConfig, ParallelRunStep
 from daskrun.records import RunRecord
 
-from .helpers import kill_client, make_files, run_step, write_script
+from .helpers import daskrun, kill_client, make_files, run_step, write_script
 
 CHECKING_SCRIPT = """
+import http.server
 import os
 
 def init():
@@ -285,3 +288,62 @@ def test_a_killed_run_with_blob_output_resumes_and_publishes(
     fs.invalidate_cache()
     lines = fs.cat_file(f"{name}/out/parallel_run_step.txt").decode().splitlines()
     assert lines == [p.name for p in files]
+
+
+class _SasServer(http.server.BaseHTTPRequestHandler):
+    """A CSV behind a URL whose SAS token the server rejects: on every
+    request (``/expired``), or only on the ranged reads that cut it into
+    mini-batches."""
+
+    body = b"a,b\n" + b"".join(b"%d,%d\n" % (i, i) for i in range(5000))
+
+    def do_HEAD(self) -> None:
+        self._answer(send_body=False)
+
+    def do_GET(self) -> None:
+        self._answer(send_body=True)
+
+    def _answer(self, send_body: bool) -> None:
+        refused = self.path.startswith("/expired") or (
+            send_body and "Range" in self.headers
+        )
+        body = b"<Error><Code>AuthenticationFailed</Code></Error>"
+        if not refused:
+            body = self.body
+        self.send_response(403 if refused else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("where", ["expired", "ranges"])
+def test_an_http_input_s_error_is_one_line_without_its_sas(
+    tmp_path: Path, runs_dir: Path, where: str
+) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SasServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    secret = "tJ8n2%2FqVw0kSecretSignature%3D"
+    url = (
+        f"http://127.0.0.1:{server.server_port}/{where}/t.csv"
+        f"?sv=2022-11-02&se=2026-01-01&sp=r&sig={secret}"
+    )
+    write_script(tmp_path, "def init(): pass\ndef run(df): return df\n")
+    try:
+        result = daskrun(
+            "run", "score.py", "--input", url, "--tabular", "--output", "out",
+            "--mini-batch-size", "10KB", cwd=tmp_path, runs=runs_dir,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    what = "path" if where == "expired" else "file"  # not listed, or not read
+    shown = url.replace(secret, "***")
+    assert line.startswith(f"daskrun: error: input {what} {shown!r} "), line
+    assert line.endswith("allow reading it" if what == "file" else "empty folder")
+    assert "Signature" not in result.stderr + result.stdout
+    assert not runs_dir.exists()  # no run was started
