@@ -14,9 +14,9 @@ Nothing is shadowed: the modules come from a finder placed *last* on
 first, and a submodule is served only when its top-level package is this
 shim's, never beside a real ``azureml`` package. Driver code that asks for
 daskrun's names where another ``azureml`` package is importable is refused
-in one line: its imports would get that package, not daskrun. Names resolve lazily
-(PEP 562 module ``__getattr__``): ``from azureml.core import Run`` imports
-the engine only.
+in one line: its imports would get that package, not daskrun. Names resolve
+lazily (PEP 562 module ``__getattr__``): ``from azureml.core import Run``
+imports the engine only.
 
 >>> import daskrun
 >>> daskrun.install_as_azureml()
