@@ -12,9 +12,11 @@ Two entry points, in the manner of ``pymysql.install_as_MySQLdb()``:
 Nothing is shadowed: the modules come from a finder placed *last* on
 ``sys.meta_path``, so an installed SDK (or ``azureml_user``) is always found
 first, and a submodule is served only when its top-level package is this
-shim's, never beside a real ``azureml`` package. Names resolve lazily
-(PEP 562 module ``__getattr__``): ``from azureml.core import Run`` imports
-the engine only.
+shim's, never beside a real ``azureml`` package. Driver code that asks for
+daskrun's names where another ``azureml`` package is importable is refused
+in one line: its imports would get that package, not daskrun. Names resolve
+lazily (PEP 562 module ``__getattr__``): ``from azureml.core import Run``
+imports the engine only.
 
 >>> import daskrun
 >>> daskrun.install_as_azureml()
@@ -33,6 +35,8 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
+
+from .exceptions import ConfigError
 
 # Azure ML module -> {name: "daskrun module:attribute"}; the registry's
 # modules are named here as strings and imported on first use of a name
@@ -110,7 +114,10 @@ def install_as_azureml() -> None:
     """Make Azure ML's SDK v1 names importable from daskrun's classes, for
     notebooks and driver scripts: ``from azureml.core import Workspace``.
 
-    An installed Azure ML SDK is never shadowed: it is found first and used.
+    An installed Azure ML SDK is never shadowed: where another ``azureml``
+    package is importable (the SDK, or any ``azureml-*`` distribution),
+    ``from azureml.core import ...`` would give its names, not daskrun's, so
+    this raises :class:`~daskrun.ConfigError` naming where it is.
     Idempotent. See the README's "Coming from Azure ML" for what maps to
     what and what is accepted but unused off Azure.
 
@@ -120,6 +127,7 @@ def install_as_azureml() -> None:
     >>> daskrun.install_as_azureml()
     """
     global _mode
+    _refuse_another_azureml()
     _install()
     if _mode != "driver":
         _mode = "driver"
@@ -139,6 +147,30 @@ def install_entry_script_shims() -> None:
 def is_shim(module: object) -> bool:
     """Whether ``module`` is one of these alias modules (not the SDK's)."""
     return bool(getattr(module, "__daskrun_shim__", False))
+
+
+def _refuse_another_azureml() -> None:
+    """Raise if an ``azureml`` package other than these alias modules is
+    importable (or imported)."""
+    module = sys.modules.get("azureml")
+    if module is not None:
+        spec = getattr(module, "__spec__", None)
+        if is_shim(module):
+            return
+    else:
+        spec = importlib.util.find_spec("azureml")
+        if spec is None or isinstance(spec.loader, _Finder):
+            return
+    where = getattr(spec, "origin", None) or ", ".join(
+        getattr(spec, "submodule_search_locations", None) or ["sys.modules"]
+    )
+    raise ConfigError(
+        f"install_as_azureml(): another 'azureml' package is importable "
+        f"({where}), and daskrun never shadows it, so 'from azureml.core import "
+        "...' would not give daskrun's classes; uninstall it (e.g. pip uninstall "
+        "azureml-core), run in an environment without it, or import daskrun's "
+        "names instead (from daskrun import Workspace, ParallelRunStep)"
+    )
 
 
 def _install() -> None:

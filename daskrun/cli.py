@@ -519,6 +519,10 @@ def _start_shared(processes: int) -> int:
     return 1
 
 
+# the commands of 'daskrun runs' and 'daskrun cluster'
+_NEEDS = {"runs": "list or show", "cluster": "start, stop or status"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``daskrun`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -529,6 +533,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        status = _dispatch(parser, args, script_args)
+        sys.stdout.flush()  # a reader gone ('| head') shows here at the latest
+        return status
+    except BrokenPipeError:
+        # the reader of the output went away, as with 'daskrun runs list |
+        # head': stop quietly, as CLIs do, and keep the interpreter's own
+        # flush at exit from failing again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a command killed by the signal
+
+
+def _dispatch(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, script_args: list[str]
+) -> int:
+    """Run the command ``args`` name; its exit status."""
     try:
         if args.command == "run":
             return _cmd_run(args, script_args)
@@ -551,6 +571,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_runs_list(args)
         if args.command == "runs" and args.runs_command == "show":
             return _cmd_runs_show(args)
+        if args.command in _NEEDS:  # 'daskrun runs' without its command
+            print(
+                f"daskrun: error: 'daskrun {args.command}' needs a command: "
+                f"{_NEEDS[args.command]} (see 'daskrun {args.command} --help')",
+                file=sys.stderr,
+            )
+            return 2
         parser.print_help()
         return 2
     except (ConfigError, InputError) as e:

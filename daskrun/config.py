@@ -973,7 +973,8 @@ def _resolve(**kw: Any) -> ResolvedConfig:
             "'parallel_run_step.txt'"
         )
     # daskrun's own names in the output folder: its bookkeeping folder (parts,
-    # the run lock) and its temporary files, .<name>.<hex>.partial
+    # the run lock) and the temporary files an earlier daskrun left beside the
+    # output file, .<name>.<hex>.partial, which data sets never list
     if file_name == ".daskrun" or (
         file_name.startswith(".") and file_name.endswith(".partial")
     ):

@@ -16,6 +16,7 @@ receives.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import os
@@ -68,6 +69,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 StorageOptions = Mapping[str, Any]
+# the final file an earlier daskrun was assembling when it was killed,
+# .<name>.<uuid hex>.partial beside the final file: never data
+LEFTOVER = re.compile(r"\.[^/]+\.[0-9a-f]{32}\.partial")
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,23 +220,32 @@ def expand_paths(
     named = 0
     for item in items:
         text = os.fspath(item)
+        if not text:
+            raise InputError(
+                "input path '' is empty, which would read the current folder; "
+                "pass a file, folder, glob or URL, e.g. 'data/' ('.' for the "
+                "current folder)"
+            )
+        shown = redact(text, storage_options or {})  # a URL may hold a SAS
         try:
             if "://" in text or _is_glob(text):
                 fs, root = url_to_fs(text, **dict(storage_options or {}))
             else:  # a plain local path: no fsspec per item of a long list
                 fs, root = _LOCAL, os.path.abspath(os.path.expanduser(text))
-            files = _find_files(fs, root)
+            files = [f for f in _find_files(fs, root) if not _leftover(f)]
         except (FileNotFoundError, NotADirectoryError):
             files = []
         except OSError as e:
             raise InputError(
-                f"input path {text!r} cannot be listed: {type(e).__name__}: {e}; "
-                "check the path and its storage_options"
+                f"input path {shown!r} cannot be listed: "
+                f"{describe_error(e, storage_options or {})}; check the path and "
+                "its storage_options"
             ) from None
         if not files:
             raise InputError(
-                f"input path {text!r} matches no files; check that it exists "
-                "and is not an empty folder"
+                f"input path {shown!r} matches no files; check that it exists "
+                "(and that a URL's credentials allow reading it) and is not an "
+                "empty folder"
             )
         if not _is_local(fs):
             files = [fs.unstrip_protocol(p) for p in files]
@@ -267,6 +280,20 @@ def _outside_daskrun() -> int:
 
 def _is_glob(text: str) -> bool:
     return any(c in text for c in "*?[")
+
+
+def _leftover(path: str) -> bool:
+    """Whether ``path`` is the unfinished final file an earlier daskrun left
+    beside its output file when it was killed while publishing.
+
+    >>> _leftover("out/.parallel_run_step.txt." + "3f2a" * 8 + ".partial")
+    True
+    >>> _leftover("out/parallel_run_step.txt")
+    False
+    """
+    return path.endswith(".partial") and (
+        LEFTOVER.fullmatch(path.rsplit("/", 1)[-1]) is not None
+    )
 
 
 def _find_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
@@ -915,13 +942,17 @@ class TabularDataset(_DatasetBase):
             return
         fs, _ = url_to_fs(files[0], **self.storage_options)
         index = start
+        options = self.storage_options
         if self.file_format == "csv":
-            for path, nbytes in zip(files, _sizes(fs, files), strict=True):
-                for cut in plan_csv(fs, path, nbytes, size, self.pandas_kwargs):
+            for path, nbytes in zip(files, _sizes(fs, files, options), strict=True):
+                with _reading(path, options):
+                    cuts = plan_csv(fs, path, nbytes, size, self.pandas_kwargs)
+                for cut in cuts:
                     yield CsvBatch(index, path, *cut)
                     index += 1
         else:
-            for path, groups in zip(files, _row_group_sizes(fs, files), strict=True):
+            groups_of = _row_group_sizes(fs, files, options)
+            for path, groups in zip(files, groups_of, strict=True):
                 for rgs in plan_row_groups([g[0] for g in groups], size):
                     rows = sum(groups[i][1] for i in rgs)
                     yield ParquetBatch(index, path, tuple(rgs), rows)
@@ -1221,12 +1252,36 @@ def _map_files(fn: Any, files: list[str]) -> list[Any]:
         return list(pool.map(fn, files))
 
 
-def _sizes(fs: fsspec.AbstractFileSystem, files: list[str]) -> list[int]:
-    return _map_files(lambda p: int(fs.size(p)), files)
+@contextlib.contextmanager
+def _reading(path: str, storage_options: StorageOptions) -> Iterator[None]:
+    """Errors reading input file ``path`` to plan its mini-batches: one
+    InputError line naming it, without credentials (a URL's SAS token
+    included)."""
+    try:
+        yield
+    except DaskRunError:
+        raise
+    except Exception as e:
+        raise InputError(
+            f"input file {redact(path, storage_options)!r} cannot be read: "
+            f"{describe_error(e, storage_options)}; check that it exists and "
+            "that its storage_options (or the SAS token in its URL) allow "
+            "reading it"
+        ) from None
+
+
+def _sizes(
+    fs: fsspec.AbstractFileSystem, files: list[str], storage_options: StorageOptions
+) -> list[int]:
+    def size(path: str) -> int:
+        with _reading(path, storage_options):
+            return int(fs.size(path))
+
+    return _map_files(size, files)
 
 
 def _row_group_sizes(
-    fs: fsspec.AbstractFileSystem, files: list[str]
+    fs: fsspec.AbstractFileSystem, files: list[str], storage_options: StorageOptions
 ) -> list[list[tuple[int, int]]]:
     import pyarrow.parquet as pq
 
@@ -1236,8 +1291,9 @@ def _row_group_sizes(
                 meta = pq.ParquetFile(f).metadata
         except Exception as e:
             raise InputError(
-                f"input file {path!r} is not a readable Parquet file: "
-                f"{type(e).__name__}: {e}; use from_delimited_files for CSV"
+                f"input file {redact(path, storage_options)!r} is not a readable "
+                f"Parquet file: {describe_error(e, storage_options)}; use "
+                "from_delimited_files for CSV"
             ) from None
         out = []
         for i in range(meta.num_row_groups):

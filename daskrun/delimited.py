@@ -461,17 +461,32 @@ def count_csv_rows(
     batch: CsvBatch,
     storage_options: StorageOptions,
     pandas_kwargs: Mapping[str, Any],
-) -> int:
-    """The rows of a mini-batch that failed: as pandas reads them or, where
-    pandas cannot, its records (the header not counted); at least 1. A local
-    input that is not a regular file (a FIFO) counts 1, unread."""
+) -> int | None:
+    """The rows of a mini-batch whose try failed before they were counted
+    (its worker died): as pandas reads them, the items of the mini-batch;
+    ``None`` where pandas cannot read them, or a local input is not a
+    regular file (a FIFO, left unread)."""
     local = "://" not in batch.path
     if local and not os.path.isfile(batch.path):
-        return 1
+        return None
     try:
         return len(read_csv(batch, storage_options, pandas_kwargs))
     except Exception:  # the mini-batch failed for this already
-        pass
+        return None
+
+
+def count_csv_records(
+    batch: CsvBatch,
+    storage_options: StorageOptions,
+    pandas_kwargs: Mapping[str, Any],
+) -> int:
+    """The records of a failed mini-batch whose rows pandas cannot read
+    (:func:`count_csv_rows` gave ``None``), the header not counted; at
+    least 1. A local input that is not a regular file (a FIFO) counts 1,
+    unread."""
+    local = "://" not in batch.path
+    if local and not os.path.isfile(batch.path):
+        return 1
     d = _Dialect.of(pandas_kwargs)
     if d is None or batch.length is None:
         return 1

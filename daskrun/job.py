@@ -37,7 +37,7 @@ from .config import (
 )
 from .dashboard import install_page, publish
 from .datasets import CsvBatch, TabularDataset, file_batch_at
-from .delimited import count_csv_rows
+from .delimited import count_csv_records, count_csv_rows
 from .exceptions import ConfigError, EntryScriptError, InputError, JobFailedError
 from .forecast import Forecast
 from .jobqueue import is_jobqueue_cluster
@@ -272,7 +272,7 @@ class Job:
         if self.auto.choice is not None:
             record.auto = self.auto.choice.as_dict()
         self.tally = Tally(
-            mini_batches_total=self.total, count_items=self._item_counter()
+            mini_batches_total=self.total, count_items=self._item_counter(records=True)
         )
         # one byte per mini-batch: flat for millions
         self.succeeded = bytearray(self.total)
@@ -294,6 +294,8 @@ class Job:
         """
         total, target, unchanged = self.total, self.target, self._unchanged
         parts = bytearray(total)
+        if target is not None:  # a kill while publishing left it
+            _output.remove_partial(target)
         found = _output.Parts(target) if target is not None else None
         if found is not None and unchanged is not None:
             # a replanned mini-batch's earlier rows are gone before it runs
@@ -510,6 +512,7 @@ class Job:
             starts_topic=plugin.starts_topic,
             redact=plugin.redact,
             isolate=self._isolating if self.isolate else None,
+            count_rows=self._item_counter(records=False),
             # a Dask collection's partitions are the tasks' dependencies
             task=self.step.inputs[0].submit if self.step.kind == "collection" else None,
             progress_timeout=self.progress_timeout,
@@ -801,27 +804,32 @@ class Job:
                 (batch.key_value, batch.joined), [known.get(p) for p in batch.paths]
             )
 
-    def _item_counter(self) -> Any:
-        """Counts the rows of a CSV mini-batch that failed unread."""
+    def _item_counter(self, records: bool) -> Any:
+        """Counts the rows of a CSV mini-batch whose try failed before they
+        were counted (:func:`~daskrun.delimited.count_csv_rows`), or, with
+        ``records``, the records of one whose rows pandas cannot read
+        (:func:`~daskrun.delimited.count_csv_records`); bounded by
+        ``daskrun.storage-timeout`` (the input may be what hung: a FIFO, a
+        dead mount), then unknown (``None``) or 1."""
         step = self.step
         if step.kind != "tabular":
             return None
         first = step.inputs[0]
         assert isinstance(first, TabularDataset)
+        counter = count_csv_records if records else count_csv_rows
+        unknown = 1 if records else None
 
-        def count(batch: Any) -> int:
+        def count(batch: Any) -> int | None:
             if not isinstance(batch, CsvBatch):
-                return batch.n_items or 1
-            try:  # bounded: the input may be what hung (a FIFO, a dead mount)
+                return batch.n_items if batch.n_items is not None else unknown
+            try:
                 return within(
                     float(config_get("storage-timeout")),
-                    lambda: count_csv_rows(
-                        batch, first.storage_options, first.pandas_kwargs
-                    ),
+                    lambda: counter(batch, first.storage_options, first.pandas_kwargs),
                     TimeoutError,
                 )
             except TimeoutError:
-                return 1
+                return unknown
 
         return count
 

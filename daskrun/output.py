@@ -9,8 +9,9 @@ rows under its index (:func:`write_group`): one file created, or one object
 uploaded, per task instead of per mini-batch. A mini-batch in two groups (a
 task rerun after its result was lost) is still taken once. When the job ends
 within its thresholds, the client streams the parts, in index order, into a
-temporary file next to the final one and publishes it with one rename. A
-failed job publishes nothing.
+temporary file beside them (never among the output folder's data, where a
+kill would leave it for the next step to read) and publishes it with one
+rename. A failed job publishes nothing.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class OutputTarget:
     """Where a run's output goes; shipped to the workers.
 
     ``url`` is the output folder (an absolute local path or an fsspec URL);
-    parts live under ``<url>/.daskrun/<run_id>/parts``.
+    parts live under ``<url>/.daskrun/<run_id>/parts``, the final file while
+    it is assembled at ``<url>/.daskrun/<run_id>/<file_name>.partial``.
     """
 
     url: str
@@ -73,8 +75,18 @@ class OutputTarget:
         return f"{self.url.rstrip('/')}/{self.file_name}"
 
     @property
+    def run_url(self) -> str:
+        """The run's bookkeeping folder in the output folder."""
+        return f"{self.url.rstrip('/')}/.daskrun/{self.run_id}"
+
+    @property
     def parts_url(self) -> str:
-        return f"{self.url.rstrip('/')}/.daskrun/{self.run_id}/parts"
+        return f"{self.run_url}/parts"
+
+    @property
+    def partial_url(self) -> str:
+        """The final file while it is assembled."""
+        return f"{self.run_url}/{self.file_name}.partial"
 
     def fs(self) -> fsspec.AbstractFileSystem:
         return url_to_fs(self.url, **self.storage_options)[0]
@@ -237,8 +249,10 @@ def _put(target: OutputTarget, path: str, data: bytes, what: str) -> None:
 
 def _part_names(target: OutputTarget, suffix: str = ".part") -> list[str]:
     """The names of the parts (or groups) written, without their folder and
-    suffix."""
+    suffix, as they are now: workers write them from other processes, so an
+    earlier listing that the file system cached (adlfs does) is stale."""
     fs = target.fs()
+    fs.invalidate_cache(fs._strip_protocol(target.parts_url).rstrip("/"))
     try:
         names = bounded(
             target, "listing the parts", lambda: fs.ls(target.parts_url, detail=False)
@@ -367,7 +381,9 @@ def count_rows(parts: Parts, index: int) -> int:
 
 RESERVED_NAMES = (".daskrun",)
 """Names in an output folder that daskrun writes itself: its bookkeeping
-folder (parts, the run lock). Its temporary files are ``.<name>.<hex>.partial``.
+folder (parts, the run lock, the final file being assembled). Earlier
+daskrun assembled into ``.<name>.<hex>.partial`` beside the final file; data
+sets never list such a file (:data:`daskrun.datasets.LEFTOVER`).
 """
 
 
@@ -466,7 +482,7 @@ def assemble(
     was lost had written it before its items were isolated).
     """
     final = target.final_url
-    tmp = f"{target.url.rstrip('/')}/.{target.file_name}.{uuid.uuid4().hex}.partial"
+    tmp = target.partial_url
     name = describe or (lambda index: f"mini-batch {index}")
     try:
         # an unreachable store fails here, in seconds (the listing is
@@ -629,9 +645,25 @@ def _fields(schema: Any) -> list[str]:
     return [f"{f.name}: {f.type}" for f in schema]
 
 
+def remove_partial(target: OutputTarget) -> None:
+    """Delete the final file an earlier attempt of the run was assembling
+    when it was killed, if any (on resume)."""
+    if target.local:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(target.partial_url)
+        return
+    fs = target.fs()
+
+    def remove() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(target.partial_url)
+
+    bounded(target, "removing an unfinished final file", remove)
+
+
 def remove_parts(target: OutputTarget) -> None:
     """Delete the run's parts once the final file is published."""
-    run_folder = target.parts_url.rsplit("/", 1)[0]
+    run_folder = target.run_url
     if target.local:
         # fsspec's recursive rm lists every part with its metadata first
         shutil.rmtree(run_folder, ignore_errors=True)

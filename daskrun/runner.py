@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from distributed import Client, as_completed
@@ -67,8 +67,9 @@ class Tally:
     items_extra: int = 0
     all_scheduled: bool = False
     first_failure: Failure | None = None
-    # the items of a mini-batch that failed before they were counted (a CSV
-    # range never read); 1 when not given
+    # the items of a mini-batch that failed before they were counted and
+    # whose rows cannot be read (a CSV range pandas cannot parse); 1 when
+    # not given
     count_items: Callable[[MiniBatch], int] | None = None
 
     def record(self, batch: MiniBatch, result: TryResult) -> Counts:
@@ -88,7 +89,7 @@ class Tally:
                     result.worker,
                 )
         else:
-            if items_in is None:  # a CSV range that was never read
+            if items_in is None:  # a CSV range that cannot be read
                 items_in = self.count_items(batch) if self.count_items else 1
             n = items_in
             counts = _isolated_counts(n, result) or Counts(n, 0, n, 0)
@@ -397,6 +398,17 @@ class Isolation:
             logged=state.logged,
             failed_pieces=tuple(failed),
         )
+
+
+def _counted(
+    batch: Any, result: TryResult, count_rows: Callable[[Any], int | None] | None
+) -> TryResult:
+    """``result``, the last try of ``batch``, with the items it held where
+    the try failed before reading them counted them (a CSV range whose
+    worker died)."""
+    if result.items_in is not None or batch.n_items is not None or not count_rows:
+        return result
+    return replace(result, items_in=count_rows(batch))
 
 
 def _lost_try(
@@ -849,6 +861,7 @@ def run_mini_batches(
     starts_topic: str | None = None,
     redact: Callable[[str], str] = str,
     isolate: Callable[[Any], None] | None = None,
+    count_rows: Callable[[Any], int | None] | None = None,
     task: Callable[[Client, str, list[tuple[Any, int]], Any], Any] | None = None,
     progress_timeout: float | None = None,
     first_result_timeout: float | None = None,
@@ -859,7 +872,10 @@ def run_mini_batches(
     failed its last try is split by :class:`Isolation`, which calls
     ``isolate(batch)`` first; its outcome then counts only the items that
     fail alone. ``batches`` may hold :class:`Unfinished` ones of an earlier
-    attempt, of which only the failed items run.
+    attempt, of which only the failed items run. ``count_rows(batch)``
+    counts the rows of a mini-batch whose last try failed before they were
+    counted (a CSV range whose worker died), ``None`` where they cannot be
+    read: each row is an item, isolated as a file or a Parquet row is.
 
     ``on_done(batch, last_try, tries, counts)`` is called once per mini-batch when
     its outcome is final. Returns the name of the exceeded threshold, in which
@@ -990,8 +1006,13 @@ def run_mini_batches(
                     )
                     retries.append((batch, try_no + 1))
                     continue
-                elif not result.ok and isolation is not None:
-                    pieces = isolation.start(batch, result, try_no)
+                elif not result.ok:
+                    result = _counted(batch, result, count_rows)
+                    pieces = (
+                        isolation.start(batch, result, try_no)
+                        if isolation is not None
+                        else None
+                    )
                     if pieces:
                         logger.info(
                             "mini-batch %d failed its last try (%s); isolating "

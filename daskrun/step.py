@@ -337,6 +337,12 @@ class ParallelRunStep:
             self.output: str | None = None
         elif output is None:
             self.output = None
+        elif not os.fspath(output):
+            raise ConfigError(
+                "output='' is empty, which would write into the current folder; "
+                "pass an output folder or URL, e.g. output='out/' ('.' for the "
+                "current folder)"
+            )
         else:
             self.output = _absolute(os.fspath(output), self.output_storage_options)
             if os.path.isabs(self.output):  # a local folder
@@ -957,7 +963,7 @@ def failed_items(
             f"run {run.run_id!r} ran partitions of rows; its failed partitions "
             f"are listed in {Path(run.logs_dir) / FAILED_ITEMS}"
         )
-    return _failed_rows(step, rows, record.folder / "failed_items", errors)
+    return _failed_rows(step, run.run_id, rows, record.folder / "failed_items", errors)
 
 
 def _failed_options(
@@ -972,12 +978,14 @@ def _failed_options(
 
 def _failed_rows(
     step: ParallelRunStep,
+    run_id: str,
     rows: list[dict[str, str]],
     folder: Path,
     errors: dict[str, str],
 ) -> TabularDataset:
-    """The failed rows of a tabular run, read again as their mini-batches
-    were and sliced, in one file of the inputs' format in ``folder``."""
+    """The failed rows of tabular run ``run_id``, read again as their
+    mini-batches were and sliced, in one file of the inputs' format in
+    ``folder``."""
     import pandas as pd
 
     first = step.inputs[0]
@@ -995,10 +1003,11 @@ def _failed_rows(
         frame = read_tabular(batches[index], first.storage_options, first.pandas_kwargs)
         frames += [frame.iloc[start:stop] for start, stop in cuts]
     if not frames:
+        # one line, though pandas' errors may end in a newline
+        why = "; ".join(f"{k}: {' '.join(v.split())}" for k, v in errors.items())
         raise ConfigError(
-            f"the failed inputs of run {step.run_id or ''!r} could not be read "
-            f"({'; '.join(f'{k}: {v}' for k, v in errors.items())}); fix them "
-            "and resume with retry_failed=True"
+            f"the failed inputs of run {run_id!r} could not be read ({why}); fix "
+            "them and resume with retry_failed=True"
         )
     found = pd.concat(frames, ignore_index=True)
     folder.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any, TypeVar
@@ -34,6 +35,9 @@ BOOKKEEPING = ".daskrun"
 _SECRET_KEYS = {"AccountKey", "SharedAccessSignature", "SharedAccessKey"}
 # storage options that name, not authenticate
 _PUBLIC_OPTIONS = {"account_name", "account_host"}
+# the signature of a SAS token in a URL's query string, whatever the
+# storage options hold: an HTTP input's URL carries its credential
+_SAS_SIGNATURE = re.compile(r"(?i)(\bsig=)[^&\s'\"]+")
 
 
 def within(
@@ -88,14 +92,17 @@ def secret_values(storage_options: Mapping[str, Any]) -> list[str]:
 
 def hide(text: str, secrets: Iterable[str]) -> str:
     """``text`` with each of ``secrets`` replaced by ``***``, longest first,
-    so that a secret inside another is not left half shown.
+    so that a secret inside another is not left half shown; and the
+    signature of a SAS token in a URL (``sig=...``) too.
 
     >>> hide("sig=abc&x=abcdef", ["abc", "abcdef"])
     'sig=***&x=***'
+    >>> hide("https://h/t.csv?sv=2022-11-02&sig=q%2Bz%3D", [])
+    'https://h/t.csv?sv=2022-11-02&sig=***'
     """
     for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
         text = text.replace(secret, "***")
-    return text
+    return _SAS_SIGNATURE.sub(r"\1***", text)
 
 
 def redact(text: str, storage_options: Mapping[str, Any]) -> str:

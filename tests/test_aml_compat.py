@@ -296,10 +296,8 @@ def test_an_installed_azureml_is_never_shadowed(tmp_path: Path) -> None:
         (fake / package / "__init__.py").write_text(body)
     out = _python(
         """
-        import daskrun
         from daskrun.aml import install_entry_script_shims
-        daskrun.install_as_azureml()
-        install_entry_script_shims()
+        install_entry_script_shims()  # a worker's: its entry script gets the SDK
         from azureml.core import Model, VERSION
         from azureml_user.parallel_run import EntryScript
         print(Model, VERSION, EntryScript, sep="|")
@@ -315,6 +313,34 @@ def test_an_installed_azureml_is_never_shadowed(tmp_path: Path) -> None:
         "real Model|1.57.0|real EntryScript",
         "not served: azureml.pipeline",
     ]
+
+
+def test_install_as_azureml_beside_another_azureml_is_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """Driver code asking for daskrun's names where another ``azureml``
+    package is importable would get that package's: refused, naming it."""
+    fake = tmp_path / "site" / "azureml"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    out = _python(
+        """
+        import daskrun
+        try:
+            daskrun.install_as_azureml()
+        except daskrun.ConfigError as e:
+            print(e)
+        """,
+        tmp_path,
+        [tmp_path / "site"],
+    )
+    (line,) = out.splitlines()
+    assert line.startswith(
+        "install_as_azureml(): another 'azureml' package is importable "
+        f"({fake / '__init__.py'}), and daskrun never shadows it"
+    ), line
+    assert "pip uninstall azureml-core" in line
+    assert "from daskrun import Workspace, ParallelRunStep" in line
 
 
 def test_aml_compute_is_a_local_cluster_of_up_to_max_nodes(tmp_path: Path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,3 +195,64 @@ def test_tabular_parquet_from_the_cli(tmp_path: Path, runs_dir: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
     assert rows == [f"{i} {2 * i}" for i in range(100)]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--input", "", "--output", "out"], "input path '' is empty, which would"),
+        (["--input", "data", "--output", ""], "output='' is empty, which would"),
+    ],
+)
+def test_an_empty_input_or_output_is_refused(
+    tmp_path: Path, runs_dir: Path, args: list[str], message: str
+) -> None:
+    """Not the current folder, silently: '' is one line naming the fix."""
+    make_files(tmp_path / "data", 2)
+    write_script(tmp_path, SCRIPT)
+    result = daskrun("run", "score.py", *args, cwd=tmp_path, runs=runs_dir)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"daskrun: error: {message}"), line
+    assert "e.g." in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "score.py"]
+    assert not runs_dir.exists()  # nothing started
+
+
+@pytest.mark.parametrize(
+    "command, commands", [("runs", "list or show"), ("cluster", "start, stop")]
+)
+def test_a_command_without_its_subcommand_is_one_line(
+    tmp_path: Path, runs_dir: Path, command: str, commands: str
+) -> None:
+    result = daskrun(command, cwd=tmp_path, runs=runs_dir)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(
+        f"daskrun: error: 'daskrun {command}' needs a command: {commands}"
+    ), line
+    assert line.endswith(f"(see 'daskrun {command} --help')")
+
+
+def test_a_reader_that_goes_away_ends_the_listing_quietly(
+    tmp_path: Path, runs_dir: Path
+) -> None:
+    """'daskrun runs list | head': the pipe's reader is gone before the
+    listing is written; the command stops without a word, as CLIs do."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "daskrun", "runs", "list"],
+            cwd=tmp_path,
+            env=dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs_dir)),
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert proc.stderr == ""
+    assert proc.returncode == 141  # 128 + SIGPIPE, as a command killed by it

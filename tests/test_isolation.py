@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daskrun import Dataset, StepRun
+from daskrun.exceptions import ConfigError
 from daskrun.records import RunRecord
 
 from .helpers import (
@@ -307,3 +308,65 @@ def test_isolation_matches_the_plain_loop(
     failed = _failed_items(run)
     assert {Path(p).name for p in failed["input"]} == {names[i] for i in poison}
     assert (run.items_succeeded, run.items_failed) == (n - len(poison), len(poison))
+
+
+ROW_CRASH_SCRIPT = """
+import os
+
+def init():
+    pass
+
+def run(df):
+    if (df["v"] < 0).any():
+        os._exit(3)  # as a segfault would: the worker process dies
+    return df
+"""
+
+
+@pytest.mark.slow
+def test_a_csv_row_that_kills_its_worker_is_isolated(tmp_path: Path) -> None:
+    """Each row of a CSV range is an item, as each file or Parquet row is:
+    one that kills its worker fails alone, and the dead-letter data set
+    holds it."""
+    frame = poison_rows(tmp_path / "in" / "rows.csv", 45, {17})
+    run = run_step(
+        tmp_path,
+        ROW_CRASH_SCRIPT,
+        Dataset.Tabular.from_delimited_files(str(tmp_path / "in")),
+        mini_batch_size="1MB",
+        error_threshold=1,
+        run_max_try=1,
+        process_count_per_node=2,
+    )
+    assert run.status == "Completed", run.error
+    good = frame[frame["v"] >= 0]
+    lines = Path(run.output_path or "").read_text().splitlines()
+    assert lines == [f"{i} {v}" for i, v in zip(good["id"], good["v"], strict=True)]
+    assert (run.items_succeeded, run.items_failed) == (44, 1)
+    failed = _failed_items(run)
+    assert list(zip(failed["start"], failed["stop"], strict=True)) == [(17, 18)]
+    assert failed["error"][0].startswith("WorkerDied: "), failed["error"][0]
+    assert list(run.failed_items().to_pandas_dataframe()["id"]) == [17]
+
+
+def test_failed_rows_that_cannot_be_read_name_the_run(
+    tmp_path: Path, cluster: LocalCluster
+) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "rows.csv").write_text("id,v\n1,2\n3,4,5\n")  # 3 fields
+    run = run_step(
+        tmp_path,
+        ROWS_SCRIPT,
+        Dataset.Tabular.from_delimited_files(str(tmp_path / "in")),
+        compute_target=cluster.scheduler_address,
+        error_threshold=-1,
+        run_max_try=1,
+    )
+    assert run.mini_batches_failed == 1
+    with pytest.raises(ConfigError) as caught:
+        run.failed_items()
+    assert str(caught.value).startswith(
+        f"the failed inputs of run {run.run_id!r} could not be read ("
+    ), caught.value
+    assert str(caught.value).endswith("); fix them and resume with retry_failed=True")
+    assert "\n" not in str(caught.value)

@@ -202,6 +202,24 @@ def test_reserved_output_file_name_is_refused(tmp_path: Path, runs_dir: Path) ->
         assert f"append_row_file_name={name!r} is a name daskrun writes" in line
 
 
+def test_an_earlier_daskrun_s_unfinished_final_file_is_not_data(
+    tmp_path: Path,
+) -> None:
+    """An earlier daskrun assembled the final file beside it, as
+    ``.<name>.<hex>.partial``; one left by a kill is never an input."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "parallel_run_step.txt").write_text("a\nb\n")
+    (
+        out / ".parallel_run_step.txt.85f30dd2e2f5410f8af76f8a9e8b8bd9.partial"
+    ).write_text("a\n")
+    (out / "notes.partial").write_text("a user's file\n")
+    assert [Path(p).name for p in Dataset.File.from_files(str(out)).files()] == [
+        "notes.partial",
+        "parallel_run_step.txt",
+    ]
+
+
 WAIT_FOR_GO = """
 import os, time
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,10 +18,12 @@ from adlfs import AzureBlobFileSystem
 from distributed import LocalCluster
 
 from daskrun import Dataset, InputError, ParallelRunConfig, ParallelRunStep
+from daskrun.records import RunRecord
 
-from .helpers import run_step, write_script
+from .helpers import daskrun, kill_client, make_files, run_step, write_script
 
 CHECKING_SCRIPT = """
+import http.server
 import os
 
 def init():
@@ -224,3 +228,122 @@ def test_unreachable_output_store_fails_within_the_storage_timeout(
     ]
     assert key not in result.stderr
     assert not runs.exists()  # no run was started
+
+
+GATED_SCRIPT = """
+import os, time
+
+def init():
+    pass
+
+def run(mini_batch):
+    names = [os.path.basename(p) for p in mini_batch]
+    go = os.path.join(os.path.dirname(os.path.dirname(mini_batch[0])), "go")
+    while "f00039.txt" in names and not os.path.exists(go):
+        time.sleep(0.05)
+    return names
+"""
+
+
+def test_a_killed_run_with_blob_output_resumes_and_publishes(
+    tmp_path: Path,
+    runs_dir: Path,
+    azurite: str,
+    container: tuple[AzureBlobFileSystem, str],
+) -> None:
+    """The first resume of a client killed mid-run publishes: it lists the
+    parts the killed attempt wrote as they are, not as a cache saw them."""
+    fs, name = container
+    files = make_files(tmp_path / "in", 40)
+    write_script(tmp_path, GATED_SCRIPT)
+    env = dict(
+        os.environ,
+        AZURE_STORAGE_CONNECTION_STRING=azurite,
+        DASK_DASKRUN__RUNS_DIR=str(runs_dir),
+    )
+    command = [sys.executable, "-m", "daskrun"]
+    proc = subprocess.Popen(
+        [*command, "run", "score.py", "--input", "in", "--output",
+         f"abfs://{name}/out", "--mini-batch-size", "2", "--processes", "2", "-q"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:  # all but the gated mini-batch's group are written
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        fs.invalidate_cache()
+        written = fs.find(f"{name}/out/.daskrun") if fs.exists(f"{name}/out") else []
+        if len(written) >= 3:
+            break
+        time.sleep(0.2)
+    kill_client(proc)
+    (tmp_path / "go").touch()
+    (record,) = RunRecord.find(runs_dir)
+    resumed = subprocess.run(
+        [*command, "resume", record.run_id, "-q"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    fs.invalidate_cache()
+    lines = fs.cat_file(f"{name}/out/parallel_run_step.txt").decode().splitlines()
+    assert lines == [p.name for p in files]
+
+
+class _SasServer(http.server.BaseHTTPRequestHandler):
+    """A CSV behind a URL whose SAS token the server rejects: on every
+    request (``/expired``), or only on the ranged reads that cut it into
+    mini-batches."""
+
+    body = b"a,b\n" + b"".join(b"%d,%d\n" % (i, i) for i in range(5000))
+
+    def do_HEAD(self) -> None:
+        self._answer(send_body=False)
+
+    def do_GET(self) -> None:
+        self._answer(send_body=True)
+
+    def _answer(self, send_body: bool) -> None:
+        refused = self.path.startswith("/expired") or (
+            send_body and "Range" in self.headers
+        )
+        body = b"<Error><Code>AuthenticationFailed</Code></Error>"
+        if not refused:
+            body = self.body
+        self.send_response(403 if refused else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("where", ["expired", "ranges"])
+def test_an_http_input_s_error_is_one_line_without_its_sas(
+    tmp_path: Path, runs_dir: Path, where: str
+) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SasServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    secret = "tJ8n2%2FqVw0kSecretSignature%3D"
+    url = (
+        f"http://127.0.0.1:{server.server_port}/{where}/t.csv"
+        f"?sv=2022-11-02&se=2026-01-01&sp=r&sig={secret}"
+    )
+    write_script(tmp_path, "def init(): pass\ndef run(df): return df\n")
+    try:
+        result = daskrun(
+            "run", "score.py", "--input", url, "--tabular", "--output", "out",
+            "--mini-batch-size", "10KB", cwd=tmp_path, runs=runs_dir,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    what = "path" if where == "expired" else "file"  # not listed, or not read
+    shown = url.replace(secret, "***")
+    assert line.startswith(f"daskrun: error: input {what} {shown!r} "), line
+    assert line.endswith("allow reading it" if what == "file" else "empty folder")
+    assert "Signature" not in result.stderr + result.stdout
+    assert not runs_dir.exists()  # no run was started

@@ -275,3 +275,69 @@ def test_two_resumes_at_once_and_a_missing_part(tmp_path: Path, runs_dir: Path) 
     # the two bad mini-batches and those whose rows were lost ran again
     again = [f"ok{(i - 2) * 2:05d}" for i in sorted(lost)]
     assert _called(tmp_path) == ["bad00000", "bad00002", *again]
+
+
+PUBLISH_SCRIPT = """
+import os, time
+
+def init():
+    pass
+
+def run(mini_batch):
+    names = [os.path.basename(p) for p in mini_batch]
+    go = os.path.join(os.path.dirname(os.path.dirname(mini_batch[0])), "go")
+    while names == ["f00003.txt"] and not os.path.exists(go):
+        time.sleep(0.05)
+    return ["x" * 999] * 2000 if names == ["f00000.txt"] else names
+"""
+
+
+def test_a_client_killed_while_publishing_leaves_no_partial_file(
+    tmp_path: Path, runs_dir: Path
+) -> None:
+    """A kill while the final file is assembled leaves its temporary file
+    out of the output folder's data: a data set of the folder never lists
+    it, and the resume that publishes leaves none behind."""
+    from daskrun import Dataset
+
+    make_files(tmp_path / "in", 4)
+    write_script(tmp_path, PUBLISH_SCRIPT)
+    out = tmp_path / "out"
+    proc = _start(
+        tmp_path, runs_dir, "run", "score.py", "--input", "in", "--output", "out",
+        "--mini-batch-size", "1", "--processes", "2", "-q",
+    )  # fmt: skip
+    _wait_for_parts(tmp_path, 2, proc)  # f00003 waits for go, f00002 with it
+    parts = Parts(OutputTarget(str(out), "unused", _run_id(runs_dir)))
+
+    def holder(index: int) -> Path:
+        if index in parts.own:
+            return Path(parts.target.part_url(index))
+        return Path(parts.grouped[index].url)
+
+    # the first two tasks hold one mini-batch each: assembly copies
+    # mini-batch 0's 2 MB, then waits to open mini-batch 1's rows, a FIFO
+    blocking = holder(1)
+    assert blocking != holder(0)
+    kept = blocking.read_bytes()
+    blocking.unlink()
+    os.mkfifo(blocking)
+    (tmp_path / "go").touch()
+    deadline = time.monotonic() + 120
+    while not any(p.stat().st_size >= 2_000_000 for p in out.rglob("*.partial")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    kill_client(proc)
+    blocking.unlink()
+    blocking.write_bytes(kept)
+    assert not (out / "parallel_run_step.txt").exists()
+    assert [p.name for p in out.iterdir()] == [".daskrun"]
+
+    result = _run_cli(tmp_path, runs_dir, "resume", _run_id(runs_dir), "-q")
+    assert result.returncode == 0, result.stderr
+    lines = (out / "parallel_run_step.txt").read_text().splitlines()
+    assert lines == ["x" * 999] * 2000 + ["f00001.txt", "f00002.txt", "f00003.txt"]
+    assert list(out.rglob("*.partial")) == []
+    listed = Dataset.File.from_files(str(out)).files()
+    assert listed == [str(out / "parallel_run_step.txt")]
