@@ -63,7 +63,7 @@ from .output import (
 from .partitions import MiniBatchContext
 from .resources import INIT, ResourceSampler, perf_topic
 from .runcontext import Logged, WorkerRun, set_worker_run
-from .storage import hide
+from .storage import hide, hide_values
 
 if TYPE_CHECKING:
     import pathspec
@@ -460,11 +460,13 @@ _CAPTURE_LIMIT = 1 << 20
 
 
 class _Capture:
-    """What the entry script prints and logs through ``EntryScript().logger``;
-    shipped with each result to the client, which writes the per-worker
-    files (so logs come back from any cluster, shared disk or not)."""
+    """What the entry script prints and logs through ``EntryScript().logger``
+    and ``Run.get_context()``, without the run's ``secrets``; shipped with
+    each result to the client, which writes the per-worker files (so logs
+    come back from any cluster, shared disk or not)."""
 
-    def __init__(self, agent: str, level: str):
+    def __init__(self, agent: str, level: str, secrets: Sequence[str] = ()):
+        self.secrets = list(secrets)
         self.out = io.StringIO()
         self.log = io.StringIO()
         self.logger = logging.getLogger(f"daskrun.entry_script.{agent}")
@@ -474,7 +476,8 @@ class _Capture:
         self.logger.addHandler(handler)
         self.logger.setLevel(level)
         self.logger.propagate = False
-        self.logged = Logged()  # Run.get_context()'s metrics and tags
+        # Run.get_context()'s metrics and tags
+        self.logged = Logged(lambda entry: hide_values(entry, self.secrets))
 
     def redirect(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.redirect_stdout(self.out)
@@ -487,7 +490,8 @@ class _Capture:
         if log:
             self.log.seek(0)
             self.log.truncate()
-        return _clip(out), _clip(log)
+        # hidden before clipped: a cut must not leave half a secret
+        return _clip(hide(out, self.secrets)), _clip(hide(log, self.secrets))
 
 
 def _clip(text: str) -> str:
@@ -682,7 +686,7 @@ class EntryScriptPlugin(WorkerPlugin):
         self._ready = threading.Event()
         self.folder = os.path.join(worker.local_directory, "daskrun", self.name)
         self.agent = agent_name(worker)
-        self.capture = _Capture(self.agent, self.logging_level)
+        self.capture = _Capture(self.agent, self.logging_level, self.secrets)
         loop = asyncio.get_running_loop()
         self.watchdog = Watchdog(
             worker, self.events_topic, self.agent, self.run_invocation_timeout

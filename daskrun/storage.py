@@ -9,7 +9,8 @@ secrets, locks.
   without its credentials.
 - :func:`secret_values`, :func:`redact`, :func:`hide` — credentials in
   ``storage_options`` (keys, SAS tokens, connection strings) never reach a
-  message, a log or a run record.
+  message, a log or a run record, in any URL encoding; nor does any SAS
+  signature (``sig=``) or connection-string key, whoever's it is.
 - :class:`FileLock` — one process at a time on a run or an output folder.
 """
 
@@ -17,19 +18,31 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
+import re
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any, TypeVar
 
 from .exceptions import DaskRunError, StorageError, StorageTimeoutError
 
 _T = TypeVar("_T")
+_ESC = "surrogateescape"
 
 # the parts of a connection string that are secret
 _SECRET_KEYS = {"AccountKey", "SharedAccessSignature", "SharedAccessKey"}
 # storage options that name, not authenticate
 _PUBLIC_OPTIONS = {"account_name", "account_host"}
+# values that are secret wherever they appear, known or not: a SAS token's
+# signature, a connection string's key (base64, maybe URL-encoded)
+# (after a letter or digit it is another name, unless that ends an escape
+# of "&", "?" or ";": "%26sig%3D...")
+_SECRET_PARAMETERS = re.compile(
+    r"(?i)(?:(?<![a-z0-9])|(?<=%26)|(?<=%3f)|(?<=%3b))"
+    r"(sig|AccountKey|SharedAccessKey)(=|%3D)[A-Za-z0-9+/=%_-]+"
+)
 
 
 def within(
@@ -84,14 +97,62 @@ def secret_values(storage_options: Mapping[str, Any]) -> list[str]:
 
 def hide(text: str, secrets: Iterable[str]) -> str:
     """``text`` with each of ``secrets`` replaced by ``***``, longest first,
-    so that a secret inside another is not left half shown.
+    so that a secret inside another is not left half shown; and the value of
+    every ``sig=``, ``AccountKey=`` and ``SharedAccessKey=``.
+
+    A secret is found however it is URL-encoded: as given, decoded, encoded,
+    or partly either (a server or an SDK that echoes a SAS URL may decode
+    ``se=``'s colons and keep ``sig=``'s escapes).
 
     >>> hide("sig=abc&x=abcdef", ["abc", "abcdef"])
     'sig=***&x=***'
+    >>> hide("url?se=2030-01-01T00:00Z&k=v%2F1", ["se=2030-01-01T00%3A00Z&k=v/1"])
+    'url?***'
+    >>> hide("someone else's key: AccountKey=a2V5Cg==;", [])
+    "someone else's key: AccountKey=***;"
     """
     for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
+        for pattern in _any_encoding(secret):
+            text = pattern.sub("***", text)
+    return _SECRET_PARAMETERS.sub(r"\1\2***", text)
+
+
+@functools.lru_cache(maxsize=256)
+def _any_encoding(secret: str) -> tuple[re.Pattern[str], ...]:
+    """Patterns of ``secret`` in any URL encoding: each character of it, and
+    of it decoded, as is or percent-escaped (in either case), a space also
+    as ``+``. Escaping an escaped secret once more (``%3D`` as ``%253D``)
+    is an encoding of it as given."""
+    patterns = []
+    for plain in dict.fromkeys([urllib.parse.unquote(secret), secret]):
+        parts = []
+        for char in plain:
+            escaped = "".join(f"%{byte:02x}" for byte in char.encode("utf-8", _ESC))
+            forms = [re.escape(char), f"(?i:{re.escape(escaped)})"]
+            if char == " ":
+                forms.append(r"\+")
+            parts.append(f"(?:{'|'.join(forms)})")
+        patterns.append(re.compile("".join(parts)))
+    return tuple(patterns)
+
+
+def hide_values(value: Any, secrets: Iterable[str]) -> Any:
+    """``value`` with :func:`hide` applied to every string in it, also inside
+    lists, tuples and dicts (keys too): what user code logs as metrics.
+
+    >>> hide_values({"url": ["x?sig=abc"], "n": 1}, [])
+    {'url': ['x?sig=***'], 'n': 1}
+    """
+    secrets = list(secrets)
+    if isinstance(value, str):
+        return hide(value, secrets)
+    if isinstance(value, (list, tuple)):
+        return type(value)(hide_values(v, secrets) for v in value)
+    if isinstance(value, dict):
+        return {
+            hide_values(k, secrets): hide_values(v, secrets) for k, v in value.items()
+        }
+    return value
 
 
 def redact(text: str, storage_options: Mapping[str, Any]) -> str:
