@@ -66,6 +66,7 @@ from .records import (
 from .runner import (
     Interrupt,
 )
+from .storage import private_folder, private_open
 from .workspace import Datastore, OutputData, Workspace
 
 logger = logging.getLogger("daskrun")
@@ -897,8 +898,9 @@ def _new_record(
         script=plugin.script,
         arguments=[str(a) for a in step.arguments],
     )
-    record.folder.mkdir(parents=True, exist_ok=True)
-    (record.folder / SOURCE).write_bytes(plugin.bundle)
+    private_folder(record.folder)
+    with private_open(record.folder / SOURCE, "wb") as f:
+        f.write(plugin.bundle)
     return record
 
 
@@ -991,9 +993,10 @@ def _failed_rows(
             "and resume with retry_failed=True"
         )
     found = pd.concat(frames, ignore_index=True)
-    folder.mkdir(parents=True, exist_ok=True)
+    private_folder(folder)
     path = folder / f"failed_items.{first.file_format}"
     tmp = path.with_name(f".{path.name}.tmp")
+    private_open(tmp, "w").close()  # pandas writes into it, keeping its mode
     if first.file_format == "parquet":
         found.to_parquet(tmp, index=False)
         os.replace(tmp, path)

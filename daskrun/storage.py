@@ -12,6 +12,8 @@ secrets, locks.
   message, a log or a run record, in any URL encoding; nor does any SAS
   signature (``sig=``) or connection-string key, whoever's it is.
 - :class:`FileLock` — one process at a time on a run or an output folder.
+- :func:`private_folder`, :func:`private_open` — run folders and their files
+  belong to their owner alone (0700, 0600), as worker folders do.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import re
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from .exceptions import DaskRunError, StorageError, StorageTimeoutError
@@ -226,6 +229,37 @@ def _timed_out(
     )
 
 
+def private_folder(path: str | os.PathLike[str]) -> Path:
+    """Make the folder ``path``, and those above it that are missing, readable
+    by their owner alone (0700); folders that exist are left as they are.
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> oct(private_folder(root / "runs" / "r1").stat().st_mode & 0o777)
+    '0o700'
+    """
+    folder = Path(path)
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile
+            folder.mkdir(mode=0o700)
+    return Path(path)
+
+
+def private_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Any:
+    """``open(path, mode, **kwargs)``; a file it creates is readable by its
+    owner alone (0600), whatever the umask. A file that exists keeps its mode.
+    """
+    return open(path, mode, opener=_owner_only, **kwargs)
+
+
+def _owner_only(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
 class FileLock:
     """An exclusive ``flock`` on ``path``, whose file names the holder; the
     kernel releases it when the process dies, however it dies.
@@ -246,7 +280,7 @@ class FileLock:
         self.remove = remove
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         while True:
-            f = open(self.path, "a+")  # closed in release()
+            f = private_open(self.path, "a+")  # closed in release()
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
