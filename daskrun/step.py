@@ -66,7 +66,7 @@ from .records import (
 from .runner import (
     Interrupt,
 )
-from .storage import private_folder, private_open
+from .storage import private_folder, private_open, private_tree
 from .workspace import Datastore, OutputData, Workspace
 
 logger = logging.getLogger("daskrun")
@@ -808,6 +808,7 @@ def _rebuild(
     shutil.rmtree(source, ignore_errors=True)
     with zipfile.ZipFile(record.folder / SOURCE) as zf:
         zf.extractall(source)
+    private_tree(source)
     config = dict(record.config)
     config.pop("source_directory")
     config["entry_script"] = record.script

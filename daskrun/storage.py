@@ -260,6 +260,14 @@ def _owner_only(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
+def private_tree(path: str | os.PathLike[str]) -> None:
+    """Take away the group's and others' permissions from ``path`` and all
+    below it: what a tool (``zipfile``) wrote with the umask's modes."""
+    for folder, _, files in os.walk(path):
+        for name in [folder, *(os.path.join(folder, f) for f in files)]:
+            os.chmod(name, os.lstat(name).st_mode & 0o700)
+
+
 class FileLock:
     """An exclusive ``flock`` on ``path``, whose file names the holder; the
     kernel releases it when the process dies, however it dies.
