@@ -49,7 +49,7 @@ from .datasets import FileBatch, MiniBatch, PartitionBatch
 from .forecast import Estimate
 from .plugin import TryResult
 from .runner import Counts, Tally
-from .storage import private_folder, private_open
+from .storage import private_file, private_folder, private_open
 
 REPORT = Path("sys", "job_report", "processed_mini-batches.csv")
 FAILED_ITEMS = REPORT.with_name("failed_items.csv")
@@ -489,7 +489,7 @@ class _DistributedLogRoute:
                 self._files[key] = handler, count + 1
                 return
             private_folder(os.path.dirname(key))
-            private_open(key, "a").close()  # logging's handler makes it 0644
+            private_file(key)  # logging's handler would make it 0644
             handler = logging.FileHandler(key, encoding="utf-8", errors=_ESCAPE)
             handler.setFormatter(
                 logging.Formatter(

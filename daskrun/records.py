@@ -25,7 +25,7 @@ from typing import Any
 from .config import config_get
 from .exceptions import ConfigError
 from .runcontext import RunLog
-from .storage import FileLock, private_folder, private_open
+from .storage import FileLock, private_file, private_folder
 
 DATABASE = "runs.db"
 SOURCE = "source.zip"
@@ -65,7 +65,7 @@ def open_db(path: Path, schema: str) -> Iterator[sqlite3.Connection]:
     """
     private_folder(path.parent)
     # SQLite gives its -wal and -shm files the database file's mode
-    private_open(path, "a").close()
+    private_file(path)
     conn = sqlite3.connect(path, timeout=60, isolation_level=None)
     try:
         conn.row_factory = sqlite3.Row

@@ -66,7 +66,7 @@ from .records import (
 from .runner import (
     Interrupt,
 )
-from .storage import private_folder, private_open, private_tree
+from .storage import private_file, private_folder, private_open, private_tree
 from .workspace import Datastore, OutputData, Workspace
 
 logger = logging.getLogger("daskrun")
@@ -997,7 +997,7 @@ def _failed_rows(
     private_folder(folder)
     path = folder / f"failed_items.{first.file_format}"
     tmp = path.with_name(f".{path.name}.tmp")
-    private_open(tmp, "w").close()  # pandas writes into it, keeping its mode
+    private_file(tmp)  # pandas writes into it, keeping its mode
     if first.file_format == "parquet":
         found.to_parquet(tmp, index=False)
         os.replace(tmp, path)

@@ -12,8 +12,9 @@ secrets, locks.
   message, a log or a run record, in any URL encoding; nor does any SAS
   signature (``sig=``) or connection-string key, whoever's it is.
 - :class:`FileLock` — one process at a time on a run or an output folder.
-- :func:`private_folder`, :func:`private_open` — run folders and their files
-  belong to their owner alone (0700, 0600), as worker folders do.
+- :func:`private_folder`, :func:`private_open`, :func:`private_file`,
+  :func:`private_tree` — run folders and their files belong to their owner
+  alone (0700, 0600), as worker folders do.
 """
 
 from __future__ import annotations
@@ -258,6 +259,15 @@ def private_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -
 
 def _owner_only(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
+
+
+def private_file(path: str | os.PathLike[str]) -> None:
+    """Create ``path`` empty and owner-only (0600) if it is missing, for a
+    tool that then writes it keeping its mode (SQLite, ``logging``, pandas).
+    A file that exists is not opened: closing a descriptor of an SQLite
+    database would drop the locks this process holds on it."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def private_tree(path: str | os.PathLike[str]) -> None:
