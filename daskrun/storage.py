@@ -245,15 +245,18 @@ def private_folder(path: str | os.PathLike[str]) -> Path:
         missing.append(folder)
         folder = folder.parent
     for folder in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # made meanwhile
+        try:
             folder.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile, or a file: say so
+            if not folder.is_dir():
+                raise
     return Path(path)
 
 
 def private_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Any:
-    """``open(path, mode, **kwargs)``; a file it creates is readable by its
-    owner alone (0600), whatever the umask. A file that exists keeps its mode.
-    """
+    """``open(path, mode, **kwargs)``; a file it creates is its owner's
+    alone (0600; others get nothing, whatever the umask). A file that
+    exists keeps its mode."""
     return open(path, mode, opener=_owner_only, **kwargs)
 
 
