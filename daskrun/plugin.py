@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -479,8 +479,20 @@ class _Capture:
         # Run.get_context()'s metrics and tags
         self.logged = Logged(lambda entry: hide_values(entry, self.secrets))
 
-    def redirect(self) -> contextlib.AbstractContextManager[Any]:
-        return contextlib.redirect_stdout(self.out)
+    @contextlib.contextmanager
+    def redirect(self) -> Iterator[None]:
+        """Capture what the script prints; what it writes to ``sys.stderr``
+        (a ``logging`` handler of its own, a traceback it prints) still goes
+        to the worker's stderr, without the run's secrets."""
+        stderr = _Hiding(sys.stderr, self.secrets)
+        try:
+            with (
+                contextlib.redirect_stdout(self.out),
+                contextlib.redirect_stderr(stderr),
+            ):
+                yield
+        finally:
+            stderr.flush()
 
     def take(self) -> tuple[str, str]:
         out, log = self.out.getvalue(), self.log.getvalue()
@@ -492,6 +504,34 @@ class _Capture:
             self.log.truncate()
         # hidden before clipped: a cut must not leave half a secret
         return _clip(hide(out, self.secrets)), _clip(hide(log, self.secrets))
+
+
+class _Hiding:
+    """A text stream that writes to ``stream`` line by line, each line
+    without ``secrets`` (a secret written in pieces is hidden whole)."""
+
+    def __init__(self, stream: Any, secrets: Sequence[str]):
+        self._stream = stream
+        self._secrets = secrets
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            done, newline, self._partial = (self._partial + text).rpartition("\n")
+            if newline:
+                self._stream.write(hide(done + newline, self._secrets))
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._partial:
+                self._stream.write(hide(self._partial, self._secrets))
+                self._partial = ""
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # encoding, isatty(), fileno()...
+        return getattr(self._stream, name)
 
 
 def _clip(text: str) -> str:

@@ -162,7 +162,7 @@ def test_secrets_echoed_in_another_encoding_are_redacted(
 # user code that prints and logs the datastore's key, in init() and run(),
 # through every channel an entry script has
 LOGGING_SCRIPT = """
-import argparse, os
+import argparse, logging, os, sys
 from daskrun import EntryScript, Run
 
 def init():
@@ -181,12 +181,16 @@ def run(mini_batch):
     run.tag("credential", key)
     print("run sees", key)
     EntryScript().logger.warning("run key=%s", key)
+    # what goes to the worker's stderr, and from there to the terminal
+    print("stderr sees", key[:10], end="", file=sys.stderr)
+    print(key[10:], file=sys.stderr)
+    logging.getLogger("user.module").warning("logging sees %s", key)
     return [os.path.basename(p) for p in mini_batch]
 """
 
 
 def test_what_user_code_logs_is_redacted(
-    tmp_path: Path, runs_dir: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, runs_dir: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     make_files(tmp_path / "in", 2)
     secrets = tmp_path / "secrets.txt"
@@ -214,7 +218,8 @@ def test_what_user_code_logs_is_redacted(
     assert "init sees ***" in stdout and "run sees ***" in stdout
     logged = "".join(p.read_text() for p in user.glob("entry_script_log/*.txt"))
     assert "init key=***" in logged and "run key=***" in logged
-    terminal = capsys.readouterr()
+    terminal = capfd.readouterr()  # the workers' stderr too
+    assert "stderr sees ***" in terminal.err and "logging sees ***" in terminal.err
     assert_no_leaks(
         terminal.out + terminal.err,
         [runs_dir, tmp_path / "out"],
