@@ -235,8 +235,8 @@ def private_folder(path: str | os.PathLike[str]) -> Path:
     by their owner alone (0700); folders that exist are left as they are.
 
     >>> import tempfile
-    >>> root = Path(tempfile.mkdtemp())
-    >>> oct(private_folder(root / "runs" / "r1").stat().st_mode & 0o777)
+    >>> with tempfile.TemporaryDirectory() as root:
+    ...     oct(private_folder(Path(root, "runs", "r1")).stat().st_mode & 0o777)
     '0o700'
     """
     folder = Path(path)
