@@ -63,7 +63,7 @@ from .output import (
 from .partitions import MiniBatchContext
 from .resources import INIT, ResourceSampler, perf_topic
 from .runcontext import Logged, WorkerRun, set_worker_run
-from .storage import hide, hide_values
+from .storage import hide, hide_values, private_folder
 
 if TYPE_CHECKING:
     import pathspec
@@ -259,7 +259,7 @@ def build_bundle(
     if path.is_file():
         os.utime(path)  # kept by the pruning below, which drops the oldest
         return path, rel
-    cache.mkdir(parents=True, exist_ok=True)
+    private_folder(cache)  # the user's code: theirs alone, as its zip (0600)
     tmp = tempfile.NamedTemporaryFile(dir=cache, suffix=".partial", delete=False)
     try:
         with tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
