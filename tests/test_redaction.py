@@ -9,7 +9,7 @@ import pytest
 
 from daskrun import Dataset
 
-from .helpers import make_files, run_step, write_script
+from .helpers import make_files, run_step
 
 # fake credentials, as a SAS token and an account key would look
 SAS = "sv=2024-05-04&ss=b&sig=Q2xpZW50U2VjcmV0U2lnbmF0dXJlMTIzNA%3D%3D"
@@ -34,6 +34,20 @@ def run(mini_batch):
         )
     return [os.path.basename(p) for p in mini_batch]
 """
+
+
+def assert_no_leaks(terminal: str, folders: list[Path], secrets: list[str]) -> None:
+    """None of ``secrets`` is in ``terminal`` or any file below ``folders``
+    (a run folder's ``runs.db`` and its WAL included)."""
+    seen = {"terminal": terminal}
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                seen[str(path)] = path.read_bytes().decode("latin-1")
+    assert any("runs.db" in name for name in seen)
+    for secret in secrets:
+        leaks = [name for name, text in seen.items() if secret in text]
+        assert not leaks, (secret, leaks)
 
 
 def test_worker_errors_are_redacted_everywhere(
@@ -80,20 +94,6 @@ def test_worker_errors_are_redacted_everywhere(
     )
 
 
-def assert_no_leaks(terminal: str, folders: list[Path], secrets: list[str]) -> None:
-    """None of ``secrets`` is in ``terminal`` or any file below ``folders``
-    (a run folder's ``runs.db`` and its WAL included)."""
-    seen = {"terminal": terminal}
-    for folder in folders:
-        for path in folder.rglob("*"):
-            if path.is_file():
-                seen[str(path)] = path.read_bytes().decode("latin-1")
-    assert any("runs.db" in name for name in seen)
-    for secret in secrets:
-        leaks = [name for name, text in seen.items() if secret in text]
-        assert not leaks, (secret, leaks)
-
-
 # a SAS token whose expiry (se=) is URL-encoded, as the portal gives it
 SIGNATURE = "U2VydmVyRWNob2VkU2lnbmF0dXJlNTY3OA%3D%3D"
 ENCODED_SAS = f"sv=2024-05-04&se=2030-01-01T00%3A00%3A00Z&sr=c&sig={SIGNATURE}"
@@ -125,8 +125,9 @@ def run(mini_batch):
 def test_secrets_echoed_in_another_encoding_are_redacted(
     tmp_path: Path, runs_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    (tmp_path / "in").mkdir()
     for name in ("colons.txt", "escaped.txt"):
-        write_script(tmp_path / "in", "data", name)
+        (tmp_path / "in" / name).write_text("data")
     secrets = tmp_path / "secrets.txt"
     secrets.write_text(ENCODED_SAS)
     run = run_step(
