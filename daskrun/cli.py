@@ -39,6 +39,7 @@ from .exceptions import ConfigError, DaskRunError, InputError
 from .monitor import FAILED_ITEMS
 from .records import RunRecord, runs_dir
 from .step import ParallelRunStep, StepRun, resume
+from .storage import private_folder, private_open
 from .workspace import Workspace
 
 
@@ -492,8 +493,8 @@ def _start_shared(processes: int) -> int:
     """Start ``daskrun cluster serve`` in a session of its own and wait
     until it has published its cluster (or ended, saying why)."""
     log = SharedCluster.log_path()
-    log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    private_folder(log.parent)
+    with private_open(log, "ab") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "daskrun", "cluster", "serve"]
             + ["--processes", str(processes)],

@@ -12,6 +12,12 @@ measures one) GPU over time, from the workers' resource samples
 seconds; BokehJS is served
 inline, so the page needs no network.
 
+The page and its plots answer only requests that carry the scheduler's
+token (``/daskrun?token=…``, as Jupyter's links do), made when the page is
+installed and known only to clients of the scheduler: the link daskrun
+prints carries it, a request without it gets 403. Another user on the host
+can reach the dashboard's port, not the job's progress and errors.
+
 On the local cluster daskrun starts, Dask's own Bokeh dashboard is connected
 on first visit (:func:`serve_dashboard_on_demand`): importing Bokeh takes half
 a second of the client's CPU before any worker could start, and most batch
@@ -20,8 +26,10 @@ jobs are never watched.
 
 from __future__ import annotations
 
+import hmac
 import html
 import json
+import secrets
 import time
 from typing import Any
 from urllib.parse import urljoin
@@ -45,28 +53,38 @@ def publish(client: Any, run_id: str, snapshot: dict[str, Any]) -> None:
 
 
 def install_page(client: Any, dashboard_link: str) -> str | None:
-    """Serve the daskrun page from the scheduler; return its URL, or None
-    when the scheduler cannot (no dashboard, or daskrun not installed
-    there)."""
+    """Serve the daskrun page from the scheduler; return its URL with the
+    scheduler's token (``<dashboard>/daskrun?token=…``), or None when the
+    scheduler cannot (no dashboard, or daskrun not installed there)."""
     try:
-        installed = client.run_on_scheduler(_install)
+        token = client.run_on_scheduler(_install)
     except Exception:
         return None
-    return urljoin(dashboard_link, "daskrun") if installed else None
+    if not token:
+        return None
+    return f"{urljoin(dashboard_link, 'daskrun')}?token={token}"
 
 
-def _install(dask_scheduler: Any) -> bool:
+def _install(dask_scheduler: Any) -> str | None:
+    """Add the page's routes to the scheduler's HTTP server, once; its
+    token."""
     app = getattr(dask_scheduler, "http_application", None)
     if app is None:
-        return False
-    if not getattr(dask_scheduler, "_daskrun_page", False):
+        return None
+    token: str | None = getattr(dask_scheduler, "_daskrun_page_token", None)
+    if token is None:
+        token = secrets.token_urlsafe(32)
         routes = [
-            (r"/daskrun/?", PageHandler, {"scheduler": dask_scheduler}),
-            (r"/daskrun/plots", PlotsHandler, {"scheduler": dask_scheduler}),
+            (r"/daskrun/?", PageHandler, {"scheduler": dask_scheduler, "token": token}),
+            (
+                r"/daskrun/plots",
+                PlotsHandler,
+                {"scheduler": dask_scheduler, "token": token},
+            ),
         ]
         app.add_application(web.Application(routes))
-        dask_scheduler._daskrun_page = True
-    return True
+        dask_scheduler._daskrun_page_token = token
+    return token
 
 
 def serve_dashboard_on_demand(client: Any) -> None:
@@ -133,8 +151,20 @@ def _samples(scheduler: Any, run_id: str) -> dict[str, list[dict[str, Any]]]:
 
 
 class PageHandler(web.RequestHandler):
-    def initialize(self, scheduler: Any) -> None:
+    def initialize(self, scheduler: Any, token: str) -> None:
         self.scheduler = scheduler
+        self.token = token
+
+    def prepare(self) -> None:
+        given = self.get_query_argument("token", "")
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            self.set_status(403)
+            self.set_header("Content-Type", "text/plain")
+            wrong = f"token={given!r} is not this job's" if given else "no token"
+            self.finish(
+                f"{wrong}: open the page at the link daskrun printed "
+                "('this job: .../daskrun?token=...')\n"
+            )
 
     def get(self) -> None:
         self.write(_page())
@@ -170,7 +200,8 @@ body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
 <script>
 async function refresh() {{
   const here = location.pathname;
-  const reply = await fetch((here.endsWith("/") ? here : here + "/") + "plots");
+  const reply = await fetch(
+    (here.endsWith("/") ? here : here + "/") + "plots" + location.search);
   const data = await reply.json();
   if (!data.run_id) return;
   document.getElementById("run").textContent = data.run_id;

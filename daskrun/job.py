@@ -418,6 +418,9 @@ class Job:
             )
             raise
         finally:
+            # however the job ended, its error is recorded and shown without
+            # the run's credentials (a SAS signature anywhere in it too)
+            error = None if error is None else self.plugin.redact(error)
             self._finish(record, status, error, final)
         self._summary(status, error)
         return status

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .storage import private_folder, private_open
+
 LISTING = "inputs.csv"  # path, size, mtime or ETag of each input file
 PLAN = "plan.bin"  # 8 bytes per mini-batch: a digest of its plan and inputs
 _DIGEST = 8
@@ -33,8 +35,8 @@ class PlanLedger:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self._listing = open(  # closed in close()
+        private_folder(folder)
+        self._listing = private_open(  # closed in close()
             # a file name that is not UTF-8 is kept escaped, as in the logs
             folder / f"{LISTING}.new",
             "w",
@@ -42,7 +44,7 @@ class PlanLedger:
             errors="backslashreplace",
         )
         self._writer = csv.writer(self._listing)
-        self._plan = open(folder / f"{PLAN}.new", "wb")
+        self._plan = private_open(folder / f"{PLAN}.new", "wb")
         self._total = hashlib.blake2b(digest_size=16)
         self.count = 0
 

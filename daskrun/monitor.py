@@ -49,6 +49,7 @@ from .datasets import FileBatch, MiniBatch, PartitionBatch
 from .forecast import Estimate
 from .plugin import TryResult
 from .runner import Counts, Tally
+from .storage import private_file, private_folder, private_open
 
 REPORT = Path("sys", "job_report", "processed_mini-batches.csv")
 FAILED_ITEMS = REPORT.with_name("failed_items.csv")
@@ -188,10 +189,10 @@ class JobLogs:
     ):
         self.dir = Path(logs_dir)
         self.report_path = self.dir / REPORT
-        self.report_path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(self.report_path.parent)
         # a resumed run starts from the rows its earlier attempts kept
         rows = [[row[c] for c in REPORT_COLUMNS] for row in earlier_rows]
-        self._report: IO[str] = open(  # closed in close()
+        self._report: IO[str] = private_open(  # closed in close()
             self.report_path, "w", newline="", errors=_ESCAPE
         )
         self._writer = csv.writer(self._report)
@@ -208,7 +209,7 @@ class JobLogs:
                 for row in read_failed_items(self.failed_path)
             ]
         )
-        self._failed: IO[str] = open(  # closed in close()
+        self._failed: IO[str] = private_open(  # closed in close()
             self.failed_path, "w", newline="", errors=_ESCAPE
         )
         self._failed_writer = csv.writer(self._failed)
@@ -268,8 +269,8 @@ class JobLogs:
             f = self._user.get(key)
             if f is None:
                 path = self.dir / "user" / kind / f"{result.worker}.txt"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                f = self._user[key] = open(  # close()
+                private_folder(path.parent)
+                f = self._user[key] = private_open(  # close()
                     path, "a", errors=_ESCAPE
                 )
             f.write(text)
@@ -346,7 +347,8 @@ class JobLogs:
             lines.append("latest errors:")
             lines.extend(f"  {e}" for e in snap["latest_errors"])
         tmp = self.dir / ".job_progress_overview.txt.tmp"
-        tmp.write_text("\n".join(lines) + "\n", errors=_ESCAPE)
+        with private_open(tmp, "w", errors=_ESCAPE) as f:
+            f.write("\n".join(lines) + "\n")
         os.replace(tmp, self.dir / "job_progress_overview.txt")
 
     def failed_items(self, batch: MiniBatch, result: TryResult) -> None:
@@ -430,9 +432,8 @@ class JobLogs:
         ]
         if error:
             lines.append(f"error: {error}")
-        (self.dir / "job_result.txt").write_text(
-            "\n".join(lines) + "\n", errors=_ESCAPE
-        )
+        with private_open(self.dir / "job_result.txt", "w", errors=_ESCAPE) as f:
+            f.write("\n".join(lines) + "\n")
         failure = tally.first_failure
         text = []
         if failure is not None:
@@ -443,7 +444,8 @@ class JobLogs:
         if error and (failure is None or error != failure.error):
             text.append(f"\njob: {error}\n" if text else f"{error}\n")
         if text:
-            (self.dir / "job_error.txt").write_text("".join(text), errors=_ESCAPE)
+            with private_open(self.dir / "job_error.txt", "w", errors=_ESCAPE) as f:
+                f.write("".join(text))
 
     def close(self) -> None:
         for f in (self._report, self._failed, *self._user.values()):
@@ -486,7 +488,8 @@ class _DistributedLogRoute:
                 handler, count = self._files[key]
                 self._files[key] = handler, count + 1
                 return
-            os.makedirs(os.path.dirname(key), exist_ok=True)
+            private_folder(os.path.dirname(key))
+            private_file(key)  # logging's handler would make it 0644
             handler = logging.FileHandler(key, encoding="utf-8", errors=_ESCAPE)
             handler.setFormatter(
                 logging.Formatter(
@@ -620,7 +623,7 @@ class _ExitTracebackToLog:
 
     def write(self, text: str) -> int:
         if self._log is None and text == self._head:
-            self._log = open(  # open while the process lives
+            self._log = private_open(  # open while the process lives
                 self.path, "a", encoding="utf-8", errors=_ESCAPE, buffering=1
             )
         return int((self._log or self._stream).write(text))

@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -63,7 +63,7 @@ from .output import (
 from .partitions import MiniBatchContext
 from .resources import INIT, ResourceSampler, perf_topic
 from .runcontext import Logged, WorkerRun, set_worker_run
-from .storage import hide
+from .storage import hide, hide_values, private_folder
 
 if TYPE_CHECKING:
     import pathspec
@@ -259,7 +259,7 @@ def build_bundle(
     if path.is_file():
         os.utime(path)  # kept by the pruning below, which drops the oldest
         return path, rel
-    cache.mkdir(parents=True, exist_ok=True)
+    private_folder(cache)  # the user's code: theirs alone, as its zip (0600)
     tmp = tempfile.NamedTemporaryFile(dir=cache, suffix=".partial", delete=False)
     try:
         with tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -460,11 +460,13 @@ _CAPTURE_LIMIT = 1 << 20
 
 
 class _Capture:
-    """What the entry script prints and logs through ``EntryScript().logger``;
-    shipped with each result to the client, which writes the per-worker
-    files (so logs come back from any cluster, shared disk or not)."""
+    """What the entry script prints and logs through ``EntryScript().logger``
+    and ``Run.get_context()``, without the run's ``secrets``; shipped with
+    each result to the client, which writes the per-worker files (so logs
+    come back from any cluster, shared disk or not)."""
 
-    def __init__(self, agent: str, level: str):
+    def __init__(self, agent: str, level: str, secrets: Sequence[str] = ()):
+        self.secrets = list(secrets)
         self.out = io.StringIO()
         self.log = io.StringIO()
         self.logger = logging.getLogger(f"daskrun.entry_script.{agent}")
@@ -474,10 +476,23 @@ class _Capture:
         self.logger.addHandler(handler)
         self.logger.setLevel(level)
         self.logger.propagate = False
-        self.logged = Logged()  # Run.get_context()'s metrics and tags
+        # Run.get_context()'s metrics and tags
+        self.logged = Logged(lambda entry: hide_values(entry, self.secrets))
 
-    def redirect(self) -> contextlib.AbstractContextManager[Any]:
-        return contextlib.redirect_stdout(self.out)
+    @contextlib.contextmanager
+    def redirect(self) -> Iterator[None]:
+        """Capture what the script prints; what it writes to ``sys.stderr``
+        (a ``logging`` handler of its own, a traceback it prints) still goes
+        to the worker's stderr, without the run's secrets."""
+        stderr = _Hiding(sys.stderr, self.secrets)
+        try:
+            with (
+                contextlib.redirect_stdout(self.out),
+                contextlib.redirect_stderr(stderr),
+            ):
+                yield
+        finally:
+            stderr.flush()
 
     def take(self) -> tuple[str, str]:
         out, log = self.out.getvalue(), self.log.getvalue()
@@ -487,7 +502,36 @@ class _Capture:
         if log:
             self.log.seek(0)
             self.log.truncate()
-        return _clip(out), _clip(log)
+        # hidden before clipped: a cut must not leave half a secret
+        return _clip(hide(out, self.secrets)), _clip(hide(log, self.secrets))
+
+
+class _Hiding:
+    """A text stream that writes to ``stream`` line by line, each line
+    without ``secrets`` (a secret written in pieces is hidden whole)."""
+
+    def __init__(self, stream: Any, secrets: Sequence[str]):
+        self._stream = stream
+        self._secrets = secrets
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            done, newline, self._partial = (self._partial + text).rpartition("\n")
+            if newline:
+                self._stream.write(hide(done + newline, self._secrets))
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._partial:
+                self._stream.write(hide(self._partial, self._secrets))
+                self._partial = ""
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # encoding, isatty(), fileno()...
+        return getattr(self._stream, name)
 
 
 def _clip(text: str) -> str:
@@ -682,7 +726,7 @@ class EntryScriptPlugin(WorkerPlugin):
         self._ready = threading.Event()
         self.folder = os.path.join(worker.local_directory, "daskrun", self.name)
         self.agent = agent_name(worker)
-        self.capture = _Capture(self.agent, self.logging_level)
+        self.capture = _Capture(self.agent, self.logging_level, self.secrets)
         loop = asyncio.get_running_loop()
         self.watchdog = Watchdog(
             worker, self.events_topic, self.agent, self.run_invocation_timeout

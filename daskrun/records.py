@@ -25,7 +25,7 @@ from typing import Any
 from .config import config_get
 from .exceptions import ConfigError
 from .runcontext import RunLog
-from .storage import FileLock
+from .storage import FileLock, private_file, private_folder
 
 DATABASE = "runs.db"
 SOURCE = "source.zip"
@@ -63,7 +63,9 @@ def open_db(path: Path, schema: str) -> Iterator[sqlite3.Connection]:
     WAL journaling lets readers run beside one writer; writers from several
     processes wait for each other (``busy_timeout``) instead of failing.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_folder(path.parent)
+    # SQLite gives its -wal and -shm files the database file's mode
+    private_file(path)
     conn = sqlite3.connect(path, timeout=60, isolation_level=None)
     try:
         conn.row_factory = sqlite3.Row
@@ -253,4 +255,5 @@ def lock_run(record: RunRecord) -> FileLock:
             "wait for it to end (see 'daskrun runs show'), then resume it if needed"
         )
 
+    private_folder(record.folder)
     return FileLock(record.folder / LOCK, f"process {os.getpid()}", refused)

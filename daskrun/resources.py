@@ -35,6 +35,8 @@ from typing import IO, Any
 
 from tornado.ioloop import PeriodicCallback
 
+from .storage import private_folder, private_open
+
 logger = logging.getLogger("daskrun")
 
 PERF_COLUMNS = (
@@ -265,17 +267,19 @@ class PerfLog:
         return "init()" if index == INIT else self.describe(int(index))
 
     def _warn(self, line: str) -> None:
-        with open(self.folder / "warnings.txt", "a", errors="backslashreplace") as f:
+        with private_open(
+            self.folder / "warnings.txt", "a", errors="backslashreplace"
+        ) as f:
             f.write(line + "\n")
         self.say(line)
 
     def _writer(self, agent: str) -> Any:
         found = self._files.get(agent)
         if found is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            private_folder(self.folder)
             path = self.folder / f"{agent}.csv"
             new = not path.exists()  # a resume appends to an earlier attempt's
-            f = open(path, "a", newline="")  # closed in close()
+            f = private_open(path, "a", newline="")  # closed in close()
             writer = csv.writer(f)
             if new:
                 writer.writerow(PERF_COLUMNS)

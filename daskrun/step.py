@@ -66,6 +66,7 @@ from .records import (
 from .runner import (
     Interrupt,
 )
+from .storage import private_file, private_folder, private_open, private_tree
 from .workspace import Datastore, OutputData, Workspace
 
 logger = logging.getLogger("daskrun")
@@ -822,6 +823,7 @@ def _rebuild(
     shutil.rmtree(source, ignore_errors=True)
     with zipfile.ZipFile(record.folder / SOURCE) as zf:
         zf.extractall(source)
+    private_tree(source)
     config = dict(record.config)
     config.pop("source_directory")
     config["entry_script"] = record.script
@@ -912,8 +914,9 @@ def _new_record(
         script=plugin.script,
         arguments=[str(a) for a in step.arguments],
     )
-    record.folder.mkdir(parents=True, exist_ok=True)
-    (record.folder / SOURCE).write_bytes(plugin.bundle)
+    private_folder(record.folder)
+    with private_open(record.folder / SOURCE, "wb") as f:
+        f.write(plugin.bundle)
     return record
 
 
@@ -1010,9 +1013,10 @@ def _failed_rows(
             "them and resume with retry_failed=True"
         )
     found = pd.concat(frames, ignore_index=True)
-    folder.mkdir(parents=True, exist_ok=True)
+    private_folder(folder)
     path = folder / f"failed_items.{first.file_format}"
     tmp = path.with_name(f".{path.name}.tmp")
+    private_file(tmp)  # pandas writes into it, keeping its mode
     if first.file_format == "parquet":
         found.to_parquet(tmp, index=False)
         os.replace(tmp, path)

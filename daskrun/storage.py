@@ -9,24 +9,32 @@ secrets, locks.
   without its credentials.
 - :func:`secret_values`, :func:`redact`, :func:`hide` — credentials in
   ``storage_options`` (keys, SAS tokens, connection strings) never reach a
-  message, a log or a run record.
+  message, a log or a run record, in any URL encoding; nor does any SAS
+  signature (``sig=``) or connection-string key, whoever's it is.
 - :class:`FileLock` — one process at a time on a run or an output folder.
 - :func:`bookkeeping` — daskrun's own files below a listed folder.
+- :func:`private_folder`, :func:`private_open`, :func:`private_file`,
+  :func:`private_tree` — run folders and their files belong to their owner
+  alone (0700, 0600), as worker folders do.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from .exceptions import DaskRunError, StorageError, StorageTimeoutError
 
 _T = TypeVar("_T")
+_ESC = "surrogateescape"
 
 # the folder daskrun keeps its own files in, inside an output folder
 BOOKKEEPING = ".daskrun"
@@ -35,9 +43,14 @@ BOOKKEEPING = ".daskrun"
 _SECRET_KEYS = {"AccountKey", "SharedAccessSignature", "SharedAccessKey"}
 # storage options that name, not authenticate
 _PUBLIC_OPTIONS = {"account_name", "account_host"}
-# the signature of a SAS token in a URL's query string, whatever the
-# storage options hold: an HTTP input's URL carries its credential
-_SAS_SIGNATURE = re.compile(r"(?i)(\bsig=)[^&\s'\"]+")
+# values that are secret wherever they appear, known or not: a SAS token's
+# signature, a connection string's key (base64, maybe URL-encoded)
+# (after a letter or digit it is another name, unless that ends an escape
+# of "&", "?" or ";": "%26sig%3D...")
+_SECRET_PARAMETERS = re.compile(
+    r"(?i)(?:(?<![a-z0-9])|(?<=%26)|(?<=%3f)|(?<=%3b))"
+    r"(sig|AccountKey|SharedAccessKey)(=|%3D)[A-Za-z0-9+/=%_-]+"
+)
 
 
 def within(
@@ -92,17 +105,62 @@ def secret_values(storage_options: Mapping[str, Any]) -> list[str]:
 
 def hide(text: str, secrets: Iterable[str]) -> str:
     """``text`` with each of ``secrets`` replaced by ``***``, longest first,
-    so that a secret inside another is not left half shown; and the
-    signature of a SAS token in a URL (``sig=...``) too.
+    so that a secret inside another is not left half shown; and the value of
+    every ``sig=``, ``AccountKey=`` and ``SharedAccessKey=``.
+
+    A secret is found however it is URL-encoded: as given, decoded, encoded,
+    or partly either (a server or an SDK that echoes a SAS URL may decode
+    ``se=``'s colons and keep ``sig=``'s escapes).
 
     >>> hide("sig=abc&x=abcdef", ["abc", "abcdef"])
     'sig=***&x=***'
-    >>> hide("https://h/t.csv?sv=2022-11-02&sig=q%2Bz%3D", [])
-    'https://h/t.csv?sv=2022-11-02&sig=***'
+    >>> hide("url?se=2030-01-01T00:00Z&k=v%2F1", ["se=2030-01-01T00%3A00Z&k=v/1"])
+    'url?***'
+    >>> hide("someone else's key: AccountKey=a2V5Cg==;", [])
+    "someone else's key: AccountKey=***;"
     """
     for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return _SAS_SIGNATURE.sub(r"\1***", text)
+        for pattern in _any_encoding(secret):
+            text = pattern.sub("***", text)
+    return _SECRET_PARAMETERS.sub(r"\1\2***", text)
+
+
+@functools.lru_cache(maxsize=256)
+def _any_encoding(secret: str) -> tuple[re.Pattern[str], ...]:
+    """Patterns of ``secret`` in any URL encoding: each character of it, and
+    of it decoded, as is or percent-escaped (in either case), a space also
+    as ``+``. Escaping an escaped secret once more (``%3D`` as ``%253D``)
+    is an encoding of it as given."""
+    patterns = []
+    for plain in dict.fromkeys([urllib.parse.unquote(secret), secret]):
+        parts = []
+        for char in plain:
+            escaped = "".join(f"%{byte:02x}" for byte in char.encode("utf-8", _ESC))
+            forms = [re.escape(char), f"(?i:{re.escape(escaped)})"]
+            if char == " ":
+                forms.append(r"\+")
+            parts.append(f"(?:{'|'.join(forms)})")
+        patterns.append(re.compile("".join(parts)))
+    return tuple(patterns)
+
+
+def hide_values(value: Any, secrets: Iterable[str]) -> Any:
+    """``value`` with :func:`hide` applied to every string in it, also inside
+    lists, tuples and dicts (keys too): what user code logs as metrics.
+
+    >>> hide_values({"url": ["x?sig=abc"], "n": 1}, [])
+    {'url': ['x?sig=***'], 'n': 1}
+    """
+    secrets = list(secrets)
+    if isinstance(value, str):
+        return hide(value, secrets)
+    if isinstance(value, (list, tuple)):
+        return type(value)(hide_values(v, secrets) for v in value)
+    if isinstance(value, dict):
+        return {
+            hide_values(k, secrets): hide_values(v, secrets) for k, v in value.items()
+        }
+    return value
 
 
 def redact(text: str, storage_options: Mapping[str, Any]) -> str:
@@ -176,6 +234,57 @@ def _timed_out(
     )
 
 
+def private_folder(path: str | os.PathLike[str]) -> Path:
+    """Make the folder ``path``, and those above it that are missing, readable
+    by their owner alone (0700); folders that exist are left as they are.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as root:
+    ...     oct(private_folder(Path(root, "runs", "r1")).stat().st_mode & 0o777)
+    '0o700'
+    """
+    folder = Path(path)
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile, or a file: say so
+            if not folder.is_dir():
+                raise
+    return Path(path)
+
+
+def private_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Any:
+    """``open(path, mode, **kwargs)``; a file it creates is its owner's
+    alone (0600; others get nothing, whatever the umask). A file that
+    exists keeps its mode."""
+    return open(path, mode, opener=_owner_only, **kwargs)
+
+
+def _owner_only(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
+
+
+def private_file(path: str | os.PathLike[str]) -> None:
+    """Create ``path`` empty and owner-only (0600) if it is missing, for a
+    tool that then writes it keeping its mode (SQLite, ``logging``, pandas).
+    A file that exists is not opened: closing a descriptor of an SQLite
+    database would drop the locks this process holds on it."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def private_tree(path: str | os.PathLike[str]) -> None:
+    """Take away the group's and others' permissions from ``path`` and all
+    below it: what a tool (``zipfile``) wrote with the umask's modes."""
+    for folder, _, files in os.walk(path):
+        for name in [folder, *(os.path.join(folder, f) for f in files)]:
+            os.chmod(name, os.lstat(name).st_mode & 0o700)
+
+
 class FileLock:
     """An exclusive ``flock`` on ``path``, whose file names the holder; the
     kernel releases it when the process dies, however it dies.
@@ -196,7 +305,7 @@ class FileLock:
         self.remove = remove
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         while True:
-            f = open(self.path, "a+")  # closed in release()
+            f = private_open(self.path, "a+")  # closed in release()
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -158,6 +158,17 @@ def chromium(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def job_page(cluster: LocalCluster) -> tuple[str, str]:
+    """The daskrun page of ``cluster``'s dashboard and its plots' URL, with
+    the token daskrun prints in the page's link."""
+    from daskrun.dashboard import install_page
+
+    with Client(cluster) as client:
+        page = install_page(client, cluster.dashboard_link)
+    assert page is not None and "?token=" in page, page
+    return page, page.replace("/daskrun?", "/daskrun/plots?")
+
+
 def committed(out: Path) -> set[int]:
     """The mini-batches whose rows are written (in parts of their own or in
     groups) in the parts folders of output folder ``out``."""

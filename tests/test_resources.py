@@ -13,7 +13,6 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
 
 import dask.config
 import pytest
@@ -30,6 +29,7 @@ from .helpers import (
     CHROMIUM,
     SLOW_SCRIPT,
     chromium,
+    job_page,
     make_files,
     missing_service,
     run_step,
@@ -283,11 +283,11 @@ def test_the_dashboard_plots_each_workers_resources(
     with dask.config.set({"daskrun.resource-interval": 0.2}):
         job = threading.Thread(target=lambda: runs.append(step.run()))
         job.start()
-    page = urljoin(cluster.dashboard_link, "daskrun")
+    page, plots = job_page(cluster)
     deadline = time.monotonic() + 60
     while True:  # the page shows this job, with samples of both workers
         try:
-            with urllib.request.urlopen(page + "/plots", timeout=10) as reply:
+            with urllib.request.urlopen(plots, timeout=10) as reply:
                 data = json.loads(reply.read())
             if str(data.get("run_id")).startswith("resource-step_") and all(
                 f"worker-{i}" in json.dumps(data.get("memory")) for i in (0, 1)

@@ -3,10 +3,16 @@ try to connect without the job's credentials."""
 
 from __future__ import annotations
 
+import re
+import stat
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import urljoin
+
+import pytest
+from distributed import LocalCluster
 
 from daskrun import Dataset
 
@@ -103,3 +109,96 @@ def test_no_one_else_gets_into_the_local_cluster(tmp_path: Path) -> None:
     assert (run.dashboard_link or "").startswith(  # type: ignore[attr-defined]
         "http://127.0.0.1:"
     )
+
+
+# run() that prints, logs and fails one mini-batch: every log file is written
+LOGS_SCRIPT = """
+import os
+from daskrun import EntryScript
+
+def init():
+    print("init")
+
+def run(mini_batch):
+    EntryScript().logger.warning("run")
+    if os.path.basename(mini_batch[0]).startswith("bad"):
+        raise ValueError("bad input")
+    return [os.path.basename(p) for p in mini_batch]
+"""
+
+
+def test_run_folders_and_logs_belong_to_their_owner(
+    tmp_path: Path, runs_dir: Path
+) -> None:
+    make_files(tmp_path / "in", 2)
+    make_files(tmp_path / "in", 1, prefix="bad")
+    run = run_step(
+        tmp_path,
+        LOGS_SCRIPT,
+        Dataset.File.from_files(str(tmp_path / "in")),
+        mini_batch_size=1,
+        run_max_try=1,
+        error_threshold=-1,
+        process_count_per_node=1,
+    )
+    # a resume unpacks the source into the run folder and writes logs again
+    resumed = run.resume(retry_failed=True)
+    assert resumed.status == "Completed", resumed.error
+    logs = Path(run.logs_dir)
+    for name in ("job_error.txt", "user/stdout", "user/entry_script_log", "perf"):
+        assert (logs / name).exists(), name
+    assert (Path(run.logs_dir).parent / "source" / "score.py").is_file()
+    modes = {
+        str(path.relative_to(runs_dir)): stat.S_IMODE(path.stat().st_mode)
+        for path in [runs_dir, *runs_dir.rglob("*")]
+    }
+    assert "runs.db" in modes and len(modes) > 15, modes
+    others = {
+        name: oct(mode)
+        for name, mode in modes.items()
+        if mode != (0o700 if (runs_dir / name).is_dir() else 0o600)
+    }
+    assert not others, others
+
+
+def _curl(url: str) -> tuple[int, str]:
+    """Another process's GET of ``url``: the status and the body."""
+    got = subprocess.run(
+        ["curl", "-s", "-m", "30", "-w", "\n%{http_code}", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    body, _, status = got.stdout.rpartition("\n")
+    return int(status), body
+
+
+def test_the_job_page_answers_only_the_printed_link(
+    tmp_path: Path, cluster: LocalCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_files(tmp_path / "in", 1)
+    make_files(tmp_path / "in", 1, prefix="bad")
+    run = run_step(
+        tmp_path,
+        LOGS_SCRIPT,
+        Dataset.File.from_files(str(tmp_path / "in")),
+        mini_batch_size=1,
+        run_max_try=1,
+        error_threshold=-1,
+        compute_target=cluster,
+        show_output=True,
+    )
+    printed = re.search(r"\(this job: (\S+)\)", capsys.readouterr().err)
+    assert printed is not None
+    page = printed.group(1)
+    assert page.startswith(urljoin(cluster.dashboard_link, "daskrun?token="))
+    plots = page.replace("/daskrun?", "/daskrun/plots?")
+    status, body = _curl(plots)
+    assert status == 200 and run.run_id in body and "worker-" in body, body[:300]
+    status, body = _curl(page)
+    assert status == 200 and "<title>daskrun job</title>" in body
+    base = urljoin(cluster.dashboard_link, "daskrun")
+    for url in (base, base + "/", base + "/plots", base + "/plots?token=guess"):
+        status, body = _curl(url)
+        assert status == 403 and run.run_id not in body, (url, status, body)
+        assert "open the page at the link daskrun printed" in body, body
