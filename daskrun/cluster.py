@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -514,12 +515,27 @@ class SharedCluster:
 
     @classmethod
     def find(cls) -> SharedCluster | None:
-        """The running shared cluster, if any (a stale file is removed)."""
+        """The running shared cluster, if any (a stale file is removed).
+
+        The file is trusted only if it is the user's own: a regular file
+        owned by them, mode 0600, in a folder no one else may write to (or a
+        sticky one, like /tmp). Anything else is refused (a
+        :class:`~daskrun.ConfigError` naming it): a file another user
+        planted would send the job's inputs, and its code, to their port.
+        """
         path = cls.path()
         try:
-            found = cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
             return None
+        except OSError as e:  # a symbolic link (ELOOP), unreadable
+            raise _untrusted(path, e.strerror or str(e)) from None
+        with os.fdopen(fd) as f:
+            _check_own_file(path, os.fstat(f.fileno()))
+            try:
+                found = cls(**json.loads(f.read()))
+            except (OSError, ValueError, TypeError):
+                return None
         if not _is_server(found.pid):
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -529,6 +545,7 @@ class SharedCluster:
     def save(self) -> None:
         path = self.path()
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_own_folder(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -553,6 +570,41 @@ class SharedCluster:
         return (
             f"{self.address}: {self.workers} worker processes, "
             f"served by process {self.pid}{board}"
+        )
+
+
+def _untrusted(path: Path, why: str) -> ConfigError:
+    return ConfigError(
+        f"daskrun.local-cluster.shared-file {path} is not safe to use: {why}; "
+        "remove it, or set daskrun.local-cluster.shared-file (or "
+        "DASK_DASKRUN__LOCAL_CLUSTER__SHARED_FILE) to a file in a folder of "
+        "your own, then 'daskrun cluster start' again"
+    )
+
+
+def _check_own_file(path: Path, st: os.stat_result) -> None:
+    """Refuse the shared-cluster file unless it is this user's alone."""
+    uid = os.getuid()
+    if not stat.S_ISREG(st.st_mode):
+        raise _untrusted(path, "it is not a regular file")
+    if st.st_uid != uid:
+        raise _untrusted(path, f"it is owned by uid {st.st_uid}, not by you ({uid})")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise _untrusted(path, f"its mode is {stat.S_IMODE(st.st_mode):04o}, not 0600")
+    _check_own_folder(path)
+
+
+def _check_own_folder(path: Path) -> None:
+    """Refuse a folder where another user may replace the file: one they
+    own, or one they may write to that is not sticky."""
+    folder = path.parent
+    st = folder.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (os.getuid(), 0):
+        raise _untrusted(path, f"its folder {folder} is owned by uid {st.st_uid}")
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        raise _untrusted(
+            path, f"its folder {folder} (mode {mode:04o}) is writable by others"
         )
 
 
