@@ -18,6 +18,7 @@ records, compute targets), and daskrun's local workers import it for
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import dataclasses
@@ -43,6 +44,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, runtime_checkable
 import dask.config
 import psutil
 from distributed import Client, LocalCluster, WorkerPlugin
+from distributed.comm import connect as comm_connect
 from distributed.core import Status
 from distributed.security import Security
 from distributed.worker_memory import parse_memory_limit
@@ -52,6 +54,7 @@ from .dashboard import serve_dashboard_on_demand
 from .exceptions import ConfigError, JobFailedError
 from .jobqueue import WorkerWatch, is_jobqueue_cluster, jobqueue_client
 from .monitor import log_distributed_only_to
+from .storage import FileLock
 
 logger = logging.getLogger("daskrun")
 
@@ -514,6 +517,23 @@ class SharedCluster:
         return Path(os.path.expanduser(str(config_get("local-cluster.shared-file"))))
 
     @classmethod
+    def starting(cls) -> FileLock:
+        """Held while ``daskrun cluster start`` starts one: a second start
+        meanwhile is refused (:class:`~daskrun.ConfigError`), naming the
+        first."""
+        path = cls.path()
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return FileLock(
+            path.with_name(f".{path.name}.starting"),
+            f"'daskrun cluster start' in process {os.getpid()}",
+            lambda holder: ConfigError(
+                f"a cluster is being started already, by {holder or 'another'}; "
+                "see 'daskrun cluster status' once it has started"
+            ),
+            remove=True,
+        )
+
+    @classmethod
     def find(cls) -> SharedCluster | None:
         """The running shared cluster, if any (a stale file is removed).
 
@@ -561,9 +581,7 @@ class SharedCluster:
         )
 
     def client(self) -> Client:
-        return Client(
-            self.address, security=self.security(), timeout=10, set_as_default=False
-        )
+        return answering_client(self.address, self.security())
 
     def describe(self) -> str:
         board = f", dashboard {self.dashboard}" if self.dashboard else ""
@@ -622,6 +640,9 @@ def serve_shared_cluster(processes: int) -> None:
     """Run a local cluster of ``processes`` workers and publish it as the
     shared one until SIGTERM or SIGINT: ``daskrun cluster serve``, started
     in the background by ``daskrun cluster start``."""
+    running = SharedCluster.find()
+    if running is not None:  # 'daskrun cluster start' checks it too
+        raise ConfigError(f"a cluster is already running at {running.describe()}")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -667,15 +688,25 @@ def stop_shared_cluster(timeout: float = 60.0) -> SharedCluster | None:
 
 def start_timeout() -> float:
     """``daskrun.local-cluster.start-timeout``, checked."""
-    value = config_get("local-cluster.start-timeout")
+    return _seconds("local-cluster.start-timeout", 60)
+
+
+def connect_timeout() -> float:
+    """``daskrun.connect-timeout``, checked."""
+    return _seconds("connect-timeout", 10)
+
+
+def _seconds(key: str, example: int) -> float:
+    value = config_get(key)
     try:
         seconds = float(value)
     except (TypeError, ValueError):
         seconds = -1.0
     if not seconds > 0:
+        env = "DASK_DASKRUN__" + key.upper().replace("-", "_").replace(".", "__")
         raise ConfigError(
-            f"daskrun.local-cluster.start-timeout={value!r} is not a number of "
-            "seconds; set it to e.g. 60 (DASK_DASKRUN__LOCAL_CLUSTER__START_TIMEOUT=60)"
+            f"daskrun.{key}={value!r} is not a number of seconds; set it to "
+            f"e.g. {example} ({env}={example})"
         )
     return seconds
 
@@ -899,15 +930,59 @@ def _scheduler(address: str, security: Any = None) -> Iterator[Client]:
             f"compute_target={address!r} is a TLS scheduler; pass its certificates "
             "with ParallelRunConfig(security=distributed.security.Security(...))"
         )
+    fix = "start a scheduler there, or use compute_target=None for a local cluster"
     try:
-        client = Client(address, timeout=10, security=security, set_as_default=False)
-    except (OSError, ValueError, TimeoutError) as e:
+        client = answering_client(address, security)
+    except TimeoutError as e:
+        raise ConfigError(f"compute_target={address!r} {e}; {fix}") from None
+    except (OSError, ValueError) as e:
         raise ConfigError(
-            f"compute_target={address!r} cannot be reached ({e}); start a "
-            "scheduler there, or use compute_target=None for a local cluster"
+            f"compute_target={address!r} cannot be reached ({e}); {fix}"
         ) from None
     with client:
         yield client
+
+
+def answering_client(address: str, security: Security | None = None) -> Client:
+    """A client of the scheduler at ``address``, once it has answered.
+
+    distributed bounds the connection's opening but not the handshake
+    after it: a port that accepts connections and never answers (a frozen
+    scheduler, something else listening) holds ``Client(...)`` for ever.
+    So the scheduler is asked who it is first, within
+    ``daskrun.connect-timeout`` seconds, and a silent one raises
+    :class:`TimeoutError` saying so.
+    """
+    seconds = connect_timeout()
+    args = security.get_connection_args("client") if security is not None else {}
+    outcome: list[BaseException | None] = []
+
+    async def ask() -> None:
+        comm = await comm_connect(address, timeout=seconds, **args)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            await comm.read()
+        finally:
+            comm.abort()
+
+    def probe() -> None:  # a loop of its own: the caller's may be running
+        try:
+            asyncio.run(asyncio.wait_for(ask(), seconds))
+            outcome.append(None)
+        except BaseException as e:  # raised below, in the caller's thread
+            outcome.append(e)
+
+    thread = threading.Thread(target=probe, name="daskrun-connect", daemon=True)
+    thread.start()
+    thread.join()
+    error = outcome[0] if outcome else RuntimeError("the probe did not run")
+    if isinstance(error, TimeoutError):
+        raise TimeoutError(
+            f"did not answer within daskrun.connect-timeout={seconds:g} s"
+        ) from None
+    if error is not None:
+        raise error
+    return Client(address, security=security, timeout=seconds, set_as_default=False)
 
 
 def dashboard_link(client: Client) -> str | None:

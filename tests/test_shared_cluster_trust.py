@@ -19,7 +19,7 @@ from daskrun import Dataset
 from daskrun.cluster import SharedCluster
 from daskrun.exceptions import ConfigError
 
-from .helpers import daskrun, make_files, run_step
+from .helpers import daskrun, make_files, run_step, silent_server
 
 ECHO = """
 def init():
@@ -35,17 +35,15 @@ def attacker() -> Iterator[tuple[socket.socket, int]]:
     """A port on 127.0.0.1 that accepts connections (and never answers),
     and a live process that looks like ``daskrun cluster serve``: what a
     planted file would name."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.5)
     decoy = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(120)", "cluster", "serve"]
     )
     try:
-        yield listener, decoy.pid
+        with silent_server() as listener:
+            yield listener, decoy.pid
     finally:
         decoy.kill()
         decoy.wait()
-        listener.close()
 
 
 def _plant(path: Path, pid: int, port: int) -> None:
