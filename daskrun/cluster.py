@@ -51,7 +51,7 @@ from distributed.worker_memory import parse_memory_limit
 
 from .config import config_get
 from .dashboard import serve_dashboard_on_demand
-from .exceptions import ConfigError, JobFailedError
+from .exceptions import ClusterLostError, ConfigError, DaskRunError, JobFailedError
 from .jobqueue import WorkerWatch, is_jobqueue_cluster, jobqueue_client
 from .monitor import log_distributed_only_to
 from .storage import FileLock
@@ -212,7 +212,11 @@ def connect(
     """
     if compute_target is None and (shared := SharedCluster.find()) is not None:
         # started by 'daskrun cluster start': used as it is, left running
-        with _few_messages(), shared.client() as client:
+        with (
+            _few_messages(),
+            _shared_client(shared) as client,
+            _lost_mid_job(client, shared.address, shared.security()),
+        ):
             _route_worker_logs(client, log_file)
             yield client
     elif compute_target is None:
@@ -939,6 +943,20 @@ def _scheduler(address: str, security: Any = None) -> Iterator[Client]:
         raise ConfigError(
             f"compute_target={address!r} cannot be reached ({e}); {fix}"
         ) from None
+    with client, _lost_mid_job(client, address, security):
+        yield client
+
+
+@contextlib.contextmanager
+def _shared_client(shared: SharedCluster) -> Iterator[Client]:
+    try:
+        client = shared.client()
+    except (OSError, TimeoutError) as e:
+        raise JobFailedError(
+            f"the cluster of 'daskrun cluster start' at {shared.address} does not "
+            f"answer ({e}); restart it with 'daskrun cluster stop' and "
+            "'daskrun cluster start'"
+        ) from None
     with client:
         yield client
 
@@ -954,20 +972,11 @@ def answering_client(address: str, security: Security | None = None) -> Client:
     :class:`TimeoutError` saying so.
     """
     seconds = connect_timeout()
-    args = security.get_connection_args("client") if security is not None else {}
     outcome: list[BaseException | None] = []
-
-    async def ask() -> None:
-        comm = await comm_connect(address, timeout=seconds, **args)
-        try:
-            await comm.write({"op": "identity", "reply": True})
-            await comm.read()
-        finally:
-            comm.abort()
 
     def probe() -> None:  # a loop of its own: the caller's may be running
         try:
-            asyncio.run(asyncio.wait_for(ask(), seconds))
+            _ask_identity(address, security, seconds)
             outcome.append(None)
         except BaseException as e:  # raised below, in the caller's thread
             outcome.append(e)
@@ -983,6 +992,95 @@ def answering_client(address: str, security: Security | None = None) -> Client:
     if error is not None:
         raise error
     return Client(address, security=security, timeout=seconds, set_as_default=False)
+
+
+def _ask_identity(address: str, security: Security | None, seconds: float) -> None:
+    """Ask the scheduler at ``address`` who it is, on a connection of its
+    own, in an event loop of its own; :class:`TimeoutError` if it has not
+    answered within ``seconds``."""
+    args = security.get_connection_args("client") if security is not None else {}
+
+    async def ask() -> None:
+        comm = await comm_connect(address, timeout=seconds, **args)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            await comm.read()
+        finally:
+            comm.abort()
+
+    asyncio.run(asyncio.wait_for(ask(), seconds))
+
+
+class _SchedulerWatch:
+    """Notices that the scheduler of a cluster the job does not own (the
+    shared one, a scheduler address) died or froze while the job runs.
+
+    A client notices a scheduler that died (its connection closes), but not
+    one that froze (stopped, or stuck): the connection stays open, and the
+    job would wait for results for ever. So a thread asks the scheduler
+    who it is every second, on a connection of its own; one that has not
+    answered within ``daskrun.connect-timeout`` seconds counts as lost, and
+    the client's connection to it is dropped, which hands every pending
+    task back to the job as lost at once. :meth:`lost` says whether either
+    happened.
+    """
+
+    def __init__(self, client: Client, address: str, security: Any):
+        self.client, self.address, self.security = client, address, security
+        self._silent = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._watch, name="daskrun-scheduler-watch", daemon=True
+        )
+
+    def __enter__(self) -> _SchedulerWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def lost(self) -> bool:
+        return self._silent or self.client.status != "running"
+
+    def _watch(self) -> None:
+        seconds = connect_timeout()
+        while not self._stop.wait(1.0):
+            if self.client.status != "running":
+                return  # closing, or its connection closed: lost() says so
+            try:
+                _ask_identity(self.address, self.security, seconds)
+            except Exception:
+                if self._stop.is_set():
+                    return
+                self._silent = True
+                if self.client.loop is not None:
+                    self.client.loop.add_callback(_drop_scheduler, self.client)
+                return
+
+
+def _drop_scheduler(client: Client) -> None:
+    """Close ``client``'s connection to its scheduler (in its event loop):
+    distributed then cancels every future it holds, as on a connection
+    that broke."""
+    stream = client.scheduler_comm
+    if stream is not None and stream.comm is not None:
+        stream.comm.abort()
+
+
+@contextlib.contextmanager
+def _lost_mid_job(client: Client, address: str, security: Any) -> Iterator[None]:
+    """Turn whatever a job raises once the scheduler at ``address`` died or
+    froze into one :class:`~daskrun.ClusterLostError`."""
+    with _SchedulerWatch(client, address, security) as watch:
+        try:
+            yield
+        except (Exception, asyncio.CancelledError) as e:
+            if isinstance(e, DaskRunError) and not isinstance(e, JobFailedError):
+                raise
+            if isinstance(e, ClusterLostError) or not watch.lost():
+                raise
+            raise ClusterLostError(address) from None
 
 
 def dashboard_link(client: Client) -> str | None:

@@ -117,10 +117,10 @@ def committed(out: Path) -> set[int]:
     return found
 
 
-def kill_client(proc: subprocess.Popen[str]) -> None:
-    """SIGKILL a client process, then wait for its worker processes to notice
-    and stop (killing those that do not within 30 s): only then is what the
-    run wrote settled."""
+def kill_client(proc: subprocess.Popen[str] | psutil.Process) -> None:
+    """SIGKILL a client process (or a cluster's, such as ``daskrun cluster
+    serve``), then wait for its worker processes to notice and stop (killing
+    those that do not within 30 s): only then is what the run wrote settled."""
     children = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
