@@ -109,7 +109,7 @@ def _check_one_line_and_record(
     assert found is not None, done.stderr
     address, items_done, run_id = found.group(1), int(found.group(2)), found.group(3)
     assert address == shared.address
-    assert 11 <= items_done < 20
+    assert 0 < items_done < 20  # a task may hold more than one mini-batch
     record = RunRecord.load(run_id, tmp_path / "runs")
     assert record.status == "Failed"
     assert record.counts["items_total"] == 20  # what it was given
