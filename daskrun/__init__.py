@@ -38,6 +38,7 @@ from .datasets import (
 )
 from .exceptions import (
     Canceled,
+    ClusterLostError,
     ConfigError,
     DaskRunError,
     EntryScriptError,
@@ -108,6 +109,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AmlCompute",
     "Canceled",
+    "ClusterLostError",
     "ComputeTarget",
     "CondaDependencies",
     "ConfigError",

@@ -32,6 +32,7 @@ from .config import (
     OUTPUT_ACTIONS,
     OUTPUT_FORMATS,
     ParallelRunConfig,
+    check_scheduler_address,
     unmet_packages,
 )
 from .datasets import Dataset, FileDataset, TabularDataset
@@ -474,19 +475,26 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
             else "daskrun: no cluster is running"
         )
         return 0
-    running = SharedCluster.find()
     if command == "status":
+        running = SharedCluster.find()
         print(f"daskrun: {running.describe()}" if running else "daskrun: not running")
         return 0 if running else 1
-    if running is not None:
-        raise ConfigError(
-            f"a cluster is already running at {running.describe()}; stop it "
-            "first with 'daskrun cluster stop'"
-        )
-    processes = args.processes or default_process_count()
+    processes = default_process_count() if args.processes is None else args.processes
     if processes < 1:
-        raise ConfigError(f"--processes={processes} must be at least 1")
-    return _start_shared(processes)
+        raise ConfigError(
+            f"--processes={processes} is not a number of worker processes; use 1 "
+            "or more, e.g. 'daskrun cluster start --processes 2', or leave it out "
+            "for one per core"
+        )
+    # one start at a time: two at once would both find none running
+    with SharedCluster.starting():
+        running = SharedCluster.find()
+        if running is not None:
+            raise ConfigError(
+                f"a cluster is already running at {running.describe()}; stop it "
+                "first with 'daskrun cluster stop'"
+            )
+        return _start_shared(processes)
 
 
 def _start_shared(processes: int) -> int:
@@ -551,6 +559,8 @@ def _dispatch(
 ) -> int:
     """Run the command ``args`` name; its exit status."""
     try:
+        if getattr(args, "scheduler", None) is not None:  # run, resume
+            check_scheduler_address(args.scheduler, "--scheduler")
         if args.command == "run":
             return _cmd_run(args, script_args)
         if args.command == "resume":

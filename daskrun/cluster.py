@@ -18,6 +18,7 @@ records, compute targets), and daskrun's local workers import it for
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import dataclasses
@@ -31,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -42,15 +44,17 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, runtime_checkable
 import dask.config
 import psutil
 from distributed import Client, LocalCluster, WorkerPlugin
+from distributed.comm import connect as comm_connect
 from distributed.core import Status
 from distributed.security import Security
 from distributed.worker_memory import parse_memory_limit
 
 from .config import config_get
 from .dashboard import serve_dashboard_on_demand
-from .exceptions import ConfigError, JobFailedError
+from .exceptions import ClusterLostError, ConfigError, DaskRunError, JobFailedError
 from .jobqueue import WorkerWatch, is_jobqueue_cluster, jobqueue_client
 from .monitor import log_distributed_only_to
+from .storage import FileLock
 
 logger = logging.getLogger("daskrun")
 
@@ -208,7 +212,11 @@ def connect(
     """
     if compute_target is None and (shared := SharedCluster.find()) is not None:
         # started by 'daskrun cluster start': used as it is, left running
-        with _few_messages(), shared.client() as client:
+        with (
+            _few_messages(),
+            _shared_client(shared) as client,
+            _lost_mid_job(client, shared.address, shared.security()),
+        ):
             _route_worker_logs(client, log_file)
             yield client
     elif compute_target is None:
@@ -513,13 +521,45 @@ class SharedCluster:
         return Path(os.path.expanduser(str(config_get("local-cluster.shared-file"))))
 
     @classmethod
+    def starting(cls) -> FileLock:
+        """Held while ``daskrun cluster start`` starts one: a second start
+        meanwhile is refused (:class:`~daskrun.ConfigError`), naming the
+        first."""
+        path = cls.path()
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return FileLock(
+            path.with_name(f".{path.name}.starting"),
+            f"'daskrun cluster start' in process {os.getpid()}",
+            lambda holder: ConfigError(
+                f"a cluster is being started already, by {holder or 'another'}; "
+                "see 'daskrun cluster status' once it has started"
+            ),
+            remove=True,
+        )
+
+    @classmethod
     def find(cls) -> SharedCluster | None:
-        """The running shared cluster, if any (a stale file is removed)."""
+        """The running shared cluster, if any (a stale file is removed).
+
+        The file is trusted only if it is the user's own: a regular file
+        owned by them, mode 0600, in a folder no one else may write to (or a
+        sticky one, like /tmp). Anything else is refused (a
+        :class:`~daskrun.ConfigError` naming it): a file another user
+        planted would send the job's inputs, and its code, to their port.
+        """
         path = cls.path()
         try:
-            found = cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
             return None
+        except OSError as e:  # a symbolic link (ELOOP), unreadable
+            raise _untrusted(path, e.strerror or str(e)) from None
+        with os.fdopen(fd) as f:
+            _check_own_file(path, os.fstat(f.fileno()))
+            try:
+                found = cls(**json.loads(f.read()))
+            except (OSError, ValueError, TypeError):
+                return None
         if not _is_server(found.pid):
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -529,6 +569,7 @@ class SharedCluster:
     def save(self) -> None:
         path = self.path()
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_own_folder(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -544,15 +585,48 @@ class SharedCluster:
         )
 
     def client(self) -> Client:
-        return Client(
-            self.address, security=self.security(), timeout=10, set_as_default=False
-        )
+        return answering_client(self.address, self.security())
 
     def describe(self) -> str:
         board = f", dashboard {self.dashboard}" if self.dashboard else ""
         return (
             f"{self.address}: {self.workers} worker processes, "
             f"served by process {self.pid}{board}"
+        )
+
+
+def _untrusted(path: Path, why: str) -> ConfigError:
+    return ConfigError(
+        f"daskrun.local-cluster.shared-file {path} is not safe to use: {why}; "
+        "remove it, or set daskrun.local-cluster.shared-file (or "
+        "DASK_DASKRUN__LOCAL_CLUSTER__SHARED_FILE) to a file in a folder of "
+        "your own, then 'daskrun cluster start' again"
+    )
+
+
+def _check_own_file(path: Path, st: os.stat_result) -> None:
+    """Refuse the shared-cluster file unless it is this user's alone."""
+    uid = os.getuid()
+    if not stat.S_ISREG(st.st_mode):
+        raise _untrusted(path, "it is not a regular file")
+    if st.st_uid != uid:
+        raise _untrusted(path, f"it is owned by uid {st.st_uid}, not by you ({uid})")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise _untrusted(path, f"its mode is {stat.S_IMODE(st.st_mode):04o}, not 0600")
+    _check_own_folder(path)
+
+
+def _check_own_folder(path: Path) -> None:
+    """Refuse a folder where another user may replace the file: one they
+    own, or one they may write to that is not sticky."""
+    folder = path.parent
+    st = folder.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (os.getuid(), 0):
+        raise _untrusted(path, f"its folder {folder} is owned by uid {st.st_uid}")
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        raise _untrusted(
+            path, f"its folder {folder} (mode {mode:04o}) is writable by others"
         )
 
 
@@ -570,6 +644,9 @@ def serve_shared_cluster(processes: int) -> None:
     """Run a local cluster of ``processes`` workers and publish it as the
     shared one until SIGTERM or SIGINT: ``daskrun cluster serve``, started
     in the background by ``daskrun cluster start``."""
+    running = SharedCluster.find()
+    if running is not None:  # 'daskrun cluster start' checks it too
+        raise ConfigError(f"a cluster is already running at {running.describe()}")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -615,15 +692,25 @@ def stop_shared_cluster(timeout: float = 60.0) -> SharedCluster | None:
 
 def start_timeout() -> float:
     """``daskrun.local-cluster.start-timeout``, checked."""
-    value = config_get("local-cluster.start-timeout")
+    return _seconds("local-cluster.start-timeout", 60)
+
+
+def connect_timeout() -> float:
+    """``daskrun.connect-timeout``, checked."""
+    return _seconds("connect-timeout", 10)
+
+
+def _seconds(key: str, example: int) -> float:
+    value = config_get(key)
     try:
         seconds = float(value)
     except (TypeError, ValueError):
         seconds = -1.0
     if not seconds > 0:
+        env = "DASK_DASKRUN__" + key.upper().replace("-", "_").replace(".", "__")
         raise ConfigError(
-            f"daskrun.local-cluster.start-timeout={value!r} is not a number of "
-            "seconds; set it to e.g. 60 (DASK_DASKRUN__LOCAL_CLUSTER__START_TIMEOUT=60)"
+            f"daskrun.{key}={value!r} is not a number of seconds; set it to "
+            f"e.g. {example} ({env}={example})"
         )
     return seconds
 
@@ -847,15 +934,153 @@ def _scheduler(address: str, security: Any = None) -> Iterator[Client]:
             f"compute_target={address!r} is a TLS scheduler; pass its certificates "
             "with ParallelRunConfig(security=distributed.security.Security(...))"
         )
+    fix = "start a scheduler there, or use compute_target=None for a local cluster"
     try:
-        client = Client(address, timeout=10, security=security, set_as_default=False)
-    except (OSError, ValueError, TimeoutError) as e:
+        client = answering_client(address, security)
+    except TimeoutError as e:
+        raise ConfigError(f"compute_target={address!r} {e}; {fix}") from None
+    except (OSError, ValueError) as e:
         raise ConfigError(
-            f"compute_target={address!r} cannot be reached ({e}); start a "
-            "scheduler there, or use compute_target=None for a local cluster"
+            f"compute_target={address!r} cannot be reached ({e}); {fix}"
+        ) from None
+    with client, _lost_mid_job(client, address, security):
+        yield client
+
+
+@contextlib.contextmanager
+def _shared_client(shared: SharedCluster) -> Iterator[Client]:
+    try:
+        client = shared.client()
+    except (OSError, TimeoutError) as e:
+        raise JobFailedError(
+            f"the cluster of 'daskrun cluster start' at {shared.address} does not "
+            f"answer ({e}); restart it with 'daskrun cluster stop' and "
+            "'daskrun cluster start'"
         ) from None
     with client:
         yield client
+
+
+def answering_client(address: str, security: Security | None = None) -> Client:
+    """A client of the scheduler at ``address``, once it has answered.
+
+    distributed bounds the connection's opening but not the handshake
+    after it: a port that accepts connections and never answers (a frozen
+    scheduler, something else listening) holds ``Client(...)`` for ever.
+    So the scheduler is asked who it is first, within
+    ``daskrun.connect-timeout`` seconds, and a silent one raises
+    :class:`TimeoutError` saying so.
+    """
+    seconds = connect_timeout()
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:  # a loop of its own: the caller's may be running
+        try:
+            _ask_identity(address, security, seconds)
+            outcome.append(None)
+        except BaseException as e:  # raised below, in the caller's thread
+            outcome.append(e)
+
+    thread = threading.Thread(target=probe, name="daskrun-connect", daemon=True)
+    thread.start()
+    thread.join()
+    error = outcome[0] if outcome else RuntimeError("the probe did not run")
+    if isinstance(error, TimeoutError):
+        raise TimeoutError(
+            f"did not answer within daskrun.connect-timeout={seconds:g} s"
+        ) from None
+    if error is not None:
+        raise error
+    return Client(address, security=security, timeout=seconds, set_as_default=False)
+
+
+def _ask_identity(address: str, security: Security | None, seconds: float) -> None:
+    """Ask the scheduler at ``address`` who it is, on a connection of its
+    own, in an event loop of its own; :class:`TimeoutError` if it has not
+    answered within ``seconds``."""
+    args = security.get_connection_args("client") if security is not None else {}
+
+    async def ask() -> None:
+        comm = await comm_connect(address, timeout=seconds, **args)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            await comm.read()
+        finally:
+            comm.abort()
+
+    asyncio.run(asyncio.wait_for(ask(), seconds))
+
+
+class _SchedulerWatch:
+    """Notices that the scheduler of a cluster the job does not own (the
+    shared one, a scheduler address) died or froze while the job runs.
+
+    A client notices a scheduler that died (its connection closes), but not
+    one that froze (stopped, or stuck): the connection stays open, and the
+    job would wait for results for ever. So a thread asks the scheduler
+    who it is every second, on a connection of its own; one that has not
+    answered within ``daskrun.connect-timeout`` seconds counts as lost, and
+    the client's connection to it is dropped, which hands every pending
+    task back to the job as lost at once. :meth:`lost` says whether either
+    happened.
+    """
+
+    def __init__(self, client: Client, address: str, security: Any):
+        self.client, self.address, self.security = client, address, security
+        self._silent = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._watch, name="daskrun-scheduler-watch", daemon=True
+        )
+
+    def __enter__(self) -> _SchedulerWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def lost(self) -> bool:
+        return self._silent or self.client.status != "running"
+
+    def _watch(self) -> None:
+        seconds = connect_timeout()
+        while not self._stop.wait(1.0):
+            if self.client.status != "running":
+                return  # closing, or its connection closed: lost() says so
+            try:
+                _ask_identity(self.address, self.security, seconds)
+            except Exception:
+                if self._stop.is_set():
+                    return
+                self._silent = True
+                if self.client.loop is not None:
+                    self.client.loop.add_callback(_drop_scheduler, self.client)
+                return
+
+
+def _drop_scheduler(client: Client) -> None:
+    """Close ``client``'s connection to its scheduler (in its event loop):
+    distributed then cancels every future it holds, as on a connection
+    that broke."""
+    stream = client.scheduler_comm
+    if stream is not None and stream.comm is not None:
+        stream.comm.abort()
+
+
+@contextlib.contextmanager
+def _lost_mid_job(client: Client, address: str, security: Any) -> Iterator[None]:
+    """Turn whatever a job raises once the scheduler at ``address`` died or
+    froze into one :class:`~daskrun.ClusterLostError`."""
+    with _SchedulerWatch(client, address, security) as watch:
+        try:
+            yield
+        except (Exception, asyncio.CancelledError) as e:
+            if isinstance(e, DaskRunError) and not isinstance(e, JobFailedError):
+                raise
+            if isinstance(e, ClusterLostError) or not watch.lost():
+                raise
+            raise ClusterLostError(address) from None
 
 
 def dashboard_link(client: Client) -> str | None:

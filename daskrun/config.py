@@ -234,6 +234,32 @@ def check_step_name(name: object) -> str:
     return name
 
 
+# [scheme://]host:port, the forms distributed's clients connect to
+_SCHEDULER_ADDRESS = re.compile(
+    r"^(?:(?:tcp|tls|ws|wss|ucx|ucxx)://)?"
+    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})/?$"
+)
+
+
+def check_scheduler_address(address: str, name: str = "compute_target") -> str:
+    """Check a scheduler address before anything connects to it: a host
+    and a port, with distributed's scheme if any (``inproc://`` addresses
+    of this process are taken as they are).
+
+    >>> check_scheduler_address("tls://127.0.0.1:8786")
+    'tls://127.0.0.1:8786'
+    """
+    found = _SCHEDULER_ADDRESS.match(address)
+    if address.startswith("inproc://") or (
+        found is not None and 0 < int(found.group("port")) < 65536
+    ):
+        return address
+    raise ConfigError(
+        f"{name}={address!r} is not a scheduler address; use one like "
+        "'tcp://127.0.0.1:8786' (host:port, with tcp:// or tls://)"
+    )
+
+
 def _check_int(name: str, value: object, minimum: int, example: int) -> int:
     if not _is_int(value) or value < minimum:  # type: ignore[operator]
         raise ConfigError(
@@ -811,6 +837,8 @@ class ParallelRunConfig:
         security: Any = None,
         partition_keys: Sequence[str] | str | None = None,
     ):
+        if isinstance(compute_target, str):
+            check_scheduler_address(compute_target)
         self.compute_target = compute_target
         # distributed.security.Security for TLS scheduler connections; kept
         # on the client (it names key files), never shipped to workers

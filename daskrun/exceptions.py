@@ -19,6 +19,8 @@
     └── JobFailedError                 the job ended Failed or Canceled; exit 1
         ├── ThresholdExceededError     error_threshold, allowed_failed_count or
         │                              allowed_failed_percent was exceeded
+        ├── ClusterLostError           the cluster it ran on died or froze
+        │                              mid-job; resumable
         └── OutputError                the output could not be published
 
 Usage errors (``ConfigError``, ``InputError``) are raised before any task runs.
@@ -123,6 +125,24 @@ class ThresholdExceededError(JobFailedError):
         self.threshold = threshold
         self.limit = limit
         self.observed = observed
+
+
+class ClusterLostError(JobFailedError):
+    """The cluster a job ran on (one it did not start: ``daskrun cluster
+    start``'s, a scheduler address) died or stopped answering mid-job. What
+    finished is kept; ``daskrun resume`` runs the rest.
+
+    Attributes
+    ----------
+    address : str
+        The scheduler's address.
+    """
+
+    def __init__(self, address: str, *, run_id: str = ""):
+        super().__init__(
+            f"the cluster at {address} stopped answering mid-job", run_id=run_id
+        )
+        self.address = address
 
 
 class OutputError(JobFailedError):

@@ -38,7 +38,13 @@ from .config import (
 from .dashboard import install_page, publish
 from .datasets import CsvBatch, TabularDataset, file_batch_at
 from .delimited import count_csv_records, count_csv_rows
-from .exceptions import ConfigError, EntryScriptError, InputError, JobFailedError
+from .exceptions import (
+    ClusterLostError,
+    ConfigError,
+    EntryScriptError,
+    InputError,
+    JobFailedError,
+)
 from .forecast import Forecast
 from .jobqueue import is_jobqueue_cluster
 from .ledger import PlanLedger
@@ -65,6 +71,7 @@ from .runner import (
     LostTasks,
     Tally,
     Unfinished,
+    connected,
     run_mini_batches,
     threshold_error,
 )
@@ -402,6 +409,14 @@ class Job:
             else:
                 final = self._assemble()
                 status = "Completed"
+        except ClusterLostError as e:
+            done = self.tally.items_succeeded + self.tally.items_failed
+            of = (
+                f"{done} of {self.items_planned} items done"
+                if self.items_planned is not None
+                else f"{self.tally.mini_batches_done} of {self.total} mini-batches done"
+            )
+            error = f"{e}; {of}; resume with 'daskrun resume {self.run_id}'"
         except JobFailedError as e:
             error = str(e)
         except Canceled as e:
@@ -482,10 +497,12 @@ class Job:
             return self._run_batches(client, self.pending())
         finally:
             self.timings["last_result"] = time.perf_counter() - self.started
-            _unregister(client, plugin.name)
+            if connected(client):  # else it would wait for a scheduler gone
+                _unregister(client, plugin.name)
             if self.perf is not None:
-                with contextlib.suppress(Exception):  # the cluster may be gone
-                    client.unsubscribe_topic(plugin.perf_topic)
+                if connected(client):
+                    with contextlib.suppress(Exception):  # the cluster may be going
+                        client.unsubscribe_topic(plugin.perf_topic)
                 self.perf.close()
 
     def _forecast(self, slots: int) -> Forecast:
@@ -604,7 +621,7 @@ class Job:
             record.end(
                 status,
                 error,
-                self.tally.counts(),
+                self.tally.counts(self.items_planned),
                 final,
                 str(self.logs.dir),
                 self.logs.logged,

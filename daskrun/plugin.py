@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import inspect
 import io
 import linecache
@@ -79,6 +80,7 @@ _IGNORE_FILES = (".amlignore", ".gitignore")
 DASKRUN_IGNORE = ".daskrunignore"
 _BUNDLES_KEPT = 32
 _BUNDLE_FORMAT = "1"  # part of the cache key: bump when the zip layout changes
+_ENTRY_MODULE = "daskrun_entry_"  # + the plugin's name: the entry script's module
 
 
 def bundle_cache_dir() -> Path:
@@ -764,8 +766,7 @@ class EntryScriptPlugin(WorkerPlugin):
             shutil.rmtree(self.folder, ignore_errors=True)
             with zipfile.ZipFile(io.BytesIO(self.bundle)) as zf:
                 zf.extractall(self.folder)
-            if self.folder not in sys.path:
-                sys.path.insert(0, self.folder)
+            _import_only_from(self.folder)
             os.environ.update(self.environment_variables)
             os.environ["DASKRUN_OUTPUT_PATH"] = self.output_path
             os.environ["AZUREML_BI_OUTPUT_PATH"] = self.output_path
@@ -787,7 +788,7 @@ class EntryScriptPlugin(WorkerPlugin):
                     for a in self.arguments
                 ),
             ]
-            module_name = "daskrun_entry_" + self.name.replace("-", "_")
+            module_name = _ENTRY_MODULE + self.name.replace("-", "_")
             module = ModuleType(module_name)
             module.__file__ = path
             sys.modules[module_name] = module
@@ -824,11 +825,56 @@ class EntryScriptPlugin(WorkerPlugin):
         self.module = None
         if module is not None and callable(getattr(module, "shutdown", None)):
             module.shutdown()
-        if self.folder in sys.path:
-            sys.path.remove(self.folder)
+        _forget_bundle(self.folder)
 
     def wait_ready(self, timeout: float | None = None) -> None:
         self._ready.wait(timeout)
+
+
+def _import_only_from(folder: str) -> None:
+    """Make ``folder``, a job's unpacked bundle, the only one this worker
+    process imports from.
+
+    A warm worker (``keep_warm()``, ``daskrun cluster start``) outlives its
+    jobs, and Python caches what it imported: a later job's ``import helper``
+    would get an earlier job's ``helper`` from ``sys.modules``, or find it
+    through that job's folder left on ``sys.path``. So every module loaded
+    from any job's bundle folder (the folders beside ``folder``, and
+    ``folder`` itself, unpacked afresh) is forgotten, and ``folder`` alone
+    goes on ``sys.path``, first. The entry scripts themselves are kept: each
+    has a module name of its own (``daskrun_entry_<run>``), and a job still
+    running on this worker holds its own.
+    """
+    root = os.path.dirname(folder)
+    sys.path[:] = [p for p in sys.path if not _inside(p, root)]
+    sys.path.insert(0, folder)
+    _forget_modules(root, keep_entry_scripts=True)
+    # the import system caches folder listings; the new files must be seen
+    importlib.invalidate_caches()
+
+
+def _forget_bundle(folder: str) -> None:
+    """Undo :func:`_import_only_from` for ``folder``: off ``sys.path``, and
+    none of its modules (its entry script's included) left cached."""
+    sys.path[:] = [p for p in sys.path if not _inside(p, folder)]
+    _forget_modules(folder, keep_entry_scripts=False)
+
+
+def _forget_modules(folder: str, keep_entry_scripts: bool) -> None:
+    """Drop from ``sys.modules`` every module loaded from below ``folder``."""
+    for name, module in list(sys.modules.items()):
+        if keep_entry_scripts and name.startswith(_ENTRY_MODULE):
+            continue
+        places = [getattr(module, "__file__", None) or ""]
+        places += list(getattr(module, "__path__", None) or ())  # packages
+        if any(_inside(p, folder) for p in places if isinstance(p, str)):
+            del sys.modules[name]
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or below it."""
+    path = os.path.abspath(path) if path else ""
+    return path == folder or path.startswith(folder + os.sep)
 
 
 def _check_run(module: ModuleType, script: str) -> str | None:

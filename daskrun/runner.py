@@ -25,7 +25,7 @@ from .datasets import CsvBatch, FileBatch, MiniBatch, ParquetBatch, SubBatch
 
 # Canceled lives in exceptions.py; ``runner.Canceled`` stays importable
 from .exceptions import Canceled as Canceled
-from .exceptions import JobFailedError, ThresholdExceededError
+from .exceptions import ClusterLostError, JobFailedError, ThresholdExceededError
 from .plugin import TryResult, agent_label, init_timeout, process_mini_batches
 
 logger = logging.getLogger("daskrun")
@@ -106,13 +106,19 @@ class Tally:
         self.add(counts)
         return counts
 
-    def counts(self) -> dict[str, int]:
-        """The counts a run record keeps."""
+    def counts(self, items_planned: int | None = None) -> dict[str, int]:
+        """The counts a run record keeps. ``items_total`` is ``items_planned``
+        where the plan knows it (see :meth:`daskrun.monitor.JobLogs.finish`),
+        so that a job stopped early shows what it was given, not only what
+        it did."""
+        total = self.items_total
+        if items_planned is not None:
+            total = max(items_planned, total)
         return {
             "mini_batches_total": self.mini_batches_total,
             "mini_batches_done": self.mini_batches_done,
             "mini_batches_failed": self.mini_batches_failed,
-            "items_total": self.items_total,
+            "items_total": total,
             "items_succeeded": self.items_succeeded,
             "items_failed": self.items_failed,
             "items_extra": self.items_extra,
@@ -820,6 +826,20 @@ class NoProgress:
         self._stop.set()
 
 
+def connected(client: Client) -> bool:
+    """Whether ``client`` is still connected to its scheduler: a scheduler
+    that died, or froze (see ``daskrun.cluster._SchedulerWatch``), leaves
+    it reconnecting or closed, and any call to it would wait."""
+    return client.status == "running"
+
+
+def _cancel(client: Client, futures: Iterable[Any]) -> None:
+    """Cancel ``futures`` on a scheduler that is still there."""
+    if connected(client):
+        with contextlib.suppress(Exception):  # the cluster may be going
+            client.cancel(list(futures))
+
+
 class Interrupt:
     """Stops :func:`run_mini_batches` from another thread: a canceled run,
     or a cluster whose workers are gone. What is in flight is cancelled at
@@ -838,8 +858,7 @@ class Interrupt:
         self.reason = reason
         if self.client is not None:
             # wakes the runner, which waits for results
-            with contextlib.suppress(Exception):
-                self.client.cancel(list(self.pending))
+            _cancel(self.client, self.pending)
 
     def check(self) -> None:
         if self.reason is not None:
@@ -901,6 +920,7 @@ def run_mini_batches(
     ``tests/test_lost_tasks.py::test_a_cluster_that_retries_tasks_itself``.
     """
     threads = sum(client.nthreads().values()) or 1
+    address = str(client.scheduler.address if client.scheduler else "?")
     limit = max(1, threads * int(config_get("runner.in-flight-per-thread")))
     sizer = GroupSizer(float(config_get("runner.task-seconds")), threads)
     pending: dict[Any, list[tuple[Any, int]]] = {}
@@ -978,6 +998,8 @@ def run_mini_batches(
                 results: list[TryResult] = outcome
                 sizer.observe(sum(r.seconds for r in results), len(results))
             else:  # the worker died, or the task was lost or cancelled
+                if not connected(client):  # distributed cancelled them all
+                    raise ClusterLostError(address)
                 exc = outcome[1] if isinstance(outcome, tuple) else outcome
                 batch_of = {b.index: b for b, _ in group}
                 hung = {
@@ -1034,13 +1056,12 @@ def run_mini_batches(
                 if exceeded:
                     break
         if exceeded:
-            client.cancel(list(pending))
+            _cancel(client, pending)
             queue.clear()
         return exceeded
     except BaseException:
         # canceled, interrupted or a bug: stop what is still in flight
-        with contextlib.suppress(Exception):  # the cluster may be gone
-            client.cancel(list(pending))
+        _cancel(client, pending)
         queue.clear()
         raise
     finally:

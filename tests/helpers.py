@@ -6,6 +6,7 @@ Fixtures live in ``conftest.py``; everything here is plain and importable as
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
@@ -16,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -179,10 +181,10 @@ def committed(out: Path) -> set[int]:
     return found
 
 
-def kill_client(proc: subprocess.Popen[str]) -> None:
-    """SIGKILL a client process, then wait for its worker processes to notice
-    and stop (killing those that do not within 30 s): only then is what the
-    run wrote settled."""
+def kill_client(proc: subprocess.Popen[str] | psutil.Process) -> None:
+    """SIGKILL a client process (or a cluster's, such as ``daskrun cluster
+    serve``), then wait for its worker processes to notice and stop (killing
+    those that do not within 30 s): only then is what the run wrote settled."""
     children = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -242,7 +244,9 @@ def run_step(
     return step.run(show_output=show_output)
 
 
-def daskrun(*args: str, cwd: Path, runs: Path) -> subprocess.CompletedProcess[str]:
+def daskrun(
+    *args: str, cwd: Path, runs: Path, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run the ``daskrun`` command in ``cwd``, with run folders in ``runs``."""
     env = dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs))
     return subprocess.run(
@@ -251,8 +255,17 @@ def daskrun(*args: str, cwd: Path, runs: Path) -> subprocess.CompletedProcess[st
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[socket.socket]:
+    """A TCP server on 127.0.0.1 that takes connections (the kernel
+    completes them) and never answers; ``.getsockname()[1]`` is its port."""
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as listener:
+        listener.settimeout(0.5)
+        yield listener
 
 
 def free_port_pair() -> int:

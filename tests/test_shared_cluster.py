@@ -119,7 +119,8 @@ def test_only_its_certificates_get_in(tmp_path: Path) -> None:
 def test_a_stale_file_is_ignored_and_removed(shared_cluster_file: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    shared_cluster_file.parent.mkdir(parents=True)
+    shared_cluster_file.parent.mkdir(mode=0o700, parents=True)
+    shared_cluster_file.touch(mode=0o600)  # as SharedCluster.save() writes it
     shared_cluster_file.write_text(
         json.dumps(
             {"address": "tls://127.0.0.1:1", "pid": dead.pid, "workers": 1,
