@@ -154,6 +154,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "committed mini-batches whose inputs are unchanged, run the rest",
     )
     again.add_argument("--scheduler", metavar="ADDR")
+    again.add_argument(
+        "--input",
+        nargs="+",
+        metavar="URL",
+        help="the run's inputs again, where they were URLs with a SAS "
+        "signature (never kept in run records)",
+    )
     again.add_argument("-q", "--quiet", action="store_true")
 
     runs = subs.add_parser(
@@ -572,6 +579,7 @@ def _dispatch(
                     replan=args.replan,
                     compute_target=args.scheduler,
                     workspace=_workspace(args),
+                    inputs=None if args.input is None else [args.input],
                 )
             )
         if args.command == "demo":

@@ -289,7 +289,12 @@ class Job:
         self.isolate = isolate_failures()
         self.unfinished: dict[int, Unfinished] = {}
         kept = self._restore(retry_failed) if resuming else []
-        self.logs = JobLogs(self.run_dir / "logs", kept, retry_failed=retry_failed)
+        self.logs = JobLogs(
+            self.run_dir / "logs",
+            kept,
+            retry_failed=retry_failed,
+            redact=self.plugin.redact,
+        )
         self.watch = _Watch(self.logs, self.tally, self.console)
         self.resuming = resuming
 

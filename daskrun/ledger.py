@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .storage import private_folder, private_open
+from .storage import private_folder, private_open, unsigned
 
 LISTING = "inputs.csv"  # path, size, mtime or ETag of each input file
 PLAN = "plan.bin"  # 8 bytes per mini-batch: a digest of its plan and inputs
@@ -49,7 +49,7 @@ class PlanLedger:
         self.count = 0
 
     def file(self, path: str, size: int, stamp: str) -> None:
-        self._writer.writerow((path, size, stamp))
+        self._writer.writerow((unsigned(path), size, stamp))  # no SAS kept
 
     def mini_batch(self, plan: Any, stamps: Sequence[tuple[int, str] | None]) -> None:
         h = hashlib.blake2b(repr((plan, stamps)).encode(), digest_size=_DIGEST)

@@ -39,7 +39,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -49,7 +49,7 @@ from .datasets import FileBatch, MiniBatch, PartitionBatch
 from .forecast import Estimate
 from .plugin import TryResult
 from .runner import Counts, Tally
-from .storage import private_file, private_folder, private_open
+from .storage import private_file, private_folder, private_open, unsigned
 
 REPORT = Path("sys", "job_report", "processed_mini-batches.csv")
 FAILED_ITEMS = REPORT.with_name("failed_items.csv")
@@ -179,15 +179,21 @@ class Pace:
 
 
 class JobLogs:
-    """Writer of one run's log folder."""
+    """Writer of one run's log folder.
+
+    Every text it records passes through ``redact`` (the run's credentials,
+    and any URL's SAS signature, hidden), whoever wrote it: an input's path,
+    an error raised on a worker, its traceback."""
 
     def __init__(
         self,
         logs_dir: str | os.PathLike[str],
         earlier_rows: Iterable[Mapping[str, str]] = (),
         retry_failed: bool = False,
+        redact: Callable[[str], str] = unsigned,
     ):
         self.dir = Path(logs_dir)
+        self.redact = redact
         self.report_path = self.dir / REPORT
         private_folder(self.report_path.parent)
         # a resumed run starts from the rows its earlier attempts kept
@@ -244,7 +250,7 @@ class JobLogs:
                 counts.failed,
                 counts.extra,
                 f"{result.seconds:.3f}",
-                result.error or "",
+                self.redact(result.error or ""),
             )
         )
         self._report.flush()  # a killed client leaves a report to resume from
@@ -254,9 +260,8 @@ class JobLogs:
         stats.failed += counts.failed
         stats.seconds += result.seconds
         if result.error:
-            self.latest_errors.append(
-                f"mini-batch {result.index} on {result.worker}: {result.error}"
-            )
+            where = f"mini-batch {result.index} on {result.worker}"
+            self.latest_errors.append(self.redact(f"{where}: {result.error}"))
 
     def user_output(self, result: TryResult) -> None:
         """Append what the script printed and logged to its worker's files,
@@ -377,7 +382,9 @@ class JobLogs:
                 n = result.items_in if result.items_in is not None else ""
                 rows.append((batch.describe(), error, 0 if n != "" else "", n))
         for item, error, start, stop in rows:
-            self._failed_writer.writerow((batch.index, item, error, start, stop))
+            self._failed_writer.writerow(
+                (batch.index, self.redact(item), self.redact(error), start, stop)
+            )
         self._failed.flush()
 
     def finish(
@@ -433,7 +440,7 @@ class JobLogs:
         if error:
             lines.append(f"error: {error}")
         with private_open(self.dir / "job_result.txt", "w", errors=_ESCAPE) as f:
-            f.write("\n".join(lines) + "\n")
+            f.write(self.redact("\n".join(lines) + "\n"))
         failure = tally.first_failure
         text = []
         if failure is not None:
@@ -445,7 +452,7 @@ class JobLogs:
             text.append(f"\njob: {error}\n" if text else f"{error}\n")
         if text:
             with private_open(self.dir / "job_error.txt", "w", errors=_ESCAPE) as f:
-                f.write("".join(text))
+                f.write(self.redact("".join(text)))
 
     def close(self) -> None:
         for f in (self._report, self._failed, *self._user.values()):

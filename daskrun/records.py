@@ -25,7 +25,7 @@ from typing import Any
 from .config import config_get
 from .exceptions import ConfigError
 from .runcontext import RunLog
-from .storage import FileLock, private_file, private_folder
+from .storage import FileLock, private_file, private_folder, unsigned
 
 DATABASE = "runs.db"
 SOURCE = "source.zip"
@@ -191,8 +191,13 @@ class RunRecord:
                     self.created,
                     self.fingerprint,
                     # its fields are plain values already; asdict() would
-                    # copy a list of a million paths item by item first
-                    json.dumps({f.name: getattr(self, f.name) for f in fields(self)}),
+                    # copy a list of a million paths item by item first; an
+                    # input URL's SAS signature is never kept (resume asks)
+                    unsigned(
+                        json.dumps(
+                            {f.name: getattr(self, f.name) for f in fields(self)}
+                        )
+                    ),
                 ),
             )
 

@@ -9,6 +9,7 @@ mini-batches (:mod:`daskrun.runner`), assembles the output
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import secrets
@@ -66,7 +67,14 @@ from .records import (
 from .runner import (
     Interrupt,
 )
-from .storage import private_file, private_folder, private_open, private_tree
+from .storage import (
+    private_file,
+    private_folder,
+    private_open,
+    private_tree,
+    signature_hidden,
+    unsigned,
+)
 from .workspace import Datastore, OutputData, Workspace
 
 logger = logging.getLogger("daskrun")
@@ -741,7 +749,10 @@ def resume(
     never hold credentials, unless they come from a datastore of the run's
     ``workspace``. A run over a Dask collection needs the collection again
     (``inputs=[ddf]``): one whose token (``dask.base.tokenize``) differs from
-    the run's is refused (:class:`~daskrun.InputError`). One resume of a run
+    the run's is refused (:class:`~daskrun.InputError`). So does a run whose
+    inputs were URLs with a SAS signature (``...&sig=...``), which run
+    records never keep: ``inputs=[url, ...]`` again, in the run's order. One
+    resume of a run
     at a time: another one, or one of a
     run still in progress, is refused at once (:class:`~daskrun.ConfigError`).
 
@@ -784,7 +795,8 @@ def _resume(
             "(--retry-failed) to run its failed mini-batches again, or "
             "replan=True (--replan) to run those whose inputs changed"
         )
-    _check_credentials(record, storage_options, "resume()")
+    if given is None or record.kind == "collection":
+        _check_credentials(record, storage_options, "resume()")
     step = _rebuild(record, storage_options, compute_target, workspace, given)
     return _execute(
         step,
@@ -847,7 +859,7 @@ def _rebuild(
     elif record.kind == "file":
         inputs = [
             FileDataset(p, storage_options=options, partition_format=f)
-            for p, f in _with_formats(record)
+            for p, f in _with_formats(record, given)
         ]
     else:
         inputs = [
@@ -858,7 +870,7 @@ def _rebuild(
                 pandas_kwargs=record.pandas_kwargs,
                 partition_format=f,
             )
-            for p, f in _with_formats(record)
+            for p, f in _with_formats(record, given)
         ]
     output_options: dict[str, Any] = {}
     for where in record.outputs.values():
@@ -878,10 +890,37 @@ def _rebuild(
     return step
 
 
-def _with_formats(record: RunRecord) -> list[tuple[Any, str | None]]:
+def _with_formats(
+    record: RunRecord, given: Sequence[Any] | None = None
+) -> list[tuple[Any, str | None]]:
     """Each input's paths and ``partition_format``."""
     formats = record.partition_formats or [None] * len(record.inputs)
-    return list(zip(record.inputs, formats, strict=True))
+    return list(zip(_signed_again(record, given), formats, strict=True))
+
+
+def _signed_again(record: RunRecord, given: Sequence[Any] | None) -> list[Any]:
+    """The run's input paths. Where they were URLs with a SAS signature,
+    which run records never keep, they are ``given`` again (paths or data
+    sets, in the run's order), checked against the record."""
+    recorded = record.inputs
+    if not any(signature_hidden(json.dumps(p)) for p in recorded):
+        return recorded
+    run_id = record.run_id
+    if given is None or len(given) != len(recorded):
+        raise ConfigError(
+            f"run {run_id!r} read {len(recorded)} input(s) given as URLs with "
+            "a SAS signature, which run records never keep; give them again: "
+            f"daskrun resume {run_id} --input URL ... (resume({run_id!r}, "
+            "inputs=[url, ...]))"
+        )
+    paths = [_paths_given(g) for g in given]
+    for was, now in zip(recorded, paths, strict=True):
+        if json.loads(unsigned(json.dumps(now))) != was:
+            raise ConfigError(
+                f"input {unsigned(str(now))!r} is not run {run_id!r}'s "
+                f"{was!r}; give the run's inputs again, in its order"
+            )
+    return paths
 
 
 def _new_record(
@@ -927,6 +966,16 @@ def _input_specs(inputs: list[Input]) -> list[dict[str, Any]]:
         return [ds.spec() for ds in inputs]
     except ConfigError:
         return []
+
+
+def _paths_given(given: Any) -> Any:
+    """The path, or list of paths, that ``given`` (as an input of
+    :func:`resume`: a path, a list of paths, or a data set) names."""
+    if isinstance(given, (str, os.PathLike)):
+        return os.fspath(given)
+    if isinstance(given, (list, tuple)):
+        return [os.fspath(p) for p in given]
+    return _path_spec(given)
 
 
 def _path_spec(dataset: Input) -> Any:

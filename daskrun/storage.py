@@ -51,6 +51,8 @@ _SECRET_PARAMETERS = re.compile(
     r"(?i)(?:(?<![a-z0-9])|(?<=%26)|(?<=%3f)|(?<=%3b))"
     r"(sig|AccountKey|SharedAccessKey)(=|%3D)[A-Za-z0-9+/=%_-]+"
 )
+# what unsigned() leaves of one
+_HIDDEN_PARAMETER = re.compile(r"(?i)(sig|AccountKey|SharedAccessKey)(=|%3D)\*\*\*")
 
 
 def within(
@@ -122,7 +124,29 @@ def hide(text: str, secrets: Iterable[str]) -> str:
     for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
         for pattern in _any_encoding(secret):
             text = pattern.sub("***", text)
+    return unsigned(text)
+
+
+def unsigned(text: str) -> str:
+    """``text`` with the value of every ``sig=``, ``AccountKey=`` and
+    ``SharedAccessKey=`` hidden: what any record may keep of a URL, whoever's
+    credential it holds.
+
+    >>> unsigned("https://h/a.csv?sv=2022-11-02&sig=q%2Bz%3D")
+    'https://h/a.csv?sv=2022-11-02&sig=***'
+    """
+    if "=" not in text and "%3" not in text:  # most paths: no regex
+        return text
     return _SECRET_PARAMETERS.sub(r"\1\2***", text)
+
+
+def signature_hidden(text: str) -> bool:
+    """Whether ``text`` holds a credential that :func:`unsigned` hid.
+
+    >>> signature_hidden(unsigned("https://h/a.csv?sig=abc"))
+    True
+    """
+    return _HIDDEN_PARAMETER.search(text) is not None
 
 
 @functools.lru_cache(maxsize=256)

@@ -3,13 +3,17 @@ logs, never reach logs, records or the terminal, in any URL encoding."""
 
 from __future__ import annotations
 
+import functools
+import http.server
+import threading
 from pathlib import Path
 
 import pytest
 
 from daskrun import Dataset
+from daskrun.records import RunRecord
 
-from .helpers import make_files, run_step
+from .helpers import daskrun, make_files, run_step, write_script
 
 # fake credentials, as a SAS token and an account key would look
 SAS = "sv=2024-05-04&ss=b&sig=Q2xpZW50U2VjcmV0U2lnbmF0dXJlMTIzNA%3D%3D"
@@ -226,3 +230,66 @@ def test_what_user_code_logs_is_redacted(
         [runs_dir, tmp_path / "out"],
         [KEY, KEY[:20]],
     )
+
+
+class _Files(http.server.SimpleHTTPRequestHandler):
+    """Files of the current test's folder behind URLs that carry a SAS
+    token, as a blob store's signed URLs do (the query is not checked)."""
+
+    def translate_path(self, path: str) -> str:
+        return super().translate_path(path.split("?", 1)[0])
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_signed_input_urls_are_never_recorded(tmp_path: Path, runs_dir: Path) -> None:
+    """An input URL's SAS signature stays out of every log, report and run
+    record, also when a mini-batch over it fails; a resume asks for the URL
+    again in one line, and with it completes the run."""
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "a.txt").write_text("a\n")
+    handler = functools.partial(_Files, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    signature = "U2lnbmVkVXJsU2lnbmF0dXJl%2Bz%3D"
+    url = (
+        f"http://127.0.0.1:{server.server_port}/a.txt"
+        f"?sv=2024-05-04&se=2030-01-01T00%3A00Z&sp=r&sig={signature}"
+    )
+    (tmp_path / "broken").touch()
+    write_script(
+        tmp_path,
+        "import os\ndef init(): pass\n"
+        "def run(mb):\n"
+        "    if os.path.exists('broken'):\n"
+        "        raise RuntimeError(f'cannot score {mb}')\n"
+        "    return ['scored' for _ in mb]\n",
+    )
+    secrets = [signature, "U2lnbmVkVXJsU2lnbmF0dXJl"]
+    try:
+        first = daskrun(
+            "run", "score.py", "--input", url, "--output", "out",
+            "--max-tries", "1", "--error-threshold", "0", "--processes", "1",
+            cwd=tmp_path, runs=runs_dir,
+        )  # fmt: skip
+        assert first.returncode == 1, first.stderr
+        terminal = first.stdout + first.stderr
+        assert "cannot score" in terminal
+        assert_no_leaks(terminal, [runs_dir, tmp_path / "out"], secrets)
+        (record,) = RunRecord.find(runs_dir)
+        asked = daskrun("resume", record.run_id, cwd=tmp_path, runs=runs_dir)
+        assert asked.returncode == 2, asked.stderr
+        (line,) = asked.stderr.splitlines()
+        assert "SAS signature" in line and "--input URL" in line, line
+        (tmp_path / "broken").unlink()
+        again = daskrun(
+            "resume", record.run_id, "--retry-failed", "--input", url,
+            cwd=tmp_path, runs=runs_dir,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "out" / "parallel_run_step.txt").read_text() == "scored\n"
+    assert_no_leaks(again.stdout + again.stderr, [runs_dir], secrets)
