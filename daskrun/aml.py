@@ -16,7 +16,10 @@ shim's, never beside a real ``azureml`` package. Driver code that asks for
 daskrun's names where another ``azureml`` package is importable is refused
 in one line: its imports would get that package, not daskrun. Names resolve
 lazily (PEP 562 module ``__getattr__``): ``from azureml.core import Run``
-imports the engine only.
+imports the engine only. A name daskrun lacks, imported as notebooks do
+(``from azureml.core import ScriptRunConfig``), raises
+:class:`~daskrun.NotProvidedError` (an ``ImportError``) saying what to use
+instead; asked for as an attribute, it is an ``AttributeError`` as usual.
 
 >>> import daskrun
 >>> daskrun.install_as_azureml()
