@@ -16,7 +16,10 @@ shim's, never beside a real ``azureml`` package. Driver code that asks for
 daskrun's names where another ``azureml`` package is importable is refused
 in one line: its imports would get that package, not daskrun. Names resolve
 lazily (PEP 562 module ``__getattr__``): ``from azureml.core import Run``
-imports the engine only.
+imports the engine only. A name daskrun lacks, imported as notebooks do
+(``from azureml.core import ScriptRunConfig``), raises
+:class:`~daskrun.NotProvidedError` (an ``ImportError``) saying what to use
+instead; asked for as an attribute, it is an ``AttributeError`` as usual.
 
 >>> import daskrun
 >>> daskrun.install_as_azureml()
@@ -27,16 +30,17 @@ True
 
 from __future__ import annotations
 
+import dis
 import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
 from collections.abc import Sequence
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import Any
 
-from .exceptions import ConfigError
+from .exceptions import ConfigError, NotProvidedError
 
 # Azure ML module -> {name: "daskrun module:attribute"}; the registry's
 # modules are named here as strings and imported on first use of a name
@@ -72,6 +76,7 @@ MODULES: dict[str, dict[str, str]] = {
     "azureml.core.model": {"Model": _MODEL},
     "azureml.core.run": {"Run": "daskrun.runcontext:Run"},
     "azureml.core.runconfig": {
+        "CondaDependencies": "daskrun.config:CondaDependencies",
         "DEFAULT_CPU_IMAGE": "daskrun.config:DEFAULT_CPU_IMAGE",
         "DEFAULT_GPU_IMAGE": "daskrun.config:DEFAULT_GPU_IMAGE",
     },
@@ -223,6 +228,10 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
         def __getattr__(name: str) -> Any:
             if name not in names:
+                if _importing(sys._getframe(1)):
+                    # `from azureml.core import X` would otherwise say only
+                    # "cannot import name 'X' ... (unknown location)"
+                    raise NotProvidedError(_missing(module_name, name), name=name)
                 raise AttributeError(_missing(module_name, name))
             where, _, attr = _target(module_name, name).partition(":")
             value = getattr(importlib.import_module(where), attr)
@@ -236,10 +245,37 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__dir__ = __dir__  # type: ignore[method-assign]
 
 
+# what to use instead of the Azure ML names that notebooks import most and
+# daskrun does not provide
+_INSTEAD = {
+    "ScriptRunConfig": "run the script with plain Python, or as a "
+    "ParallelRunStep entry script (init() and run(mini_batch))",
+    "PythonScriptStep": "a ParallelRunStep, or plain Python between steps",
+    "RunConfiguration": "ParallelRunConfig(environment=Environment(...))",
+    "Webservice": "serve the model with a web framework of your choice",
+    "InferenceConfig": "a ParallelRunStep entry script for batch inference",
+    "Keyvault": "environment variables (ParallelRunConfig(environment_variables=))",
+}
+_IMPORT_FROM = dis.opmap["IMPORT_FROM"]
+
+
+def _importing(frame: FrameType) -> bool:
+    """Whether ``frame`` is running ``from module import name`` (the
+    instruction that asked for a missing name), not ``module.name`` or
+    ``getattr``: only an import gets :class:`~daskrun.NotProvidedError`."""
+    code = frame.f_code.co_code
+    return 0 <= frame.f_lasti < len(code) and code[frame.f_lasti] == _IMPORT_FROM
+
+
 def _missing(module_name: str, name: str) -> str:
     known = ", ".join(sorted(MODULES[module_name])) or "only submodules"
-    return (
-        f"daskrun's stand-in for {module_name} has no {name!r} (it has: {known}); "
+    instead = _INSTEAD.get(
+        name,
         "daskrun covers ParallelRunStep's workflow (see the README's 'Coming "
-        "from Azure ML'), or install the Azure ML SDK to use the real one"
+        "from Azure ML')",
+    )
+    return (
+        f"daskrun does not provide {module_name}.{name} (its stand-in "
+        f"{module_name} has: {known}); instead: {instead}; or install the "
+        "Azure ML SDK to use the real one"
     )

@@ -325,10 +325,7 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
 def _workspace(args: argparse.Namespace) -> Workspace | None:
     if args.workspace:
         return Workspace(args.workspace)
-    try:
-        return Workspace.from_config()
-    except ConfigError:
-        return None
+    return Workspace.nearest()
 
 
 def _root(args: argparse.Namespace) -> Path:

@@ -194,6 +194,13 @@ class ComputeTarget:
     def __repr__(self) -> str:
         return f"ComputeTarget(name={self.name!r}, kind={self.kind!r})"
 
+    @property
+    def runs_here(self) -> bool:
+        """Whether its workers run on this machine with this interpreter (a
+        local or ``AmlCompute`` target): its Environment is checked here,
+        before the cluster starts."""
+        return self.kind in ("local", "aml")
+
     @staticmethod
     def create(
         workspace: Any, name: str, provisioning_configuration: Any

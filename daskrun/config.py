@@ -85,13 +85,23 @@ def isolate_failures() -> bool:
     >>> isolate_failures()
     True
     """
-    value = config_get("isolate-failures")
+    return config_bool("isolate-failures")
+
+
+def config_bool(key: str) -> bool:
+    """Read ``daskrun.<key>`` as true or false (also ``"true"`` and
+    ``"false"``, as an environment variable gives them).
+
+    >>> config_bool("environment.strict")
+    False
+    """
+    value = config_get(key)
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"  # from an environment variable
     if not isinstance(value, bool):
         raise ConfigError(
-            f"daskrun.isolate-failures={value!r} must be true or false; e.g. "
-            'dask.config.set({"daskrun.isolate-failures": False})'
+            f"daskrun.{key}={value!r} must be true or false; e.g. "
+            f'dask.config.set({{"daskrun.{key}": False}})'
         )
     return value
 
@@ -444,6 +454,14 @@ class Environment:
     docker : DockerSection
         Azure ML's ``env.docker`` (``enabled``, ``base_image``): accepted
         and unused, as workers run in their existing environment.
+    spark, databricks : SparkSection, DatabricksSection
+        Azure ML's Spark and Databricks settings (``spark.precache_packages``,
+        ``spark.packages``, ``databricks.pypi_libraries``, ...): accepted,
+        kept, and of no effect locally.
+    r : None
+        Azure ML's R section (``None`` unless set): kept, of no effect.
+    inferencing_stack_version : str or None
+        Kept, of no effect: daskrun serves no web service.
 
     Examples
     --------
@@ -465,6 +483,10 @@ class Environment:
         self.environment_variables = dict(environment_variables or {})
         self.python = PythonSection()
         self.docker = DockerSection()
+        self.spark = SparkSection()
+        self.databricks = DatabricksSection()
+        self.r: Any = None
+        self.inferencing_stack_version: str | None = None
 
     @property
     def pip_packages(self) -> list[str]:
@@ -535,6 +557,28 @@ class DockerSection:
         self.enabled = False
         self.base_image: str | None = DEFAULT_CPU_IMAGE
         self.base_dockerfile: str | None = None
+
+
+class SparkSection:
+    """Azure ML's ``Environment.spark``: accepted, kept, no effect locally
+    (daskrun runs no Spark)."""
+
+    def __init__(self) -> None:
+        self.repositories: list[str] = []
+        self.packages: list[Any] = []
+        self.precache_packages = True
+
+
+class DatabricksSection:
+    """Azure ML's ``Environment.databricks``: accepted, kept, no effect
+    locally (daskrun runs no Databricks cluster)."""
+
+    def __init__(self) -> None:
+        self.maven_libraries: list[Any] = []
+        self.pypi_libraries: list[Any] = []
+        self.rcran_libraries: list[Any] = []
+        self.jar_libraries: list[Any] = []
+        self.egg_libraries: list[Any] = []
 
 
 class CondaDependencies:

@@ -26,6 +26,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -181,10 +182,33 @@ class SubBatch:
         return self.parent.paths[self.start : self.stop]
 
     def describe(self) -> str:
-        if isinstance(self.parent, FileBatch):
+        """Its items as a user counts them: files by name; rows numbered
+        from 0 as pandas does, the last one included (``row 0``, ``rows
+        3-5``), in the file where the mini-batch starts at the file's start,
+        else among the mini-batch's rows.
+
+        >>> SubBatch(CsvBatch(0, "iris.csv", 0, 1026), 0, 1).describe()
+        'row 0 of iris.csv bytes 0-1026'
+        >>> SubBatch(CsvBatch(1, "iris.csv", 1026, 900), 3, 6).describe()
+        "rows 3-5 of mini-batch 1's rows (iris.csv bytes 1026-1926)"
+        """
+        parent = self.parent
+        if isinstance(parent, FileBatch):
             files = FileBatch.of(self.index, self.paths).describe()
             return f"{files} of mini-batch {self.index}"
-        return f"rows {self.start}-{self.stop} of {self.parent.describe()}"
+        rows = (
+            f"row {self.start}"
+            if self.n_items == 1
+            else f"rows {self.start}-{self.stop - 1}"
+        )
+        at_start = (
+            parent.offset == 0
+            if isinstance(parent, CsvBatch)
+            else parent.row_groups[0] == 0
+        )
+        if at_start:
+            return f"{rows} of {parent.describe()}"
+        return f"{rows} of mini-batch {self.index}'s rows ({parent.describe()})"
 
     def halves(self) -> tuple[SubBatch, SubBatch]:
         middle = (self.start + self.stop) // 2
@@ -1000,7 +1024,10 @@ class TabularDataset(_DatasetBase):
 
         The key columns leave the files and come back, as strings, from the
         folder names (``partition_format='/key={key}/data.parquet'``), as in
-        Azure ML. ``target`` must be empty or new.
+        Azure ML. A ``target`` that already holds files is left as it is:
+        the files go to a new folder below it named by a GUID, as Azure ML
+        writes them, and ``name`` gets a new version, so that a notebook can
+        run again. ``show_progress`` shows one progress bar.
 
         >>> by_user = ds.partition_by(["user"], store.path("by_user/"),
         ...                           name="by_user")  # doctest: +SKIP
@@ -1022,11 +1049,18 @@ class TabularDataset(_DatasetBase):
                 f"{', '.join(map(repr, missing))}; its columns are "
                 f"{', '.join(map(str, frame.columns))}"
             )
+        folder = paths[0].rstrip("/")
+        if _holds_files(store.url(folder), store.storage_options):
+            folder = f"{folder}/{uuid.uuid4()}"
         _write_partitions(
-            frame, keys, store.url(paths[0]), store.storage_options, show_progress
+            frame, keys, store.url(folder), store.storage_options, show_progress
         )
+        # exactly the files written: not a later run's, in a GUID folder below
+        written = "/".join([folder, *(f"{k}=*" for k in keys), "data.parquet"])
         out = TabularDataset(
-            target, file_format="parquet", partition_format=hive_format(keys)
+            (store, written),
+            file_format="parquet",
+            partition_format=hive_format(keys),
         )
         if name is not None:
             workspace = getattr(store, "workspace", None)
@@ -1057,6 +1091,36 @@ class TabularDataset(_DatasetBase):
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def partition_dataset(
+    batch: PartitionBatch,
+    storage_options: StorageOptions,
+    pandas_kwargs: Mapping[str, Any],
+    partition_format: str | None,
+) -> FileDataset | TabularDataset:
+    """The input filtered to one partition: its files, as a data set of
+    the input's kind (Azure ML's ``mini_batch_context.dataset``).
+
+    >>> batch = PartitionBatch(0, "/d/ann/1.wav\\0/d/ann/2.wav", (("user", "ann"),))
+    >>> partition_dataset(batch, {}, {}, "/{user}/{f}.wav")
+    FileDataset(['/d/ann/1.wav', '/d/ann/2.wav'])
+    """
+    if batch.file_format is None:
+        return FileDataset(
+            batch.paths,
+            validate=False,
+            storage_options=storage_options,
+            partition_format=partition_format,
+        )
+    return TabularDataset(
+        batch.paths,
+        file_format=batch.file_format,
+        validate=False,
+        storage_options=storage_options,
+        pandas_kwargs=pandas_kwargs,
+        partition_format=partition_format,
+    )
+
+
 def _write_partitions(
     frame: pd.DataFrame,
     keys: Sequence[str],
@@ -1071,19 +1135,23 @@ def _write_partitions(
     first file is written, and the files written are removed if a later
     one fails, so that a retry finds the target empty again.
     """
+    from tqdm.auto import tqdm
+
     fs, root = url_to_fs(base, **dict(storage_options))
     root = root.rstrip("/")
-    if fs.exists(root) and fs.find(root):
-        raise ConfigError(
-            f"partition_by target {base!r} already holds files; choose a new or "
-            "empty folder"
-        )
     for values in frame[list(keys)].drop_duplicates().itertuples(index=False):
         _hive_folder(keys, tuple(values))
     groups = frame.groupby(list(keys), sort=True, dropna=False)
     written: list[str] = []
+    bar = tqdm(
+        groups,
+        total=groups.ngroups,
+        desc="partition_by",
+        unit="partition",
+        disable=not show_progress,
+    )
     try:
-        for n, (combo, part) in enumerate(groups, 1):
+        for combo, part in bar:
             folder = _hive_folder(keys, combo if isinstance(combo, tuple) else (combo,))
             path = "/".join([root, folder, "data.parquet"])
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -1093,8 +1161,6 @@ def _write_partitions(
                 # a frame of key columns only keeps its rows as an index
                 # column: Parquet without columns would hold no rows
                 rows.to_parquet(f, index=rows.columns.empty)
-            if show_progress:
-                print(f"partition_by: {n}/{groups.ngroups} {folder}")
     except BaseException:
         for path in written:
             try:
@@ -1102,6 +1168,14 @@ def _write_partitions(
             except Exception:  # the first error is the one to tell
                 pass
         raise
+    finally:
+        bar.close()
+
+
+def _holds_files(url: str, storage_options: StorageOptions) -> bool:
+    """Whether the folder ``url`` exists and holds a file."""
+    fs, root = url_to_fs(url, **dict(storage_options))
+    return bool(fs.exists(root) and fs.find(root))
 
 
 # a folder name's limit on local file systems (NAME_MAX)

@@ -13,6 +13,8 @@
     │                                  within daskrun.storage-timeout
     ├── RunTimeoutError(TimeoutError)  wait_for_completion(timeout_seconds=...)
     │                                  ran out; the run goes on
+    ├── NotProvidedError(ImportError)  an Azure ML name that daskrun's stand-in
+    │                                  modules (install_as_azureml()) lack
     ├── Canceled                       raised inside a run to stop it (its
     │                                  PipelineRun was canceled); recorded as
     │                                  the status ``Canceled``
@@ -76,6 +78,11 @@ class StorageTimeoutError(StorageError, TimeoutError):
 class RunTimeoutError(DaskRunError, TimeoutError):
     """``wait_for_completion(timeout_seconds=...)`` ran out before the run
     ended; the run itself goes on."""
+
+
+class NotProvidedError(DaskRunError, ImportError):
+    """``from azureml.core import X`` after ``install_as_azureml()``, where
+    daskrun provides no ``X``: the message says what to use instead."""
 
 
 class Canceled(DaskRunError):

@@ -33,7 +33,6 @@ from .config import (
     config_get,
     config_seconds,
     isolate_failures,
-    unmet_packages,
 )
 from .dashboard import install_page, publish
 from .datasets import CsvBatch, TabularDataset, file_batch_at
@@ -61,6 +60,7 @@ from .monitor import (
     read_failed_spans,
     read_report,
 )
+from .packages import PackageCheck, runs_here
 from .pilot import AutoSizes
 from .plugin import EntryScriptPlugin, InputSpec, SideInput, TryResult, build_bundle
 from .resources import PerfLog
@@ -182,6 +182,13 @@ class Job:
         self.first_result_timeout = config_seconds("first-result-timeout")
         self.perf: PerfLog | None = None
         self.run_id, self.run_dir = run_id, runs_root / run_id
+        # the environment's packages, here before any cluster starts (plan()
+        # may start one) where the workers will run this interpreter
+        self.packages = PackageCheck(
+            step.config.environment, run_id, console.say if console.show else None
+        )
+        if runs_here(step.config.compute_target):
+            self.packages.here()
         self.console, self.models = console, models
         self.interrupt = interrupt or Interrupt()
         self.started = time.perf_counter()
@@ -479,7 +486,7 @@ class Job:
             say(f"daskrun: dashboard {link}" + (f" (this job: {page})" if page else ""))
         self.watch.client, self.watch.run_id = client, self.run_id
         self.console.start(self.total, self.tally.mini_batches_done)
-        _check_environment(client, self.step.config.environment, self.run_id)
+        self.packages.on_workers(client)
         self._watch_resources(client)
         _register_watched(
             client, plugin, cfg.run_invocation_timeout, self.run_id, self.console
@@ -699,7 +706,6 @@ class Job:
                 pandas_kwargs=getattr(first, "pandas_kwargs", {}),
                 local=all(ds.local for ds in step.inputs),
                 partition_format=first.partition_format,
-                dataset=step.dataset_name,
             ),
             output=target,
             run_invocation_timeout=cfg.run_invocation_timeout,
@@ -994,22 +1000,6 @@ def _unregister(client: Any, name: str) -> None:
         client.unregister_worker_plugin(name)
     except Exception as e:
         logger.debug("could not unregister plugin %s: %s", name, e)
-
-
-def _check_environment(client: Any, environment: Any, run_id: str) -> None:
-    """Fail before any task runs when a worker lacks a required package."""
-    if environment is None or not environment.pip_packages:
-        return
-    found = client.run(unmet_packages, environment.pip_packages)
-    for worker, unmet in sorted(found.items()):
-        if unmet:
-            problems = "; ".join(problem for problem, _ in unmet)
-            fixes = " ".join(repr(fix) for _, fix in unmet)
-            raise JobFailedError(
-                f"Environment {environment.name!r}: {problems} on worker {worker}; "
-                f"fix the workers' environment (pip install {fixes})",
-                run_id=run_id,
-            )
 
 
 class _Watch:

@@ -100,6 +100,9 @@ class PartitionFormat:
         self._regex = re.compile(f"{start}{regex}$")
         self._names = {f"k{n}": key for n, key in enumerate(keys)}
         self.keys = tuple(keys)
+        # a pattern that starts with a folder's name (Azure ML's, written
+        # from the datastore path: "dataset_partition_test/{user}/...")
+        self._anchored = bool(text[: text.index("{")].strip("/"))
 
     def _date(self, key: str, date: str, n: int) -> str:
         parts: list[tuple[str, str]] = []
@@ -124,9 +127,23 @@ class PartitionFormat:
 
     def values(self, path: str, root: str | None = None) -> dict[str, Any] | None:
         """The keys' values in ``path`` (its part below ``root``, if given),
-        or ``None`` where it does not match."""
+        or ``None`` where it does not match.
+
+        A pattern that starts with a folder's name may name folders above
+        ``root``, as Azure ML's are written from the datastore path
+        (``"data/{user}/{fname}.wav"`` for the files of ``"data/*/*.wav"``):
+        it is matched against the whole path where the part below ``root``
+        does not match. One that starts with a key never is, so a stray file
+        beside the partition folders is refused, not keyed by the folders
+        above it.
+
+        >>> PartitionFormat("data/{user}/{f}.wav").values("/s/data/al/1.wav", "/s/data")
+        {'user': 'al', 'f': '1'}
+        """
         below = path[len(root) :] if root and path.startswith(root) else path
         m = self._regex.search(below.replace(os.sep, "/"))
+        if m is None and self._anchored and below != path:
+            m = self._regex.search(path.replace(os.sep, "/"))
         if m is None:
             return None
         found: dict[str, Any] = {}
@@ -317,11 +334,12 @@ class MiniBatchContext:
         The partition's key values (``{}`` unless ``partition_keys`` is set).
     minibatch_index : int
         The mini-batch's number in the plan.
-    dataset : str or None
-        The input's name: its ``as_named_input`` name, else its registered
-        name, else ``None``.
+    dataset : FileDataset or TabularDataset or None
+        The input filtered to this partition (its files, or its rows):
+        ``to_path()`` and ``download()``, or ``to_pandas_dataframe()``;
+        ``None`` unless ``partition_keys`` is set.
     """
 
     partition_key_value: dict[str, Any]
     minibatch_index: int
-    dataset: str | None = None
+    dataset: Any = None

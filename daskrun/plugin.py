@@ -48,10 +48,12 @@ from .datasets import (
     PartitionBatch,
     SubBatch,
     localize_files,
+    partition_dataset,
     read_partition,
     read_rows,
 )
 from .exceptions import ConfigError, EntryScriptError
+from .fdcapture import CAPTURE
 from .modelrefs import ModelRef, set_worker_models
 from .output import (
     GROUP_BYTES,
@@ -324,7 +326,6 @@ class InputSpec:
     pandas_kwargs: Mapping[str, Any]
     local: bool  # every input file is on a local (or shared) file system
     partition_format: str | None = None  # tabular: its keys become columns
-    dataset: str | None = None  # the inputs' name, for mini_batch_context
 
 
 @dataclass(frozen=True)
@@ -465,9 +466,18 @@ class _Capture:
     """What the entry script prints and logs through ``EntryScript().logger``
     and ``Run.get_context()``, without the run's ``secrets``; shipped with
     each result to the client, which writes the per-worker files (so logs
-    come back from any cluster, shared disk or not)."""
+    come back from any cluster, shared disk or not). In a worker process of
+    its own (``native``), what native code writes to the process's stdout
+    and stderr meanwhile is kept too (:mod:`daskrun.fdcapture`)."""
 
-    def __init__(self, agent: str, level: str, secrets: Sequence[str] = ()):
+    def __init__(
+        self,
+        agent: str,
+        level: str,
+        secrets: Sequence[str] = (),
+        native: bool = False,
+    ):
+        self.native = native
         self.secrets = list(secrets)
         self.out = io.StringIO()
         self.log = io.StringIO()
@@ -485,19 +495,23 @@ class _Capture:
     def redirect(self) -> Iterator[None]:
         """Capture what the script prints; what it writes to ``sys.stderr``
         (a ``logging`` handler of its own, a traceback it prints) still goes
-        to the worker's stderr, without the run's secrets."""
-        stderr = _Hiding(sys.stderr, self.secrets)
-        try:
-            with (
-                contextlib.redirect_stdout(self.out),
-                contextlib.redirect_stderr(stderr),
-            ):
-                yield
-        finally:
-            stderr.flush()
+        to the worker's stderr, without the run's secrets; native output is
+        captured in a worker process of its own."""
+        with CAPTURE.held() if self.native else contextlib.nullcontext() as before:
+            stderr = _Hiding(before or sys.stderr, self.secrets)
+            try:
+                with (
+                    contextlib.redirect_stdout(self.out),
+                    contextlib.redirect_stderr(stderr),
+                ):
+                    yield
+            finally:
+                stderr.flush()
 
     def take(self) -> tuple[str, str]:
         out, log = self.out.getvalue(), self.log.getvalue()
+        if self.native:
+            out += CAPTURE.take()
         if out:
             self.out.seek(0)
             self.out.truncate()
@@ -728,7 +742,14 @@ class EntryScriptPlugin(WorkerPlugin):
         self._ready = threading.Event()
         self.folder = os.path.join(worker.local_directory, "daskrun", self.name)
         self.agent = agent_name(worker)
-        self.capture = _Capture(self.agent, self.logging_level, self.secrets)
+        # a worker a Nanny started has a process of its own, whose native
+        # output is captured; in the client's process it is the client's
+        self.capture = _Capture(
+            self.agent,
+            self.logging_level,
+            self.secrets,
+            native=bool(getattr(worker, "nanny", None)),
+        )
         loop = asyncio.get_running_loop()
         self.watchdog = Watchdog(
             worker, self.events_topic, self.agent, self.run_invocation_timeout
@@ -931,9 +952,15 @@ def _takes_context(run: Callable[..., Any]) -> bool:
 def _context(
     plugin: EntryScriptPlugin, batch: MiniBatch | SubBatch
 ) -> MiniBatchContext:
-    """The ``mini_batch_context`` of ``batch``."""
-    keys = batch.partition_key_value if isinstance(batch, PartitionBatch) else {}
-    return MiniBatchContext(keys, batch.index, plugin.input_spec.dataset)
+    """The ``mini_batch_context`` of ``batch``: a partition's key values and
+    its data set (the input filtered to it), as in Azure ML."""
+    if not isinstance(batch, PartitionBatch):
+        return MiniBatchContext({}, batch.index, None)
+    spec = plugin.input_spec
+    dataset = partition_dataset(
+        batch, spec.storage_options, spec.pandas_kwargs, spec.partition_format
+    )
+    return MiniBatchContext(batch.partition_key_value, batch.index, dataset)
 
 
 def _failure(

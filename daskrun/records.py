@@ -124,7 +124,7 @@ class RunRecord:
     inputs: list[Any] = field(default_factory=list)  # each data set's paths
     input_specs: list[dict[str, Any]] = field(default_factory=list)  # in a workspace
     partition_formats: list[str | None] = field(default_factory=list)
-    # each input's as_named_input or registered name (mini_batch_context.dataset)
+    # each input's as_named_input or registered name
     input_names: list[str | None] = field(default_factory=list)
     pandas_kwargs: dict[str, Any] = field(default_factory=dict)
     remote_inputs: bool = False

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from .config import check_name
+from .config import check_name, config_get
 from .datastores import AzureBlobContainer, LocalFolder, StorageBackend, backend_for
 from .exceptions import ConfigError
 from .records import now, open_db
@@ -105,10 +105,11 @@ class Registry:
         return cls(root)
 
     @classmethod
-    def from_config(cls: type[_R], path: str | os.PathLike[str] | None = None) -> _R:
+    def nearest(cls: type[_R], path: str | os.PathLike[str] | None = None) -> _R | None:
         """The nearest workspace from ``path`` (default: the current folder)
         upward: a folder holding ``workspace.db``, or one whose
-        ``.daskrun/config.json`` names a workspace (see :meth:`write_config`)."""
+        ``.daskrun/config.json`` names a workspace (see :meth:`write_config`);
+        ``None`` where there is none."""
         start = Path(path or os.getcwd()).expanduser().resolve()
         for folder in (start, *start.parents):
             if (folder / WORKSPACE_DB).is_file():
@@ -116,11 +117,42 @@ class Registry:
             config = folder / CONFIG
             if config.is_file():
                 return cls(json.loads(config.read_text())["workspace"])
-        raise ConfigError(
-            f"no daskrun workspace in {str(start)!r} or its parents; create one "
-            "with daskrun.Workspace.create('my-workspace') and call "
-            "ws.write_config() in your project folder"
+        return None
+
+    @classmethod
+    def from_config(
+        cls: type[_R], path: str | os.PathLike[str] | None = None, **_: Any
+    ) -> _R:
+        """The :meth:`nearest` workspace from ``path`` (default: the current
+        folder) upward.
+
+        Without ``path`` and with no workspace found, as in a notebook
+        written for Azure ML (whose ``config.json`` names a cloud
+        workspace), the default local workspace ``daskrun.default-workspace``
+        (``~/.daskrun/workspace``) is opened, created the first time, and
+        one line says so. Azure ML's ``auth`` and other keywords are
+        accepted and unused.
+        """
+        found = cls.nearest(path)
+        if found is not None:
+            return found
+        start = Path(path or os.getcwd()).expanduser().resolve()
+        if path is not None:
+            raise ConfigError(
+                f"no daskrun workspace in {str(start)!r} or its parents; create "
+                "one with daskrun.Workspace.create('my-workspace') and call "
+                "ws.write_config() in your project folder"
+            )
+        default = Path(str(config_get("default-workspace"))).expanduser().resolve()
+        created = not (default / WORKSPACE_DB).is_file()
+        workspace = cls.create(default)
+        print(
+            f"daskrun: no workspace config in {str(start)!r} or its parents; "
+            f"{'created' if created else 'using'} the default local workspace "
+            f"{str(default)!r} (ws.write_config() in a project folder picks "
+            "another)"
         )
+        return workspace
 
     def write_config(self, path: str | os.PathLike[str] = ".") -> Path:
         """Write ``<path>/.daskrun/config.json`` so that :meth:`from_config`
@@ -350,7 +382,7 @@ class Datastore:
         """Copy a local folder's files to ``target_path`` on this datastore
         (default: its root), as Azure ML's ``Datastore.upload``."""
         target = self._inside(target_path or "").strip("/")
-        src = Path(src_dir)
+        src = Path(src_dir).resolve()  # relative to the current folder, as AML
         if not src.is_dir():
             raise ConfigError(
                 f"src_dir={os.fspath(src_dir)!r} is not a folder; pass a folder, "

@@ -323,7 +323,7 @@ class ParallelRunStep:
         cfg = parallel_run_config.resolved
         self.input_specs = _check_input_specs(inputs)
         self.kind = _kind_of(self.input_specs)
-        # as_named_input names, for run()'s mini_batch_context.dataset
+        # as_named_input names, kept in the run record
         self.input_names: list[str | None] = [
             s.name if isinstance(s, DatasetConsumptionConfig) else None
             for s in self.input_specs
@@ -455,7 +455,7 @@ class ParallelRunStep:
     @property
     def dataset_name(self) -> str | None:
         """The inputs' name (``as_named_input``, else registered) when they
-        share one, for ``mini_batch_context.dataset``; else ``None``."""
+        share one, for the run record; else ``None``."""
         names = {
             given or ds.name
             for given, ds in zip(self.input_names, self.inputs, strict=False)

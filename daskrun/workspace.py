@@ -46,12 +46,23 @@ class Workspace(Registry):
     path : str or Path
         An existing workspace folder (see :meth:`create`).
 
+    Attributes
+    ----------
+    location, subscription_id, resource_group : str
+        Azure ML's, for notebooks that print them: ``"local"`` each, as a
+        workspace is a folder on this machine, in no Azure region,
+        subscription or resource group.
+
     Examples
     --------
     >>> ws = Workspace.create(tempfile.mkdtemp())  # doctest: +SKIP
     >>> ws.get_default_datastore().name  # doctest: +SKIP
     'workspacestore'
     """
+
+    location = "local"
+    subscription_id = "local"
+    resource_group = "local"
 
     def register_dataset(self, dataset: Any, name: str, **options: Any) -> Any:
         """``dataset.register(ws, name)``: see :mod:`daskrun.catalog`."""

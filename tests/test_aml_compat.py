@@ -5,20 +5,26 @@ added, and an installed Azure ML SDK is never shadowed."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import uuid
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import dask.config
 import pandas as pd
 import pytest
+from distributed import LocalCluster
 
 import daskrun
 from daskrun import (
     Dataset,
     Experiment,
+    JobFailedError,
     Model,
     ParallelRunConfig,
     ParallelRunStep,
@@ -27,7 +33,16 @@ from daskrun import (
 )
 from daskrun.aml import MODULES
 
-from .helpers import REPO, cell_text, execute_notebook, make_files, write_script
+from .helpers import (
+    REPO,
+    ROWS_SCRIPT,
+    cell_text,
+    execute_notebook,
+    make_files,
+    poison_rows,
+    run_step,
+    write_script,
+)
 from .helpers import daskrun as daskrun_cli
 
 # an Azure ML entry script, byte for byte: the SDK's imports, the model
@@ -236,11 +251,20 @@ def test_every_azureml_name_resolves_to_daskrun(tmp_path: Path) -> None:
         from azureml.pipeline.steps import ParallelRunStep
         assert Workspace is daskrun.Workspace and VERSION == daskrun.__version__
         assert ParallelRunStep is daskrun.ParallelRunStep
+        from azureml.core.runconfig import CondaDependencies
+        assert CondaDependencies is daskrun.CondaDependencies
         try:
             from azureml.core import ScriptRunConfig
-        except ImportError as e:
+        except daskrun.NotProvidedError as e:
             missing = str(e)
-        print(json.dumps({"found": found, "missing": missing}))
+        import azureml.core
+        try:
+            azureml.core.ScriptRunConfig
+        except AttributeError as e:  # attribute access: still AttributeError
+            attribute = type(e).__name__
+        absent = getattr(azureml.core, "Anything", None), hasattr(azureml.core, "X")
+        print(json.dumps({"found": found, "missing": missing,
+                          "attribute": attribute, "absent": absent}))
         """,
         tmp_path,
     )
@@ -250,7 +274,23 @@ def test_every_azureml_name_resolves_to_daskrun(tmp_path: Path) -> None:
     assert result["found"]["azureml.core.compute.AmlCompute"] == (
         "daskrun.compute.AmlCompute"
     )
-    assert "ScriptRunConfig" in result["missing"]
+    assert result["found"]["azureml.core.runconfig.CondaDependencies"] == (
+        "daskrun.config.CondaDependencies"
+    )
+    # `from azureml.core import X` names X, says daskrun lacks it, and what
+    # to use instead, in one line (not "cannot import name ... (unknown
+    # location)")
+    missing = result["missing"]
+    assert "\n" not in missing
+    assert missing.startswith(
+        "daskrun does not provide azureml.core.ScriptRunConfig (its stand-in "
+        "azureml.core has: ComputeTarget, Dataset,"
+    ), missing
+    assert "instead: run the script with plain Python, or as a ParallelRunStep" in (
+        missing
+    )
+    assert result["attribute"] == "AttributeError"
+    assert result["absent"] == [None, False]
 
 
 def test_a_worker_resolves_azureml_without_the_registry(tmp_path: Path) -> None:
@@ -673,7 +713,8 @@ def init():
 
 def run(mini_batch, mini_batch_context):
     keys = mini_batch_context.partition_key_value
-    where = f"{mini_batch_context.minibatch_index} {mini_batch_context.dataset}"
+    name = type(mini_batch_context.dataset).__name__
+    where = f"{mini_batch_context.minibatch_index} {name}"
     Run.get_context().log("partitions", 1)
     if hasattr(mini_batch, "columns"):  # a table: the partition's rows
         return [f"{where} {keys['region']} {r} {a}"
@@ -713,7 +754,7 @@ def test_partitioned_entry_scripts_run_unchanged(tmp_path: Path) -> None:
     )
     got = run(audio.as_named_input("audio"), "audio")
     expected = [
-        f"{index} audio {user} {p.name} {p.read_text()}"
+        f"{index} FileDataset {user} {p.name} {p.read_text()}"
         for index, user in enumerate(["ann", "bo"])
         for p in sorted((tmp_path / "audio" / user).iterdir())
     ]
@@ -729,8 +770,372 @@ def test_partitioned_entry_scripts_run_unchanged(tmp_path: Path) -> None:
     parts = sales.partition_by(["region"], store.path("sales/"), name="sales")
     got = run(parts, "sales")
     expected = [
-        f"{index} sales {region} {region} {amount}"
+        f"{index} TabularDataset {region} {region} {amount}"
         for index, (region, group) in enumerate(frame.groupby("region", sort=True))
         for amount in group["amount"]
     ]
     assert got == expected
+
+
+# --- issue 27: Azure ML's own notebooks, with one line added ---------------
+
+
+def test_from_config_without_a_config_opens_the_default_workspace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    default = tmp_path / "default-ws"
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    with dask.config.set({"daskrun.default-workspace": str(default)}):
+        ws = Workspace.from_config()
+        first = capsys.readouterr().out
+        again = Workspace.from_config()
+        second = capsys.readouterr().out
+    assert ws == again and ws.path == default and (default / "workspace.db").is_file()
+    where = str(tmp_path / "project")
+    assert first == (
+        f"daskrun: no workspace config in {where!r} or its parents; created the "
+        f"default local workspace {str(default)!r} (ws.write_config() in a project "
+        "folder picks another)\n"
+    )
+    assert second == first.replace("created the", "using the")
+    # what Azure ML's notebooks print of a workspace
+    assert (ws.location, ws.subscription_id, ws.resource_group) == ("local",) * 3
+    # a path given is looked up only, never a default
+    with pytest.raises(daskrun.ConfigError, match="no daskrun workspace in"):
+        Workspace.from_config(tmp_path / "project")
+
+
+ENV_SCRIPT = """\
+import pandas
+
+def init():
+    pass
+
+def run(mini_batch):
+    return [f"{pandas.__name__} {len(mini_batch)}"] * len(mini_batch)
+"""
+
+
+def test_environment_pins_warn_before_the_cluster_starts(
+    tmp_path: Path,
+    runs_dir: Path,
+    cluster: LocalCluster,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from daskrun import CondaDependencies, Environment
+
+    make_files(tmp_path / "in", 3)
+    inputs = Dataset.File.from_files(str(tmp_path / "in"))
+    pandas_version = version("pandas")
+    tf_version = version("tensorflow-cpu")
+
+    def env(*extra: str) -> Environment:
+        environment = Environment(name="predict_environment")
+        environment.python.conda_dependencies = CondaDependencies.create(
+            python_version="3.8",
+            conda_packages=["pip==20.2.4"],
+            pip_packages=[
+                "pandas==1.4.4",
+                "tensorflow==2.13.0",
+                "azureml-core",
+                *extra,
+            ],
+        )
+        # Azure ML's other sections: kept, of no effect here
+        environment.spark.precache_packages = False
+        environment.databricks.pypi_libraries = ["x"]
+        environment.r = {"cran_packages": []}
+        environment.inferencing_stack_version = "latest"
+        return environment
+
+    pins = (
+        f"pandas==1.4.4 not met (pandas {pandas_version} installed); "
+        f"tensorflow==2.13.0 not met (tensorflow-cpu {tf_version} installed, "
+        "which provides tensorflow)"
+    )
+    environment = env()
+    assert environment.spark.precache_packages is False
+    assert environment.databricks.pypi_libraries == ["x"]
+    assert environment.inferencing_stack_version == "latest"
+
+    # on daskrun's own local cluster: checked here, before it starts; one
+    # warning line names each package and both versions, and the step runs
+    caplog.set_level(logging.WARNING, logger="daskrun")
+    run = run_step(
+        tmp_path / "a", ENV_SCRIPT, inputs, environment=environment,
+        process_count_per_node=1,
+    )  # fmt: skip
+    assert run.status == "Completed", run.error
+    assert Path(run.output_path or "").read_text().splitlines() == ["pandas 3"] * 3
+    warned = [r.getMessage() for r in caplog.records if "Environment" in r.getMessage()]
+    assert warned == [
+        f"daskrun: Environment 'predict_environment': {pins}; running with the "
+        "installed versions (set daskrun.environment.strict: true to refuse the "
+        "step instead)"
+    ]
+
+    # on a cluster of its own: checked on its workers, warned once too
+    caplog.clear()
+    run = run_step(
+        tmp_path / "b", ENV_SCRIPT, inputs, environment=env(), compute_target=cluster
+    )
+    assert run.status == "Completed", run.error
+    assert len([r for r in caplog.records if "Environment" in r.getMessage()]) == 1
+
+    # strict, or a package not installed at all: refused before any cluster
+    # starts, and before any run folder is made
+    before = set(runs_dir.iterdir()) if runs_dir.exists() else set()
+    with dask.config.set({"daskrun.environment.strict": True}):
+        with pytest.raises(JobFailedError) as strict:
+            run_step(tmp_path / "c", ENV_SCRIPT, inputs, environment=env())
+    assert str(strict.value) == (
+        f"Environment 'predict_environment': {pins} on this machine; fix the "
+        "workers' environment (pip install 'pandas==1.4.4' 'tensorflow-cpu==2.13.0')"
+    )
+    with pytest.raises(JobFailedError, match=r"no-such-package-xyz not installed on"):
+        run_step(
+            tmp_path / "d", ENV_SCRIPT, inputs, environment=env("no-such-package-xyz")
+        )
+    assert (set(runs_dir.iterdir()) if runs_dir.exists() else set()) == before
+    with dask.config.set({"daskrun.environment.strict": "sometimes"}):
+        with pytest.raises(daskrun.ConfigError, match="must be true or false"):
+            run_step(tmp_path / "e", ENV_SCRIPT, inputs, environment=env())
+
+
+# Azure ML's per-folder entry script, with mini_batch_context.dataset used
+# as the data set it is there
+PER_FOLDER_SCRIPT = """\
+import os
+
+
+def init():
+    print("Init")
+
+
+def run(mini_batch, mini_batch_context):
+    keys = mini_batch_context.partition_key_value
+    dataset = mini_batch_context.dataset
+    listed = ";".join(dataset.to_path())
+    copied = ";".join(sorted(os.path.basename(p) for p in dataset.download()))
+    return [
+        f"{keys['user']},{keys['genres']},{os.path.basename(path)},"
+        f"{os.path.getsize(path)},{listed},{copied}"
+        for path in mini_batch
+    ]
+"""
+
+
+def test_partition_format_from_the_datastore_path_and_the_partition_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = _workspace(tmp_path)
+    store = ws.get_default_datastore()
+    # the sample's folders, uploaded from relative paths as the sample does
+    monkeypatch.chdir(tmp_path)
+    for genre, size in (("disco", 30), ("piano", 10)):
+        (tmp_path / "test_files" / genre).mkdir(parents=True)
+        (tmp_path / "test_files" / genre / f"{genre}.wav").write_bytes(b"x" * size)
+    layout = [
+        ("disco", "user1/winter"),
+        ("piano", "user1/fall"),
+        ("piano", "user2/fall"),
+    ]
+    for genre, where in layout:
+        store.upload(
+            f"test_files/{genre}", f"dataset_partition_test/{where}", overwrite=True,
+            show_progress=False,
+        )  # fmt: skip
+    with pytest.raises(daskrun.ConfigError, match="src_dir='test_files/nope' is not"):
+        store.upload("test_files/nope", "x", show_progress=False)
+
+    # the pattern names the folder above the glob's, as Azure ML's do
+    files = Dataset.File.from_files(
+        path=(store, "dataset_partition_test/*/*/*.wav"),
+        partition_format="dataset_partition_test/{user}/{season}/{genres}.wav",
+        validate=False,
+    )
+    assert files.partition_keys == ["user", "season", "genres"]
+    found = [values for _, values in files.partition_values()]
+    assert found == [
+        {"user": "user1", "season": "fall", "genres": "piano"},
+        {"user": "user1", "season": "winter", "genres": "disco"},
+        {"user": "user2", "season": "fall", "genres": "piano"},
+    ]
+    # a pattern that starts with a key still matches below the glob's folder
+    # only: the folders above never become keys
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "stray.wav").write_text("x")
+    with pytest.raises(daskrun.InputError, match="does not match partition_format"):
+        Dataset.File.from_files(
+            str(tmp_path / "loose"), partition_format="/{u}/{f}.wav"
+        )
+
+    script = write_script(tmp_path / "src", PER_FOLDER_SCRIPT, "score.py")
+    config = ParallelRunConfig(
+        entry_script="score.py",
+        source_directory=str(script.parent),
+        partition_keys=["user", "genres"],
+        error_threshold=0,
+        output_action="append_row",
+        process_count_per_node=2,
+    )
+    step = ParallelRunStep(
+        "per-folder", config, inputs=[files.as_named_input("audio")],
+        output=str(tmp_path / "out"),
+    )  # fmt: skip
+    run = step.run(workspace=ws)
+    assert run.status == "Completed", run.error
+    got = Path(run.output_path or "").read_text().splitlines()
+    # a plain loop over the partitions: each one's files, and its data set
+    # (the input filtered to the partition) lists and downloads those alone
+    expected = [
+        "user1,disco,disco.wav,30,/disco.wav,disco.wav",
+        "user1,piano,piano.wav,10,/piano.wav,piano.wav",
+        "user2,piano,piano.wav,10,/piano.wav,piano.wav",
+    ]
+    assert got == expected
+
+
+PER_COLUMN_SCRIPT = """\
+def init():
+    pass
+
+
+def run(mini_batch, mini_batch_context):
+    rows = mini_batch_context.dataset.to_pandas_dataframe()
+    assert rows.equals(mini_batch), (rows, mini_batch)
+    mini_batch["total"] = mini_batch["amount"].sum()
+    return mini_batch
+"""
+
+
+def test_partition_by_again_writes_a_new_version_with_one_progress_bar(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ws = _workspace(tmp_path)
+    store = ws.get_default_datastore()
+    frame = pd.DataFrame(
+        {
+            "region": [["n", "s", "e", "w"][i % 4] for i in range(40)],
+            "amount": range(40),
+        }
+    )
+    frame.to_csv(tmp_path / "sales.csv", index=False)
+    sales = Dataset.Tabular.from_delimited_files(str(tmp_path / "sales.csv"))
+
+    first = sales.partition_by(["region"], (store, "by_region"), name="by_region")
+    bars = capsys.readouterr()
+    # one progress bar (tqdm's, here to a file: its last state), no line per
+    # partition
+    assert "partition_by: 100%" in bars.err and "4/4" in bars.err
+    assert bars.out == ""
+    second = sales.partition_by(["region"], (store, "by_region"), name="by_region")
+    capsys.readouterr()
+    assert Dataset.get_by_name(ws, "by_region").version == 2
+    assert Dataset.get_by_name(ws, "by_region", version=1).files() == first.files()
+    # the second run left the first's files and wrote below a GUID folder
+    root = tmp_path / "ws" / "datastore" / "by_region"
+    guid = next(p.name for p in root.iterdir() if "=" not in p.name)
+    assert str(uuid.UUID(guid)) == guid
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [guid, "region=e", "region=n", "region=s", "region=w"]
+    )
+    for parts in (first, second):
+        back = parts.to_pandas_dataframe().sort_values("amount", ignore_index=True)
+        assert back[["amount", "region"]].values.tolist() == (
+            frame[["amount", "region"]].values.tolist()
+        )
+
+    # the new version runs, partition by partition, with each one's rows
+    script = write_script(tmp_path / "src", PER_COLUMN_SCRIPT)
+    config = ParallelRunConfig(
+        str(script), partition_keys=["region"], error_threshold=0,
+        output_action="append_row", process_count_per_node=2,
+    )  # fmt: skip
+    latest = Dataset.get_by_name(ws, "by_region")
+    step = ParallelRunStep(
+        "by-region", config, inputs=[latest], output=str(tmp_path / "o")
+    )
+    run = step.run(workspace=ws)
+    assert run.status == "Completed", run.error
+    got = Path(run.output_path or "").read_text().splitlines()
+    expected = [
+        f"{amount} {region} {group['amount'].sum()}"
+        for region, group in frame.groupby("region", sort=True)
+        for amount in group["amount"]
+    ]
+    assert got == expected
+
+
+def test_isolated_rows_are_named_as_users_count_them(
+    tmp_path: Path, cluster: LocalCluster
+) -> None:
+    # rows of 4-6 bytes: mini-batches of "100" bytes hold about 20 rows
+    path = tmp_path / "in" / "rows.csv"
+    poison_rows(path, 60, {0, 2, 40})
+    run = run_step(
+        tmp_path, ROWS_SCRIPT, Dataset.Tabular.from_delimited_files(str(path)),
+        compute_target=cluster, mini_batch_size="100", error_threshold=3,
+        run_max_try=1,
+    )  # fmt: skip
+    assert run.status == "Completed", run.error
+    assert (run.items_succeeded, run.items_failed) == (57, 3)
+    failed = pd.read_csv(
+        Path(run.logs_dir) / "sys/job_report/failed_items.csv", keep_default_na=False
+    ).sort_values(["index", "start"], ignore_index=True)
+    described = list(failed["input"])
+    # in the mini-batch at the file's start, rows are the file's, from 0 as
+    # pandas counts them, one row named as one row
+    assert [d.split(" bytes ")[0] for d in described[:2]] == [
+        f"row 0 of {path}",
+        f"row 2 of {path}",
+    ]
+    # further on, a row is counted within its mini-batch, which says so
+    later, index = described[2], int(failed["index"].iloc[2])
+    head, _, cut = later.partition(f" of mini-batch {index}'s rows ({path} bytes ")
+    assert head.startswith("row ") and cut.endswith(")"), later
+    offset = int(cut.split("-")[0])
+    # the rows before that mini-batch's first byte, and the one it names,
+    # are the file's row 40
+    rows_before = path.read_bytes()[:offset].count(b"\n") - 1  # not the header
+    assert rows_before + int(head.split()[1]) == 40
+
+
+NATIVE_SCRIPT = """\
+import os
+import sys
+import time
+
+
+def init():
+    # as TensorFlow's C++ start-up lines are: straight to descriptor 2
+    os.write(2, b"native init line\\n")
+
+
+def run(mini_batch):
+    time.sleep(0.2)  # each worker process gets a mini-batch
+    os.write(1, b"native run line\\n")
+    os.write(2, b"native run error line\\n")
+    print("python stderr line", file=sys.stderr)
+    return [os.path.basename(p) for p in mini_batch]
+"""
+
+
+def test_native_output_of_workers_goes_to_the_run_logs(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    make_files(tmp_path / "in", 4)
+    run = run_step(
+        tmp_path, NATIVE_SCRIPT, Dataset.File.from_files(str(tmp_path / "in")),
+        mini_batch_size=1, process_count_per_node=2,
+    )  # fmt: skip
+    assert run.status == "Completed", run.error
+    terminal = capfd.readouterr()  # the worker processes' descriptors too
+    assert "native" not in terminal.out + terminal.err
+    # Python's own stderr reaches the terminal, as before
+    assert terminal.err.count("python stderr line") == 4
+    logs = Path(run.logs_dir, "user", "stdout")
+    text = "".join(p.read_text() for p in logs.iterdir())
+    assert text.count("native init line") == 2  # one per worker process
+    assert text.count("native run line") == text.count("native run error line") == 4

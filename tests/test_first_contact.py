@@ -11,6 +11,7 @@ import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
+import dask.config
 import pytest
 from distributed import LocalCluster
 
@@ -301,13 +302,16 @@ def test_environment_checks_what_imports_on_the_workers(
     )
     assert run.status == "Completed", run.error
 
-    run = run_step(
-        tmp_path / "b",
-        script,
-        inputs,
-        environment=Environment("tf", pip_packages=["tensorflow==2.15"]),
-        compute_target=cluster,
-    )
+    # a pin not met runs with a warning (daskrun.environment.strict: false,
+    # see test_aml_compat); strict refuses it, on the workers
+    with dask.config.set({"daskrun.environment.strict": True}):
+        run = run_step(
+            tmp_path / "b",
+            script,
+            inputs,
+            environment=Environment("tf", pip_packages=["tensorflow==2.15"]),
+            compute_target=cluster,
+        )
     assert run.status == "Failed"
     error = run.error or ""
     tf = version("tensorflow-cpu")

@@ -39,8 +39,12 @@ def init():
     pass
 
 def context(c):
+    # the partition's data set: its kind, and its files or rows
+    ds = c.dataset
+    size = None if ds is None else len(
+        ds.to_path() if hasattr(ds, "to_path") else ds.to_pandas_dataframe())
     return {"keys": c.partition_key_value, "index": c.minibatch_index,
-            "dataset": c.dataset}
+            "dataset": None if ds is None else [type(ds).__name__, size]}
 
 def run(mini_batch, mini_batch_context):
     return [json.dumps({**context(mini_batch_context), **ITEM}, default=str)
@@ -119,7 +123,7 @@ def test_file_partitions_one_mini_batch_each_in_key_order(
         {
             "keys": {"user": user, "genre": genre},
             "index": i,
-            "dataset": "audio",
+            "dataset": ["FileDataset", len(groups[user, genre])],
             "file": name,
             "n": n,
         }
@@ -170,7 +174,12 @@ def test_partition_by_from_csv_then_partitioned_run(
     lines = _lines(run)
     reference = frame.groupby("region", sort=True)["amount"].agg(["size", "sum"])
     assert _batches(lines) == [
-        {"keys": {"region": r}, "index": i, "dataset": "sales_parts", "lines": n}
+        {
+            "keys": {"region": r},
+            "index": i,
+            "dataset": ["TabularDataset", n],
+            "lines": n,
+        }
         for i, (r, n) in enumerate(reference["size"].items())
     ]
     got = pd.DataFrame([line["row"] for line in lines])
@@ -225,7 +234,7 @@ def test_date_parts_and_a_pipeline_parameter_for_the_keys(
         {
             "keys": {"day": str(datetime(y, m, d))},
             "index": i,
-            "dataset": None,
+            "dataset": ["FileDataset", 2],
             "lines": 2,
         }
         for i, (y, m, d) in enumerate([(2023, 12, 30), (2024, 1, 31), (2024, 2, 1)])

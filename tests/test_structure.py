@@ -130,9 +130,9 @@ def test_no_import_cycle_between_daskrun_modules() -> None:
 ENGINE = {
     f"daskrun.{name}"
     for name in (
-        "aml auto cluster config dashboard datasets delimited exceptions forecast "
-        "job jobqueue ledger modelrefs monitor native output partitions pilot plugin "
-        "resources runcontext runner storage"
+        "aml auto cluster config dashboard datasets delimited exceptions fdcapture "
+        "forecast job jobqueue ledger modelrefs monitor native output packages "
+        "partitions pilot plugin resources runcontext runner storage"
     ).split()
 }
 
