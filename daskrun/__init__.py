@@ -50,7 +50,7 @@ from .exceptions import (
     StorageTimeoutError,
     ThresholdExceededError,
 )
-from .native import map_partitions
+from .native import MapRun, map_partitions, map_run
 from .plugin import EntryScript
 from .runcontext import Run
 
@@ -126,6 +126,7 @@ __all__ = [
     "InputError",
     "JobFailedError",
     "LocalCompute",
+    "MapRun",
     "Model",
     "OutputData",
     "OutputError",
@@ -150,5 +151,6 @@ __all__ = [
     "install_as_azureml",
     "keep_warm",
     "map_partitions",
+    "map_run",
     "resume",
 ]

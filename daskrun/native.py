@@ -3,11 +3,14 @@
 A Dask user who holds a dataframe (``dd.read_parquet``) or a bag
 (``db.read_text``) hands it to daskrun in one of two ways:
 
-- :func:`map_partitions` returns a *lazy* collection: each partition is one
-  ``run()`` call, on the workers of the current client, after ``init()`` ran
-  once per worker process through the same :class:`EntryScriptPlugin` as a
-  step. It composes with whatever Dask does next (``.to_parquet()``, a join,
-  a second model); failing partitions follow ``error_threshold``.
+- :func:`map_partitions` runs ``run()`` over each partition as a mini-batch
+  of the engine's runner (:class:`MapRun`: tries, thresholds, the watchdog,
+  lost and frozen workers, a log folder and the ``/daskrun`` page), on the
+  workers of the current client, after ``init()`` ran once per worker
+  process through the same :class:`EntryScriptPlugin` as a step. What
+  ``run()`` returned stays on the workers, and comes back as a lazy
+  collection that composes with whatever Dask does next (``.to_parquet()``,
+  a join, a second model).
 - ``ParallelRunStep(inputs=[ddf])`` runs the collection's partitions as
   mini-batches through daskrun's own engine (:class:`CollectionInput`):
   exactly-once ordered output, thresholds, logs and resume.
@@ -22,28 +25,32 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
+import secrets
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from distributed import get_client
 
-from .config import ParallelRunConfig, ResolvedConfig
+from .cluster import dashboard_link
+from .config import ParallelRunConfig, ResolvedConfig, config_get, config_seconds
+from .dashboard import install_page, publish
 from .datasets import CollectionBatch
 from .exceptions import ConfigError, EntryScriptError, JobFailedError
-from .output import printable
-from .partitions import MiniBatchContext
+from .monitor import JobLogs
 from .plugin import (
     EntryScriptPlugin,
     InputSpec,
-    _failure,
+    PartitionValues,
+    TryResult,
     build_bundle,
     partition_items,
     process_collection_batches,
-    ready_plugin,
+    process_mini_batches,
 )
+from .runner import Counts, Tally, run_mini_batches, threshold_error
 
 logger = logging.getLogger("daskrun")
 
@@ -129,47 +136,51 @@ def map_partitions(
     client: Any = None,
 ) -> Any:
     """``run()`` of ``entry_script`` over each partition of a Dask
-    collection, lazily.
+    collection, as mini-batches of daskrun's runner; the results as a lazy
+    collection.
+
+    The partitions run when this is called, as a ``persist()`` would run
+    them: the runner needs the client to outlive the workers that a
+    partition may kill or hang. What ``run()`` returned stays in the
+    workers' memory until the returned collection is dropped.
 
     Parameters
     ----------
     entry_script : str
         Python file with ``init()`` and ``run(mini_batch)``. ``run`` gets
         each partition: a ``pandas.DataFrame`` of a dataframe, a list of a
-        bag's items.
+        bag's items; it returns a DataFrame, or a list with one element per
+        input (a ``str`` is refused, as a step refuses it).
     collection : dask.dataframe.DataFrame or dask.bag.Bag
     meta : pandas.DataFrame, optional
         The result's columns and dtypes when ``run()`` returns DataFrames.
-        Without it, ``run()`` is called once, eagerly, on the first
-        ``SAMPLE_ROWS`` rows (items) of the first partition: a DataFrame
-        result makes the output a dataframe, anything else a bag of the
-        items ``run()`` returns.
+        Without it, ``run()`` is called once on the first ``SAMPLE_ROWS``
+        rows (items) of the first partition: a DataFrame result makes the
+        output a dataframe, anything else a bag of the items ``run()``
+        returns.
     arguments, source_directory, environment_variables, run_invocation_timeout,
-    logging_level
-        As :class:`~daskrun.ParallelRunConfig`; a ``run()`` that outlives
-        ``run_invocation_timeout`` stops its worker process (the same
-        watchdog), and Dask retries the partition elsewhere
-        (``distributed.scheduler.allowed-failures``).
-    run_max_try : int
-        Tries of a partition whose ``run()`` raises, on the same worker,
-        before it counts as failed.
+    run_max_try, logging_level
+        As :class:`~daskrun.ParallelRunConfig`: a partition whose ``run()``
+        raises, kills its worker or outlives ``run_invocation_timeout`` is
+        tried ``run_max_try`` times in all.
     error_threshold : int
         Items (rows, bag items) of failed partitions tolerated; ``-1``
         tolerates all. A failed partition within it is dropped from the
-        result and reported (a warning on the client; the events of topic
-        ``daskrun-<name>``); the one beyond it makes ``compute()`` raise
-        :class:`~daskrun.JobFailedError`, whose message starts with the
-        first failure.
+        result and reported (a warning; the events of topic
+        ``daskrun-<name>``; :meth:`MapRun.failed_items`); beyond it, the
+        rest is cancelled and computing the result raises
+        :class:`~daskrun.JobFailedError`, naming the first failure.
     name : str, optional
-        The output's name (task keys and the events topic); by default
+        The run's name (task keys and the events topic); by default
         ``<script>-<token of script, options and input>``.
     client : distributed.Client, optional
-        Where ``init()`` runs; default the current client.
+        Where it runs; default the current client.
 
     Returns
     -------
     dask.dataframe.DataFrame or dask.bag.Bag
-        One partition per input partition, in order.
+        One partition per input partition, in order (an empty one for a
+        dropped partition). :func:`map_run` gives its :class:`MapRun`.
 
     Examples
     --------
@@ -177,7 +188,6 @@ def map_partitions(
     >>> ranked = daskrun.map_partitions("rank.py", scored)  # doctest: +SKIP
     >>> ranked.to_parquet("out/")  # doctest: +SKIP
     """
-    import dask
     from dask.base import tokenize
 
     kind = _check_collection(collection, "collection")
@@ -203,34 +213,282 @@ def map_partitions(
         cfg.run_invocation_timeout,
         cfg.logging_level,
     )
-    plugin_name = f"daskrun-map-{stem}-{script_token[:12]}"
-    name = name or f"{stem}-{tokenize(script_token, collection, cfg)[:16]}"
-    topic = f"daskrun-{name}"
+    # one plugin per script and options: init() runs once per worker process
+    # for all the runs of that script
     plugin = _entry_plugin(
-        plugin_name, cfg, arguments or (), os.path.abspath("."), bundle
+        f"daskrun-map-{stem}-{script_token[:12]}",
+        cfg,
+        arguments or (),
+        os.path.abspath("."),
+        bundle,
     )
     _register(client, plugin)
-    _report(client, topic, cfg.error_threshold)
     parts = collection.to_delayed()
     if not parts:
         raise ConfigError(f"collection={collection!r} has no partitions")
-    options = (plugin_name, topic, cfg.error_threshold, cfg.run_max_try)
     if meta is None:
-        meta = _infer_meta(client, parts[0], kind, plugin_name)
-    empty = None if meta is None else meta.iloc[:0]
-    outputs = [
-        dask.delayed(_run_partition, pure=True)(
-            part, i, *options, empty, dask_key_name=(f"daskrun-{name}", i)
+        meta = _infer_meta(client, parts[0], plugin.name)
+    run = MapRun(
+        name or f"{stem}-{tokenize(script_token, collection, cfg)[:16]}",
+        cfg,
+        plugin,
+        collection,
+        kind,
+        parts,
+        None if meta is None else meta.iloc[:0],
+    )
+    run.run(client)
+    result = run.result()
+    key = result._name if hasattr(result, "_name") else result.name
+    _RUNS[key] = run
+    weakref.finalize(result, _RUNS.pop, key, None)
+    return result
+
+
+# the runs of map_partitions by the name of the collection each returned,
+# for as long as that collection lives
+_RUNS: dict[str, MapRun] = {}
+
+
+def map_run(collection: Any) -> MapRun:
+    """The :class:`MapRun` that made ``collection``, a result of
+    :func:`map_partitions`: its counts, log folder and failed items.
+
+    >>> daskrun.map_run(scored).failed_items()  # doctest: +SKIP
+    """
+    key = getattr(collection, "_name", None) or getattr(collection, "name", None)
+    run = _RUNS.get(str(key))
+    if run is None:
+        raise ConfigError(
+            f"collection={type(collection).__name__} was not returned by "
+            "daskrun.map_partitions; pass the collection it returned, before any "
+            "further Dask operation"
         )
-        for i, part in enumerate(parts)
-    ]
-    if empty is None:
+    return run
+
+
+class MapRun:
+    """One run of an entry script over the partitions of a Dask collection:
+    partition *i* is mini-batch *i* of :func:`~daskrun.runner.run_mini_batches`.
+
+    Each task runs a group of partitions through the plugin's task function
+    (:func:`~daskrun.plugin.process_collection_batches`) and keeps what
+    ``run()`` returned on its worker (:class:`PartitionValues`); the runner
+    waits on a small future of the task's results only. So a partition
+    gets a step's tries, ``error_threshold``, watchdog, frozen and lost
+    workers, counts, a log folder (``<runs-dir>/<run id>/logs``) and the
+    ``/daskrun`` page, each run (each call) counted afresh.
+
+    Attributes
+    ----------
+    run_id : str
+    tally : Tally
+        The run's counts.
+    error : str or None
+        The exceeded threshold, naming the first failure; computing the
+        result raises it.
+    last_errors : dict
+        Each failed partition's index and its last exception.
+    logs_dir : Path
+    """
+
+    def __init__(
+        self,
+        name: str,
+        cfg: ResolvedConfig,
+        plugin: EntryScriptPlugin,
+        source: Any,
+        kind: str,
+        parts: Sequence[Any],
+        empty: Any,
+    ):
+        self.name, self.cfg, self.plugin = name, cfg, plugin
+        self.source, self.kind, self.parts, self.empty = source, kind, parts, empty
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        self.run_id = f"{name[:40]}_{stamp}_{secrets.token_hex(3)}"
+        self.logs_dir = Path(os.path.expanduser(config_get("runs-dir")))
+        self.logs_dir = self.logs_dir / self.run_id / "logs"
+        self.tally = Tally(len(parts))
+        self.error: str | None = None
+        self.last_errors: dict[int, str] = {}
+        self.topic = f"daskrun-{name}"
+        self._client: Any = None
+        self._tried: dict[tuple[int, int], Any] = {}  # (index, try) -> its task
+        self._values: dict[int, Any] = {}  # index -> the task holding its value
+        self._published = 0.0
+
+    def run(self, client: Any) -> None:
+        """Run every partition to its outcome, or until a threshold is
+        exceeded (then :attr:`error` says which)."""
+        self._client, started = client, time.perf_counter()
+        self.logs = JobLogs(self.logs_dir)
+        link = dashboard_link(client)
+        page = install_page(client, link) if link else None
+        logger.info(
+            "daskrun: map run %s: %d partitions%s",
+            self.run_id,
+            len(self.parts),
+            f" (this run: {page})" if page else "",
+        )
+        self.logs.running(self.tally)
+        status = "Failed"
+        try:
+            exceeded = run_mini_batches(
+                client,
+                self.plugin.events_topic,
+                self.plugin.name,
+                (CollectionBatch(i) for i in range(len(self.parts))),
+                self.tally,
+                self.cfg,
+                key_prefix=f"daskrun-{self.name}-{self.run_id[-6:]}",
+                on_done=self._done,
+                starts_topic=self.plugin.starts_topic,
+                redact=self.plugin.redact,
+                count_rows=self._count,
+                task=self._submit,
+                progress_timeout=config_seconds("progress-timeout"),
+                first_result_timeout=config_seconds("first-result-timeout"),
+            )
+            if exceeded:
+                error = threshold_error(exceeded, self.tally, self.cfg, self.run_id)
+                self.error = str(error)
+                logger.warning("daskrun: map run %s failed: %s", self.run_id, error)
+            else:
+                status = "Completed"
+        except JobFailedError as e:
+            self.error = str(e)
+            raise
+        finally:
+            self._tried.clear()
+            self._publish(status, force=True)
+            self.logs.finish(
+                status=status,
+                run_id=self.run_id,
+                tally=self.tally,
+                error=self.error,
+                output_path=None,
+                seconds=time.perf_counter() - started,
+            )
+
+    def result(self) -> Any:
+        """The lazy collection of what ``run()`` returned, partition by
+        partition; every partition raises :attr:`error` if the run failed."""
+        import dask
+
+        key = f"daskrun-{self.name}-{self.run_id[-6:]}-out"
+        pieces = []
+        for i in range(len(self.parts)):
+            if self.error is not None:
+                piece = dask.delayed(_raise)(self.error, dask_key_name=(key, i))
+            elif i in self._values:
+                piece = dask.delayed(_value)(self._values[i], i, dask_key_name=(key, i))
+            else:
+                piece = dask.delayed(_empty)(self.empty, dask_key_name=(key, i))
+            pieces.append(piece)
+        self._values.clear()  # the collection holds them now
+        if self.empty is None:
+            import dask.bag as db
+
+            return db.from_delayed(pieces)
+        import dask.dataframe as dd
+
+        return dd.from_delayed(pieces, meta=self.empty, verify_meta=False)
+
+    def failed_items(self) -> Any:
+        """The dead letters: the partitions that failed, as a collection of
+        the input's kind (a dataframe's partitions, a bag of their items),
+        to inspect or to run again once fixed; :attr:`last_errors` says why
+        each failed."""
+        if not self.last_errors:
+            raise ConfigError(
+                f"map run {self.run_id!r} has no failed items; failed_items() is "
+                "the collection of the partitions that failed"
+            )
+        failed = sorted(self.last_errors)
+        if self.kind == "dataframe":
+            return self.source.partitions[failed]
         import dask.bag as db
 
-        return db.from_delayed(outputs)
-    import dask.dataframe as dd
+        return db.from_delayed([self.parts[i] for i in failed])
 
-    return dd.from_delayed(outputs, meta=empty, verify_meta=False)
+    def _submit(
+        self, client: Any, plugin_name: str, group: list[tuple[Any, int]], key: Any
+    ) -> tuple[Any, Any]:
+        """One task over ``group``'s partitions (its dependencies), keeping
+        their values; and the small future of its results."""
+        import dask
+
+        task = dask.delayed(_run_partitions, pure=False)
+        parts = [self.parts[batch.index] for batch, _ in group]
+        running = client.compute(
+            task(plugin_name, self.empty is not None, group, *parts, dask_key_name=key)
+        )
+        for batch, try_no in group:
+            self._tried[(batch.index, try_no)] = running
+        results = client.submit(
+            _results_of, running, key=(f"{key[0]}-results", *key[1:]), pure=False
+        )
+        return running, results
+
+    def _done(self, batch: Any, result: TryResult, tries: int, counts: Counts) -> None:
+        """One partition's outcome: its value kept, or it is dropped."""
+        running = self._tried.pop((batch.index, tries), None)
+        if result.ok and running is not None:
+            self._values[batch.index] = running
+        self.logs.mini_batch(result, tries, counts)
+        self.logs.user_output(result)
+        if counts.failed:
+            self.logs.failed_items(batch, result)
+        if not result.ok:
+            self.last_errors[batch.index] = result.error or ""
+            self._dropped(batch.index, result, tries, counts.items_in)
+        self._publish("Running")
+
+    def _dropped(self, index: int, result: TryResult, tries: int, items: int) -> None:
+        """Report a partition that failed its last try: a warning, and an
+        event of topic ``daskrun-<name>``."""
+        threshold = self.cfg.error_threshold
+        logger.warning(
+            "daskrun: partition %d failed after %d tries on %s (%s items): %s%s",
+            index,
+            tries,
+            result.worker,
+            items,
+            result.error,
+            "" if threshold == -1 else f" (error_threshold={threshold})",
+        )
+        self._client.log_event(
+            self.topic,
+            {
+                "run_id": self.run_id,
+                "index": index,
+                "tries": tries,
+                "worker": result.worker,
+                "items": items,
+                "error": result.error,
+                "traceback": result.traceback,
+                "time": time.time(),
+            },
+        )
+
+    def _count(self, batch: Any) -> int | None:
+        """The items of a partition whose try died before counting them."""
+        import dask
+
+        try:
+            part = self.parts[batch.index]
+            return int(self._client.compute(dask.delayed(_items)(part)).result())
+        except Exception:  # it cannot be computed: counted as one
+            return None
+
+    def _publish(self, status: str, force: bool = False) -> None:
+        """The run's state for the ``/daskrun`` page, at most once a second."""
+        now_ = time.monotonic()
+        if force or now_ - self._published >= 1.0:
+            self._published = now_
+            snap = self.logs.snapshot(self.tally, status)
+            self.logs.overview(snap)
+            publish(self._client, self.run_id, snap)
 
 
 def _current_client() -> Any:
@@ -260,25 +518,7 @@ def _plugin_names(dask_scheduler: Any) -> list[str]:
     return list(dask_scheduler.worker_plugins)
 
 
-def _report(client: Any, topic: str, threshold: int) -> None:
-    """A warning on the client for each partition dropped."""
-
-    def on_event(event: tuple[float, dict[str, Any]]) -> None:
-        msg = event[1]
-        logger.warning(
-            "daskrun: partition %d failed after %d tries on %s (%s items): %s%s",
-            msg["index"],
-            msg["tries"],
-            msg["worker"],
-            msg["items"],
-            msg["error"],
-            "" if threshold == -1 else f" (error_threshold={threshold})",
-        )
-
-    client.subscribe_topic(topic, on_event)
-
-
-def _infer_meta(client: Any, part: Any, kind: str, plugin_name: str) -> Any:
+def _infer_meta(client: Any, part: Any, plugin_name: str) -> Any:
     """``run()``'s result on a few rows of the first partition, emptied: a
     DataFrame's columns, or ``None`` for a bag."""
     import dask
@@ -293,111 +533,53 @@ def _infer_meta(client: Any, part: Any, kind: str, plugin_name: str) -> Any:
     return sample
 
 
+# --- on the workers ----------------------------------------------------------
+
+
 def _sample(part: Any, plugin_name: str) -> Any:
     import pandas as pd
 
     head = partition_items(part)[:SAMPLE_ROWS]
-    result = _call(ready_plugin(plugin_name), head, 0)
-    if not result.ok:
-        return RuntimeError(result.error)
-    if isinstance(result.value, pd.Series):
-        return result.value.to_frame().iloc[:0]
-    return result.value.iloc[:0] if isinstance(result.value, pd.DataFrame) else None
+    kept = PartitionValues(frame=None)
+    (tried,) = process_mini_batches(
+        plugin_name, [(CollectionBatch(0, data=head), 1)], kept
+    )
+    if not tried.ok:
+        return RuntimeError(tried.error)
+    value = kept.values[0]
+    return value.iloc[:0] if isinstance(value, pd.DataFrame) else None
 
 
-class _Called(NamedTuple):
-    ok: bool
-    value: Any
-    error: str = ""
-    traceback: str = ""
-
-
-def _call(plugin: EntryScriptPlugin, data: Any, index: int) -> _Called:
-    """One try of ``run(data)`` as a step's mini-batch runs: under the
-    watchdog, its prints and logs captured, its error redacted."""
-    start = time.perf_counter()
-    args = (MiniBatchContext({}, index, None),) if plugin.takes_context else ()
-    plugin.watchdog.arm(index, phase="run")
-    try:
-        with plugin.capture.redirect():
-            value = plugin.module.run(data, *args)  # type: ignore[union-attr]
-    except (Exception, SystemExit) as e:
-        failed = _failure(index, 1, plugin.agent, None, start, e, plugin.clean)
-        return _Called(False, None, failed.error or "", failed.traceback or "")
-    finally:
-        plugin.watchdog.disarm()
-        # what run() printed goes to the worker's own output, as Dask's does
-        stdout, log = plugin.capture.take()
-        plugin.capture.logged.take()
-        if stdout or log:
-            sys.stdout.write(stdout + log)
-    return _Called(True, value)
-
-
-def _run_partition(
-    part: Any,
-    index: int,
+def _run_partitions(
     plugin_name: str,
-    topic: str,
-    threshold: int,
-    max_try: int,
-    empty: Any,
-) -> Any:
-    """The task of one output partition: ``run()`` up to ``max_try`` times;
-    a partition that fails is reported and dropped, unless that takes the
-    failed items beyond ``threshold``."""
-    plugin = ready_plugin(plugin_name)
-    part = partition_items(part)
-    for _ in range(max_try):
-        called = _call(plugin, part, index)
-        if called.ok:
-            return _result(called.value, empty)
-    items = len(part)
-    client = get_client()
-    # logged on the scheduler before the count is read: of two partitions
-    # failing at once, the later reader sees both
-    client.log_event(
-        topic,
-        {
-            "index": index,
-            "tries": max_try,
-            "worker": plugin.agent,
-            "items": items,
-            "error": called.error,
-            "traceback": called.traceback,
-            "time": time.time(),
-        },
-    )
-    failures = sorted(
-        (msg for _, msg in client.get_events(topic)), key=lambda m: m["time"]
-    )
-    failed = sum(m["items"] for m in failures)
-    if threshold != -1 and failed > threshold:
-        first = failures[0]
-        raise JobFailedError(
-            printable(
-                f"error_threshold={threshold} exceeded: {failed} items failed in "
-                f"{len(failures)} partitions. First failure: partition "
-                f"{first['index']} on {first['worker']}: {first['error']}\n"
-                f"{first['traceback']}"
-            )
-        )
+    frame: bool,
+    tries: Sequence[tuple[CollectionBatch, int]],
+    *partitions: Any,
+) -> tuple[list[TryResult], dict[int, Any]]:
+    """The task of a group of partitions: their results and their values."""
+    kept = PartitionValues(frame)
+    results = process_collection_batches(plugin_name, tries, *partitions, kept=kept)
+    return results, kept.values
+
+
+def _results_of(ran: tuple[list[TryResult], dict[int, Any]]) -> list[TryResult]:
+    return ran[0]
+
+
+def _value(ran: tuple[list[TryResult], dict[int, Any]], index: int) -> Any:
+    return ran[1][index]
+
+
+def _empty(empty: Any) -> Any:
     return [] if empty is None else empty
 
 
-def _result(value: Any, empty: Any) -> Any:
-    import pandas as pd
+def _items(part: Any) -> int:
+    return len(partition_items(part))
 
-    if empty is None:
-        return [] if value is None else list(value)
-    if isinstance(value, pd.Series):
-        value = value.to_frame()
-    if not isinstance(value, pd.DataFrame):
-        raise TypeError(
-            f"run() returned {type(value).__name__}, not a DataFrame as the "
-            "meta says; return a DataFrame from every partition"
-        )
-    return value
+
+def _raise(error: str) -> Any:
+    raise JobFailedError(error)
 
 
 class CollectionInput:
@@ -456,7 +638,7 @@ class CollectionInput:
         plugin_name: str,
         group: list[tuple[CollectionBatch, int]],
         key: Any,
-    ) -> Any:
+    ) -> tuple[Any, Any]:
         """Run ``group`` as one task whose dependencies are its partitions
         (computed where the scheduler puts them, dropped once used)."""
         import dask
@@ -465,7 +647,8 @@ class CollectionInput:
             self._parts = self.collection.to_delayed()
         task = dask.delayed(process_collection_batches, pure=False)
         parts = [self._parts[batch.index] for batch, _ in group]
-        return client.compute(task(plugin_name, group, *parts, dask_key_name=key))
+        future = client.compute(task(plugin_name, group, *parts, dask_key_name=key))
+        return future, future
 
     def __repr__(self) -> str:
         return (
