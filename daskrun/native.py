@@ -191,6 +191,7 @@ def map_partitions(
     from dask.base import tokenize
 
     kind = _check_collection(collection, "collection")
+    _check_meta(meta)
     cfg = ParallelRunConfig(
         entry_script,
         error_threshold=error_threshold,
@@ -235,7 +236,7 @@ def map_partitions(
         collection,
         kind,
         parts,
-        None if meta is None else meta.iloc[:0],
+        None if meta is None else _frame(meta).iloc[:0],
     )
     run.run(client)
     result = run.result()
@@ -489,6 +490,21 @@ class MapRun:
             snap = self.logs.snapshot(self.tally, status)
             self.logs.overview(snap)
             publish(self._client, self.run_id, snap)
+
+
+def _check_meta(meta: Any) -> None:
+    import pandas as pd
+
+    if meta is not None and not isinstance(meta, (pd.DataFrame, pd.Series)):
+        raise ConfigError(
+            f"meta={meta!r} is not a DataFrame; pass an empty DataFrame of the "
+            "result's columns, e.g. meta=pd.DataFrame({'id': [], 'score': []}), "
+            "or leave it out to infer it"
+        )
+
+
+def _frame(meta: Any) -> Any:
+    return meta.to_frame() if hasattr(meta, "to_frame") else meta
 
 
 def _current_client() -> Any:

@@ -552,8 +552,10 @@ class LostTasks:
 
     def init_timed_out(self) -> str | None:
         """The worker whose ``init()`` outlived its bound, if one did."""
-        for _, msg in self.client.get_events(self.topic):
-            if msg.get("cause") == "init-timeout":
+        for stamp, msg in self.client.get_events(self.topic):
+            if msg.get("cause") == "init-timeout" and (
+                (stamp, msg.get("index")) not in self.seen
+            ):
                 return str(msg["worker"])
         return None
 

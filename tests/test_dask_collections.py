@@ -443,6 +443,15 @@ def test_progress_on_the_daskrun_page(
     assert data["run_id"] == daskrun.map_run(results[0]).run_id
 
 
+def test_a_meta_that_is_not_a_dataframe_is_refused(
+    tmp_path: Path, client: Client
+) -> None:
+    script = write_script(tmp_path / "src", SCORE)
+    ddf = dd.from_pandas(_frame(8), npartitions=2)
+    with pytest.raises(daskrun.ConfigError, match=r"meta=\{'score': 'f8'\} is not"):
+        daskrun.map_partitions(str(script), ddf, meta={"score": "f8"})
+
+
 STEP_SCORE = """
 import os, time, uuid
 
