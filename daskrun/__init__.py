@@ -50,7 +50,7 @@ from .exceptions import (
     StorageTimeoutError,
     ThresholdExceededError,
 )
-from .native import MapRun, map_partitions, map_run
+from .maprun import MapRun, map_partitions, map_run
 from .plugin import EntryScript
 from .runcontext import Run
 

@@ -425,7 +425,7 @@ def test_progress_on_the_daskrun_page(
         )
     )
     job.start()
-    _, plots = job_page(cluster)
+    page, plots = job_page(cluster)
     seen = set()
     deadline = time.monotonic() + 60
     while job.is_alive() and time.monotonic() < deadline:
@@ -440,7 +440,9 @@ def test_progress_on_the_daskrun_page(
     assert str(data["run_id"]).startswith("paged_"), data["run_id"]
     assert "12/12 done, 0 failed" in data["summary"]
     assert seen - {"0", "12"}, seen  # progress seen while it ran
-    assert data["run_id"] == daskrun.map_run(results[0]).run_id
+    run = daskrun.map_run(results[0])
+    assert data["run_id"] == run.run_id
+    assert run.page == page  # the link with the scheduler's token
 
 
 def test_a_meta_that_is_not_a_dataframe_is_refused(

@@ -131,8 +131,8 @@ ENGINE = {
     f"daskrun.{name}"
     for name in (
         "aml auto cluster config dashboard datasets delimited exceptions forecast "
-        "job jobqueue ledger modelrefs monitor native output partitions pilot plugin "
-        "resources runcontext runner storage"
+        "job jobqueue ledger maprun modelrefs monitor native output partitions pilot "
+        "plugin resources runcontext runner storage"
     ).split()
 }
 
