@@ -552,10 +552,8 @@ class LostTasks:
 
     def init_timed_out(self) -> str | None:
         """The worker whose ``init()`` outlived its bound, if one did."""
-        for stamp, msg in self.client.get_events(self.topic):
-            if msg.get("cause") == "init-timeout" and (
-                (stamp, msg.get("index")) not in self.seen
-            ):
+        for _, msg in self.client.get_events(self.topic):
+            if msg.get("cause") == "init-timeout":
                 return str(msg["worker"])
         return None
 
