@@ -51,7 +51,7 @@ from .exceptions import (
     StorageTimeoutError,
     ThresholdExceededError,
 )
-from .native import map_partitions
+from .maprun import MapRun, map_partitions, map_run
 from .plugin import EntryScript
 from .runcontext import Run
 
@@ -127,6 +127,7 @@ __all__ = [
     "InputError",
     "JobFailedError",
     "LocalCompute",
+    "MapRun",
     "Model",
     "NotProvidedError",
     "OutputData",
@@ -152,5 +153,6 @@ __all__ = [
     "install_as_azureml",
     "keep_warm",
     "map_partitions",
+    "map_run",
     "resume",
 ]

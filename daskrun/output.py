@@ -125,15 +125,7 @@ def format_rows(result: Any, output_format: str = "text") -> tuple[bytes, int]:
     if pd is None and output_format != "text":
         pd = importlib.import_module("pandas")
     is_frame = pd is not None and isinstance(result, pd.DataFrame)
-    if not is_frame and (
-        result is None
-        or isinstance(result, (str, bytes, Mapping))
-        or not hasattr(result, "__len__")
-    ):
-        raise TypeError(
-            f"run() returned {type(result).__name__}; return a list, tuple, array, "
-            "Series or DataFrame with one element per input"
-        )
+    check_returned(result, is_frame)
     if output_format != "text":
         frame = result if is_frame else pd.DataFrame({"result": list(result)})
         if output_format == "csv":
@@ -150,6 +142,26 @@ def format_rows(result: Any, output_format: str = "text") -> tuple[bytes, int]:
     if not lines:
         return b"", 0
     return ("\n".join(lines) + "\n").encode("utf-8", _ESCAPE), len(lines)
+
+
+def check_returned(result: Any, is_frame: bool) -> None:
+    """Refuse a ``run()`` result that is not one element per input: a
+    ``str`` (whose characters would become rows), ``bytes``, a dict,
+    ``None`` or a scalar.
+
+    >>> check_returned("ab", False)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    TypeError: run() returned str; return a list, tuple, array, ...
+    """
+    if not is_frame and (
+        result is None
+        or isinstance(result, (str, bytes, Mapping))
+        or not hasattr(result, "__len__")
+    ):
+        raise TypeError(
+            f"run() returned {type(result).__name__}; return a list, tuple, array, "
+            "Series or DataFrame with one element per input"
+        )
 
 
 def _csv_bytes(frame: Any) -> bytes:

@@ -58,6 +58,7 @@ from .modelrefs import ModelRef, set_worker_models
 from .output import (
     GROUP_BYTES,
     OutputTarget,
+    check_returned,
     format_rows,
     printable,
     write_group,
@@ -1008,14 +1009,17 @@ def ready_plugin(plugin_name: str) -> EntryScriptPlugin:
 
 
 def process_mini_batches(
-    plugin_name: str, tries: Sequence[tuple[MiniBatch | SubBatch, int]]
+    plugin_name: str,
+    tries: Sequence[tuple[MiniBatch | SubBatch, int]],
+    kept: PartitionValues | None = None,
 ) -> list[TryResult]:
     """The task function: run one try of each ``(mini-batch, try number)``
     in turn on this worker.
 
     Several cheap mini-batches share one task so that Dask's per-task cost
     (milliseconds) is paid once for all of them; each still gets its own
-    part and its own :class:`TryResult`.
+    part and its own :class:`TryResult`. With ``kept``, what ``run()``
+    returns is kept there instead of written (``daskrun.map_partitions``).
     """
     worker = get_worker()
     plugin = ready_plugin(plugin_name)
@@ -1034,7 +1038,7 @@ def process_mini_batches(
     group = _Group(plugin, results) if len(tries) > 1 and plugin.output else None
     for batch, try_no in tries:
         held = group.rows if group is not None and _span_of(batch) is None else None
-        result = _process(plugin, batch, try_no, cache_root, held)
+        result = _process(plugin, batch, try_no, cache_root, held, kept)
         stdout, log = plugin.capture.take()
         logged = plugin.capture.logged.take()
         if stdout or log or logged:
@@ -1096,7 +1100,10 @@ class _Group:
 
 
 def process_collection_batches(
-    plugin_name: str, tries: Sequence[tuple[CollectionBatch, int]], *partitions: Any
+    plugin_name: str,
+    tries: Sequence[tuple[CollectionBatch, int]],
+    *partitions: Any,
+    kept: PartitionValues | None = None,
 ) -> list[TryResult]:
     """:func:`process_mini_batches` for partitions of a Dask collection: the
     scheduler computes each partition and hands it over as an argument."""
@@ -1106,7 +1113,47 @@ def process_collection_batches(
             (dataclasses.replace(batch, data=partition_items(partition)), try_no)
             for (batch, try_no), partition in zip(tries, partitions, strict=True)
         ],
+        kept,
     )
+
+
+class PartitionValues:
+    """What ``run()`` returned for partitions of a Dask collection, kept on
+    the worker as the partitions of ``daskrun.map_partitions``' result.
+
+    ``frame``: the result is a dataframe (``True``: a DataFrame or Series
+    from every partition), a bag (``False``: a list of items, as a step
+    takes it: a ``str`` is refused, not split into characters), or either
+    (``None``: the sample that infers which).
+
+    >>> kept = PartitionValues(frame=False)
+    >>> kept.add(0, ("a", "b")), kept.values
+    (2, {0: ['a', 'b']})
+    >>> kept.add(1, "ab")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    TypeError: run() returned str; return a list, tuple, array, ...
+    """
+
+    def __init__(self, frame: bool | None):
+        self.frame = frame
+        self.values: dict[int, Any] = {}
+
+    def add(self, index: int, value: Any) -> int:
+        """Keep ``value``, partition ``index``'s result; its items."""
+        pd: Any = sys.modules.get("pandas")
+        if pd is not None and isinstance(value, pd.Series):
+            value = value.to_frame()
+        is_frame = pd is not None and isinstance(value, pd.DataFrame)
+        if self.frame and not is_frame:
+            raise TypeError(
+                f"run() returned {type(value).__name__}, not a DataFrame as the "
+                "meta says; return a DataFrame from every partition"
+            )
+        check_returned(value, is_frame)
+        if self.frame is False:
+            value = value.to_dict("records") if is_frame else list(value)
+        self.values[index] = value
+        return len(value)
 
 
 def partition_items(partition: Any) -> Any:
@@ -1125,9 +1172,11 @@ def _process(
     try_no: int,
     cache_root: str,
     held: list[tuple[int, bytes]] | None = None,
+    kept: PartitionValues | None = None,
 ) -> TryResult:
     """One try of ``batch``; its rows are written as its part, or added to
-    ``held`` (to be written with others, see :class:`_Group`)."""
+    ``held`` (to be written with others, see :class:`_Group`), or what
+    ``run()`` returned is ``kept``."""
     start = time.perf_counter()
     spec = plugin.input_spec
     items_in: int | None = batch.n_items
@@ -1147,12 +1196,15 @@ def _process(
         watchdog.arm(batch.index, phase="write", piece=_piece_of(batch))
         output_format = plugin.output.output_format if plugin.output else "text"
         try:
-            data, items_out = format_rows(result, output_format)
+            if kept is not None:
+                items_out = kept.add(batch.index, result)
+            else:
+                data, items_out = format_rows(result, output_format)
         except Exception as e:  # about what run() returned
             return _returned(plugin, batch.index, try_no, items_in, start, e)
-        if held is not None:
+        if kept is None and held is not None:
             held.append((batch.index, data))
-        elif plugin.output is not None:
+        elif kept is None and plugin.output is not None:
             write_part(plugin.output, batch.index, data, _span_of(batch))
     except (Exception, SystemExit) as e:
         return _failure(

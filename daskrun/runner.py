@@ -512,7 +512,11 @@ class LostTasks:
         self.topic = topic
         self.timeout = timeout
         self.redact = redact
-        self.seen: set[tuple[float, int]] = set()
+        # a topic may outlive a job (map_partitions' plugin serves each of
+        # its runs): what earlier jobs reported is not this one's
+        self.seen: set[tuple[float, int]] = {
+            (stamp, msg.get("index")) for stamp, msg in client.get_events(topic)
+        }
 
     def timed_out(self, batches: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
         """Mini-batches of ``batches`` (by index) newly reported hung, with the
@@ -881,7 +885,8 @@ def run_mini_batches(
     redact: Callable[[str], str] = str,
     isolate: Callable[[Any], None] | None = None,
     count_rows: Callable[[Any], int | None] | None = None,
-    task: Callable[[Client, str, list[tuple[Any, int]], Any], Any] | None = None,
+    task: Callable[[Client, str, list[tuple[Any, int]], Any], tuple[Any, Any]]
+    | None = None,
     progress_timeout: float | None = None,
     first_result_timeout: float | None = None,
 ) -> str | None:
@@ -904,7 +909,10 @@ def run_mini_batches(
     ``redact`` hides credentials in the errors of lost tasks. ``task(client,
     plugin_name, group, key)``, if given, submits a group instead of
     :func:`~daskrun.plugin.process_mini_batches` (a Dask collection's
-    partitions are the task's dependencies). With
+    partitions are the task's dependencies) and returns two futures: the
+    task's, of key ``key`` (watched for lost and frozen workers), and the
+    one giving its list of :class:`TryResult` (the same future, or a small
+    one after it, where the task's value stays on the cluster). With
     ``progress_timeout`` or ``first_result_timeout``, a job that finishes
     nothing for that long is canceled by :class:`NoProgress`.
 
@@ -924,6 +932,7 @@ def run_mini_batches(
     limit = max(1, threads * int(config_get("runner.in-flight-per-thread")))
     sizer = GroupSizer(float(config_get("runner.task-seconds")), threads)
     pending: dict[Any, list[tuple[Any, int]]] = {}
+    waiting: dict[Any, Any] = {}  # the future giving a task's results: the task
     retries: list[tuple[MiniBatch | SubBatch, int]] = []
     # results are fetched concurrently in the background as tasks finish
     queue = as_completed(with_results=True, raise_errors=False, loop=client.loop)
@@ -958,12 +967,13 @@ def run_mini_batches(
         first, try_no = group[0]
         key = (key_prefix, first.index, try_no, next(submitted))
         if task is not None:
-            future = task(client, plugin_name, group, key)
+            running, future = task(client, plugin_name, group, key)
         else:
-            future = client.submit(
+            running = future = client.submit(
                 process_mini_batches, plugin_name, group, key=key, pure=False
             )
-        pending[future] = group
+        pending[running] = group
+        waiting[future] = running
         queue.add(future)
 
     def fill() -> None:
@@ -993,7 +1003,7 @@ def run_mini_batches(
             interrupt.check()
             if stall is not None:
                 stall.beat()
-            group = pending.pop(future)
+            group = pending.pop(waiting.pop(future))
             if isinstance(outcome, list):
                 results: list[TryResult] = outcome
                 sizer.observe(sum(r.seconds for r in results), len(results))

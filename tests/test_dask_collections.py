@@ -4,13 +4,19 @@ read back lazily."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import dask
 import dask.bag as db
 import dask.dataframe as dd
 import pandas as pd
@@ -21,10 +27,21 @@ from hypothesis import strategies as st
 
 import daskrun
 from daskrun import Dataset, JobFailedError
+from daskrun.monitor import REPORT
 from daskrun.native import collection_token
+from daskrun.output import format_rows
 from daskrun.records import RunRecord
 
-from .helpers import committed, kill_client, make_files, run_step, write_script
+from .helpers import (
+    VictimKiller,
+    committed,
+    job_page,
+    kill_client,
+    make_files,
+    run_step,
+    victim_script,
+    write_script,
+)
 
 SCORE = """
 import os
@@ -220,6 +237,221 @@ def test_not_a_collection_is_refused(tmp_path: Path, client: Client) -> None:
     script = write_script(tmp_path / "src", READ)
     with pytest.raises(daskrun.ConfigError, match="is not a Dask dataframe or bag"):
         daskrun.map_partitions(str(script), [1, 2, 3])
+
+
+def test_a_second_compute_counts_the_same_failures(
+    tmp_path: Path, client: Client
+) -> None:
+    # 10 items fail of 40, within error_threshold=15: once, not per compute
+    script = write_script(tmp_path / "src", POISON)
+    ddf = dd.from_pandas(_frame(40), npartitions=4)
+    out = daskrun.map_partitions(
+        str(script), ddf, error_threshold=15, run_max_try=1, name="twice"
+    )
+    kept = [*range(10), *range(20, 40)]
+    assert sorted(out.compute().id) == kept
+    deadline = time.monotonic() + 30
+    while not client.get_events("daskrun-twice"):  # the dropped partition
+        assert time.monotonic() < deadline, "partition 1 was not reported"
+        time.sleep(0.05)
+    for _ in range(2):  # computed again: the same rows, no failure counted again
+        assert sorted(out.compute().id) == kept
+    events = [msg for _, msg in client.get_events("daskrun-twice")]
+    assert [(e["index"], e["items"]) for e in events] == [(1, 10)]
+    run = daskrun.map_run(out)
+    assert (run.tally.items_failed, run.tally.mini_batches_failed) == (10, 1)
+    assert run.tally.items_succeeded == 30
+    # a second call is a run of its own, counted afresh
+    again = daskrun.map_partitions(
+        str(script), ddf, error_threshold=15, run_max_try=1, name="twice"
+    )
+    assert daskrun.map_run(again).tally.items_failed == 10
+    assert len(again.compute()) == 30
+    events = [msg for _, msg in client.get_events("daskrun-twice")]
+    assert [(e["index"], e["items"]) for e in events] == [(1, 10), (1, 10)]
+    assert len({e["run_id"] for e in events}) == 2
+
+
+def _own_cluster() -> LocalCluster:
+    """Two worker processes whose scheduler leaves a lost task to daskrun's
+    runner (allowed-failures=0), one partition per task."""
+    return LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=":0",
+    )
+
+
+LOST = {
+    "distributed.scheduler.allowed-failures": 0,
+    "daskrun.runner.task-seconds": 0,
+}
+
+
+def test_a_partition_that_kills_its_worker_is_dropped_and_counted(
+    tmp_path: Path,
+) -> None:
+    files = make_files(tmp_path / "in", 12)
+    paths = [str(p) for p in files]
+    victims = {files[3].name: 2}  # the first item of partition 1, both tries
+    marks = tmp_path / "marks"
+    script = write_script(tmp_path / "src", victim_script(marks, victims, 0.01))
+    with (
+        dask.config.set(LOST),
+        _own_cluster() as cluster,
+        Client(cluster) as client,
+        VictimKiller(client, marks, victims) as killer,
+    ):
+        bag = db.from_sequence(paths, npartitions=4)
+        out = daskrun.map_partitions(str(script), bag, run_max_try=2, error_threshold=3)
+        got = out.compute()
+        run = daskrun.map_run(out)
+        dead = run.failed_items().compute()
+    assert len(killer.check()) == 2
+    names = [p.name for p in files]
+    assert got == names[:3] + names[6:]
+    assert (run.tally.items_failed, run.tally.mini_batches_failed) == (3, 1)
+    assert list(run.last_errors) == [1]
+    assert run.last_errors[1].startswith("WorkerDied: worker-")
+    assert dead == paths[3:6]
+    report = pd.read_csv(run.logs_dir / REPORT)
+    assert report.set_index("index").loc[1, "tries"] == 2
+
+
+HANG = """
+import time
+
+def init():
+    pass
+
+def run(df):
+    if (df.id == 13).any():
+        time.sleep(600)
+    return df.assign(y=df.x + 1)
+"""
+
+
+def test_a_hung_partition_is_dropped_and_counted(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "src", HANG)
+    with dask.config.set(LOST), _own_cluster() as cluster, Client(cluster):
+        ddf = dd.from_pandas(_frame(40), npartitions=4)
+        start = time.monotonic()
+        out = daskrun.map_partitions(
+            str(script),
+            ddf,
+            run_invocation_timeout=2,
+            run_max_try=1,
+            error_threshold=10,
+        )
+        got = out.compute()
+        run = daskrun.map_run(out)
+        dead = run.failed_items().compute()
+    assert time.monotonic() - start < 60
+    assert sorted(got.id) == [*range(10), *range(20, 40)]
+    assert run.tally.items_failed == 10
+    assert run.last_errors[1].startswith(
+        "TimeoutError: run() did not return within run_invocation_timeout=2 s"
+    )
+    assert sorted(dead.id) == list(range(10, 20))
+
+
+def test_beyond_the_threshold_a_hung_partition_fails_the_compute(
+    tmp_path: Path,
+) -> None:
+    script = write_script(tmp_path / "src", HANG)
+    with dask.config.set(LOST), _own_cluster() as cluster, Client(cluster):
+        ddf = dd.from_pandas(_frame(40), npartitions=4)
+        out = daskrun.map_partitions(
+            str(script),
+            ddf,
+            run_invocation_timeout=2,
+            run_max_try=1,
+            error_threshold=5,
+        )
+        with pytest.raises(JobFailedError) as info:
+            out.compute()
+    first = str(info.value).splitlines()[0]
+    assert first.startswith("error_threshold=5 exceeded: 10 items failed")
+    assert "partition 1" in first and "TimeoutError" in first
+
+
+JOIN = """
+def init():
+    pass
+
+def run(items):
+    if "x3" in items:
+        return "".join(items)
+    return [item.upper() for item in items]
+"""
+
+
+def test_a_str_return_is_refused_as_a_step_refuses_it(
+    tmp_path: Path, client: Client
+) -> None:
+    script = write_script(tmp_path / "src", JOIN)
+    bag = db.from_sequence([f"x{i}" for i in range(9)], npartitions=3)
+    out = daskrun.map_partitions(str(script), bag, error_threshold=-1)
+    # not the characters of "x3x4x5" as nine items
+    assert out.compute() == ["X0", "X1", "X2", "X6", "X7", "X8"]
+    with pytest.raises(TypeError) as refused:
+        format_rows("x3x4x5")  # what a step writes run()'s result with
+    assert daskrun.map_run(out).last_errors == {1: f"TypeError: {refused.value}"}
+
+
+SLOW_ITEMS = """
+import time
+
+def init():
+    pass
+
+def run(items):
+    time.sleep(0.4)
+    return list(items)
+"""
+
+
+def test_progress_on_the_daskrun_page(
+    tmp_path: Path, cluster: LocalCluster, client: Client
+) -> None:
+    script = write_script(tmp_path / "src", SLOW_ITEMS)
+    bag = db.from_sequence(range(24), npartitions=12)
+    results: list[Any] = []
+    job = threading.Thread(
+        target=lambda: results.append(
+            daskrun.map_partitions(str(script), bag, name="paged", client=client)
+        )
+    )
+    job.start()
+    page, plots = job_page(cluster)
+    seen = set()
+    deadline = time.monotonic() + 60
+    while job.is_alive() and time.monotonic() < deadline:
+        with urllib.request.urlopen(plots, timeout=10) as reply:
+            data = json.loads(reply.read())
+        if str(data.get("run_id")).startswith("paged_"):
+            seen |= set(re.findall(r"(\d+)/12 done", str(data["summary"])))
+        time.sleep(0.2)
+    job.join(60)
+    with urllib.request.urlopen(plots, timeout=10) as reply:
+        data = json.loads(reply.read())
+    assert str(data["run_id"]).startswith("paged_"), data["run_id"]
+    assert "12/12 done, 0 failed" in data["summary"]
+    assert seen - {"0", "12"}, seen  # progress seen while it ran
+    run = daskrun.map_run(results[0])
+    assert data["run_id"] == run.run_id
+    assert run.page == page  # the link with the scheduler's token
+
+
+def test_a_meta_that_is_not_a_dataframe_is_refused(
+    tmp_path: Path, client: Client
+) -> None:
+    script = write_script(tmp_path / "src", SCORE)
+    ddf = dd.from_pandas(_frame(8), npartitions=2)
+    with pytest.raises(daskrun.ConfigError, match=r"meta=\{'score': 'f8'\} is not"):
+        daskrun.map_partitions(str(script), ddf, meta={"score": "f8"})
 
 
 STEP_SCORE = """

@@ -131,8 +131,8 @@ ENGINE = {
     f"daskrun.{name}"
     for name in (
         "aml auto cluster config dashboard datasets delimited exceptions fdcapture "
-        "forecast job jobqueue ledger modelrefs monitor native output packages "
-        "partitions pilot plugin resources runcontext runner storage"
+        "forecast job jobqueue ledger maprun modelrefs monitor native output "
+        "packages partitions pilot plugin resources runcontext runner storage"
     ).split()
 }
 
