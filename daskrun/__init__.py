@@ -49,6 +49,7 @@ from .exceptions import (
     StorageError,
     StorageTimeoutError,
     ThresholdExceededError,
+    UnreachableDataError,
 )
 from .native import map_partitions
 from .plugin import EntryScript
@@ -145,6 +146,7 @@ __all__ = [
     "StorageTimeoutError",
     "TabularDataset",
     "ThresholdExceededError",
+    "UnreachableDataError",
     "Workspace",
     "close_warm_clusters",
     "install_as_azureml",

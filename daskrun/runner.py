@@ -884,6 +884,7 @@ def run_mini_batches(
     task: Callable[[Client, str, list[tuple[Any, int]], Any], Any] | None = None,
     progress_timeout: float | None = None,
     first_result_timeout: float | None = None,
+    commit: Callable[[Any, TryResult], TryResult] | None = None,
 ) -> str | None:
     """Run every mini-batch to success or ``run_max_try`` failed tries.
 
@@ -907,6 +908,9 @@ def run_mini_batches(
     partitions are the task's dependencies). With
     ``progress_timeout`` or ``first_result_timeout``, a job that finishes
     nothing for that long is canceled by :class:`NoProgress`.
+    ``commit(batch, result)``, if given, takes each try's result as it
+    arrives, first (the client writes the rows a worker returned:
+    :func:`daskrun.viaclient.commit`).
 
     A task lost with its worker is judged by :func:`judge_lost_task`. On a
     cluster the user passed in whose scheduler retries tasks itself
@@ -1012,6 +1016,8 @@ def run_mini_batches(
                 results = [r for _, _, r in verdict.charged]
             future.release()
             for (batch, try_no), result in zip(group, results, strict=True):
+                if commit is not None:
+                    result = commit(batch, result)
                 if isinstance(batch, SubBatch):
                     assert isolation is not None
                     more, outcome_ = isolation.piece_done(batch, result)

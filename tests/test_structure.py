@@ -132,7 +132,7 @@ ENGINE = {
     for name in (
         "aml auto cluster config dashboard datasets delimited exceptions forecast "
         "job jobqueue ledger modelrefs monitor native output partitions pilot plugin "
-        "resources runcontext runner storage"
+        "preflight resources runcontext runner storage viaclient"
     ).split()
 }
 
