@@ -74,6 +74,7 @@ class Problem:
     path: str
     host: str
     error: str
+    local: bool = True  # on a file system, not a store reached by URL
 
 
 def via_client_setting() -> bool | None:
@@ -172,13 +173,20 @@ def preflight(
     unread = [p for p in problems if p.what == "input"]
     if unread:
         p = unread[0]
+        fixes = (
+            "the workers there do not see it as the client does; put the "
+            "inputs on a datastore (an abfs:// or s3:// URL, or "
+            "Datastore.register_azure_blob_container), or on a shared file "
+            "system mounted at the same path on every host"
+            if p.local
+            else "the workers there cannot reach that storage as the client "
+            "does; give the data set its storage_options (credentials in the "
+            "client's environment, such as AZURE_STORAGE_CONNECTION_STRING, "
+            "stay on the client), or use a registered datastore"
+        )
         raise UnreachableDataError(
             redact(
-                f"input {p.path} cannot be read on host {p.host} ({p.error}): "
-                "the workers there do not see it as the client does; put the "
-                "inputs on a datastore (an abfs:// or s3:// URL, or "
-                "Datastore.register_azure_blob_container), or on a shared file "
-                "system mounted at the same path on every host"
+                f"input {p.path} cannot be read on host {p.host} ({p.error}): " + fixes
             ),
             path=p.path,
             host=p.host,
@@ -297,7 +305,7 @@ def _check(probe: Probe) -> list[Problem]:
     for sample in probe.samples:
         error = _within(probe.timeout, functools.partial(_read, sample, probe.timeout))
         if error is not None:
-            problems.append(Problem("input", sample.path, host, error))
+            problems.append(Problem("input", sample.path, host, error, sample.local))
     target = probe.output
     if target is not None:
         error = _within(probe.timeout, lambda: _write(target, probe.token, host))

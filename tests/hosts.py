@@ -168,16 +168,16 @@ class Hosts:
                 time.sleep(0.1)
 
     def close(self) -> None:
-        procs = [h.proc for h in self.hosts]
-        if self.scheduler is not None:
-            procs.append(self.scheduler)
-        for proc in procs:  # nannies close their workers
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        # the worker hosts first: a nanny whose scheduler is gone waits for it
+        for group in ([h.proc for h in self.hosts], [self.scheduler]):
+            procs = [p for p in group if p is not None]
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
         shutil.rmtree(self.shared, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,9 +25,11 @@ from daskrun.records import RunRecord
 from daskrun.viaclient import ViaClientTarget, commit
 
 from .helpers import (
+    AZURITE_KEY,
     POISON_SCRIPT,
     SLOW_SCRIPT,
     VictimKiller,
+    committed,
     kill_client,
     make_files,
     poison_files,
@@ -34,6 +37,7 @@ from .helpers import (
     victim_script,
     write_script,
 )
+from .helpers import daskrun as daskrun_cli
 from .hosts import Hosts, namespaces_refused
 
 N_FILES = 40
@@ -312,3 +316,114 @@ def test_via_client_parts_are_the_client_s_to_write(tmp_path: Path) -> None:
     failed = commit(gone, FileBatch.of(0, ["x"]), whole)
     assert not failed.ok and failed.rows is None
     assert "writing its part on the client" in (failed.error or "")
+
+
+# f00010.txt's first try waits to be killed (its pid in PID); f00039.txt's
+# mini-batch waits for GO
+KILLED_AND_GATED_SCRIPT = """
+import os, time
+
+def init():
+    pass
+
+def run(mini_batch):
+    names = [os.path.basename(p) for p in mini_batch]
+    if "f00010.txt" in names and not os.path.exists({killed!r}):
+        with open({pid!r} + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace({pid!r} + ".tmp", {pid!r})
+        time.sleep(120)
+    while "f00039.txt" in names and not os.path.exists({go!r}):
+        time.sleep(0.05)
+    return names
+"""
+
+
+def test_via_client_is_exact_through_a_worker_kill_and_a_resume(
+    hosts: Hosts, tmp_path: Path, runs_dir: Path
+) -> None:
+    """The CLI, inputs on a shared file system, output in the client's /tmp
+    (via-client): a host's worker killed in run(), then the client killed;
+    the resume runs only what the client had not written, and the output
+    holds every file once, in order."""
+    marks = hosts.shared / f"marks-{uuid.uuid4().hex[:6]}"
+    files = make_files(marks / "in", N_FILES)
+    pid, killed, go = marks / "pid", marks / "killed", marks / "go"
+    write_script(
+        tmp_path,
+        KILLED_AND_GATED_SCRIPT.format(pid=str(pid), killed=str(killed), go=str(go)),
+    )
+    # a task per mini-batch: the held one holds no other
+    env = dict(
+        os.environ,
+        DASK_DASKRUN__RUNS_DIR=str(runs_dir),
+        DASK_DASKRUN__RUNNER__TASK_SECONDS="0",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daskrun", "run", "score.py", "--input",
+         str(marks / "in"), "--output", "out", "--mini-batch-size", "2",
+         "--scheduler", hosts.address],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not pid.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    victim = int(pid.read_text())
+    assert victim in [p for h in hosts.hosts for p in h.worker_pids()]
+    killed.touch()
+    os.kill(victim, signal.SIGKILL)
+    while len(committed(tmp_path / "out")) < 19:  # all but the held one
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, committed(tmp_path / "out")
+        time.sleep(0.05)
+    kill_client(proc)
+    _, err = proc.communicate()
+    assert "(daskrun.output.via-client)" in err, err
+    written = committed(tmp_path / "out")
+    assert 19 not in written  # f00039.txt's mini-batch is held
+    go.touch()
+    (record,) = RunRecord.find(runs_dir)
+    resumed = daskrun_cli(
+        "resume", record.run_id, "--scheduler", hosts.address, cwd=tmp_path,
+        runs=runs_dir,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+    assert lines == [f.name for f in files]
+    hosts.wait_for_workers(2)
+
+
+def test_credentials_only_the_client_has_fail_at_once_naming_the_host(
+    hosts: Hosts,
+    tmp_path: Path,
+    runs_dir: Path,
+    azurite: str,
+    blobs: tuple[AzureBlobFileSystem, str, list[str]],
+) -> None:
+    """The CLI with the connection string in the client's environment alone:
+    the hosts cannot read the inputs, which the job says before any
+    mini-batch, without the secret."""
+    _, name, _ = blobs
+    write_script(tmp_path, SLOW_SCRIPT)
+    env = dict(
+        os.environ,
+        AZURE_STORAGE_CONNECTION_STRING=azurite,
+        DASK_DASKRUN__RUNS_DIR=str(runs_dir),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "daskrun", "run", "score.py", "--input",
+         f"abfs://{name}/in", "--output", "out", "--scheduler", hosts.address,
+         "-q"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if "cannot be read" in x]
+    assert line.startswith(
+        f"daskrun: job failed: input abfs://{name}/in/f00000.txt cannot be read "
+        "on host host-"
+    ), line
+    assert "storage_options" in line and "AZURE_STORAGE_CONNECTION_STRING" in line
+    assert AZURITE_KEY not in done.stderr + done.stdout
