@@ -7,10 +7,12 @@
    still queued, or never started) is waited for, showing ``waiting for
    workers (0/N)``, at most ``daskrun.workers-timeout`` seconds; then the
    job fails naming the scheduler.
-2. **Hosts.** One worker per host (workers grouped by host name and mount
-   namespace: those that share a disk) reads a sample of the inputs and
-   checks that the output's parts folder is the client's (it reads a token
-   the client wrote there) and writable. On a cluster whose workers do not
+2. **Hosts.** One worker per host other than the client's (workers grouped
+   by host name and mount namespace: those that share a disk) reads a
+   sample of the inputs and checks that the output's parts folder is the
+   client's (it reads a token the client wrote there) and writable; where
+   every worker is on the client's host, nothing more is asked. On a
+   cluster whose workers do not
    see the client's disk, a local input fails the job at once, in one line
    naming the path, the host and the fixes, instead of every mini-batch
    failing its tries with ``FileNotFoundError``; an output folder the hosts
@@ -23,6 +25,7 @@ the output target it is given back.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -156,6 +159,9 @@ def preflight(
     via = via_client_setting()
     if output is not None and via is True:
         output = ViaClientTarget.of(output)
+    hosts = other_hosts(client)
+    if not hosts:  # every worker sees the client's disk
+        return output
     checked = output if output is not None and via is not True else None
     probe = Probe(
         samples(datasets),
@@ -166,7 +172,7 @@ def preflight(
     if checked is not None:
         _put_token(checked, probe.token)
     try:
-        problems = check_hosts(client, probe)
+        problems = check_hosts(client, probe, hosts)
     finally:
         if checked is not None:
             _remove_token(checked, probe.token)
@@ -251,40 +257,39 @@ def wait_for_workers(
         time.sleep(0.2)
 
 
-def check_hosts(client: Any, probe: Probe) -> list[Problem]:
-    """Run ``probe`` on one worker per host; what the hosts could not reach.
+def other_hosts(client: Any) -> list[str]:
+    """One worker's address per host other than the client's own (the same
+    host name and mount namespace, as in daskrun's local cluster: workers
+    there see the client's disk)."""
+    chosen: dict[tuple[str, str], str] = {}
+    own = _host()
+    for address, key in sorted(client.run(_host, on_error="ignore").items()):
+        if tuple(key) != own:
+            chosen.setdefault(tuple(key), address)
+    return list(chosen.values())
 
+
+def check_hosts(client: Any, probe: Probe, hosts: Sequence[str]) -> list[Problem]:
+    """Run ``probe`` on the workers at ``hosts``; what they could not reach.
     A worker that goes away during the check is skipped (the mini-batches
     will meet its host again)."""
     if not probe.samples and probe.output is None:
         return []
-    hosts = client.run(_host, on_error="ignore")
-    chosen: dict[tuple[str, str], str] = {}
-    for address, key in sorted(hosts.items()):
-        chosen.setdefault(tuple(key), address)
-    futures = [
-        client.submit(
-            _check,
-            probe,
-            key=f"daskrun-preflight-{probe.token[:8]}-{n}",
-            workers=[address],
-            allow_other_workers=False,
-            pure=False,
-        )
-        for n, address in enumerate(chosen.values())
-    ]
-    # each storage call is bounded on the worker; this bounds a worker that
-    # is busy with another client's tasks
-    bound = probe.timeout * (len(probe.samples) + 3) + 30
+    # beside whatever the workers run (another client's tasks): not queued
+    found = client.run(_check_soon, probe, workers=list(hosts), on_error="return")
     problems: list[Problem] = []
-    for future in futures:
-        try:
-            problems += future.result(timeout=bound)
-        except Exception as e:  # the worker died or is busy: not the data's fault
-            logger.info("preflight check skipped on a worker: %r", e)
-        finally:
-            future.release()
+    for address, outcome in sorted(found.items()):
+        if isinstance(outcome, BaseException):  # not the data's fault
+            logger.info("preflight check skipped on %s: %r", address, outcome)
+        else:
+            problems += outcome
     return problems
+
+
+async def _check_soon(probe: Probe) -> list[Problem]:
+    """:func:`_check` in a thread of its own: the worker's event loop goes
+    on (each storage call is bounded by ``probe.timeout``)."""
+    return await asyncio.get_running_loop().run_in_executor(None, _check, probe)
 
 
 def _host() -> tuple[str, str]:

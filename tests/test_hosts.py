@@ -15,12 +15,14 @@ from pathlib import Path
 import dask.config
 import pytest
 from adlfs import AzureBlobFileSystem
+from distributed import Client, LocalCluster
 
 import daskrun
 from daskrun import Dataset
 from daskrun.datasets import FileBatch, SubBatch
 from daskrun.output import OutputTarget, Parts, committed_parts, prepare_parts
 from daskrun.plugin import TryResult
+from daskrun.preflight import other_hosts
 from daskrun.records import RunRecord
 from daskrun.viaclient import ViaClientTarget, commit
 
@@ -81,6 +83,13 @@ def test_the_hosts_see_their_own_tmp_and_home(hosts: Hosts, tmp_path: Path) -> N
     assert all(shared for _, _, shared, _ in seen.values())
     for _, _, _, own in seen.values():
         assert not os.path.exists(own)  # another disk than the client's /tmp
+    with hosts.client() as client:
+        assert len(other_hosts(client)) == 2  # one worker of each host is asked
+
+
+def test_workers_on_the_client_s_host_are_not_asked(cluster: LocalCluster) -> None:
+    with Client(cluster, set_as_default=False) as client:
+        assert other_hosts(client) == []
 
 
 def test_a_datastore_step_is_exact_through_a_worker_kill(
