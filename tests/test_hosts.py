@@ -40,7 +40,7 @@ from .helpers import (
     write_script,
 )
 from .helpers import daskrun as daskrun_cli
-from .hosts import Hosts, namespaces_refused
+from .hosts import Hosts
 
 N_FILES = 40
 
@@ -272,13 +272,10 @@ def test_an_unshared_output_with_via_client_off_fails_in_one_line(
 
 
 def test_a_scheduler_without_workers_is_waited_for_then_named(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    mount_namespaces: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """'waiting for workers (0/N)', then a one-line failure once
     daskrun.workers-timeout has passed."""
-    refused = namespaces_refused()
-    if refused is not None:
-        pytest.skip(refused)
     make_files(tmp_path / "in", 2)
     with (
         Hosts(tmp_path / "hosts", n=0) as empty,
