@@ -183,7 +183,9 @@ class Job:
         self.resource_interval = config_seconds("resource-interval")
         self.progress_timeout = config_seconds("progress-timeout")
         self.first_result_timeout = config_seconds("first-result-timeout")
-        via_client_setting(), workers_timeout(queued=False)  # checked early
+        # read again by the preflight; a bad value fails before anything starts
+        via_client_setting()
+        workers_timeout(queued=False)
         self.perf: PerfLog | None = None
         self.run_id, self.run_dir = run_id, runs_root / run_id
         self.console, self.models = console, models

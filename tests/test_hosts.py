@@ -19,7 +19,7 @@ from adlfs import AzureBlobFileSystem
 from distributed import Client, LocalCluster
 
 import daskrun
-from daskrun import Dataset
+from daskrun import ConfigError, Dataset
 from daskrun.datasets import FileBatch, SubBatch
 from daskrun.output import OutputTarget, Parts, committed_parts, prepare_parts
 from daskrun.plugin import TryResult
@@ -463,3 +463,21 @@ def test_csv_rows_on_a_datastore_to_a_local_output_are_exact(
     assert run.mini_batches_total > 3
     out = pd.read_csv(run.output_path or "")
     pd.testing.assert_frame_equal(out, frame.assign(w=frame["v"] * 2))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("output.via-client", "sometimes", "is not true, false or null"),
+        ("workers-timeout", "soon", "is not a number of seconds"),
+    ],
+)
+def test_a_bad_setting_fails_before_anything_starts(
+    tmp_path: Path, key: str, value: str, message: str
+) -> None:
+    make_files(tmp_path / "in", 2)
+    with (
+        dask.config.set({f"daskrun.{key}": value}),
+        pytest.raises(ConfigError, match=f"daskrun.{key}='{value}' {message}"),
+    ):
+        run_step(tmp_path, SLOW_SCRIPT, Dataset.File.from_files(str(tmp_path / "in")))
