@@ -50,6 +50,7 @@ from .exceptions import (
     StorageError,
     StorageTimeoutError,
     ThresholdExceededError,
+    UnreachableDataError,
 )
 from .maprun import MapRun, map_partitions, map_run
 from .plugin import EntryScript
@@ -148,6 +149,7 @@ __all__ = [
     "StorageTimeoutError",
     "TabularDataset",
     "ThresholdExceededError",
+    "UnreachableDataError",
     "Workspace",
     "close_warm_clusters",
     "install_as_azureml",

@@ -23,6 +23,9 @@
         │                              allowed_failed_percent was exceeded
         ├── ClusterLostError           the cluster it ran on died or froze
         │                              mid-job; resumable
+        ├── UnreachableDataError       a host's workers cannot reach an input
+        │                              or the output (the client's own disk);
+        │                              found before any mini-batch
         └── OutputError                the output could not be published
 
 Usage errors (``ConfigError``, ``InputError``) are raised before any task runs.
@@ -156,3 +159,22 @@ class OutputError(JobFailedError):
     """The results could not be published as one output file: mini-batches
     returned different columns, or the output's storage refused the write.
     Nothing was published; the mini-batches' parts are kept."""
+
+
+class UnreachableDataError(JobFailedError):
+    """The workers of some host cannot reach an input or the output that the
+    client sees (a folder on the client's own disk, on a cluster of several
+    hosts); found before any mini-batch runs.
+
+    Attributes
+    ----------
+    path : str
+        The input file or output folder.
+    host : str
+        The host whose worker could not reach it.
+    """
+
+    def __init__(self, message: str, *, path: str, host: str, run_id: str = ""):
+        super().__init__(message, run_id=run_id)
+        self.path = path
+        self.host = host

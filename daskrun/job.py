@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import itertools
 import logging
 import os
@@ -63,6 +64,7 @@ from .monitor import (
 from .packages import PackageCheck, runs_here
 from .pilot import AutoSizes
 from .plugin import EntryScriptPlugin, InputSpec, SideInput, TryResult, build_bundle
+from .preflight import preflight, via_client_setting, workers_timeout
 from .resources import PerfLog
 from .runner import (
     Canceled,
@@ -76,6 +78,7 @@ from .runner import (
     threshold_error,
 )
 from .storage import FileLock, describe_error, secret_values, within
+from .viaclient import ViaClientTarget, commit
 
 logger = logging.getLogger("daskrun")
 
@@ -180,6 +183,9 @@ class Job:
         self.resource_interval = config_seconds("resource-interval")
         self.progress_timeout = config_seconds("progress-timeout")
         self.first_result_timeout = config_seconds("first-result-timeout")
+        # read again by the preflight; a bad value fails before anything starts
+        via_client_setting()
+        workers_timeout(queued=False)
         self.perf: PerfLog | None = None
         self.run_id, self.run_dir = run_id, runs_root / run_id
         # the environment's packages, here before any cluster starts (plan()
@@ -485,6 +491,7 @@ class Job:
             page = install_page(client, link)
             say(f"daskrun: dashboard {link}" + (f" (this job: {page})" if page else ""))
         self.watch.client, self.watch.run_id = client, self.run_id
+        self._preflight(client)
         self.console.start(self.total, self.tally.mini_batches_done)
         self.packages.on_workers(client)
         self._watch_resources(client)
@@ -517,11 +524,33 @@ class Job:
                         client.unsubscribe_topic(plugin.perf_topic)
                 self.perf.close()
 
+    def _preflight(self, client: Any) -> None:
+        """Workers to run on, and inputs and output every host reaches
+        (:mod:`daskrun.preflight`); an output the hosts do not share is
+        then written by the client (:mod:`daskrun.viaclient`)."""
+        target = preflight(
+            client,
+            datasets=[*self.step.inputs, *self.step.side_inputs],
+            output=self.target,
+            expected_workers=self.cfg.node_count * (self.auto.processes or 1),
+            queued=self._queued(),
+            say=self.console.say,
+            redact=self.plugin.redact,
+            run_id=self.run_id,
+            check=self.interrupt.check,
+        )
+        if target is not self.target:
+            self.target = self.plugin.output = target
+
+    def _queued(self) -> bool:
+        """Whether the job runs on a batch queue (Slurm and the like)."""
+        target = self.step.config.compute_target
+        return is_jobqueue_cluster(target) or getattr(target, "kind", "") == "slurm"
+
     def _forecast(self, slots: int) -> Forecast:
         """The job's forecast (:mod:`daskrun.forecast`), its pilot starting
         now: on ``slots`` worker threads, in node-hours on a batch queue."""
-        target = self.step.config.compute_target
-        queued = is_jobqueue_cluster(target) or getattr(target, "kind", "") == "slurm"
+        queued = self._queued()
         forecast = Forecast(
             self.started, slots=slots, nodes=self.cfg.node_count if queued else None
         )
@@ -549,6 +578,11 @@ class Job:
             task=self.step.inputs[0].submit if self.step.kind == "collection" else None,
             progress_timeout=self.progress_timeout,
             first_result_timeout=self.first_result_timeout,
+            commit=(
+                functools.partial(commit, self.target)
+                if isinstance(self.target, ViaClientTarget)
+                else None
+            ),
         )
 
     def _plan_rest(self, client: Any) -> Iterator[Any]:

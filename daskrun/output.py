@@ -91,6 +91,20 @@ class OutputTarget:
     def fs(self) -> fsspec.AbstractFileSystem:
         return url_to_fs(self.url, **self.storage_options)[0]
 
+    @property
+    def grouped(self) -> bool:
+        """Whether a task's mini-batches are written together, as a group."""
+        return True
+
+    def keep(
+        self, index: int, data: bytes, span: tuple[int, int] | None = None
+    ) -> bytes | None:
+        """On a worker: write mini-batch ``index``'s rows as its part
+        (:func:`write_part`); what the client has left to write (nothing
+        here; the rows themselves for :mod:`daskrun.viaclient`)."""
+        write_part(self, index, data, span)
+        return None
+
     def part_url(self, index: int, span: tuple[int, int] | None = None) -> str:
         """The part of mini-batch ``index``, or of its items ``span``
         (``[start, stop)``, a piece of it that succeeded in isolation)."""

@@ -62,7 +62,6 @@ from .output import (
     format_rows,
     printable,
     write_group,
-    write_part,
 )
 from .partitions import MiniBatchContext
 from .resources import INIT, ResourceSampler, perf_topic
@@ -316,6 +315,8 @@ class TryResult:
     # a mini-batch whose failed items were isolated (set on the client):
     # each failed piece (a SubBatch) with its try
     failed_pieces: tuple[tuple[Any, TryResult], ...] = ()
+    # the rows, for the client to write (daskrun.output.via-client)
+    rows: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -1035,7 +1036,11 @@ def process_mini_batches(
     )
     results: list[TryResult] = []
     # a task of several whole mini-batches writes their rows as groups
-    group = _Group(plugin, results) if len(tries) > 1 and plugin.output else None
+    group = (
+        _Group(plugin, results)
+        if len(tries) > 1 and plugin.output and plugin.output.grouped
+        else None
+    )
     for batch, try_no in tries:
         held = group.rows if group is not None and _span_of(batch) is None else None
         result = _process(plugin, batch, try_no, cache_root, held, kept)
@@ -1202,10 +1207,11 @@ def _process(
                 data, items_out = format_rows(result, output_format)
         except Exception as e:  # about what run() returned
             return _returned(plugin, batch.index, try_no, items_in, start, e)
+        rows = None
         if kept is None and held is not None:
             held.append((batch.index, data))
         elif kept is None and plugin.output is not None:
-            write_part(plugin.output, batch.index, data, _span_of(batch))
+            rows = plugin.output.keep(batch.index, data, _span_of(batch))
     except (Exception, SystemExit) as e:
         return _failure(
             batch.index, try_no, plugin.agent, items_in, start, e, plugin.clean
@@ -1222,6 +1228,7 @@ def _process(
         items_in=items_in,
         items_out=items_out,
         seconds=time.perf_counter() - start,
+        rows=rows,
     )
 
 

@@ -889,6 +889,7 @@ def run_mini_batches(
     | None = None,
     progress_timeout: float | None = None,
     first_result_timeout: float | None = None,
+    commit: Callable[[Any, TryResult], TryResult] | None = None,
 ) -> str | None:
     """Run every mini-batch to success or ``run_max_try`` failed tries.
 
@@ -915,6 +916,9 @@ def run_mini_batches(
     one after it, where the task's value stays on the cluster). With
     ``progress_timeout`` or ``first_result_timeout``, a job that finishes
     nothing for that long is canceled by :class:`NoProgress`.
+    ``commit(batch, result)``, if given, takes each try's result as it
+    arrives, first (the client writes the rows a worker returned:
+    :func:`daskrun.viaclient.commit`).
 
     A task lost with its worker is judged by :func:`judge_lost_task`. On a
     cluster the user passed in whose scheduler retries tasks itself
@@ -1022,6 +1026,8 @@ def run_mini_batches(
                 results = [r for _, _, r in verdict.charged]
             future.release()
             for (batch, try_no), result in zip(group, results, strict=True):
+                if commit is not None:
+                    result = commit(batch, result)
                 if isinstance(batch, SubBatch):
                     assert isolation is not None
                     more, outcome_ = isolation.piece_done(batch, result)

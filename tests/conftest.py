@@ -25,6 +25,7 @@ from .helpers import (
     free_port_pair,
     missing_service,
 )
+from .hosts import Hosts, namespaces_refused
 
 
 @pytest.fixture(autouse=True)
@@ -102,6 +103,25 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def mount_namespaces() -> None:
+    """Skip (fail under DASKRUN_REQUIRE_SERVICES=1) where a host of its own
+    cannot be made here (``tests/hosts.py``)."""
+    refused = namespaces_refused()
+    if refused is not None:
+        missing_service("Linux mount namespaces (unshare --mount, as root)", refused)
+
+
+@pytest.fixture(scope="module")
+def hosts(
+    mount_namespaces: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Hosts]:
+    """A scheduler host and two worker hosts, each with its own /tmp and home
+    (Linux mount namespaces, ``tests/hosts.py``), on 127.0.0.1."""
+    with Hosts(tmp_path_factory.mktemp("hosts")) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")

@@ -132,7 +132,8 @@ ENGINE = {
     for name in (
         "aml auto cluster config dashboard datasets delimited exceptions fdcapture "
         "forecast job jobqueue ledger maprun modelrefs monitor native output "
-        "packages partitions pilot plugin resources runcontext runner storage"
+        "packages partitions pilot plugin preflight resources runcontext runner "
+        "storage viaclient"
     ).split()
 }
 
