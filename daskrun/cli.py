@@ -153,6 +153,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="plan the inputs again if they changed since the run: keep the "
         "committed mini-batches whose inputs are unchanged, run the rest",
     )
+    again.add_argument(
+        "--new-source",
+        action="store_true",
+        help="run the entry script and its folder as they are now, where they "
+        "changed since the run (default: the run's code; a changed Python "
+        "file is refused)",
+    )
     again.add_argument("--scheduler", metavar="ADDR")
     again.add_argument(
         "--input",
@@ -574,6 +581,7 @@ def _dispatch(
                     retry_failed=args.retry_failed,
                     show_output=not args.quiet,
                     replan=args.replan,
+                    new_source=args.new_source,
                     compute_target=args.scheduler,
                     workspace=_workspace(args),
                     inputs=None if args.input is None else [args.input],

@@ -27,6 +27,7 @@ REGISTRY = {
     "daskrun.pipeline",
     "daskrun.records",
     "daskrun.registry",
+    "daskrun.sources",
     "daskrun.step",
     "daskrun.widgets",
     "daskrun.workspace",
