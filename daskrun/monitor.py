@@ -670,9 +670,12 @@ class Console:
         self.stream: Any = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         # the widget goes to the cell being run: only for the kernel's own
-        # output, not for a stream the caller gave
+        # output, not for a stream the caller gave; a kernel without
+        # ipywidgets gets text lines
         self.notebook = (
-            stream is None and _in_notebook() if notebook is None else notebook
+            stream is None and show and _in_notebook() and notebook_widgets()
+            if notebook is None
+            else notebook
         )
         self.interval = float(
             config_get("progress-interval") if interval is None else interval
@@ -833,6 +836,27 @@ def init_done(name: str, dask_worker: Any) -> bool:
     plugin = dask_worker.plugins.get(name)
     ready = getattr(plugin, "_ready", None)  # set when setup() ends
     return ready is not None and bool(ready.is_set())
+
+
+NO_WIDGETS = (
+    "daskrun: this kernel has no ipywidgets, so progress shows as text; for "
+    'the live widget: pip install "daskrun[notebook]"'
+)
+_hinted = False
+
+
+def notebook_widgets() -> bool:
+    """Whether this kernel can show ipywidgets (progress bars, ``RunDetails``);
+    if not, one line says once how to get them, and daskrun shows text."""
+    global _hinted
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        if not _hinted:
+            _hinted = True
+            print(NO_WIDGETS, file=sys.stderr)
+        return False
+    return True
 
 
 def _in_notebook() -> bool:
