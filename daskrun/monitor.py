@@ -47,6 +47,7 @@ from typing import IO, Any
 from .config import config_get
 from .datasets import FileBatch, MiniBatch, PartitionBatch
 from .forecast import Estimate
+from .notebook import in_notebook, notebook_widgets
 from .plugin import TryResult
 from .runner import Counts, Tally
 from .storage import private_file, private_folder, private_open, unsigned
@@ -673,7 +674,7 @@ class Console:
         # output, not for a stream the caller gave; a kernel without
         # ipywidgets gets text lines
         self.notebook = (
-            stream is None and show and _in_notebook() and notebook_widgets()
+            stream is None and show and in_notebook() and notebook_widgets()
             if notebook is None
             else notebook
         )
@@ -836,33 +837,6 @@ def init_done(name: str, dask_worker: Any) -> bool:
     plugin = dask_worker.plugins.get(name)
     ready = getattr(plugin, "_ready", None)  # set when setup() ends
     return ready is not None and bool(ready.is_set())
-
-
-NO_WIDGETS = (
-    "daskrun: this kernel has no ipywidgets, so progress shows as text; for "
-    'the live widget: pip install "daskrun[notebook]"'
-)
-_hinted = False
-
-
-def notebook_widgets() -> bool:
-    """Whether this kernel can show ipywidgets (progress bars, ``RunDetails``);
-    if not, one line says once how to get them, and daskrun shows text."""
-    global _hinted
-    try:
-        import ipywidgets  # noqa: F401
-    except ImportError:
-        if not _hinted:
-            _hinted = True
-            print(NO_WIDGETS, file=sys.stderr)
-        return False
-    return True
-
-
-def _in_notebook() -> bool:
-    """Whether this is a Jupyter kernel (whose output is a notebook cell)."""
-    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
-    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
 class ConsoleFeed(Console):

@@ -9,10 +9,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from daskrun.monitor import NO_WIDGETS
+from daskrun.notebook import NO_WIDGETS
 
-from .helpers import cell_text, execute_notebook
-from .test_notebook import _readme_notebook_cell
+from .helpers import cell_text, execute_notebook, readme_notebook_cell
 
 # the kernel's first cell: ipywidgets cannot be imported, as where it was
 # never installed
@@ -45,7 +44,7 @@ def test_a_kernel_without_ipywidgets_shows_text_progress_and_the_extra(
     nb = nbformat.v4.new_notebook(
         cells=[
             nbformat.v4.new_code_cell(HIDE_IPYWIDGETS),
-            nbformat.v4.new_code_cell(_readme_notebook_cell()),
+            nbformat.v4.new_code_cell(readme_notebook_cell()),
             nbformat.v4.new_code_cell(
                 "try:\n    import ipywidgets\nexcept ImportError as e:\n"
                 "    print(type(e).__name__)"

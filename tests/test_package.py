@@ -25,8 +25,7 @@ import pytest
 
 import daskrun
 
-from .helpers import REPO
-from .test_plain_scripts import _quick_start_blocks
+from .helpers import REPO, quick_start_blocks
 
 # what a clone holds that is not the project's source
 _NOT_SOURCE = shutil.ignore_patterns(
@@ -105,7 +104,7 @@ def test_the_wheel_installs_apart_and_runs_the_quick_start(tmp_path: Path) -> No
         cwd=work,
     )  # fmt: skip
     assert shown.split() == [str(site / "daskrun" / "__init__.py"), version]
-    score, job = _quick_start_blocks()[:2]
+    score, job = quick_start_blocks()[:2]
     (work / "score.py").write_text(score)
     (work / "job.py").write_text(job)
     (work / "images").mkdir()

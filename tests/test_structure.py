@@ -132,8 +132,8 @@ ENGINE = {
     f"daskrun.{name}"
     for name in (
         "aml auto cluster config dashboard datasets delimited exceptions fdcapture "
-        "forecast job jobqueue ledger modelrefs monitor native output packages "
-        "partitions pilot plugin resources runcontext runner storage"
+        "forecast job jobqueue ledger modelrefs monitor native notebook output "
+        "packages partitions pilot plugin resources runcontext runner storage"
     ).split()
 }
 
