@@ -72,8 +72,7 @@ def test_an_init_error_fixed_then_resumed_with_the_new_source(
     assert refused == (
         f"daskrun: error: the code of run {run_id!r} changed since it ran: "
         f"score.py changed (in {tmp_path / 'src'}); resume with --new-source "
-        "(new_source=True) to run it as it is now, or put the files back as "
-        "they were"
+        "to run it as it is now, or put the files back as they were"
     )
     assert RunRecord.load(run_id, runs_dir).status == "Failed"
 
@@ -216,7 +215,7 @@ def test_a_plain_resume_after_a_threshold_runs_what_never_ran(
     line = _one_line(daskrun("resume", run_id, cwd=tmp_path, runs=runs_dir), 2)
     assert line == (
         f"daskrun: error: nothing to run in run {run_id!r}: all its 100 "
-        "mini-batches ran, and error_threshold=1 exceeded: 2 items failed (1 of "
+        "mini-batches ran, and --error-threshold 1 exceeded: 2 items failed (1 of "
         "100 mini-batches failed, 2 items failed, 198 succeeded); a resume keeps "
         "failures unless told to retry them: fix their cause, then 'daskrun "
         f"resume {run_id} --retry-failed' (add --new-source for an edited script)"
@@ -226,3 +225,47 @@ def test_a_plain_resume_after_a_threshold_runs_what_never_ran(
     done = daskrun("resume", run_id, "--retry-failed", cwd=tmp_path, runs=runs_dir)
     assert done.returncode == 0, done.stderr
     assert _output(tmp_path) == names  # each file once, in order
+
+
+def test_a_script_folder_gone_resumes_with_the_recorded_copy(
+    tmp_path: Path, runs_dir: Path
+) -> None:
+    make_files(tmp_path / "in", 2, prefix="bad")
+    make_files(tmp_path / "in", 2, prefix="ok")
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    write_script(tmp_path / "src", SCORE)
+    first = daskrun(
+        "run", "src/score.py", "--input", "in", "--output", "out",
+        "--mini-batch-size", "2", "--processes", "1", "--error-threshold", "-1",
+        "--max-tries", "1", "-q", "--", "--calls", str(calls),
+        cwd=tmp_path, runs=runs_dir,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    (record,) = RunRecord.find(runs_dir)
+    (tmp_path / "src").rename(tmp_path / "moved")
+    for marker in calls.iterdir():
+        marker.unlink()
+
+    refused = _one_line(
+        daskrun(
+            "resume", record.run_id, "--retry-failed", "--new-source",
+            cwd=tmp_path, runs=runs_dir,
+        ),
+        2,
+    )  # fmt: skip
+    assert refused == (
+        f"daskrun: error: --new-source: run {record.run_id!r}'s entry script "
+        f"{str(tmp_path / 'src' / 'score.py')!r} is gone; put it back where it "
+        "was, or resume without --new-source to run the recorded copy"
+    )
+    again = daskrun(
+        "resume", record.run_id, "--retry-failed", "-q", cwd=tmp_path, runs=runs_dir
+    )
+    assert again.returncode == 0, again.stderr
+    # the recorded copy ran: the bad files failed again, the same way
+    assert {m.name.split(".")[0] for m in calls.iterdir()} == {"bad00000", "bad00001"}
+    assert _output(tmp_path) == ["ok00000.txt", "ok00001.txt"]
+    assert RunRecord.load(record.run_id, runs_dir).source_digests == (
+        record.source_digests
+    )
