@@ -702,6 +702,8 @@ def _in_cli_terms(message: str) -> str:
             return f"{flag} {value}"
         if isinstance(parsed, bool):
             return flag
+        if parsed is None:  # "use compute_target=None": leave the flag out
+            return f"no {flag}"
         if isinstance(parsed, (list, tuple)):
             parsed = ",".join(map(str, parsed))
         return f"{flag} {shlex.quote(parsed) if isinstance(parsed, str) else parsed}"
