@@ -36,6 +36,7 @@ from .config import (
     ParallelRunConfig,
     check_scheduler_address,
     config_get,
+    env_named,
     unmet_packages,
 )
 from .datasets import Dataset, FileDataset, TabularDataset
@@ -778,7 +779,7 @@ def _dispatch(
         parser.print_help()
         return 2
     except (ConfigError, InputError) as e:
-        print(f"daskrun: error: {_in_cli_terms(str(e))}", file=sys.stderr)
+        print(f"daskrun: error: {_in_cli_terms(env_named(str(e)))}", file=sys.stderr)
         return 2
     except DaskRunError as e:
         print(f"daskrun: {e}", file=sys.stderr)

@@ -90,8 +90,30 @@ def env_variable(key: str) -> str | None:
             parsed = next(iter(dask.config.collect_env({name: raw}).values()))
             while isinstance(parsed, dict):  # {"daskrun": {"key": value}}
                 parsed = next(iter(parsed.values()))
-            return name if parsed == config_get(key) else None
+            try:
+                return name if parsed == config_get(key) else None
+            except KeyError:  # not a daskrun setting
+                return None
     return None
+
+
+_SETTING = re.compile(r"(?<![\w.\"'])daskrun\.([a-z0-9_.-]+)=")
+
+
+def env_named(message: str) -> str:
+    """``message`` with each ``daskrun.<key>=`` whose value an environment
+    variable set named as that variable.
+
+    >>> os.environ["DASK_DASKRUN__RUN_MAX_TRY"] = "0"; dask.config.refresh()
+    >>> env_named("daskrun.run-max-try=0 must be 1 or more")
+    'DASK_DASKRUN__RUN_MAX_TRY=0 must be 1 or more'
+    >>> del os.environ["DASK_DASKRUN__RUN_MAX_TRY"]; dask.config.refresh()
+    """
+
+    def named(found: re.Match[str]) -> str:
+        return f"{env_variable(found.group(1)) or found.group(0)[:-1]}="
+
+    return _SETTING.sub(named, message)
 
 
 @contextlib.contextmanager
@@ -143,11 +165,12 @@ def config_bool(key: str) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"  # from an environment variable
     if not isinstance(value, bool):
-        with named_as_set({f"daskrun.{key}": key}):
-            raise ConfigError(
+        raise ConfigError(
+            env_named(
                 f"daskrun.{key}={value!r} must be true or false; e.g. "
                 f'dask.config.set({{"daskrun.{key}": False}})'
             )
+        )
     return value
 
 
@@ -181,13 +204,14 @@ or "10 minutes", or None to turn it off
         f'use e.g. dask.config.set({{"daskrun.{key}": 600}}) or "10 minutes", '
         "or None to turn it off"
     )
-    with named_as_set({f"daskrun.{key}": key}):
-        if seconds is None or not math.isfinite(seconds):
-            raise ConfigError(
-                f"daskrun.{key}={value!r} is not a number of seconds; {fix}"
-            )
-        if seconds <= 0:
-            raise ConfigError(f"daskrun.{key}={value!r} must be above 0 s; {fix}")
+    if seconds is None or not math.isfinite(seconds):
+        raise ConfigError(
+            env_named(f"daskrun.{key}={value!r} is not a number of seconds; {fix}")
+        )
+    if seconds <= 0:
+        raise ConfigError(
+            env_named(f"daskrun.{key}={value!r} must be above 0 s; {fix}")
+        )
     return seconds
 
 

@@ -198,11 +198,13 @@ def test_workers_that_do_not_start_in_time_fail_the_step(
     [
         (
             {"DASK_DASKRUN__LOCAL_CLUSTER__START_TIMEOUT": "soon"},
-            "daskrun.local-cluster.start-timeout='soon' is not a number of seconds",
+            # named as the user set it
+            "DASK_DASKRUN__LOCAL_CLUSTER__START_TIMEOUT='soon' is not a number of "
+            "seconds",
         ),
         (
             {"DASK_DASKRUN__LOCAL_CLUSTER__MEMORY_LIMIT": "lots"},
-            "daskrun.local-cluster.memory-limit='lots' is not a memory size",
+            "DASK_DASKRUN__LOCAL_CLUSTER__MEMORY_LIMIT='lots' is not a memory size",
         ),
     ],
 )
