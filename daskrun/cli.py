@@ -483,6 +483,7 @@ def _summary(r: RunRecord) -> dict[str, Any]:
         "logs_dir": r.logs_dir,
         "failed_items": _failed_items(r),
         "reused_from": r.reused_from,
+        "source_digests": r.source_digests,
         "metrics": r.metrics,
         "tags": r.tags,
     }

@@ -4,6 +4,7 @@ CLI on real worker processes; the output is exact, each file once."""
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def test_an_init_error_fixed_then_resumed_with_the_new_source(
     assert record.status == "Completed"
     first_digest, second_digest = record.source_digests
     assert first_digest != second_digest
+    shown = daskrun("runs", "show", run_id, "--json", cwd=tmp_path, runs=runs_dir)
+    assert json.loads(shown.stdout)["source_digests"] == [first_digest, second_digest]
     # both bundles are kept: the one that failed beside the one that ran
     kept = record.folder / f"source-{first_digest.split(':')[1]}.zip"
     with zipfile.ZipFile(kept) as zf:
