@@ -66,7 +66,9 @@ def test_a_scheduler_that_never_answers_fails_within_the_connect_timeout(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert (
-        f"--scheduler {address} did not answer within daskrun.connect-timeout=3 s; "
+        # the bound, named as the test set it
+        f"--scheduler {address} did not answer within "
+        "DASK_DASKRUN__CONNECT_TIMEOUT=3 s; "
         "start a scheduler there, or use no --scheduler for a local cluster"
     ) in lines[0]
     assert seconds < 3 + 10  # the timeout, and the command's start
