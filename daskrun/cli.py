@@ -57,6 +57,8 @@ _QUIET_HELP = "no progress output (default: off, a progress bar or lines)"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        # 'cluster serve' is what 'cluster start' runs, not a user's choice
+        message = message.replace(", 'serve')", ")")
         self.exit(2, f"daskrun: error: {message} (see 'daskrun {self._sub} --help')\n")
 
     _sub = ""

@@ -65,6 +65,14 @@ def test_the_help_shows_defaults_and_hides_serve() -> None:
     cluster = _help("cluster")
     assert "SUPPRESS" not in cluster and "serve" not in cluster, cluster
     assert "{start,stop,status}" in cluster
+    wrong = subprocess.run(
+        [sys.executable, "-m", "daskrun", "cluster", "begin"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert wrong.returncode == 2
+    assert "(choose from 'start', 'stop', 'status') " in wrong.stderr, wrong.stderr
     run = " ".join(_help("run").split())  # argparse wraps lines
     # the defaults as dask.config holds them (daskrun.yaml here)
     assert "--error-threshold N failed items tolerated; -1 tolerates all " in run
