@@ -7,10 +7,12 @@ input (one line on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -33,6 +35,8 @@ from .config import (
     OUTPUT_FORMATS,
     ParallelRunConfig,
     check_scheduler_address,
+    config_get,
+    env_named,
     unmet_packages,
 )
 from .datasets import Dataset, FileDataset, TabularDataset
@@ -43,12 +47,28 @@ from .step import ParallelRunStep, StepRun, resume
 from .storage import private_folder, private_open
 from .workspace import Workspace
 
+_SCHEDULER_HELP = (
+    "address of a running Dask scheduler to use, e.g. tcp://10.0.0.5:8786 "
+    "(default: the cluster of 'daskrun cluster start' if one runs, else a "
+    "local cluster of the job's own)"
+)
+_QUIET_HELP = "no progress output (default: off, a progress bar or lines)"
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        # 'cluster serve' is what 'cluster start' runs, not a user's choice
+        message = message.replace(", 'serve')", ")")
         self.exit(2, f"daskrun: error: {message} (see 'daskrun {self._sub} --help')\n")
 
     _sub = ""
+
+
+def _default(key: str) -> str:
+    """``(default: VALUE, daskrun.KEY)``: a flag's default, as dask.config
+    holds it now (daskrun.yaml, DASK_DASKRUN__* variables, dask config files)."""
+    value = config_get(key)
+    return f"(default: {'none' if value is None else value}, daskrun.{key})"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -69,14 +89,19 @@ def _build_parser() -> argparse.ArgumentParser:
         nargs="+",
         required=True,
         metavar="PATH",
-        help="files, folders, globs or fsspec URLs",
+        help="files, folders, globs or fsspec URLs (required)",
     )
     run.add_argument(
         "--tabular",
         action="store_true",
-        help="read CSV or Parquet files as tables (run() gets DataFrames)",
+        help="read CSV or Parquet files as tables: run() gets DataFrames "
+        "(default: off, files: run() gets a list of paths)",
     )
-    run.add_argument("--output", metavar="DIR", help="output folder or URL")
+    run.add_argument(
+        "--output",
+        metavar="DIR",
+        help="output folder or URL (default: outputs/ in the run's folder)",
+    )
     run.add_argument("--name", help="step name (default: from the script's name)")
     run.add_argument(
         "--source-directory",
@@ -89,49 +114,97 @@ def _build_parser() -> argparse.ArgumentParser:
         "--mini-batch-size",
         metavar="N",
         help="files per mini-batch, or bytes for --tabular (e.g. 1MB), or "
-        "'auto' (chosen from a pilot's measured rates)",
+        "'auto' (chosen from a pilot's measured rates) (default: "
+        f"{config_get('mini-batch-size.file')} files, "
+        f"{config_get('mini-batch-size.tabular')} tabular, "
+        "daskrun.mini-batch-size)",
     )
     run.add_argument(
         "--partition-format",
         metavar="PATTERN",
         help="keys read from each input path, e.g. '/{user}/{genre}/{fname}.wav' "
-        "or '/{day:yyyy/MM/dd}/{name}.csv'",
+        "or '/{day:yyyy/MM/dd}/{name}.csv' (default: none)",
     )
     run.add_argument(
         "--partition-keys",
         metavar="A,B",
         help="one mini-batch per distinct combination of these keys of "
-        "--partition-format (instead of --mini-batch-size)",
+        "--partition-format, instead of --mini-batch-size (default: none)",
     )
-    run.add_argument("--error-threshold", type=int, metavar="N")
-    run.add_argument("--allowed-failed-count", type=int, metavar="N")
-    run.add_argument("--allowed-failed-percent", type=float, metavar="P")
-    run.add_argument("--output-action", choices=OUTPUT_ACTIONS)
-    run.add_argument("--append-row-file-name", metavar="NAME")
+    run.add_argument(
+        "--error-threshold",
+        type=int,
+        metavar="N",
+        help=f"failed items tolerated; -1 tolerates all {_default('error-threshold')}",
+    )
+    run.add_argument(
+        "--allowed-failed-count",
+        type=int,
+        metavar="N",
+        help="mini-batches with failed items tolerated "
+        f"{_default('allowed-failed-count')}",
+    )
+    run.add_argument(
+        "--allowed-failed-percent",
+        type=float,
+        metavar="P",
+        help="percent of mini-batches with failed items tolerated, checked "
+        f"once all are scheduled {_default('allowed-failed-percent')}",
+    )
+    run.add_argument(
+        "--output-action",
+        choices=OUTPUT_ACTIONS,
+        help="append_row: one output file of run()'s results; summary_only: "
+        f"run() writes its own {_default('output-action')}",
+    )
+    run.add_argument(
+        "--append-row-file-name",
+        metavar="NAME",
+        help=f"the output file's name {_default('append-row-file-name')}",
+    )
     run.add_argument(
         "--output-format",
         choices=OUTPUT_FORMATS,
-        help="text lines (default), csv with a header, or parquet",
+        help=f"text lines, csv with a header, or parquet {_default('output-format')}",
     )
     run.add_argument(
         "--processes",
         type=_count_or_auto,
         metavar="N",
         help="worker processes per node, or 'auto' (per GPU, else per core, "
-        "as many as the memory holds)",
+        "as many as the memory holds) (default: one per core, or per GPU, "
+        "daskrun.process-count-per-node)",
     )
-    run.add_argument("--nodes", type=int, metavar="N")
+    run.add_argument(
+        "--nodes",
+        type=int,
+        metavar="N",
+        help=f"nodes of a batch-queue cluster {_default('node-count')}",
+    )
     run.add_argument(
         "--scheduler",
         metavar="ADDR",
-        help="use a running scheduler instead of a local cluster",
+        help=_SCHEDULER_HELP,
     )
     run.add_argument(
-        "--timeout", type=int, metavar="S", help="run_invocation_timeout in seconds"
+        "--timeout",
+        type=int,
+        metavar="S",
+        help=f"seconds per run() call {_default('run-invocation-timeout')}",
     )
-    run.add_argument("--max-tries", type=int, metavar="N", help="run_max_try")
-    run.add_argument("--logging-level", type=str.upper, choices=LOGGING_LEVELS)
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    run.add_argument(
+        "--max-tries",
+        type=int,
+        metavar="N",
+        help=f"tries per mini-batch {_default('run-max-try')}",
+    )
+    run.add_argument(
+        "--logging-level",
+        type=str.upper,
+        choices=LOGGING_LEVELS,
+        help=f"the entry script's log level {_default('logging-level')}",
+    )
+    run.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
 
     again = subs.add_parser(
         "resume",
@@ -141,27 +214,38 @@ def _build_parser() -> argparse.ArgumentParser:
         "would have.",
     )
     again._sub = "resume"
-    again.add_argument("run_id", metavar="RUN_ID")
+    again.add_argument(
+        "run_id", metavar="RUN_ID", help="the run's id, printed as it started"
+    )
     again.add_argument(
         "--retry-failed",
         action="store_true",
-        help="also run the failed items (the mini-batches that failed) again",
+        help="also run the failed items (the mini-batches that failed) again "
+        "(default: off, they stay failed)",
     )
     again.add_argument(
         "--replan",
         action="store_true",
         help="plan the inputs again if they changed since the run: keep the "
-        "committed mini-batches whose inputs are unchanged, run the rest",
+        "committed mini-batches whose inputs are unchanged, run the rest "
+        "(default: off, changed inputs are refused)",
     )
-    again.add_argument("--scheduler", metavar="ADDR")
+    again.add_argument(
+        "--new-source",
+        action="store_true",
+        help="run the entry script and its folder as they are now, where they "
+        "changed since the run (default: the run's code; a changed Python "
+        "file is refused)",
+    )
+    again.add_argument("--scheduler", metavar="ADDR", help=_SCHEDULER_HELP)
     again.add_argument(
         "--input",
         nargs="+",
         metavar="URL",
         help="the run's inputs again, where they were URLs with a SAS "
-        "signature (never kept in run records)",
+        "signature, never kept in run records (default: the run's inputs)",
     )
-    again.add_argument("-q", "--quiet", action="store_true")
+    again.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
 
     runs = subs.add_parser(
         "runs",
@@ -173,11 +257,19 @@ def _build_parser() -> argparse.ArgumentParser:
     runs_sub = runs.add_subparsers(dest="runs_command", parser_class=_Parser)
     listing = runs_sub.add_parser("list", help="runs, newest first")
     listing._sub = "runs list"
-    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line (default: off, a table)",
+    )
     show = runs_sub.add_parser("show", help="one run's status, counts, outputs")
     show._sub = "runs show"
-    show.add_argument("run_id", metavar="RUN_ID")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("run_id", metavar="RUN_ID", help="the run's id")
+    show.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object, with its steps (default: off, a list)",
+    )
     demo = subs.add_parser(
         "demo",
         help="the MNIST tutorial end to end on a local cluster",
@@ -187,9 +279,25 @@ def _build_parser() -> argparse.ArgumentParser:
         "output.",
     )
     demo._sub = "demo"
-    demo.add_argument("--dir", default="daskrun-demo", help="workspace and data")
-    demo.add_argument("--images", type=int, default=10_000, metavar="N")
-    demo.add_argument("--processes", type=int, default=2, metavar="N")
+    demo.add_argument(
+        "--dir",
+        default="daskrun-demo",
+        help="folder of the workspace and data (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--images",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="digit images to make and score (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        metavar="N",
+        help="worker processes (default: %(default)s)",
+    )
     shared = subs.add_parser(
         "cluster",
         help="keep a local cluster running for later jobs",
@@ -199,7 +307,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "It listens on 127.0.0.1 with TLS, as the cluster a job starts itself.",
     )
     shared._sub = "cluster"
-    shared_sub = shared.add_subparsers(dest="cluster_command", parser_class=_Parser)
+    # 'serve', what start runs in the background, is left out of the help
+    shared_sub = shared.add_subparsers(
+        dest="cluster_command", parser_class=_Parser, metavar="{start,stop,status}"
+    )
     start = shared_sub.add_parser("start", help="start it in the background")
     start._sub = "cluster start"
     start.add_argument(
@@ -208,20 +319,20 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="worker processes (default: one per core, or per GPU)",
     )
-    for name, text in (
-        ("stop", "stop it"),
-        ("status", "where it is, if it runs"),
-        ("serve", argparse.SUPPRESS),  # what start runs in the background
-    ):
+    for name, text in (("stop", "stop it"), ("status", "where it is, if it runs")):
         sub = shared_sub.add_parser(name, help=text)
         sub._sub = f"cluster {name}"
-        if name == "serve":
-            sub.add_argument("--processes", type=int, required=True)
+    serve = shared_sub.add_parser("serve")  # no help: not listed
+    serve._sub = "cluster serve"
+    serve.add_argument(
+        "--processes", type=int, required=True, help="worker processes (required)"
+    )
     for sub in (run, again, listing, show):
         sub.add_argument(
             "--workspace",
             metavar="DIR",
-            help="workspace folder (default: found from the current folder upward)",
+            help="workspace folder (default: found from the current folder "
+            "upward, else runs go to daskrun.runs-dir)",
         )
     return parser
 
@@ -374,6 +485,7 @@ def _summary(r: RunRecord) -> dict[str, Any]:
         "logs_dir": r.logs_dir,
         "failed_items": _failed_items(r),
         "reused_from": r.reused_from,
+        "source_digests": r.source_digests,
         "metrics": r.metrics,
         "tags": r.tags,
     }
@@ -532,6 +644,78 @@ def _start_shared(processes: int) -> int:
     return 1
 
 
+# ParallelRunConfig's and ParallelRunStep's parameters, as the CLI spells them
+_FLAGS = {
+    "allowed_failed_count": "--allowed-failed-count",
+    "allowed_failed_percent": "--allowed-failed-percent",
+    "append_row_file_name": "--append-row-file-name",
+    "compute_target": "--scheduler",
+    "entry_script": "SCRIPT",
+    "error_threshold": "--error-threshold",
+    "logging_level": "--logging-level",
+    "mini_batch_size": "--mini-batch-size",
+    "name": "--name",
+    "new_source": "--new-source",
+    "node_count": "--nodes",
+    "output": "--output",
+    "output_action": "--output-action",
+    "output_format": "--output-format",
+    "partition_format": "--partition-format",
+    "partition_keys": "--partition-keys",
+    "process_count_per_node": "--processes",
+    "replan": "--replan",
+    "retry_failed": "--retry-failed",
+    "run_invocation_timeout": "--timeout",
+    "run_max_try": "--max-tries",
+    "source_directory": "--source-directory",
+}
+_VALUE = r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\[[^\]]*\]|[\w.+-]+)"""
+_NAMES = "|".join(sorted(_FLAGS, key=len, reverse=True))
+_CLI_TERMS = [
+    # "retry_failed=True (--retry-failed)" and "--replan (replan=True)"
+    (re.compile(rf"\b(?:{_NAMES})={_VALUE} \((--[\w-]+)\)"), r"\2"),
+    (re.compile(rf"(--[\w-]+) \((?:{_NAMES})={_VALUE}\)"), r"\1"),
+    # "Dataset.File.from_files(path, partition_format='...')": the argument
+    (re.compile(rf"\b[\w.]+\(paths?, ((?:{_NAMES})={_VALUE})\)"), r"\1"),
+]
+_ASSIGNED = re.compile(rf"(?<![\w.-])(--[\w-]+|{_NAMES})={_VALUE}")
+_BARE = re.compile(rf"(?<![\w.-])({'|'.join(n for n in _FLAGS if '_' in n)})\b(?!=)")
+
+
+def _in_cli_terms(message: str) -> str:
+    """An error message as a CLI user reads it: the flags they type, not
+    the Python arguments they map to.
+
+    >>> _in_cli_terms("mini_batch_size='10 files' is not a number of files")
+    "--mini-batch-size '10 files' is not a number of files"
+    >>> _in_cli_terms("error_threshold=-5 must be an int >= -1; use e.g. "
+    ...               "error_threshold=10")
+    '--error-threshold -5 must be an int >= -1; use e.g. --error-threshold 10'
+    >>> _in_cli_terms("pass retry_failed=True (--retry-failed) to run them")
+    'pass --retry-failed to run them'
+    """
+    for pattern, replacement in _CLI_TERMS:
+        message = pattern.sub(replacement, message)
+
+    def assigned(found: re.Match[str]) -> str:
+        name, value = found.group(1), found.group(2)
+        flag = name if name.startswith("--") else _FLAGS[name]
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return f"{flag} {value}"
+        if isinstance(parsed, bool):
+            return flag
+        if parsed is None:  # "use compute_target=None": leave the flag out
+            return f"no {flag}"
+        if isinstance(parsed, (list, tuple)):
+            parsed = ",".join(map(str, parsed))
+        return f"{flag} {shlex.quote(parsed) if isinstance(parsed, str) else parsed}"
+
+    message = _ASSIGNED.sub(assigned, message)
+    return _BARE.sub(lambda found: _FLAGS[found.group(1)], message)
+
+
 # the commands of 'daskrun runs' and 'daskrun cluster'
 _NEEDS = {"runs": "list or show", "cluster": "start, stop or status"}
 
@@ -574,6 +758,7 @@ def _dispatch(
                     retry_failed=args.retry_failed,
                     show_output=not args.quiet,
                     replan=args.replan,
+                    new_source=args.new_source,
                     compute_target=args.scheduler,
                     workspace=_workspace(args),
                     inputs=None if args.input is None else [args.input],
@@ -597,7 +782,7 @@ def _dispatch(
         parser.print_help()
         return 2
     except (ConfigError, InputError) as e:
-        print(f"daskrun: error: {e}", file=sys.stderr)
+        print(f"daskrun: error: {_in_cli_terms(env_named(str(e)))}", file=sys.stderr)
         return 2
     except DaskRunError as e:
         print(f"daskrun: {e}", file=sys.stderr)

@@ -9,12 +9,13 @@ takes its value from ``dask.config`` (namespace ``daskrun``, defaults in
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,71 @@ RESERVED_ARGUMENTS = frozenset(
 )
 
 
+def env_variable(key: str) -> str | None:
+    """The ``DASK_DASKRUN__*`` environment variable that set
+    ``daskrun.<key>``'s current value, if one did (not a later
+    ``dask.config.set``).
+
+    >>> os.environ["DASK_DASKRUN__RUN_MAX_TRY"] = "5"
+    >>> dask.config.refresh()
+    >>> env_variable("run-max-try"), env_variable("error-threshold")
+    ('DASK_DASKRUN__RUN_MAX_TRY', None)
+    >>> del os.environ["DASK_DASKRUN__RUN_MAX_TRY"]; dask.config.refresh()
+    """
+    want = f"daskrun.{key}".replace("_", "-")
+    for name, raw in os.environ.items():
+        # dask.config.collect_env's reading of a name: DASK_A__B_C is a.b_c
+        if name.startswith("DASK_") and (
+            name[5:].lower().replace("__", ".").replace("_", "-") == want
+        ):
+            parsed = next(iter(dask.config.collect_env({name: raw}).values()))
+            while isinstance(parsed, dict):  # {"daskrun": {"key": value}}
+                parsed = next(iter(parsed.values()))
+            try:
+                return name if parsed == config_get(key) else None
+            except KeyError:  # not a daskrun setting
+                return None
+    return None
+
+
+_SETTING = re.compile(r"(?<![\w.\"'])daskrun\.([a-z0-9_.-]+)=")
+
+
+def env_named(message: str) -> str:
+    """``message`` with each ``daskrun.<key>=`` whose value an environment
+    variable set named as that variable.
+
+    >>> os.environ["DASK_DASKRUN__RUN_MAX_TRY"] = "0"; dask.config.refresh()
+    >>> env_named("daskrun.run-max-try=0 must be 1 or more")
+    'DASK_DASKRUN__RUN_MAX_TRY=0 must be 1 or more'
+    >>> del os.environ["DASK_DASKRUN__RUN_MAX_TRY"]; dask.config.refresh()
+    """
+
+    def named(found: re.Match[str]) -> str:
+        return f"{env_variable(found.group(1)) or found.group(0)[:-1]}="
+
+    return _SETTING.sub(named, message)
+
+
+@contextlib.contextmanager
+def named_as_set(names: Mapping[str, str]) -> Iterator[None]:
+    """Where a value that fails validation came from an environment
+    variable, the error names the variable (``DASK_DASKRUN__RUN_MAX_TRY=0
+    must be ...``) instead of ``run_max_try=0``: ``names`` maps each name an
+    error may give such a value to its key (``{"run_max_try":
+    "run-max-try"}``)."""
+    try:
+        yield
+    except ConfigError as e:
+        message = str(e)
+        for shown, key in names.items():
+            if f"{shown}=" in message and (env := env_variable(key)):
+                message = message.replace(f"{shown}=", f"{env}=")
+        if message == str(e):
+            raise
+        raise ConfigError(message) from None
+
+
 def config_get(key: str) -> Any:
     """Read ``daskrun.<key>`` from dask.config.
 
@@ -100,8 +166,10 @@ def config_bool(key: str) -> bool:
         return value.lower() == "true"  # from an environment variable
     if not isinstance(value, bool):
         raise ConfigError(
-            f"daskrun.{key}={value!r} must be true or false; e.g. "
-            f'dask.config.set({{"daskrun.{key}": False}})'
+            env_named(
+                f"daskrun.{key}={value!r} must be true or false; e.g. "
+                f'dask.config.set({{"daskrun.{key}": False}})'
+            )
         )
     return value
 
@@ -137,9 +205,13 @@ or "10 minutes", or None to turn it off
         "or None to turn it off"
     )
     if seconds is None or not math.isfinite(seconds):
-        raise ConfigError(f"daskrun.{key}={value!r} is not a number of seconds; {fix}")
+        raise ConfigError(
+            env_named(f"daskrun.{key}={value!r} is not a number of seconds; {fix}")
+        )
     if seconds <= 0:
-        raise ConfigError(f"daskrun.{key}={value!r} must be above 0 s; {fix}")
+        raise ConfigError(
+            env_named(f"daskrun.{key}={value!r} must be above 0 s; {fix}")
+        )
     return seconds
 
 
@@ -203,9 +275,12 @@ def mini_batch_size_for(kind: str, value: object) -> int:
     >>> mini_batch_size_for("file", None), mini_batch_size_for("tabular", "1KB")
     (10, 1024)
     """
+    parse = parse_file_count if kind == "file" else parse_byte_size
     if value is None or is_auto(value):  # "auto" starts from the default
-        value = config_get(f"mini-batch-size.{kind}")
-    return parse_file_count(value) if kind == "file" else parse_byte_size(value)
+        key = f"mini-batch-size.{kind}"
+        with named_as_set({"mini_batch_size": key}):
+            return parse(config_get(key))
+    return parse(value)
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
@@ -957,8 +1032,31 @@ def _pick(value: Any, key: str) -> Any:
     return config_get(key) if value is None else value
 
 
+# the parameters that default to a dask.config value, and its key
+_CONFIG_KEYS = {
+    "error_threshold": "error-threshold",
+    "output_action": "output-action",
+    "node_count": "node-count",
+    "process_count_per_node": "process-count-per-node",
+    "logging_level": "logging-level",
+    "run_invocation_timeout": "run-invocation-timeout",
+    "run_max_try": "run-max-try",
+    "output_format": "output-format",
+    "append_row_file_name": "append-row-file-name",
+    "allowed_failed_count": "allowed-failed-count",
+    "allowed_failed_percent": "allowed-failed-percent",
+}
+
+
 def _resolve(**kw: Any) -> ResolvedConfig:
-    """Fill defaults from dask.config and validate every parameter."""
+    """Fill defaults from dask.config and validate every parameter; a bad
+    default names the environment variable that set it, if one did."""
+    taken = {p: key for p, key in _CONFIG_KEYS.items() if kw[p] is None}
+    with named_as_set(taken):
+        return _resolve_values(**kw)
+
+
+def _resolve_values(**kw: Any) -> ResolvedConfig:
     source_directory = kw["source_directory"]
     script = check_entry_script(kw["entry_script"], source_directory)
 

@@ -47,6 +47,7 @@ from .delimited import (
     read_csv,
 )
 from .exceptions import ConfigError, DaskRunError, InputError
+from .notebook import progress_bar
 from .partitions import (
     PartitionBatch,
     PartitionFormat,
@@ -1135,15 +1136,13 @@ def _write_partitions(
     first file is written, and the files written are removed if a later
     one fails, so that a retry finds the target empty again.
     """
-    from tqdm.auto import tqdm
-
     fs, root = url_to_fs(base, **dict(storage_options))
     root = root.rstrip("/")
     for values in frame[list(keys)].drop_duplicates().itertuples(index=False):
         _hive_folder(keys, tuple(values))
     groups = frame.groupby(list(keys), sort=True, dropna=False)
     written: list[str] = []
-    bar = tqdm(
+    bar = progress_bar()(
         groups,
         total=groups.ngroups,
         desc="partition_by",

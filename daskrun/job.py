@@ -31,6 +31,7 @@ from . import output as _output
 from .cluster import EarlyStart, connect, dashboard_link
 from .config import (
     ParallelRunConfig,
+    ResolvedConfig,
     config_get,
     config_seconds,
     isolate_failures,
@@ -73,6 +74,7 @@ from .runner import (
     LostTasks,
     Tally,
     Unfinished,
+    check_thresholds,
     connected,
     run_mini_batches,
     threshold_error,
@@ -302,6 +304,8 @@ class Job:
         self.isolate = isolate_failures()
         self.unfinished: dict[int, Unfinished] = {}
         kept = self._restore(retry_failed) if resuming else []
+        # what this attempt stops at: see _attempt_limits
+        self.limits = self._resumed_limits() if resuming else self.cfg
         self.logs = JobLogs(
             self.run_dir / "logs",
             kept,
@@ -367,6 +371,31 @@ class Job:
                     self.succeeded[index] = 1
         return kept
 
+    def _resumed_limits(self) -> ResolvedConfig:
+        """On a resume whose earlier failures already exceed a threshold:
+        refuse one that would run nothing, in one line; else say so, and
+        return the limits this attempt stops at (:func:`_attempt_limits`)."""
+        left = self.state.count(Resumed.TO_RUN)
+        tally = replace(self.tally, all_scheduled=not left)
+        exceeded = check_thresholds(tally, self.cfg)
+        if exceeded is None:
+            return self.cfg
+        why = threshold_error(exceeded, tally, self.cfg, self.run_id)
+        if not left:
+            raise ConfigError(
+                f"nothing to run in run {self.run_id!r}: all its {self.total} "
+                f"mini-batches ran, and {why}; a resume keeps failures unless "
+                "told to retry them: fix their cause, then 'daskrun resume "
+                f"{self.run_id} --retry-failed' (add --new-source for an edited "
+                "script)"
+            )
+        self.console.say(
+            f"daskrun: run {self.run_id} stopped at {why.threshold}; running "
+            f"the {left} mini-batches that never ran (its failed ones run "
+            "again with --retry-failed)"
+        )
+        return _attempt_limits(self.cfg, self.tally)
+
     def pending(self, batches: Iterable[Any] | None = None) -> Iterator[Any]:
         """The mini-batches to run of ``batches`` (the plan's, else the
         mini-batches after a pilot's), lazily; a committed one the report
@@ -419,7 +448,10 @@ class Job:
             with (
                 self._connection() if self._early is None else self._early.use()
             ) as client:
-                exceeded = self._run_on(client)
+                # the run's thresholds judge how it ends, earlier failures too
+                exceeded = self._run_on(client) or check_thresholds(
+                    self.tally, self.cfg
+                )
             if exceeded:
                 error = str(
                     threshold_error(exceeded, self.tally, self.cfg, self.run_id)
@@ -559,7 +591,7 @@ class Job:
 
     def _run_batches(self, client: Any, batches: Iterator[Any]) -> Any:
         """:func:`run_mini_batches` over ``batches`` of the plan."""
-        cfg, plugin = self.cfg, self.plugin
+        cfg, plugin = self.limits, self.plugin
         return run_mini_batches(
             client,
             plugin.events_topic,
@@ -932,6 +964,34 @@ def _row_counts(row: dict[str, str]) -> Counts:
     )
 
 
+def _attempt_limits(cfg: ResolvedConfig, tally: Tally) -> ResolvedConfig:
+    """The thresholds a resumed attempt stops at: the run's, raised to the
+    failures earlier attempts counted where those already exceed them. So
+    a plain resume of a run stopped by a threshold runs the mini-batches
+    that never ran, and stops at its first new failure.
+
+    >>> from daskrun.config import ResolvedConfig
+    >>> cfg = ResolvedConfig("s.py", None, 2, "append_row", 1, 1, 10, "INFO",
+    ...                      60, 3, "out.txt", 0, None)
+    >>> limits = _attempt_limits(cfg, Tally(10, 4, 1, items_failed=5))
+    >>> limits.error_threshold, limits.allowed_failed_count
+    (5, 1)
+    """
+    raised: dict[str, float] = {
+        "error_threshold": cfg.error_threshold
+        if cfg.error_threshold == -1
+        else max(cfg.error_threshold, tally.items_failed)
+    }
+    if cfg.allowed_failed_count is not None:
+        raised["allowed_failed_count"] = max(
+            cfg.allowed_failed_count, tally.mini_batches_failed
+        )
+    if cfg.allowed_failed_percent is not None:
+        share = 100 * tally.mini_batches_failed / max(1, tally.mini_batches_total)
+        raised["allowed_failed_percent"] = max(cfg.allowed_failed_percent, share)
+    return replace(cfg, **raised)  # type: ignore[arg-type]
+
+
 def _covers(spans: Sequence[tuple[int, int]], n: int) -> bool:
     """Whether ``spans`` (sorted, ``[start, stop)``) cover items ``[0, n)``
     once each.
@@ -983,7 +1043,12 @@ def _register(
     try:
         client.register_plugin(plugin, name=plugin.name)
     except EntryScriptError as e:
-        raise JobFailedError(str(e), run_id=run_id) from None
+        # a resume of the same code would fail the same way
+        first, _, rest = str(e).partition("\n")
+        hint = f"; fix it, then 'daskrun resume {run_id} --new-source'"
+        raise JobFailedError(
+            first + hint + (f"\n{rest}" if rest else ""), run_id=run_id
+        ) from None
     except Exception as e:  # a worker died during init()
         lost = LostTasks(client, plugin.events_topic, timeout)
         hung = lost.init_timed_out()

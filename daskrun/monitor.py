@@ -47,6 +47,7 @@ from typing import IO, Any
 from .config import config_get
 from .datasets import FileBatch, MiniBatch, PartitionBatch
 from .forecast import Estimate
+from .notebook import in_notebook, notebook_widgets
 from .plugin import TryResult
 from .runner import Counts, Tally
 from .storage import private_file, private_folder, private_open, unsigned
@@ -670,9 +671,12 @@ class Console:
         self.stream: Any = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         # the widget goes to the cell being run: only for the kernel's own
-        # output, not for a stream the caller gave
+        # output, not for a stream the caller gave; a kernel without
+        # ipywidgets gets text lines
         self.notebook = (
-            stream is None and _in_notebook() if notebook is None else notebook
+            stream is None and show and in_notebook() and notebook_widgets()
+            if notebook is None
+            else notebook
         )
         self.interval = float(
             config_get("progress-interval") if interval is None else interval
@@ -833,12 +837,6 @@ def init_done(name: str, dask_worker: Any) -> bool:
     plugin = dask_worker.plugins.get(name)
     ready = getattr(plugin, "_ready", None)  # set when setup() ends
     return ready is not None and bool(ready.is_set())
-
-
-def _in_notebook() -> bool:
-    """Whether this is a Jupyter kernel (whose output is a notebook cell)."""
-    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
-    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
 class ConsoleFeed(Console):

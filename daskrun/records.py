@@ -131,6 +131,9 @@ class RunRecord:
     output: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     script: str = ""  # the entry script's path inside source.zip
+    # a digest of each bundle of code the run shipped, oldest first: a
+    # resume with new_source adds one (daskrun.sources)
+    source_digests: list[str] = field(default_factory=list)
     arguments: list[str] = field(default_factory=list)
     workspace: str | None = None
 

@@ -13,8 +13,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
-import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -67,11 +65,11 @@ from .records import (
 from .runner import (
     Interrupt,
 )
+from .sources import RunSource, bundle_digest
 from .storage import (
     private_file,
     private_folder,
     private_open,
-    private_tree,
     signature_hidden,
     unsigned,
 )
@@ -186,11 +184,13 @@ class StepRun:
         show_output: bool = False,
         replan: bool = False,
         inputs: Sequence[Any] | None = None,
+        new_source: bool = False,
     ) -> StepRun:
         """Run again only the mini-batches without a committed result (and,
         with ``retry_failed``, those that failed; with ``replan``, those
-        whose inputs changed); a run over a Dask collection needs it again
-        as ``inputs=[ddf]``; see :func:`resume`."""
+        whose inputs changed; with ``new_source``, with the entry script as
+        edited since); a run over a Dask collection needs it again as
+        ``inputs=[ddf]``; see :func:`resume`."""
         return resume(
             self.run_id,
             retry_failed=retry_failed,
@@ -198,6 +198,7 @@ class StepRun:
             workspace=self.workspace,
             replan=replan,
             inputs=inputs,
+            new_source=new_source,
         )
 
     def failed_items(
@@ -700,10 +701,12 @@ def _execute(
     retry_failed: bool = False,
     replan: bool = False,
     interrupt: Interrupt | None = None,
+    source: RunSource | None = None,
 ) -> StepRun:
     """Run a bound step as a :class:`~daskrun.job.Job`, with a new run
-    record or the one being resumed; a resume whose inputs changed is
-    refused unless ``replan``."""
+    record or the one being resumed (``source``: where its code is); a
+    resume whose inputs changed is refused unless ``replan``, one whose
+    code changed unless ``source.new_source``."""
     run_id = resume.run_id if resume else (step.run_id or new_run_id(step.name))
     root = step.workspace.runs_dir if step.workspace is not None else runs_dir()
     job = Job(
@@ -714,12 +717,16 @@ def _execute(
         models=None if step.workspace is None else model_refs(step.workspace),
         interrupt=interrupt,
     )
+    if source is not None:  # before any cluster starts
+        source.check(job.bundle[0])
     with job.opening():
         job.plan(resume.inputs_digest if resume else None, replan=replan)
         record = resume or _new_record(step, run_id, job.plugin, root)
         if resume is None:  # resume() holds the run's lock already
             job.hold(lock_run(record))
         job.open(record, resuming=resume is not None, retry_failed=retry_failed)
+        if source is not None:
+            source.keep(job.plugin.bundle)
     job.run(record)
     run = StepRun.from_record(record, step.workspace)
     run.dashboard_link = job.link
@@ -736,12 +743,18 @@ def resume(
     workspace: Any = None,
     replan: bool = False,
     inputs: Sequence[Any] | None = None,
+    new_source: bool = False,
 ) -> StepRun:
     """Resume a failed, canceled or interrupted run where it stopped.
 
     Mini-batches with a committed result are not run again; with
     ``retry_failed`` those that failed are run again too. The final output
-    is the same as an uninterrupted run's. The run's inputs are listed again;
+    is the same as an uninterrupted run's. The entry script's folder ships
+    as it is now; if its Python files changed since the run, the resume is
+    refused (:class:`~daskrun.ConfigError`, naming them) unless
+    ``new_source``, which runs the edited code on what is left: fix a
+    script, then resume. Where the folder is gone, the run's recorded copy
+    runs (see :mod:`daskrun.sources`). The run's inputs are listed again;
     if a file was added, removed or changed since the run, the resume is
     refused (:class:`~daskrun.InputError`) unless ``replan``, which keeps the
     committed mini-batches whose inputs are unchanged and runs the rest.
@@ -772,6 +785,7 @@ def resume(
             workspace=workspace,
             replan=replan,
             given=inputs,
+            new_source=new_source,
         )
 
 
@@ -785,6 +799,7 @@ def _resume(
     workspace: Any,
     replan: bool,
     given: Sequence[Any] | None = None,
+    new_source: bool = False,
 ) -> StepRun:
     run_id = record.run_id
     if workspace is None and record.workspace:
@@ -797,13 +812,17 @@ def _resume(
         )
     if given is None or record.kind == "collection":
         _check_credentials(record, storage_options, "resume()")
-    step = _rebuild(record, storage_options, compute_target, workspace, given)
+    source = RunSource(record, new_source)
+    step = _rebuild(
+        record, storage_options, compute_target, workspace, given, source.location()
+    )
     return _execute(
         step,
         console=Console(show_output),
         resume=record,
         retry_failed=retry_failed,
         replan=replan,
+        source=source,
     )
 
 
@@ -826,22 +845,17 @@ def _rebuild(
     compute_target: Any,
     workspace: Any,
     given: Sequence[Any] | None = None,
+    location: tuple[str, str | None] | None = None,
 ) -> ParallelRunStep:
-    """The step a run record describes: its source (unpacked into the run
+    """The step a run record describes: its code (``location``, the entry
+    script and its folder, else the recorded copy unpacked into the run
     folder), config, inputs (a Dask collection's: ``given`` again, checked),
     output and arguments."""
     run_id = record.run_id
-    source = record.folder / "source"
-    shutil.rmtree(source, ignore_errors=True)
-    with zipfile.ZipFile(record.folder / SOURCE) as zf:
-        zf.extractall(source)
-    private_tree(source)
+    script, folder = location or RunSource(record).unpacked()
     config = dict(record.config)
-    config.pop("source_directory")
-    config["entry_script"] = record.script
-    cfg = ParallelRunConfig(
-        source_directory=str(source), compute_target=compute_target, **config
-    )
+    config["entry_script"], config["source_directory"] = script, folder
+    cfg = ParallelRunConfig(compute_target=compute_target, **config)
     options = storage_options or {}
     inputs: list[Input]
     if record.kind == "collection":
@@ -951,6 +965,7 @@ def _new_record(
         output=step.output,
         config=asdict(step.config.resolved),
         script=plugin.script,
+        source_digests=[bundle_digest(plugin.bundle)],
         arguments=[str(a) for a in step.arguments],
     )
     private_folder(record.folder)

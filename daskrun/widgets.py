@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .monitor import _in_notebook
+from .notebook import in_notebook, notebook_widgets
 from .records import RunRecord
 
 TERMINAL = ("Completed", "Failed", "Canceled")
@@ -154,7 +154,7 @@ class RunDetails:
 
     def show(self) -> None:
         """Show the table; in a notebook, refresh it until the run ends."""
-        if not _in_notebook():
+        if not (in_notebook() and notebook_widgets()):
             print(self.text())
             return
         import ipywidgets

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -520,3 +521,19 @@ def execute_notebook(nb: Any, cwd: Path, kernel: str) -> Any:
 def cell_text(cell: Any) -> str:
     """What a notebook cell printed."""
     return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+def readme_notebook_cell() -> str:
+    """The Quick start's notebook cell, as README.md shows it."""
+    readme = (REPO / "README.md").read_text()
+    found = re.search(r"In a Jupyter notebook.*?```python\n(.*?)```", readme, re.S)
+    assert found, "README.md's Quick start has no notebook cell"
+    return found.group(1)
+
+
+def quick_start_blocks() -> list[str]:
+    """The Python blocks of README.md's Quick start, as written."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    assert '__main__":' not in re.sub(r"No `if __name__[^`]*` is needed", "", section)
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)

@@ -84,17 +84,21 @@ def test_failed_job_exits_1_and_names_the_cause(tmp_path: Path, runs_dir: Path) 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--mini-batch-size", "10 files"], "mini_batch_size='10 files' is not"),
-        (["--mini-batch-size", "0"], "mini_batch_size=0 must be at least 1"),
-        (["--error-threshold", "-5"], "error_threshold=-5 must be an int >= -1"),
-        (["--max-tries", "0"], "run_max_try=0"),
-        (["--timeout", "0"], "run_invocation_timeout=0"),
-        (["--name", "X"], "name='X' is not a valid step name"),
-        (["--allowed-failed-percent", "150"], "allowed_failed_percent=150.0"),
-        (["--append-row-file-name", "a/b"], "append_row_file_name='a/b'"),
+        # errors name the flags typed, not the Python arguments they map to
+        (["--mini-batch-size", "10 files"], "--mini-batch-size '10 files' is not"),
+        (["--mini-batch-size", "0"], "--mini-batch-size 0 must be at least 1"),
+        (
+            ["--error-threshold", "-5"],
+            "--error-threshold -5 must be an int >= -1; use e.g. --error-threshold 10",
+        ),
+        (["--max-tries", "0"], "--max-tries 0 must be an int >= 1"),
+        (["--timeout", "0"], "--timeout 0 must be an int >= 1"),
+        (["--name", "X"], "--name X is not a valid step name"),
+        (["--allowed-failed-percent", "150"], "--allowed-failed-percent 150.0 must"),
+        (["--append-row-file-name", "a/b"], "--append-row-file-name a/b must be"),
         (["--", "positional"], "must start with an option"),
         (["--", "--mini_batch_size", "3"], "reserved"),
-        (["--tabular", "--mini-batch-size", "1 MB"], "mini_batch_size='1 MB'"),
+        (["--tabular", "--mini-batch-size", "1 MB"], "--mini-batch-size '1 MB'"),
     ],
 )
 def test_bad_usage_exits_2_with_one_line(
@@ -127,7 +131,7 @@ def test_bad_usage_exits_2_with_one_line(
 @pytest.mark.parametrize(
     "script_body, inputs, message",
     [
-        (None, ["data"], "entry_script='missing.py' does not exist"),
+        (None, ["data"], "SCRIPT missing.py does not exist"),
         ("def init(): pass\n", ["data"], "does not define run()"),
         (SCRIPT, ["nowhere"], "input path 'nowhere' matches no files"),
         (SCRIPT, ["empty"], "input path 'empty' matches no files"),
@@ -201,7 +205,7 @@ def test_tabular_parquet_from_the_cli(tmp_path: Path, runs_dir: Path) -> None:
     "args, message",
     [
         (["--input", "", "--output", "out"], "input path '' is empty, which would"),
-        (["--input", "data", "--output", ""], "output='' is empty, which would"),
+        (["--input", "data", "--output", ""], "--output '' is empty, which would"),
     ],
 )
 def test_an_empty_input_or_output_is_refused(

@@ -124,10 +124,11 @@ def test_cli_run_that_cannot_take_a_mini_batch_fails_at_once(
     )
     assert result.returncode == 1, result.stderr
     cause = result.stderr.strip().splitlines()[-1]
+    (run_id,) = [p.name for p in runs_dir.iterdir() if p.is_dir()]
     assert cause == (
         "daskrun: job failed: run() of score.py takes `run(a, b, c)`; it must "
         "take one mini-batch: def run(mini_batch), or def run(mini_batch, "
-        "mini_batch_context)"
+        f"mini_batch_context); fix it, then 'daskrun resume {run_id} --new-source'"
     )
     assert not marker.exists()  # init() never ran
     assert "mini-batch 0 failed" not in result.stderr  # no mini-batch was tried
@@ -164,7 +165,8 @@ def test_run_signature_is_checked_on_the_workers(
     assert run.error is not None and shown in run.error
     assert run.error.endswith(
         "it must take one mini-batch: def run(mini_batch), or "
-        "def run(mini_batch, mini_batch_context)"
+        "def run(mini_batch, mini_batch_context); fix it, then "
+        f"'daskrun resume {run.run_id} --new-source'"
     )
     assert "\n" not in run.error
     assert run.mini_batches_failed == 0 and run.items_succeeded == 0
@@ -357,7 +359,7 @@ def test_data_beside_the_script_is_left_out_or_refused(
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("daskrun: error: source_directory=")
+    assert lines[0].startswith("daskrun: error: --source-directory ")
     assert "7 files, 500.0 MB" in lines[0]
     assert "largest: data/ (500.0 MB, 5 files)" in lines[0]
     assert f"list what is not code in {app.resolve() / '.daskrunignore'}" in lines[0]

@@ -10,7 +10,7 @@ from typing import Any
 import nbformat
 import pytest
 
-from .helpers import REPO, cell_text, execute_notebook
+from .helpers import REPO, cell_text, execute_notebook, readme_notebook_cell
 
 # in the test extra (scripts/install): a missing one fails, it is not skipped
 
@@ -92,14 +92,6 @@ def test_quickstart_notebook_shows_live_progress_and_run_details(
     assert "40 scores, total 780" in cell_text(summary_cell)
 
 
-def _readme_notebook_cell() -> str:
-    """The Quick start's notebook cell, as README.md shows it."""
-    readme = (REPO / "README.md").read_text()
-    found = re.search(r"In a Jupyter notebook.*?```python\n(.*?)```", readme, re.S)
-    assert found, "README.md's Quick start has no notebook cell"
-    return found.group(1)
-
-
 @pytest.mark.slow
 def test_readme_notebook_cell_runs_as_written(tmp_path: Path, kernel: str) -> None:
     (tmp_path / "score.py").write_text(
@@ -111,7 +103,7 @@ def test_readme_notebook_cell_runs_as_written(tmp_path: Path, kernel: str) -> No
     (tmp_path / "images").mkdir()
     for i in range(25):
         (tmp_path / "images" / f"img{i:02}.png").write_bytes(b"\x89PNG")
-    cell = _readme_notebook_cell()
+    cell = readme_notebook_cell()
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)])
     execute_notebook(nb, tmp_path, kernel)
     (ran,) = nb.cells

@@ -4,6 +4,7 @@ cannot be written, two runs into one folder. Real workers, real files."""
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -186,7 +187,10 @@ def test_unwritable_output_exits_2_before_any_work(
         timeout=120,
     )
     line = _one_line_error(result, 2)
-    assert line.startswith(f"daskrun: error: output={output!r} cannot "), line
+    # the flag the user typed
+    assert line.startswith(f"daskrun: error: --output {shlex.quote(output)} cannot "), (
+        line
+    )
     assert not runs_dir.exists()  # no run was started
 
 
@@ -199,7 +203,7 @@ def test_reserved_output_file_name_is_refused(tmp_path: Path, runs_dir: Path) ->
             "--append-row-file-name", name, cwd=tmp_path, runs=runs_dir,
         )  # fmt: skip
         line = _one_line_error(result, 2)
-        assert f"append_row_file_name={name!r} is a name daskrun writes" in line
+        assert f"--append-row-file-name {shlex.quote(name)} is a name daskrun" in line
 
 
 def test_an_earlier_daskrun_s_unfinished_final_file_is_not_data(

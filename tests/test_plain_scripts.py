@@ -16,7 +16,7 @@ import pytest
 
 from daskrun.monitor import DISTRIBUTED_LOG, distributed_log
 
-from .helpers import REPO, make_files, write_script
+from .helpers import make_files, quick_start_blocks, write_script
 
 JOB = """
 import daskrun
@@ -100,15 +100,8 @@ def test_a_script_without_main_guard_just_works(
     assert out.read_text().splitlines() == [f"f{i:05d}.txt" for i in range(5)]
 
 
-def _quick_start_blocks() -> list[str]:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
-    assert '__main__":' not in re.sub(r"No `if __name__[^`]*` is needed", "", section)
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
-
-
 def test_the_readme_quick_start_runs_as_written(tmp_path: Path, runs_dir: Path) -> None:
-    score, job = _quick_start_blocks()[:2]
+    score, job = quick_start_blocks()[:2]
     (tmp_path / "score.py").write_text(score)
     (tmp_path / "job.py").write_text(job)
     (tmp_path / "images").mkdir()
@@ -205,11 +198,13 @@ def test_workers_that_do_not_start_in_time_fail_the_step(
     [
         (
             {"DASK_DASKRUN__LOCAL_CLUSTER__START_TIMEOUT": "soon"},
-            "daskrun.local-cluster.start-timeout='soon' is not a number of seconds",
+            # named as the user set it
+            "DASK_DASKRUN__LOCAL_CLUSTER__START_TIMEOUT='soon' is not a number of "
+            "seconds",
         ),
         (
             {"DASK_DASKRUN__LOCAL_CLUSTER__MEMORY_LIMIT": "lots"},
-            "daskrun.local-cluster.memory-limit='lots' is not a memory size",
+            "DASK_DASKRUN__LOCAL_CLUSTER__MEMORY_LIMIT='lots' is not a memory size",
         ),
     ],
 )
@@ -261,11 +256,12 @@ def test_an_init_that_raises_leaves_distributed_out_of_the_terminal(
     done = _cli(tmp_path, runs_dir)
     assert done.returncode == 1, done.stderr
     _only_daskrun_lines(done.stderr)
-    *_, raised, _, _, cause = done.stderr.splitlines()
+    # the cause says how to go on: no other resume hint
+    *_, raised, _, cause = done.stderr.splitlines()
     assert raised == f"daskrun: raised at {tmp_path / 'score.py'}, line 2, in init"
     assert re.fullmatch(
         r"daskrun: job failed: init\(\) failed on worker-\d: "
-        r"ValueError: no model here",
+        r"ValueError: no model here; fix it, then 'daskrun resume \S+ --new-source'",
         cause,
     )
     assert "failed to setup" in _distributed_log(runs_dir)

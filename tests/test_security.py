@@ -141,13 +141,14 @@ def test_run_folders_and_logs_belong_to_their_owner(
         error_threshold=-1,
         process_count_per_node=1,
     )
-    # a resume unpacks the source into the run folder and writes logs again
+    # a resume writes logs again (its code is the script's folder, as the
+    # run's: source.zip stays the only copy in the run folder)
     resumed = run.resume(retry_failed=True)
     assert resumed.status == "Completed", resumed.error
     logs = Path(run.logs_dir)
     for name in ("job_error.txt", "user/stdout", "user/entry_script_log", "perf"):
         assert (logs / name).exists(), name
-    assert (Path(run.logs_dir).parent / "source" / "score.py").is_file()
+    assert (Path(run.logs_dir).parent / "source.zip").is_file()
     modes = {
         str(path.relative_to(runs_dir)): stat.S_IMODE(path.stat().st_mode)
         for path in [runs_dir, *runs_dir.rglob("*")]

@@ -27,6 +27,7 @@ REGISTRY = {
     "daskrun.pipeline",
     "daskrun.records",
     "daskrun.registry",
+    "daskrun.sources",
     "daskrun.step",
     "daskrun.widgets",
     "daskrun.workspace",
@@ -131,9 +132,9 @@ ENGINE = {
     f"daskrun.{name}"
     for name in (
         "aml auto cluster config dashboard datasets delimited exceptions fdcapture "
-        "forecast job jobqueue ledger maprun modelrefs monitor native output "
-        "packages partitions pilot plugin preflight resources runcontext runner "
-        "storage viaclient"
+        "forecast job jobqueue ledger maprun modelrefs monitor native notebook "
+        "output packages partitions pilot plugin preflight resources runcontext "
+        "runner storage viaclient"
     ).split()
 }
 
