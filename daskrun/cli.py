@@ -39,6 +39,7 @@ from .datasets import Dataset, FileDataset, TabularDataset
 from .exceptions import ConfigError, DaskRunError, InputError
 from .monitor import FAILED_ITEMS
 from .records import RunRecord, runs_dir
+from .report import write_report
 from .step import ParallelRunStep, StepRun, resume
 from .storage import private_folder, private_open
 from .workspace import Workspace
@@ -178,6 +179,11 @@ def _build_parser() -> argparse.ArgumentParser:
     show._sub = "runs show"
     show.add_argument("run_id", metavar="RUN_ID")
     show.add_argument("--json", action="store_true")
+    report = runs_sub.add_parser(
+        "report", help="(re)build a run's logs/report.html from its log folder"
+    )
+    report._sub = "runs report"
+    report.add_argument("run_id", metavar="RUN_ID")
     demo = subs.add_parser(
         "demo",
         help="the MNIST tutorial end to end on a local cluster",
@@ -217,7 +223,7 @@ def _build_parser() -> argparse.ArgumentParser:
         sub._sub = f"cluster {name}"
         if name == "serve":
             sub.add_argument("--processes", type=int, required=True)
-    for sub in (run, again, listing, show):
+    for sub in (run, again, listing, show, report):
         sub.add_argument(
             "--workspace",
             metavar="DIR",
@@ -533,7 +539,7 @@ def _start_shared(processes: int) -> int:
 
 
 # the commands of 'daskrun runs' and 'daskrun cluster'
-_NEEDS = {"runs": "list or show", "cluster": "start, stop or status"}
+_NEEDS = {"runs": "list, show or report", "cluster": "start, stop or status"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -587,6 +593,10 @@ def _dispatch(
             return _cmd_runs_list(args)
         if args.command == "runs" and args.runs_command == "show":
             return _cmd_runs_show(args)
+        if args.command == "runs" and args.runs_command == "report":
+            record = RunRecord.load(args.run_id, _root(args))
+            print(f"report: {write_report(record.folder)}")
+            return 0
         if args.command in _NEEDS:  # 'daskrun runs' without its command
             print(
                 f"daskrun: error: 'daskrun {args.command}' needs a command: "

@@ -63,6 +63,7 @@ from .monitor import (
 from .packages import PackageCheck, runs_here
 from .pilot import AutoSizes
 from .plugin import EntryScriptPlugin, InputSpec, SideInput, TryResult, build_bundle
+from .report import write_report
 from .resources import PerfLog
 from .runner import (
     Canceled,
@@ -224,6 +225,7 @@ class Job:
         # what an earlier attempt wrote, on a resume (see _restore)
         self._written: _output.Parts | None = None
         self._early: EarlyStart[Any] | None = None  # see plan()
+        self.report: Path | None = None  # logs/report.html, once written
 
     @contextlib.contextmanager
     def opening(self) -> Iterator[None]:
@@ -510,6 +512,8 @@ class Job:
         finally:
             self.timings["last_result"] = time.perf_counter() - self.started
             if connected(client):  # else it would wait for a scheduler gone
+                # the page shows the last counts, not those of a second ago
+                self.watch.tick(force=True)
                 _unregister(client, plugin.name)
             if self.perf is not None:
                 if connected(client):
@@ -654,6 +658,7 @@ class Job:
                     *self.auto.lines(),
                 ],
             )
+            self.report = _write_report(self.run_dir)
         finally:
             self.locks.close()
 
@@ -668,6 +673,8 @@ class Job:
                 tally.items_extra,
             )
         say(f"daskrun: {status}: {tally.progress()}")
+        if self.report is not None:  # before the cause, which comes last
+            say(f"daskrun: report: {self.report}")
         if status == "Failed" and error:
             say(f"daskrun: {error.splitlines()[0]}")
             # an init() that failed has its traceback in the error
@@ -1050,6 +1057,16 @@ class _Watch:
         if self.forecast is None:  # it never reached its run phase
             return []
         return self.forecast.lines(seconds, self.pace.busy)
+
+
+def _write_report(run_dir: Path) -> Path | None:
+    """``logs/report.html`` (:mod:`daskrun.report`); a report that cannot
+    be written never fails the job."""
+    try:
+        return write_report(run_dir)
+    except Exception as e:
+        logger.warning("run %s: no report.html: %s", run_dir.name, e)
+        return None
 
 
 def _user_frame(traceback: str | None, user: str) -> str | None:

@@ -10,6 +10,8 @@
       sys/job_report/failed_items.csv         every failed input and its error
       sys/distributed.log                     distributed's own log lines, the
                                               client's and the local workers'
+      sys/progress.csv                        the job's counts once a second
+      report.html                             the job's report (daskrun.report)
       user/entry_script_log/<agent>.txt       EntryScript().logger lines
       user/stdout/<agent>.txt                 what init() and run() printed
       perf/<agent>.csv                        the worker's CPU, memory and GPU
@@ -54,6 +56,19 @@ from .storage import private_file, private_folder, private_open, unsigned
 REPORT = Path("sys", "job_report", "processed_mini-batches.csv")
 FAILED_ITEMS = REPORT.with_name("failed_items.csv")
 DISTRIBUTED_LOG = Path("sys", "distributed.log")
+# the job's counts once a second, for the report's plot of progress over time
+HISTORY = Path("sys", "progress.csv")
+HISTORY_COLUMNS = (
+    "time",
+    "status",
+    "elapsed",
+    "mini_batches_done",
+    "mini_batches_total",
+    "mini_batches_failed",
+    "items_succeeded",
+    "items_failed",
+    "items_per_second",
+)
 # file names that are not UTF-8 (lone surrogates from os.fsdecode) are
 # written escaped, as \udce9, rather than failing the log
 _ESCAPE = "backslashreplace"
@@ -226,6 +241,13 @@ class JobLogs:
         self.logged: list[tuple[Any, ...]] = []
         self.workers: dict[str, WorkerStats] = collections.defaultdict(WorkerStats)
         self.latest_errors: collections.deque[str] = collections.deque(maxlen=10)
+        # a resumed run's history goes on after its earlier attempts
+        history = self.dir / HISTORY
+        new_history = not history.exists()
+        self._history: IO[str] = private_open(history, "a", newline="")  # close()
+        self._history_writer = csv.writer(self._history)
+        if new_history:
+            self._history_writer.writerow(HISTORY_COLUMNS)
         self.started = time.monotonic()
         # (when, mini-batches done, items ok) as init() ended everywhere
         self._run_phase: tuple[float, int, int] | None = None
@@ -306,6 +328,7 @@ class JobLogs:
         elif done > done0:
             eta = (total - done) * run_elapsed / (done - done0)
         return {
+            "time": time.time(),
             "status": status,
             "elapsed": elapsed,
             "mini_batches_done": done,
@@ -355,6 +378,17 @@ class JobLogs:
         with private_open(tmp, "w", errors=_ESCAPE) as f:
             f.write("\n".join(lines) + "\n")
         os.replace(tmp, self.dir / "job_progress_overview.txt")
+        if not self._history.closed:
+            self._history_writer.writerow(
+                [
+                    f"{snap['time']:.3f}",
+                    snap["status"],
+                    f"{snap['elapsed']:.3f}",
+                    *(snap[c] for c in HISTORY_COLUMNS[3:8]),
+                    f"{snap['items_per_second']:.3f}",
+                ]
+            )
+            self._history.flush()
 
     def failed_items(self, batch: MiniBatch, result: TryResult) -> None:
         """List the failed inputs of one mini-batch: each file of a failed
@@ -455,7 +489,7 @@ class JobLogs:
                 f.write(self.redact("".join(text)))
 
     def close(self) -> None:
-        for f in (self._report, self._failed, *self._user.values()):
+        for f in (self._report, self._failed, self._history, *self._user.values()):
             if not f.closed:
                 f.close()
 

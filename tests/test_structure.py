@@ -132,7 +132,7 @@ ENGINE = {
     for name in (
         "aml auto cluster config dashboard datasets delimited exceptions fdcapture "
         "forecast job jobqueue ledger modelrefs monitor native output packages "
-        "partitions pilot plugin resources runcontext runner storage"
+        "partitions pilot plugin report resources runcontext runner storage"
     ).split()
 }
 
