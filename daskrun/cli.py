@@ -37,7 +37,7 @@ from .config import (
 )
 from .datasets import Dataset, FileDataset, TabularDataset
 from .exceptions import ConfigError, DaskRunError, InputError
-from .monitor import FAILED_ITEMS
+from .monitor import FAILED_ITEMS, failure_lines, shown_by_console
 from .records import RunRecord, runs_dir
 from .report import write_report
 from .step import ParallelRunStep, StepRun, resume
@@ -325,7 +325,8 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         output=args.output,
         arguments=script_args,
     )
-    return _report(step.run(show_output=not args.quiet, workspace=_workspace(args)))
+    shown = not args.quiet
+    return _report(step.run(show_output=shown, workspace=_workspace(args)), shown)
 
 
 def _workspace(args: argparse.Namespace) -> Workspace | None:
@@ -453,22 +454,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return subprocess.run(command, check=False).returncode
 
 
-def _report(run: StepRun) -> int:
+def _report(run: StepRun, shown: bool) -> int:
+    """The run's last lines: where its output and logs are; of one that
+    did not complete, the resume hint and the cause
+    (:func:`~daskrun.monitor.failure_lines`), unless the job ``shown``
+    printed them."""
     if run.status == "Completed":
         print(f"output: {run.output_path or '-'}")
         print(f"logs: {run.logs_dir}")
         return 0
-    print(f"logs: {run.logs_dir}", file=sys.stderr)
-    if f"daskrun resume {run.run_id}" not in (run.error or ""):
-        again = " --retry-failed" if run.mini_batches_failed else ""
-        print(
-            f"daskrun: resume with: daskrun resume {run.run_id}{again}",
-            file=sys.stderr,
-        )
-    # the cause last, where a terminal leaves the eye; its traceback, if
-    # any, is in the logs (job_error.txt)
-    cause = run.error.splitlines()[0] if run.error else run.error
-    print(f"daskrun: job {run.status.lower()}: {cause}", file=sys.stderr)
+    if not (shown and run.status == "Failed"):  # else the job printed them
+        for line in failure_lines(
+            run.run_id, run.logs_dir, run.status, run.error, run.mini_batches_failed
+        ):
+            print(line, file=sys.stderr)
     return 1
 
 
@@ -552,6 +551,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        # a run's own lines are printed by daskrun's handler (monitor.py)
+        handler.setLevel(logging.WARNING)
+        handler.addFilter(lambda record: not shown_by_console(record))
     try:
         status = _dispatch(parser, args, script_args)
         sys.stdout.flush()  # a reader gone ('| head') shows here at the latest
@@ -583,7 +586,8 @@ def _dispatch(
                     compute_target=args.scheduler,
                     workspace=_workspace(args),
                     inputs=None if args.input is None else [args.input],
-                )
+                ),
+                not args.quiet,
             )
         if args.command == "demo":
             return _cmd_demo(args)

@@ -18,7 +18,6 @@ import itertools
 import logging
 import os
 import re
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -56,6 +55,7 @@ from .monitor import (
     JobLogs,
     Pace,
     distributed_log,
+    failure_lines,
     init_done,
     read_failed_spans,
     read_report,
@@ -398,7 +398,8 @@ class Job:
             self.console.say(
                 f"daskrun: mini-batch {result.index} failed after {tries} "
                 f"{'try' if tries == 1 else 'tries'} on {result.worker}: "
-                f"{result.error}"
+                f"{result.error}",
+                logging.WARNING,
             )
 
     def run(self, record: Record) -> str:
@@ -435,15 +436,16 @@ class Job:
             error = str(e)
         except Canceled as e:
             status, error = "Canceled", str(e)
-            self.console.say(f"daskrun: {e}")
+            self.console.say(f"daskrun: {e}", logging.WARNING)
             self.console.say(
-                f"daskrun: canceled; resume with: daskrun resume {self.run_id}"
+                f"daskrun: canceled; resume with: daskrun resume {self.run_id}",
+                logging.WARNING,
             )
         except KeyboardInterrupt:
             status, error = "Canceled", "canceled by the user (KeyboardInterrupt)"
-            print(
+            self.console.say(
                 f"daskrun: canceled; resume with: daskrun resume {self.run_id}",
-                file=sys.stderr,
+                logging.WARNING,
             )
             raise
         finally:
@@ -672,18 +674,24 @@ class Job:
                 self.run_id,
                 tally.items_extra,
             )
-        say(f"daskrun: {status}: {tally.progress()}")
+        failed = status == "Failed"
+        level = logging.ERROR if failed else logging.INFO
+        say(f"daskrun: {status}: {tally.progress()}", level)
         if self.report is not None:  # before the cause, which comes last
-            say(f"daskrun: report: {self.report}")
-        if status == "Failed" and error:
-            say(f"daskrun: {error.splitlines()[0]}")
+            say(f"daskrun: report: {self.report}", level)
+        if failed and error:
             # an init() that failed has its traceback in the error
             where = _user_frame(
                 tally.first_failure.traceback if tally.first_failure else error,
                 self.cfg.source_directory or self.cfg.entry_script,
             )
             if where:
-                say(f"daskrun: raised at {where}")
+                say(f"daskrun: raised at {where}", level)
+        if failed:  # as the CLI prints them: the cause last, once
+            for line in failure_lines(
+                self.run_id, self.logs.dir, status, error, tally.mini_batches_failed
+            ):
+                say(line, level)
 
     def _entry_script_plugin(self, output_path: str) -> EntryScriptPlugin:
         step, cfg, target, run_id = self.step, self.cfg, self.target, self.run_id

@@ -676,14 +676,90 @@ class _ExitTracebackToLog:
         return getattr(self._stream, name)
 
 
+def failure_lines(
+    run_id: str,
+    logs_dir: str | os.PathLike[str],
+    status: str,
+    error: str | None,
+    mini_batches_failed: int,
+) -> list[str]:
+    """The last lines of a run that did not complete: its log folder, how to
+    resume it (unless its error says so), and its cause, once.
+
+    >>> for line in failure_lines("s_1", "runs/s_1/logs", "Failed", "boom", 2):
+    ...     print(line)
+    logs: runs/s_1/logs
+    daskrun: resume with: daskrun resume s_1 --retry-failed
+    daskrun: job failed: boom
+    """
+    lines = [f"logs: {logs_dir}"]
+    if f"daskrun resume {run_id}" not in (error or ""):
+        again = " --retry-failed" if mini_batches_failed else ""
+        lines.append(f"daskrun: resume with: daskrun resume {run_id}{again}")
+    cause = error.splitlines()[0] if error else error
+    lines.append(f"daskrun: job {status.lower()}: {cause}")
+    return lines
+
+
+# the lines a run shows: progress (off a terminal), the summary, failures
+progress_logger = logging.getLogger("daskrun.progress")
+
+
+class TerminalHandler(logging.Handler):
+    """daskrun's default handler, on the ``daskrun`` logger: it prints the
+    records a :class:`Console` logs on that console (above its progress bar),
+    when the console shows output (``show_output=True``); other records pass
+    it by. Records go on up to the root logger as any library's do, so a
+    handler of one's own, or a level (``logging.getLogger("daskrun")
+    .setLevel(logging.WARNING)`` keeps failures and the summary of a failed
+    run, not progress), works as usual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addFilter(shown_by_console)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            console = record.__dict__["daskrun_console"]
+            if console.show:
+                console.write(record.getMessage())
+        except Exception:
+            self.handleError(record)
+
+
+def shown_by_console(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is a line a :class:`Console` logged (and daskrun's
+    terminal handler prints): for another handler to the terminal to skip."""
+    return "daskrun_console" in record.__dict__
+
+
+_terminal_lock = threading.Lock()
+_terminal_installed = False
+
+
+def _install_terminal_handler() -> None:
+    """Give the ``daskrun`` logger its :class:`TerminalHandler` (once, so
+    one a user removed stays removed) and, where no level is set, INFO."""
+    global _terminal_installed
+    with _terminal_lock:
+        if _terminal_installed:
+            return
+        _terminal_installed = True
+        top = logging.getLogger("daskrun")
+        if top.level == logging.NOTSET:
+            top.setLevel(logging.INFO)
+        top.addHandler(TerminalHandler())
+
+
 class Console:
     """The terminal's (or notebook's) view of a run.
 
     On a terminal: a tqdm progress bar of mini-batches with items ok,
     failed, items/s and ETA; in a Jupyter kernel the same bar as a widget
     (``tqdm.auto``). Otherwise (CI logs, files): one plain line at most every
-    ``interval`` seconds, and one at the end. ``say`` prints a line above the
-    bar.
+    ``interval`` seconds, and one at the end. ``say`` logs a line (logger
+    ``daskrun.progress``), which daskrun's :class:`TerminalHandler` prints
+    above the bar.
 
     A run has two phases: ``init()`` on the workers (:meth:`initializing`,
     which shows the workers ready out of the total and no ETA), then the
@@ -719,10 +795,15 @@ class Console:
         self._run_done = 0  # mini-batches done then (a resume's earlier ones)
         self._run_items = 0  # items ok then
         self._forecast: Estimate | None = None  # the latest, after the pilot
+        _install_terminal_handler()
 
-    def say(self, line: str) -> None:
-        if not self.show:
-            return
+    def say(self, line: str, level: int = logging.INFO) -> None:
+        """Log ``line`` as a record of ``daskrun.progress``; shown here by
+        daskrun's terminal handler when this console shows output."""
+        progress_logger.log(level, line, extra={"daskrun_console": self})
+
+    def write(self, line: str) -> None:
+        """Print ``line`` on this console, above its progress bar."""
         if self._bar is not None:
             self._bar.write(line, file=self.stream)
         else:
@@ -773,7 +854,7 @@ class Console:
         if self._bar is not None:
             if changed:
                 self._bar.set_description_str(text + " ")
-        elif changed or (at or time.monotonic()) - self._last >= self.interval:
+        elif changed:  # off a terminal: a line when the count changes
             self._last = at or time.monotonic()
             self.say(f"daskrun: {text}, 0/{self._total} mini-batches")
 
@@ -887,8 +968,8 @@ class ConsoleFeed(Console):
         self._latest: tuple[float, Tally, Pace | None, Estimate | None] | None = None
         self._lock = threading.Lock()
 
-    def say(self, line: str) -> None:
-        self._calls.put(("say", time.monotonic(), line))
+    def say(self, line: str, level: int = logging.INFO) -> None:
+        self._calls.put(("say", time.monotonic(), (line, level)))
 
     def start(self, total: int, done: int = 0) -> None:
         self._calls.put(("start", time.monotonic(), (total, done)))
@@ -928,7 +1009,7 @@ class ConsoleFeed(Console):
             except queue.Empty:
                 return
             if name == "say":
-                console.say(arg)
+                console.say(*arg)
             elif name == "start":
                 console.start(*arg)
             elif name == "initializing":

@@ -132,8 +132,16 @@ class Tally:
         self.items_extra += counts.extra
 
     def progress(self) -> str:
+        """The counts in words, for a job's last line.
+
+        >>> Tally(mini_batches_total=5, mini_batches_done=3,
+        ...       mini_batches_failed=1).progress()
+        '3 of 5 mini-batches done (1 failed); 0 items ok, 0 failed'
+        """
+        failed = self.mini_batches_failed
         return (
-            f"{self.mini_batches_done}/{self.mini_batches_total} mini-batches, "
+            f"{self.mini_batches_done} of {self.mini_batches_total} mini-batches "
+            f"done{f' ({failed} failed)' if failed else ''}; "
             f"{self.items_succeeded} items ok, {self.items_failed} failed"
         )
 

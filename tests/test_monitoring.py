@@ -184,7 +184,7 @@ def test_plain_progress_lines_in_a_file(tmp_path: Path) -> None:
     assert "\r" not in text and "%|" not in text  # no bar in a file
     lines = re.findall(r"daskrun: (\d+)/60 mini-batches, .* items/s", text)
     assert 1 <= len(lines) <= elapsed / 2 + 1, text
-    assert "daskrun: Completed: 60/60 mini-batches" in text
+    assert "daskrun: Completed: 60 of 60 mini-batches done; 60 items ok" in text
 
 
 FAILING_SCRIPT = """\
