@@ -634,8 +634,8 @@ class Job:
             self.console.close()
             if self.perf is not None:  # init() failed: _run_on did not get far
                 self.perf.close()
-            self.watch.tick(status, force=True)
             seconds = time.perf_counter() - self.started
+            self.watch.tick(status, force=True, actual=seconds)
             record.end(
                 status,
                 error,
@@ -1033,9 +1033,13 @@ class _Watch:
     def restart_forecast(self, forecast: Forecast) -> None:
         """Forecast afresh from here (the mini-batches' size changed: an
         auto pilot ended), from a pilot of what is left."""
-        self.forecast, self._since = forecast, (self.pace.finished, self.pace.busy)
+        self.forecast, self._since = forecast, (self.pace.finished, self.tally.busy)
 
-    def tick(self, status: str = "Running", force: bool = False) -> None:
+    def tick(
+        self, status: str = "Running", force: bool = False, actual: float | None = None
+    ) -> None:
+        """Update the views; ``actual``: the job's seconds, once it ended
+        (the overview then gives them beside the forecast)."""
         now_ = time.monotonic()
         due = force or now_ - self._last >= 1.0
         tally, forecast = self.tally, self.forecast
@@ -1045,12 +1049,18 @@ class _Watch:
                 tally.mini_batches_done,
                 tally.mini_batches_total,
                 self.pace.finished - self._since[0],
-                self.pace.busy - self._since[1],
+                # every try's seconds: retries and isolation take time too
+                tally.busy - self._since[1],
             )
             if forecast is not None and status == "Running"
             else None
         )
-        snap = self.logs.snapshot(tally, status, self.pace, estimate) if due else None
+        shown = estimate
+        if actual is not None and forecast is not None:
+            shown = forecast.made  # the one made as the pilot ended
+        snap = (
+            self.logs.snapshot(tally, status, self.pace, shown, actual) if due else None
+        )
         self.console.update(tally, pace=self.pace, forecast=estimate)
         if snap is None:
             return
@@ -1064,7 +1074,7 @@ class _Watch:
         job's actual cost over ``seconds``."""
         if self.forecast is None:  # it never reached its run phase
             return []
-        return self.forecast.lines(seconds, self.pace.busy)
+        return self.forecast.lines(seconds, self.tally.busy)
 
 
 def _write_report(run_dir: Path) -> Path | None:

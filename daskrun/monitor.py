@@ -309,9 +309,11 @@ class JobLogs:
         status: str,
         pace: Pace | None = None,
         forecast: Estimate | None = None,
+        actual: float | None = None,
     ) -> dict[str, Any]:
         """The job's state, for the overview file and the dashboard page;
-        ``forecast``: the job's, once its pilot is over."""
+        ``forecast``: the job's, once its pilot is over; ``actual``: the
+        job's seconds, once it has ended."""
         now_ = time.monotonic()
         elapsed = now_ - self.started
         done, total = tally.mini_batches_done, tally.mini_batches_total
@@ -338,7 +340,8 @@ class JobLogs:
             "items_failed": tally.items_failed,
             "items_per_second": rate,
             "eta_seconds": eta,
-            "forecast": None if forecast is None else forecast.text(),
+            "forecast": None if forecast is None else forecast.figures(),
+            "actual_seconds": actual,
             "workers": {
                 name: {
                     "mini_batches": w.mini_batches,
@@ -362,8 +365,7 @@ class JobLogs:
             f"items: {snap['items_succeeded']} ok, {snap['items_failed']} failed",
             f"speed: {snap['items_per_second']:.1f} items/s",
             f"eta: {'-' if eta is None else f'{eta:.0f} s'}",
-            # absent before the pilot is over (daskrun.forecast)
-            f"forecast: {snap.get('forecast') or '- (pilot running)'}",
+            _forecast_line(snap),
             "workers:",
         ]
         for name, w in snap["workers"].items():
@@ -492,6 +494,17 @@ class JobLogs:
         for f in (self._report, self._failed, self._history, *self._user.values()):
             if not f.closed:
                 f.close()
+
+
+def _forecast_line(snap: Mapping[str, Any]) -> str:
+    """The overview's ``forecast:`` line (:mod:`daskrun.forecast`): none
+    while the pilot runs; once the job ended, the forecast made as the pilot
+    ended beside the actual time."""
+    forecast, actual = snap.get("forecast"), snap.get("actual_seconds")
+    if actual is None:
+        return f"forecast: {forecast or '- (pilot running)'}"
+    made = f"{forecast} (as the pilot ended)" if forecast else "- (no pilot ended)"
+    return f"forecast: {made}; actual: {actual:.0f} s"
 
 
 def _paths(batch: MiniBatch) -> list[str] | None:

@@ -67,6 +67,9 @@ class Tally:
     items_extra: int = 0
     all_scheduled: bool = False
     first_failure: Failure | None = None
+    # seconds the workers spent on this attempt's tries, every one: those
+    # that failed and were retried, and the pieces of isolated mini-batches
+    busy: float = 0.0
     # the items of a mini-batch that failed before they were counted and
     # whose rows cannot be read (a CSV range pandas cannot parse); 1 when
     # not given
@@ -1004,7 +1007,9 @@ def run_mini_batches(
             group = pending.pop(future)
             if isinstance(outcome, list):
                 results: list[TryResult] = outcome
-                sizer.observe(sum(r.seconds for r in results), len(results))
+                seconds = sum(r.seconds for r in results)
+                sizer.observe(seconds, len(results))
+                tally.busy += seconds  # the forecast's pace (daskrun.forecast)
             else:  # the worker died, or the task was lost or cancelled
                 if not connected(client):  # distributed cancelled them all
                     raise ClusterLostError(address)
