@@ -37,6 +37,7 @@ from .config import (
 )
 from .datasets import Dataset, FileDataset, TabularDataset
 from .exceptions import ConfigError, DaskRunError, InputError
+from .job import Interrupted
 from .monitor import FAILED_ITEMS, failure_lines, shown_by_console
 from .records import RunRecord, runs_dir
 from .report import write_report
@@ -616,6 +617,7 @@ def _dispatch(
     except DaskRunError as e:
         print(f"daskrun: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("daskrun: canceled", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if not isinstance(e, Interrupted):  # else the job said so
+            print("daskrun: canceled", file=sys.stderr)
         return 130

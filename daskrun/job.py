@@ -81,6 +81,11 @@ from .storage import FileLock, describe_error, secret_values, within
 logger = logging.getLogger("daskrun")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a job, raised again once the job has said it was
+    canceled and how to resume it (the CLI then adds nothing)."""
+
+
 class Resumed(enum.IntEnum):
     """What a resume knows of a mini-batch before it runs anything."""
 
@@ -436,18 +441,20 @@ class Job:
             error = str(e)
         except Canceled as e:
             status, error = "Canceled", str(e)
+            self.console.close()  # the bar's last state, then these lines
             self.console.say(f"daskrun: {e}", logging.WARNING)
             self.console.say(
                 f"daskrun: canceled; resume with: daskrun resume {self.run_id}",
                 logging.WARNING,
             )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             status, error = "Canceled", "canceled by the user (KeyboardInterrupt)"
+            self.console.close()  # the bar's last state, then these lines
             self.console.say(
                 f"daskrun: canceled; resume with: daskrun resume {self.run_id}",
                 logging.WARNING,
             )
-            raise
+            raise Interrupted(*e.args) from None
         finally:
             # however the job ended, its error is recorded and shown without
             # the run's credentials (a SAS signature anywhere in it too)

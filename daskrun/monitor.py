@@ -895,10 +895,9 @@ class Console:
         self._forecast = forecast
         now = time.monotonic() if at is None else at
         if self._bar is not None:
+            # the text with the count: a frame never shows one without the other
+            self._bar.set_postfix_str(self._speed(tally, now, pace), refresh=False)
             self._bar.update(tally.mini_batches_done - self._bar.n)
-            if now - self._last >= 0.5 or tally.mini_batches_done == self._total:
-                self._last = now
-                self._bar.set_postfix_str(self._speed(tally, now, pace), refresh=False)
         elif now - self._last >= self.interval:
             self._last = now
             self.say(self.line(tally, now, pace))

@@ -5,12 +5,22 @@ whether daskrun's own terminal handler prints them."""
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from .helpers import POISON_SCRIPT, REPO, daskrun, poison_files, write_script
+from .helpers import (
+    POISON_SCRIPT,
+    REPO,
+    SLOW_SCRIPT,
+    daskrun,
+    make_files,
+    poison_files,
+    write_script,
+)
 
 # a user's program: its own handler on "daskrun", then runs of a step whose
 # file 2 fails; prints what its handler got, as JSON, on stdout
@@ -136,3 +146,33 @@ def test_cli_failure_cause_once(tmp_path: Path) -> None:
     *_, logs, hint, last = lines
     assert logs.startswith("logs: ") and hint.startswith("daskrun: resume with: ")
     assert last.startswith("daskrun: job failed: error_threshold=0 exceeded")
+
+
+def test_ctrl_c_lines_in_order(tmp_path: Path) -> None:
+    """Ctrl-C: the job's last progress line, then that it was canceled and
+    how to resume, last and once."""
+    make_files(tmp_path / "in", 200)
+    write_script(tmp_path, SLOW_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daskrun", "run", "score.py", "--input", "in",
+         "--output", "out", "--mini-batch-size", "1", "--processes", "2"],
+        cwd=tmp_path,
+        env={**_env(), "DASK_DASKRUN__RUNS_DIR": str(tmp_path / "runs"),
+             "DASK_DASKRUN__PROGRESS_INTERVAL": "0.2"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # Ctrl-C once mini-batches are done
+        seen.append(line.rstrip("\n"))
+        if re.match(r"daskrun: [1-9]\d*/200 mini-batches", line):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 130, rest
+    lines = [*seen, *rest.splitlines()]
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    hint = f"daskrun: canceled; resume with: daskrun resume {run_dir.name}"
+    assert lines[-1] == hint, lines
+    assert sum("canceled" in line for line in lines) == 1, lines
