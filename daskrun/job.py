@@ -609,7 +609,9 @@ class Job:
         if self.resource_interval is None:
             return
         self.perf = PerfLog(
-            self.logs.dir / "perf", self.console.say, describe=self._describe
+            self.logs.dir / "perf",
+            lambda line: self.console.say(line, logging.WARNING),
+            describe=self._describe,
         )
         client.subscribe_topic(self.plugin.perf_topic, self.perf.add)
 
