@@ -41,8 +41,10 @@ from .config import (
 )
 from .datasets import Dataset, FileDataset, TabularDataset
 from .exceptions import ConfigError, DaskRunError, InputError
-from .monitor import FAILED_ITEMS
+from .job import Interrupted
+from .monitor import FAILED_ITEMS, failure_lines, shown_by_console
 from .records import RunRecord, runs_dir
+from .report import write_report
 from .step import ParallelRunStep, StepRun, resume
 from .storage import private_folder, private_open
 from .workspace import Workspace
@@ -270,6 +272,11 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one JSON object, with its steps (default: off, a list)",
     )
+    report = runs_sub.add_parser(
+        "report", help="(re)build a run's logs/report.html from its log folder"
+    )
+    report._sub = "runs report"
+    report.add_argument("run_id", metavar="RUN_ID", help="the run's id")
     demo = subs.add_parser(
         "demo",
         help="the MNIST tutorial end to end on a local cluster",
@@ -327,7 +334,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--processes", type=int, required=True, help="worker processes (required)"
     )
-    for sub in (run, again, listing, show):
+    for sub in (run, again, listing, show, report):
         sub.add_argument(
             "--workspace",
             metavar="DIR",
@@ -430,7 +437,8 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         output=args.output,
         arguments=script_args,
     )
-    return _report(step.run(show_output=not args.quiet, workspace=_workspace(args)))
+    shown = not args.quiet
+    return _report(step.run(show_output=shown, workspace=_workspace(args)), shown)
 
 
 def _workspace(args: argparse.Namespace) -> Workspace | None:
@@ -559,22 +567,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return subprocess.run(command, check=False).returncode
 
 
-def _report(run: StepRun) -> int:
+def _report(run: StepRun, shown: bool) -> int:
+    """The run's last lines: where its output and logs are; of one that
+    did not complete, the resume hint and the cause
+    (:func:`~daskrun.monitor.failure_lines`), unless the job ``shown``
+    printed them."""
     if run.status == "Completed":
         print(f"output: {run.output_path or '-'}")
         print(f"logs: {run.logs_dir}")
         return 0
-    print(f"logs: {run.logs_dir}", file=sys.stderr)
-    if f"daskrun resume {run.run_id}" not in (run.error or ""):
-        again = " --retry-failed" if run.mini_batches_failed else ""
-        print(
-            f"daskrun: resume with: daskrun resume {run.run_id}{again}",
-            file=sys.stderr,
-        )
-    # the cause last, where a terminal leaves the eye; its traceback, if
-    # any, is in the logs (job_error.txt)
-    cause = run.error.splitlines()[0] if run.error else run.error
-    print(f"daskrun: job {run.status.lower()}: {cause}", file=sys.stderr)
+    if not (shown and run.status == "Failed"):  # else the job printed them
+        for line in failure_lines(
+            run.run_id, run.logs_dir, run.status, run.error, run.mini_batches_failed
+        ):
+            print(line, file=sys.stderr)
     return 1
 
 
@@ -717,7 +723,7 @@ def _in_cli_terms(message: str) -> str:
 
 
 # the commands of 'daskrun runs' and 'daskrun cluster'
-_NEEDS = {"runs": "list or show", "cluster": "start, stop or status"}
+_NEEDS = {"runs": "list, show or report", "cluster": "start, stop or status"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -730,6 +736,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        # a run's own lines are printed by daskrun's handler (monitor.py)
+        handler.setLevel(logging.WARNING)
+        handler.addFilter(lambda record: not shown_by_console(record))
     try:
         status = _dispatch(parser, args, script_args)
         sys.stdout.flush()  # a reader gone ('| head') shows here at the latest
@@ -762,7 +772,8 @@ def _dispatch(
                     compute_target=args.scheduler,
                     workspace=_workspace(args),
                     inputs=None if args.input is None else [args.input],
-                )
+                ),
+                not args.quiet,
             )
         if args.command == "demo":
             return _cmd_demo(args)
@@ -772,6 +783,10 @@ def _dispatch(
             return _cmd_runs_list(args)
         if args.command == "runs" and args.runs_command == "show":
             return _cmd_runs_show(args)
+        if args.command == "runs" and args.runs_command == "report":
+            record = RunRecord.load(args.run_id, _root(args))
+            print(f"report: {write_report(record.folder)}")
+            return 0
         if args.command in _NEEDS:  # 'daskrun runs' without its command
             print(
                 f"daskrun: error: 'daskrun {args.command}' needs a command: "
@@ -787,6 +802,7 @@ def _dispatch(
     except DaskRunError as e:
         print(f"daskrun: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("daskrun: canceled", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if not isinstance(e, Interrupted):  # else the job said so
+            print("daskrun: canceled", file=sys.stderr)
         return 130

@@ -167,20 +167,32 @@ class PageHandler(web.RequestHandler):
             )
 
     def get(self) -> None:
-        self.write(_page())
+        # the job's state as it is now, drawn at first paint; then refreshed
+        self.write(_page(_current(self.scheduler)))
 
 
 class PlotsHandler(PageHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "application/json")
-        history = _history(self.scheduler)
-        perf = _samples(self.scheduler, history[-1]["run_id"]) if history else {}
-        self.write(json.dumps(_plots(history, perf)))
+        self.write(json.dumps(_current(self.scheduler)))
 
 
-def _page() -> str:
+def _current(scheduler: Any) -> dict[str, Any]:
+    """The latest job's summary and plots (``{"run_id": None}`` before any)."""
+    history = _history(scheduler)
+    perf = _samples(scheduler, history[-1]["run_id"]) if history else {}
+    return _plots(history, perf)
+
+
+def _page(data: dict[str, Any]) -> str:
+    """The page, showing ``data`` (:func:`_plots`) before any script runs."""
     from bokeh.resources import INLINE
 
+    run = html.escape(data["run_id"] or "waiting for a job…")
+    summary = data.get("summary", "")
+    errors = data.get("errors", "<li>none</li>")
+    # inside <script>: no "</" may close it early
+    first = json.dumps(data).replace("</", "<\\/")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>daskrun job</title>
 {INLINE.render_js()}
@@ -191,18 +203,14 @@ body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
 #errors li {{ color: #a00; font-family: monospace; }}
 </style></head>
 <body>
-<h2>daskrun: <span id="run">waiting for a job…</span></h2>
-<table id="summary"></table>
+<h2>daskrun: <span id="run">{run}</span></h2>
+<table id="summary">{summary}</table>
 <div class="plots"><div id="progress"></div><div id="workers"></div></div>
 <h3>Resources per worker</h3>
 <div class="plots"><div id="memory"></div><div id="cpu"></div><div id="gpu"></div></div>
-<h3>Latest errors</h3><ul id="errors"><li>none</li></ul>
+<h3>Latest errors</h3><ul id="errors">{errors}</ul>
 <script>
-async function refresh() {{
-  const here = location.pathname;
-  const reply = await fetch(
-    (here.endsWith("/") ? here : here + "/") + "plots" + location.search);
-  const data = await reply.json();
+async function draw(data) {{
   if (!data.run_id) return;
   document.getElementById("run").textContent = data.run_id;
   document.getElementById("summary").innerHTML = data.summary;
@@ -215,7 +223,13 @@ async function refresh() {{
     el.dataset.rendered = "1";
   }}
 }}
-refresh();
+async function refresh() {{
+  const here = location.pathname;
+  const reply = await fetch(
+    (here.endsWith("/") ? here : here + "/") + "plots" + location.search);
+  await draw(await reply.json());
+}}
+draw({first});
 setInterval(refresh, {REFRESH_MS});
 </script></body></html>"""
 
@@ -224,11 +238,29 @@ def _plots(
     history: list[dict[str, Any]], perf: dict[str, list[dict[str, Any]]] | None = None
 ) -> dict[str, Any]:
     from bokeh.embed import json_item
-    from bokeh.models import ColumnDataSource, FactorRange, Range1d
-    from bokeh.plotting import figure
 
     if not history:
         return {"run_id": None}
+    last = history[-1]
+    t0 = history[0]["time"] - history[0]["elapsed"]
+    plots = {
+        "run_id": last["run_id"],
+        "summary": summary_html(last),
+        "errors": errors_html(last["latest_errors"]),
+        "progress": json_item(progress_figure(history)),
+        "workers": json_item(workers_figure(last["workers"])),
+    }
+    for name, figure_ in resource_figures(perf or {}, t0).items():
+        plots[name] = json_item(figure_)
+    return plots
+
+
+def progress_figure(history: list[dict[str, Any]]) -> Any:
+    """Mini-batches done and failed over the job's seconds, from its
+    snapshots (:meth:`daskrun.monitor.JobLogs.snapshot`, with ``time``)."""
+    from bokeh.models import ColumnDataSource, Range1d
+    from bokeh.plotting import figure
+
     last = history[-1]
     t0 = history[0]["time"] - history[0]["elapsed"]
     source = ColumnDataSource(
@@ -257,18 +289,31 @@ def _plots(
         legend_label="failed",
     )
     progress.legend.location = "top_left"
-    names = list(last["workers"]) or ["-"]
-    rates = [last["workers"].get(n, {}).get("items_per_second", 0.0) for n in names]
-    workers = figure(
+    return progress
+
+
+def workers_figure(workers: dict[str, dict[str, Any]]) -> Any:
+    """Each worker's items/s in ``run()``, as bars."""
+    from bokeh.models import FactorRange, Range1d
+    from bokeh.plotting import figure
+
+    names = list(workers) or ["-"]
+    rates = [workers.get(n, {}).get("items_per_second", 0.0) for n in names]
+    plot = figure(
         title="Throughput per worker (items/s in run())",
-        x_range=FactorRange(*names),
+        x_range=FactorRange(factors=names),
         width=520,
         height=320,
         tools="",
         toolbar_location=None,
     )
-    workers.vbar(x=names, top=rates, width=0.7)
-    workers.y_range = Range1d(start=0, end=max([*rates, 1.0]) * 1.1)
+    plot.vbar(x=names, top=rates, width=0.7)
+    plot.y_range = Range1d(start=0, end=max([*rates, 1.0]) * 1.1)
+    return plot
+
+
+def summary_html(last: dict[str, Any]) -> str:
+    """The rows of a snapshot's summary table, as HTML."""
     eta = last["eta_seconds"]
     rows = [
         ("status", last["status"]),
@@ -290,27 +335,20 @@ def _plots(
         )
         for name, w in last["workers"].items()
     ]
-    summary = "".join(
+    return "".join(
         f"<tr><td><b>{html.escape(k)}</b></td><td>{html.escape(str(v))}</td></tr>"
         for k, v in rows
     )
-    errors = (
-        "".join(f"<li>{html.escape(e)}</li>" for e in last["latest_errors"])
-        or "<li>none</li>"
-    )
-    plots = {
-        "run_id": last["run_id"],
-        "summary": summary,
-        "errors": errors,
-        "progress": json_item(progress),
-        "workers": json_item(workers),
-    }
-    for name, figure_ in _resource_plots(perf or {}, t0).items():
-        plots[name] = json_item(figure_)
-    return plots
 
 
-def _resource_plots(perf: dict[str, list[dict[str, Any]]], t0: float) -> dict[str, Any]:
+def errors_html(errors: list[str]) -> str:
+    """Error lines as HTML list items (``none`` when there are none)."""
+    return "".join(f"<li>{html.escape(e)}</li>" for e in errors) or "<li>none</li>"
+
+
+def resource_figures(
+    perf: dict[str, list[dict[str, Any]]], t0: float
+) -> dict[str, Any]:
     """Line plots of each worker's RSS (its memory limit dashed), CPU %
     and, where measured, GPU utilisation, over the job's seconds."""
     from bokeh.models import Range1d

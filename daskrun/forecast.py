@@ -11,8 +11,10 @@ Once the pilot is over, the job's predicted wall time is
 * the time already spent (start-up, ``init()`` and the pilot: measured, not
   predicted), plus
 * the mini-batches left at the run phase's pace: the mean seconds a
-  mini-batch took on its worker (reading it, ``run()``, writing its part;
-  :class:`daskrun.monitor.Pace`) shared over the worker threads. Not the
+  mini-batch took on its worker (reading it, ``run()``, writing its part),
+  every try of it counted (a failed try that is retried, the pieces of a
+  mini-batch whose failed items are isolated: :attr:`daskrun.runner.Tally.busy`),
+  shared over the worker threads. Not the
   wall rate of the pilot: results come a task at a time, a task carries
   several mini-batches, and the first tasks carry one, so over a short pilot
   it reads slow by half; plus
@@ -61,7 +63,11 @@ class Estimate:
 
     def text(self) -> str:
         """``forecast 12 s total, 0.007 CPU-h``: for the progress line."""
-        return f"forecast {self.seconds:.0f} s total, {self.hours:.3g} {self.unit}-h"
+        return f"forecast {self.figures()}"
+
+    def figures(self) -> str:
+        """``12 s total, 0.007 CPU-h``: for the overview's ``forecast:`` line."""
+        return f"{self.seconds:.0f} s total, {self.hours:.3g} {self.unit}-h"
 
 
 @dataclass

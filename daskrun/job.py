@@ -19,7 +19,6 @@ import itertools
 import logging
 import os
 import re
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -58,6 +57,7 @@ from .monitor import (
     JobLogs,
     Pace,
     distributed_log,
+    failure_lines,
     init_done,
     read_failed_spans,
     read_report,
@@ -66,6 +66,7 @@ from .packages import PackageCheck, runs_here
 from .pilot import AutoSizes
 from .plugin import EntryScriptPlugin, InputSpec, SideInput, TryResult, build_bundle
 from .preflight import preflight, via_client_setting, workers_timeout
+from .report import write_report
 from .resources import PerfLog
 from .runner import (
     Canceled,
@@ -83,6 +84,11 @@ from .storage import FileLock, describe_error, secret_values, within
 from .viaclient import ViaClientTarget, commit
 
 logger = logging.getLogger("daskrun")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a job, raised again once the job has said it was
+    canceled and how to resume it (the CLI then adds nothing)."""
 
 
 class Resumed(enum.IntEnum):
@@ -232,6 +238,7 @@ class Job:
         # what an earlier attempt wrote, on a resume (see _restore)
         self._written: _output.Parts | None = None
         self._early: EarlyStart[Any] | None = None  # see plan()
+        self.report: Path | None = None  # logs/report.html, once written
 
     @contextlib.contextmanager
     def opening(self) -> Iterator[None]:
@@ -431,7 +438,8 @@ class Job:
             self.console.say(
                 f"daskrun: mini-batch {result.index} failed after {tries} "
                 f"{'try' if tries == 1 else 'tries'} on {result.worker}: "
-                f"{result.error}"
+                f"{result.error}",
+                logging.WARNING,
             )
 
     def run(self, record: Record) -> str:
@@ -471,17 +479,20 @@ class Job:
             error = str(e)
         except Canceled as e:
             status, error = "Canceled", str(e)
-            self.console.say(f"daskrun: {e}")
+            self.console.close()  # the bar's last state, then these lines
+            self.console.say(f"daskrun: {e}", logging.WARNING)
             self.console.say(
-                f"daskrun: canceled; resume with: daskrun resume {self.run_id}"
-            )
-        except KeyboardInterrupt:
-            status, error = "Canceled", "canceled by the user (KeyboardInterrupt)"
-            print(
                 f"daskrun: canceled; resume with: daskrun resume {self.run_id}",
-                file=sys.stderr,
+                logging.WARNING,
             )
-            raise
+        except KeyboardInterrupt as e:
+            status, error = "Canceled", "canceled by the user (KeyboardInterrupt)"
+            self.console.close()  # the bar's last state, then these lines
+            self.console.say(
+                f"daskrun: canceled; resume with: daskrun resume {self.run_id}",
+                logging.WARNING,
+            )
+            raise Interrupted(*e.args) from None
         finally:
             # however the job ended, its error is recorded and shown without
             # the run's credentials (a SAS signature anywhere in it too)
@@ -549,6 +560,8 @@ class Job:
         finally:
             self.timings["last_result"] = time.perf_counter() - self.started
             if connected(client):  # else it would wait for a scheduler gone
+                # the page shows the last counts, not those of a second ago
+                self.watch.tick(force=True)
                 _unregister(client, plugin.name)
             if self.perf is not None:
                 if connected(client):
@@ -662,7 +675,9 @@ class Job:
         if self.resource_interval is None:
             return
         self.perf = PerfLog(
-            self.logs.dir / "perf", self.console.say, describe=self._describe
+            self.logs.dir / "perf",
+            lambda line: self.console.say(line, logging.WARNING),
+            describe=self._describe,
         )
         client.subscribe_topic(self.plugin.perf_topic, self.perf.add)
 
@@ -694,8 +709,8 @@ class Job:
             self.console.close()
             if self.perf is not None:  # init() failed: _run_on did not get far
                 self.perf.close()
-            self.watch.tick(status, force=True)
             seconds = time.perf_counter() - self.started
+            self.watch.tick(status, force=True, actual=seconds)
             record.end(
                 status,
                 error,
@@ -720,6 +735,7 @@ class Job:
                     *self.auto.lines(),
                 ],
             )
+            self.report = _write_report(self.run_dir)
         finally:
             self.locks.close()
 
@@ -733,16 +749,24 @@ class Job:
                 self.run_id,
                 tally.items_extra,
             )
-        say(f"daskrun: {status}: {tally.progress()}")
-        if status == "Failed" and error:
-            say(f"daskrun: {error.splitlines()[0]}")
+        failed = status == "Failed"
+        level = logging.ERROR if failed else logging.INFO
+        say(f"daskrun: {status}: {tally.progress()}", level)
+        if self.report is not None:  # before the cause, which comes last
+            say(f"daskrun: report: {self.report}", level)
+        if failed and error:
             # an init() that failed has its traceback in the error
             where = _user_frame(
                 tally.first_failure.traceback if tally.first_failure else error,
                 self.cfg.source_directory or self.cfg.entry_script,
             )
             if where:
-                say(f"daskrun: raised at {where}")
+                say(f"daskrun: raised at {where}", level)
+        if failed:  # as the CLI prints them: the cause last, once
+            for line in failure_lines(
+                self.run_id, self.logs.dir, status, error, tally.mini_batches_failed
+            ):
+                say(line, level)
 
     def _entry_script_plugin(self, output_path: str) -> EntryScriptPlugin:
         step, cfg, target, run_id = self.step, self.cfg, self.target, self.run_id
@@ -1117,9 +1141,13 @@ class _Watch:
     def restart_forecast(self, forecast: Forecast) -> None:
         """Forecast afresh from here (the mini-batches' size changed: an
         auto pilot ended), from a pilot of what is left."""
-        self.forecast, self._since = forecast, (self.pace.finished, self.pace.busy)
+        self.forecast, self._since = forecast, (self.pace.finished, self.tally.busy)
 
-    def tick(self, status: str = "Running", force: bool = False) -> None:
+    def tick(
+        self, status: str = "Running", force: bool = False, actual: float | None = None
+    ) -> None:
+        """Update the views; ``actual``: the job's seconds, once it ended
+        (the overview then gives them beside the forecast)."""
         now_ = time.monotonic()
         due = force or now_ - self._last >= 1.0
         tally, forecast = self.tally, self.forecast
@@ -1129,12 +1157,18 @@ class _Watch:
                 tally.mini_batches_done,
                 tally.mini_batches_total,
                 self.pace.finished - self._since[0],
-                self.pace.busy - self._since[1],
+                # every try's seconds: retries and isolation take time too
+                tally.busy - self._since[1],
             )
             if forecast is not None and status == "Running"
             else None
         )
-        snap = self.logs.snapshot(tally, status, self.pace, estimate) if due else None
+        shown = estimate
+        if actual is not None and forecast is not None:
+            shown = forecast.made  # the one made as the pilot ended
+        snap = (
+            self.logs.snapshot(tally, status, self.pace, shown, actual) if due else None
+        )
         self.console.update(tally, pace=self.pace, forecast=estimate)
         if snap is None:
             return
@@ -1148,7 +1182,17 @@ class _Watch:
         job's actual cost over ``seconds``."""
         if self.forecast is None:  # it never reached its run phase
             return []
-        return self.forecast.lines(seconds, self.pace.busy)
+        return self.forecast.lines(seconds, self.tally.busy)
+
+
+def _write_report(run_dir: Path) -> Path | None:
+    """``logs/report.html`` (:mod:`daskrun.report`); a report that cannot
+    be written never fails the job."""
+    try:
+        return write_report(run_dir)
+    except Exception as e:
+        logger.warning("run %s: no report.html: %s", run_dir.name, e)
+        return None
 
 
 def _user_frame(traceback: str | None, user: str) -> str | None:

@@ -10,6 +10,8 @@
       sys/job_report/failed_items.csv         every failed input and its error
       sys/distributed.log                     distributed's own log lines, the
                                               client's and the local workers'
+      sys/progress.csv                        the job's counts once a second
+      report.html                             the job's report (daskrun.report)
       user/entry_script_log/<agent>.txt       EntryScript().logger lines
       user/stdout/<agent>.txt                 what init() and run() printed
       perf/<agent>.csv                        the worker's CPU, memory and GPU
@@ -55,6 +57,19 @@ from .storage import private_file, private_folder, private_open, unsigned
 REPORT = Path("sys", "job_report", "processed_mini-batches.csv")
 FAILED_ITEMS = REPORT.with_name("failed_items.csv")
 DISTRIBUTED_LOG = Path("sys", "distributed.log")
+# the job's counts once a second, for the report's plot of progress over time
+HISTORY = Path("sys", "progress.csv")
+HISTORY_COLUMNS = (
+    "time",
+    "status",
+    "elapsed",
+    "mini_batches_done",
+    "mini_batches_total",
+    "mini_batches_failed",
+    "items_succeeded",
+    "items_failed",
+    "items_per_second",
+)
 # file names that are not UTF-8 (lone surrogates from os.fsdecode) are
 # written escaped, as \udce9, rather than failing the log
 _ESCAPE = "backslashreplace"
@@ -227,6 +242,13 @@ class JobLogs:
         self.logged: list[tuple[Any, ...]] = []
         self.workers: dict[str, WorkerStats] = collections.defaultdict(WorkerStats)
         self.latest_errors: collections.deque[str] = collections.deque(maxlen=10)
+        # a resumed run's history goes on after its earlier attempts
+        history = self.dir / HISTORY
+        new_history = not history.exists()
+        self._history: IO[str] = private_open(history, "a", newline="")  # close()
+        self._history_writer = csv.writer(self._history)
+        if new_history:
+            self._history_writer.writerow(HISTORY_COLUMNS)
         self.started = time.monotonic()
         # (when, mini-batches done, items ok) as init() ended everywhere
         self._run_phase: tuple[float, int, int] | None = None
@@ -288,9 +310,11 @@ class JobLogs:
         status: str,
         pace: Pace | None = None,
         forecast: Estimate | None = None,
+        actual: float | None = None,
     ) -> dict[str, Any]:
         """The job's state, for the overview file and the dashboard page;
-        ``forecast``: the job's, once its pilot is over."""
+        ``forecast``: the job's, once its pilot is over; ``actual``: the
+        job's seconds, once it has ended."""
         now_ = time.monotonic()
         elapsed = now_ - self.started
         done, total = tally.mini_batches_done, tally.mini_batches_total
@@ -307,6 +331,7 @@ class JobLogs:
         elif done > done0:
             eta = (total - done) * run_elapsed / (done - done0)
         return {
+            "time": time.time(),
             "status": status,
             "elapsed": elapsed,
             "mini_batches_done": done,
@@ -316,7 +341,8 @@ class JobLogs:
             "items_failed": tally.items_failed,
             "items_per_second": rate,
             "eta_seconds": eta,
-            "forecast": None if forecast is None else forecast.text(),
+            "forecast": None if forecast is None else forecast.figures(),
+            "actual_seconds": actual,
             "workers": {
                 name: {
                     "mini_batches": w.mini_batches,
@@ -340,8 +366,7 @@ class JobLogs:
             f"items: {snap['items_succeeded']} ok, {snap['items_failed']} failed",
             f"speed: {snap['items_per_second']:.1f} items/s",
             f"eta: {'-' if eta is None else f'{eta:.0f} s'}",
-            # absent before the pilot is over (daskrun.forecast)
-            f"forecast: {snap.get('forecast') or '- (pilot running)'}",
+            _forecast_line(snap),
             "workers:",
         ]
         for name, w in snap["workers"].items():
@@ -356,6 +381,17 @@ class JobLogs:
         with private_open(tmp, "w", errors=_ESCAPE) as f:
             f.write("\n".join(lines) + "\n")
         os.replace(tmp, self.dir / "job_progress_overview.txt")
+        if not self._history.closed:
+            self._history_writer.writerow(
+                [
+                    f"{snap['time']:.3f}",
+                    snap["status"],
+                    f"{snap['elapsed']:.3f}",
+                    *(snap[c] for c in HISTORY_COLUMNS[3:8]),
+                    f"{snap['items_per_second']:.3f}",
+                ]
+            )
+            self._history.flush()
 
     def failed_items(self, batch: MiniBatch, result: TryResult) -> None:
         """List the failed inputs of one mini-batch: each file of a failed
@@ -456,9 +492,20 @@ class JobLogs:
                 f.write(self.redact("".join(text)))
 
     def close(self) -> None:
-        for f in (self._report, self._failed, *self._user.values()):
+        for f in (self._report, self._failed, self._history, *self._user.values()):
             if not f.closed:
                 f.close()
+
+
+def _forecast_line(snap: Mapping[str, Any]) -> str:
+    """The overview's ``forecast:`` line (:mod:`daskrun.forecast`): none
+    while the pilot runs; once the job ended, the forecast made as the pilot
+    ended beside the actual time."""
+    forecast, actual = snap.get("forecast"), snap.get("actual_seconds")
+    if actual is None:
+        return f"forecast: {forecast or '- (pilot running)'}"
+    made = f"{forecast} (as the pilot ended)" if forecast else "- (no pilot ended)"
+    return f"forecast: {made}; actual: {actual:.0f} s"
 
 
 def _paths(batch: MiniBatch) -> list[str] | None:
@@ -643,14 +690,90 @@ class _ExitTracebackToLog:
         return getattr(self._stream, name)
 
 
+def failure_lines(
+    run_id: str,
+    logs_dir: str | os.PathLike[str],
+    status: str,
+    error: str | None,
+    mini_batches_failed: int,
+) -> list[str]:
+    """The last lines of a run that did not complete: its log folder, how to
+    resume it (unless its error says so), and its cause, once.
+
+    >>> for line in failure_lines("s_1", "runs/s_1/logs", "Failed", "boom", 2):
+    ...     print(line)
+    logs: runs/s_1/logs
+    daskrun: resume with: daskrun resume s_1 --retry-failed
+    daskrun: job failed: boom
+    """
+    lines = [f"logs: {logs_dir}"]
+    if f"daskrun resume {run_id}" not in (error or ""):
+        again = " --retry-failed" if mini_batches_failed else ""
+        lines.append(f"daskrun: resume with: daskrun resume {run_id}{again}")
+    cause = error.splitlines()[0] if error else error
+    lines.append(f"daskrun: job {status.lower()}: {cause}")
+    return lines
+
+
+# the lines a run shows: progress (off a terminal), the summary, failures
+progress_logger = logging.getLogger("daskrun.progress")
+
+
+class TerminalHandler(logging.Handler):
+    """daskrun's default handler, on the ``daskrun`` logger: it prints the
+    records a :class:`Console` logs on that console (above its progress bar),
+    when the console shows output (``show_output=True``); other records pass
+    it by. Records go on up to the root logger as any library's do, so a
+    handler of one's own, or a level (``logging.getLogger("daskrun")
+    .setLevel(logging.WARNING)`` keeps failures and the summary of a failed
+    run, not progress), works as usual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addFilter(shown_by_console)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            console = record.__dict__["daskrun_console"]
+            if console.show:
+                console.write(record.getMessage())
+        except Exception:
+            self.handleError(record)
+
+
+def shown_by_console(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is a line a :class:`Console` logged (and daskrun's
+    terminal handler prints): for another handler to the terminal to skip."""
+    return "daskrun_console" in record.__dict__
+
+
+_terminal_lock = threading.Lock()
+_terminal_installed = False
+
+
+def _install_terminal_handler() -> None:
+    """Give the ``daskrun`` logger its :class:`TerminalHandler` (once, so
+    one a user removed stays removed) and, where no level is set, INFO."""
+    global _terminal_installed
+    with _terminal_lock:
+        if _terminal_installed:
+            return
+        _terminal_installed = True
+        top = logging.getLogger("daskrun")
+        if top.level == logging.NOTSET:
+            top.setLevel(logging.INFO)
+        top.addHandler(TerminalHandler())
+
+
 class Console:
     """The terminal's (or notebook's) view of a run.
 
     On a terminal: a tqdm progress bar of mini-batches with items ok,
     failed, items/s and ETA; in a Jupyter kernel the same bar as a widget
     (``tqdm.auto``). Otherwise (CI logs, files): one plain line at most every
-    ``interval`` seconds, and one at the end. ``say`` prints a line above the
-    bar.
+    ``interval`` seconds, and one at the end. ``say`` logs a line (logger
+    ``daskrun.progress``), which daskrun's :class:`TerminalHandler` prints
+    above the bar.
 
     A run has two phases: ``init()`` on the workers (:meth:`initializing`,
     which shows the workers ready out of the total and no ETA), then the
@@ -689,10 +812,15 @@ class Console:
         self._run_done = 0  # mini-batches done then (a resume's earlier ones)
         self._run_items = 0  # items ok then
         self._forecast: Estimate | None = None  # the latest, after the pilot
+        _install_terminal_handler()
 
-    def say(self, line: str) -> None:
-        if not self.show:
-            return
+    def say(self, line: str, level: int = logging.INFO) -> None:
+        """Log ``line`` as a record of ``daskrun.progress``; shown here by
+        daskrun's terminal handler when this console shows output."""
+        progress_logger.log(level, line, extra={"daskrun_console": self})
+
+    def write(self, line: str) -> None:
+        """Print ``line`` on this console, above its progress bar."""
         if self._bar is not None:
             self._bar.write(line, file=self.stream)
         else:
@@ -743,7 +871,7 @@ class Console:
         if self._bar is not None:
             if changed:
                 self._bar.set_description_str(text + " ")
-        elif changed or (at or time.monotonic()) - self._last >= self.interval:
+        elif changed:  # off a terminal: a line when the count changes
             self._last = at or time.monotonic()
             self.say(f"daskrun: {text}, 0/{self._total} mini-batches")
 
@@ -771,10 +899,9 @@ class Console:
         self._forecast = forecast
         now = time.monotonic() if at is None else at
         if self._bar is not None:
+            # the text with the count: a frame never shows one without the other
+            self._bar.set_postfix_str(self._speed(tally, now, pace), refresh=False)
             self._bar.update(tally.mini_batches_done - self._bar.n)
-            if now - self._last >= 0.5 or tally.mini_batches_done == self._total:
-                self._last = now
-                self._bar.set_postfix_str(self._speed(tally, now, pace), refresh=False)
         elif now - self._last >= self.interval:
             self._last = now
             self.say(self.line(tally, now, pace))
@@ -851,8 +978,8 @@ class ConsoleFeed(Console):
         self._latest: tuple[float, Tally, Pace | None, Estimate | None] | None = None
         self._lock = threading.Lock()
 
-    def say(self, line: str) -> None:
-        self._calls.put(("say", time.monotonic(), line))
+    def say(self, line: str, level: int = logging.INFO) -> None:
+        self._calls.put(("say", time.monotonic(), (line, level)))
 
     def start(self, total: int, done: int = 0) -> None:
         self._calls.put(("start", time.monotonic(), (total, done)))
@@ -892,7 +1019,7 @@ class ConsoleFeed(Console):
             except queue.Empty:
                 return
             if name == "say":
-                console.say(arg)
+                console.say(*arg)
             elif name == "start":
                 console.start(*arg)
             elif name == "initializing":

@@ -67,6 +67,9 @@ class Tally:
     items_extra: int = 0
     all_scheduled: bool = False
     first_failure: Failure | None = None
+    # seconds the workers spent on this attempt's tries, every one: those
+    # that failed and were retried, and the pieces of isolated mini-batches
+    busy: float = 0.0
     # the items of a mini-batch that failed before they were counted and
     # whose rows cannot be read (a CSV range pandas cannot parse); 1 when
     # not given
@@ -132,8 +135,16 @@ class Tally:
         self.items_extra += counts.extra
 
     def progress(self) -> str:
+        """The counts in words, for a job's last line.
+
+        >>> Tally(mini_batches_total=5, mini_batches_done=3,
+        ...       mini_batches_failed=1).progress()
+        '3 of 5 mini-batches done (1 failed); 0 items ok, 0 failed'
+        """
+        failed = self.mini_batches_failed
         return (
-            f"{self.mini_batches_done}/{self.mini_batches_total} mini-batches, "
+            f"{self.mini_batches_done} of {self.mini_batches_total} mini-batches "
+            f"done{f' ({failed} failed)' if failed else ''}; "
             f"{self.items_succeeded} items ok, {self.items_failed} failed"
         )
 
@@ -1010,7 +1021,9 @@ def run_mini_batches(
             group = pending.pop(waiting.pop(future))
             if isinstance(outcome, list):
                 results: list[TryResult] = outcome
-                sizer.observe(sum(r.seconds for r in results), len(results))
+                seconds = sum(r.seconds for r in results)
+                sizer.observe(seconds, len(results))
+                tally.busy += seconds  # the forecast's pace (daskrun.forecast)
             else:  # the worker died, or the task was lost or cancelled
                 if not connected(client):  # distributed cancelled them all
                     raise ClusterLostError(address)

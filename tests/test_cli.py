@@ -224,7 +224,8 @@ def test_an_empty_input_or_output_is_refused(
 
 
 @pytest.mark.parametrize(
-    "command, commands", [("runs", "list or show"), ("cluster", "start, stop")]
+    "command, commands",
+    [("runs", "list, show or report"), ("cluster", "start, stop")],
 )
 def test_a_command_without_its_subcommand_is_one_line(
     tmp_path: Path, runs_dir: Path, command: str, commands: str

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from daskrun.forecast import PILOT_SHARE, Forecast
 from daskrun.monitor import REPORT
 
-from .helpers import REPO, make_files, write_script
+from .helpers import REPO, make_files, poison_files, write_script
 
 SLEEPY = """
 import os, time
@@ -32,7 +32,7 @@ def run(mini_batch):
     return [os.path.basename(p) for p in mini_batch]
 """
 
-FORECAST = re.compile(r"forecast (\d+) s total, ([\d.e-]+) CPU-h")
+FORECAST = re.compile(r"forecast:? (\d+) s total, ([\d.e-]+) CPU-h")
 DONE = re.compile(r"daskrun: (\d+)/(\d+) mini-batches")
 OVERVIEW_DONE = re.compile(r"mini-batches: (\d+)/(\d+) done")
 
@@ -107,6 +107,7 @@ def test_forecast_after_the_pilot_is_close_and_recorded(
     # the overview file, while it runs: the same
     running = [text for text in seen if "status: Running" in text]
     assert any(FORECAST.search(text) for text in running), seen
+    assert all(text.count("forecast") == 1 for text in seen), seen
     for text in running:
         done = int(OVERVIEW_DONE.search(text).group(1))  # type: ignore[union-attr]
         if done < pilot:
@@ -116,6 +117,10 @@ def test_forecast_after_the_pilot_is_close_and_recorded(
     actual = float(result["seconds"])
     forecast = float(result["forecast_seconds_at_10pct"])
     assert abs(forecast / actual - 1) <= 0.25, result
+    # once it ended, the overview gives the actual time beside the forecast
+    (overview,) = runs_dir.glob("*/logs/job_progress_overview.txt")
+    assert f"forecast: {forecast:.0f} s total, " in overview.read_text()
+    assert f"(as the pilot ended); actual: {actual:.0f} s" in overview.read_text()
     assert re.match(
         r"\d+ mini-batches in [\d.]+ s of run phase on 2 ", result["forecast_basis"]
     ), result
@@ -161,6 +166,42 @@ def test_a_resumed_job_forecasts_the_rest(tmp_path: Path, runs_dir: Path) -> Non
     assert ran >= math.ceil(PILOT_SHARE * rest) and ran + left <= rest, result
     actual = float(result["seconds"])
     assert abs(float(result["forecast_seconds_at_10pct"]) / actual - 1) <= 0.25
+
+
+# run() that takes 0.1 s a file and fails on a ...-poison one (after its time)
+SLEEPY_POISON = """
+import os, time
+
+def init():
+    pass
+
+def run(mini_batch):
+    time.sleep(0.1 * len(mini_batch))
+    for p in mini_batch:
+        if "poison" in os.path.basename(p):
+            raise ValueError(f"cannot score {os.path.basename(p)}")
+    return [os.path.basename(p) for p in mini_batch]
+"""
+
+
+def test_forecast_counts_retries_and_isolation(tmp_path: Path, runs_dir: Path) -> None:
+    """Every mini-batch holds a failing file: each fails three tries, then
+    its items are isolated (tried alone, three tries for the failing one).
+    The forecast counts the time of all those tries, not the last one's."""
+    poison_files(tmp_path / "in", 40, set(range(1, 40, 2)))
+    write_script(tmp_path, SLEEPY_POISON)
+    run = [*RUN[:-4], "--mini-batch-size", "2", "--processes", "2"]
+    proc = _cli(tmp_path, runs_dir, *run, "--error-threshold", "-1")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    result = _result(runs_dir)
+    assert result["mini_batches_failed"] == "20" and result["items_failed"] == "20"
+    actual = float(result["last_result_seconds"])
+    forecast = float(result["forecast_seconds_at_10pct"])
+    assert abs(forecast / actual - 1) <= 0.3, result
+    # busy: every try of the 20 mini-batches (three of 0.2 s each, then
+    # their items alone), not only the last tries' 20 × 0.1 s
+    assert float(result["busy_cpu_hours"]) * 3600 >= 12, result
 
 
 @given(

@@ -163,6 +163,9 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     assert len(set(counts)) >= 3 and counts == sorted(counts), out  # it advances
     assert counts[-1] == 40
     assert "items ok=" in out and "mini-batch/s" in out
+    # one item a mini-batch, none failing: each frame's count and text agree
+    frames = re.findall(r"\| *(\d+)/40 \[[^\]\r]*items ok=(\d+)", out)
+    assert frames and all(n == ok for n, ok in frames), frames
 
 
 def test_plain_progress_lines_in_a_file(tmp_path: Path) -> None:
@@ -184,7 +187,7 @@ def test_plain_progress_lines_in_a_file(tmp_path: Path) -> None:
     assert "\r" not in text and "%|" not in text  # no bar in a file
     lines = re.findall(r"daskrun: (\d+)/60 mini-batches, .* items/s", text)
     assert 1 <= len(lines) <= elapsed / 2 + 1, text
-    assert "daskrun: Completed: 60/60 mini-batches" in text
+    assert "daskrun: Completed: 60 of 60 mini-batches done; 60 items ok" in text
 
 
 FAILING_SCRIPT = """\

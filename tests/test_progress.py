@@ -68,6 +68,7 @@ def test_eta_comes_from_the_run_phase_and_init_shows_workers_ready(
     assert init, shown
     assert all("/2 workers" in text and "ETA" not in text for text in init), shown
     assert any("init() on 1/2 workers" in text for text in init), shown
+    assert len(init) == len(set(init)), shown  # off a TTY: no line twice
     # nothing before the last init() line guesses a finishing time
     last_init = max(i for i, (_, text) in enumerate(lines) if "init()" in text)
     assert not any(ETA.search(text) for _, text in lines[:last_init]), shown

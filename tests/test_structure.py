@@ -133,8 +133,8 @@ ENGINE = {
     for name in (
         "aml auto cluster config dashboard datasets delimited exceptions fdcapture "
         "forecast job jobqueue ledger maprun modelrefs monitor native notebook "
-        "output packages partitions pilot plugin preflight resources runcontext "
-        "runner storage viaclient"
+        "output packages partitions pilot plugin preflight report resources "
+        "runcontext runner storage viaclient"
     ).split()
 }
 
