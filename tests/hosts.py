@@ -32,27 +32,45 @@ from distributed import Client
 
 from .helpers import REPO, free_port
 
-# a fresh /tmp and home, and a host name, then the command ("$@"); the
-# Python installation stays where it is even under home (pyenv): software
-# installed on every node
+# a fresh /tmp and home, and a host name, then the command ("$@"). The
+# software stays where it is even under /tmp or home (a pyenv Python, a
+# checkout and its .venv in /tmp): installed on every node. Each path of
+# $DASKRUN_TEST_KEEP (":"-separated) is bound aside, below a tmpfs over
+# /mnt, before /tmp and home are covered, then moved back into place.
 _HOST = (
-    "mount -t tmpfs -o size=256m,mode=1777 tmpfs /tmp && "
-    'if [ -n "$DASKRUN_TEST_KEEP" ]; then '
-    'mkdir /tmp/.keep && mount --bind "$DASKRUN_TEST_KEEP" /tmp/.keep; fi && '
-    'mount -t tmpfs -o size=64m,mode=0700 tmpfs "$HOME" && '
-    'if [ -n "$DASKRUN_TEST_KEEP" ]; then mkdir -p "$DASKRUN_TEST_KEEP" && '
-    'mount --move /tmp/.keep "$DASKRUN_TEST_KEEP" && rmdir /tmp/.keep; fi && '
-    'hostname "$DASKRUN_TEST_HOST" && exec "$@"'
+    "set -e; mount -t tmpfs -o size=1m tmpfs /mnt; i=0; IFS=:; "
+    "for p in $DASKRUN_TEST_KEEP; do i=$((i+1)); mkdir /mnt/k$i; "
+    'mount --bind "$p" /mnt/k$i; done; '
+    "mount -t tmpfs -o size=256m,mode=1777 tmpfs /tmp; "
+    'mount -t tmpfs -o size=64m,mode=0700 tmpfs "$HOME"; i=0; '
+    'for p in $DASKRUN_TEST_KEEP; do i=$((i+1)); mkdir -p "$p"; '
+    'mount --move /mnt/k$i "$p"; done; unset IFS; '
+    'hostname "$DASKRUN_TEST_HOST"; exec "$@"'
 )
 _UNSHARE = ["unshare", "--mount", "--uts", "--propagation", "private"]
 
 
+def _kept() -> str:
+    """The software that lies under /tmp or home, which every host keeps:
+    the Python installation and this checkout (its sources and .venv)."""
+    covered = [os.path.realpath("/tmp"), os.path.realpath(os.path.expanduser("~"))]
+    wanted = {os.path.realpath(sys.base_prefix), os.path.realpath(REPO)}
+    kept = sorted(
+        path
+        for path in wanted
+        if any(path.startswith(folder + os.sep) for folder in covered)
+    )
+    # a path inside another kept one comes along with it
+    outer = [p for p in kept if not any(p.startswith(q + os.sep) for q in kept)]
+    return ":".join(outer)
+
+
 def _environment(host: str) -> dict[str, str]:
-    home = os.path.realpath(os.path.expanduser("~"))
-    python = os.path.realpath(sys.base_prefix)
-    keep = python if python.startswith(home + os.sep) else ""
     return dict(
-        os.environ, DASKRUN_TEST_HOST=host, DASKRUN_TEST_KEEP=keep, PYTHONPATH=str(REPO)
+        os.environ,
+        DASKRUN_TEST_HOST=host,
+        DASKRUN_TEST_KEEP=_kept(),
+        PYTHONPATH=str(REPO),
     )
 
 

@@ -63,7 +63,7 @@ def test_a_kernel_without_ipywidgets_shows_text_progress_and_the_extra(
     shown = [o for o in ran.outputs if o.output_type == "display_data"]
     assert shown == [], shown
     assert "daskrun: run score-images_" in text
-    assert "Completed: 3/3 mini-batches, 25 items ok, 0 failed" in text, text
+    assert "Completed: 3 of 3 mini-batches done; 25 items ok, 0 failed" in text, text
     assert "\nscore-images  Completed  3/3" in text, text
     # the blocker held to the end: ipywidgets never loaded
     assert cell_text(check) == "ModuleNotFoundError\n"
