@@ -538,7 +538,20 @@ def _spans(
     found: Parts, index: int, isolated: Container[int]
 ) -> list[tuple[int, int] | None]:
     """What of mini-batch ``index`` goes into the output: ``[None]`` for its
-    rows whole, else its pieces' spans."""
+    rows whole, else its pieces' spans, each item once.
+
+    Pieces come from halving, so two spans are nested or apart. Both a piece
+    and pieces inside it are there when the piece's part was written but its
+    worker died before it reported (another task killed it): the runner
+    counted the piece failed and halved it again. The widest spans are
+    taken; the rows inside them are the same rows.
+
+    >>> found = Parts.__new__(Parts)
+    >>> found.own, found.grouped = set(), set()
+    >>> found.pieces = {0: [(0, 11), (11, 22), (22, 33), (22, 45), (33, 45)]}
+    >>> _spans(found, 0, {0})
+    [(0, 11), (11, 22), (22, 45)]
+    """
     pieces = found.pieces.get(index)
     if (
         not pieces
@@ -546,7 +559,13 @@ def _spans(
         or (index in found.grouped and index not in isolated)
     ):
         return [None]
-    return list(pieces)
+    spans: list[tuple[int, int] | None] = []
+    end = -1
+    for start, stop in sorted(pieces, key=lambda span: (span[0], -span[1])):
+        if start >= end:  # not inside the last span taken
+            spans.append((start, stop))
+            end = stop
+    return spans
 
 
 def _kept(target: OutputTarget) -> str:

@@ -37,6 +37,9 @@ batch = st.fixed_dictionaries(
         # its items isolated in the end: pieces, and a whole copy a lost
         # task's group kept, which must not be taken
         "isolated": st.booleans(),
+        # a piece written whose worker then died (killed by another task)
+        # before it reported: it was halved again, and its halves written
+        "resplit": st.booleans(),
     }
 )
 
@@ -54,7 +57,10 @@ def _write(target: OutputTarget, batches: list[dict], fmt: str, cut: int) -> set
         if b["isolated"] and len(b["rows"]) > 1:
             isolated.add(index)
             # the items that succeeded in isolation: its first and its rest
-            for span, rows in (((0, 1), b["rows"][:1]), ((1, 99), b["rows"][1:])):
+            pieces = [((0, 1), b["rows"][:1]), ((1, 99), b["rows"][1:])]
+            if b["resplit"]:
+                pieces += [((1, 2), b["rows"][1:2]), ((2, 99), b["rows"][2:])]
+            for span, rows in pieces:
                 write_part(target, index, format_rows(_frame(rows), fmt)[0], span)
             stale, _ = format_rows(_frame([999_999_999]), fmt)
             groups[index % 2].append((index, stale))
