@@ -810,7 +810,7 @@ def _resume(
             "(--retry-failed) to run its failed mini-batches again, or "
             "replan=True (--replan) to run those whose inputs changed"
         )
-    if given is None or record.kind == "collection":
+    if given is None:  # inputs given again carry what they read with
         _check_credentials(record, storage_options, "resume()")
     source = RunSource(record, new_source)
     step = _rebuild(
