@@ -40,7 +40,7 @@ def run(mini_batch):
 
 def _worker_sample_cost(n: int, dask_worker: Any) -> float:
     """On a worker: seconds per sample, taken ``n`` times."""
-    from daskrun.resources import ResourceSampler
+    from daskrun.monitoring.resources import ResourceSampler
 
     sampler = ResourceSampler(dask_worker, "bench-perf", "worker-0", 3600, lambda: 1)
     start = time.perf_counter()
@@ -52,7 +52,7 @@ def _worker_sample_cost(n: int, dask_worker: Any) -> float:
 
 
 def client_sample_cost(n: int) -> float:
-    from daskrun.resources import PerfLog
+    from daskrun.monitoring.resources import PerfLog
 
     log = PerfLog(Path(tempfile.mkdtemp()) / "perf", print)
     msg = {"agent": "worker-0", "time": time.time(), "index": 3, "limit": 2**32}

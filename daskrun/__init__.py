@@ -20,15 +20,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 # the engine, which a worker process imports with the plugin
-from .aml import install_as_azureml
-from .cluster import close_warm_clusters, keep_warm
-from .config import (
-    CondaDependencies,
-    Environment,
-    ParallelRunConfig,
-    PipelineParameter,
-)
-from .datasets import (
+from daskrun.aml import install_as_azureml
+from daskrun.aml.runcontext import Run
+from daskrun.backends.compute.cluster import close_warm_clusters, keep_warm
+from daskrun.backends.inputs.datasets import (
     Dataset,
     DatasetConsumptionConfig,
     FileDataset,
@@ -36,7 +31,15 @@ from .datasets import (
     PipelineData,
     TabularDataset,
 )
-from .exceptions import (
+from daskrun.engine.config import (
+    CondaDependencies,
+    Environment,
+    ParallelRunConfig,
+    PipelineParameter,
+)
+from daskrun.engine.maprun import MapRun, map_partitions, map_run
+from daskrun.engine.plugin import EntryScript
+from daskrun.exceptions import (
     Canceled,
     ClusterLostError,
     ConfigError,
@@ -52,43 +55,40 @@ from .exceptions import (
     ThresholdExceededError,
     UnreachableDataError,
 )
-from .maprun import MapRun, map_partitions, map_run
-from .plugin import EntryScript
-from .runcontext import Run
 
 # the registry (workspace, SQLite run records, compute targets, pipelines),
 # imported on first use: a worker never loads it
 _REGISTRY = {
-    "AmlCompute": "compute",
-    "ComputeTarget": "compute",
-    "LocalCompute": "compute",
-    "RemoteCompute": "compute",
-    "SlurmCompute": "compute",
-    "Model": "models",
-    "Experiment": "pipeline",
-    "Pipeline": "pipeline",
-    "PipelineRun": "pipeline",
-    "ParallelRunStep": "step",
-    "StepRun": "step",
-    "resume": "step",
-    "DataPath": "workspace",
-    "Datastore": "workspace",
-    "OutputData": "workspace",
-    "Workspace": "workspace",
+    "AmlCompute": "registry.compute",
+    "ComputeTarget": "registry.compute",
+    "LocalCompute": "registry.compute",
+    "RemoteCompute": "registry.compute",
+    "SlurmCompute": "registry.compute",
+    "Model": "registry.models",
+    "Experiment": "registry.pipeline",
+    "Pipeline": "registry.pipeline",
+    "PipelineRun": "registry.pipeline",
+    "ParallelRunStep": "registry.step",
+    "StepRun": "registry.step",
+    "resume": "registry.step",
+    "DataPath": "registry.workspace",
+    "Datastore": "registry.workspace",
+    "OutputData": "registry.workspace",
+    "Workspace": "registry.workspace",
 }
 
 if TYPE_CHECKING:
-    from .compute import (
+    from daskrun.registry.compute import (
         AmlCompute,
         ComputeTarget,
         LocalCompute,
         RemoteCompute,
         SlurmCompute,
     )
-    from .models import Model
-    from .pipeline import Experiment, Pipeline, PipelineRun
-    from .step import ParallelRunStep, StepRun, resume
-    from .workspace import DataPath, Datastore, OutputData, Workspace
+    from daskrun.registry.models import Model
+    from daskrun.registry.pipeline import Experiment, Pipeline, PipelineRun
+    from daskrun.registry.step import ParallelRunStep, StepRun, resume
+    from daskrun.registry.workspace import DataPath, Datastore, OutputData, Workspace
 
 
 def __getattr__(name: str) -> Any:

@@ -20,16 +20,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
-from .auto import AUTO, is_auto
-from .cluster import (
+from daskrun import __version__
+from daskrun.backends.compute.cluster import (
     SharedCluster,
     default_process_count,
     serve_shared_cluster,
     start_timeout,
     stop_shared_cluster,
 )
-from .config import (
+from daskrun.backends.inputs.datasets import Dataset, FileDataset, TabularDataset
+from daskrun.backends.storage import private_folder, private_open
+from daskrun.engine.auto import AUTO, is_auto
+from daskrun.engine.config import (
     LOGGING_LEVELS,
     OUTPUT_ACTIONS,
     OUTPUT_FORMATS,
@@ -39,15 +41,13 @@ from .config import (
     env_named,
     unmet_packages,
 )
-from .datasets import Dataset, FileDataset, TabularDataset
-from .exceptions import ConfigError, DaskRunError, InputError
-from .job import Interrupted
-from .monitor import FAILED_ITEMS, failure_lines, shown_by_console
-from .records import RunRecord, runs_dir
-from .report import write_report
-from .step import ParallelRunStep, StepRun, resume
-from .storage import private_folder, private_open
-from .workspace import Workspace
+from daskrun.engine.job import Interrupted
+from daskrun.exceptions import ConfigError, DaskRunError, InputError
+from daskrun.monitoring.monitor import FAILED_ITEMS, failure_lines, shown_by_console
+from daskrun.monitoring.report import write_report
+from daskrun.registry.records import RunRecord, runs_dir
+from daskrun.registry.step import ParallelRunStep, StepRun, resume
+from daskrun.registry.workspace import Workspace
 
 _SCHEDULER_HELP = (
     "address of a running Dask scheduler to use, e.g. tcp://10.0.0.5:8786 "
@@ -570,7 +570,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _report(run: StepRun, shown: bool) -> int:
     """The run's last lines: where its output and logs are; of one that
     did not complete, the resume hint and the cause
-    (:func:`~daskrun.monitor.failure_lines`), unless the job ``shown``
+    (:func:`~daskrun.monitoring.monitor.failure_lines`), unless the job ``shown``
     printed them."""
     if run.status == "Completed":
         print(f"output: {run.output_path or '-'}")

@@ -30,7 +30,7 @@
 
 Usage errors (``ConfigError``, ``InputError``) are raised before any task runs.
 Their messages name the bad value and show the fix. ``StorageError`` comes
-from one place, :func:`daskrun.storage.storage_errors`, which names the
+from one place, :func:`daskrun.backends.storage.storage_errors`, which names the
 datastore and never shows its credentials.
 """
 

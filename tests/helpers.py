@@ -41,7 +41,7 @@ from daskrun import (
     StepRun,
     Workspace,
 )
-from daskrun.output import OutputTarget, committed_parts
+from daskrun.engine.output import OutputTarget, committed_parts
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -164,7 +164,7 @@ def chromium(*args: str) -> subprocess.CompletedProcess[str]:
 def job_page(cluster: LocalCluster) -> tuple[str, str]:
     """The daskrun page of ``cluster``'s dashboard and its plots' URL, with
     the token daskrun prints in the page's link."""
-    from daskrun.dashboard import install_page
+    from daskrun.monitoring.dashboard import install_page
 
     with Client(cluster) as client:
         page = install_page(client, cluster.dashboard_link)

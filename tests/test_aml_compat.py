@@ -67,7 +67,7 @@ def init():
 def run(mini_batch):
     out = os.environ["AZUREML_BI_OUTPUT_PATH"]
     assert out == os.environ["DASKRUN_OUTPUT_PATH"] == EntryScript().output_dir
-    registry = "sqlite3" in sys.modules or "daskrun.models" in sys.modules
+    registry = "sqlite3" in sys.modules or "daskrun.registry.models" in sys.modules
     results = []
     for path in mini_batch:
         with open(path) as f:
@@ -270,12 +270,12 @@ def test_every_azureml_name_resolves_to_daskrun(tmp_path: Path) -> None:
     )
     result = json.loads(out)
     assert len(result["found"]) == sum(len(names) for names in MODULES.values())
-    assert result["found"]["azureml.core.Model"] == "daskrun.models.Model"
+    assert result["found"]["azureml.core.Model"] == "daskrun.registry.models.Model"
     assert result["found"]["azureml.core.compute.AmlCompute"] == (
-        "daskrun.compute.AmlCompute"
+        "daskrun.registry.compute.AmlCompute"
     )
     assert result["found"]["azureml.core.runconfig.CondaDependencies"] == (
-        "daskrun.config.CondaDependencies"
+        "daskrun.engine.config.CondaDependencies"
     )
     # `from azureml.core import X` names X, says daskrun lacks it, and what
     # to use instead, in one line (not "cannot import name ... (unknown
@@ -303,12 +303,12 @@ def test_a_worker_resolves_azureml_without_the_registry(tmp_path: Path) -> None:
         from azureml.core import Model, Run
         from azureml.core.model import Model as ModelToo
         from azureml_user.parallel_run import EntryScript
-        import daskrun.modelrefs, daskrun.plugin, daskrun.runcontext
-        assert Model is ModelToo is daskrun.modelrefs.Model
-        assert Run is daskrun.runcontext.Run
-        assert EntryScript is daskrun.plugin.EntryScript
-        loaded = [m for m in ("sqlite3", "daskrun.models", "daskrun.registry",
-                              "daskrun.workspace", "daskrun.step") if m in sys.modules]
+        import daskrun.aml.modelrefs, daskrun.engine.plugin, daskrun.aml.runcontext
+        assert Model is ModelToo is daskrun.aml.modelrefs.Model
+        assert Run is daskrun.aml.runcontext.Run
+        assert EntryScript is daskrun.engine.plugin.EntryScript
+        loaded = [m for m in sys.modules
+                  if m == "sqlite3" or m.startswith("daskrun.registry")]
         print(loaded)
         try:
             Model.get_model_path("m")

@@ -17,14 +17,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daskrun import Dataset, ParallelRunConfig, ParallelRunStep, resume
-from daskrun.auto import (
+from daskrun.engine.auto import (
     choose_mini_batch_size,
     choose_process_count,
     choose_table_size,
 )
 from daskrun.exceptions import ConfigError
-from daskrun.monitor import REPORT, read_report
-from daskrun.records import RunRecord
+from daskrun.monitoring.monitor import REPORT, read_report
+from daskrun.registry.records import RunRecord
 
 from .helpers import (
     committed,

@@ -26,7 +26,7 @@ from .helpers import run_step
 
 def _chunks(path: Path, size: int, **kwargs: Any) -> tuple[int, pd.DataFrame]:
     """The number of mini-batches at ``size`` bytes, and their rows."""
-    from daskrun.datasets import read_tabular
+    from daskrun.backends.inputs.datasets import read_tabular
 
     ds = Dataset.Tabular.from_delimited_files(str(path), **kwargs)
     plan = list(ds.plan(size))

@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 
 import daskrun
 from daskrun import Dataset, JobFailedError
-from daskrun.monitor import REPORT
-from daskrun.native import collection_token
-from daskrun.output import format_rows
-from daskrun.records import RunRecord
+from daskrun.backends.inputs.native import collection_token
+from daskrun.engine.output import format_rows
+from daskrun.monitoring.monitor import REPORT
+from daskrun.registry.records import RunRecord
 
 from .helpers import (
     VictimKiller,

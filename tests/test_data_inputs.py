@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daskrun import ConfigError, Dataset, Datastore, InputError, Workspace
-from daskrun.partitions import PartitionFormat
+from daskrun.backends.inputs.partitions import PartitionFormat
 
 from .helpers import (
     POISON_SCRIPT,

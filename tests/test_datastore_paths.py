@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from daskrun import ConfigError, Dataset, Datastore, Workspace
-from daskrun.workspace import OutputData
+from daskrun.registry.workspace import OutputData
 
 ESCAPES = ["../x", "../../x", "a/../../x", "/../x", "a/b/../../../x"]
 

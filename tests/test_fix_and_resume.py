@@ -8,7 +8,7 @@ import json
 import zipfile
 from pathlib import Path
 
-from daskrun.records import RunRecord
+from daskrun.registry.records import RunRecord
 
 from .helpers import daskrun, make_files, write_script
 

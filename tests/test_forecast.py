@@ -16,8 +16,8 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daskrun.forecast import PILOT_SHARE, Forecast
-from daskrun.monitor import REPORT
+from daskrun.monitoring.forecast import PILOT_SHARE, Forecast
+from daskrun.monitoring.monitor import REPORT
 
 from .helpers import REPO, make_files, poison_files, write_script
 

@@ -20,12 +20,12 @@ from distributed import Client, LocalCluster
 
 import daskrun
 from daskrun import ConfigError, Dataset
-from daskrun.datasets import FileBatch, SubBatch
-from daskrun.output import OutputTarget, Parts, committed_parts, prepare_parts
-from daskrun.plugin import TryResult
-from daskrun.preflight import other_hosts
-from daskrun.records import RunRecord
-from daskrun.viaclient import ViaClientTarget, commit
+from daskrun.backends.inputs.datasets import FileBatch, SubBatch
+from daskrun.engine.output import OutputTarget, Parts, committed_parts, prepare_parts
+from daskrun.engine.plugin import TryResult
+from daskrun.engine.preflight import other_hosts
+from daskrun.engine.viaclient import ViaClientTarget, commit
+from daskrun.registry.records import RunRecord
 
 from .helpers import (
     AZURITE_KEY,

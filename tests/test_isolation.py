@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from daskrun import Dataset, StepRun
 from daskrun.exceptions import ConfigError
-from daskrun.records import RunRecord
+from daskrun.registry.records import RunRecord
 
 from .helpers import (
     POISON_SCRIPT,

@@ -20,8 +20,8 @@ import pytest
 from distributed import LocalCluster
 
 from daskrun import Dataset, ParallelRunConfig, ParallelRunStep, StepRun
-from daskrun.compute import connect, dashboard_link
-from daskrun.dashboard import install_page
+from daskrun.monitoring.dashboard import install_page
+from daskrun.registry.compute import connect, dashboard_link
 
 from .helpers import (
     CHROMIUM,

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from daskrun.notebook import NO_WIDGETS
+from daskrun.monitoring.notebook import NO_WIDGETS
 
 from .helpers import cell_text, execute_notebook, readme_notebook_cell
 

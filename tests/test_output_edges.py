@@ -16,7 +16,7 @@ import pytest
 from distributed import LocalCluster
 
 from daskrun import Dataset
-from daskrun.output import OutputTarget, committed_parts
+from daskrun.engine.output import OutputTarget, committed_parts
 
 from .helpers import daskrun, make_files, run_step, write_script
 

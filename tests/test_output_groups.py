@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import daskrun
 from daskrun import Dataset
-from daskrun.output import (
+from daskrun.engine.output import (
     OutputTarget,
     Parts,
     assemble,

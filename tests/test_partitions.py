@@ -26,7 +26,7 @@ from daskrun import (
     Workspace,
     resume,
 )
-from daskrun.partitions import PartitionFormat, plan_partitions
+from daskrun.backends.inputs.partitions import PartitionFormat, plan_partitions
 
 from .helpers import daskrun, run_step, write_script
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from daskrun.monitor import DISTRIBUTED_LOG, distributed_log
+from daskrun.monitoring.monitor import DISTRIBUTED_LOG, distributed_log
 
 from .helpers import make_files, quick_start_blocks, write_script
 

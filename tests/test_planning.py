@@ -10,15 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from daskrun import ConfigError, Dataset, InputError, ParallelRunConfig
-from daskrun.config import (
+from daskrun.backends.inputs.datasets import CsvBatch, ParquetBatch, plan_row_groups
+from daskrun.engine.config import (
     ResolvedConfig,
     check_arguments,
     check_step_name,
     parse_byte_size,
     parse_file_count,
 )
-from daskrun.datasets import CsvBatch, ParquetBatch, plan_row_groups
-from daskrun.runner import Tally, check_thresholds
+from daskrun.engine.runner import Tally, check_thresholds
 
 from .helpers import make_files, write_script
 

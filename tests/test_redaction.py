@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from daskrun import Dataset
-from daskrun.records import RunRecord
+from daskrun.registry.records import RunRecord
 
 from .helpers import daskrun, make_files, run_step, write_script
 

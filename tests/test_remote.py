@@ -18,7 +18,7 @@ from adlfs import AzureBlobFileSystem
 from distributed import LocalCluster
 
 from daskrun import Dataset, InputError, ParallelRunConfig, ParallelRunStep
-from daskrun.records import RunRecord
+from daskrun.registry.records import RunRecord
 
 from .helpers import daskrun, kill_client, make_files, run_step, write_script
 

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 import daskrun
 from daskrun import ConfigError, Dataset, ParallelRunConfig, ParallelRunStep, StepRun
-from daskrun.config import config_seconds
-from daskrun.resources import PERF_COLUMNS, PerfLog, summarize
+from daskrun.engine.config import config_seconds
+from daskrun.monitoring.resources import PERF_COLUMNS, PerfLog, summarize
 
 from .helpers import (
     CHROMIUM,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from daskrun.output import OutputTarget, Parts
-from daskrun.records import RunRecord
+from daskrun.engine.output import OutputTarget, Parts
+from daskrun.registry.records import RunRecord
 
 from .helpers import committed, daskrun, kill_client, make_files, write_script
 

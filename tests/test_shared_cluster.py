@@ -17,7 +17,7 @@ import pytest
 from distributed import Client
 
 from daskrun import Dataset, ParallelRunConfig, ParallelRunStep
-from daskrun.cluster import SharedCluster
+from daskrun.backends.compute.cluster import SharedCluster
 
 from .helpers import daskrun, make_files, write_script
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daskrun.cluster import SharedCluster
-from daskrun.records import RunRecord
+from daskrun.backends.compute.cluster import SharedCluster
+from daskrun.registry.records import RunRecord
 
 from .helpers import daskrun, kill_client, make_files, write_script
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from daskrun import Dataset
-from daskrun.cluster import SharedCluster
+from daskrun.backends.compute.cluster import SharedCluster
 from daskrun.exceptions import ConfigError
 
 from .helpers import daskrun, make_files, run_step, silent_server

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from fsspec.core import url_to_fs
 
-import daskrun.runner
+import daskrun.engine.runner
 from daskrun import (
     Canceled,
     ConfigError,
@@ -23,8 +23,8 @@ from daskrun import (
     StorageTimeoutError,
     Workspace,
 )
-from daskrun.datastores import BACKENDS, AzureBlobContainer, LocalFolder
-from daskrun.storage import storage_errors
+from daskrun.backends.storage import storage_errors
+from daskrun.registry.datastores import BACKENDS, AzureBlobContainer, LocalFolder
 
 from .helpers import REPO, free_port
 
@@ -180,6 +180,6 @@ def test_storage_errors_maps_once() -> None:
 
 
 def test_canceled_joins_the_tree_and_stays_importable_from_runner() -> None:
-    assert daskrun.runner.Canceled is Canceled
+    assert daskrun.engine.runner.Canceled is Canceled
     assert issubclass(Canceled, daskrun.DaskRunError)
     assert issubclass(daskrun.RunTimeoutError, TimeoutError)

@@ -16,26 +16,24 @@ import daskrun
 
 PACKAGE = Path(daskrun.__file__).parent
 
-# the registry: modules a worker process must not load (what workers need of
-# registered models is in modelrefs.py, of registered data sets nothing)
-REGISTRY = {
-    "daskrun.catalog",
+# the layers are folders (docs/architecture.md): the registry is what a
+# worker process must not load (what workers need of registered models is in
+# aml/modelrefs.py, of registered data sets nothing)
+_ALL = {
+    ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(
+        ".__init__"
+    )
+    for p in PACKAGE.rglob("*.py")
+}
+REGISTRY = {m for m in _ALL if m.startswith("daskrun.registry")} | {
     "daskrun.cli",
-    "daskrun.compute",
-    "daskrun.datastores",
-    "daskrun.models",
-    "daskrun.pipeline",
-    "daskrun.records",
-    "daskrun.registry",
-    "daskrun.sources",
-    "daskrun.step",
     "daskrun.widgets",
-    "daskrun.workspace",
 }
 
 
 def _module_name(path: Path) -> str:
-    return "daskrun" if path.stem == "__init__" else f"daskrun.{path.stem}"
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _imported(path: Path, modules: set[str]) -> set[str]:
@@ -62,7 +60,7 @@ def _imported(path: Path, modules: set[str]) -> set[str]:
 
 
 def _import_graph() -> dict[str, set[str]]:
-    paths = sorted(PACKAGE.glob("*.py"))
+    paths = sorted(PACKAGE.rglob("*.py"))
     modules = {_module_name(p) for p in paths}
     return {_module_name(p): _imported(p, modules) for p in paths}
 
@@ -115,12 +113,16 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 def test_the_import_graph_is_read() -> None:
     # the walker itself: module-level, TYPE_CHECKING and package imports
     graph = _import_graph()
-    assert "daskrun.cluster" in graph["daskrun.compute"]
-    assert "daskrun.compute" in graph["daskrun.workspace"]
-    assert "daskrun.config" in graph["daskrun.pipeline"]  # one name of several
-    assert "daskrun.step" in graph["daskrun"]  # under TYPE_CHECKING
+    assert "daskrun.backends.compute.cluster" in graph["daskrun.registry.compute"]
+    assert "daskrun.registry.compute" in graph["daskrun.registry.workspace"]
+    assert (
+        "daskrun.engine.config" in graph["daskrun.registry.pipeline"]
+    )  # one name of several
+    assert "daskrun.registry.step" in graph["daskrun"]  # under TYPE_CHECKING
     assert "daskrun" in graph["daskrun.cli"]  # from . import __version__
-    assert "daskrun.output" in graph["daskrun.step"]  # from . import output
+    assert (
+        "daskrun.engine.output" in graph["daskrun.registry.step"]
+    )  # from . import output
 
 
 def test_no_import_cycle_between_daskrun_modules() -> None:
@@ -129,14 +131,10 @@ def test_no_import_cycle_between_daskrun_modules() -> None:
 
 # the engine: plain values in, results out (docs/architecture.md)
 ENGINE = {
-    f"daskrun.{name}"
-    for name in (
-        "aml auto cluster config dashboard datasets delimited exceptions fdcapture "
-        "forecast job jobqueue ledger maprun modelrefs monitor native notebook "
-        "output packages partitions pilot plugin preflight report resources "
-        "runcontext runner storage viaclient"
-    ).split()
-}
+    m
+    for m in _ALL
+    if m.split(".")[1:2] in (["engine"], ["backends"], ["monitoring"], ["aml"])
+} | {"daskrun.exceptions"}
 
 
 def test_every_module_is_engine_or_registry() -> None:
@@ -160,9 +158,9 @@ def test_a_worker_imports_only_the_engine() -> None:
     # cluster's QuickExit plugin
     code = (
         "import json, sys\n"
-        "import daskrun.plugin\n"
-        "from daskrun.plugin import process_mini_batches\n"
-        "from daskrun.cluster import QuickExit\n"
+        "import daskrun.engine.plugin\n"
+        "from daskrun.engine.plugin import process_mini_batches\n"
+        "from daskrun.backends.compute.cluster import QuickExit\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
     done = subprocess.run(
@@ -173,7 +171,7 @@ def test_a_worker_imports_only_the_engine() -> None:
         check=True,
     )
     loaded = set(json.loads(done.stdout.splitlines()[-1]))
-    assert "daskrun.plugin" in loaded
+    assert "daskrun.engine.plugin" in loaded
     assert loaded & (REGISTRY | {"sqlite3"}) == set()
 
 
@@ -202,7 +200,7 @@ def test_real_workers_load_no_registry(tmp_path: Path) -> None:
     run = step.run()
     assert run.status == "Completed", run.error
     loaded = set(Path(run.output_path or "").read_text().split())
-    assert "daskrun.plugin" in loaded
+    assert "daskrun.engine.plugin" in loaded
     assert loaded & (REGISTRY | {"sqlite3"}) == set(), loaded
 
 

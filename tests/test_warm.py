@@ -22,9 +22,9 @@ from daskrun import (
     Pipeline,
     Workspace,
 )
-from daskrun.cluster import EarlyStart
+from daskrun.backends.compute.cluster import EarlyStart
+from daskrun.engine.job import Job
 from daskrun.exceptions import InputError
-from daskrun.job import Job
 
 from .helpers import make_files, write_script
 

@@ -1,0 +1,2 @@
+"""Compute back ends: a local cluster, a scheduler address, a batch queue
+through dask-jobqueue, a shared warm cluster."""

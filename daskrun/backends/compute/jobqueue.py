@@ -1,0 +1,200 @@
+"""HPC queues through dask-jobqueue: Slurm first, PBS, SGE and LSF alike.
+
+A step on a ``JobQueueCluster`` (given as ``compute_target``, or made from a
+registered ``SlurmCompute`` target) asks for ``node_count`` batch jobs, each
+running ``process_count_per_node`` worker processes. daskrun
+
+- checks the job script with the queue first (``sbatch --test-only`` on
+  Slurm), so a wrong partition or an impossible request fails at once with
+  the queue's own words,
+- waits for the workers at most ``start_timeout`` seconds and then says how
+  many jobs started ("1 of 2 Slurm jobs started after 120 s: check squeue"),
+- watches the jobs while the step runs: when every worker is gone for
+  ``start_timeout`` seconds (jobs ended by their walltime, or cancelled) the
+  step fails with that reason instead of waiting forever,
+- scales the cluster back to zero jobs when the step ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from distributed import Client
+
+from daskrun.exceptions import ConfigError, JobFailedError
+
+logger = logging.getLogger("daskrun")
+
+
+def is_jobqueue_cluster(obj: Any) -> bool:
+    # a cluster of dask-jobqueue's means it is imported already; importing it
+    # here would install its SIGINT handler, which fails off the main thread
+    core = sys.modules.get("dask_jobqueue.core")
+    return core is not None and isinstance(obj, core.JobQueueCluster)
+
+
+def _queue_name(cluster: Any) -> str:
+    name = type(cluster).__name__.replace("Cluster", "")
+    return {"SLURM": "Slurm"}.get(name, name)
+
+
+def check_job_script(cluster: Any) -> None:
+    """Ask Slurm whether it would accept the job script, submitting nothing."""
+    if type(cluster).__name__ != "SLURMCluster" or shutil.which("sbatch") is None:
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".sh") as script:
+        script.write(cluster.job_script())
+        script.flush()
+        done = subprocess.run(
+            ["sbatch", "--test-only", script.name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    if done.returncode != 0:
+        reason = " ".join(
+            line.strip()
+            for line in done.stderr.splitlines()
+            if "error" in line or "failure" in line
+        )
+        raise ConfigError(
+            f"Slurm refuses the worker job ({reason or done.stderr.strip()}); check "
+            "queue, cores, memory and walltime against 'sinfo' and "
+            "'scontrol show partition'"
+        )
+
+
+def _live_workers(client: Client) -> int:
+    return len(client.scheduler_info(n_workers=-1)["workers"])
+
+
+def _started_jobs(cluster: Any) -> tuple[int, int]:
+    """Jobs running and jobs submitted (running: as squeue says, on Slurm)."""
+    ids = [
+        job.job_id for job in cluster.workers.values() if getattr(job, "job_id", None)
+    ]
+    if not ids or type(cluster).__name__ != "SLURMCluster":
+        return len(ids), len(ids)
+    try:
+        done = subprocess.run(
+            ["squeue", "-h", "-o", "%T", "-j", ",".join(ids)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return len(ids), len(ids)
+    return done.stdout.split().count("RUNNING"), len(ids)
+
+
+@contextlib.contextmanager
+def jobqueue_client(
+    cluster: Any,
+    node_count: int,
+    process_count_per_node: int | None,
+    start_timeout: float,
+    close: bool = False,
+) -> Iterator[Client]:
+    """A client of ``cluster`` scaled to ``node_count`` jobs; scaled back to
+    zero (or closed, with ``close``) afterwards."""
+    per_job = int(cluster._dummy_job.worker_processes)
+    if process_count_per_node is not None and process_count_per_node != per_job:
+        raise ConfigError(
+            f"process_count_per_node={process_count_per_node} but the cluster's jobs "
+            f"run {per_job} worker processes each (processes={per_job}); make them "
+            "equal, or leave process_count_per_node unset"
+        )
+    kind = _queue_name(cluster)
+    check_job_script(cluster)
+    client = Client(cluster, set_as_default=False)
+    try:
+        cluster.scale(jobs=node_count)
+        wanted = node_count * per_job
+        deadline = time.monotonic() + start_timeout
+        while _live_workers(client) < wanted:
+            if time.monotonic() > deadline:
+                running, submitted = _started_jobs(cluster)
+                raise JobFailedError(
+                    f"{running} of {node_count} {kind} jobs started after "
+                    f"{start_timeout:g} s ({submitted} submitted, "
+                    f"{_live_workers(client)} of {wanted} workers connected): check "
+                    "'squeue' and the jobs' logs; raise "
+                    "daskrun.jobqueue.start-timeout if the queue is busy"
+                )
+            time.sleep(0.25)
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            cluster.scale(0)
+        client.close()
+        if close:
+            _close(cluster)
+
+
+def _close(cluster: Any) -> None:
+    # jobs that were never submitted (sbatch failed) would make close() fail
+    from distributed.core import Status
+
+    for job in cluster.workers.values():
+        if getattr(job, "job_id", None) is None:
+            job.status = Status.failed
+    with contextlib.suppress(Exception):
+        cluster.close()
+
+
+class WorkerWatch:
+    """Fails a running step whose workers are all gone for ``grace`` seconds
+    (batch jobs ended by their walltime, or cancelled)."""
+
+    def __init__(
+        self,
+        client: Client,
+        grace: float,
+        on_lost: Callable[[str], None],
+        describe: str,
+    ):
+        self.client = client
+        self.grace = grace
+        self.on_lost = on_lost
+        self.describe = describe
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._watch, name="daskrun-worker-watch", daemon=True
+        )
+
+    def __enter__(self) -> WorkerWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _watch(self) -> None:
+        gone_since: float | None = None
+        while not self._stop.wait(1.0):
+            try:
+                live = _live_workers(self.client)
+            except Exception:  # the client is closing
+                return
+            if live:
+                gone_since = None
+                continue
+            gone_since = gone_since or time.monotonic()
+            if time.monotonic() - gone_since >= self.grace:
+                self.on_lost(
+                    f"every worker of the step left and none came back within "
+                    f"{self.grace:g} s ({self.describe}); the batch jobs ended, "
+                    "e.g. their walltime ran out: raise walltime and resume the "
+                    "run (daskrun resume RUN_ID)"
+                )
+                return

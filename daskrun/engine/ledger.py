@@ -1,0 +1,130 @@
+"""What a run planned: its input listing and a digest of each mini-batch,
+compared when it resumes (a changed input is refused, or with ``replan``
+only its mini-batches run again).
+
+Files in the run's folder: ``inputs.csv`` (path, size, mtime or ETag of each
+input file) and ``plan.bin`` (8 bytes per mini-batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from daskrun.backends.storage import private_folder, private_open, unsigned
+
+LISTING = "inputs.csv"  # path, size, mtime or ETag of each input file
+PLAN = "plan.bin"  # 8 bytes per mini-batch: a digest of its plan and inputs
+_DIGEST = 8
+
+
+class PlanLedger:
+    """Writes a run's input listing and mini-batch digests as they are
+    planned, one row and 8 bytes at a time (memory stays flat), into
+    ``<run folder>/<name>.new``; :meth:`commit` makes them the run's.
+
+    The digest of mini-batch *i* covers what it reads (paths, byte ranges or
+    row groups) and each file's size and mtime (or ETag); :attr:`digest`,
+    over all of them, is the run's ``inputs_digest``.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        private_folder(folder)
+        self._listing = private_open(  # closed in close()
+            # a file name that is not UTF-8 is kept escaped, as in the logs
+            folder / f"{LISTING}.new",
+            "w",
+            newline="",
+            errors="backslashreplace",
+        )
+        self._writer = csv.writer(self._listing)
+        self._plan = private_open(folder / f"{PLAN}.new", "wb")
+        self._total = hashlib.blake2b(digest_size=16)
+        self.count = 0
+
+    def file(self, path: str, size: int, stamp: str) -> None:
+        self._writer.writerow((unsigned(path), size, stamp))  # no SAS kept
+
+    def mini_batch(self, plan: Any, stamps: Sequence[tuple[int, str] | None]) -> None:
+        h = hashlib.blake2b(repr((plan, stamps)).encode(), digest_size=_DIGEST)
+        digest = h.digest()
+        self._plan.write(digest)
+        self._total.update(digest)
+        self.count += 1
+
+    @property
+    def digest(self) -> str:
+        return f"{self.count}-{self._total.hexdigest()}"
+
+    def close(self) -> None:
+        self._listing.close()
+        self._plan.close()
+
+    def commit(self) -> None:
+        """Make the new listing and digests the run's."""
+        self.close()
+        for name in (LISTING, PLAN):
+            os.replace(self.folder / f"{name}.new", self.folder / name)
+
+    def discard(self) -> None:
+        self.close()
+        for name in (LISTING, PLAN):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.folder / f"{name}.new")
+
+    def unchanged(self) -> bytearray:
+        """1 for each new mini-batch whose digest equals the run's."""
+        self.close()
+        with open(self.folder / PLAN, "rb") as f:
+            old = f.read()
+        with open(self.folder / f"{PLAN}.new", "rb") as f:
+            new = f.read()
+        same = bytearray(len(new) // _DIGEST)
+        for i in range(min(len(old), len(new)) // _DIGEST):
+            j = i * _DIGEST
+            same[i] = old[j : j + _DIGEST] == new[j : j + _DIGEST]
+        return same
+
+    def changes(self) -> str:
+        """What changed between the run's listing and the new one, e.g.
+        ``3 files added, 1 removed (first: a.png)``."""
+        self.close()
+        with open(self.folder / LISTING, newline="") as f:
+            old = {row[0]: (row[1], row[2]) for row in csv.reader(f)}
+        added = changed = 0
+        first: str | None = None
+        with open(self.folder / f"{LISTING}.new", newline="") as f:
+            for path, size, stamp in csv.reader(f):
+                was = old.pop(path, None)
+                if was is None:
+                    added += 1
+                elif was != (size, stamp):
+                    changed += 1
+                else:
+                    continue
+                first = first or path
+        removed = len(old)
+        first = first or min(old, default=None)
+        counts = [
+            (n, what)
+            for n, what in (
+                (added, "added"),
+                (removed, "removed"),
+                (changed, "changed"),
+            )
+            if n
+        ]
+        if not counts:
+            return "the mini-batch plan differs (a changed mini_batch_size?)"
+        (n, what), rest = counts[0], counts[1:]
+        parts = [f"{n} file{'s' if n > 1 else ''} {what}"]
+        parts += [f"{n} {what}" for n, what in rest]
+        if first is not None:
+            parts[-1] += f" (first: {os.path.basename(first)})"
+        return ", ".join(parts)

@@ -1,0 +1,380 @@
+"""Compute targets registered in a workspace: where a step's workers come from.
+
+A :class:`ComputeTarget` names a kind of cluster and its options:
+``ComputeTarget.create(ws, "cpu", LocalCompute.provisioning_configuration())``,
+``RemoteCompute.attach_configuration("tcp://10.0.0.5:8786")`` or
+``SlurmCompute.provisioning_configuration(queue="gpu")``. Given as a step's
+``compute_target``, it connects itself through
+:mod:`daskrun.backends.compute.cluster` (the
+engine side, which starts local clusters and never imports this module).
+``connect``, ``dashboard_link``, ``gpu_count``, ``default_process_count`` and
+``QuickExit`` live in :mod:`daskrun.backends.compute.cluster` and are
+importable from here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask.utils
+from distributed import Client
+
+from daskrun.backends.compute.cluster import (
+    QuickExit,
+    _local_cluster,
+    _on_queue,
+    _scheduler,
+    connect,
+    dashboard_link,
+    default_process_count,
+    gpu_count,
+)
+from daskrun.engine.config import check_name, config_get
+from daskrun.exceptions import ConfigError
+from daskrun.registry.base import registry_row
+from daskrun.registry.records import now, runs_dir
+
+__all__ = [
+    "AmlCompute",
+    "ComputeStatus",
+    "ComputeTarget",
+    "LocalCompute",
+    "ProvisioningConfiguration",
+    "QuickExit",
+    "RemoteCompute",
+    "SlurmCompute",
+    "connect",
+    "dashboard_link",
+    "default_process_count",
+    "gpu_count",
+    "slurm_cluster",
+]
+
+
+@dataclass(frozen=True)
+class ProvisioningConfiguration:
+    """What :meth:`ComputeTarget.create` builds: a kind and its options."""
+
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class LocalCompute:
+    """Worker processes on this machine, started for each step."""
+
+    @staticmethod
+    def provisioning_configuration(
+        memory_limit: str | None = None, dashboard_address: str | None = None
+    ) -> ProvisioningConfiguration:
+        """``memory_limit`` per worker process (e.g. ``"4GB"``; default
+        ``daskrun.local-cluster.memory-limit``)."""
+        return ProvisioningConfiguration(
+            "local",
+            {"memory_limit": memory_limit, "dashboard_address": dashboard_address},
+        )
+
+
+class RemoteCompute:
+    """An existing Dask scheduler, reached by its address."""
+
+    @staticmethod
+    def attach_configuration(address: str) -> ProvisioningConfiguration:
+        if not isinstance(address, str) or "://" not in address:
+            raise ConfigError(
+                f"address={address!r} is not a scheduler address; use e.g. "
+                "'tcp://10.0.0.5:8786'"
+            )
+        return ProvisioningConfiguration("scheduler", {"address": address})
+
+
+class SlurmCompute:
+    """Worker processes in Slurm batch jobs, through dask-jobqueue's
+    ``SLURMCluster``: ``node_count`` jobs of ``process_count_per_node``
+    worker processes each, requested for each step and cancelled after."""
+
+    @staticmethod
+    def provisioning_configuration(
+        queue: str | None = None,
+        cores: int = 1,
+        memory: str = "2GB",
+        walltime: str = "01:00:00",
+        python: str | None = None,
+        interface: str | None = None,
+        account: str | None = None,
+        job_extra_directives: list[str] | None = None,
+        local_directory: str | None = None,
+        log_directory: str | None = None,
+    ) -> ProvisioningConfiguration:
+        """``cores`` and ``memory`` are per worker process; ``python`` is the
+        interpreter on the nodes (default: this one)."""
+        try:
+            import dask_jobqueue  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "SlurmCompute needs dask-jobqueue; pip install 'daskrun[jobqueue]'"
+            ) from None
+        if not isinstance(cores, int) or cores < 1:
+            raise ConfigError(f"cores={cores!r} must be an int of at least 1")
+        return ProvisioningConfiguration(
+            "slurm",
+            {
+                "queue": queue,
+                "cores": cores,
+                "memory": memory,
+                "walltime": walltime,
+                "python": python,
+                "interface": interface,
+                "account": account,
+                "job_extra_directives": job_extra_directives or [],
+                "local_directory": local_directory,
+                "log_directory": log_directory,
+            },
+        )
+
+
+def slurm_cluster(options: dict[str, Any], processes: int) -> Any:
+    """A SLURMCluster whose jobs run ``processes`` workers of the given
+    per-process size; nothing is submitted yet."""
+    import sys
+
+    from dask_jobqueue import SLURMCluster
+
+    host = str(config_get("local-cluster.host"))
+    logs = options.get("log_directory") or str(runs_dir() / "slurm-logs")
+    os.makedirs(logs, exist_ok=True)
+    memory = dask.utils.parse_bytes(options["memory"]) * processes
+    return SLURMCluster(
+        queue=options.get("queue"),
+        account=options.get("account"),
+        cores=options["cores"] * processes,
+        processes=processes,
+        memory=dask.utils.format_bytes(memory).replace(" ", "").replace("iB", "B"),
+        walltime=options["walltime"],
+        python=options.get("python") or sys.executable,
+        interface=options.get("interface"),
+        job_extra_directives=options.get("job_extra_directives") or [],
+        local_directory=options.get("local_directory"),
+        log_directory=logs,
+        # servers of the scheduler and workers stay on the given interface
+        scheduler_options={"dashboard_address": f"{host}:0"},
+        worker_extra_args=["--dashboard-address", f"{host}:0"],
+    )
+
+
+class ComputeTarget:
+    """A compute target registered in a workspace.
+
+    >>> ct = ComputeTarget.create(ws, "cpu-local",
+    ...     LocalCompute.provisioning_configuration())  # doctest: +SKIP
+    >>> ws.compute_targets["cpu-local"]  # doctest: +SKIP
+    ComputeTarget(name='cpu-local', kind='local')
+    """
+
+    def __new__(cls, workspace: Any = None, name: str | None = None) -> ComputeTarget:
+        # as Azure ML's: ComputeTarget(ws, name) is of its kind's class (copy
+        # and pickle call __new__ without arguments)
+        if (
+            cls is ComputeTarget
+            and name is not None
+            and _row(workspace, name)["kind"] == "aml"
+        ):
+            cls = AmlCompute
+        return super().__new__(cls)
+
+    def __init__(self, workspace: Any, name: str):
+        row = _row(workspace, name)
+        self.workspace = workspace
+        self.name = name
+        self.kind: str = row["kind"]
+        self.options: dict[str, Any] = json.loads(row["spec"])
+
+    def __repr__(self) -> str:
+        return f"ComputeTarget(name={self.name!r}, kind={self.kind!r})"
+
+    @property
+    def runs_here(self) -> bool:
+        """Whether its workers run on this machine with this interpreter (a
+        local or ``AmlCompute`` target): its Environment is checked here,
+        before the cluster starts."""
+        return self.kind in ("local", "aml")
+
+    @staticmethod
+    def create(
+        workspace: Any, name: str, provisioning_configuration: Any
+    ) -> ComputeTarget:
+        """Register (or replace) a compute target: a provisioning
+        configuration, or a scheduler address."""
+        check_name("compute target", name)
+        config = provisioning_configuration
+        if isinstance(config, str):
+            config = RemoteCompute.attach_configuration(config)
+        if not isinstance(config, ProvisioningConfiguration):
+            raise ConfigError(
+                f"provisioning_configuration={config!r} is not one; use "
+                "AmlCompute.provisioning_configuration(max_nodes=2), "
+                "LocalCompute.provisioning_configuration() or a scheduler address"
+            )
+        with workspace.db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO compute_targets VALUES (?, ?, ?, ?)",
+                (name, config.kind, json.dumps(config.options), now()),
+            )
+        return ComputeTarget(workspace, name)
+
+    def wait_for_completion(
+        self,
+        show_output: bool = False,
+        min_node_count: int | None = None,
+        timeout_in_minutes: int = 20,
+        is_delete_operation: bool = False,
+    ) -> None:
+        """Local and attached targets need no provisioning: workers start
+        with each step. Kept for the tutorial's code."""
+        if show_output:
+            print(f"{self!r}: ready")
+
+    def get_status(self) -> ComputeStatus:
+        """``"Succeeded"``: there is nothing to provision; its
+        ``serialize()`` gives the target's settings as a dict."""
+        return ComputeStatus(
+            "Succeeded", {"name": self.name, "kind": self.kind, **self.options}
+        )
+
+    @contextlib.contextmanager
+    def connect(
+        self,
+        node_count: int,
+        process_count_per_node: int | None,
+        on_lost: Callable[[str], None] | None = None,
+        log_file: str | os.PathLike[str] | None = None,
+    ) -> Iterator[Client]:
+        if self.kind == "slurm":
+            cluster = slurm_cluster(self.options, process_count_per_node or 1)
+            with _on_queue(
+                cluster, node_count, process_count_per_node, on_lost, close=True
+            ) as client:
+                yield client
+        elif self.kind in ("local", "aml"):
+            if self.kind == "aml":
+                _check_nodes(self.name, node_count, self.options["max_nodes"])
+            n = node_count * (process_count_per_node or default_process_count())
+            with _local_cluster(
+                n,
+                self.options.get("memory_limit"),
+                self.options.get("dashboard_address"),
+                log_file,
+            ) as client:
+                yield client
+        else:
+            with _scheduler(self.options["address"]) as client:
+                yield client
+
+
+def _row(workspace: Any, name: str) -> Any:
+    return registry_row(
+        workspace,
+        "compute_targets",
+        name,
+        "create it with ComputeTarget.create(ws, name, "
+        "AmlCompute.provisioning_configuration(max_nodes=2))",
+    )
+
+
+class ComputeStatus(str):
+    """A compute target's state (``"Succeeded"``), with Azure ML's
+    ``serialize()``: the target's settings as a dict."""
+
+    details: dict[str, Any]
+
+    def __new__(cls, state: str, details: dict[str, Any]) -> ComputeStatus:
+        status = super().__new__(cls, state)
+        status.details = details
+        return status
+
+    def serialize(self) -> dict[str, Any]:
+        return {"provisioningState": str(self), **self.details}
+
+
+class AmlCompute(ComputeTarget):
+    """Azure ML's managed cluster, here a local cluster started for each
+    step: ``node_count`` (at most ``max_nodes``) × ``process_count_per_node``
+    worker processes on this machine.
+
+    >>> config = AmlCompute.provisioning_configuration(
+    ...     vm_size="STANDARD_D2_V2", max_nodes=4)
+    >>> config.options["max_nodes"], config.options["vm_size"]
+    (4, 'STANDARD_D2_V2')
+    """
+
+    @staticmethod
+    def provisioning_configuration(
+        vm_size: str = "",
+        vm_priority: str = "dedicated",
+        min_nodes: int | str = 0,
+        max_nodes: int | str | None = None,
+        idle_seconds_before_scaledown: int | None = None,
+        admin_username: str | None = None,
+        admin_user_password: str | None = None,
+        admin_user_ssh_key: str | None = None,
+        vnet_resourcegroup_name: str | None = None,
+        vnet_name: str | None = None,
+        subnet_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        description: str | None = None,
+        remote_login_port_public_access: str = "NotSpecified",
+        identity_type: str | None = None,
+        identity_id: list[str] | None = None,
+        location: str | None = None,
+        enable_node_public_ip: bool = True,
+    ) -> ProvisioningConfiguration:
+        """Azure ML's parameters, in its order. ``max_nodes`` (default 4)
+        bounds the step's ``node_count``; ``vm_size``, ``vm_priority``,
+        ``min_nodes``, ``idle_seconds_before_scaledown``, ``tags`` and
+        ``description`` are recorded and otherwise unused; the login, network,
+        identity and location parameters are accepted and not kept (a
+        password is never stored)."""
+        low = _node_number("min_nodes", min_nodes, 0)
+        high = _node_number("max_nodes", 4 if max_nodes is None else max_nodes, 1)
+        if low > high:
+            raise ConfigError(
+                f"min_nodes={min_nodes!r} is more than max_nodes={max_nodes!r}; "
+                "pass min_nodes <= max_nodes"
+            )
+        return ProvisioningConfiguration(
+            "aml",
+            {
+                "vm_size": vm_size,
+                "vm_priority": vm_priority,
+                "min_nodes": low,
+                "max_nodes": high,
+                "idle_seconds_before_scaledown": idle_seconds_before_scaledown,
+                "tags": tags or {},
+                "description": description,
+            },
+        )
+
+
+def _node_number(what: str, value: object, least: int) -> int:
+    # os.environ.get("AML_COMPUTE_CLUSTER_MAX_NODES", 4) gives a string
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(
+            f"{what}={value!r} is not a whole number of at least {least}; use e.g. "
+            f"{what}={max(least, 2)}"
+        )
+    return value
+
+
+def _check_nodes(name: str, node_count: int, max_nodes: int) -> None:
+    if node_count > max_nodes:
+        raise ConfigError(
+            f"node_count={node_count} is more than max_nodes={max_nodes} of compute "
+            f"target {name!r}; lower node_count, or create the target again with "
+            f"AmlCompute.provisioning_configuration(max_nodes={node_count})"
+        )

@@ -1,0 +1,1098 @@
+"""``ParallelRunStep``: one entry script over one input, and its ``StepRun``.
+
+``step.run()`` validates everything, plans the mini-batches, connects to the
+compute target, registers the entry script as a worker plugin, runs the
+mini-batches (:mod:`daskrun.engine.runner`), assembles the output
+(:mod:`daskrun.engine.output`) and writes the log folder
+(:mod:`daskrun.monitoring.monitor`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from daskrun.backends.inputs.datasets import (
+    Dataset,
+    DatasetConsumptionConfig,
+    FileDataset,
+    PipelineData,
+    TabularDataset,
+    file_batch_count,
+    plan_files,
+    read_tabular,
+)
+from daskrun.backends.inputs.native import (
+    CollectionInput,
+    check_same_collection,
+    is_collection,
+)
+from daskrun.backends.inputs.partitions import check_partition_keys, plan_partitions
+from daskrun.backends.storage import (
+    private_file,
+    private_folder,
+    private_open,
+    signature_hidden,
+    unsigned,
+)
+from daskrun.engine import output as _output
+from daskrun.engine.config import (
+    ParallelRunConfig,
+    PipelineParameter,
+    check_arguments,
+    check_parameter_names,
+    check_step_name,
+    mini_batch_size_for,
+)
+from daskrun.engine.job import Job
+from daskrun.engine.pilot import AutoSizes
+from daskrun.engine.plugin import (
+    EntryScriptPlugin,
+)
+from daskrun.engine.runner import (
+    Interrupt,
+)
+from daskrun.exceptions import ConfigError, JobFailedError
+from daskrun.monitoring.monitor import (
+    FAILED_ITEMS,
+    Console,
+    read_failed_items,
+)
+from daskrun.registry.catalog import from_spec
+from daskrun.registry.models import model_refs
+from daskrun.registry.records import (
+    SOURCE,
+    RunRecord,
+    lock_run,
+    runs_dir,
+)
+from daskrun.registry.sources import RunSource, bundle_digest
+from daskrun.registry.workspace import Datastore, OutputData, Workspace
+
+logger = logging.getLogger("daskrun")
+
+Input = FileDataset | TabularDataset | CollectionInput
+
+
+@dataclass
+class StepRun:
+    """The outcome of one run of a step.
+
+    Attributes
+    ----------
+    status : str
+        ``"Completed"``, ``"Failed"`` or ``"Canceled"``.
+    output_path : str or None
+        The final output file; ``None`` unless the run completed with
+        ``append_row``.
+    error : str or None
+        Why the run failed: the threshold, counts and first user error.
+    """
+
+    run_id: str
+    status: str
+    output_path: str | None
+    logs_dir: str
+    error: str | None
+    mini_batches_total: int
+    mini_batches_failed: int
+    items_total: int
+    items_succeeded: int
+    items_failed: int
+    items_extra: int = 0
+    dashboard_link: str | None = None
+    name: str = ""
+    reused_from: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    workspace: Any = field(default=None, repr=False, compare=False)
+    metrics: dict[str, Any] = field(default_factory=dict, repr=False)
+    tags: dict[str, Any] = field(default_factory=dict, repr=False)
+    output_format: str = "text"
+
+    @classmethod
+    def from_record(cls, record: RunRecord, workspace: Any = None) -> StepRun:
+        counts = record.counts
+        return cls(
+            run_id=record.run_id,
+            status=record.status,
+            output_path=record.output_path,
+            logs_dir=record.logs_dir or str(record.folder / "logs"),
+            error=record.error,
+            mini_batches_total=counts.get("mini_batches_total", 0),
+            mini_batches_failed=counts.get("mini_batches_failed", 0),
+            items_total=counts.get("items_total", 0),
+            items_succeeded=counts.get("items_succeeded", 0),
+            items_failed=counts.get("items_failed", 0),
+            items_extra=counts.get("items_extra", 0),
+            name=record.name,
+            reused_from=record.reused_from,
+            parameters=record.parameters,
+            outputs=record.outputs,
+            workspace=workspace,
+            metrics=record.metrics,
+            tags=record.tags,
+            output_format=(record.config or {}).get("output_format", "text"),
+        )
+
+    @property
+    def id(self) -> str:
+        return self.run_id
+
+    def get_status(self) -> str:
+        return self.status
+
+    def get_metrics(self, name: str | None = None) -> dict[str, Any]:
+        """What the entry script logged through ``Run.get_context()``."""
+        return dict(self.metrics) if name is None else {name: self.metrics[name]}
+
+    def get_tags(self) -> dict[str, Any]:
+        return dict(self.tags)
+
+    def get_details(self) -> dict[str, Any]:
+        """Status, counts, parameters, outputs and where the logs are."""
+        details = asdict(self)
+        details.pop("workspace")
+        return details
+
+    def get_output_data(self, name: str) -> OutputData:
+        """The PipelineData ``name`` this step wrote."""
+        if name not in self.outputs:
+            raise ConfigError(
+                f"step run {self.run_id!r} has no output {name!r}; its outputs: "
+                f"{', '.join(self.outputs) or 'none'}"
+            )
+        if self.workspace is None:
+            raise ConfigError(
+                f"step run {self.run_id!r} was not loaded from a workspace; use "
+                "PipelineRun.get(ws, run_id).find_step_run(name)"
+            )
+        where = self.outputs[name]
+        return OutputData(
+            name, Datastore(self.workspace, where["datastore"]), where["path"]
+        )
+
+    def resume(
+        self,
+        retry_failed: bool = False,
+        show_output: bool = False,
+        replan: bool = False,
+        inputs: Sequence[Any] | None = None,
+        new_source: bool = False,
+    ) -> StepRun:
+        """Run again only the mini-batches without a committed result (and,
+        with ``retry_failed``, those that failed; with ``replan``, those
+        whose inputs changed; with ``new_source``, with the entry script as
+        edited since); a run over a Dask collection needs it again as
+        ``inputs=[ddf]``; see :func:`resume`."""
+        return resume(
+            self.run_id,
+            retry_failed=retry_failed,
+            show_output=show_output,
+            workspace=self.workspace,
+            replan=replan,
+            inputs=inputs,
+            new_source=new_source,
+        )
+
+    def failed_items(
+        self, storage_options: dict[str, Any] | None = None
+    ) -> FileDataset | TabularDataset:
+        """The inputs that failed, as a data set: a ``FileDataset`` of the
+        failed files, or a ``TabularDataset`` of the failed rows (read again
+        from the run's inputs and written to ``failed_items/`` in the run
+        folder). Register it, or feed it to a new step; its
+        ``last_errors`` map each input (a path, or a row range) to its last
+        exception, as ``failed_items.csv`` lists them. Remote inputs need
+        their ``storage_options`` again unless they come from a datastore of
+        the run's workspace."""
+        return failed_items(self, storage_options)
+
+    def to_dask_dataframe(
+        self, storage_options: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Any:
+        """The published output as a lazy Dask dataframe, for the next step
+        in Dask: ``dd.read_csv`` of a CSV output, ``dd.read_parquet`` of a
+        Parquet one (``kwargs`` go to them). Text output has no columns:
+        read it with :meth:`to_bag`.
+
+        >>> run.to_dask_dataframe().groupby("label").size()  # doctest: +SKIP
+        """
+        import dask.dataframe as dd
+
+        path = self._published()
+        options = dict(storage_options or {})
+        if self.output_format == "parquet":
+            return dd.read_parquet(path, storage_options=options, **kwargs)
+        if self.output_format == "csv":
+            return dd.read_csv(path, storage_options=options, **kwargs)
+        raise ConfigError(
+            f"step run {self.run_id!r} wrote text lines ({path}), which have no "
+            "columns; read them with run.to_bag(), or write a table with "
+            "output_format='csv' or 'parquet'"
+        )
+
+    def to_bag(self, storage_options: dict[str, Any] | None = None) -> Any:
+        """The published output as a lazy Dask bag: its lines (without the
+        newline) for text output, one dict per row for CSV and Parquet.
+
+        >>> run.to_bag().filter(lambda line: "cat" in line).count()  # doctest: +SKIP
+        """
+        import dask.bag as db
+
+        if self.output_format in ("csv", "parquet"):
+            frame = self.to_dask_dataframe(storage_options)
+            return frame.to_bag(format="dict")
+        path = self._published()
+        lines = db.read_text(path, storage_options=dict(storage_options or {}))
+        return lines.map(_without_newline)
+
+    def _published(self) -> str:
+        if self.output_path is None:
+            raise ConfigError(
+                f"step run {self.run_id!r} ({self.status}) has no published "
+                "output to read; only a Completed run with "
+                "output_action='append_row' has one"
+            )
+        return self.output_path
+
+    def raise_for_status(self) -> StepRun:
+        """Raise :class:`~daskrun.JobFailedError` unless the run completed."""
+        if self.status != "Completed":
+            raise JobFailedError(
+                self.error or self.status, status=self.status, run_id=self.run_id
+            )
+        return self
+
+
+class ParallelRunStep:
+    """Run an entry script over the mini-batches of its inputs.
+
+    Parameters
+    ----------
+    name : str
+        3–32 characters of ``^[a-z]([-a-z0-9]*[a-z0-9])?$``.
+    parallel_run_config : ParallelRunConfig
+    inputs : data set or list of data sets
+        All of one kind (file or tabular); concatenated in the given order.
+    output : str, optional
+        Output folder, local or fsspec URL; required for ``append_row``.
+    side_inputs : list of data sets, optional
+        Handed to every worker whole. A side input placed in ``arguments``
+        becomes its local path on the worker: the file of a one-file data
+        set, else the folder holding its files.
+    arguments : list, optional
+        ``sys.argv[1:]`` for the script; must start with an option.
+    allow_reuse : bool
+        Reuse an identical earlier run's output (with a workspace).
+    output_storage_options : dict, optional
+        fsspec options for a remote ``output`` (credentials stay out of logs).
+
+    Examples
+    --------
+    >>> step = ParallelRunStep(name="score-images", parallel_run_config=cfg,
+    ...                        inputs=[Dataset.File.from_files("images/")],
+    ...                        output="out/")  # doctest: +SKIP
+    >>> step.run().output_path  # doctest: +SKIP
+    'out/parallel_run_step.txt'
+    """
+
+    def __init__(
+        self,
+        name: str,
+        parallel_run_config: ParallelRunConfig,
+        inputs: Any,
+        output: Any = None,
+        side_inputs: Sequence[Input] | None = None,
+        arguments: Sequence[Any] | None = None,
+        allow_reuse: bool = True,
+        output_storage_options: dict[str, Any] | None = None,
+    ):
+        self.name = check_step_name(name)
+        if not isinstance(parallel_run_config, ParallelRunConfig):
+            raise ConfigError(
+                f"parallel_run_config={parallel_run_config!r} is not a "
+                "ParallelRunConfig; build one with ParallelRunConfig(entry_script=...)"
+            )
+        self.config = parallel_run_config
+        cfg = parallel_run_config.resolved
+        self.input_specs = _check_input_specs(inputs)
+        self.kind = _kind_of(self.input_specs)
+        # as_named_input names, kept in the run record
+        self.input_names: list[str | None] = [
+            s.name if isinstance(s, DatasetConsumptionConfig) else None
+            for s in self.input_specs
+        ]
+        self.mini_batch_size = _mini_batch_size(self.kind, cfg)
+        # mini_batch_size="auto": one-file mini-batches first (set by the job,
+        # daskrun.engine.auto), and the choice a resumed run recorded
+        self.pilot = 0
+        self.auto_recorded: dict[str, Any] = {}
+        if output is None and cfg.output_action == "append_row":
+            raise ConfigError(
+                "output is required with output_action='append_row'; pass "
+                "output='out/' (a folder or fsspec URL), or use "
+                "output_action='summary_only'"
+            )
+        self.output_storage_options = dict(output_storage_options or {})
+        self.output_data: PipelineData | None = None
+        if isinstance(output, PipelineData):
+            self.output_data = output
+            self.output: str | None = None
+        elif output is None:
+            self.output = None
+        elif not os.fspath(output):
+            raise ConfigError(
+                "output='' is empty, which would write into the current folder; "
+                "pass an output folder or URL, e.g. output='out/' ('.' for the "
+                "current folder)"
+            )
+        else:
+            self.output = _absolute(os.fspath(output), self.output_storage_options)
+            if os.path.isabs(self.output):  # a local folder
+                _output.check_output_folder(
+                    self.output,
+                    cfg.append_row_file_name
+                    if cfg.output_action == "append_row"
+                    else None,
+                )
+        self.side_inputs = list(side_inputs or [])
+        for side in self.side_inputs:
+            if not isinstance(side, (FileDataset, TabularDataset)):
+                raise ConfigError(
+                    f"side_inputs item {side!r} is not a data set; use "
+                    "Dataset.File.from_files(path)"
+                )
+        self.arguments = check_arguments(arguments)
+        for arg in self.arguments:
+            if isinstance(arg, (FileDataset, TabularDataset)) and not any(
+                arg is side for side in self.side_inputs
+            ):
+                raise ConfigError(
+                    f"argument {arg!r} is a data set that is not in side_inputs; "
+                    "add it to side_inputs so every worker gets it"
+                )
+        self.allow_reuse = bool(allow_reuse)
+        # set when bound to a run (see bind())
+        self.inputs: list[Input] = (
+            [_concrete(spec, {}, {}) for spec in self.input_specs]
+            if not any(isinstance(i, PipelineData) for i in self._flat_specs())
+            else []
+        )
+        _check_partitioned(cfg.partition_keys, self.inputs)
+        self.run_id: str | None = None
+        self.workspace: Any = None
+        self.parent_id: str | None = None
+        self.experiment: str | None = None
+        self.parameter_values: dict[str, Any] = {}
+        self.outputs: dict[str, dict[str, str]] = {}
+        self.fingerprint: str | None = None
+
+    def _flat_specs(self) -> list[Any]:
+        return [_source(s) for s in self.input_specs]
+
+    def pipeline_parameters(self) -> list[PipelineParameter]:
+        """The PipelineParameters of this step's config and inputs."""
+        found = list(self.config.parameters.values())
+        found += [s for s in self._flat_specs() if isinstance(s, PipelineParameter)]
+        return found
+
+    def input_data(self) -> list[PipelineData]:
+        """The PipelineData this step reads (written by earlier steps)."""
+        return [s for s in self._flat_specs() if isinstance(s, PipelineData)]
+
+    def bind(
+        self,
+        values: dict[str, Any] | None = None,
+        produced: dict[str, Input] | None = None,
+        workspace: Any = None,
+        run_id: str | None = None,
+    ) -> ParallelRunStep:
+        """A copy with PipelineParameters set from ``values``, PipelineData
+        inputs from ``produced`` (by name), and its output placed on the
+        workspace's datastore: what one run of this step executes."""
+        values = dict(values or {})
+        bound = copy.copy(self)
+        bound.config = self.config.bind(values)
+        cfg = bound.config.resolved
+        bound.mini_batch_size = _mini_batch_size(self.kind, cfg)
+        bound.inputs = [
+            _concrete(spec, values, produced or {}, workspace)
+            for spec in self.input_specs
+        ]
+        _check_kinds(bound.inputs)
+        _check_partitioned(cfg.partition_keys, bound.inputs)
+        bound.workspace = workspace
+        bound.run_id = run_id or new_run_id(self.name)
+        bound.parameter_values = {
+            p.name: _show(values.get(p.name, p.default_value))
+            for p in self.pipeline_parameters()
+        }
+        if self.output_data is not None:
+            if workspace is None:
+                raise ConfigError(
+                    f"step {self.name!r} writes PipelineData "
+                    f"{self.output_data.name!r}; run it in a Pipeline submitted "
+                    "with an Experiment of a Workspace"
+                )
+            store = self.output_data.datastore or workspace.get_default_datastore()
+            path = f"daskrun/{bound.run_id}/{self.output_data.name}"
+            bound.output = _absolute(store.url(path), store.storage_options)
+            bound.output_storage_options = store.storage_options
+            bound.outputs = {
+                self.output_data.name: {"datastore": store.name, "path": path}
+            }
+        return bound
+
+    def __repr__(self) -> str:
+        return f"ParallelRunStep(name={self.name!r}, inputs={self.inputs!r})"
+
+    @property
+    def dataset_name(self) -> str | None:
+        """The inputs' name (``as_named_input``, else registered) when they
+        share one, for the run record; else ``None``."""
+        names = {
+            given or ds.name
+            for given, ds in zip(self.input_names, self.inputs, strict=False)
+        }
+        return names.pop() if len(names) == 1 else None
+
+    def plan(self) -> tuple[Iterable[Any], int]:
+        """The mini-batch plans (lazily, for file inputs) and their count.
+
+        The step's own output file is never an input, even where the output
+        folder lies inside an input folder (daskrun's parts are left out of
+        every listing).
+        """
+        if self.kind == "collection":  # one mini-batch per partition
+            parts = [b for ds in self.inputs for b in ds.plan()]
+            return parts, len(parts)
+        own = self._own_output()
+        keys = self.config.resolved.partition_keys
+        if keys:
+            partitions = plan_partitions(
+                (
+                    pair
+                    for ds in self.inputs
+                    for pair in ds.partition_values()
+                    if pair[0] != own
+                ),
+                keys,
+                getattr(self.inputs[0], "file_format", None),
+            )
+            return partitions, len(partitions)
+        if self.kind == "file":
+            files = (
+                self.inputs[0].files()
+                if len(self.inputs) == 1
+                else [f for ds in self.inputs for f in ds.files()]
+            )
+            if own is not None and own in files:
+                files = [f for f in files if f != own]
+            n, pilot = self.mini_batch_size, self.pilot
+            return plan_files(files, n, pilot), file_batch_count(len(files), n, pilot)
+        batches: list[Any] = []
+        for ds in self.inputs:
+            assert isinstance(ds, TabularDataset)
+            batches.extend(
+                ds.plan(self.mini_batch_size, start=len(batches), exclude=own)
+            )
+        return batches, len(batches)
+
+    def _own_output(self) -> str | None:
+        """The final output file as data set listings name it."""
+        cfg = self.config.resolved
+        if self.output is None or cfg.output_action != "append_row":
+            return None
+        return f"{self.output.rstrip('/')}/{cfg.append_row_file_name}"
+
+    def run(
+        self,
+        pipeline_parameters: dict[str, Any] | None = None,
+        workspace: Any = None,
+        show_output: bool = False,
+    ) -> StepRun:
+        """Run the step synchronously and return its :class:`StepRun`.
+
+        A job that fails returns a StepRun with ``status="Failed"``; call
+        :meth:`StepRun.raise_for_status` to get an exception instead. Bad
+        parameters and inputs raise :class:`~daskrun.ConfigError` or
+        :class:`~daskrun.InputError` before any task runs.
+        """
+        values = dict(pipeline_parameters or {})
+        check_parameter_names(values, self.pipeline_parameters())
+        if self.input_data():
+            raise ConfigError(
+                f"step {self.name!r} reads PipelineData "
+                f"{self.input_data()[0].name!r}; run it in a Pipeline with the "
+                "step that writes it"
+            )
+        return _execute(
+            self.bind(values, workspace=workspace), console=Console(show_output)
+        )
+
+
+def _without_newline(line: str) -> str:
+    return line.removesuffix("\n")
+
+
+def _check_input_specs(inputs: Any) -> list[Any]:
+    specs = (PipelineParameter, PipelineData, DatasetConsumptionConfig)
+    single = (FileDataset, TabularDataset, *specs)
+    if is_collection(inputs):
+        inputs = [inputs]
+    items = [inputs] if isinstance(inputs, single) else inputs
+    if isinstance(items, (str, os.PathLike)) or not isinstance(items, Sequence):
+        raise ConfigError(
+            f"inputs={inputs!r} is not a data set; use "
+            "inputs=[Dataset.File.from_files(path)]"
+        )
+    items = [CollectionInput(i) if is_collection(i) else i for i in items]
+    if len(items) > 1 and any(isinstance(i, CollectionInput) for i in items):
+        raise ConfigError(
+            f"inputs hold a Dask collection and {len(items) - 1} more inputs; a "
+            "step reads one collection: concatenate them first (dd.concat or "
+            "db.concat)"
+        )
+    if not items:
+        raise ConfigError(
+            "inputs=[] is empty; pass at least one data set, e.g. "
+            "[Dataset.File.from_files('images/')]"
+        )
+    for item in items:
+        if not isinstance(
+            _default(item), (FileDataset, TabularDataset, PipelineData, CollectionInput)
+        ):
+            raise ConfigError(
+                f"inputs item {item!r} is not a data set; use "
+                f"Dataset.File.from_files({item!r}) or "
+                f"Dataset.Tabular.from_delimited_files({item!r})"
+            )
+    return items
+
+
+def _source(item: Any) -> Any:
+    """What an input names: a data set, a PipelineParameter or PipelineData."""
+    return item.source if isinstance(item, DatasetConsumptionConfig) else item
+
+
+def _default(item: Any) -> Any:
+    """An input's data set (a PipelineParameter's default) or PipelineData."""
+    source = _source(item)
+    return source.default_value if isinstance(source, PipelineParameter) else source
+
+
+def _kind_of(specs: list[Any]) -> str:
+    kinds = set()
+    for item in specs:
+        source = _default(item)
+        kinds.add("file" if isinstance(source, PipelineData) else source.kind)
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"inputs mix kinds {sorted(kinds)}; all inputs of one step must be "
+            "file data sets, or all tabular"
+        )
+    return kinds.pop()
+
+
+def _mini_batch_size(kind: str, cfg: Any) -> int:
+    """Files or bytes per mini-batch; a collection's partitions are its
+    mini-batches, as they are."""
+    if kind != "collection":
+        return mini_batch_size_for(kind, cfg.mini_batch_size)
+    given = (
+        f"mini_batch_size={cfg.mini_batch_size!r}"
+        if cfg.mini_batch_size is not None
+        else f"partition_keys={list(cfg.partition_keys)!r}"
+        if cfg.partition_keys
+        else None
+    )
+    if given is not None:
+        raise ConfigError(
+            f"{given} does not apply to a Dask collection input: each of its "
+            "partitions is one mini-batch; drop it, and repartition the "
+            "collection instead (ddf.repartition(partition_size='10MB'))"
+        )
+    return 1
+
+
+def _check_kinds(items: list[Input]) -> None:
+    kinds = {(i.kind, getattr(i, "file_format", None)) for i in items}
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"inputs mix kinds {sorted(str(k) for k in kinds)}; all inputs of one "
+            "step must be file data sets, or all tabular of one format"
+        )
+
+
+def _check_partitioned(keys: Sequence[str] | None, inputs: list[Input]) -> None:
+    """Every input has the ``partition_keys``; tabular inputs share one
+    ``partition_format`` (the workers add its columns to every row)."""
+    for ds in inputs:
+        if keys:
+            check_partition_keys(keys, ds)
+    formats = {ds.partition_format for ds in inputs if ds.kind == "tabular"}
+    if len(formats) > 1:
+        raise ConfigError(
+            f"tabular inputs have different partition_format values "
+            f"{sorted(map(str, formats))}; give them one format, or run one step "
+            "per format"
+        )
+
+
+def _concrete(
+    spec: Any,
+    values: dict[str, Any],
+    produced: dict[str, Input],
+    workspace: Any = None,
+) -> Input:
+    """The data set an input spec stands for in one run."""
+    source = _source(spec)
+    if isinstance(source, PipelineParameter):
+        value = values.get(source.name, source.default_value)
+        if isinstance(value, str) and workspace is not None:
+            value = Dataset.get_by_name(workspace, value)
+        if not isinstance(value, (FileDataset, TabularDataset)):
+            raise ConfigError(
+                f"pipeline parameter {source.name!r}={value!r} is not a data set; "
+                "pass a data set (Dataset.File.from_files(...)) or the name of one "
+                "registered in the workspace"
+            )
+        return value
+    if isinstance(source, PipelineData):
+        if source.name not in produced:
+            raise ConfigError(
+                f"PipelineData {source.name!r} is read before any step wrote it; "
+                "add the step that writes it to the same Pipeline"
+            )
+        return produced[source.name]
+    return source
+
+
+def _show(value: Any) -> Any:
+    """A parameter value as a run record shows it."""
+    if isinstance(value, (FileDataset, TabularDataset)):
+        return repr(value)
+    return value
+
+
+def _absolute(path: str, storage_options: dict[str, Any]) -> str:
+    fs, stripped = url_to_fs(path, **storage_options)
+    return os.path.abspath(stripped) if isinstance(fs, LocalFileSystem) else path
+
+
+def new_run_id(step_name: str) -> str:
+    """``<step>_<UTC time>_<random>``, sortable by start time."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"{step_name}_{stamp}_{secrets.token_hex(3)}"
+
+
+def _execute(
+    step: ParallelRunStep,
+    *,
+    console: Console,
+    resume: RunRecord | None = None,
+    retry_failed: bool = False,
+    replan: bool = False,
+    interrupt: Interrupt | None = None,
+    source: RunSource | None = None,
+) -> StepRun:
+    """Run a bound step as a :class:`~daskrun.engine.job.Job`, with a new run
+    record or the one being resumed (``source``: where its code is); a
+    resume whose inputs changed is refused unless ``replan``, one whose
+    code changed unless ``source.new_source``."""
+    run_id = resume.run_id if resume else (step.run_id or new_run_id(step.name))
+    root = step.workspace.runs_dir if step.workspace is not None else runs_dir()
+    job = Job(
+        step,
+        run_id,
+        root,
+        console=console,
+        models=None if step.workspace is None else model_refs(step.workspace),
+        interrupt=interrupt,
+    )
+    if source is not None:  # before any cluster starts
+        source.check(job.bundle[0])
+    with job.opening():
+        job.plan(resume.inputs_digest if resume else None, replan=replan)
+        record = resume or _new_record(step, run_id, job.plugin, root)
+        if resume is None:  # resume() holds the run's lock already
+            job.hold(lock_run(record))
+        job.open(record, resuming=resume is not None, retry_failed=retry_failed)
+        if source is not None:
+            source.keep(job.plugin.bundle)
+    job.run(record)
+    run = StepRun.from_record(record, step.workspace)
+    run.dashboard_link = job.link
+    return run
+
+
+def resume(
+    run_id: str,
+    *,
+    retry_failed: bool = False,
+    show_output: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    compute_target: Any = None,
+    workspace: Any = None,
+    replan: bool = False,
+    inputs: Sequence[Any] | None = None,
+    new_source: bool = False,
+) -> StepRun:
+    """Resume a failed, canceled or interrupted run where it stopped.
+
+    Mini-batches with a committed result are not run again; with
+    ``retry_failed`` those that failed are run again too. The final output
+    is the same as an uninterrupted run's. The entry script's folder ships
+    as it is now; if its Python files changed since the run, the resume is
+    refused (:class:`~daskrun.ConfigError`, naming them) unless
+    ``new_source``, which runs the edited code on what is left: fix a
+    script, then resume. Where the folder is gone, the run's recorded copy
+    runs (see :mod:`daskrun.registry.sources`). The run's inputs are listed again;
+    if a file was added, removed or changed since the run, the resume is
+    refused (:class:`~daskrun.InputError`) unless ``replan``, which keeps the
+    committed mini-batches whose inputs are unchanged and runs the rest.
+    Remote inputs need their ``storage_options`` again, since run records
+    never hold credentials, unless they come from a datastore of the run's
+    ``workspace``. A run over a Dask collection needs the collection again
+    (``inputs=[ddf]``): one whose token (``dask.base.tokenize``) differs from
+    the run's is refused (:class:`~daskrun.InputError`). So does a run whose
+    inputs were URLs with a SAS signature (``...&sig=...``), which run
+    records never keep: ``inputs=[url, ...]`` again, in the run's order. One
+    resume of a run
+    at a time: another one, or one of a
+    run still in progress, is refused at once (:class:`~daskrun.ConfigError`).
+
+    >>> run = daskrun.resume("score-images_20261122T010203_a1b2c3")  # doctest: +SKIP
+    """
+
+    root = workspace.runs_dir if workspace is not None else None
+    with lock_run(RunRecord.load(run_id, root)):
+        # read again under the lock: a resume that just ended changed it
+        record = RunRecord.load(run_id, root)
+        return _resume(
+            record,
+            retry_failed=retry_failed,
+            show_output=show_output,
+            storage_options=storage_options,
+            compute_target=compute_target,
+            workspace=workspace,
+            replan=replan,
+            given=inputs,
+            new_source=new_source,
+        )
+
+
+def _resume(
+    record: RunRecord,
+    *,
+    retry_failed: bool,
+    show_output: bool,
+    storage_options: dict[str, Any] | None,
+    compute_target: Any,
+    workspace: Any,
+    replan: bool,
+    given: Sequence[Any] | None = None,
+    new_source: bool = False,
+) -> StepRun:
+    run_id = record.run_id
+    if workspace is None and record.workspace:
+        workspace = Workspace(record.workspace)
+    if record.status == "Completed" and not (retry_failed or replan):
+        raise ConfigError(
+            f"run {run_id!r} already completed; pass retry_failed=True "
+            "(--retry-failed) to run its failed mini-batches again, or "
+            "replan=True (--replan) to run those whose inputs changed"
+        )
+    if given is None:  # inputs given again carry what they read with
+        _check_credentials(record, storage_options, "resume()")
+    source = RunSource(record, new_source)
+    step = _rebuild(
+        record, storage_options, compute_target, workspace, given, source.location()
+    )
+    return _execute(
+        step,
+        console=Console(show_output),
+        resume=record,
+        retry_failed=retry_failed,
+        replan=replan,
+        source=source,
+    )
+
+
+def _check_credentials(
+    record: RunRecord, storage_options: dict[str, Any] | None, call: str
+) -> None:
+    """Refuse to read a run's remote inputs again without credentials:
+    neither given (run records never hold them) nor a workspace
+    datastore's."""
+    if record.remote_inputs and storage_options is None and not record.input_specs:
+        raise ConfigError(
+            f"run {record.run_id!r} reads remote inputs; pass their "
+            f"storage_options to {call}, since run records never hold credentials"
+        )
+
+
+def _rebuild(
+    record: RunRecord,
+    storage_options: dict[str, Any] | None,
+    compute_target: Any,
+    workspace: Any,
+    given: Sequence[Any] | None = None,
+    location: tuple[str, str | None] | None = None,
+) -> ParallelRunStep:
+    """The step a run record describes: its code (``location``, the entry
+    script and its folder, else the recorded copy unpacked into the run
+    folder), config, inputs (a Dask collection's: ``given`` again, checked),
+    output and arguments."""
+    run_id = record.run_id
+    script, folder = location or RunSource(record).unpacked()
+    config = dict(record.config)
+    config["entry_script"], config["source_directory"] = script, folder
+    cfg = ParallelRunConfig(compute_target=compute_target, **config)
+    options = storage_options or {}
+    inputs: list[Input]
+    if record.kind == "collection":
+        if given is None or len(given) != len(record.inputs):
+            raise ConfigError(
+                f"run {run_id!r} read a Dask collection; pass it again: "
+                f"resume({run_id!r}, inputs=[ddf])"
+            )
+        inputs = [
+            check_same_collection(item, str(path), run_id)
+            for item, path in zip(given, record.inputs, strict=True)
+        ]
+    elif record.input_specs and workspace is not None:
+        inputs = [from_spec(spec, workspace) for spec in record.input_specs]
+    elif record.kind == "file":
+        inputs = [
+            FileDataset(p, storage_options=options, partition_format=f)
+            for p, f in _with_formats(record, given)
+        ]
+    else:
+        inputs = [
+            TabularDataset(
+                p,
+                file_format=record.file_format or "csv",
+                storage_options=options,
+                pandas_kwargs=record.pandas_kwargs,
+                partition_format=f,
+            )
+            for p, f in _with_formats(record, given)
+        ]
+    output_options: dict[str, Any] = {}
+    for where in record.outputs.values():
+        output_options = Datastore(workspace, where["datastore"]).storage_options
+    step = ParallelRunStep(
+        record.name,
+        cfg,
+        inputs=inputs,
+        output=record.output,
+        arguments=record.arguments,
+        output_storage_options=output_options or options,
+    )
+    step.workspace = workspace
+    step.outputs = record.outputs
+    step.input_names = list(record.input_names) or step.input_names
+    step.auto_recorded = dict(record.auto)
+    return step
+
+
+def _with_formats(
+    record: RunRecord, given: Sequence[Any] | None = None
+) -> list[tuple[Any, str | None]]:
+    """Each input's paths and ``partition_format``."""
+    formats = record.partition_formats or [None] * len(record.inputs)
+    return list(zip(_signed_again(record, given), formats, strict=True))
+
+
+def _signed_again(record: RunRecord, given: Sequence[Any] | None) -> list[Any]:
+    """The run's input paths. Where they were URLs with a SAS signature,
+    which run records never keep, they are ``given`` again (paths or data
+    sets, in the run's order), checked against the record."""
+    recorded = record.inputs
+    if not any(signature_hidden(json.dumps(p)) for p in recorded):
+        return recorded
+    run_id = record.run_id
+    if given is None or len(given) != len(recorded):
+        raise ConfigError(
+            f"run {run_id!r} read {len(recorded)} input(s) given as URLs with "
+            "a SAS signature, which run records never keep; give them again: "
+            f"daskrun resume {run_id} --input URL ... (resume({run_id!r}, "
+            "inputs=[url, ...]))"
+        )
+    paths = [_paths_given(g) for g in given]
+    for was, now in zip(recorded, paths, strict=True):
+        if json.loads(unsigned(json.dumps(now))) != was:
+            raise ConfigError(
+                f"input {unsigned(str(now))!r} is not run {run_id!r}'s "
+                f"{was!r}; give the run's inputs again, in its order"
+            )
+    return paths
+
+
+def _new_record(
+    step: ParallelRunStep, run_id: str, plugin: EntryScriptPlugin, root: Path
+) -> RunRecord:
+    record = RunRecord(
+        run_id=run_id,
+        root=str(root),
+        name=step.name,
+        status="Running",
+        parent_id=step.parent_id,
+        experiment=step.experiment,
+        parameters=step.parameter_values,
+        outputs=step.outputs,
+        fingerprint=step.fingerprint,
+        workspace=None if step.workspace is None else str(step.workspace.path),
+        kind=step.kind,
+        file_format=getattr(step.inputs[0], "file_format", None),
+        inputs=[_path_spec(ds) for ds in step.inputs],
+        input_specs=_input_specs(step.inputs),
+        partition_formats=[ds.partition_format for ds in step.inputs],
+        input_names=[
+            given or ds.name
+            for given, ds in zip(step.input_names, step.inputs, strict=False)
+        ],
+        pandas_kwargs=getattr(step.inputs[0], "pandas_kwargs", {}),
+        remote_inputs=not plugin.input_spec.local,
+        output=step.output,
+        config=asdict(step.config.resolved),
+        script=plugin.script,
+        source_digests=[bundle_digest(plugin.bundle)],
+        arguments=[str(a) for a in step.arguments],
+    )
+    private_folder(record.folder)
+    with private_open(record.folder / SOURCE, "wb") as f:
+        f.write(plugin.bundle)
+    return record
+
+
+def _input_specs(inputs: list[Input]) -> list[dict[str, Any]]:
+    """The data sets as workspace specs, when all come from datastores or
+    local paths (so a resume gets credentials from the workspace)."""
+    try:
+        return [ds.spec() for ds in inputs]
+    except ConfigError:
+        return []
+
+
+def _paths_given(given: Any) -> Any:
+    """The path, or list of paths, that ``given`` (as an input of
+    :func:`resume`: a path, a list of paths, or a data set) names."""
+    if isinstance(given, (str, os.PathLike)):
+        return os.fspath(given)
+    if isinstance(given, (list, tuple)):
+        return [os.fspath(p) for p in given]
+    return _path_spec(given)
+
+
+def _path_spec(dataset: Input) -> Any:
+    path = dataset._path
+    if isinstance(path, (str, os.PathLike)):
+        return os.fspath(path)
+    return [os.fspath(p) for p in path]
+
+
+def failed_items(
+    run: StepRun, storage_options: dict[str, Any] | None = None
+) -> FileDataset | TabularDataset:
+    """:meth:`StepRun.failed_items`."""
+    rows = read_failed_items(Path(run.logs_dir) / FAILED_ITEMS)
+    if not rows:
+        raise ConfigError(
+            f"run {run.run_id!r} has no failed items; failed_items() is the "
+            "data set of the inputs that failed"
+        )
+    root = run.workspace.runs_dir if run.workspace is not None else None
+    record = RunRecord.load(run.run_id, root)
+    workspace = run.workspace
+    if workspace is None and record.workspace:
+        workspace = Workspace(record.workspace)
+    _check_credentials(record, storage_options, "failed_items()")
+    errors = {row["input"]: row["error"] for row in rows}
+    if record.kind == "file":
+        found = FileDataset(
+            list(errors),
+            storage_options=_failed_options(record, storage_options, workspace),
+        )
+        found.last_errors = errors
+        return found
+    step = _rebuild(record, storage_options, None, workspace)
+    if step.config.resolved.partition_keys:
+        raise ConfigError(
+            f"run {run.run_id!r} ran partitions of rows; its failed partitions "
+            f"are listed in {Path(run.logs_dir) / FAILED_ITEMS}"
+        )
+    return _failed_rows(step, run.run_id, rows, record.folder / "failed_items", errors)
+
+
+def _failed_options(
+    record: RunRecord, given: dict[str, Any] | None, workspace: Any
+) -> dict[str, Any]:
+    """The storage options of a run's inputs: those given, else those of
+    the datastore its inputs came from."""
+    if given is not None or not record.input_specs or workspace is None:
+        return dict(given or {})
+    return dict(from_spec(record.input_specs[0], workspace).storage_options)
+
+
+def _failed_rows(
+    step: ParallelRunStep,
+    run_id: str,
+    rows: list[dict[str, str]],
+    folder: Path,
+    errors: dict[str, str],
+) -> TabularDataset:
+    """The failed rows of tabular run ``run_id``, read again as their
+    mini-batches were and sliced, in one file of the inputs' format in
+    ``folder``."""
+    import pandas as pd
+
+    first = step.inputs[0]
+    assert isinstance(first, TabularDataset)
+    AutoSizes(step, step.config.resolved)  # "auto": the size the run chose
+    batches = list(step.plan()[0])
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for row in rows:
+        if row["start"].isdigit() and row["stop"].isdigit():  # else never read
+            spans.setdefault(int(row["index"]), []).append(
+                (int(row["start"]), int(row["stop"]))
+            )
+    frames = []
+    for index, cuts in spans.items():  # each mini-batch read once
+        frame = read_tabular(batches[index], first.storage_options, first.pandas_kwargs)
+        frames += [frame.iloc[start:stop] for start, stop in cuts]
+    if not frames:
+        # one line, though pandas' errors may end in a newline
+        why = "; ".join(f"{k}: {' '.join(v.split())}" for k, v in errors.items())
+        raise ConfigError(
+            f"the failed inputs of run {run_id!r} could not be read ({why}); fix "
+            "them and resume with retry_failed=True"
+        )
+    found = pd.concat(frames, ignore_index=True)
+    private_folder(folder)
+    path = folder / f"failed_items.{first.file_format}"
+    tmp = path.with_name(f".{path.name}.tmp")
+    private_file(tmp)  # pandas writes into it, keeping its mode
+    if first.file_format == "parquet":
+        found.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+        dataset: TabularDataset = Dataset.Tabular.from_parquet_files(str(path))
+    else:
+        found.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        dataset = Dataset.Tabular.from_delimited_files(str(path))
+    dataset.last_errors = errors
+    return dataset
