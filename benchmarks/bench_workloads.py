@@ -41,6 +41,14 @@ for daskrun, how soon a 100-file job returns its first result. Saves
         --repeat 1 --scale 0.1     # "auto" beside a grid: auto-grid.json
     python benchmarks/bench_workloads.py --quick --workloads w3 \
         --tools dask daskrun daskrun-map --out map-partitions-w3-quick.json
+
+Before and after a change, interleaved in one run: ``--before TREE`` adds,
+for each daskrun tool, ``TOOL@before``, the same tool with the daskrun of
+``TREE`` (a checkout of the earlier code, e.g. ``git worktree add /tmp/before
+REV``), run in rotation with the others::
+
+    python benchmarks/bench_workloads.py --quick --workloads w1 w2 w3 \
+        --tools pool daskrun daskrun-list --before /tmp/before --out before-after.json
 """
 
 from __future__ import annotations
@@ -71,7 +79,8 @@ TOOLS = (
     "daskrun-list",
     "daskrun-map",
 )
-W3_ONLY = {"daskrun-map"}
+W3_ONLY = {"daskrun-map", "daskrun-map@before"}
+BEFORE = ""  # --before: the earlier checkout's path
 
 NOOP = "def init():\n    pass\n\n\ndef run(mini_batch):\n    return mini_batch\n"
 W3_SCRIPT = """
@@ -606,7 +615,9 @@ def run_tool(
 ) -> dict[str, Any]:
     """One run in a fresh process, timed from its start to its exit; ``env``
     adds to its environment (``BENCH_*`` sizes, :func:`_grid`)."""
-    out = CACHE / "out" / f"{workload}-{tool}.out"
+    tool, _, before = tool.partition("@")
+    tree = Path(BEFORE) if before else REPO
+    out = CACHE / "out" / f"{workload}-{tool}{'-before' if before else ''}.out"
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     proc = subprocess.run(
@@ -622,11 +633,11 @@ def run_tool(
         ],
         capture_output=True,
         text=True,
-        # this checkout's daskrun, not whichever one is installed
+        # this checkout's daskrun (or --before's), not the one installed
         env=dict(
             os.environ,
             **(env or {}),
-            PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(REPO)]),
+            PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(tree)]),
         ),
     )
     seconds = time.perf_counter() - start
@@ -722,6 +733,11 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["w1", "w2", "w3", "w4"])
     parser.add_argument("--tools", nargs="+", default=list(TOOLS))
     parser.add_argument("--child", nargs=5)
+    parser.add_argument(
+        "--before",
+        help="a checkout of earlier code: each daskrun tool also runs as "
+        "TOOL@before with its daskrun, in rotation",
+    )
     parser.add_argument("--out", help="results file name in benchmarks/results")
     parser.add_argument(
         "--auto-grid",
@@ -739,6 +755,14 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
+    if args.before:
+        global BEFORE
+        BEFORE = str(Path(args.before).resolve())
+        args.tools = [  # side by side: before, after, before, ...
+            name
+            for t in args.tools
+            for name in ([f"{t}@before", t] if t.startswith("daskrun") else [t])
+        ]
     sizes = {
         name: max(1, int(n * args.scale))
         for name, n in {
@@ -857,7 +881,12 @@ def markdown(results: dict[str, Any], tools: list[str]) -> str:
         "w4": "W4: {:,} PNGs → features → scores, 2 steps",
     }
     lines = [
-        "| workload | " + " | ".join(names[t] for t in tools) + " |",
+        "| workload | "
+        + " | ".join(
+            names[t.partition("@")[0]] + (" (before)" if "@" in t else "")
+            for t in tools
+        )
+        + " |",
         "|---" * (len(tools) + 1) + "|",
     ]
     for workload, r in results.items():
