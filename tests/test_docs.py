@@ -8,6 +8,7 @@ the environment's console scripts (``daskrun``) first on PATH. A block after
 ``<!-- file: NAME -->`` is written to NAME (an entry script) instead; one
 after ``<!-- not run: REASON -->`` is not run, and says why; a ``text`` block
 after ``<!-- output of: COMMAND -->`` is checked against what COMMAND prints.
+The README's blocks are docs/getting-started.md's, checked, and run there.
 docs/contributing.md describes the markers. Real processes, real files.
 """
 
@@ -117,14 +118,6 @@ QUICK_START_SCORE = next(
     b.code for b in blocks(REPO / "README.md") if b.value == "score.py"
 )
 
-SCORE_TABLE = """\
-def init():
-    pass
-
-def run(mini_batch):              # a pandas.DataFrame of rows
-    return mini_batch.assign(total=mini_batch.sum(axis=1, numeric_only=True))
-"""
-
 POISON = """\
 import os
 
@@ -151,7 +144,6 @@ def samples(work: Path) -> None:
         (work / "images" / f"img{i:02d}.png").write_bytes(b"x" * (100 + i))
     (work / "models").mkdir()
     (work / "score.py").write_text(QUICK_START_SCORE)
-    (work / "score_table.py").write_text(SCORE_TABLE)
     (work / "tables").mkdir()
     for i in range(3):
         table = pd.DataFrame({"a": range(i, i + 50), "b": range(50)})
