@@ -17,7 +17,7 @@ import daskrun  # noqa: E402
 
 project = "daskrun"
 author = "daskrun's authors"
-copyright = "daskrun's authors"  # noqa: A001 - Sphinx's name
+copyright = "daskrun's authors"
 release = version = daskrun.__version__
 
 extensions = [
@@ -42,29 +42,50 @@ html_theme = "furo"
 html_title = f"daskrun {release}"
 
 
-def _join_wrapped_names(app, what, name, obj, options, lines):  # noqa: ANN001
-    """One numpy-style entry may name several parameters, wrapped over two
-    lines (``arguments, source_directory, ...,`` then ``run_max_try, ...``),
-    as numpydoc reads it; napoleon takes only one line, so the wrapped names
-    are joined before it reads them. The docstrings stay as written."""
+def _one_entry_per_name(app, what, name, obj, options, lines):
+    """A numpy-style entry may name several parameters (``arguments,
+    source_directory, ...``, even wrapped over two lines), as numpydoc reads
+    it; napoleon and Sphinx's fields take one name an entry, so each name
+    gets the entry's description. The docstrings stay as written."""
+
+    def names(line):
+        parts = [part.strip() for part in line.split(",")]
+        return parts if all(part.isidentifier() for part in parts if part) else None
+
     i = 0
-    while i < len(lines) - 1:
-        line, nxt = lines[i], lines[i + 1]
+    while i < len(lines):
+        line = lines[i]
         indent = len(line) - len(line.lstrip())
-        if (
-            line.rstrip().endswith(",")
-            and line.strip()
-            and not line.lstrip().startswith(("-", "*"))
-            and len(nxt) - len(nxt.lstrip()) == indent
-            and nxt.strip()
-            and all(part.strip().isidentifier() for part in line.split(",")[:-1])
-            and all(part.strip().isidentifier() for part in nxt.split(","))
-        ):
-            lines[i : i + 2] = [line.rstrip() + " " + nxt.strip()]
-        else:
+        listed = names(line) if line.strip() and ":" not in line else None
+        if not listed or len(listed) < 2:
             i += 1
+            continue
+        end = i + 1
+        while line.rstrip().endswith(",") and end < len(lines):  # wrapped
+            more = names(lines[end]) if ":" not in lines[end] else None
+            if not more or len(lines[end]) - len(lines[end].lstrip()) != indent:
+                break
+            listed += more
+            line = lines[end]
+            end += 1
+        listed = [part for part in listed if part]
+        body = []
+        while end < len(lines) and (
+            not lines[end].strip()
+            or len(lines[end]) - len(lines[end].lstrip()) > indent
+        ):
+            body.append(lines[end])
+            end += 1
+        while body and not body[-1].strip():  # the blank lines after stay
+            body.pop()
+            end -= 1
+        entries = []
+        for each in listed:
+            entries += [" " * indent + each, *body]
+        lines[i:end] = entries
+        i += len(entries)
 
 
-def setup(app):  # noqa: ANN001, ANN201
+def setup(app):
     # before napoleon's own handler (priority 500) reads the sections
-    app.connect("autodoc-process-docstring", _join_wrapped_names, priority=400)
+    app.connect("autodoc-process-docstring", _one_entry_per_name, priority=400)
