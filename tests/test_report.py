@@ -148,8 +148,9 @@ def test_live_page_shows_the_job_at_first_paint(
     assert re.search(r"6/6 done, 0 failed", body), re.findall("id=.summary.>.*", body)
 
 
-def test_report_picture_in_the_readme() -> None:
-    """The README shows the report's screenshot, which is committed and small."""
+def test_report_picture_in_the_docs() -> None:
+    """The docs' Monitoring page shows the report's screenshot, which is
+    committed and small."""
     picture = REPO / "docs" / "report.png"
-    assert "(docs/report.png)" in (REPO / "README.md").read_text()
+    assert "(report.png)" in (REPO / "docs" / "monitoring.md").read_text()
     assert 10_000 < picture.stat().st_size < 250_000
