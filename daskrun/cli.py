@@ -36,12 +36,12 @@ from daskrun.engine.config import (
     OUTPUT_ACTIONS,
     OUTPUT_FORMATS,
     ParallelRunConfig,
-    check_scheduler_address,
     config_get,
     env_named,
-    unmet_packages,
 )
+from daskrun.engine.environment import unmet_packages
 from daskrun.engine.job import Interrupted
+from daskrun.engine.naming import check_scheduler_address
 from daskrun.exceptions import ConfigError, DaskRunError, InputError
 from daskrun.monitoring.monitor import FAILED_ITEMS, failure_lines, shown_by_console
 from daskrun.monitoring.report import write_report

@@ -116,7 +116,7 @@ def test_the_import_graph_is_read() -> None:
     assert "daskrun.backends.compute.cluster" in graph["daskrun.registry.compute"]
     assert "daskrun.registry.compute" in graph["daskrun.registry.workspace"]
     assert (
-        "daskrun.engine.config" in graph["daskrun.registry.pipeline"]
+        "daskrun.engine.naming" in graph["daskrun.registry.pipeline"]
     )  # one name of several
     assert "daskrun.registry.step" in graph["daskrun"]  # under TYPE_CHECKING
     assert "daskrun" in graph["daskrun.cli"]  # from . import __version__

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from daskrun.engine.config import check_name, config_get
+from daskrun.engine.config import config_get
+from daskrun.engine.naming import check_name
 from daskrun.exceptions import ConfigError
 from daskrun.registry.datastores import (
     AzureBlobContainer,

@@ -20,7 +20,7 @@ from typing import Any
 
 from daskrun.backends.compute.cluster import keep_warm
 from daskrun.backends.inputs.datasets import FileDataset
-from daskrun.engine.config import PipelineParameter, check_name, check_parameter_names
+from daskrun.engine.naming import PipelineParameter, check_name, check_parameter_names
 from daskrun.engine.plugin import bundle_source
 from daskrun.engine.runner import Interrupt
 from daskrun.exceptions import (

@@ -47,15 +47,14 @@ from daskrun.backends.storage import (
     unsigned,
 )
 from daskrun.engine import output as _output
-from daskrun.engine.config import (
-    ParallelRunConfig,
+from daskrun.engine.config import ParallelRunConfig, mini_batch_size_for
+from daskrun.engine.job import Job
+from daskrun.engine.naming import (
     PipelineParameter,
     check_arguments,
     check_parameter_names,
     check_step_name,
-    mini_batch_size_for,
 )
-from daskrun.engine.job import Job
 from daskrun.engine.pilot import AutoSizes
 from daskrun.engine.plugin import (
     EntryScriptPlugin,
