@@ -3,8 +3,8 @@
 Step names, registry names, scheduler addresses, the options of a script's
 ``arguments`` (none may take a config parameter's name), the entry script
 (it must define ``init`` and ``run``) and pipeline parameters
-(:class:`PipelineParameter`). Everything here is a pure function of its
-arguments.
+(:class:`PipelineParameter`). Plain functions of their arguments; the
+entry script is parsed, never run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 from daskrun.exceptions import ConfigError
 
 _STEP_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-# matched from the start, as check_name has always matched registry names
+# matched at the start only, as check_name always has: past its first
+# characters a registry name is not checked
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # Names a user may not pass in ``arguments``: they belong to the config.

@@ -29,7 +29,7 @@ from daskrun.exceptions import (
     JobFailedError,
     RunTimeoutError,
 )
-from daskrun.monitoring.monitor import Console, ConsoleFeed
+from daskrun.monitoring.console import Console, ConsoleFeed
 from daskrun.registry.models import model_refs
 from daskrun.registry.records import RunRecord, now
 from daskrun.registry.step import ParallelRunStep, StepRun, _execute, new_run_id

@@ -63,11 +63,8 @@ from daskrun.engine.runner import (
     Interrupt,
 )
 from daskrun.exceptions import ConfigError, JobFailedError
-from daskrun.monitoring.monitor import (
-    FAILED_ITEMS,
-    Console,
-    read_failed_items,
-)
+from daskrun.monitoring.console import Console
+from daskrun.monitoring.monitor import FAILED_ITEMS, read_failed_items
 from daskrun.registry.catalog import from_spec
 from daskrun.registry.models import model_refs
 from daskrun.registry.records import (
