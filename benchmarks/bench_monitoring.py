@@ -38,7 +38,7 @@ def child(data: str, show: bool) -> None:
     from distributed import LocalCluster
 
     from daskrun import Dataset, ParallelRunConfig, ParallelRunStep
-    from daskrun.monitoring.monitor import Console
+    from daskrun.monitoring.console import Console
 
     # time spent in the display itself, measured directly: end-to-end times
     # on a small shared machine vary by more than the display costs

@@ -31,13 +31,10 @@ from daskrun.backends.inputs.datasets import (
     PipelineData,
     TabularDataset,
 )
-from daskrun.engine.config import (
-    CondaDependencies,
-    Environment,
-    ParallelRunConfig,
-    PipelineParameter,
-)
+from daskrun.engine.config import ParallelRunConfig
+from daskrun.engine.environment import CondaDependencies, Environment
 from daskrun.engine.maprun import MapRun, map_partitions, map_run
+from daskrun.engine.naming import PipelineParameter
 from daskrun.engine.plugin import EntryScript
 from daskrun.exceptions import (
     Canceled,

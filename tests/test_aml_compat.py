@@ -275,7 +275,7 @@ def test_every_azureml_name_resolves_to_daskrun(tmp_path: Path) -> None:
         "daskrun.registry.compute.AmlCompute"
     )
     assert result["found"]["azureml.core.runconfig.CondaDependencies"] == (
-        "daskrun.engine.config.CondaDependencies"
+        "daskrun.engine.environment.CondaDependencies"
     )
     # `from azureml.core import X` names X, says daskrun lacks it, and what
     # to use instead, in one line (not "cannot import name ... (unknown

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daskrun.cli import _build_parser
+from daskrun.cliparser import build_parser as _build_parser
 
 from .helpers import daskrun, make_files, write_script
 

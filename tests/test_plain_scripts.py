@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from daskrun.monitoring.monitor import DISTRIBUTED_LOG, distributed_log
+from daskrun.monitoring.handlers import distributed_log
+from daskrun.monitoring.monitor import DISTRIBUTED_LOG
 
 from .helpers import make_files, quick_start_blocks, write_script
 

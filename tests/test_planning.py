@@ -11,13 +11,8 @@ import pytest
 
 from daskrun import ConfigError, Dataset, InputError, ParallelRunConfig
 from daskrun.backends.inputs.datasets import CsvBatch, ParquetBatch, plan_row_groups
-from daskrun.engine.config import (
-    ResolvedConfig,
-    check_arguments,
-    check_step_name,
-    parse_byte_size,
-    parse_file_count,
-)
+from daskrun.engine.config import ResolvedConfig, parse_byte_size, parse_file_count
+from daskrun.engine.naming import check_arguments, check_step_name
 from daskrun.engine.runner import Tally, check_thresholds
 
 from .helpers import make_files, write_script

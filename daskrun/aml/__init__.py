@@ -52,7 +52,7 @@ MODULES: dict[str, dict[str, str]] = {
         "ComputeTarget": "daskrun.registry.compute:ComputeTarget",
         "Dataset": "daskrun.backends.inputs.datasets:Dataset",
         "Datastore": "daskrun.registry.workspace:Datastore",
-        "Environment": "daskrun.engine.config:Environment",
+        "Environment": "daskrun.engine.environment:Environment",
         "Experiment": "daskrun.registry.pipeline:Experiment",
         "Model": _MODEL,
         "Run": "daskrun.aml.runcontext:Run",
@@ -67,18 +67,20 @@ MODULES: dict[str, dict[str, str]] = {
         "ComputeTargetException": "daskrun.exceptions:ConfigError",
     },
     "azureml.core.conda_dependencies": {
-        "CondaDependencies": "daskrun.engine.config:CondaDependencies",
+        "CondaDependencies": "daskrun.engine.environment:CondaDependencies",
     },
     "azureml.core.dataset": {"Dataset": "daskrun.backends.inputs.datasets:Dataset"},
     "azureml.core.datastore": {"Datastore": "daskrun.registry.workspace:Datastore"},
-    "azureml.core.environment": {"Environment": "daskrun.engine.config:Environment"},
+    "azureml.core.environment": {
+        "Environment": "daskrun.engine.environment:Environment"
+    },
     "azureml.core.experiment": {"Experiment": "daskrun.registry.pipeline:Experiment"},
     "azureml.core.model": {"Model": _MODEL},
     "azureml.core.run": {"Run": "daskrun.aml.runcontext:Run"},
     "azureml.core.runconfig": {
-        "CondaDependencies": "daskrun.engine.config:CondaDependencies",
-        "DEFAULT_CPU_IMAGE": "daskrun.engine.config:DEFAULT_CPU_IMAGE",
-        "DEFAULT_GPU_IMAGE": "daskrun.engine.config:DEFAULT_GPU_IMAGE",
+        "CondaDependencies": "daskrun.engine.environment:CondaDependencies",
+        "DEFAULT_CPU_IMAGE": "daskrun.engine.environment:DEFAULT_CPU_IMAGE",
+        "DEFAULT_GPU_IMAGE": "daskrun.engine.environment:DEFAULT_GPU_IMAGE",
     },
     "azureml.core.workspace": {"Workspace": "daskrun.registry.workspace:Workspace"},
     "azureml.data": {
@@ -103,7 +105,7 @@ MODULES: dict[str, dict[str, str]] = {
     "azureml.pipeline.core": {
         "Pipeline": "daskrun.registry.pipeline:Pipeline",
         "PipelineData": "daskrun.backends.inputs.datasets:PipelineData",
-        "PipelineParameter": "daskrun.engine.config:PipelineParameter",
+        "PipelineParameter": "daskrun.engine.naming:PipelineParameter",
         "PipelineRun": "daskrun.registry.pipeline:PipelineRun",
         "StepRun": "daskrun.registry.step:StepRun",
     },

@@ -71,18 +71,16 @@ from daskrun.exceptions import (
     InputError,
     JobFailedError,
 )
+from daskrun.monitoring.console import Console, failure_lines, init_done
 from daskrun.monitoring.dashboard import install_page, publish
 from daskrun.monitoring.forecast import Forecast
+from daskrun.monitoring.handlers import distributed_log
 from daskrun.monitoring.monitor import (
     DISTRIBUTED_LOG,
     FAILED_ITEMS,
     REPORT,
-    Console,
     JobLogs,
     Pace,
-    distributed_log,
-    failure_lines,
-    init_done,
     read_failed_spans,
     read_report,
 )

@@ -24,7 +24,8 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from daskrun.engine.config import config_bool, unmet_packages
+from daskrun.engine.config import config_bool
+from daskrun.engine.environment import unmet_packages
 from daskrun.exceptions import JobFailedError
 
 logger = logging.getLogger("daskrun")

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from daskrun.engine.config import check_name, config_get
+from daskrun.engine.config import config_get
+from daskrun.engine.naming import check_name
 from daskrun.exceptions import ConfigError
 from daskrun.registry.datastores import (
     AzureBlobContainer,
@@ -536,30 +537,9 @@ class Datastore:
             if endpoint
             else f"{protocol or 'https'}://{account_name}.blob.core.windows.net"
         )
-        secret: dict[str, str] = {}
-        if connection_string:
-            named = dict(
-                part.split("=", 1)
-                for part in connection_string.split(";")
-                if "=" in part
-            )
-            if named.get("AccountName", account_name) != account_name:
-                raise ConfigError(
-                    f"account_name={account_name!r} differs from the connection "
-                    "string's AccountName; pass the same account"
-                )
-            secret["connection_string"] = connection_string
-        elif account_key:
-            secret["connection_string"] = (
-                f"DefaultEndpointsProtocol={urlparse(blob_endpoint).scheme};"
-                f"AccountName={account_name};AccountKey={account_key};"
-                f"BlobEndpoint={blob_endpoint};"
-            )
-        elif sas_token:
-            secret["connection_string"] = (
-                f"BlobEndpoint={blob_endpoint};"
-                f"SharedAccessSignature={sas_token.lstrip('?')}"
-            )
+        secret = _azure_blob_secret(
+            account_name, blob_endpoint, account_key, sas_token, connection_string
+        )
         spec = {
             "container_name": container_name,
             "account_name": account_name,
@@ -573,6 +553,40 @@ class Datastore:
         if create_if_not_exists:
             store.backend.create()
         return store
+
+
+def _azure_blob_secret(
+    account_name: str,
+    blob_endpoint: str,
+    account_key: str | None,
+    sas_token: str | None,
+    connection_string: str | None,
+) -> dict[str, str]:
+    """The connection string an Azure Blob datastore keeps as its secret
+    (none for a public container)."""
+    secret: dict[str, str] = {}
+    if connection_string:
+        named = dict(
+            part.split("=", 1) for part in connection_string.split(";") if "=" in part
+        )
+        if named.get("AccountName", account_name) != account_name:
+            raise ConfigError(
+                f"account_name={account_name!r} differs from the connection "
+                "string's AccountName; pass the same account"
+            )
+        secret["connection_string"] = connection_string
+    elif account_key:
+        secret["connection_string"] = (
+            f"DefaultEndpointsProtocol={urlparse(blob_endpoint).scheme};"
+            f"AccountName={account_name};AccountKey={account_key};"
+            f"BlobEndpoint={blob_endpoint};"
+        )
+    elif sas_token:
+        secret["connection_string"] = (
+            f"BlobEndpoint={blob_endpoint};"
+            f"SharedAccessSignature={sas_token.lstrip('?')}"
+        )
+    return secret
 
 
 def registry_row(workspace: Registry, table: str, name: str, fix: str) -> Any:

@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from daskrun.backends.inputs.datasets import FileDataset, TabularDataset
-from daskrun.engine.config import check_name
+from daskrun.engine.naming import check_name
 from daskrun.exceptions import ConfigError
 from daskrun.registry.records import now
 

@@ -34,7 +34,8 @@ from daskrun.backends.compute.cluster import (
     default_process_count,
     gpu_count,
 )
-from daskrun.engine.config import check_name, config_get
+from daskrun.engine.config import config_get
+from daskrun.engine.naming import check_name
 from daskrun.exceptions import ConfigError
 from daskrun.registry.base import registry_row
 from daskrun.registry.records import now, runs_dir

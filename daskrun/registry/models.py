@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from daskrun.aml.modelrefs import ModelRef, fetch, local_model_path, worker_models
-from daskrun.engine.config import check_name
+from daskrun.engine.naming import check_name
 from daskrun.exceptions import ConfigError
 from daskrun.registry.base import Datastore, Registry
 from daskrun.registry.records import now

@@ -20,7 +20,7 @@ from typing import Any
 
 from daskrun.backends.compute.cluster import keep_warm
 from daskrun.backends.inputs.datasets import FileDataset
-from daskrun.engine.config import PipelineParameter, check_name, check_parameter_names
+from daskrun.engine.naming import PipelineParameter, check_name, check_parameter_names
 from daskrun.engine.plugin import bundle_source
 from daskrun.engine.runner import Interrupt
 from daskrun.exceptions import (
@@ -29,7 +29,7 @@ from daskrun.exceptions import (
     JobFailedError,
     RunTimeoutError,
 )
-from daskrun.monitoring.monitor import Console, ConsoleFeed
+from daskrun.monitoring.console import Console, ConsoleFeed
 from daskrun.registry.models import model_refs
 from daskrun.registry.records import RunRecord, now
 from daskrun.registry.step import ParallelRunStep, StepRun, _execute, new_run_id

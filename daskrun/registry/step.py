@@ -47,15 +47,14 @@ from daskrun.backends.storage import (
     unsigned,
 )
 from daskrun.engine import output as _output
-from daskrun.engine.config import (
-    ParallelRunConfig,
+from daskrun.engine.config import ParallelRunConfig, mini_batch_size_for
+from daskrun.engine.job import Job
+from daskrun.engine.naming import (
     PipelineParameter,
     check_arguments,
     check_parameter_names,
     check_step_name,
-    mini_batch_size_for,
 )
-from daskrun.engine.job import Job
 from daskrun.engine.pilot import AutoSizes
 from daskrun.engine.plugin import (
     EntryScriptPlugin,
@@ -64,11 +63,8 @@ from daskrun.engine.runner import (
     Interrupt,
 )
 from daskrun.exceptions import ConfigError, JobFailedError
-from daskrun.monitoring.monitor import (
-    FAILED_ITEMS,
-    Console,
-    read_failed_items,
-)
+from daskrun.monitoring.console import Console
+from daskrun.monitoring.monitor import FAILED_ITEMS, read_failed_items
 from daskrun.registry.catalog import from_spec
 from daskrun.registry.models import model_refs
 from daskrun.registry.records import (

@@ -63,7 +63,7 @@ from daskrun.exceptions import (
     JobFailedError,
 )
 from daskrun.monitoring.dashboard import serve_dashboard_on_demand
-from daskrun.monitoring.monitor import log_distributed_only_to
+from daskrun.monitoring.handlers import log_distributed_only_to
 
 logger = logging.getLogger("daskrun")
 
@@ -806,7 +806,7 @@ def _worker_log_options(log_file: str | os.PathLike[str] | None) -> dict[str, An
     if log_file is None:
         return {}
     code = (
-        "from daskrun.monitoring.monitor import log_distributed_to; "
+        "from daskrun.monitoring.handlers import log_distributed_to; "
         f"log_distributed_to({os.fspath(log_file)!r})"
     )
     preload = list(dask.config.get("distributed.worker.preload") or [])

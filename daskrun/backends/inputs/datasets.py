@@ -61,12 +61,8 @@ from daskrun.backends.storage import (
     storage_errors,
     within,
 )
-from daskrun.engine.config import (
-    PipelineParameter,
-    check_name,
-    config_get,
-    mini_batch_size_for,
-)
+from daskrun.engine.config import config_get, mini_batch_size_for
+from daskrun.engine.naming import PipelineParameter, check_name
 from daskrun.exceptions import ConfigError, DaskRunError, InputError
 from daskrun.monitoring.notebook import progress_bar
 
