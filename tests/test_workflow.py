@@ -39,6 +39,7 @@ from daskrun import (
     StepRun,
     Workspace,
 )
+from daskrun.registry.records import RunRecord
 
 from .helpers import (
     AZURITE_KEY,
@@ -458,7 +459,7 @@ def test_two_processes_share_a_workspace(ws: Workspace, tmp_path: Path) -> None:
         versions = [r[0] for r in db.execute("SELECT version FROM datasets ORDER BY 1")]
     assert versions == list(range(1, 11))
     assert Dataset.get_by_name(ws, "shared").version == 10
-    kinds = [r.type for r in __import__("daskrun").records.RunRecord.find(ws.runs_dir)]
+    kinds = [r.type for r in RunRecord.find(ws.runs_dir)]
     assert sorted(kinds) == ["pipeline", "pipeline", "step", "step"]
 
 

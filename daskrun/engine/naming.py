@@ -19,8 +19,8 @@ from typing import Any
 from daskrun.exceptions import ConfigError
 
 _STEP_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-# matched at the start only, as check_name always has: past its first
-# characters a registry name is not checked
+# the whole name: a registry name names folders (models/<name>/<version>),
+# so "/" and ".." must never pass
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # Names a user may not pass in ``arguments``: they belong to the config.
@@ -58,8 +58,12 @@ def check_name(kind: str, name: object) -> str:
 
     >>> check_name("datastore", "mnist_datastore")
     'mnist_datastore'
+    >>> check_name("model", "m/../../elsewhere")
+    Traceback (most recent call last):
+    ...
+    daskrun.exceptions.ConfigError: model name 'm/../../elsewhere' is not valid; ...
     """
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise ConfigError(
             f"{kind} name {name!r} is not valid; use letters, digits, '_', '.' "
             "or '-', starting with a letter or digit, e.g. 'mnist_datastore'"
