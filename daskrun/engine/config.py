@@ -25,6 +25,7 @@ import yaml
 from dask.utils import parse_timedelta
 
 from daskrun.backends.inputs.partitions import parse_partition_keys
+from daskrun.backends.outputs import FORMATS
 from daskrun.engine.auto import AUTO, is_auto
 from daskrun.exceptions import ConfigError
 
@@ -34,7 +35,7 @@ with _defaults_file.open() as _f:
 dask.config.update_defaults(_defaults)
 
 OUTPUT_ACTIONS = ("append_row", "summary_only")
-OUTPUT_FORMATS = ("text", "csv", "parquet")
+OUTPUT_FORMATS = tuple(FORMATS)  # ("text", "csv", "parquet")
 LOGGING_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _STEP_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _BYTE_SIZE = re.compile(r"^(\d+)([kKmMgG][bB])?$")
@@ -1129,7 +1130,7 @@ def _resolve_values(**kw: Any) -> ResolvedConfig:
     file_name = kw["append_row_file_name"]
     if file_name is None:
         default = str(config_get("append-row-file-name"))
-        ext = {"csv": ".csv", "parquet": ".parquet"}.get(output_format)
+        ext = FORMATS[output_format].extension
         file_name = default.rsplit(".", 1)[0] + ext if ext else default
     if (
         not isinstance(file_name, str)
