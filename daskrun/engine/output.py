@@ -36,8 +36,8 @@ from fsspec.implementations.local import LocalFileSystem
 from daskrun.backends.outputs import OutputFormat, output_format_for
 from daskrun.backends.outputs.base import ESCAPE
 from daskrun.backends.outputs.base import check_returned as check_returned
-from daskrun.backends.storage import FileLock, describe_error, within
-from daskrun.exceptions import ConfigError, OutputError
+from daskrun.backends.storage import FileLock, describe_error, map_errors, within
+from daskrun.exceptions import ConfigError, DaskRunError, OutputError
 
 _PART_DIGITS = 10
 GROUP_BYTES = 16 << 20
@@ -428,7 +428,20 @@ def assemble(
     final = target.final_url
     tmp = target.partial_url
     name = describe or (lambda index: f"mini-batch {index}")
-    try:
+
+    def failed(e: BaseException) -> OutputError:
+        return OutputError(
+            f"publishing {final!r} failed; {_kept(target)}; cause: "
+            + describe_error(e, target.storage_options),
+            run_id=target.run_id,
+        )
+
+    def own(e: DaskRunError) -> BaseException:
+        if isinstance(e, OutputError):
+            return OutputError(f"{e}; {_kept(target)}", run_id=target.run_id)
+        return failed(e)  # a StorageTimeoutError of within()
+
+    with map_errors(failed, own=own):
         # an unreachable store fails here, in seconds (the listing is
         # bounded); the copy itself is not, since a large output takes as
         # long as it takes
@@ -441,14 +454,6 @@ def assemble(
             for span in _spans(found, index, isolated)
         )
         _write(target, tmp, final, parts, name)
-    except OutputError as e:
-        raise OutputError(f"{e}; {_kept(target)}", run_id=target.run_id) from None
-    except Exception as e:
-        raise OutputError(
-            f"publishing {final!r} failed; {_kept(target)}; cause: "
-            + describe_error(e, target.storage_options),
-            run_id=target.run_id,
-        ) from None
     return final
 
 
