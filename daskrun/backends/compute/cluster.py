@@ -3,7 +3,9 @@
 :func:`connect` takes what a step's ``compute_target`` resolves to. ``None``
 starts a local cluster of single-threaded worker processes bound to
 127.0.0.1, reachable only with TLS certificates made for it (no other local
-user gets in), and closes it afterwards. A scheduler address, a
+user gets in), and closes it afterwards, unless it is kept warm; when
+``daskrun cluster start`` has run, the shared cluster is used instead
+(:func:`~daskrun.backends.compute.targets.default_target`). A scheduler address, a
 ``distributed.Client`` or a Dask cluster object (``LocalCluster``,
 ``dask_jobqueue.SLURMCluster``, ``dask_cuda.LocalCUDACluster``…) is used as
 given and left running. Anything else with a ``connect(node_count,
@@ -41,9 +43,7 @@ from daskrun.backends.compute.local import (
     close_warm_clusters,
     few_messages,
     keep_warm,
-    route_worker_logs,
     start_and_stop_gc_paused,
-    warm,
 )
 from daskrun.backends.compute.machine import (
     connect_timeout,
@@ -55,15 +55,14 @@ from daskrun.backends.compute.machine import (
 from daskrun.backends.compute.scheduler import (
     answering_client,
     dashboard_link,
-    lost_mid_job,
     scheduler_client,
 )
 from daskrun.backends.compute.shared import (
     SharedCluster,
     serve_shared_cluster,
-    shared_client,
     stop_shared_cluster,
 )
+from daskrun.backends.compute.targets import ComputeBackend, default_target
 from daskrun.exceptions import ConfigError
 
 _T = TypeVar("_T")
@@ -123,18 +122,12 @@ def connect(
     do not start within ``daskrun.local-cluster.start-timeout`` seconds fail
     the step (:class:`~daskrun.JobFailedError`).
     """
-    if compute_target is None and (shared := SharedCluster.find()) is not None:
-        # started by 'daskrun cluster start': used as it is, left running
-        with (
-            few_messages(),
-            shared_client(shared) as client,
-            lost_mid_job(client, shared.address, shared.security()),
-        ):
-            route_worker_logs(client, log_file)
-            yield client
-    elif compute_target is None:
-        n = node_count * (process_count_per_node or default_process_count())
-        with warm.lease(n, log_file) as client:
+    if compute_target is None:
+        compute_target = default_target()
+    if isinstance(compute_target, ComputeBackend):
+        with compute_target.connect(
+            node_count, process_count_per_node, on_lost, log_file
+        ) as client:
             yield client
     elif is_jobqueue_cluster(compute_target):
         with on_queue(

@@ -10,7 +10,14 @@ that name to the class that connects it::
     ├── LocalProcesses      "local": a local cluster started for each step
     │   └── AmlProvisioned  "aml": the same, at most ``max_nodes`` nodes
     ├── SchedulerAddress    "scheduler": an existing scheduler, by address
-    └── SlurmJobs           "slurm": worker processes in Slurm batch jobs
+    ├── SlurmJobs           "slurm": worker processes in Slurm batch jobs
+    ├── WarmLocal           (no compute_target) daskrun's local cluster,
+    │                       kept warm between jobs while wanted
+    └── SharedLocal         (no compute_target, 'daskrun cluster start'
+                            has run) the shared cluster, left running
+
+The last two have no ``kind``: they are not registered, but what
+:func:`default_target` gives a step without a ``compute_target``.
 
 A new kind of target is one new subclass with its own ``kind``. This is the
 engine's side: the registry's :class:`~daskrun.ComputeTarget` builds one of
@@ -30,9 +37,15 @@ import dask.utils
 from distributed import Client
 
 from daskrun.backends.compute.jobqueue import on_queue
-from daskrun.backends.compute.local import local_cluster
+from daskrun.backends.compute.local import (
+    few_messages,
+    local_cluster,
+    route_worker_logs,
+    warm,
+)
 from daskrun.backends.compute.machine import default_process_count
-from daskrun.backends.compute.scheduler import scheduler_client
+from daskrun.backends.compute.scheduler import lost_mid_job, scheduler_client
+from daskrun.backends.compute.shared import SharedCluster, shared_client
 from daskrun.engine.config import config_get
 from daskrun.exceptions import ConfigError
 
@@ -221,3 +234,59 @@ def slurm_cluster(options: Mapping[str, Any], processes: int) -> Any:
         scheduler_options={"dashboard_address": f"{host}:0"},
         worker_extra_args=["--dashboard-address", f"{host}:0"],
     )
+
+
+def default_target() -> ComputeBackend:
+    """Where a step without a ``compute_target`` runs: the shared cluster of
+    ``daskrun cluster start`` if one runs, else daskrun's own local one."""
+    shared = SharedCluster.find()
+    return WarmLocal("local", {}) if shared is None else SharedLocal(shared)
+
+
+class WarmLocal(ComputeBackend):
+    """daskrun's own local cluster of ``node_count`` ×
+    ``process_count_per_node`` worker processes: an idle one of that size
+    kept warm from an earlier job, else a new one (see
+    :func:`~daskrun.keep_warm`)."""
+
+    runs_here = True
+
+    @contextlib.contextmanager
+    def connect(
+        self,
+        node_count: int,
+        process_count_per_node: int | None,
+        on_lost: Callable[[str], None] | None = None,
+        log_file: str | os.PathLike[str] | None = None,
+    ) -> Iterator[Client]:
+        n = node_count * (process_count_per_node or default_process_count())
+        with warm.lease(n, log_file) as client:
+            yield client
+
+
+class SharedLocal(ComputeBackend):
+    """The shared cluster of ``daskrun cluster start``: used as it is, left
+    running, watched for a scheduler that dies or freezes mid-job."""
+
+    runs_here = True
+
+    def __init__(self, shared: SharedCluster):
+        super().__init__("shared", {})
+        self.shared = shared
+
+    @contextlib.contextmanager
+    def connect(
+        self,
+        node_count: int,
+        process_count_per_node: int | None,
+        on_lost: Callable[[str], None] | None = None,
+        log_file: str | os.PathLike[str] | None = None,
+    ) -> Iterator[Client]:
+        shared = self.shared
+        with (
+            few_messages(),
+            shared_client(shared) as client,
+            lost_mid_job(client, shared.address, shared.security()),
+        ):
+            route_worker_logs(client, log_file)
+            yield client

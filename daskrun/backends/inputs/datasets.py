@@ -60,6 +60,7 @@ from daskrun.backends.storage import (
     map_errors,
     redact,
     storage_errors,
+    storage_failures,
     within,
 )
 from daskrun.engine.config import (
@@ -1409,7 +1410,7 @@ def _row_group_sizes(
         try:
             with fs.open(path, "rb") as f:
                 meta = pq.ParquetFile(f).metadata
-        except Exception as e:
+        except storage_failures() as e:  # pyarrow's ArrowInvalid: a ValueError
             raise InputError(
                 f"input file {redact(path, storage_options)!r} is not a readable "
                 f"Parquet file: {describe_error(e, storage_options)}; use "
