@@ -103,7 +103,6 @@ def test_assembling_maps_storage_failures_but_not_bugs(tmp_path: Path) -> None:
     assert (Path(target.parts_url) / f"{0:010d}.part").exists()
 
 
-@pytest.mark.slow
 def test_cli_listing_timeout_is_exit_status_1(tmp_path: Path) -> None:
     # an Azure Blob endpoint on a closed port, its credentials from the
     # environment: the listing gives up after daskrun.storage-timeout
