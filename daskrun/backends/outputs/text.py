@@ -13,6 +13,7 @@ from daskrun.backends.outputs.base import (
     check_returned,
     loaded_pandas,
 )
+from daskrun.exceptions import ConfigError
 
 
 class TextLines(OutputFormat):
@@ -59,8 +60,6 @@ class TextLines(OutputFormat):
                 shutil.copyfileobj(part, out, 1 << 20)
 
     def read_frame(self, path: str, options: Mapping[str, Any], **kwargs: Any) -> Any:
-        from daskrun.exceptions import ConfigError
-
         raise ConfigError(
             f"{path} holds text lines, which have no columns; read them as a "
             "bag, or write a table with output_format='csv' or 'parquet'"
