@@ -29,9 +29,12 @@
         └── OutputError                the output could not be published
 
 Usage errors (``ConfigError``, ``InputError``) are raised before any task runs.
-Their messages name the bad value and show the fix. ``StorageError`` comes
-from one place, :func:`daskrun.backends.storage.storage_errors`, which names the
-datastore and never shows its credentials.
+Their messages name the bad value and show the fix. Storage and I/O
+failures are mapped in one place, :func:`daskrun.backends.storage.map_errors`
+(``StorageError`` through :func:`~daskrun.backends.storage.storage_errors`,
+which names the datastore and never shows its credentials); a storage
+timeout is a ``StorageTimeoutError`` (exit 1), listing or reading alike, and
+a bug (``TypeError``, ``AttributeError``...) is never relabelled.
 """
 
 from __future__ import annotations

@@ -4,9 +4,12 @@ secrets, locks.
 - :func:`within` — a call to remote storage, given up after a bound: cloud
   SDKs retry an unreachable endpoint for minutes (82 s per call for Azure
   Blob Storage).
-- :func:`storage_errors` — the one place where storage, network and upload
-  failures become :class:`~daskrun.StorageError`, naming the datastore and
-  without its credentials.
+- :func:`map_errors` — the one error map: the storage, network and I/O
+  failures of :func:`storage_failures` (and timeouts) raised in a block
+  become daskrun's own errors; anything else (a ``TypeError``, an
+  ``AttributeError``: a bug) passes unchanged. :func:`storage_errors` maps
+  a datastore's to :class:`~daskrun.StorageError`, naming it and without
+  its credentials.
 - :func:`secret_values`, :func:`redact`, :func:`hide` — credentials in
   ``storage_options`` (keys, SAS tokens, connection strings) never reach a
   message, a log or a run record, in any URL encoding; nor does any SAS
@@ -25,6 +28,7 @@ import fcntl
 import functools
 import os
 import re
+import sys
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -207,14 +211,86 @@ def describe_error(error: BaseException, storage_options: Mapping[str, Any]) -> 
     return redact(text, storage_options)
 
 
+def storage_failures(*also: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """The exception types that mean storage, the network or a file failed,
+    not daskrun: what :func:`map_errors` maps (with ``also``, for an
+    ``except`` clause that takes more).
+
+    fsspec and adlfs raise ``OSError`` (``FileNotFoundError``,
+    ``PermissionError``, ``ConnectionError``; fsspec's timeout is one too),
+    a malformed URL, key or file ``ValueError`` (pyarrow's ``ArrowInvalid``
+    is one), a missing fsspec implementation ``ImportError``; the Azure SDK
+    and aiohttp their own bases, listed once they are imported (before, they
+    cannot have raised). ``TypeError``, ``AttributeError``, ``KeyError`` and
+    the like are bugs: never in it.
+
+    >>> OSError in storage_failures(), TypeError in storage_failures()
+    (True, False)
+    """
+    found: list[type[BaseException]] = [OSError, ValueError, ImportError, EOFError]
+    found += also
+    for module, name in _LIBRARY_FAILURES:
+        base = getattr(sys.modules.get(module), name, None)
+        if isinstance(base, type) and issubclass(base, BaseException):
+            found.append(base)
+    return tuple(found)
+
+
+# (module, class) of the storage libraries' own failure bases
+_LIBRARY_FAILURES = (
+    ("azure.core.exceptions", "AzureError"),
+    ("aiohttp", "ClientError"),
+)
+
+
 @contextlib.contextmanager
+def map_errors(
+    failed: Callable[[BaseException], BaseException],
+    timed_out: Callable[[BaseException], BaseException] | None = None,
+    own: Callable[[DaskRunError], BaseException] | None = None,
+) -> Iterator[None]:
+    """Raise ``failed(e)`` for a storage failure ``e`` in the block (one of
+    :func:`storage_failures`), ``timed_out(e)`` for a ``TimeoutError``
+    (default ``failed(e)``), and ``own(e)`` for one of daskrun's own errors
+    (default: unchanged), each without the original as its context (which
+    may hold credentials). Anything else passes unchanged: a bug stays a
+    bug, never relabelled as a storage or input error.
+
+    The one place where the table of failures is read, as httpx's
+    ``map_httpcore_exceptions``.
+
+    >>> from daskrun.exceptions import InputError
+    >>> with map_errors(lambda e: InputError(f"unreadable: {e}")):
+    ...     raise FileNotFoundError("a.csv")
+    Traceback (most recent call last):
+    daskrun.exceptions.InputError: unreadable: a.csv
+    >>> with map_errors(lambda e: InputError(f"unreadable: {e}")):
+    ...     raise TypeError("a bug")
+    Traceback (most recent call last):
+    TypeError: a bug
+    """
+    try:
+        yield
+    except DaskRunError as e:
+        mapped = e if own is None else own(e)
+        if mapped is e:
+            raise
+        raise mapped from None
+    except TimeoutError as e:
+        raise (timed_out or failed)(e) from None
+    # read as it is raised: a library imported in the block is in the table
+    except storage_failures() as e:
+        raise failed(e) from None
+
+
 def storage_errors(
     datastore: str, storage_options: Mapping[str, Any], action: str
-) -> Iterator[None]:
+) -> contextlib.AbstractContextManager[None]:
     """Turn the storage, network and upload failures raised in the block into
     :class:`~daskrun.StorageError` (a timeout into
     :class:`~daskrun.StorageTimeoutError`), naming ``datastore`` and
-    ``action``, without the secrets of ``storage_options``.
+    ``action``, without the secrets of ``storage_options``
+    (:func:`map_errors`).
 
     daskrun's own errors pass unchanged (a ``ConfigError`` that shows a fix),
     except a timeout of :func:`within`, which gains the datastore's name.
@@ -224,23 +300,24 @@ def storage_errors(
     Traceback (most recent call last):
     daskrun.exceptions.StorageError: upload on datastore 'blobs' failed: OSError: key *** refused
     """  # noqa: E501 - a doctest's output is one line
-    try:
-        yield
-    except StorageError as e:
-        if e.datastore or not isinstance(e, TimeoutError):
-            raise
-        raise _timed_out(datastore, storage_options, action, e) from None
-    except DaskRunError:
-        raise
-    except TimeoutError as e:
-        raise _timed_out(datastore, storage_options, action, e) from None
-    except Exception as e:
-        raise StorageError(
+
+    def failed(e: BaseException) -> StorageError:
+        return StorageError(
             f"{action} on datastore {datastore!r} failed: "
             f"{describe_error(e, storage_options)}",
             datastore=datastore,
             action=action,
-        ) from None
+        )
+
+    def timed_out(e: BaseException) -> StorageTimeoutError:
+        return _timed_out(datastore, storage_options, action, e)
+
+    def own(e: DaskRunError) -> BaseException:
+        if isinstance(e, StorageTimeoutError) and not e.datastore:
+            return timed_out(e)
+        return e
+
+    return map_errors(failed, timed_out, own)
 
 
 def _timed_out(

@@ -27,6 +27,7 @@ import yaml
 from dask.utils import parse_timedelta
 
 from daskrun.backends.inputs.partitions import parse_partition_keys
+from daskrun.backends.outputs import FORMATS
 from daskrun.engine.auto import AUTO, is_auto
 from daskrun.engine.environment import Environment
 from daskrun.engine.naming import (
@@ -43,7 +44,7 @@ with _defaults_file.open() as _f:
 dask.config.update_defaults(_defaults)
 
 OUTPUT_ACTIONS = ("append_row", "summary_only")
-OUTPUT_FORMATS = ("text", "csv", "parquet")
+OUTPUT_FORMATS = tuple(FORMATS)  # ("text", "csv", "parquet")
 LOGGING_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _BYTE_SIZE = re.compile(r"^(\d+)([kKmMgG][bB])?$")
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -611,7 +612,7 @@ def _output_format(output_format: Any) -> str:
 def _file_name(file_name: Any, output_format: str) -> str:
     if file_name is None:
         default = str(config_get("append-row-file-name"))
-        ext = {"csv": ".csv", "parquet": ".parquet"}.get(output_format)
+        ext = FORMATS[output_format].extension
         file_name = default.rsplit(".", 1)[0] + ext if ext else default
     if (
         not isinstance(file_name, str)

@@ -596,7 +596,7 @@ class Job:
     def _queued(self) -> bool:
         """Whether the job runs on a batch queue (Slurm and the like)."""
         target = self.step.config.compute_target
-        return is_jobqueue_cluster(target) or getattr(target, "kind", "") == "slurm"
+        return is_jobqueue_cluster(target) or getattr(target, "queued", False) is True
 
     def _forecast(self, slots: int) -> Forecast:
         """The job's forecast (:mod:`daskrun.monitoring.forecast`), its pilot starting

@@ -17,14 +17,11 @@ rename. A failed job publishes nothing.
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
-import importlib
 import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
@@ -36,15 +33,15 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from daskrun.backends.storage import FileLock, describe_error, within
-from daskrun.exceptions import ConfigError, OutputError
+from daskrun.backends.outputs import OutputFormat, output_format_for
+from daskrun.backends.outputs.base import ESCAPE
+from daskrun.backends.outputs.base import check_returned as check_returned
+from daskrun.backends.storage import FileLock, describe_error, map_errors, within
+from daskrun.exceptions import ConfigError, DaskRunError, OutputError
 
 _PART_DIGITS = 10
 GROUP_BYTES = 16 << 20
 """A task's parts are written together up to this many bytes per group."""
-# a file name that is not UTF-8 (os.fsdecode's lone surrogates) is written
-# escaped, as \udce9, not refused
-_ESCAPE = "backslashreplace"
 _T = TypeVar("_T")
 
 
@@ -61,10 +58,15 @@ class OutputTarget:
     file_name: str
     run_id: str
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    output_format: str = "text"  # "text", "csv" (with header) or "parquet"
+    output_format: str = "text"  # a kind of daskrun.backends.outputs.FORMATS
     # seconds a remote store may take per operation (daskrun.storage-timeout,
     # resolved on the client); None: unbounded
     timeout: float | None = None
+
+    @cached_property
+    def format(self) -> OutputFormat:
+        """The output format's class, named by ``output_format``."""
+        return output_format_for(self.output_format)
 
     @cached_property
     def local(self) -> bool:
@@ -118,93 +120,15 @@ class OutputTarget:
 
 
 def format_rows(result: Any, output_format: str = "text") -> tuple[bytes, int]:
-    """Turn ``run()``'s return value into one part's bytes and a row count.
-
-    ``"text"``: a DataFrame gives one space-separated line per row, without
-    header (as ParallelRunStep writes it); any other sequence gives
-    ``str(element)`` per line, with line breaks inside an element escaped so
-    one element stays one line. ``"csv"``: CSV rows with a header line.
-    ``"parquet"``: a Parquet file. For these two, a list becomes one column,
-    ``result``.
+    """Turn ``run()``'s return value into one part's bytes and a row count,
+    in ``output_format`` (see :mod:`daskrun.backends.outputs`).
 
     >>> format_rows(["a: 1", "b\\n2"])
     (b'a: 1\\nb\\\\n2\\n', 2)
     >>> format_rows(["x", "y"], "csv")
     (b'result\\nx\\ny\\n', 2)
     """
-    # pandas is imported only when needed: a list of lines (the common case
-    # for file inputs) is no DataFrame if the script never imported pandas,
-    # and a worker saves the import (half a second) on its first mini-batch
-    pd: Any = sys.modules.get("pandas")
-    if pd is None and output_format != "text":
-        pd = importlib.import_module("pandas")
-    is_frame = pd is not None and isinstance(result, pd.DataFrame)
-    check_returned(result, is_frame)
-    if output_format != "text":
-        frame = result if is_frame else pd.DataFrame({"result": list(result)})
-        if output_format == "csv":
-            return _csv_bytes(frame), len(frame)
-        buf = io.BytesIO()
-        frame.to_parquet(buf, index=False)
-        return buf.getvalue(), len(frame)
-    if is_frame:
-        if len(result) == 0:
-            return b"", 0
-        text = result.to_csv(sep=" ", header=False, index=False, lineterminator="\n")
-        return text.encode("utf-8", _ESCAPE), len(result)
-    lines = [str(x).replace("\r", "\\r").replace("\n", "\\n") for x in list(result)]
-    if not lines:
-        return b"", 0
-    return ("\n".join(lines) + "\n").encode("utf-8", _ESCAPE), len(lines)
-
-
-def check_returned(result: Any, is_frame: bool) -> None:
-    """Refuse a ``run()`` result that is not one element per input: a
-    ``str`` (whose characters would become rows), ``bytes``, a dict,
-    ``None`` or a scalar.
-
-    >>> check_returned("ab", False)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    TypeError: run() returned str; return a list, tuple, array, ...
-    """
-    if not is_frame and (
-        result is None
-        or isinstance(result, (str, bytes, Mapping))
-        or not hasattr(result, "__len__")
-    ):
-        raise TypeError(
-            f"run() returned {type(result).__name__}; return a list, tuple, array, "
-            "Series or DataFrame with one element per input"
-        )
-
-
-def _csv_bytes(frame: Any) -> bytes:
-    """CSV with a header line. All-numeric frames (the usual scores) go
-    through Arrow's writer, ten times faster than ``DataFrame.to_csv``; it
-    writes floats in their shortest round-trip form (``1`` for ``1.0``).
-
-    >>> import pandas as pd
-    >>> _csv_bytes(pd.DataFrame({"id": [1, 2], "score": [0.5, float("nan")]}))
-    b'id,score\\n1,0.5\\n2,\\n'
-    >>> _csv_bytes(pd.DataFrame({"file": ["a,b"], "n": [1]}))
-    b'file,n\\n"a,b",1\\n'
-    """
-    if (
-        len(frame.columns)
-        and all(dtype.kind in "iuf" for dtype in frame.dtypes)
-        and frame.columns.is_unique
-    ):
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
-
-        header = io.StringIO()
-        csv.writer(header, lineterminator="\n").writerow(map(str, frame.columns))
-        buf = io.BytesIO()
-        buf.write(header.getvalue().encode())
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-        pacsv.write_csv(table, buf, pacsv.WriteOptions(include_header=False))
-        return buf.getvalue()
-    return frame.to_csv(index=False, lineterminator="\n").encode("utf-8", _ESCAPE)
+    return output_format_for(output_format).encode(result)
 
 
 def bounded(
@@ -395,14 +319,8 @@ def remove_part(target: OutputTarget, index: int, pieces: bool = True) -> None:
 
 def count_rows(parts: Parts, index: int) -> int:
     """Rows of a mini-batch written whole."""
-    target = parts.target
     with parts.open(index) as f:
-        if target.output_format == "parquet":
-            import pyarrow.parquet as pq
-
-            return int(pq.ParquetFile(f).metadata.num_rows)
-        lines = sum(1 for _ in f)
-    return max(0, lines - 1) if target.output_format == "csv" else lines
+        return parts.target.format.count(f)
 
 
 RESERVED_NAMES = (".daskrun",)
@@ -455,7 +373,7 @@ def printable(text: str) -> str:
     >>> printable("caf\udce9.txt")
     'caf\\udce9.txt'
     """
-    return text.encode("utf-8", _ESCAPE).decode("utf-8")
+    return text.encode("utf-8", ESCAPE).decode("utf-8")
 
 
 def lock_output(target: OutputTarget) -> FileLock:
@@ -510,7 +428,20 @@ def assemble(
     final = target.final_url
     tmp = target.partial_url
     name = describe or (lambda index: f"mini-batch {index}")
-    try:
+
+    def failed(e: BaseException) -> OutputError:
+        return OutputError(
+            f"publishing {final!r} failed; {_kept(target)}; cause: "
+            + describe_error(e, target.storage_options),
+            run_id=target.run_id,
+        )
+
+    def own(e: DaskRunError) -> BaseException:
+        if isinstance(e, OutputError):
+            return OutputError(f"{e}; {_kept(target)}", run_id=target.run_id)
+        return failed(e)  # a StorageTimeoutError of within()
+
+    with map_errors(failed, own=own):
         # an unreachable store fails here, in seconds (the listing is
         # bounded); the copy itself is not, since a large output takes as
         # long as it takes
@@ -523,14 +454,6 @@ def assemble(
             for span in _spans(found, index, isolated)
         )
         _write(target, tmp, final, parts, name)
-    except OutputError as e:
-        raise OutputError(f"{e}; {_kept(target)}", run_id=target.run_id) from None
-    except Exception as e:
-        raise OutputError(
-            f"publishing {final!r} failed; {_kept(target)}; cause: "
-            + describe_error(e, target.storage_options),
-            run_id=target.run_id,
-        ) from None
     return final
 
 
@@ -585,14 +508,7 @@ def _write(
     fs = target.fs()
     try:
         with fs.open(tmp, "wb") as out:
-            if target.output_format == "parquet":
-                _concat_parquet(target, parts, out, name)
-            elif target.output_format == "csv":
-                _concat_csv(target, parts, out, name)
-            else:
-                for _, open_part in parts:
-                    with open_part() as part:
-                        shutil.copyfileobj(part, out, 1 << 20)
+            target.format.concat(parts, out, name)
             if isinstance(fs, LocalFileSystem):
                 out.flush()
                 os.fsync(out.fileno())
@@ -605,89 +521,6 @@ def _write(
             if fs.exists(tmp):
                 fs.rm(tmp)
         raise
-
-
-def _mismatch(
-    fmt: str,
-    first: tuple[int, list[str]],
-    other: tuple[int, list[str]],
-    name: Callable[[int], str],
-) -> OutputError:
-    return OutputError(
-        f"{name(other[0])} returned columns {other[1]} unlike "
-        f"{name(first[0])}'s {first[1]}; with output_format={fmt!r}, make run() "
-        "return DataFrames of the same columns (and types), or use "
-        "output_format='text'"
-    )
-
-
-def _concat_csv(
-    target: OutputTarget,
-    parts: Iterable[tuple[int, Callable[[], Any]]],
-    out: Any,
-    name: Callable[[int], str],
-) -> None:
-    """Stream the parts under one header line, one part at a time."""
-    first: tuple[int, list[str]] | None = None
-    empty_header: bytes | None = None  # used only if no part has rows
-    for index, open_part in parts:
-        with open_part() as part:
-            header = part.readline()
-            chunk = part.read(1 << 20)
-            if not chunk:
-                if empty_header is None:
-                    empty_header = header
-                continue
-            columns = next(csv.reader([header.decode("utf-8", "replace")]), [])
-            if first is None:
-                first = (index, columns)
-                out.write(header)
-            elif columns != first[1]:
-                raise _mismatch("csv", first, (index, columns), name)
-            out.write(chunk)
-            shutil.copyfileobj(part, out, 1 << 20)
-    if first is None and empty_header is not None:
-        out.write(empty_header)
-
-
-def _concat_parquet(
-    target: OutputTarget,
-    parts: Iterable[tuple[int, Callable[[], Any]]],
-    out: Any,
-    name: Callable[[int], str],
-) -> None:
-    """Stream the parts' tables into one Parquet file, one part at a time."""
-    import pyarrow.parquet as pq
-
-    writer = None
-    first = 0
-    empty = None  # the first part's table, used only if no part has rows
-    try:
-        for index, open_part in parts:
-            with open_part() as part:
-                table = pq.read_table(part)
-            if not table.num_rows:
-                empty = table if empty is None else empty
-                continue
-            if writer is None:
-                writer = pq.ParquetWriter(out, table.schema)
-                first = index
-            elif not table.schema.equals(writer.schema):
-                ours, theirs = writer.schema.names, table.schema.names
-                if ours == theirs:  # the types differ
-                    ours, theirs = _fields(writer.schema), _fields(table.schema)
-                raise _mismatch("parquet", (first, ours), (index, theirs), name)
-            writer.write_table(table)
-        if writer is None and empty is not None:
-            writer = pq.ParquetWriter(out, empty.schema)
-    finally:
-        if writer is not None:
-            writer.close()
-
-
-def _fields(schema: Any) -> list[str]:
-    """Column names with their types, for columns that differ only in type."""
-    return [f"{f.name}: {f.type}" for f in schema]
 
 
 def remove_partial(target: OutputTarget) -> None:

@@ -37,11 +37,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daskrun.backends.inputs.datasets import FileDataset, TabularDataset
-from daskrun.backends.storage import describe_error, within
+from daskrun.backends.storage import (
+    describe_error,
+    map_errors,
+    storage_failures,
+    within,
+)
 from daskrun.engine.config import config_get, config_seconds
 from daskrun.engine.output import OutputTarget
 from daskrun.engine.viaclient import ViaClientTarget
-from daskrun.exceptions import ConfigError, JobFailedError, UnreachableDataError
+from daskrun.exceptions import (
+    ConfigError,
+    DaskRunError,
+    JobFailedError,
+    UnreachableDataError,
+)
 
 logger = logging.getLogger("daskrun")
 
@@ -178,30 +188,46 @@ def preflight(
             _remove_token(checked, probe.token)
     unread = [p for p in problems if p.what == "input"]
     if unread:
-        p = unread[0]
-        fixes = (
-            "the workers there do not see it as the client does; put the "
-            "inputs on a datastore (an abfs:// or s3:// URL, or "
-            "Datastore.register_azure_blob_container), or on a shared file "
-            "system mounted at the same path on every host"
-            if p.local
-            else "the workers there cannot reach that storage as the client "
-            "does; give the data set its storage_options (credentials in the "
-            "client's environment, such as AZURE_STORAGE_CONNECTION_STRING, "
-            "stay on the client), or use a registered datastore"
-        )
-        raise UnreachableDataError(
-            redact(
-                f"input {p.path} cannot be read on host {p.host} ({p.error}): " + fixes
-            ),
-            path=p.path,
-            host=p.host,
-            run_id=run_id,
-        )
+        raise _unreadable(unread[0], redact, run_id)
     unwritten = [p for p in problems if p.what == "output"]
     if not unwritten or output is None:
         return output
-    p = unwritten[0]
+    return _write_elsewhere(output, unwritten[0], via, say, redact, run_id)
+
+
+def _unreadable(
+    p: Problem, redact: Callable[[str], str], run_id: str
+) -> UnreachableDataError:
+    """An input that host ``p.host`` cannot read, with the fix."""
+    fixes = (
+        "the workers there do not see it as the client does; put the "
+        "inputs on a datastore (an abfs:// or s3:// URL, or "
+        "Datastore.register_azure_blob_container), or on a shared file "
+        "system mounted at the same path on every host"
+        if p.local
+        else "the workers there cannot reach that storage as the client "
+        "does; give the data set its storage_options (credentials in the "
+        "client's environment, such as AZURE_STORAGE_CONNECTION_STRING, "
+        "stay on the client), or use a registered datastore"
+    )
+    return UnreachableDataError(
+        redact(f"input {p.path} cannot be read on host {p.host} ({p.error}): " + fixes),
+        path=p.path,
+        host=p.host,
+        run_id=run_id,
+    )
+
+
+def _write_elsewhere(
+    output: OutputTarget,
+    p: Problem,
+    via: bool | None,
+    say: Callable[[str], None],
+    redact: Callable[[str], str],
+    run_id: str,
+) -> OutputTarget:
+    """The client writes an output that host ``p.host`` cannot, where
+    allowed; else :class:`UnreachableDataError`."""
     if via is False or not output.local:
         raise UnreachableDataError(
             redact(
@@ -324,7 +350,9 @@ def _within(seconds: float, fn: Callable[[], str | None]) -> str | None:
     words (credentials are hidden by the caller's redact)."""
     try:
         return within(seconds, fn)
-    except Exception as e:
+    # read as it is raised: a library imported in the call is in the table
+    # (TimeoutError is an OSError; within()'s own is a DaskRunError)
+    except storage_failures(DaskRunError) as e:
         return f"{type(e).__name__}: {e}"
 
 
@@ -365,13 +393,16 @@ def _write(target: OutputTarget, token: str, host: str) -> str | None:
 def _put_token(target: OutputTarget, token: str) -> None:
     fs = target.fs()
     url = f"{target.parts_url}/{_TOKEN.format(token)}"
-    try:
-        within(target.timeout or 60, lambda: fs.pipe_file(url, token.encode()))
-    except Exception as e:
-        raise JobFailedError(
+
+    def unwritable(e: BaseException) -> JobFailedError:
+        return JobFailedError(
             f"output {target.url!r} cannot be written: "
             f"{describe_error(e, target.storage_options)}"
-        ) from None
+        )
+
+    # within()'s own StorageTimeoutError says it as well
+    with map_errors(unwritable, own=unwritable):
+        within(target.timeout or 60, lambda: fs.pipe_file(url, token.encode()))
 
 
 def _remove_token(target: OutputTarget, token: str) -> None:

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from daskrun.backends.inputs.datasets import SubBatch
+from daskrun.backends.storage import storage_failures
 from daskrun.engine.output import OutputTarget, write_part
+from daskrun.exceptions import DaskRunError
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,9 @@ def commit(target: OutputTarget, batch: Any, result: Any) -> Any:
     span = (batch.start, batch.stop) if isinstance(batch, SubBatch) else None
     try:
         write_part(target, result.index, rows, span)
-    except Exception as e:
+    # storage's failures (and daskrun's OutputError on a timeout) fail the
+    # try; a bug is raised
+    except storage_failures(DaskRunError) as e:
         return dataclasses.replace(
             result,
             ok=False,

@@ -4,9 +4,10 @@ A :class:`ComputeTarget` names a kind of cluster and its options:
 ``ComputeTarget.create(ws, "cpu", LocalCompute.provisioning_configuration())``,
 ``RemoteCompute.attach_configuration("tcp://10.0.0.5:8786")`` or
 ``SlurmCompute.provisioning_configuration(queue="gpu")``. Given as a step's
-``compute_target``, it connects itself through
-:mod:`daskrun.backends.compute.cluster` (the
-engine side, which starts local clusters and never imports this module).
+``compute_target``, it connects itself through its kind's class in
+:mod:`daskrun.backends.compute.targets` (the engine side, which starts
+clusters and never imports this module): a new kind of target is one class
+there, and a provisioning configuration here naming its ``kind``.
 ``connect``, ``dashboard_link``, ``gpu_count``, ``default_process_count`` and
 ``QuickExit`` live in :mod:`daskrun.backends.compute.cluster` and are
 importable from here too.
@@ -17,24 +18,29 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import dask.utils
 from distributed import Client
 
+from daskrun.backends.compute import targets
 from daskrun.backends.compute.cluster import (
     QuickExit,
-    _local_cluster,
-    _on_queue,
-    _scheduler,
     connect,
     dashboard_link,
     default_process_count,
     gpu_count,
 )
-from daskrun.engine.config import config_get
+from daskrun.backends.compute.targets import (
+    TARGETS,
+    AmlProvisioned,
+    ComputeBackend,
+    LocalProcesses,
+    SchedulerAddress,
+    SlurmJobs,
+    compute_backend,
+)
 from daskrun.engine.naming import check_name
 from daskrun.exceptions import ConfigError
 from daskrun.registry.base import registry_row
@@ -75,7 +81,7 @@ class LocalCompute:
         """``memory_limit`` per worker process (e.g. ``"4GB"``; default
         ``daskrun.local-cluster.memory-limit``)."""
         return ProvisioningConfiguration(
-            "local",
+            LocalProcesses.kind,
             {"memory_limit": memory_limit, "dashboard_address": dashboard_address},
         )
 
@@ -90,7 +96,7 @@ class RemoteCompute:
                 f"address={address!r} is not a scheduler address; use e.g. "
                 "'tcp://10.0.0.5:8786'"
             )
-        return ProvisioningConfiguration("scheduler", {"address": address})
+        return ProvisioningConfiguration(SchedulerAddress.kind, {"address": address})
 
 
 class SlurmCompute:
@@ -122,7 +128,7 @@ class SlurmCompute:
         if not isinstance(cores, int) or cores < 1:
             raise ConfigError(f"cores={cores!r} must be an int of at least 1")
         return ProvisioningConfiguration(
-            "slurm",
+            SlurmJobs.kind,
             {
                 "queue": queue,
                 "cores": cores,
@@ -140,31 +146,14 @@ class SlurmCompute:
 
 def slurm_cluster(options: dict[str, Any], processes: int) -> Any:
     """A SLURMCluster whose jobs run ``processes`` workers of the given
-    per-process size; nothing is submitted yet."""
-    import sys
+    per-process size; nothing is submitted yet. Its jobs' output goes to
+    ``log_directory``, by default the runs folder's ``slurm-logs``."""
+    return targets.slurm_cluster(_with_log_directory(options), processes)
 
-    from dask_jobqueue import SLURMCluster
 
-    host = str(config_get("local-cluster.host"))
+def _with_log_directory(options: dict[str, Any]) -> dict[str, Any]:
     logs = options.get("log_directory") or str(runs_dir() / "slurm-logs")
-    os.makedirs(logs, exist_ok=True)
-    memory = dask.utils.parse_bytes(options["memory"]) * processes
-    return SLURMCluster(
-        queue=options.get("queue"),
-        account=options.get("account"),
-        cores=options["cores"] * processes,
-        processes=processes,
-        memory=dask.utils.format_bytes(memory).replace(" ", "").replace("iB", "B"),
-        walltime=options["walltime"],
-        python=options.get("python") or sys.executable,
-        interface=options.get("interface"),
-        job_extra_directives=options.get("job_extra_directives") or [],
-        local_directory=options.get("local_directory"),
-        log_directory=logs,
-        # servers of the scheduler and workers stay on the given interface
-        scheduler_options={"dashboard_address": f"{host}:0"},
-        worker_extra_args=["--dashboard-address", f"{host}:0"],
-    )
+    return {**options, "log_directory": logs}
 
 
 class ComputeTarget:
@@ -182,7 +171,7 @@ class ComputeTarget:
         if (
             cls is ComputeTarget
             and name is not None
-            and _row(workspace, name)["kind"] == "aml"
+            and TARGETS.get(_row(workspace, name)["kind"]) is AmlProvisioned
         ):
             cls = AmlCompute
         return super().__new__(cls)
@@ -198,11 +187,24 @@ class ComputeTarget:
         return f"ComputeTarget(name={self.name!r}, kind={self.kind!r})"
 
     @property
+    def backend(self) -> ComputeBackend:
+        """The engine's class for its kind, which connects it."""
+        options = self.options
+        if TARGETS.get(self.kind) is SlurmJobs:
+            options = _with_log_directory(options)
+        return compute_backend(self.kind, self.name, options)
+
+    @property
     def runs_here(self) -> bool:
         """Whether its workers run on this machine with this interpreter (a
         local or ``AmlCompute`` target): its Environment is checked here,
         before the cluster starts."""
-        return self.kind in ("local", "aml")
+        return self.backend.runs_here
+
+    @property
+    def queued(self) -> bool:
+        """Whether its workers come from a batch queue (Slurm)."""
+        return self.backend.queued
 
     @staticmethod
     def create(
@@ -246,34 +248,17 @@ class ComputeTarget:
             "Succeeded", {"name": self.name, "kind": self.kind, **self.options}
         )
 
-    @contextlib.contextmanager
     def connect(
         self,
         node_count: int,
         process_count_per_node: int | None,
         on_lost: Callable[[str], None] | None = None,
         log_file: str | os.PathLike[str] | None = None,
-    ) -> Iterator[Client]:
-        if self.kind == "slurm":
-            cluster = slurm_cluster(self.options, process_count_per_node or 1)
-            with _on_queue(
-                cluster, node_count, process_count_per_node, on_lost, close=True
-            ) as client:
-                yield client
-        elif self.kind in ("local", "aml"):
-            if self.kind == "aml":
-                _check_nodes(self.name, node_count, self.options["max_nodes"])
-            n = node_count * (process_count_per_node or default_process_count())
-            with _local_cluster(
-                n,
-                self.options.get("memory_limit"),
-                self.options.get("dashboard_address"),
-                log_file,
-            ) as client:
-                yield client
-        else:
-            with _scheduler(self.options["address"]) as client:
-                yield client
+    ) -> contextlib.AbstractContextManager[Client]:
+        """A client of its workers (see :mod:`daskrun.backends.compute.targets`)."""
+        return self.backend.connect(
+            node_count, process_count_per_node, on_lost, log_file
+        )
 
 
 def _row(workspace: Any, name: str) -> Any:
@@ -347,7 +332,7 @@ class AmlCompute(ComputeTarget):
                 "pass min_nodes <= max_nodes"
             )
         return ProvisioningConfiguration(
-            "aml",
+            AmlProvisioned.kind,
             {
                 "vm_size": vm_size,
                 "vm_priority": vm_priority,
@@ -370,12 +355,3 @@ def _node_number(what: str, value: object, least: int) -> int:
             f"{what}={max(least, 2)}"
         )
     return value
-
-
-def _check_nodes(name: str, node_count: int, max_nodes: int) -> None:
-    if node_count > max_nodes:
-        raise ConfigError(
-            f"node_count={node_count} is more than max_nodes={max_nodes} of compute "
-            f"target {name!r}; lower node_count, or create the target again with "
-            f"AmlCompute.provisioning_configuration(max_nodes={node_count})"
-        )

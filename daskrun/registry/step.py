@@ -39,6 +39,7 @@ from daskrun.backends.inputs.native import (
     is_collection,
 )
 from daskrun.backends.inputs.partitions import check_partition_keys, plan_partitions
+from daskrun.backends.outputs import output_format_for
 from daskrun.backends.storage import (
     private_file,
     private_folder,
@@ -225,19 +226,15 @@ class StepRun:
 
         >>> run.to_dask_dataframe().groupby("label").size()  # doctest: +SKIP
         """
-        import dask.dataframe as dd
-
         path = self._published()
-        options = dict(storage_options or {})
-        if self.output_format == "parquet":
-            return dd.read_parquet(path, storage_options=options, **kwargs)
-        if self.output_format == "csv":
-            return dd.read_csv(path, storage_options=options, **kwargs)
-        raise ConfigError(
-            f"step run {self.run_id!r} wrote text lines ({path}), which have no "
-            "columns; read them with run.to_bag(), or write a table with "
-            "output_format='csv' or 'parquet'"
-        )
+        fmt = output_format_for(self.output_format)
+        if not fmt.tabular:
+            raise ConfigError(
+                f"step run {self.run_id!r} wrote text lines ({path}), which have "
+                "no columns; read them with run.to_bag(), or write a table with "
+                "output_format='csv' or 'parquet'"
+            )
+        return fmt.read_frame(path, dict(storage_options or {}), **kwargs)
 
     def to_bag(self, storage_options: dict[str, Any] | None = None) -> Any:
         """The published output as a lazy Dask bag: its lines (without the
@@ -245,14 +242,9 @@ class StepRun:
 
         >>> run.to_bag().filter(lambda line: "cat" in line).count()  # doctest: +SKIP
         """
-        import dask.bag as db
-
-        if self.output_format in ("csv", "parquet"):
-            frame = self.to_dask_dataframe(storage_options)
-            return frame.to_bag(format="dict")
         path = self._published()
-        lines = db.read_text(path, storage_options=dict(storage_options or {}))
-        return lines.map(_without_newline)
+        fmt = output_format_for(self.output_format)
+        return fmt.read_bag(path, dict(storage_options or {}))
 
     def _published(self) -> str:
         if self.output_path is None:
@@ -537,10 +529,6 @@ class ParallelRunStep:
         return _execute(
             self.bind(values, workspace=workspace), console=Console(show_output)
         )
-
-
-def _without_newline(line: str) -> str:
-    return line.removesuffix("\n")
 
 
 def _check_input_specs(inputs: Any) -> list[Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from typing import Any
 
 from distributed import Client
 
+from daskrun.engine.config import config_get
 from daskrun.exceptions import ConfigError, JobFailedError
 
 logger = logging.getLogger("daskrun")
@@ -198,3 +200,27 @@ class WorkerWatch:
                     "run (daskrun resume RUN_ID)"
                 )
                 return
+
+
+@contextlib.contextmanager
+def on_queue(
+    cluster: Any,
+    node_count: int,
+    process_count_per_node: int | None,
+    on_lost: Callable[[str], None] | None,
+    close: bool,
+) -> Iterator[Client]:
+    """A client of ``cluster``'s batch jobs (see :func:`jobqueue_client`),
+    watched while it is used when ``on_lost`` is given (see
+    :class:`WorkerWatch`)."""
+    timeout = float(config_get("jobqueue.start-timeout"))
+    with jobqueue_client(
+        cluster, node_count, process_count_per_node, timeout, close=close
+    ) as client:
+        if on_lost is None:
+            yield client
+            return
+        found = re.search(r"(?:-t|--time)[ =](\S+)", cluster.job_header)
+        walltime = found.group(1) if found else "?"
+        with WorkerWatch(client, timeout, on_lost, f"walltime={walltime}"):
+            yield client

@@ -57,13 +57,21 @@ from daskrun.backends.storage import (
     BOOKKEEPING,
     bookkeeping,
     describe_error,
+    map_errors,
     redact,
     storage_errors,
+    storage_failures,
     within,
 )
 from daskrun.engine.config import config_get, mini_batch_size_for
 from daskrun.engine.naming import PipelineParameter, check_name
-from daskrun.exceptions import ConfigError, DaskRunError, InputError
+from daskrun.exceptions import (
+    ConfigError,
+    DaskRunError,
+    InputError,
+    StorageError,
+    StorageTimeoutError,
+)
 from daskrun.monitoring.notebook import progress_bar
 
 if TYPE_CHECKING:
@@ -561,7 +569,13 @@ class _DatasetBase:
         and their errors never show credentials.
         """
         if self._files is None:
-            if self.storage_options or self.datastore is not None:
+            # remote storage, whatever gives its credentials (the
+            # environment too), is bounded
+            if (
+                self.storage_options
+                or self.datastore is not None
+                or _remote(self._path)
+            ):
                 where = (
                     f"datastore {self.datastore.name!r}"
                     if self.datastore is not None
@@ -794,30 +808,47 @@ def _datastore_path(item: Any) -> tuple[Any, str] | None:
     return None
 
 
+def _remote(path: Any) -> bool:
+    """Whether ``path`` (a path, URL or list of them) names remote storage.
+
+    >>> _remote(["a/", "abfs://c/x"]), _remote("file:///tmp/a")
+    (True, False)
+    """
+    paths = path if isinstance(path, (list, tuple)) else [path]
+    return any(
+        isinstance(p, str) and "://" in p and not p.startswith("file://") for p in paths
+    )
+
+
 def _bounded(
     fn: Any, timeout: float, where: str, storage_options: StorageOptions
 ) -> Any:
-    """``fn()``, or an InputError once ``timeout`` seconds pass; errors come
-    back as one InputError line without credentials."""
-    try:
-        return within(
-            timeout,
-            fn,
-            lambda: InputError(
-                f"{where} did not answer within {timeout:g} s; check its endpoint, "
-                "network and credentials (the bound is daskrun.storage-timeout)"
-            ),
+    """``fn()``, or a :class:`~daskrun.StorageTimeoutError` once ``timeout``
+    seconds pass; storage failures come back as one InputError line without
+    credentials (:func:`~daskrun.backends.storage.map_errors`)."""
+
+    def timed_out(e: BaseException | None = None) -> StorageTimeoutError:
+        return StorageTimeoutError(
+            f"{where} did not answer within {timeout:g} s; check its endpoint, "
+            "network and credentials (the bound is daskrun.storage-timeout)",
+            datastore=where,
+            action="listing",
         )
-    except InputError:
-        raise
-    except DaskRunError as e:
-        raise type(e)(redact(str(e), storage_options)) from None
-    except Exception as e:
-        raise InputError(
+
+    def refused(e: BaseException) -> InputError:
+        return InputError(
             f"{where} refused the listing: {describe_error(e, storage_options)}; "
             "check its credentials (re-register the datastore with "
             "overwrite=True) and the path"
-        ) from None
+        )
+
+    def own(e: DaskRunError) -> BaseException:
+        if isinstance(e, (InputError, StorageError)):
+            return e
+        return type(e)(redact(str(e), storage_options))
+
+    with map_errors(refused, timed_out, own):
+        return within(timeout, fn, timed_out)
 
 
 class FileDataset(_DatasetBase):
@@ -1331,18 +1362,29 @@ def _map_files(fn: Any, files: list[str]) -> list[Any]:
 def _reading(path: str, storage_options: StorageOptions) -> Iterator[None]:
     """Errors reading input file ``path`` to plan its mini-batches: one
     InputError line naming it, without credentials (a URL's SAS token
-    included)."""
-    try:
-        yield
-    except DaskRunError:
-        raise
-    except Exception as e:
-        raise InputError(
-            f"input file {redact(path, storage_options)!r} cannot be read: "
+    included); a timeout is a :class:`~daskrun.StorageTimeoutError`, as
+    the listing's (:func:`_bounded`)."""
+    shown = redact(path, storage_options)
+
+    def unreadable(e: BaseException) -> InputError:
+        return InputError(
+            f"input file {shown!r} cannot be read: "
             f"{describe_error(e, storage_options)}; check that it exists and "
             "that its storage_options (or the SAS token in its URL) allow "
             "reading it"
-        ) from None
+        )
+
+    def timed_out(e: BaseException) -> StorageTimeoutError:
+        return StorageTimeoutError(
+            f"input file {shown!r} did not answer: "
+            f"{describe_error(e, storage_options)}; check its endpoint, network "
+            "and credentials (the bound is daskrun.storage-timeout)",
+            datastore=shown,
+            action="reading",
+        )
+
+    with map_errors(unreadable, timed_out):
+        yield
 
 
 def _sizes(
@@ -1364,7 +1406,7 @@ def _row_group_sizes(
         try:
             with fs.open(path, "rb") as f:
                 meta = pq.ParquetFile(f).metadata
-        except Exception as e:
+        except storage_failures() as e:  # pyarrow's ArrowInvalid: a ValueError
             raise InputError(
                 f"input file {redact(path, storage_options)!r} is not a readable "
                 f"Parquet file: {describe_error(e, storage_options)}; use "
