@@ -18,11 +18,11 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 import pytest
@@ -45,6 +45,79 @@ from daskrun.engine.output import OutputTarget, committed_parts
 
 if TYPE_CHECKING:
     import pandas as pd
+
+T = TypeVar("T")
+
+
+def poll_for(
+    predicate: Callable[[], T],
+    timeout: float,
+    interval: float = 0.05,
+    *,
+    what: str | Callable[[], str] | None = None,
+    running: subprocess.Popen[Any] | None = None,
+) -> T:
+    """Call ``predicate`` every ``interval`` s until it returns something
+    truthy, and return that; fail after ``timeout`` s with a message naming
+    ``what`` was awaited (by default the predicate's docstring or name; a
+    callable ``what`` is called then, to say how far it got). With
+    ``running``, fail at once, with its output, where that process has ended
+    before the predicate held.
+
+    >>> poll_for(lambda: 42, timeout=1)
+    42
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if running is not None and running.poll() is not None:
+            out, err = running.communicate()
+            pytest.fail(
+                f"{_awaited(predicate, what)}: the process ended first "
+                f"(exit {running.returncode})\n{out}\n{err}"
+            )
+        if time.monotonic() > deadline:
+            pytest.fail(f"{_awaited(predicate, what)}: not within {timeout} s")
+        time.sleep(interval)
+
+
+def _awaited(predicate: Callable[[], object], what: object) -> str:
+    if callable(what):
+        what = what()
+    if what is None:
+        what = (predicate.__doc__ or "").strip() or getattr(
+            predicate, "__name__", repr(predicate)
+        )
+    return f"waiting for {what}"
+
+
+def new_local_cluster(**settings: Any) -> LocalCluster:
+    """A cluster of real worker processes on 127.0.0.1: two single-threaded
+    workers and a local dashboard unless ``settings`` say otherwise (they are
+    ``LocalCluster``'s keywords). The ``local_cluster`` fixture closes those
+    a test leaves open."""
+    defaults: dict[str, Any] = {
+        "n_workers": 2,
+        "threads_per_worker": 1,
+        "processes": True,
+        "host": "127.0.0.1",
+        "dashboard_address": "127.0.0.1:0",
+    }
+    return LocalCluster(**{**defaults, **settings})
+
+
+def wait_for_parts(out: Path, n: int, process: subprocess.Popen[str]) -> None:
+    """Wait (up to 120 s) until ``n`` mini-batches are committed in output
+    folder ``out`` by ``process``, which must still be running."""
+    poll_for(
+        lambda: len(committed(out)) >= n,
+        timeout=120,
+        what=lambda: f"{n} mini-batches committed in {out}, have {committed(out)}",
+        running=process,
+    )
+
 
 # run() that takes 0.2 s per mini-batch and returns the file names
 SLOW_SCRIPT = """
@@ -170,6 +243,29 @@ def job_page(cluster: LocalCluster) -> tuple[str, str]:
         page = install_page(client, cluster.dashboard_link)
     assert page is not None and "?token=" in page, page
     return page, page.replace("/daskrun?", "/daskrun/plots?")
+
+
+def job_plots(
+    plots: str, run: str, ready: Callable[[dict[str, Any]], bool], what: str
+) -> dict[str, Any]:
+    """The data of the dashboard's daskrun plots (URL ``plots``, see
+    :func:`job_page`) once they show the job whose run id starts with ``run``
+    and ``ready`` holds of them (a shared cluster's page shows earlier jobs
+    until this one starts); fails after 60 s naming ``what``."""
+    import json
+    import urllib.request
+
+    def shown() -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(plots, timeout=10) as reply:
+                data = json.loads(reply.read())
+        except OSError:  # the page is not there yet
+            return None
+        if str(data.get("run_id")).startswith(run) and ready(data):
+            return data  # type: ignore[no-any-return]
+        return None
+
+    return poll_for(shown, timeout=60, interval=0.3, what=what)
 
 
 def committed(out: Path) -> set[int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dask.config
@@ -31,6 +30,7 @@ from .helpers import (
     daskrun,
     kill_client,
     make_files,
+    poll_for,
     run_step,
     write_script,
 )
@@ -237,11 +237,12 @@ def test_a_client_killed_while_the_pilot_and_the_rest_ran_is_resumed_exactly_onc
         return committed(tmp_path / "out") - set(range(8))
 
     # the pilot's f00007.txt hangs: parts of the rest show it is not waited for
-    deadline = time.monotonic() + 120
-    while len(rest_parts()) < 5:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    poll_for(
+        lambda: len(rest_parts()) >= 5,
+        timeout=120,
+        what=lambda: f"5 parts of the rest, have {rest_parts()}",
+        running=proc,
+    )
     kill_client(proc)
     written = rest_parts()
     (record,) = RunRecord.find(runs_dir)

@@ -36,8 +36,10 @@ from .helpers import (
     kill_client,
     make_files,
     poison_files,
+    poll_for,
     run_step,
     victim_script,
+    wait_for_parts,
     write_script,
 )
 from .helpers import daskrun as daskrun_cli
@@ -177,15 +179,14 @@ def test_a_killed_client_s_run_resumes_exactly_on_the_hosts(
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while True:  # some parts are written, the gated one is held
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
+
+    def written() -> bool:
+        """some parts to be written (the gated one is held)"""
         fs.invalidate_cache()
         parts = fs.find(f"{name}/out/.daskrun") if fs.exists(f"{name}/out") else []
-        if len(parts) >= 3:
-            break
-        time.sleep(0.2)
+        return len(parts) >= 3
+
+    poll_for(written, timeout=120, interval=0.2, running=proc)
     kill_client(proc)
     go.touch()
     (record,) = RunRecord.find(runs_dir)
@@ -373,19 +374,12 @@ def test_via_client_is_exact_through_a_worker_kill_and_a_resume(
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not pid.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    poll_for(pid.exists, timeout=120, what=f"{pid} to be written", running=proc)
     victim = int(pid.read_text())
     assert victim in [p for h in hosts.hosts for p in h.worker_pids()]
     killed.touch()
     os.kill(victim, signal.SIGKILL)
-    while len(committed(tmp_path / "out")) < 19:  # all but the held one
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, committed(tmp_path / "out")
-        time.sleep(0.05)
+    wait_for_parts(tmp_path / "out", 19, proc)  # all but the held one
     kill_client(proc)
     _, err = proc.communicate()
     assert "(daskrun.output.via-client)" in err, err

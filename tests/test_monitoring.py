@@ -29,6 +29,7 @@ from .helpers import (
     SLOW_SCRIPT,
     chromium,
     job_page,
+    job_plots,
     make_files,
     missing_service,
     write_script,
@@ -57,19 +58,12 @@ def test_dashboard_page_shows_the_running_job(
     job = threading.Thread(target=lambda: runs.append(step.run()))
     job.start()
     page, plots = job_page(cluster)
-    deadline = time.monotonic() + 60
-    while True:  # the page appears, then the job's first snapshot
-        try:
-            data = _get_json(plots)
-            # the shared cluster's page shows earlier jobs until this one starts
-            if str(data.get("run_id")).startswith("watched-step_") and "worker-" in str(
-                data.get("summary")
-            ):
-                break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "no daskrun page"
-        time.sleep(0.3)
+    data = job_plots(  # the page appears, then the job's first snapshot
+        plots,
+        "watched-step_",
+        lambda data: "worker-" in str(data.get("summary")),
+        what="the daskrun page",
+    )
     dom = chromium("--dump-dom", page)
     assert dom.returncode == 0, dom.stderr
     assert (

@@ -18,7 +18,7 @@ from distributed import LocalCluster
 from daskrun import Dataset
 from daskrun.engine.output import OutputTarget, committed_parts
 
-from .helpers import daskrun, make_files, run_step, write_script
+from .helpers import daskrun, make_files, poll_for, run_step, write_script
 
 AS_READ = "def init():\n    pass\n\ndef run(df):\n    return df\n"
 
@@ -244,10 +244,12 @@ def test_second_run_into_one_output_is_refused(tmp_path: Path, runs_dir: Path) -
     first = _cli(tmp_path, runs_dir, "--output", "out", "--processes", "1", "-q")
     lock = tmp_path / "out" / ".daskrun" / "lock"
     try:
-        deadline = time.monotonic() + 120
-        while not (lock.exists() and lock.read_text().strip()):
-            assert first.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        poll_for(
+            lambda: lock.exists() and lock.read_text().strip(),
+            timeout=120,
+            what=f"the first run's id in {lock}",
+            running=first,
+        )
         first_id = lock.read_text().strip()
         second = _cli(tmp_path, runs_dir, "--output", "out", "--processes", "1")
         out, err = second.communicate(timeout=120)

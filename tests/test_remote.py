@@ -20,7 +20,14 @@ from distributed import LocalCluster
 from daskrun import Dataset, InputError, ParallelRunConfig, ParallelRunStep
 from daskrun.registry.records import RunRecord
 
-from .helpers import daskrun, kill_client, make_files, run_step, write_script
+from .helpers import (
+    daskrun,
+    kill_client,
+    make_files,
+    poll_for,
+    run_step,
+    write_script,
+)
 
 CHECKING_SCRIPT = """
 import http.server
@@ -268,15 +275,14 @@ def test_a_killed_run_with_blob_output_resumes_and_publishes(
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while True:  # all but the gated mini-batch's group are written
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
+
+    def written() -> bool:
+        """all but the gated mini-batch's group to be written"""
         fs.invalidate_cache()
-        written = fs.find(f"{name}/out/.daskrun") if fs.exists(f"{name}/out") else []
-        if len(written) >= 3:
-            break
-        time.sleep(0.2)
+        parts = fs.find(f"{name}/out/.daskrun") if fs.exists(f"{name}/out") else []
+        return len(parts) >= 3
+
+    poll_for(written, timeout=120, interval=0.2, running=proc)
     kill_client(proc)
     (tmp_path / "go").touch()
     (record,) = RunRecord.find(runs_dir)

@@ -9,8 +9,6 @@ import os
 import re
 import shutil
 import threading
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from .helpers import (
     SLOW_SCRIPT,
     chromium,
     job_page,
+    job_plots,
     make_files,
     missing_service,
     run_step,
@@ -284,19 +283,14 @@ def test_the_dashboard_plots_each_workers_resources(
         job = threading.Thread(target=lambda: runs.append(step.run()))
         job.start()
     page, plots = job_page(cluster)
-    deadline = time.monotonic() + 60
-    while True:  # the page shows this job, with samples of both workers
-        try:
-            with urllib.request.urlopen(plots, timeout=10) as reply:
-                data = json.loads(reply.read())
-            if str(data.get("run_id")).startswith("resource-step_") and all(
-                f"worker-{i}" in json.dumps(data.get("memory")) for i in (0, 1)
-            ):
-                break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "no resource plots"
-        time.sleep(0.3)
+    data = job_plots(  # the page shows this job, with samples of both workers
+        plots,
+        "resource-step_",
+        lambda data: all(
+            f"worker-{i}" in json.dumps(data.get("memory")) for i in (0, 1)
+        ),
+        what="resource plots of both workers",
+    )
     assert "cpu" in data and "gpu" not in data  # no GPU measured here
     dom = chromium("--dump-dom", page)
     assert dom.returncode == 0, dom.stderr

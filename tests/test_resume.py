@@ -15,7 +15,15 @@ import pytest
 from daskrun.engine.output import OutputTarget, Parts
 from daskrun.registry.records import RunRecord
 
-from .helpers import committed, daskrun, kill_client, make_files, write_script
+from .helpers import (
+    committed,
+    daskrun,
+    kill_client,
+    make_files,
+    poll_for,
+    wait_for_parts,
+    write_script,
+)
 
 COUNTING_SCRIPT = """
 import argparse, os, time, uuid
@@ -78,14 +86,6 @@ def _job(tmp_path: Path) -> list[str]:
     ]
 
 
-def _wait_for_parts(tmp_path: Path, n: int, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 120
-    while len(committed(tmp_path / "out")) < n:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-
-
 def _run_id(runs: Path) -> str:
     (record,) = RunRecord.find(runs)
     return record.run_id
@@ -94,7 +94,7 @@ def _run_id(runs: Path) -> str:
 def test_client_killed_then_resumed(tmp_path: Path, runs_dir: Path) -> None:
     files = make_files(tmp_path / "in", 160, prefix="ok")
     proc = _start(tmp_path, runs_dir, *_job(tmp_path))
-    _wait_for_parts(tmp_path, 15, proc)
+    wait_for_parts(tmp_path / "out", 15, proc)
     kill_client(proc)
     assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
     written = committed(tmp_path / "out")
@@ -115,7 +115,7 @@ def test_client_killed_then_resumed(tmp_path: Path, runs_dir: Path) -> None:
 def test_cancel_then_resume(tmp_path: Path, runs_dir: Path) -> None:
     files = make_files(tmp_path / "in", 120, prefix="ok")
     proc = _start(tmp_path, runs_dir, *_job(tmp_path))
-    _wait_for_parts(tmp_path, 10, proc)
+    wait_for_parts(tmp_path / "out", 10, proc)
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -256,11 +256,13 @@ def test_two_resumes_at_once_and_a_missing_part(tmp_path: Path, runs_dir: Path) 
     os.remove(where)
     first = _start(tmp_path, runs_dir, "resume", run_id, "--retry-failed")
     lock = runs_dir / run_id / "run.lock"
-    deadline = time.monotonic() + 60
-    while not _locked(lock):
-        assert first.poll() is None, first.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    poll_for(
+        lambda: _locked(lock),
+        timeout=60,
+        interval=0.02,
+        what=f"a hold on {lock}",
+        running=first,
+    )
     start = time.monotonic()
     second = _run_cli(tmp_path, runs_dir, "resume", run_id, "--retry-failed")
     assert second.returncode == 2, second.stderr
@@ -307,7 +309,7 @@ def test_a_client_killed_while_publishing_leaves_no_partial_file(
         tmp_path, runs_dir, "run", "score.py", "--input", "in", "--output", "out",
         "--mini-batch-size", "1", "--processes", "2", "-q",
     )  # fmt: skip
-    _wait_for_parts(tmp_path, 2, proc)  # f00003 waits for go, f00002 with it
+    wait_for_parts(tmp_path / "out", 2, proc)  # f00003 waits for go, f00002 with it
     parts = Parts(OutputTarget(str(out), "unused", _run_id(runs_dir)))
 
     def holder(index: int) -> Path:
@@ -323,11 +325,12 @@ def test_a_client_killed_while_publishing_leaves_no_partial_file(
     blocking.unlink()
     os.mkfifo(blocking)
     (tmp_path / "go").touch()
-    deadline = time.monotonic() + 120
-    while not any(p.stat().st_size >= 2_000_000 for p in out.rglob("*.partial")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    poll_for(
+        lambda: any(p.stat().st_size >= 2_000_000 for p in out.rglob("*.partial")),
+        timeout=120,
+        what="a .partial file of 2 MB",
+        running=proc,
+    )
     kill_client(proc)
     blocking.unlink()
     blocking.write_bytes(kept)

@@ -9,7 +9,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -19,7 +18,7 @@ from distributed import Client
 from daskrun import Dataset, ParallelRunConfig, ParallelRunStep
 from daskrun.backends.compute.cluster import SharedCluster
 
-from .helpers import daskrun, make_files, write_script
+from .helpers import daskrun, make_files, poll_for, write_script
 
 PIDS = """
 import os
@@ -92,10 +91,12 @@ def test_start_find_use_and_stop(tmp_path: Path, shared_cluster_file: Path) -> N
     assert stopped.returncode == 0, stopped.stderr
     assert "stopped the cluster" in stopped.stdout
     assert not shared_cluster_file.exists()
-    deadline = time.monotonic() + 30
-    while any(psutil.pid_exists(p) for p in workers | {shared.pid}):
-        assert time.monotonic() < deadline, "the cluster's processes did not end"
-        time.sleep(0.2)
+    poll_for(
+        lambda: not any(psutil.pid_exists(p) for p in workers | {shared.pid}),
+        timeout=30,
+        interval=0.2,
+        what="the cluster's processes to end",
+    )
     assert _cli("cluster", "status", tmp_path=tmp_path).returncode == 1
     # and jobs start their own cluster again
     assert _job(tmp_path, "third").isdisjoint(workers)

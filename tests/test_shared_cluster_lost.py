@@ -20,7 +20,7 @@ import pytest
 from daskrun.backends.compute.cluster import SharedCluster
 from daskrun.registry.records import RunRecord
 
-from .helpers import daskrun, kill_client, make_files, write_script
+from .helpers import daskrun, kill_client, make_files, poll_for, write_script
 
 # each mini-batch leaves a mark once run() has done it
 MARKING = """
@@ -84,11 +84,12 @@ def _job_killed_midway(
         text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while len(list(marks.iterdir())) < 12:
-            assert job.poll() is None, job.communicate()
-            assert time.monotonic() < deadline, "the job did not get to 12"
-            time.sleep(0.05)
+        poll_for(
+            lambda: len(list(marks.iterdir())) >= 12,
+            timeout=120,
+            what="the job to get to 12",
+            running=job,
+        )
         os.kill(shared.pid, sig)
         signalled = time.monotonic()
         out, err = job.communicate(timeout=120)

@@ -26,7 +26,7 @@ from daskrun.backends.compute.cluster import EarlyStart
 from daskrun.engine.job import Job
 from daskrun.exceptions import InputError
 
-from .helpers import make_files, write_script
+from .helpers import make_files, poll_for, write_script
 
 # each item: the pid of the worker process that ran it
 PIDS = """
@@ -63,12 +63,12 @@ def _pids(run: daskrun.StepRun) -> set[int]:
 
 
 def _all_gone(pids: set[int], deadline: float = 60.0) -> bool:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if not any(psutil.pid_exists(p) for p in pids):
-            return True
-        time.sleep(0.2)
-    return False
+    return poll_for(
+        lambda: not any(psutil.pid_exists(p) for p in pids),
+        timeout=deadline,
+        interval=0.2,
+        what=f"the end of processes {sorted(pids)}",
+    )
 
 
 def test_a_pipelines_steps_share_one_cluster_closed_after_the_last(
