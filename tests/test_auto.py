@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import dask.config
@@ -32,8 +31,10 @@ from .helpers import (
     make_files,
     poll_for,
     run_step,
+    start_daskrun,
     write_script,
 )
+from .scripts import PIDS
 
 # 10 ms per file; fails on f00030.txt until the file 'fixed' exists
 SCRIPT = """
@@ -106,16 +107,6 @@ def init():
 def run(mini_batch):
     time.sleep(0.001 * len(mini_batch))
     return [os.path.basename(p) for p in mini_batch]
-"""
-
-PIDS = """
-import os
-
-def init():
-    pass
-
-def run(mini_batch):
-    return [os.getpid() for _ in mini_batch]
 """
 
 
@@ -222,15 +213,13 @@ def test_a_client_killed_while_the_pilot_and_the_rest_ran_is_resumed_exactly_onc
     write_script(tmp_path, HANGS_IN_THE_PILOT)
     calls = tmp_path / "calls"
     calls.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daskrun", "run", "score.py", "--input", "in"]
-        + ["--output", "out", "--mini-batch-size", "auto", "--processes", "2"]
-        + ["--", "--calls", str(calls), "--release", str(tmp_path / "release")],
+    proc = start_daskrun(
+        *["run", "score.py", "--input", "in", "--output", "out"],
+        *["--mini-batch-size", "auto", "--processes", "2"],
+        *["--", "--calls", str(calls), "--release", str(tmp_path / "release")],
         cwd=tmp_path,
-        env=dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs_dir)),
+        runs=runs_dir,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
     )
 
     def rest_parts() -> set[int]:  # in parts of their own or in groups

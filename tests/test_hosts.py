@@ -29,8 +29,6 @@ from daskrun.registry.records import RunRecord
 
 from .helpers import (
     AZURITE_KEY,
-    POISON_SCRIPT,
-    SLOW_SCRIPT,
     VictimKiller,
     committed,
     kill_client,
@@ -39,11 +37,13 @@ from .helpers import (
     poll_for,
     run_step,
     victim_script,
+    wait_for_blob_parts,
     wait_for_parts,
     write_script,
 )
 from .helpers import daskrun as daskrun_cli
 from .hosts import Hosts
+from .scripts import POISON_SCRIPT, SLOW_SCRIPT, gated_script
 
 N_FILES = 40
 
@@ -126,20 +126,6 @@ def test_a_datastore_step_is_exact_through_a_worker_kill(
     hosts.wait_for_workers(2)  # the nanny brought the killed one back
 
 
-# run() holds the mini-batch of f00039.txt until GO exists
-GATED_SCRIPT = """
-import os, time
-
-def init():
-    pass
-
-def run(mini_batch):
-    names = [os.path.basename(p) for p in mini_batch]
-    while "f00039.txt" in names and not os.path.exists({go!r}):
-        time.sleep(0.05)
-    return names
-"""
-
 # the client: a step whose inputs and output are on Azure Blob, run on the
 # hosts' scheduler (the connection string comes in the environment)
 CLIENT = """
@@ -167,7 +153,7 @@ def test_a_killed_client_s_run_resumes_exactly_on_the_hosts(
 ) -> None:
     fs, name, names = blobs
     go = hosts.shared / f"go-{uuid.uuid4().hex[:6]}"
-    write_script(tmp_path, GATED_SCRIPT.format(go=str(go)))
+    write_script(tmp_path, gated_script(go))
     write_script(tmp_path, CLIENT, "client.py")
     env = dict(
         os.environ,
@@ -179,14 +165,7 @@ def test_a_killed_client_s_run_resumes_exactly_on_the_hosts(
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-
-    def written() -> bool:
-        """some parts to be written (the gated one is held)"""
-        fs.invalidate_cache()
-        parts = fs.find(f"{name}/out/.daskrun") if fs.exists(f"{name}/out") else []
-        return len(parts) >= 3
-
-    poll_for(written, timeout=120, interval=0.2, running=proc)
+    wait_for_blob_parts(fs, name, 3, proc)  # some parts; the gated one is held
     kill_client(proc)
     go.touch()
     (record,) = RunRecord.find(runs_dir)

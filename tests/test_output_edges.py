@@ -18,7 +18,14 @@ from distributed import LocalCluster
 from daskrun import Dataset
 from daskrun.engine.output import OutputTarget, committed_parts
 
-from .helpers import daskrun, make_files, poll_for, run_step, write_script
+from .helpers import (
+    daskrun,
+    make_files,
+    poll_for,
+    run_step,
+    start_daskrun,
+    write_script,
+)
 
 AS_READ = "def init():\n    pass\n\ndef run(df):\n    return df\n"
 
@@ -123,13 +130,8 @@ def test_cli_schema_mismatch_is_one_line_exit_1(tmp_path: Path, runs_dir: Path) 
 
 
 def _cli(tmp_path: Path, runs: Path, *args: str, **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "daskrun", "run", "score.py", "--input", "in", *args],
-        cwd=tmp_path,
-        env=dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs), **env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    return start_daskrun(
+        "run", "score.py", "--input", "in", *args, cwd=tmp_path, runs=runs, **env
     )
 
 

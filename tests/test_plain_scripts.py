@@ -17,6 +17,7 @@ import pytest
 from daskrun.monitoring.monitor import DISTRIBUTED_LOG, distributed_log
 
 from .helpers import make_files, quick_start_blocks, write_script
+from .scripts import NAMES
 
 JOB = """
 import daskrun
@@ -35,16 +36,6 @@ step = daskrun.ParallelRunStep(
 )
 run = step.run()
 print(run.status, run.items_succeeded)
-"""
-
-NAMES = """
-import os
-
-def init():
-    pass
-
-def run(mini_batch):
-    return [os.path.basename(p) for p in mini_batch]
 """
 
 

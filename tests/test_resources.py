@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +18,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import daskrun
-from daskrun import ConfigError, Dataset, ParallelRunConfig, ParallelRunStep, StepRun
+from daskrun import ConfigError, Dataset, ParallelRunConfig, StepRun
 from daskrun.engine.config import config_seconds
 from daskrun.monitoring.resources import PERF_COLUMNS, PerfLog, summarize
 
 from .helpers import (
-    CHROMIUM,
-    SLOW_SCRIPT,
     chromium,
+    files_step,
     job_page,
     job_plots,
     make_files,
-    missing_service,
+    require_chromium,
     run_step,
+    start_run,
     write_script,
 )
+from .scripts import SLOW_SCRIPT
 
 MIB = 2**20
 GPU_COLUMNS = [c for c in PERF_COLUMNS if c.startswith("gpu_")]
@@ -268,20 +268,12 @@ def test_a_worker_near_its_memory_limit_is_warned_about_once(
 def test_the_dashboard_plots_each_workers_resources(
     tmp_path: Path, cluster: LocalCluster
 ) -> None:
-    if CHROMIUM is None:
-        missing_service("Chromium", "run scripts/install (apt-get install chromium)")
+    require_chromium()
     make_files(tmp_path / "in", 60)
     script = write_script(tmp_path, SLOW_SCRIPT)
-    step = ParallelRunStep(
-        "resource-step",
-        ParallelRunConfig(str(script), mini_batch_size=1, compute_target=cluster),
-        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
-        output=str(tmp_path / "out"),
-    )
-    runs: list[StepRun] = []
+    config = ParallelRunConfig(str(script), mini_batch_size=1, compute_target=cluster)
     with dask.config.set({"daskrun.resource-interval": 0.2}):
-        job = threading.Thread(target=lambda: runs.append(step.run()))
-        job.start()
+        job, runs = start_run(files_step(tmp_path, "resource-step", config))
     page, plots = job_page(cluster)
     data = job_plots(  # the page shows this job, with samples of both workers
         plots,

@@ -6,7 +6,6 @@ import fcntl
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,41 +20,15 @@ from .helpers import (
     kill_client,
     make_files,
     poll_for,
+    start_daskrun,
     wait_for_parts,
     write_script,
 )
-
-COUNTING_SCRIPT = """
-import argparse, os, time, uuid
-
-def init():
-    global calls, fixed
-    p = argparse.ArgumentParser()
-    p.add_argument("--calls")
-    p.add_argument("--fixed")
-    args, _ = p.parse_known_args()
-    calls, fixed = args.calls, args.fixed
-
-def run(mini_batch):
-    names = [os.path.basename(p) for p in mini_batch]
-    open(os.path.join(calls, f"{names[0]}.{uuid.uuid4().hex}"), "w").close()
-    time.sleep(0.05)
-    if names[0].startswith("bad") and not os.path.exists(fixed):
-        raise ValueError("not fixed yet")
-    return names
-"""
+from .scripts import fixable_script
 
 
 def _start(tmp_path: Path, runs: Path, *args: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs))
-    return subprocess.Popen(
-        [sys.executable, "-m", "daskrun", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_daskrun(*args, cwd=tmp_path, runs=runs)
 
 
 def _run_cli(
@@ -66,7 +39,7 @@ def _run_cli(
 
 def _job(tmp_path: Path) -> list[str]:
     (tmp_path / "calls").mkdir()
-    write_script(tmp_path, COUNTING_SCRIPT)
+    write_script(tmp_path, fixable_script(mark_each_item=False, seconds=0.05))
     return [
         "run",
         "score.py",

@@ -15,20 +15,11 @@ import psutil
 import pytest
 from distributed import Client
 
-from daskrun import Dataset, ParallelRunConfig, ParallelRunStep
+from daskrun import ParallelRunConfig
 from daskrun.backends.compute.cluster import SharedCluster
 
-from .helpers import daskrun, make_files, poll_for, write_script
-
-PIDS = """
-import os
-
-def init():
-    pass
-
-def run(mini_batch):
-    return [str(os.getpid()) for _ in mini_batch]
-"""
+from .helpers import daskrun, files_step, make_files, poll_for, write_script
+from .scripts import PIDS
 
 
 def _cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -40,12 +31,7 @@ def _job(tmp_path: Path, name: str) -> set[int]:
     config = ParallelRunConfig(
         str(script), mini_batch_size=1, output_action="append_row"
     )
-    run = ParallelRunStep(
-        name,
-        config,
-        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
-        output=str(tmp_path / f"out-{name}"),
-    ).run()
+    run = files_step(tmp_path, name, config, output=f"out-{name}").run()
     assert run.status == "Completed", run.error
     return {int(line) for line in Path(run.output_path or "").read_text().split()}
 

@@ -42,9 +42,7 @@ from daskrun import (
 
 from .helpers import (
     AZURITE_KEY,
-    DIGIT_SCRIPT,
     REPO,
-    SLOW_SCRIPT,
     daskrun,
     digit_pipeline,
     make_files,
@@ -53,6 +51,7 @@ from .helpers import (
     poll_for,
     write_script,
 )
+from .scripts import DIGIT_SCRIPT, SLOW_SCRIPT
 
 
 def test_the_tutorial_against_azure_blob_storage(
