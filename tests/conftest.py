@@ -98,16 +98,16 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+    def listening() -> bool:
+        """Azurite to listen on its port"""
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
     try:
-
-        def listening() -> bool:
-            """Azurite to listen on its port"""
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            except OSError:
-                return False
-            return True
-
         poll_for(listening, timeout=30, interval=0.1, running=proc)
         yield (
             "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"

@@ -32,6 +32,15 @@ NAMES = names_script()
 # run() that takes 0.2 s per mini-batch and returns the file names
 SLOW_SCRIPT = names_script(0.2)
 
+# run() that returns its mini-batch (file paths, or a data frame) as it came
+ECHO = """
+def init():
+    pass
+
+def run(mini_batch):
+    return mini_batch
+"""
+
 # each item: the pid of the worker process that ran it
 PIDS = """
 import os

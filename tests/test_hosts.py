@@ -36,6 +36,7 @@ from .helpers import (
     poison_files,
     poll_for,
     run_step,
+    start_daskrun,
     victim_script,
     wait_for_blob_parts,
     wait_for_parts,
@@ -341,17 +342,10 @@ def test_via_client_is_exact_through_a_worker_kill_and_a_resume(
         KILLED_AND_GATED_SCRIPT.format(pid=str(pid), killed=str(killed), go=str(go)),
     )
     # a task per mini-batch: the held one holds no other
-    env = dict(
-        os.environ,
-        DASK_DASKRUN__RUNS_DIR=str(runs_dir),
-        DASK_DASKRUN__RUNNER__TASK_SECONDS="0",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daskrun", "run", "score.py", "--input",
-         str(marks / "in"), "--output", "out", "--mini-batch-size", "2",
-         "--scheduler", hosts.address],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+    proc = start_daskrun(
+        "run", "score.py", "--input", str(marks / "in"), "--output", "out",
+        "--mini-batch-size", "2", "--scheduler", hosts.address,
+        cwd=tmp_path, runs=runs_dir, DASK_DASKRUN__RUNNER__TASK_SECONDS="0",
     )  # fmt: skip
     poll_for(pid.exists, timeout=120, what=f"{pid} to be written", running=proc)
     victim = int(pid.read_text())
@@ -388,16 +382,11 @@ def test_credentials_only_the_client_has_fail_at_once_naming_the_host(
     mini-batch, without the secret."""
     _, name, _ = blobs
     write_script(tmp_path, SLOW_SCRIPT)
-    env = dict(
-        os.environ,
+    done = daskrun_cli(
+        "run", "score.py", "--input", f"abfs://{name}/in", "--output", "out",
+        "--scheduler", hosts.address, "-q",
+        cwd=tmp_path, runs=runs_dir, timeout=120,
         AZURE_STORAGE_CONNECTION_STRING=azurite,
-        DASK_DASKRUN__RUNS_DIR=str(runs_dir),
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "daskrun", "run", "score.py", "--input",
-         f"abfs://{name}/in", "--output", "out", "--scheduler", hosts.address,
-         "-q"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     (line,) = [x for x in done.stderr.splitlines() if "cannot be read" in x]

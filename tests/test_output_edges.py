@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,8 +25,7 @@ from .helpers import (
     start_daskrun,
     write_script,
 )
-
-AS_READ = "def init():\n    pass\n\ndef run(df):\n    return df\n"
+from .scripts import ECHO
 
 
 def _tables(folder: Path, fmt: str) -> None:
@@ -55,7 +53,7 @@ def test_results_with_other_columns_fail_naming_both(
         if fmt == "parquet"
         else Dataset.Tabular.from_delimited_files(str(tmp_path / "in"))
     )
-    run = run_step(tmp_path, AS_READ, inputs, output_format=fmt, compute_target=cluster)
+    run = run_step(tmp_path, ECHO, inputs, output_format=fmt, compute_target=cluster)
     assert run.status == "Failed"
     error = run.error or ""
     assert len(error.splitlines()) == 1, error
@@ -104,7 +102,7 @@ def run(mini_batch):
 
 def test_cli_schema_mismatch_is_one_line_exit_1(tmp_path: Path, runs_dir: Path) -> None:
     _tables(tmp_path / "in", "parquet")
-    write_script(tmp_path, AS_READ)
+    write_script(tmp_path, ECHO)
     result = daskrun(
         "run",
         "score.py",
@@ -171,7 +169,7 @@ def test_unwritable_output_exits_2_before_any_work(
     tmp_path: Path, runs_dir: Path, mount: Callable[[str, str], Path], where: str
 ) -> None:
     make_files(tmp_path / "in", 2)
-    write_script(tmp_path, AS_READ)
+    write_script(tmp_path, ECHO)
     (tmp_path / "a-file").write_text("x")
     output = {
         "file": str(tmp_path / "a-file"),
@@ -179,13 +177,10 @@ def test_unwritable_output_exits_2_before_any_work(
         "proc": "/proc/daskrun-out",
         "read-only": str(mount("ro", "size=64k,ro") / "out"),
     }[where]
-    result = subprocess.run(
-        [sys.executable, "-m", "daskrun", "run", "score.py", "--input", "in"]
-        + ["--output", output],
+    result = daskrun(
+        *["run", "score.py", "--input", "in", "--output", output],
         cwd=tmp_path,
-        env=dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs_dir)),
-        capture_output=True,
-        text=True,
+        runs=runs_dir,
         timeout=120,
     )
     line = _one_line_error(result, 2)
@@ -198,7 +193,7 @@ def test_unwritable_output_exits_2_before_any_work(
 
 def test_reserved_output_file_name_is_refused(tmp_path: Path, runs_dir: Path) -> None:
     make_files(tmp_path / "in", 2)
-    write_script(tmp_path, AS_READ)
+    write_script(tmp_path, ECHO)
     for name in (".daskrun", ".parallel_run_step.txt.0a1b.partial"):
         result = daskrun(
             "run", "score.py", "--input", "in", "--output", "out",
