@@ -9,8 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dask.config
@@ -24,6 +23,8 @@ from .helpers import (
     free_port,
     free_port_pair,
     missing_service,
+    new_local_cluster,
+    poll_for,
 )
 from .hosts import Hosts, namespaces_refused
 
@@ -52,14 +53,26 @@ def shared_cluster_file(
 def cluster() -> Iterator[LocalCluster]:
     """Two real single-threaded worker processes, shared by the tests that
     do not need a cluster of their own."""
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-    ) as c:
+    with new_local_cluster() as c:
         yield c
+
+
+@pytest.fixture
+def local_cluster() -> Iterator[Callable[..., LocalCluster]]:
+    """A cluster of the test's own: call it (inside the test's
+    ``dask.config.set``, which its scheduler reads when it starts) with
+    ``LocalCluster``'s keywords where they differ from two single-threaded
+    worker processes on 127.0.0.1; use it as a context manager, or leave it
+    to be closed at the test's end."""
+    made: list[LocalCluster] = []
+
+    def make(**settings: object) -> LocalCluster:
+        made.append(new_local_cluster(**settings))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
 
 
 @pytest.fixture(scope="session")
@@ -85,16 +98,17 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+    def listening() -> bool:
+        """Azurite to listen on its port"""
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("Azurite did not start") from None
-                time.sleep(0.1)
+        poll_for(listening, timeout=30, interval=0.1, running=proc)
         yield (
             "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
             f"AccountKey={AZURITE_KEY};"

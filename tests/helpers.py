@@ -1,7 +1,13 @@
 """Helpers shared by the tests and the scripts they run in subprocesses.
 
-Fixtures live in ``conftest.py``; everything here is plain and importable as
+Fixtures live in ``conftest.py`` (``cluster``, ``local_cluster``, ``azurite``,
+``hosts``, ``slurm``, ...), the entry scripts the tests run in
+``tests/scripts.py``; everything here is plain and importable as
 ``tests.helpers`` (or ``from .helpers import ...`` inside the test package).
+
+Wait with :func:`poll_for` (never a hand-written deadline loop): it names what
+it awaited when it gives up, and fails at once where the process that should
+bring it about has ended.
 """
 
 from __future__ import annotations
@@ -18,11 +24,11 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 import pytest
@@ -43,20 +49,82 @@ from daskrun import (
 )
 from daskrun.engine.output import OutputTarget, committed_parts
 
+from .scripts import DIGIT_SCRIPT, VICTIM_SCRIPT
+
 if TYPE_CHECKING:
     import pandas as pd
 
-# run() that takes 0.2 s per mini-batch and returns the file names
-SLOW_SCRIPT = """
-import os, time
+T = TypeVar("T")
 
-def init():
-    pass
 
-def run(mini_batch):
-    time.sleep(0.2)
-    return [os.path.basename(p) for p in mini_batch]
-"""
+def poll_for(
+    predicate: Callable[[], T],
+    timeout: float,
+    interval: float = 0.05,
+    *,
+    what: str | Callable[[], str] | None = None,
+    running: subprocess.Popen[Any] | None = None,
+) -> T:
+    """Call ``predicate`` every ``interval`` s until it returns something
+    truthy, and return that; fail after ``timeout`` s with a message naming
+    ``what`` was awaited (by default the predicate's docstring or name; a
+    callable ``what`` is called then, to say how far it got). With
+    ``running``, fail at once, with its output, where that process has ended
+    before the predicate held.
+
+    >>> poll_for(lambda: 42, timeout=1)
+    42
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if running is not None and running.poll() is not None:
+            out, err = running.communicate()
+            pytest.fail(
+                f"{_awaited(predicate, what)}: the process ended first "
+                f"(exit {running.returncode})\n{out}\n{err}"
+            )
+        if time.monotonic() > deadline:
+            pytest.fail(f"{_awaited(predicate, what)}: not within {timeout} s")
+        time.sleep(interval)
+
+
+def _awaited(predicate: Callable[[], object], what: object) -> str:
+    if callable(what):
+        what = what()
+    if what is None:
+        what = (predicate.__doc__ or "").strip() or getattr(
+            predicate, "__name__", repr(predicate)
+        )
+    return f"waiting for {what}"
+
+
+def new_local_cluster(**settings: Any) -> LocalCluster:
+    """A cluster of real worker processes on 127.0.0.1: two single-threaded
+    workers and a local dashboard unless ``settings`` say otherwise (they are
+    ``LocalCluster``'s keywords). The ``local_cluster`` fixture closes those
+    a test leaves open."""
+    defaults: dict[str, Any] = {
+        "n_workers": 2,
+        "threads_per_worker": 1,
+        "processes": True,
+        "host": "127.0.0.1",
+        "dashboard_address": "127.0.0.1:0",
+    }
+    return LocalCluster(**{**defaults, **settings})
+
+
+def wait_for_parts(out: Path, n: int, process: subprocess.Popen[str]) -> None:
+    """Wait (up to 120 s) until ``n`` mini-batches are committed in output
+    folder ``out`` by ``process``, which must still be running."""
+    poll_for(
+        lambda: len(committed(out)) >= n,
+        timeout=120,
+        what=lambda: f"{n} mini-batches committed in {out}, have {committed(out)}",
+        running=process,
+    )
 
 
 def write_script(folder: Path, body: str, name: str = "score.py") -> Path:
@@ -78,21 +146,6 @@ def make_files(folder: Path, n: int, prefix: str = "f") -> list[Path]:
     return paths
 
 
-# run() that raises for a file named ...-poison, else returns the names
-POISON_SCRIPT = """
-import os
-
-def init():
-    pass
-
-def run(mini_batch):
-    for p in mini_batch:
-        if "poison" in os.path.basename(p):
-            raise ValueError(f"cannot score {os.path.basename(p)}")
-    return [os.path.basename(p) for p in mini_batch]
-"""
-
-
 def poison_files(folder: Path, n: int, poison: set[int]) -> list[str]:
     """``n`` files in name order, those at ``poison`` named ``...-poison``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,18 +155,6 @@ def poison_files(folder: Path, n: int, poison: set[int]) -> list[str]:
         (folder / name).write_text(str(i))
         names.append(name)
     return names
-
-
-# run() that raises for rows with a negative v, else returns them
-ROWS_SCRIPT = """
-def init():
-    pass
-
-def run(df):
-    if (df["v"] < 0).any():
-        raise ValueError(f"negative v in rows {list(df.index[df['v'] < 0])}")
-    return df
-"""
 
 
 def poison_rows(path: Path, n: int, poison: set[int]) -> pd.DataFrame:
@@ -138,6 +179,13 @@ AZURITE_KEY = (
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def require_chromium() -> None:
+    """Skip (fail under DASKRUN_REQUIRE_SERVICES=1) where Chromium is not
+    installed."""
+    if CHROMIUM is None:
+        missing_service("Chromium", "run scripts/install (apt-get install chromium)")
 
 
 def chromium(*args: str) -> subprocess.CompletedProcess[str]:
@@ -170,6 +218,29 @@ def job_page(cluster: LocalCluster) -> tuple[str, str]:
         page = install_page(client, cluster.dashboard_link)
     assert page is not None and "?token=" in page, page
     return page, page.replace("/daskrun?", "/daskrun/plots?")
+
+
+def job_plots(
+    plots: str, run: str, ready: Callable[[dict[str, Any]], bool], what: str
+) -> dict[str, Any]:
+    """The data of the dashboard's daskrun plots (URL ``plots``, see
+    :func:`job_page`) once they show the job whose run id starts with ``run``
+    and ``ready`` holds of them (a shared cluster's page shows earlier jobs
+    until this one starts); fails after 60 s naming ``what``."""
+    import json
+    import urllib.request
+
+    def shown() -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(plots, timeout=10) as reply:
+                data = json.loads(reply.read())
+        except OSError:  # the page is not there yet
+            return None
+        if str(data.get("run_id")).startswith(run) and ready(data):
+            return data  # type: ignore[no-any-return]
+        return None
+
+    return poll_for(shown, timeout=60, interval=0.3, what=what)
 
 
 def committed(out: Path) -> set[int]:
@@ -245,18 +316,77 @@ def run_step(
     return step.run(show_output=show_output)
 
 
+def files_step(
+    tmp_path: Path, name: str, config: ParallelRunConfig, output: str = "out"
+) -> ParallelRunStep:
+    """Step ``name`` over the files in ``tmp_path/in``, its output in
+    ``tmp_path/<output>``."""
+    return ParallelRunStep(
+        name,
+        config,
+        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
+        output=str(tmp_path / output),
+    )
+
+
+def start_run(step: ParallelRunStep) -> tuple[threading.Thread, list[StepRun]]:
+    """``step.run()`` in a thread of its own, started: the thread, and the
+    list its run lands in."""
+    runs: list[StepRun] = []
+    job = threading.Thread(target=lambda: runs.append(step.run()))
+    job.start()
+    return job, runs
+
+
 def daskrun(
-    *args: str, cwd: Path, runs: Path, timeout: float = 300
+    *args: str, cwd: Path, runs: Path, timeout: float = 300, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    """Run the ``daskrun`` command in ``cwd``, with run folders in ``runs``."""
-    env = dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs))
+    """Run the ``daskrun`` command in ``cwd``, with run folders in ``runs``
+    and ``env`` added to its environment."""
     return subprocess.run(
         [sys.executable, "-m", "daskrun", *args],
         cwd=cwd,
-        env=env,
+        env=dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs), **env),
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def start_daskrun(
+    *args: str, cwd: Path, runs: Path, stdout: int = subprocess.PIPE, **env: str
+) -> subprocess.Popen[str]:
+    """Start the ``daskrun`` command in ``cwd``, as :func:`daskrun` runs it,
+    with ``env`` added to its environment; its stderr piped (its stdout too,
+    unless ``stdout`` says otherwise), as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "daskrun", *args],
+        cwd=cwd,
+        env=dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs), **env),
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_blob_parts(
+    fs: Any, container: str, n: int, process: subprocess.Popen[str]
+) -> None:
+    """Wait (up to 120 s) until ``n`` files are under ``container/out/.daskrun``
+    (the parts of a run whose output is ``abfs://container/out``) as the
+    store has them, written by ``process``, which must still be running."""
+
+    def parts() -> list[str]:
+        fs.invalidate_cache()
+        out = f"{container}/out"
+        return fs.find(f"{out}/.daskrun") if fs.exists(out) else []  # type: ignore[no-any-return]
+
+    poll_for(
+        lambda: len(parts()) >= n,
+        timeout=120,
+        interval=0.2,
+        what=lambda: f"{n} files in {container}/out/.daskrun, have {parts()}",
+        running=process,
     )
 
 
@@ -280,33 +410,6 @@ def free_port_pair() -> int:
                 continue
         return port
     raise RuntimeError("no two free ports in a row")
-
-
-# The tutorial's digit_identification.py, with a "model" that is a text file:
-# the prediction is the image's content plus the model's offset.
-DIGIT_SCRIPT = """
-import os
-from daskrun import Model
-
-def init():
-    global offset
-    model_path = Model.get_model_path("mnist")
-    offset = int(open(os.path.join(model_path, "weights.txt")).read())
-    marker = os.environ.get("INIT_MARKERS")
-    if marker:
-        open(os.path.join(marker, f"{os.getpid()}-{time_ns()}"), "w").close()
-
-def time_ns():
-    import time
-    return time.time_ns()
-
-def run(mini_batch):
-    result_list = []
-    for image in mini_batch:
-        best_result = int(open(image).read()) + offset
-        result_list.append("{}: {}".format(os.path.basename(image), best_result))
-    return result_list
-"""
 
 
 def make_images(folder: Path, n: int) -> list[Path]:
@@ -359,44 +462,6 @@ def digit_pipeline(
         allow_reuse=allow_reuse,
     )
     return Pipeline(ws, [step]), step
-
-
-# run() whose "victims" (mini-batches named by their first file) wait in
-# run() on each of their first ``VICTIMS[name]`` starts, having written their
-# worker's pid to MARKS/<name>.<start>.pid, until the test kills the process
-# (see VictimKiller), or until MARKS/release exists. A victim that finishes
-# appends its pid to MARKS/<name>.done. Every mini-batch then takes
-# ``seconds`` per file and returns the file names.
-VICTIM_SCRIPT = """
-import os, time
-
-MARKS = {marks!r}
-VICTIMS = {victims!r}
-
-def init():
-    pass
-
-def run(mini_batch):
-    name = os.path.basename(mini_batch[0])
-    pid = str(os.getpid())
-    if name in VICTIMS:
-        marks = [f for f in os.listdir(MARKS) if f.startswith(name + ".")]
-        started = len([f for f in marks if f.endswith(".pid")])
-        if started < VICTIMS[name]:
-            mark = os.path.join(MARKS, name + "." + str(started) + ".pid")
-            with open(mark + ".tmp", "w") as f:
-                f.write(pid)
-            os.replace(mark + ".tmp", mark)
-            deadline = time.monotonic() + 120
-            release = os.path.join(MARKS, "release")
-            while not os.path.exists(release) and time.monotonic() < deadline:
-                time.sleep(0.02)
-    time.sleep({seconds} * len(mini_batch))
-    if name in VICTIMS:
-        with open(os.path.join(MARKS, name + ".done"), "a") as f:
-            f.write(pid + "\\n")
-    return [os.path.basename(p) for p in mini_batch]
-"""
 
 
 def victim_script(marks: Path, victims: dict[str, int], seconds: float) -> str:

@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import psutil
 from distributed import Client
 
-from .helpers import REPO, free_port
+from .helpers import REPO, free_port, poll_for
 
 # a fresh /tmp and home, and a host name, then the command ("$@"). The
 # software stays where it is even under /tmp or home (a pyenv Python, a
@@ -176,14 +175,13 @@ class Hosts:
     def wait_for_workers(self, n: int) -> None:
         """Until ``n`` workers are connected (a killed one is restarted by
         its nanny); fails naming the logs after ``start_timeout`` s."""
-        deadline = time.monotonic() + self.start_timeout
         with self.client() as client:
-            while len(client.scheduler_info(n_workers=-1)["workers"]) < n:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"{n} workers did not connect; see {self.folder}/*.log"
-                    )
-                time.sleep(0.1)
+            poll_for(
+                lambda: len(client.scheduler_info(n_workers=-1)["workers"]) >= n,
+                timeout=self.start_timeout,
+                interval=0.1,
+                what=f"{n} workers to connect; see {self.folder}/*.log",
+            )
 
     def close(self) -> None:
         # the worker hosts first: a nanny whose scheduler is gone waits for it

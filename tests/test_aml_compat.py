@@ -35,7 +35,6 @@ from daskrun.aml import MODULES
 
 from .helpers import (
     REPO,
-    ROWS_SCRIPT,
     cell_text,
     execute_notebook,
     make_files,
@@ -44,6 +43,7 @@ from .helpers import (
     write_script,
 )
 from .helpers import daskrun as daskrun_cli
+from .scripts import ROWS_SCRIPT
 
 # an Azure ML entry script, byte for byte: the SDK's imports, the model
 # through azureml.core.Model, the output folder from AZUREML_BI_OUTPUT_PATH

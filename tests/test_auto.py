@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import dask.config
@@ -31,9 +29,12 @@ from .helpers import (
     daskrun,
     kill_client,
     make_files,
+    poll_for,
     run_step,
+    start_daskrun,
     write_script,
 )
+from .scripts import PIDS
 
 # 10 ms per file; fails on f00030.txt until the file 'fixed' exists
 SCRIPT = """
@@ -106,16 +107,6 @@ def init():
 def run(mini_batch):
     time.sleep(0.001 * len(mini_batch))
     return [os.path.basename(p) for p in mini_batch]
-"""
-
-PIDS = """
-import os
-
-def init():
-    pass
-
-def run(mini_batch):
-    return [os.getpid() for _ in mini_batch]
 """
 
 
@@ -222,26 +213,25 @@ def test_a_client_killed_while_the_pilot_and_the_rest_ran_is_resumed_exactly_onc
     write_script(tmp_path, HANGS_IN_THE_PILOT)
     calls = tmp_path / "calls"
     calls.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daskrun", "run", "score.py", "--input", "in"]
-        + ["--output", "out", "--mini-batch-size", "auto", "--processes", "2"]
-        + ["--", "--calls", str(calls), "--release", str(tmp_path / "release")],
+    proc = start_daskrun(
+        *["run", "score.py", "--input", "in", "--output", "out"],
+        *["--mini-batch-size", "auto", "--processes", "2"],
+        *["--", "--calls", str(calls), "--release", str(tmp_path / "release")],
         cwd=tmp_path,
-        env=dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs_dir)),
+        runs=runs_dir,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
     )
 
     def rest_parts() -> set[int]:  # in parts of their own or in groups
         return committed(tmp_path / "out") - set(range(8))
 
     # the pilot's f00007.txt hangs: parts of the rest show it is not waited for
-    deadline = time.monotonic() + 120
-    while len(rest_parts()) < 5:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    poll_for(
+        lambda: len(rest_parts()) >= 5,
+        timeout=120,
+        what=lambda: f"5 parts of the rest, have {rest_parts()}",
+        running=proc,
+    )
     kill_client(proc)
     written = rest_parts()
     (record,) = RunRecord.find(runs_dir)

@@ -15,8 +15,7 @@ import pytest
 from daskrun.cliparser import build_parser as _build_parser
 
 from .helpers import daskrun, make_files, write_script
-
-SCRIPT = "def init(): pass\ndef run(mini_batch): return mini_batch\n"
+from .scripts import ECHO
 
 
 def _commands(
@@ -113,7 +112,7 @@ def test_a_bad_environment_variable_is_named(
     line: str,
 ) -> None:
     make_files(tmp_path / "in", 2)
-    write_script(tmp_path, SCRIPT)
+    write_script(tmp_path, ECHO)
     monkeypatch.setenv(variable, value)
     result = daskrun(
         "run", "score.py", "--input", "in", "--output", "out", "-q",
@@ -129,7 +128,7 @@ def test_a_flag_given_wins_over_the_environment_and_is_named(
     tmp_path: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_files(tmp_path / "in", 2)
-    write_script(tmp_path, SCRIPT)
+    write_script(tmp_path, ECHO)
     monkeypatch.setenv("DASK_DASKRUN__RUN_MAX_TRY", "0")
     result = daskrun(
         "run", "score.py", "--input", "in", "--output", "out", "--max-tries", "0",

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,10 @@ from .helpers import (
     job_page,
     kill_client,
     make_files,
+    poll_for,
     run_step,
     victim_script,
+    wait_for_parts,
     write_script,
 )
 
@@ -250,10 +252,11 @@ def test_a_second_compute_counts_the_same_failures(
     )
     kept = [*range(10), *range(20, 40)]
     assert sorted(out.compute().id) == kept
-    deadline = time.monotonic() + 30
-    while not client.get_events("daskrun-twice"):  # the dropped partition
-        assert time.monotonic() < deadline, "partition 1 was not reported"
-        time.sleep(0.05)
+    poll_for(  # the dropped partition
+        lambda: client.get_events("daskrun-twice"),
+        timeout=30,
+        what="partition 1 to be reported",
+    )
     for _ in range(2):  # computed again: the same rows, no failure counted again
         assert sorted(out.compute().id) == kept
     events = [msg for _, msg in client.get_events("daskrun-twice")]
@@ -272,18 +275,8 @@ def test_a_second_compute_counts_the_same_failures(
     assert len({e["run_id"] for e in events}) == 2
 
 
-def _own_cluster() -> LocalCluster:
-    """Two worker processes whose scheduler leaves a lost task to daskrun's
-    runner (allowed-failures=0), one partition per task."""
-    return LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=":0",
-    )
-
-
+# a cluster (see the local_cluster fixture) started in LOST leaves a lost
+# task to daskrun's runner (allowed-failures=0), one partition per task
 LOST = {
     "distributed.scheduler.allowed-failures": 0,
     "daskrun.runner.task-seconds": 0,
@@ -291,7 +284,7 @@ LOST = {
 
 
 def test_a_partition_that_kills_its_worker_is_dropped_and_counted(
-    tmp_path: Path,
+    tmp_path: Path, local_cluster: Callable[..., LocalCluster]
 ) -> None:
     files = make_files(tmp_path / "in", 12)
     paths = [str(p) for p in files]
@@ -300,7 +293,7 @@ def test_a_partition_that_kills_its_worker_is_dropped_and_counted(
     script = write_script(tmp_path / "src", victim_script(marks, victims, 0.01))
     with (
         dask.config.set(LOST),
-        _own_cluster() as cluster,
+        local_cluster() as cluster,
         Client(cluster) as client,
         VictimKiller(client, marks, victims) as killer,
     ):
@@ -333,9 +326,11 @@ def run(df):
 """
 
 
-def test_a_hung_partition_is_dropped_and_counted(tmp_path: Path) -> None:
+def test_a_hung_partition_is_dropped_and_counted(
+    tmp_path: Path, local_cluster: Callable[..., LocalCluster]
+) -> None:
     script = write_script(tmp_path / "src", HANG)
-    with dask.config.set(LOST), _own_cluster() as cluster, Client(cluster):
+    with dask.config.set(LOST), local_cluster() as cluster, Client(cluster):
         ddf = dd.from_pandas(_frame(40), npartitions=4)
         start = time.monotonic()
         out = daskrun.map_partitions(
@@ -358,10 +353,10 @@ def test_a_hung_partition_is_dropped_and_counted(tmp_path: Path) -> None:
 
 
 def test_beyond_the_threshold_a_hung_partition_fails_the_compute(
-    tmp_path: Path,
+    tmp_path: Path, local_cluster: Callable[..., LocalCluster]
 ) -> None:
     script = write_script(tmp_path / "src", HANG)
-    with dask.config.set(LOST), _own_cluster() as cluster, Client(cluster):
+    with dask.config.set(LOST), local_cluster() as cluster, Client(cluster):
         ddf = dd.from_pandas(_frame(40), npartitions=4)
         out = daskrun.map_partitions(
             str(script),
@@ -502,11 +497,7 @@ def test_a_step_over_a_dataframe_resumes_after_a_client_kill(
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 120
-    while len(committed(tmp_path / "out")) < 15:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_parts(tmp_path / "out", 15, proc)
     kill_client(proc)
     written = committed(tmp_path / "out")
     assert 15 <= len(written) < 80

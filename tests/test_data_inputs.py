@@ -27,8 +27,6 @@ from daskrun import ConfigError, Dataset, Datastore, InputError, Workspace
 from daskrun.backends.inputs.partitions import PartitionFormat
 
 from .helpers import (
-    POISON_SCRIPT,
-    ROWS_SCRIPT,
     daskrun,
     make_files,
     poison_files,
@@ -36,6 +34,7 @@ from .helpers import (
     run_step,
     write_script,
 )
+from .scripts import POISON_SCRIPT, ROWS_SCRIPT
 
 NAMES_SCRIPT = """
 import os

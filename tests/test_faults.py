@@ -8,6 +8,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dask.config
@@ -96,7 +97,10 @@ def test_a_mini_batch_that_kills_its_worker_fails_after_max_tries(
     ("trial", "grouped"), [(0, False), (1, False), (2, True), (3, True)]
 )
 def test_sigkill_of_workers_never_loses_or_duplicates_rows(
-    tmp_path: Path, trial: int, grouped: bool
+    tmp_path: Path,
+    local_cluster: Callable[..., LocalCluster],
+    trial: int,
+    grouped: bool,
 ) -> None:
     """Five SIGKILLs per trial (20 over the four), each of a worker process
     while a chosen mini-batch is in its run(), on a cluster that leaves lost
@@ -120,13 +124,7 @@ def test_sigkill_of_workers_never_loses_or_duplicates_rows(
         settings["daskrun.runner.task-seconds"] = 0
     with (
         dask.config.set(settings),
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=":0",
-        ) as cluster,
+        local_cluster() as cluster,
         Client(cluster) as client,
         VictimKiller(client, marks, victims) as killer,
     ):

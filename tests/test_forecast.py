@@ -5,11 +5,9 @@ CPU-hours; job_result.txt keeps the one made at 10 % next to the actual."""
 from __future__ import annotations
 
 import math
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -19,18 +17,10 @@ from hypothesis import strategies as st
 from daskrun.monitoring.forecast import PILOT_SHARE, Forecast
 from daskrun.monitoring.monitor import REPORT
 
-from .helpers import REPO, make_files, poison_files, write_script
+from .helpers import REPO, make_files, poison_files, start_daskrun, write_script
+from .scripts import names_script
 
-SLEEPY = """
-import os, time
-
-def init():
-    pass
-
-def run(mini_batch):
-    time.sleep(0.1)
-    return [os.path.basename(p) for p in mini_batch]
-"""
+SLEEPY = names_script(0.1)  # 0.1 s per mini-batch
 
 FORECAST = re.compile(r"forecast:? (\d+) s total, ([\d.e-]+) CPU-h")
 DONE = re.compile(r"daskrun: (\d+)/(\d+) mini-batches")
@@ -38,19 +28,13 @@ OVERVIEW_DONE = re.compile(r"mini-batches: (\d+)/(\d+) done")
 
 
 def _cli(tmp_path: Path, runs: Path, *args: str) -> subprocess.Popen[str]:
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        DASK_DASKRUN__RUNS_DIR=str(runs),
-        DASK_DASKRUN__PROGRESS_INTERVAL="0.1",
-    )
-    return subprocess.Popen(
-        [sys.executable, "-m", "daskrun", *args],
+    return start_daskrun(
+        *args,
         cwd=tmp_path,
-        env=env,
+        runs=runs,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        PYTHONPATH=str(REPO),
+        DASK_DASKRUN__PROGRESS_INTERVAL="0.1",
     )
 
 

@@ -29,19 +29,22 @@ from daskrun.registry.records import RunRecord
 
 from .helpers import (
     AZURITE_KEY,
-    POISON_SCRIPT,
-    SLOW_SCRIPT,
     VictimKiller,
     committed,
     kill_client,
     make_files,
     poison_files,
+    poll_for,
     run_step,
+    start_daskrun,
     victim_script,
+    wait_for_blob_parts,
+    wait_for_parts,
     write_script,
 )
 from .helpers import daskrun as daskrun_cli
 from .hosts import Hosts
+from .scripts import POISON_SCRIPT, SLOW_SCRIPT, gated_script
 
 N_FILES = 40
 
@@ -124,20 +127,6 @@ def test_a_datastore_step_is_exact_through_a_worker_kill(
     hosts.wait_for_workers(2)  # the nanny brought the killed one back
 
 
-# run() holds the mini-batch of f00039.txt until GO exists
-GATED_SCRIPT = """
-import os, time
-
-def init():
-    pass
-
-def run(mini_batch):
-    names = [os.path.basename(p) for p in mini_batch]
-    while "f00039.txt" in names and not os.path.exists({go!r}):
-        time.sleep(0.05)
-    return names
-"""
-
 # the client: a step whose inputs and output are on Azure Blob, run on the
 # hosts' scheduler (the connection string comes in the environment)
 CLIENT = """
@@ -165,7 +154,7 @@ def test_a_killed_client_s_run_resumes_exactly_on_the_hosts(
 ) -> None:
     fs, name, names = blobs
     go = hosts.shared / f"go-{uuid.uuid4().hex[:6]}"
-    write_script(tmp_path, GATED_SCRIPT.format(go=str(go)))
+    write_script(tmp_path, gated_script(go))
     write_script(tmp_path, CLIENT, "client.py")
     env = dict(
         os.environ,
@@ -177,15 +166,7 @@ def test_a_killed_client_s_run_resumes_exactly_on_the_hosts(
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while True:  # some parts are written, the gated one is held
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        fs.invalidate_cache()
-        parts = fs.find(f"{name}/out/.daskrun") if fs.exists(f"{name}/out") else []
-        if len(parts) >= 3:
-            break
-        time.sleep(0.2)
+    wait_for_blob_parts(fs, name, 3, proc)  # some parts; the gated one is held
     kill_client(proc)
     go.touch()
     (record,) = RunRecord.find(runs_dir)
@@ -361,31 +342,17 @@ def test_via_client_is_exact_through_a_worker_kill_and_a_resume(
         KILLED_AND_GATED_SCRIPT.format(pid=str(pid), killed=str(killed), go=str(go)),
     )
     # a task per mini-batch: the held one holds no other
-    env = dict(
-        os.environ,
-        DASK_DASKRUN__RUNS_DIR=str(runs_dir),
-        DASK_DASKRUN__RUNNER__TASK_SECONDS="0",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daskrun", "run", "score.py", "--input",
-         str(marks / "in"), "--output", "out", "--mini-batch-size", "2",
-         "--scheduler", hosts.address],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+    proc = start_daskrun(
+        "run", "score.py", "--input", str(marks / "in"), "--output", "out",
+        "--mini-batch-size", "2", "--scheduler", hosts.address,
+        cwd=tmp_path, runs=runs_dir, DASK_DASKRUN__RUNNER__TASK_SECONDS="0",
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not pid.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    poll_for(pid.exists, timeout=120, what=f"{pid} to be written", running=proc)
     victim = int(pid.read_text())
     assert victim in [p for h in hosts.hosts for p in h.worker_pids()]
     killed.touch()
     os.kill(victim, signal.SIGKILL)
-    while len(committed(tmp_path / "out")) < 19:  # all but the held one
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, committed(tmp_path / "out")
-        time.sleep(0.05)
+    wait_for_parts(tmp_path / "out", 19, proc)  # all but the held one
     kill_client(proc)
     _, err = proc.communicate()
     assert "(daskrun.output.via-client)" in err, err
@@ -415,16 +382,11 @@ def test_credentials_only_the_client_has_fail_at_once_naming_the_host(
     mini-batch, without the secret."""
     _, name, _ = blobs
     write_script(tmp_path, SLOW_SCRIPT)
-    env = dict(
-        os.environ,
+    done = daskrun_cli(
+        "run", "score.py", "--input", f"abfs://{name}/in", "--output", "out",
+        "--scheduler", hosts.address, "-q",
+        cwd=tmp_path, runs=runs_dir, timeout=120,
         AZURE_STORAGE_CONNECTION_STRING=azurite,
-        DASK_DASKRUN__RUNS_DIR=str(runs_dir),
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "daskrun", "run", "score.py", "--input",
-         f"abfs://{name}/in", "--output", "out", "--scheduler", hosts.address,
-         "-q"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     (line,) = [x for x in done.stderr.splitlines() if "cannot be read" in x]

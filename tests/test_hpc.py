@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from daskrun import (
     Workspace,
 )
 
-from .helpers import make_files, require_module, write_script
+from .helpers import make_files, poll_for, require_module, write_script
 
 JOB_SCRIPT = """
 import os, time
@@ -54,10 +55,12 @@ def _squeue() -> list[str]:
 
 
 def _wait_queue_empty(timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while _squeue():
-        assert time.monotonic() < deadline, f"jobs left in squeue: {_squeue()}"
-        time.sleep(0.3)
+    poll_for(
+        lambda: not _squeue(),
+        timeout=timeout,
+        interval=0.3,
+        what=lambda: f"an empty queue; jobs left in squeue: {_squeue()}",
+    )
 
 
 def _slurm_cluster(tmp_path: Path, **kwargs: Any) -> Any:
@@ -261,7 +264,9 @@ def _certificates(folder: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
-def test_tls_cluster(tmp_path: Path) -> None:
+def test_tls_cluster(
+    tmp_path: Path, local_cluster: Callable[..., LocalCluster]
+) -> None:
     ca, cert, key = _certificates(tmp_path)
     security = Security(
         tls_ca_file=str(ca),
@@ -274,14 +279,7 @@ def test_tls_cluster(tmp_path: Path) -> None:
         require_encryption=True,
     )
     files = make_files(tmp_path / "in", 12)
-    with LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        protocol="tls://",
-        host="127.0.0.1",
-        security=security,
-        dashboard_address="127.0.0.1:0",
-    ) as cluster:
+    with local_cluster(protocol="tls://", security=security) as cluster:
         address = cluster.scheduler_address
         assert address.startswith("tls://127.0.0.1:")
         run = _step(

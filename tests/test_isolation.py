@@ -19,13 +19,12 @@ from daskrun.exceptions import ConfigError
 from daskrun.registry.records import RunRecord
 
 from .helpers import (
-    POISON_SCRIPT,
-    ROWS_SCRIPT,
     daskrun,
     poison_files,
     poison_rows,
     run_step,
 )
+from .scripts import POISON_SCRIPT, ROWS_SCRIPT, fixable_script
 
 
 def _failed_items(run: StepRun) -> pd.DataFrame:
@@ -168,33 +167,11 @@ def test_a_bad_isolate_failures_setting_is_refused(
             )
 
 
-FIXABLE_SCRIPT = """
-import argparse, os, uuid
-
-def init():
-    global calls, fixed
-    p = argparse.ArgumentParser()
-    p.add_argument("--calls")
-    p.add_argument("--fixed")
-    args, _ = p.parse_known_args()
-    calls, fixed = args.calls, args.fixed
-
-def run(mini_batch):
-    names = [os.path.basename(p) for p in mini_batch]
-    for name in names:
-        open(os.path.join(calls, f"{name}.{uuid.uuid4().hex}"), "w").close()
-    for name in names:
-        if "poison" in name and not os.path.exists(fixed):
-            raise ValueError(f"not fixed yet: {name}")
-    return names
-"""
-
-
 def test_retry_failed_runs_only_the_failed_items(
     tmp_path: Path, runs_dir: Path
 ) -> None:
     names = poison_files(tmp_path / "in", 40, {3, 4, 30})
-    (tmp_path / "score.py").write_text(FIXABLE_SCRIPT)
+    (tmp_path / "score.py").write_text(fixable_script(mark_each_item=True))
     (tmp_path / "calls").mkdir()
     args = ["--", "--calls", str(tmp_path / "calls"), "--fixed", str(tmp_path / "ok")]
     first = daskrun(

@@ -13,14 +13,13 @@ import textwrap
 from pathlib import Path
 
 from .helpers import (
-    POISON_SCRIPT,
     REPO,
-    SLOW_SCRIPT,
     daskrun,
     make_files,
     poison_files,
     write_script,
 )
+from .scripts import POISON_SCRIPT, SLOW_SCRIPT
 
 # a user's program: its own handler on "daskrun", then runs of a step whose
 # file 2 fails; prints what its handler got, as JSON, on stdout

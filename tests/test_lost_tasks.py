@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import dask.config
@@ -104,7 +105,7 @@ def run(mini_batch):
 
 
 def _run_on_own_cluster(
-    tmp_path: Path, allowed_failures: int
+    tmp_path: Path, local_cluster: Callable[..., LocalCluster], allowed_failures: int
 ) -> tuple[pd.DataFrame, list[str], int]:
     """Run a_once, b_die and 10 ok files on a cluster of two worker
     processes, made by the test with ``allowed-failures``; return the
@@ -123,13 +124,7 @@ def _run_on_own_cluster(
                 "distributed.scheduler.worker-saturation": 1.0,
             }
         ),
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=":0",
-        ) as cluster,
+        local_cluster() as cluster,
         Client(cluster) as client,
     ):
         run = run_step(
@@ -151,11 +146,15 @@ def _run_on_own_cluster(
 
 
 @pytest.mark.slow
-def test_a_lost_worker_costs_its_mini_batch_one_try(tmp_path: Path) -> None:
+def test_a_lost_worker_costs_its_mini_batch_one_try(
+    tmp_path: Path, local_cluster: Callable[..., LocalCluster]
+) -> None:
     """With allowed-failures=0 (what daskrun's own cluster uses), each lost
     task reaches the runner: a_once is charged the try that died and
     succeeds on its second; b_die fails after run_max_try=2, one death each."""
-    report, lines, killed = _run_on_own_cluster(tmp_path, allowed_failures=0)
+    report, lines, killed = _run_on_own_cluster(
+        tmp_path, local_cluster, allowed_failures=0
+    )
     assert lines == ["a_once00000.txt"] + [f"ok{i:05d}.txt" for i in range(10)]
     assert report.loc[0, "tries"] == 2 and pd.isna(report.loc[0, "error"])
     assert report.loc[1, "tries"] == 2
@@ -166,7 +165,9 @@ def test_a_lost_worker_costs_its_mini_batch_one_try(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_cluster_that_retries_tasks_itself(tmp_path: Path) -> None:
+def test_a_cluster_that_retries_tasks_itself(
+    tmp_path: Path, local_cluster: Callable[..., LocalCluster]
+) -> None:
     """On a cluster the user passed in with allowed-failures=3, the scheduler
     reruns a task lost with its worker (same key, same try) until 4 workers
     have died under it; only then does the runner see the loss (KilledWorker)
@@ -189,13 +190,7 @@ def test_a_cluster_that_retries_tasks_itself(tmp_path: Path) -> None:
                 "daskrun.runner.task-seconds": 0,
             }
         ),
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=":0",
-        ) as cluster,
+        local_cluster() as cluster,
         Client(cluster) as client,
         VictimKiller(client, marks, victims) as killer,
     ):

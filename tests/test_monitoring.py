@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -19,20 +18,22 @@ from urllib.parse import urljoin
 import pytest
 from distributed import LocalCluster
 
-from daskrun import Dataset, ParallelRunConfig, ParallelRunStep, StepRun
+from daskrun import Dataset, ParallelRunConfig, ParallelRunStep
 from daskrun.monitoring.dashboard import install_page
 from daskrun.registry.compute import connect, dashboard_link
 
 from .helpers import (
-    CHROMIUM,
     REPO,
-    SLOW_SCRIPT,
     chromium,
+    files_step,
     job_page,
+    job_plots,
     make_files,
-    missing_service,
+    require_chromium,
+    start_run,
     write_script,
 )
+from .scripts import SLOW_SCRIPT
 
 
 def _get_json(url: str) -> dict[str, object]:
@@ -43,33 +44,18 @@ def _get_json(url: str) -> dict[str, object]:
 def test_dashboard_page_shows_the_running_job(
     tmp_path: Path, cluster: LocalCluster
 ) -> None:
-    if CHROMIUM is None:
-        missing_service("Chromium", "run scripts/install (apt-get install chromium)")
+    require_chromium()
     make_files(tmp_path / "in", 120)
     script = write_script(tmp_path, SLOW_SCRIPT)
-    step = ParallelRunStep(
-        "watched-step",
-        ParallelRunConfig(str(script), mini_batch_size=1, compute_target=cluster),
-        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
-        output=str(tmp_path / "out"),
-    )
-    runs: list[StepRun] = []
-    job = threading.Thread(target=lambda: runs.append(step.run()))
-    job.start()
+    config = ParallelRunConfig(str(script), mini_batch_size=1, compute_target=cluster)
+    job, runs = start_run(files_step(tmp_path, "watched-step", config))
     page, plots = job_page(cluster)
-    deadline = time.monotonic() + 60
-    while True:  # the page appears, then the job's first snapshot
-        try:
-            data = _get_json(plots)
-            # the shared cluster's page shows earlier jobs until this one starts
-            if str(data.get("run_id")).startswith("watched-step_") and "worker-" in str(
-                data.get("summary")
-            ):
-                break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "no daskrun page"
-        time.sleep(0.3)
+    data = job_plots(  # the page appears, then the job's first snapshot
+        plots,
+        "watched-step_",
+        lambda data: "worker-" in str(data.get("summary")),
+        what="the daskrun page",
+    )
     dom = chromium("--dump-dom", page)
     assert dom.returncode == 0, dom.stderr
     assert (

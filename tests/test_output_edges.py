@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,9 +17,15 @@ from distributed import LocalCluster
 from daskrun import Dataset
 from daskrun.engine.output import OutputTarget, committed_parts
 
-from .helpers import daskrun, make_files, run_step, write_script
-
-AS_READ = "def init():\n    pass\n\ndef run(df):\n    return df\n"
+from .helpers import (
+    daskrun,
+    make_files,
+    poll_for,
+    run_step,
+    start_daskrun,
+    write_script,
+)
+from .scripts import ECHO
 
 
 def _tables(folder: Path, fmt: str) -> None:
@@ -48,7 +53,7 @@ def test_results_with_other_columns_fail_naming_both(
         if fmt == "parquet"
         else Dataset.Tabular.from_delimited_files(str(tmp_path / "in"))
     )
-    run = run_step(tmp_path, AS_READ, inputs, output_format=fmt, compute_target=cluster)
+    run = run_step(tmp_path, ECHO, inputs, output_format=fmt, compute_target=cluster)
     assert run.status == "Failed"
     error = run.error or ""
     assert len(error.splitlines()) == 1, error
@@ -97,7 +102,7 @@ def run(mini_batch):
 
 def test_cli_schema_mismatch_is_one_line_exit_1(tmp_path: Path, runs_dir: Path) -> None:
     _tables(tmp_path / "in", "parquet")
-    write_script(tmp_path, AS_READ)
+    write_script(tmp_path, ECHO)
     result = daskrun(
         "run",
         "score.py",
@@ -123,13 +128,8 @@ def test_cli_schema_mismatch_is_one_line_exit_1(tmp_path: Path, runs_dir: Path) 
 
 
 def _cli(tmp_path: Path, runs: Path, *args: str, **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "daskrun", "run", "score.py", "--input", "in", *args],
-        cwd=tmp_path,
-        env=dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs), **env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    return start_daskrun(
+        "run", "score.py", "--input", "in", *args, cwd=tmp_path, runs=runs, **env
     )
 
 
@@ -169,7 +169,7 @@ def test_unwritable_output_exits_2_before_any_work(
     tmp_path: Path, runs_dir: Path, mount: Callable[[str, str], Path], where: str
 ) -> None:
     make_files(tmp_path / "in", 2)
-    write_script(tmp_path, AS_READ)
+    write_script(tmp_path, ECHO)
     (tmp_path / "a-file").write_text("x")
     output = {
         "file": str(tmp_path / "a-file"),
@@ -177,13 +177,10 @@ def test_unwritable_output_exits_2_before_any_work(
         "proc": "/proc/daskrun-out",
         "read-only": str(mount("ro", "size=64k,ro") / "out"),
     }[where]
-    result = subprocess.run(
-        [sys.executable, "-m", "daskrun", "run", "score.py", "--input", "in"]
-        + ["--output", output],
+    result = daskrun(
+        *["run", "score.py", "--input", "in", "--output", output],
         cwd=tmp_path,
-        env=dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs_dir)),
-        capture_output=True,
-        text=True,
+        runs=runs_dir,
         timeout=120,
     )
     line = _one_line_error(result, 2)
@@ -196,7 +193,7 @@ def test_unwritable_output_exits_2_before_any_work(
 
 def test_reserved_output_file_name_is_refused(tmp_path: Path, runs_dir: Path) -> None:
     make_files(tmp_path / "in", 2)
-    write_script(tmp_path, AS_READ)
+    write_script(tmp_path, ECHO)
     for name in (".daskrun", ".parallel_run_step.txt.0a1b.partial"):
         result = daskrun(
             "run", "score.py", "--input", "in", "--output", "out",
@@ -244,10 +241,12 @@ def test_second_run_into_one_output_is_refused(tmp_path: Path, runs_dir: Path) -
     first = _cli(tmp_path, runs_dir, "--output", "out", "--processes", "1", "-q")
     lock = tmp_path / "out" / ".daskrun" / "lock"
     try:
-        deadline = time.monotonic() + 120
-        while not (lock.exists() and lock.read_text().strip()):
-            assert first.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        poll_for(
+            lambda: lock.exists() and lock.read_text().strip(),
+            timeout=120,
+            what=f"the first run's id in {lock}",
+            running=first,
+        )
         first_id = lock.read_text().strip()
         second = _cli(tmp_path, runs_dir, "--output", "out", "--processes", "1")
         out, err = second.communicate(timeout=120)

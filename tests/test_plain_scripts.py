@@ -18,6 +18,7 @@ from daskrun.monitoring.handlers import distributed_log
 from daskrun.monitoring.monitor import DISTRIBUTED_LOG
 
 from .helpers import make_files, quick_start_blocks, write_script
+from .scripts import NAMES
 
 JOB = """
 import daskrun
@@ -36,16 +37,6 @@ step = daskrun.ParallelRunStep(
 )
 run = step.run()
 print(run.status, run.items_succeeded)
-"""
-
-NAMES = """
-import os
-
-def init():
-    pass
-
-def run(mini_batch):
-    return [os.path.basename(p) for p in mini_batch]
 """
 
 

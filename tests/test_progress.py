@@ -3,16 +3,14 @@ workers ready out of the total, and an ETA from the run phase only."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .helpers import REPO, make_files, write_script
+from .helpers import REPO, make_files, start_daskrun, write_script
 
 # the first worker to reach init() is ready after 2 s, the other after 5 s
 SLOW_INIT = """
@@ -41,20 +39,11 @@ def test_eta_comes_from_the_run_phase_and_init_shows_workers_ready(
     script = write_script(
         tmp_path, SLOW_INIT.format(marker=str(tmp_path / "first-init"))
     )
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        DASK_DASKRUN__RUNS_DIR=str(runs_dir),
-        DASK_DASKRUN__PROGRESS_INTERVAL="0.3",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daskrun", "run", str(script), "--input", "in",
-         "--output", "out", "--mini-batch-size", "1", "--processes", "2"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_daskrun(
+        "run", str(script), "--input", "in", "--output", "out",
+        "--mini-batch-size", "1", "--processes", "2",
+        cwd=tmp_path, runs=runs_dir, stdout=subprocess.DEVNULL,
+        PYTHONPATH=str(REPO), DASK_DASKRUN__PROGRESS_INTERVAL="0.3",
     )  # fmt: skip
     assert proc.stderr is not None
     lines: list[tuple[float, str]] = []  # (when it came, the line)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import http.server
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,7 +17,16 @@ from distributed import LocalCluster
 from daskrun import Dataset, InputError, ParallelRunConfig, ParallelRunStep
 from daskrun.registry.records import RunRecord
 
-from .helpers import daskrun, kill_client, make_files, run_step, write_script
+from .helpers import (
+    daskrun,
+    kill_client,
+    make_files,
+    run_step,
+    start_daskrun,
+    wait_for_blob_parts,
+    write_script,
+)
+from .scripts import gated_script
 
 CHECKING_SCRIPT = """
 import http.server
@@ -203,21 +209,14 @@ def test_unreachable_output_store_fails_within_the_storage_timeout(
     (tmp_path / "in" / "a.txt").write_text("1")
     write_script(tmp_path, "def init(): pass\ndef run(mb): return mb\n")
     runs = tmp_path / "runs"
-    env = dict(
-        os.environ,
+    started = time.monotonic()
+    result = daskrun(
+        *["run", "score.py", "--input", "in", "--output", "abfs://scores/out"],
+        cwd=tmp_path,
+        runs=runs,
+        timeout=60,
         AZURE_STORAGE_CONNECTION_STRING=connection,
         DASK_DASKRUN__STORAGE_TIMEOUT="3",
-        DASK_DASKRUN__RUNS_DIR=str(runs),
-    )
-    started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "daskrun", "run", "score.py", "--input", "in"]
-        + ["--output", "abfs://scores/out"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
     )
     assert time.monotonic() - started < 20
     assert result.returncode == 2, result.stderr
@@ -230,21 +229,6 @@ def test_unreachable_output_store_fails_within_the_storage_timeout(
     assert not runs.exists()  # no run was started
 
 
-GATED_SCRIPT = """
-import os, time
-
-def init():
-    pass
-
-def run(mini_batch):
-    names = [os.path.basename(p) for p in mini_batch]
-    go = os.path.join(os.path.dirname(os.path.dirname(mini_batch[0])), "go")
-    while "f00039.txt" in names and not os.path.exists(go):
-        time.sleep(0.05)
-    return names
-"""
-
-
 def test_a_killed_run_with_blob_output_resumes_and_publishes(
     tmp_path: Path,
     runs_dir: Path,
@@ -255,34 +239,19 @@ def test_a_killed_run_with_blob_output_resumes_and_publishes(
     parts the killed attempt wrote as they are, not as a cache saw them."""
     fs, name = container
     files = make_files(tmp_path / "in", 40)
-    write_script(tmp_path, GATED_SCRIPT)
-    env = dict(
-        os.environ,
-        AZURE_STORAGE_CONNECTION_STRING=azurite,
-        DASK_DASKRUN__RUNS_DIR=str(runs_dir),
-    )
-    command = [sys.executable, "-m", "daskrun"]
-    proc = subprocess.Popen(
-        [*command, "run", "score.py", "--input", "in", "--output",
-         f"abfs://{name}/out", "--mini-batch-size", "2", "--processes", "2", "-q"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+    write_script(tmp_path, gated_script(tmp_path / "go"))
+    proc = start_daskrun(
+        "run", "score.py", "--input", "in", "--output", f"abfs://{name}/out",
+        "--mini-batch-size", "2", "--processes", "2", "-q",
+        cwd=tmp_path, runs=runs_dir, AZURE_STORAGE_CONNECTION_STRING=azurite,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while True:  # all but the gated mini-batch's group are written
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        fs.invalidate_cache()
-        written = fs.find(f"{name}/out/.daskrun") if fs.exists(f"{name}/out") else []
-        if len(written) >= 3:
-            break
-        time.sleep(0.2)
+    wait_for_blob_parts(fs, name, 3, proc)  # all but the gated mini-batch's group
     kill_client(proc)
     (tmp_path / "go").touch()
     (record,) = RunRecord.find(runs_dir)
-    resumed = subprocess.run(
-        [*command, "resume", record.run_id, "-q"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    resumed = daskrun(
+        "resume", record.run_id, "-q",
+        cwd=tmp_path, runs=runs_dir, AZURE_STORAGE_CONNECTION_STRING=azurite,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     fs.invalidate_cache()

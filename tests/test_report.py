@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import stat
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -15,16 +14,17 @@ import pytest
 from distributed import LocalCluster
 from PIL import Image
 
-from daskrun import Dataset, ParallelRunConfig, ParallelRunStep, StepRun
+from daskrun import ParallelRunConfig
 
 from .helpers import (
-    CHROMIUM,
     REPO,
     chromium,
     daskrun,
+    files_step,
     job_page,
-    missing_service,
     poison_files,
+    require_chromium,
+    start_run,
     write_script,
 )
 
@@ -50,8 +50,7 @@ def test_report_is_written_named_and_rebuilt(
     """A job through the CLI leaves logs/report.html (owner-only), names it
     in its last lines, and 'daskrun runs report' builds it again; headless
     Chromium renders it offline, with the summary, the failures and plots."""
-    if CHROMIUM is None:
-        missing_service("Chromium", "run scripts/install (apt-get install chromium)")
+    require_chromium()
     poison_files(tmp_path / "in", 40, {3, 17, 29})
     write_script(tmp_path, SLOW_POISON)
     runs = tmp_path / "runs"
@@ -129,15 +128,8 @@ def test_live_page_shows_the_job_at_first_paint(
     not 'waiting for a job…'."""
     poison_files(tmp_path / "in", 6, set())
     script = write_script(tmp_path, SLOW_POISON)
-    step = ParallelRunStep(
-        "painted-step",
-        ParallelRunConfig(str(script), mini_batch_size=1, compute_target=cluster),
-        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
-        output=str(tmp_path / "out"),
-    )
-    runs: list[StepRun] = []
-    job = threading.Thread(target=lambda: runs.append(step.run()))
-    job.start()
+    config = ParallelRunConfig(str(script), mini_batch_size=1, compute_target=cluster)
+    job, runs = start_run(files_step(tmp_path, "painted-step", config))
     job.join(120)
     assert runs and runs[0].status == "Completed"
     page, _ = job_page(cluster)

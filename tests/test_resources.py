@@ -8,9 +8,6 @@ import json
 import os
 import re
 import shutil
-import threading
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +18,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import daskrun
-from daskrun import ConfigError, Dataset, ParallelRunConfig, ParallelRunStep, StepRun
+from daskrun import ConfigError, Dataset, ParallelRunConfig, StepRun
 from daskrun.engine.config import config_seconds
 from daskrun.monitoring.resources import PERF_COLUMNS, PerfLog, summarize
 
 from .helpers import (
-    CHROMIUM,
-    SLOW_SCRIPT,
     chromium,
+    files_step,
     job_page,
+    job_plots,
     make_files,
-    missing_service,
+    require_chromium,
     run_step,
+    start_run,
     write_script,
 )
+from .scripts import SLOW_SCRIPT
 
 MIB = 2**20
 GPU_COLUMNS = [c for c in PERF_COLUMNS if c.startswith("gpu_")]
@@ -269,34 +268,21 @@ def test_a_worker_near_its_memory_limit_is_warned_about_once(
 def test_the_dashboard_plots_each_workers_resources(
     tmp_path: Path, cluster: LocalCluster
 ) -> None:
-    if CHROMIUM is None:
-        missing_service("Chromium", "run scripts/install (apt-get install chromium)")
+    require_chromium()
     make_files(tmp_path / "in", 60)
     script = write_script(tmp_path, SLOW_SCRIPT)
-    step = ParallelRunStep(
-        "resource-step",
-        ParallelRunConfig(str(script), mini_batch_size=1, compute_target=cluster),
-        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
-        output=str(tmp_path / "out"),
-    )
-    runs: list[StepRun] = []
+    config = ParallelRunConfig(str(script), mini_batch_size=1, compute_target=cluster)
     with dask.config.set({"daskrun.resource-interval": 0.2}):
-        job = threading.Thread(target=lambda: runs.append(step.run()))
-        job.start()
+        job, runs = start_run(files_step(tmp_path, "resource-step", config))
     page, plots = job_page(cluster)
-    deadline = time.monotonic() + 60
-    while True:  # the page shows this job, with samples of both workers
-        try:
-            with urllib.request.urlopen(plots, timeout=10) as reply:
-                data = json.loads(reply.read())
-            if str(data.get("run_id")).startswith("resource-step_") and all(
-                f"worker-{i}" in json.dumps(data.get("memory")) for i in (0, 1)
-            ):
-                break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "no resource plots"
-        time.sleep(0.3)
+    data = job_plots(  # the page shows this job, with samples of both workers
+        plots,
+        "resource-step_",
+        lambda data: all(
+            f"worker-{i}" in json.dumps(data.get("memory")) for i in (0, 1)
+        ),
+        what="resource plots of both workers",
+    )
     assert "cpu" in data and "gpu" not in data  # no GPU measured here
     dom = chromium("--dump-dom", page)
     assert dom.returncode == 0, dom.stderr

@@ -6,7 +6,6 @@ import fcntl
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,39 +14,21 @@ import pytest
 from daskrun.engine.output import OutputTarget, Parts
 from daskrun.registry.records import RunRecord
 
-from .helpers import committed, daskrun, kill_client, make_files, write_script
-
-COUNTING_SCRIPT = """
-import argparse, os, time, uuid
-
-def init():
-    global calls, fixed
-    p = argparse.ArgumentParser()
-    p.add_argument("--calls")
-    p.add_argument("--fixed")
-    args, _ = p.parse_known_args()
-    calls, fixed = args.calls, args.fixed
-
-def run(mini_batch):
-    names = [os.path.basename(p) for p in mini_batch]
-    open(os.path.join(calls, f"{names[0]}.{uuid.uuid4().hex}"), "w").close()
-    time.sleep(0.05)
-    if names[0].startswith("bad") and not os.path.exists(fixed):
-        raise ValueError("not fixed yet")
-    return names
-"""
+from .helpers import (
+    committed,
+    daskrun,
+    kill_client,
+    make_files,
+    poll_for,
+    start_daskrun,
+    wait_for_parts,
+    write_script,
+)
+from .scripts import fixable_script
 
 
 def _start(tmp_path: Path, runs: Path, *args: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(runs))
-    return subprocess.Popen(
-        [sys.executable, "-m", "daskrun", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_daskrun(*args, cwd=tmp_path, runs=runs)
 
 
 def _run_cli(
@@ -58,7 +39,7 @@ def _run_cli(
 
 def _job(tmp_path: Path) -> list[str]:
     (tmp_path / "calls").mkdir()
-    write_script(tmp_path, COUNTING_SCRIPT)
+    write_script(tmp_path, fixable_script(mark_each_item=False, seconds=0.05))
     return [
         "run",
         "score.py",
@@ -78,14 +59,6 @@ def _job(tmp_path: Path) -> list[str]:
     ]
 
 
-def _wait_for_parts(tmp_path: Path, n: int, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 120
-    while len(committed(tmp_path / "out")) < n:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-
-
 def _run_id(runs: Path) -> str:
     (record,) = RunRecord.find(runs)
     return record.run_id
@@ -94,7 +67,7 @@ def _run_id(runs: Path) -> str:
 def test_client_killed_then_resumed(tmp_path: Path, runs_dir: Path) -> None:
     files = make_files(tmp_path / "in", 160, prefix="ok")
     proc = _start(tmp_path, runs_dir, *_job(tmp_path))
-    _wait_for_parts(tmp_path, 15, proc)
+    wait_for_parts(tmp_path / "out", 15, proc)
     kill_client(proc)
     assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
     written = committed(tmp_path / "out")
@@ -115,7 +88,7 @@ def test_client_killed_then_resumed(tmp_path: Path, runs_dir: Path) -> None:
 def test_cancel_then_resume(tmp_path: Path, runs_dir: Path) -> None:
     files = make_files(tmp_path / "in", 120, prefix="ok")
     proc = _start(tmp_path, runs_dir, *_job(tmp_path))
-    _wait_for_parts(tmp_path, 10, proc)
+    wait_for_parts(tmp_path / "out", 10, proc)
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -256,11 +229,13 @@ def test_two_resumes_at_once_and_a_missing_part(tmp_path: Path, runs_dir: Path) 
     os.remove(where)
     first = _start(tmp_path, runs_dir, "resume", run_id, "--retry-failed")
     lock = runs_dir / run_id / "run.lock"
-    deadline = time.monotonic() + 60
-    while not _locked(lock):
-        assert first.poll() is None, first.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    poll_for(
+        lambda: _locked(lock),
+        timeout=60,
+        interval=0.02,
+        what=f"a hold on {lock}",
+        running=first,
+    )
     start = time.monotonic()
     second = _run_cli(tmp_path, runs_dir, "resume", run_id, "--retry-failed")
     assert second.returncode == 2, second.stderr
@@ -307,7 +282,7 @@ def test_a_client_killed_while_publishing_leaves_no_partial_file(
         tmp_path, runs_dir, "run", "score.py", "--input", "in", "--output", "out",
         "--mini-batch-size", "1", "--processes", "2", "-q",
     )  # fmt: skip
-    _wait_for_parts(tmp_path, 2, proc)  # f00003 waits for go, f00002 with it
+    wait_for_parts(tmp_path / "out", 2, proc)  # f00003 waits for go, f00002 with it
     parts = Parts(OutputTarget(str(out), "unused", _run_id(runs_dir)))
 
     def holder(index: int) -> Path:
@@ -323,11 +298,12 @@ def test_a_client_killed_while_publishing_leaves_no_partial_file(
     blocking.unlink()
     os.mkfifo(blocking)
     (tmp_path / "go").touch()
-    deadline = time.monotonic() + 120
-    while not any(p.stat().st_size >= 2_000_000 for p in out.rglob("*.partial")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    poll_for(
+        lambda: any(p.stat().st_size >= 2_000_000 for p in out.rglob("*.partial")),
+        timeout=120,
+        what="a .partial file of 2 MB",
+        running=proc,
+    )
     kill_client(proc)
     blocking.unlink()
     blocking.write_bytes(kept)

@@ -14,14 +14,7 @@ from daskrun import ParallelRunConfig
 from daskrun.exceptions import ConfigError
 
 from .helpers import daskrun, make_files, silent_server, write_script
-
-ECHO = """
-def init():
-    pass
-
-def run(mini_batch):
-    return mini_batch
-"""
+from .scripts import ECHO
 
 
 def _run_on(

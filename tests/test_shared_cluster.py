@@ -9,27 +9,17 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 from distributed import Client
 
-from daskrun import Dataset, ParallelRunConfig, ParallelRunStep
+from daskrun import ParallelRunConfig
 from daskrun.backends.compute.cluster import SharedCluster
 
-from .helpers import daskrun, make_files, write_script
-
-PIDS = """
-import os
-
-def init():
-    pass
-
-def run(mini_batch):
-    return [str(os.getpid()) for _ in mini_batch]
-"""
+from .helpers import daskrun, files_step, make_files, poll_for, write_script
+from .scripts import PIDS
 
 
 def _cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -41,12 +31,7 @@ def _job(tmp_path: Path, name: str) -> set[int]:
     config = ParallelRunConfig(
         str(script), mini_batch_size=1, output_action="append_row"
     )
-    run = ParallelRunStep(
-        name,
-        config,
-        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
-        output=str(tmp_path / f"out-{name}"),
-    ).run()
+    run = files_step(tmp_path, name, config, output=f"out-{name}").run()
     assert run.status == "Completed", run.error
     return {int(line) for line in Path(run.output_path or "").read_text().split()}
 
@@ -92,10 +77,12 @@ def test_start_find_use_and_stop(tmp_path: Path, shared_cluster_file: Path) -> N
     assert stopped.returncode == 0, stopped.stderr
     assert "stopped the cluster" in stopped.stdout
     assert not shared_cluster_file.exists()
-    deadline = time.monotonic() + 30
-    while any(psutil.pid_exists(p) for p in workers | {shared.pid}):
-        assert time.monotonic() < deadline, "the cluster's processes did not end"
-        time.sleep(0.2)
+    poll_for(
+        lambda: not any(psutil.pid_exists(p) for p in workers | {shared.pid}),
+        timeout=30,
+        interval=0.2,
+        what="the cluster's processes to end",
+    )
     assert _cli("cluster", "status", tmp_path=tmp_path).returncode == 1
     # and jobs start their own cluster again
     assert _job(tmp_path, "third").isdisjoint(workers)

@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,14 @@ import pytest
 from daskrun.backends.compute.cluster import SharedCluster
 from daskrun.registry.records import RunRecord
 
-from .helpers import daskrun, kill_client, make_files, write_script
+from .helpers import (
+    daskrun,
+    kill_client,
+    make_files,
+    poll_for,
+    start_daskrun,
+    write_script,
+)
 
 # each mini-batch leaves a mark once run() has done it
 MARKING = """
@@ -75,20 +81,18 @@ def _job_killed_midway(
     marks = tmp_path / "marks"
     marks.mkdir()
     script = write_script(tmp_path / "src", MARKING.format(marks=str(marks)))
-    env = dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(tmp_path / "runs"))
-    job = subprocess.Popen(
-        [sys.executable, "-m", "daskrun", "run", str(script),
-         "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-         "--mini-batch-size", "1"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+    job = start_daskrun(
+        "run", str(script), "--input", str(tmp_path / "in"),
+        "--output", str(tmp_path / "out"), "--mini-batch-size", "1",
+        cwd=tmp_path, runs=tmp_path / "runs",
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while len(list(marks.iterdir())) < 12:
-            assert job.poll() is None, job.communicate()
-            assert time.monotonic() < deadline, "the job did not get to 12"
-            time.sleep(0.05)
+        poll_for(
+            lambda: len(list(marks.iterdir())) >= 12,
+            timeout=120,
+            what="the job to get to 12",
+            running=job,
+        )
         os.kill(shared.pid, sig)
         signalled = time.monotonic()
         out, err = job.communicate(timeout=120)
@@ -161,16 +165,10 @@ def _servers(shared_file: Path) -> set[int]:
 def test_two_starts_at_once_start_one_cluster(
     tmp_path: Path, shared_cluster_file: Path
 ) -> None:
-    env = dict(os.environ, DASK_DASKRUN__RUNS_DIR=str(tmp_path / "runs"))
     starts = [
-        subprocess.Popen(
-            [sys.executable, "-m", "daskrun", "cluster", "start", "--processes", "1"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
+        start_daskrun(
+            "cluster", "start", "--processes", "1", cwd=tmp_path, runs=tmp_path / "runs"
+        )
         for _ in range(2)
     ]
     try:

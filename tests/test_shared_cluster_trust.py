@@ -20,14 +20,7 @@ from daskrun.backends.compute.cluster import SharedCluster
 from daskrun.exceptions import ConfigError
 
 from .helpers import daskrun, make_files, run_step, silent_server
-
-ECHO = """
-def init():
-    pass
-
-def run(mini_batch):
-    return mini_batch
-"""
+from .scripts import ECHO
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import pytest
 
 import daskrun
 from daskrun import (
-    Dataset,
     Experiment,
     ParallelRunConfig,
     ParallelRunStep,
@@ -26,18 +25,8 @@ from daskrun.backends.compute.cluster import EarlyStart
 from daskrun.engine.job import Job
 from daskrun.exceptions import InputError
 
-from .helpers import make_files, write_script
-
-# each item: the pid of the worker process that ran it
-PIDS = """
-import os
-
-def init():
-    pass
-
-def run(mini_batch):
-    return [str(os.getpid()) for _ in mini_batch]
-"""
+from .helpers import files_step, make_files, poll_for, write_script
+from .scripts import PIDS
 
 
 def _step(tmp_path: Path, name: str, processes: int = 2) -> ParallelRunStep:
@@ -49,12 +38,7 @@ def _step(tmp_path: Path, name: str, processes: int = 2) -> ParallelRunStep:
         output_action="append_row",
         append_row_file_name=f"{name}.txt",
     )
-    return ParallelRunStep(
-        name,
-        config,
-        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
-        output=str(tmp_path / "out"),
-    )
+    return files_step(tmp_path, name, config)
 
 
 def _pids(run: daskrun.StepRun) -> set[int]:
@@ -63,12 +47,12 @@ def _pids(run: daskrun.StepRun) -> set[int]:
 
 
 def _all_gone(pids: set[int], deadline: float = 60.0) -> bool:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if not any(psutil.pid_exists(p) for p in pids):
-            return True
-        time.sleep(0.2)
-    return False
+    return poll_for(
+        lambda: not any(psutil.pid_exists(p) for p in pids),
+        timeout=deadline,
+        interval=0.2,
+        what=f"the end of processes {sorted(pids)}",
+    )
 
 
 def test_a_pipelines_steps_share_one_cluster_closed_after_the_last(
@@ -134,13 +118,7 @@ def test_a_warm_workers_log_lines_go_to_the_job_using_it(tmp_path: Path) -> None
             config = ParallelRunConfig(
                 str(script), mini_batch_size=1, process_count_per_node=2
             )
-            step = ParallelRunStep(
-                name,
-                config,
-                inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
-                output=str(tmp_path / f"out-{name}"),
-            )
-            runs.append(step.run())
+            runs.append(files_step(tmp_path, name, config, f"out-{name}").run())
     for run in runs:
         assert run.status == "Completed", run.error
         log = Path(run.logs_dir or "", "sys", "distributed.log").read_text()

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 import daskrun
-from daskrun import Dataset, ParallelRunConfig, ParallelRunStep
+from daskrun import ParallelRunConfig
 
 from .helpers import daskrun as daskrun_cli
-from .helpers import make_files, write_script
+from .helpers import files_step, make_files, write_script
 
 # each item: the helper module's NAME, and the worker process that ran it
 SCORE = """
@@ -49,12 +49,7 @@ def _job(tmp_path: Path, source: Path, name: str) -> tuple[set[str], set[int]]:
         process_count_per_node=1,
         output_action="append_row",
     )
-    run = ParallelRunStep(
-        name,
-        config,
-        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
-        output=str(tmp_path / f"out-{name}"),
-    ).run()
+    run = files_step(tmp_path, name, config, output=f"out-{name}").run()
     assert run.status == "Completed", run.error
     return _names_and_pids(Path(run.output_path or ""))
 

@@ -43,16 +43,16 @@ from daskrun.registry.records import RunRecord
 
 from .helpers import (
     AZURITE_KEY,
-    DIGIT_SCRIPT,
     REPO,
-    SLOW_SCRIPT,
     daskrun,
     digit_pipeline,
     make_files,
     make_images,
     make_model,
+    poll_for,
     write_script,
 )
+from .scripts import DIGIT_SCRIPT, SLOW_SCRIPT
 
 
 def test_the_tutorial_against_azure_blob_storage(
@@ -499,10 +499,11 @@ def test_cancel_then_resume(
     )
     run = Experiment(ws, "cancel").submit(Pipeline(ws, [step]))
     # cancel once a mini-batch is in the job report (60 take 6 s at least)
-    deadline = time.monotonic() + 120
-    while len(_report_rows(run.get_steps())) < 1:
-        assert time.monotonic() < deadline, "no mini-batch finished in 120 s"
-        time.sleep(0.05)
+    poll_for(
+        lambda: _report_rows(run.get_steps()),
+        timeout=120,
+        what="a mini-batch in the job report",
+    )
     run.cancel()
     assert run.wait_for_completion(raise_on_error=False) == "Canceled"
     (step_run,) = run.get_steps()
