@@ -36,6 +36,7 @@ from distributed import get_client
 from daskrun.backends.compute.cluster import dashboard_link
 from daskrun.backends.inputs.datasets import CollectionBatch
 from daskrun.backends.inputs.native import check_collection
+from daskrun.engine.bundle import build_bundle
 from daskrun.engine.config import (
     ParallelRunConfig,
     ResolvedConfig,
@@ -45,14 +46,16 @@ from daskrun.engine.config import (
 from daskrun.engine.plugin import (
     EntryScriptPlugin,
     InputSpec,
-    PartitionValues,
+    PluginSettings,
     TryResult,
-    build_bundle,
+)
+from daskrun.engine.runner import Counts, Hooks, Runner, Tally, threshold_error
+from daskrun.engine.tasks import (
+    PartitionValues,
     partition_items,
     process_collection_batches,
     process_mini_batches,
 )
-from daskrun.engine.runner import Counts, Tally, run_mini_batches, threshold_error
 from daskrun.exceptions import ConfigError, EntryScriptError, JobFailedError
 from daskrun.monitoring.dashboard import install_page, publish
 from daskrun.monitoring.monitor import JobLogs
@@ -74,24 +77,26 @@ def _entry_plugin(
     nothing to read (the partitions arrive as task arguments)."""
     zipped, script = bundle
     return EntryScriptPlugin(
-        name=name,
-        bundle=zipped.read_bytes(),
-        script=script,
-        script_display=cfg.entry_script,
-        source_directory=cfg.source_directory,
-        arguments=[str(a) for a in arguments],
-        side_inputs=[],
-        environment_variables=cfg.environment_variables,
-        output_path=output_path,
-        input_spec=InputSpec(
-            kind="collection",
-            storage_options={},
-            pandas_kwargs={},
-            local=True,
-        ),
-        output=None,
-        run_invocation_timeout=cfg.run_invocation_timeout,
-        logging_level=cfg.logging_level,
+        PluginSettings(
+            name=name,
+            bundle=zipped.read_bytes(),
+            script=script,
+            script_display=cfg.entry_script,
+            source_directory=cfg.source_directory,
+            arguments=[str(a) for a in arguments],
+            side_inputs=[],
+            environment_variables=cfg.environment_variables,
+            output_path=output_path,
+            input_spec=InputSpec(
+                kind="collection",
+                storage_options={},
+                pandas_kwargs={},
+                local=True,
+            ),
+            output=None,
+            run_invocation_timeout=cfg.run_invocation_timeout,
+            logging_level=cfg.logging_level,
+        )
     )
 
 
@@ -245,10 +250,10 @@ def map_run(collection: Any) -> MapRun:
 
 class MapRun:
     """One run of an entry script over the partitions of a Dask collection:
-    partition *i* is mini-batch *i* of :func:`~daskrun.engine.runner.run_mini_batches`.
+    partition *i* is mini-batch *i* of a :class:`~daskrun.engine.runner.Runner`.
 
     Each task runs a group of partitions through the plugin's task function
-    (:func:`~daskrun.engine.plugin.process_collection_batches`) and keeps what
+    (:func:`~daskrun.engine.tasks.process_collection_batches`) and keeps what
     ``run()`` returned on its worker (:class:`PartitionValues`); the runner
     waits on a small future of the task's results only. So a partition
     gets a step's tries, ``error_threshold``, watchdog, frozen and lost
@@ -313,22 +318,18 @@ class MapRun:
         self.logs.running(self.tally)
         status = "Failed"
         try:
-            exceeded = run_mini_batches(
+            exceeded = Runner(
                 client,
-                self.plugin.events_topic,
-                self.plugin.name,
-                (CollectionBatch(i) for i in range(len(self.parts))),
+                self.plugin,
                 self.tally,
                 self.cfg,
                 key_prefix=f"daskrun-{self.name}-{self.run_id[-6:]}",
-                on_done=self._done,
-                starts_topic=self.plugin.starts_topic,
-                redact=self.plugin.redact,
-                count_rows=self._count,
-                task=self._submit,
+                hooks=Hooks(
+                    on_done=self._done, count_rows=self._count, task=self._submit
+                ),
                 progress_timeout=config_seconds("progress-timeout"),
                 first_result_timeout=config_seconds("first-result-timeout"),
-            )
+            ).run(CollectionBatch(i) for i in range(len(self.parts)))
             if exceeded:
                 error = threshold_error(exceeded, self.tally, self.cfg, self.run_id)
                 self.error = str(error)
