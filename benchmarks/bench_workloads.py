@@ -27,7 +27,10 @@ and cluster start included), in rotation, ``--repeat`` times:
 - ``daskrun-list``: the same, its input given as a list of file paths;
 - ``daskrun-map`` (W3 only): the Dask user's path, ``dd.read_csv(blocksize=
   "16MB")`` → ``daskrun.map_partitions`` → ``.to_csv(single_file=True)`` on
-  ``LocalCluster(2)``.
+  ``LocalCluster(2)``;
+- ``daskrun-map-write`` (W3 only): the same, its result written as a step
+  writes its output: ``daskrun.map_run(scored).write(folder)`` (Arrow's CSV
+  writer on each worker, parts assembled once).
 
 Prints a table of medians and ratios against the pool (the README's table),
 the peak RSS of each tool's client process and of its largest worker, and,
@@ -41,6 +44,9 @@ for daskrun, how soon a 100-file job returns its first result. Saves
         --repeat 1 --scale 0.1     # "auto" beside a grid: auto-grid.json
     python benchmarks/bench_workloads.py --quick --workloads w3 \
         --tools dask daskrun daskrun-map --out map-partitions-w3-quick.json
+    python benchmarks/bench_workloads.py --quick --workloads w3 \
+        --tools daskrun daskrun-map-write daskrun-map \
+        --out map-partitions-w3-write.json
 """
 
 from __future__ import annotations
@@ -70,8 +76,9 @@ TOOLS = (
     "daskrun",
     "daskrun-list",
     "daskrun-map",
+    "daskrun-map-write",
 )
-W3_ONLY = {"daskrun-map"}
+W3_ONLY = {"daskrun-map", "daskrun-map-write"}
 
 NOOP = "def init():\n    pass\n\n\ndef run(mini_batch):\n    return mini_batch\n"
 W3_SCRIPT = """
@@ -548,6 +555,23 @@ def tool_daskrun_map(workload: str, data: Path, model: str, out: Path) -> None:
         scored.to_csv(str(out), single_file=True, index=False)
 
 
+def tool_daskrun_map_write(workload: str, data: Path, model: str, out: Path) -> None:
+    import dask.dataframe as dd
+    from distributed import Client
+
+    import daskrun
+
+    assert workload == "w3", "daskrun-map-write runs W3 only"
+    script = out.parent / f"{out.name}.script.py"
+    script.write_text(W3_SCRIPT)
+    with _local_cluster() as cluster, Client(cluster):
+        frame = dd.read_csv(str(data / "*.csv"), blocksize="16MB")
+        scored = daskrun.map_partitions(str(script), frame)
+        folder = out.parent / f"{out.name}.folder"
+        final = daskrun.map_run(scored).write(str(folder), file_name="scores.csv")
+        os.replace(final, out)
+
+
 # --- driver -------------------------------------------------------------------
 
 
@@ -849,6 +873,7 @@ def markdown(results: dict[str, Any], tools: list[str]) -> str:
         "daskrun": "daskrun",
         "daskrun-list": "daskrun, a list of paths",
         "daskrun-map": "`daskrun.map_partitions`",
+        "daskrun-map-write": "`daskrun.map_partitions`, `.write()`",
     }
     what = {
         "w1": "W1: {:,} tiny files, no-op",
