@@ -30,7 +30,12 @@ and cluster start included), in rotation, ``--repeat`` times:
   ``LocalCluster(2)``;
 - ``daskrun-map-write`` (W3 only): the same, its result written as a step
   writes its output: ``daskrun.map_run(scored).write(folder)`` (Arrow's CSV
-  writer on each worker, parts assembled once).
+  writer on each worker, parts assembled once);
+- ``daskrun-cluster`` (W3 only): the step of ``daskrun``, on the map tools'
+  ``LocalCluster(2)`` (``compute_target=client``), to compare the map path
+  with the step on the same cluster: daskrun's own local cluster starts and
+  closes faster than a default ``LocalCluster`` (no dashboard until asked,
+  workers that exit at once).
 
 Prints a table of medians and ratios against the pool (the README's table),
 the peak RSS of each tool's client process and of its largest worker, and,
@@ -46,6 +51,9 @@ for daskrun, how soon a 100-file job returns its first result. Saves
         --tools dask daskrun daskrun-map --out map-partitions-w3-quick.json
     python benchmarks/bench_workloads.py --quick --workloads w3 \
         --tools daskrun daskrun-map-write daskrun-map \
+        --out map-partitions-w3-write.json
+    python benchmarks/bench_workloads.py --quick --workloads w3 --tools \
+        daskrun-cluster daskrun-map-write daskrun daskrun-map \
         --out map-partitions-w3-write.json
 """
 
@@ -77,8 +85,9 @@ TOOLS = (
     "daskrun-list",
     "daskrun-map",
     "daskrun-map-write",
+    "daskrun-cluster",
 )
-W3_ONLY = {"daskrun-map", "daskrun-map-write"}
+W3_ONLY = {"daskrun-map", "daskrun-map-write", "daskrun-cluster"}
 
 NOOP = "def init():\n    pass\n\n\ndef run(mini_batch):\n    return mini_batch\n"
 W3_SCRIPT = """
@@ -555,6 +564,40 @@ def tool_daskrun_map(workload: str, data: Path, model: str, out: Path) -> None:
         scored.to_csv(str(out), single_file=True, index=False)
 
 
+def tool_daskrun_cluster(workload: str, data: Path, model: str, out: Path) -> Any:
+    from distributed import Client
+
+    from daskrun import Dataset, ParallelRunConfig, ParallelRunStep
+
+    assert workload == "w3", "daskrun-cluster runs W3 only"
+    folder = out.parent / f"{out.name}.work"
+    script = folder / "script.py"
+    folder.mkdir(parents=True, exist_ok=True)
+    script.write_text(W3_SCRIPT)
+    with _local_cluster() as cluster, Client(cluster) as client:
+        config = ParallelRunConfig(
+            str(script),
+            mini_batch_size="16MB",
+            output_format="csv",
+            compute_target=client,
+        )
+        inputs = Dataset.Tabular.from_delimited_files(str(data))
+        with dask_config({"daskrun.runs-dir": str(folder / "runs")}):
+            step = ParallelRunStep(
+                "bench", config, inputs=[inputs], output=str(folder / "out")
+            )
+            run = step.run()
+    assert run.status == "Completed", run.error
+    os.replace(run.output_path or "", out)
+    return _timings(run)
+
+
+def dask_config(settings: dict[str, Any]) -> Any:
+    import dask.config
+
+    return dask.config.set(settings)
+
+
 def tool_daskrun_map_write(workload: str, data: Path, model: str, out: Path) -> None:
     import dask.dataframe as dd
     from distributed import Client
@@ -874,6 +917,7 @@ def markdown(results: dict[str, Any], tools: list[str]) -> str:
         "daskrun-list": "daskrun, a list of paths",
         "daskrun-map": "`daskrun.map_partitions`",
         "daskrun-map-write": "`daskrun.map_partitions`, `.write()`",
+        "daskrun-cluster": "daskrun on `LocalCluster(2)`",
     }
     what = {
         "w1": "W1: {:,} tiny files, no-op",
