@@ -205,16 +205,22 @@ def _map_run(
     parts = collection.to_delayed()
     if not parts:
         raise ConfigError(f"collection={collection!r} has no partitions")
+    warm: dict[int, Any] = {}
     if meta is None:
-        meta = _infer_meta(client, parts[0], plugin.name)
+        # the sample's partition stays in memory for the run's first task,
+        # which would otherwise compute (read) it again
+        warm[0] = client.persist(parts[0])
+        meta = _infer_meta(client, warm[0], plugin.name)
     stem = os.path.splitext(os.path.basename(cfg.entry_script))[0]
-    return MapRun(
+    run = MapRun(
         name or f"{stem}-{tokenize(script_token, collection, cfg)[:16]}",
         cfg,
         plugin,
         (collection, kind, parts),
         None if meta is None else _frame(meta).iloc[:0],
     )
+    run.warm = warm
+    return run
 
 
 def _script_plugin(
@@ -332,6 +338,8 @@ class MapRun:
         self._published = 0.0
         self._pieces: list[Any] = []  # the result's partitions
         self._kept: set[int] = set()  # those that hold a value
+        # partitions already computed (the sample's), until the run ends
+        self.warm: dict[int, Any] = {}
         self.page: str | None = None
 
     def run(self, client: Any) -> None:
@@ -373,6 +381,7 @@ class MapRun:
             raise
         finally:
             self._tried.clear()
+            self.warm.clear()
             self._publish(status, force=True)
             self.logs.finish(
                 status=status,
@@ -479,7 +488,7 @@ class MapRun:
         import dask
 
         task = dask.delayed(_run_partitions, pure=False)
-        parts = [self.parts[batch.index] for batch, _ in group]
+        parts = [self.warm.get(b.index, self.parts[b.index]) for b, _ in group]
         running = client.compute(
             task(plugin_name, self.empty is not None, group, *parts, dask_key_name=key)
         )
