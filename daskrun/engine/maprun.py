@@ -474,8 +474,9 @@ class MapRun:
                 "the collection of the partitions that failed"
             )
         failed = sorted(self.last_errors)
-        if self.kind == "dataframe":
-            return self.source.partitions[failed]
+        partitions = getattr(self.source, "partitions", None)
+        if partitions is not None:  # a dataframe's: a bag has none
+            return partitions[failed]
         import dask.bag as db
 
         return db.from_delayed([self.parts[i] for i in failed])
