@@ -7,7 +7,8 @@ of the same script and options); each partition gets a step's tries,
 ``error_threshold``, watchdog, lost and frozen workers, counts, log folder
 and ``/daskrun`` page. What ``run()`` returned stays on the workers and
 comes back as a lazy collection that composes with whatever Dask does next
-(``.to_parquet()``, a join, a second model).
+(``.to_parquet()``, a join, a second model); :meth:`MapRun.write` writes it
+to one file as a step writes its output.
 
 The partitions run when :func:`map_partitions` is called, as ``persist()``
 would run them: distributed builds a computation's tasks on the scheduler,
