@@ -27,7 +27,15 @@ and cluster start included), in rotation, ``--repeat`` times:
 - ``daskrun-list``: the same, its input given as a list of file paths;
 - ``daskrun-map`` (W3 only): the Dask user's path, ``dd.read_csv(blocksize=
   "16MB")`` → ``daskrun.map_partitions`` → ``.to_csv(single_file=True)`` on
-  ``LocalCluster(2)``.
+  ``LocalCluster(2)``;
+- ``daskrun-map-write`` (W3 only): the same, its result written as a step
+  writes its output: ``daskrun.map_run(scored).write(folder)`` (Arrow's CSV
+  writer on each worker, parts assembled once);
+- ``daskrun-cluster`` (W3 only): the step of ``daskrun``, on the map tools'
+  ``LocalCluster(2)`` (``compute_target=client``), to compare the map path
+  with the step on the same cluster: daskrun's own local cluster starts and
+  closes faster than a default ``LocalCluster`` (no dashboard until asked,
+  workers that exit at once).
 
 Prints a table of medians and ratios against the pool (the README's table),
 the peak RSS of each tool's client process and of its largest worker, and,
@@ -41,6 +49,9 @@ for daskrun, how soon a 100-file job returns its first result. Saves
         --repeat 1 --scale 0.1     # "auto" beside a grid: auto-grid.json
     python benchmarks/bench_workloads.py --quick --workloads w3 \
         --tools dask daskrun daskrun-map --out map-partitions-w3-quick.json
+    python benchmarks/bench_workloads.py --quick --workloads w3 --tools \
+        daskrun-cluster daskrun-map-write daskrun daskrun-map \
+        --out map-partitions-w3-write.json
 
 Before and after a change, interleaved in one run: ``--before TREE`` adds,
 for each daskrun tool, ``TOOL@before``, the same tool with the daskrun of
@@ -78,8 +89,10 @@ TOOLS = (
     "daskrun",
     "daskrun-list",
     "daskrun-map",
+    "daskrun-map-write",
+    "daskrun-cluster",
 )
-W3_ONLY = {"daskrun-map", "daskrun-map@before"}
+W3_ONLY = {"daskrun-map", "daskrun-map-write", "daskrun-cluster"}
 BEFORE = ""  # --before: the earlier checkout's path
 
 NOOP = "def init():\n    pass\n\n\ndef run(mini_batch):\n    return mini_batch\n"
@@ -557,6 +570,57 @@ def tool_daskrun_map(workload: str, data: Path, model: str, out: Path) -> None:
         scored.to_csv(str(out), single_file=True, index=False)
 
 
+def tool_daskrun_cluster(workload: str, data: Path, model: str, out: Path) -> Any:
+    from distributed import Client
+
+    from daskrun import Dataset, ParallelRunConfig, ParallelRunStep
+
+    assert workload == "w3", "daskrun-cluster runs W3 only"
+    folder = out.parent / f"{out.name}.work"
+    script = folder / "script.py"
+    folder.mkdir(parents=True, exist_ok=True)
+    script.write_text(W3_SCRIPT)
+    with _local_cluster() as cluster, Client(cluster) as client:
+        config = ParallelRunConfig(
+            str(script),
+            mini_batch_size="16MB",
+            output_format="csv",
+            compute_target=client,
+        )
+        inputs = Dataset.Tabular.from_delimited_files(str(data))
+        with dask_config({"daskrun.runs-dir": str(folder / "runs")}):
+            step = ParallelRunStep(
+                "bench", config, inputs=[inputs], output=str(folder / "out")
+            )
+            run = step.run()
+    assert run.status == "Completed", run.error
+    os.replace(run.output_path or "", out)
+    return _timings(run)
+
+
+def dask_config(settings: dict[str, Any]) -> Any:
+    import dask.config
+
+    return dask.config.set(settings)
+
+
+def tool_daskrun_map_write(workload: str, data: Path, model: str, out: Path) -> None:
+    import dask.dataframe as dd
+    from distributed import Client
+
+    import daskrun
+
+    assert workload == "w3", "daskrun-map-write runs W3 only"
+    script = out.parent / f"{out.name}.script.py"
+    script.write_text(W3_SCRIPT)
+    with _local_cluster() as cluster, Client(cluster):
+        frame = dd.read_csv(str(data / "*.csv"), blocksize="16MB")
+        scored = daskrun.map_partitions(str(script), frame)
+        folder = out.parent / f"{out.name}.folder"
+        final = daskrun.map_run(scored).write(str(folder), file_name="scores.csv")
+        os.replace(final, out)
+
+
 # --- driver -------------------------------------------------------------------
 
 
@@ -801,7 +865,11 @@ def main() -> None:
             model = str(model_path)
         else:
             data = w3_data(sizes["w3"])
-        tools = [t for t in args.tools if workload == "w3" or t not in W3_ONLY]
+        tools = [
+            t
+            for t in args.tools
+            if workload == "w3" or t.partition("@")[0] not in W3_ONLY
+        ]
         runs: dict[str, list[dict[str, Any]]] = {t: [] for t in tools}
         for _ in range(args.repeat):
             for tool in tools:  # in rotation: drifts hit every tool alike
@@ -873,6 +941,8 @@ def markdown(results: dict[str, Any], tools: list[str]) -> str:
         "daskrun": "daskrun",
         "daskrun-list": "daskrun, a list of paths",
         "daskrun-map": "`daskrun.map_partitions`",
+        "daskrun-map-write": "`daskrun.map_partitions`, `.write()`",
+        "daskrun-cluster": "daskrun on `LocalCluster(2)`",
     }
     what = {
         "w1": "W1: {:,} tiny files, no-op",

@@ -181,6 +181,33 @@ def test_poison_partition_within_threshold_is_dropped_and_reported(
     assert "1 / 0" in events[0]["traceback"]
 
 
+def test_the_result_written_as_a_step_writes_its_output(
+    tmp_path: Path, client: Client
+) -> None:
+    # the step's writer on each worker, parts assembled once, in order; the
+    # dropped partition adds no rows
+    script = write_script(tmp_path / "src", POISON)
+    ddf = dd.from_pandas(_frame(40), npartitions=4)
+    scored = daskrun.map_partitions(
+        str(script), ddf, error_threshold=10, run_max_try=1, name="written"
+    )
+    run = daskrun.map_run(scored)
+    final = run.write(str(tmp_path / "out"), file_name="scores.csv")
+    assert final == str(tmp_path / "out" / "scores.csv")
+    written = pd.read_csv(final)
+    expected = scored.compute().reset_index(drop=True)
+    # Arrow writes 1.0 as 1, as the step does
+    pd.testing.assert_frame_equal(written, expected, check_dtype=False)
+    assert list(written.id) == [*range(10), *range(20, 40)]
+    assert sorted(os.listdir(tmp_path / "out")) == ["scores.csv"]
+    # a bag's items as text lines, as a step writes them
+    bag = db.from_sequence([f"x{i}" for i in range(9)], npartitions=3)
+    join = write_script(tmp_path / "b", JOIN)
+    upper = daskrun.map_partitions(str(join), bag, error_threshold=-1)
+    lines = daskrun.map_run(upper).write(str(tmp_path / "text"), output_format="text")
+    assert Path(lines).read_text().split() == ["X0", "X1", "X2", "X6", "X7", "X8"]
+
+
 def test_poison_partition_beyond_threshold_fails_compute(
     tmp_path: Path, client: Client
 ) -> None:

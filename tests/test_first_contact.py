@@ -16,8 +16,8 @@ import pytest
 from distributed import LocalCluster
 
 from daskrun import ConfigError, Dataset, Environment
+from daskrun.engine.bundle import BUNDLE_MAX_FILES, build_bundle
 from daskrun.engine.environment import missing_packages, unmet_packages
-from daskrun.engine.plugin import BUNDLE_MAX_FILES, build_bundle
 
 from .helpers import daskrun, make_files, run_step, write_script
 

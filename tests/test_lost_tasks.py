@@ -1,5 +1,5 @@
 """The runner's policy for tasks whose worker died: the pure rule
-(:func:`daskrun.engine.runner.judge_lost_task`), then real workers that die."""
+(:func:`daskrun.engine.lost.judge_lost_task`), then real workers that die."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from daskrun import Dataset
 from daskrun.backends.inputs.datasets import FileBatch
-from daskrun.engine.runner import judge_lost_task
+from daskrun.engine.lost import judge_lost_task
 
 from .helpers import VictimKiller, make_files, run_step, victim_script
 

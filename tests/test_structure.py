@@ -160,7 +160,7 @@ def test_a_worker_imports_only_the_engine() -> None:
     code = (
         "import json, sys\n"
         "import daskrun.engine.plugin\n"
-        "from daskrun.engine.plugin import process_mini_batches\n"
+        "from daskrun.engine.tasks import process_mini_batches\n"
         "from daskrun.backends.compute.cluster import QuickExit\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )

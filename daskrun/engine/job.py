@@ -33,6 +33,7 @@ from daskrun.backends.inputs.datasets import CsvBatch, TabularDataset, file_batc
 from daskrun.backends.inputs.delimited import count_csv_records, count_csv_rows
 from daskrun.backends.storage import FileLock, describe_error, secret_values, within
 from daskrun.engine import output as _output
+from daskrun.engine.bundle import build_bundle
 from daskrun.engine.config import (
     ParallelRunConfig,
     ResolvedConfig,
@@ -46,21 +47,22 @@ from daskrun.engine.pilot import AutoSizes
 from daskrun.engine.plugin import (
     EntryScriptPlugin,
     InputSpec,
+    PluginSettings,
     SideInput,
     TryResult,
-    build_bundle,
 )
 from daskrun.engine.preflight import preflight, via_client_setting, workers_timeout
 from daskrun.engine.runner import (
     Canceled,
     Counts,
+    Hooks,
     Interrupt,
     LostTasks,
+    Runner,
     Tally,
     Unfinished,
     check_thresholds,
     connected,
-    run_mini_batches,
     threshold_error,
 )
 from daskrun.engine.viaclient import ViaClientTarget, commit
@@ -591,7 +593,8 @@ class Job:
             check=self.interrupt.check,
         )
         if target is not self.target:
-            self.target = self.plugin.output = target
+            self.target = target
+            self.plugin.set_output(target)
 
     def _queued(self) -> bool:
         """Whether the job runs on a batch queue (Slurm and the like)."""
@@ -609,32 +612,30 @@ class Job:
         return forecast
 
     def _run_batches(self, client: Any, batches: Iterator[Any]) -> Any:
-        """:func:`run_mini_batches` over ``batches`` of the plan."""
-        cfg, plugin = self.limits, self.plugin
-        return run_mini_batches(
-            client,
-            plugin.events_topic,
-            plugin.name,
-            batches,
-            self.tally,
-            cfg,
-            key_prefix=f"{self.step.name}-{self.run_id[-6:]}",
+        """A :class:`~daskrun.engine.runner.Runner` over ``batches`` of the plan."""
+        hooks = Hooks(
             on_done=self.on_done,
-            interrupt=self.interrupt,
-            starts_topic=plugin.starts_topic,
-            redact=plugin.redact,
             isolate=self._isolating if self.isolate else None,
             count_rows=self._item_counter(records=False),
             # a Dask collection's partitions are the tasks' dependencies
             task=self.step.inputs[0].submit if self.step.kind == "collection" else None,
-            progress_timeout=self.progress_timeout,
-            first_result_timeout=self.first_result_timeout,
             commit=(
                 functools.partial(commit, self.target)
                 if isinstance(self.target, ViaClientTarget)
                 else None
             ),
         )
+        return Runner(
+            client,
+            self.plugin,
+            self.tally,
+            self.limits,
+            key_prefix=f"{self.step.name}-{self.run_id[-6:]}",
+            hooks=hooks,
+            interrupt=self.interrupt,
+            progress_timeout=self.progress_timeout,
+            first_result_timeout=self.first_result_timeout,
+        ).run(batches)
 
     def _plan_rest(self, client: Any) -> Iterator[Any]:
         """Once enough of the pilot's outcomes are in (the rest of the pilot
@@ -783,39 +784,44 @@ class Job:
         }
         first = step.inputs[0]
         return EntryScriptPlugin(
-            name=f"daskrun-{run_id}",
-            # at most 300 MB (build_bundle refuses more): bytes travel to workers
-            # that cannot see the client's disk
-            bundle=zipped.read_bytes(),
-            script=script,
-            script_display=cfg.entry_script,
-            source_directory=cfg.source_directory,
-            experiment=step.experiment,
-            parent_id=step.parent_id,
-            arguments=[sides.get(id(a), a) for a in step.arguments],
-            side_inputs=list(sides.values()),
-            environment_variables=cfg.environment_variables,
-            output_path=output_path,
-            input_spec=InputSpec(
-                kind=step.kind,
-                storage_options=first.storage_options,
-                pandas_kwargs=getattr(first, "pandas_kwargs", {}),
-                local=all(ds.local for ds in step.inputs),
-                partition_format=first.partition_format,
-            ),
-            output=target,
-            run_invocation_timeout=cfg.run_invocation_timeout,
-            models=self.models,
-            logging_level=cfg.logging_level,
-            resource_interval=self.resource_interval,
-            secrets=[
-                secret
-                for options in (
-                    *(ds.storage_options for ds in (*step.inputs, *step.side_inputs)),
-                    step.output_storage_options,
-                )
-                for secret in secret_values(options)
-            ],
+            PluginSettings(
+                name=f"daskrun-{run_id}",
+                # at most 300 MB (build_bundle refuses more): bytes travel to workers
+                # that cannot see the client's disk
+                bundle=zipped.read_bytes(),
+                script=script,
+                script_display=cfg.entry_script,
+                source_directory=cfg.source_directory,
+                experiment=step.experiment,
+                parent_id=step.parent_id,
+                arguments=[sides.get(id(a), a) for a in step.arguments],
+                side_inputs=list(sides.values()),
+                environment_variables=cfg.environment_variables,
+                output_path=output_path,
+                input_spec=InputSpec(
+                    kind=step.kind,
+                    storage_options=first.storage_options,
+                    pandas_kwargs=getattr(first, "pandas_kwargs", {}),
+                    local=all(ds.local for ds in step.inputs),
+                    partition_format=first.partition_format,
+                ),
+                output=target,
+                run_invocation_timeout=cfg.run_invocation_timeout,
+                models=self.models,
+                logging_level=cfg.logging_level,
+                resource_interval=self.resource_interval,
+                secrets=[
+                    secret
+                    for options in (
+                        *(
+                            ds.storage_options
+                            for ds in (*step.inputs, *step.side_inputs)
+                        ),
+                        step.output_storage_options,
+                    )
+                    for secret in secret_values(options)
+                ],
+            )
         )
 
     def _not_source(self) -> list[str]:

@@ -148,7 +148,7 @@ def distributed_log(path: str | os.PathLike[str]) -> Iterator[None]:
 def log_distributed_to(path: str) -> None:
     """Send distributed's log lines to ``path`` for the rest of this process:
     run by each local worker process as it starts (see
-    ``cluster._worker_log_options``). So does the traceback that
+    ``local._worker_log_options``). So does the traceback that
     multiprocessing prints when the process's function raised, see
     :class:`_ExitTracebackToLog`."""
     _route.open(path)

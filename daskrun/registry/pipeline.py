@@ -20,8 +20,8 @@ from typing import Any
 
 from daskrun.backends.compute.cluster import keep_warm
 from daskrun.backends.inputs.datasets import FileDataset
+from daskrun.engine.bundle import bundle_source
 from daskrun.engine.naming import PipelineParameter, check_name, check_parameter_names
-from daskrun.engine.plugin import bundle_source
 from daskrun.engine.runner import Interrupt
 from daskrun.exceptions import (
     ConfigError,

@@ -715,7 +715,7 @@ def _execute(
             job.hold(lock_run(record))
         job.open(record, resuming=resume is not None, retry_failed=retry_failed)
         if source is not None:
-            source.keep(job.plugin.bundle)
+            source.keep(job.plugin.settings.bundle)
     job.run(record)
     run = StepRun.from_record(record, step.workspace)
     run.dashboard_link = job.link
@@ -950,16 +950,16 @@ def _new_record(
             for given, ds in zip(step.input_names, step.inputs, strict=False)
         ],
         pandas_kwargs=getattr(step.inputs[0], "pandas_kwargs", {}),
-        remote_inputs=not plugin.input_spec.local,
+        remote_inputs=not plugin.settings.input_spec.local,
         output=step.output,
         config=asdict(step.config.resolved),
-        script=plugin.script,
-        source_digests=[bundle_digest(plugin.bundle)],
+        script=plugin.settings.script,
+        source_digests=[bundle_digest(plugin.settings.bundle)],
         arguments=[str(a) for a in step.arguments],
     )
     private_folder(record.folder)
     with private_open(record.folder / SOURCE, "wb") as f:
-        f.write(plugin.bundle)
+        f.write(plugin.settings.bundle)
     return record
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from daskrun.backends.inputs.datasets import CollectionBatch
-from daskrun.engine.plugin import process_collection_batches
+from daskrun.engine.tasks import process_collection_batches
 from daskrun.exceptions import ConfigError
 
 
