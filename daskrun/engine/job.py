@@ -22,16 +22,16 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import astuple, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from daskrun.aml.modelrefs import ModelRef
 from daskrun.backends.compute.cluster import EarlyStart, connect, dashboard_link
 from daskrun.backends.compute.jobqueue import is_jobqueue_cluster
-from daskrun.backends.inputs.datasets import CsvBatch, TabularDataset, file_batch_at
-from daskrun.backends.inputs.delimited import count_csv_records, count_csv_rows
-from daskrun.backends.storage import FileLock, describe_error, secret_values, within
+from daskrun.backends.inputs.base import Input
+from daskrun.backends.inputs.datasets import file_batch_at
+from daskrun.backends.storage import FileLock, describe_error, secret_values
 from daskrun.engine import output as _output
 from daskrun.engine.config import (
     ParallelRunConfig,
@@ -136,7 +136,9 @@ class BoundStep(Protocol):
     @property
     def name(self) -> str: ...
     @property
-    def kind(self) -> str: ...  # "file" or "tabular"
+    def kind(self) -> str: ...  # its input_type's kind, for the record
+    @property
+    def input_type(self) -> type[Input]: ...  # the inputs' class
 
     mini_batch_size: int  # "auto": set by the job before it plans
     pilot: int  # mini_batch_size="auto": one-file mini-batches first
@@ -628,7 +630,7 @@ class Job:
             isolate=self._isolating if self.isolate else None,
             count_rows=self._item_counter(records=False),
             # a Dask collection's partitions are the tasks' dependencies
-            task=self.step.inputs[0].submit if self.step.kind == "collection" else None,
+            task=self.step.input_type.task_of(self.step.inputs),
             progress_timeout=self.progress_timeout,
             first_result_timeout=self.first_result_timeout,
             commit=(
@@ -842,24 +844,9 @@ class Job:
         """The items the plan holds, and how job_result.txt counts them: the
         files of file inputs, the rows of Parquet inputs (from their metadata);
         ``None`` for CSV, whose rows are known only once read."""
-        step, batches = self.step, self.batches
-        if step.kind == "collection":
-            return None, (
-                f"rows or items of finished mini-batches ({len(batches)} "
-                "partitions of a Dask collection planned)"
-            )
-        if step.kind == "file":
-            own = step._own_output()
-            n = 0
-            for ds in step.inputs:
-                files = ds.files()
-                n += len(files) - (own is not None and own in files)
-            return n, "files planned"
-        if all(b.n_items is not None for b in batches):
-            return sum(b.n_items for b in batches), "rows planned (Parquet metadata)"
-        return None, (
-            f"rows of finished mini-batches (CSV rows are counted as they are "
-            f"read; {len(batches)} mini-batches planned)"
+        step = self.step
+        return step.input_type.planned_items(
+            step.inputs, self.batches, step._own_output()
         )
 
     def _describe(self, index: int) -> str:
@@ -896,28 +883,9 @@ class Job:
         if self.cfg.partition_keys:
             self._fill_partitions(ledger, stamps)
             return
-        if step.kind == "collection":  # its token stands for its content
-            (collection,) = step.inputs
-            for path, size, stamp in stamps:
-                ledger.file(path, size, stamp)
-            for batch in self.batches:
-                ledger.mini_batch(collection.ledger_plan(batch.index), [])
-            return
-        if step.kind == "file":
-            for batch in step.plan()[0]:  # a fresh plan: ``batches`` is lazy
-                got = list(itertools.islice(stamps, batch.n_items))
-                for path, size, stamp in got:
-                    ledger.file(path, size, stamp)
-                ledger.mini_batch(
-                    batch.joined, [(size, stamp) for _, size, stamp in got]
-                )
-            return
-        known: dict[str, tuple[int, str]] = {}
-        for path, size, stamp in stamps:
-            ledger.file(path, size, stamp)
-            known[path] = (size, stamp)
-        for batch in self.batches:
-            ledger.mini_batch(astuple(batch)[1:], [known.get(batch.path)])
+        step.input_type.fill_ledger(
+            ledger, step.inputs, self.batches, stamps, lambda: step.plan()[0]
+        )
 
     def _fill_partitions(
         self, ledger: PlanLedger, stamps: Iterator[tuple[str, int, str]]
@@ -941,27 +909,7 @@ class Job:
         (:func:`~daskrun.backends.inputs.delimited.count_csv_records`); bounded by
         ``daskrun.storage-timeout`` (the input may be what hung: a FIFO, a
         dead mount), then unknown (``None``) or 1."""
-        step = self.step
-        if step.kind != "tabular":
-            return None
-        first = step.inputs[0]
-        assert isinstance(first, TabularDataset)
-        counter = count_csv_records if records else count_csv_rows
-        unknown = 1 if records else None
-
-        def count(batch: Any) -> int | None:
-            if not isinstance(batch, CsvBatch):
-                return batch.n_items if batch.n_items is not None else unknown
-            try:
-                return within(
-                    float(config_get("storage-timeout")),
-                    lambda: counter(batch, first.storage_options, first.pandas_kwargs),
-                    TimeoutError,
-                )
-            except TimeoutError:
-                return unknown
-
-        return count
+        return self.step.input_type.unread_counter(self.step.inputs, records)
 
 
 def _prepare_output(target: _output.OutputTarget) -> FileLock | None:

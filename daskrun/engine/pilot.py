@@ -27,7 +27,7 @@ from daskrun.engine.auto import (
     choose_table_size,
     worker_memory,
 )
-from daskrun.engine.config import config_get, mini_batch_size_for
+from daskrun.engine.config import config_get
 from daskrun.engine.plugin import TryResult
 
 
@@ -58,7 +58,7 @@ class AutoSizes:
         if cfg.mini_batch_size != AUTO:
             return
         base = self.choice or AutoChoice()
-        if step.kind == "tabular":
+        if not step.input_type.pilots:  # tables: sized from their bytes
             size = recorded.mini_batch_size or self._table_size(step, cfg)
             step.mini_batch_size = size
             self.choice = AutoChoice(
@@ -74,7 +74,7 @@ class AutoSizes:
             self.choice = recorded
         else:
             step.pilot = self._pilot_count = int(config_get("auto.pilot-mini-batches"))
-            step.mini_batch_size = mini_batch_size_for("file", None)
+            step.mini_batch_size = step.input_type.size_of(None)
             self.pilot_pending = step.pilot > 0
             self.choice = base
 

@@ -24,7 +24,6 @@ from daskrun.backends.inputs.datasets import (
     CsvBatch,
     FileBatch,
     MiniBatch,
-    ParquetBatch,
     SubBatch,
 )
 from daskrun.engine.config import ResolvedConfig, config_get
@@ -357,7 +356,7 @@ class Isolation:
         """The first pieces of ``batch``, whose last try ``result`` failed;
         ``None`` when it is not isolated."""
         n = result.items_in if result.items_in is not None else batch.n_items
-        if not isinstance(batch, (FileBatch, CsvBatch, ParquetBatch)) or not n:
+        if not batch.isolable or not n:
             return None
         if n < 2:
             return None

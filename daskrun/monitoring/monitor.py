@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from daskrun.backends.inputs.datasets import FileBatch, MiniBatch, PartitionBatch
+from daskrun.backends.inputs.datasets import MiniBatch
 from daskrun.backends.storage import (
     private_file,
     private_folder,
@@ -515,11 +515,7 @@ def _forecast_line(snap: Mapping[str, Any]) -> str:
 
 def _paths(batch: MiniBatch) -> list[str] | None:
     """The files of a mini-batch of files (a partition's too), else ``None``."""
-    if isinstance(batch, FileBatch):
-        return batch.paths
-    if isinstance(batch, PartitionBatch) and batch.file_format is None:
-        return batch.paths
-    return None
+    return batch.input_files()
 
 
 # distributed's loggers and those of the event loop it runs on: Tornado's

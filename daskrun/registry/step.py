@@ -23,22 +23,21 @@ from typing import Any
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from daskrun.backends.inputs.base import Input as InputKind
+from daskrun.backends.inputs.batches import plan_partitions
 from daskrun.backends.inputs.datasets import (
     Dataset,
     DatasetConsumptionConfig,
     FileDataset,
     PipelineData,
     TabularDataset,
-    file_batch_count,
-    plan_files,
     read_tabular,
 )
 from daskrun.backends.inputs.native import (
     CollectionInput,
-    check_same_collection,
     is_collection,
 )
-from daskrun.backends.inputs.partitions import check_partition_keys, plan_partitions
+from daskrun.backends.inputs.partitions import check_partition_keys
 from daskrun.backends.storage import (
     private_file,
     private_folder,
@@ -53,7 +52,6 @@ from daskrun.engine.config import (
     check_arguments,
     check_parameter_names,
     check_step_name,
-    mini_batch_size_for,
 )
 from daskrun.engine.job import Job
 from daskrun.engine.pilot import AutoSizes
@@ -328,13 +326,15 @@ class ParallelRunStep:
         self.config = parallel_run_config
         cfg = parallel_run_config.resolved
         self.input_specs = _check_input_specs(inputs)
-        self.kind = _kind_of(self.input_specs)
+        # the inputs' class (daskrun.backends.inputs.base.Input): what the
+        # job asks to plan, count and record them
+        self.input_type = _input_type(self.input_specs)
         # as_named_input names, kept in the run record
         self.input_names: list[str | None] = [
             s.name if isinstance(s, DatasetConsumptionConfig) else None
             for s in self.input_specs
         ]
-        self.mini_batch_size = _mini_batch_size(self.kind, cfg)
+        self.mini_batch_size = self.input_type.step_size(cfg)
         # mini_batch_size="auto": one-file mini-batches first (set by the job,
         # daskrun.engine.auto), and the choice a resumed run recorded
         self.pilot = 0
@@ -426,7 +426,7 @@ class ParallelRunStep:
         bound = copy.copy(self)
         bound.config = self.config.bind(values)
         cfg = bound.config.resolved
-        bound.mini_batch_size = _mini_batch_size(self.kind, cfg)
+        bound.mini_batch_size = self.input_type.step_size(cfg)
         bound.inputs = [
             _concrete(spec, values, produced or {}, workspace)
             for spec in self.input_specs
@@ -459,6 +459,11 @@ class ParallelRunStep:
         return f"ParallelRunStep(name={self.name!r}, inputs={self.inputs!r})"
 
     @property
+    def kind(self) -> str:
+        """The inputs' kind, as the run record keeps it."""
+        return self.input_type.kind
+
+    @property
     def dataset_name(self) -> str | None:
         """The inputs' name (``as_named_input``, else registered) when they
         share one, for the run record; else ``None``."""
@@ -475,9 +480,6 @@ class ParallelRunStep:
         folder lies inside an input folder (daskrun's parts are left out of
         every listing).
         """
-        if self.kind == "collection":  # one mini-batch per partition
-            parts = [b for ds in self.inputs for b in ds.plan()]
-            return parts, len(parts)
         own = self._own_output()
         keys = self.config.resolved.partition_keys
         if keys:
@@ -489,26 +491,12 @@ class ParallelRunStep:
                     if pair[0] != own
                 ),
                 keys,
-                getattr(self.inputs[0], "file_format", None),
+                self.inputs[0].file_format,
             )
             return partitions, len(partitions)
-        if self.kind == "file":
-            files = (
-                self.inputs[0].files()
-                if len(self.inputs) == 1
-                else [f for ds in self.inputs for f in ds.files()]
-            )
-            if own is not None and own in files:
-                files = [f for f in files if f != own]
-            n, pilot = self.mini_batch_size, self.pilot
-            return plan_files(files, n, pilot), file_batch_count(len(files), n, pilot)
-        batches: list[Any] = []
-        for ds in self.inputs:
-            assert isinstance(ds, TabularDataset)
-            batches.extend(
-                ds.plan(self.mini_batch_size, start=len(batches), exclude=own)
-            )
-        return batches, len(batches)
+        return self.input_type.plan_inputs(
+            self.inputs, self.mini_batch_size, self.pilot, own
+        )
 
     def _own_output(self) -> str | None:
         """The final output file as data set listings name it."""
@@ -593,42 +581,22 @@ def _default(item: Any) -> Any:
     return source.default_value if isinstance(source, PipelineParameter) else source
 
 
-def _kind_of(specs: list[Any]) -> str:
+def _input_type(specs: list[Any]) -> type[InputKind]:
+    """The one class of a step's inputs (PipelineData: files)."""
     kinds = set()
     for item in specs:
         source = _default(item)
-        kinds.add("file" if isinstance(source, PipelineData) else source.kind)
+        kinds.add(FileDataset.kind if isinstance(source, PipelineData) else source.kind)
     if len(kinds) > 1:
         raise ConfigError(
             f"inputs mix kinds {sorted(kinds)}; all inputs of one step must be "
             "file data sets, or all tabular"
         )
-    return kinds.pop()
-
-
-def _mini_batch_size(kind: str, cfg: Any) -> int:
-    """Files or bytes per mini-batch; a collection's partitions are its
-    mini-batches, as they are."""
-    if kind != "collection":
-        return mini_batch_size_for(kind, cfg.mini_batch_size)
-    given = (
-        f"mini_batch_size={cfg.mini_batch_size!r}"
-        if cfg.mini_batch_size is not None
-        else f"partition_keys={list(cfg.partition_keys)!r}"
-        if cfg.partition_keys
-        else None
-    )
-    if given is not None:
-        raise ConfigError(
-            f"{given} does not apply to a Dask collection input: each of its "
-            "partitions is one mini-batch; drop it, and repartition the "
-            "collection instead (ddf.repartition(partition_size='10MB'))"
-        )
-    return 1
+    return InputKind.of_kind(kinds.pop())
 
 
 def _check_kinds(items: list[Input]) -> None:
-    kinds = {(i.kind, getattr(i, "file_format", None)) for i in items}
+    kinds = {(i.kind, i.file_format) for i in items}
     if len(kinds) > 1:
         raise ConfigError(
             f"inputs mix kinds {sorted(str(k) for k in kinds)}; all inputs of one "
@@ -642,7 +610,7 @@ def _check_partitioned(keys: Sequence[str] | None, inputs: list[Input]) -> None:
     for ds in inputs:
         if keys:
             check_partition_keys(keys, ds)
-    formats = {ds.partition_format for ds in inputs if ds.kind == "tabular"}
+    formats = {ds.partition_format for ds in inputs if ds.keys_as_columns}
     if len(formats) > 1:
         raise ConfigError(
             f"tabular inputs have different partition_format values "
@@ -856,41 +824,18 @@ def _rebuild(
     script and its folder, else the recorded copy unpacked into the run
     folder), config, inputs (a Dask collection's: ``given`` again, checked),
     output and arguments."""
-    run_id = record.run_id
     script, folder = location or RunSource(record).unpacked()
     config = dict(record.config)
     config["entry_script"], config["source_directory"] = script, folder
     cfg = ParallelRunConfig(compute_target=compute_target, **config)
     options = storage_options or {}
     inputs: list[Input]
-    if record.kind == "collection":
-        if given is None or len(given) != len(record.inputs):
-            raise ConfigError(
-                f"run {run_id!r} read a Dask collection; pass it again: "
-                f"resume({run_id!r}, inputs=[ddf])"
-            )
-        inputs = [
-            check_same_collection(item, str(path), run_id)
-            for item, path in zip(given, record.inputs, strict=True)
-        ]
-    elif record.input_specs and workspace is not None:
+    if record.input_specs and workspace is not None:  # registered data sets
         inputs = [from_spec(spec, workspace) for spec in record.input_specs]
-    elif record.kind == "file":
-        inputs = [
-            FileDataset(p, storage_options=options, partition_format=f)
-            for p, f in _with_formats(record, given)
-        ]
     else:
-        inputs = [
-            TabularDataset(
-                p,
-                file_format=record.file_format or "csv",
-                storage_options=options,
-                pandas_kwargs=record.pandas_kwargs,
-                partition_format=f,
-            )
-            for p, f in _with_formats(record, given)
-        ]
+        inputs = InputKind.of_kind(record.kind).from_record(
+            record, given, options, lambda: _with_formats(record, given)
+        )
     output_options: dict[str, Any] = {}
     for where in record.outputs.values():
         output_options = Datastore(workspace, where["datastore"]).storage_options

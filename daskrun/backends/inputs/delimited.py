@@ -33,11 +33,13 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import fsspec
 import fsspec.utils
 
+from daskrun.backends.inputs.base import read_piece
+from daskrun.backends.inputs.partitions import with_partition_columns
 from daskrun.exceptions import ConfigError
 
 logger = logging.getLogger("daskrun")
@@ -67,6 +69,37 @@ class CsvBatch:
     offset: int = 0
     length: int | None = None
     header: int = 0
+    isolable: ClassVar[bool] = True  # a failed one is halved to find its bad rows
+
+    def frame(self, storage_options: Mapping[str, Any], pandas_kwargs: Any) -> Any:
+        """Its rows, as ``pandas.read_csv`` reads them."""
+        return read_csv(self, storage_options, pandas_kwargs)
+
+    def rows(
+        self,
+        storage_options: Mapping[str, Any],
+        pandas_kwargs: Any,
+        partition_format: str | None,
+    ) -> Any:
+        """Its rows with a column per partition key, as ``run()`` gets them."""
+        frame = self.frame(storage_options, pandas_kwargs)
+        return with_partition_columns(frame, self.path, partition_format)
+
+    def read(self, spec: Any, cache_root: str) -> tuple[Any, int | None, str | None]:
+        """What ``run()`` receives (a DataFrame with a column per partition
+        key), the rows read, and no folder to delete."""
+        options, kwargs = spec.storage_options, spec.pandas_kwargs
+        frame = self.rows(options, kwargs, spec.partition_format)
+        return frame, len(frame), None
+
+    def read_piece(
+        self, start: int, stop: int, spec: Any, cache_root: str
+    ) -> tuple[Any, int | None, str | None]:
+        """Rows ``[start, stop)``, read as the whole mini-batch is and sliced."""
+        return read_piece(self, start, stop, spec, cache_root)
+
+    def input_files(self) -> list[str] | None:
+        return None
 
     @property
     def n_items(self) -> int | None:
@@ -76,6 +109,24 @@ class CsvBatch:
         if self.length is None:
             return f"{self.path} (whole file)"
         return f"{self.path} bytes {self.offset}-{self.offset + self.length}"
+
+    def count_unread(self, dataset: Any, records: bool) -> int | None:
+        """The rows (or, with ``records``, the records) of this mini-batch
+        whose try failed before they were counted, within
+        ``daskrun.storage-timeout`` (the input may be what hung: a FIFO, a
+        dead mount); ``None`` when unknown."""
+        from daskrun.backends.storage import within
+        from daskrun.engine.config import config_get
+
+        counter = count_csv_records if records else count_csv_rows
+        try:
+            return within(
+                float(config_get("storage-timeout")),
+                lambda: counter(self, dataset.storage_options, dataset.pandas_kwargs),
+                TimeoutError,
+            )
+        except TimeoutError:
+            return None
 
 
 def check_csv_options(pandas_kwargs: Mapping[str, Any]) -> dict[str, Any]:
