@@ -10,54 +10,28 @@ mini-batches (:mod:`daskrun.engine.runner`), assembles the output
 from __future__ import annotations
 
 import copy
-import json
-import logging
 import os
-import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
 
 from daskrun.backends.inputs.base import Input as InputKind
 from daskrun.backends.inputs.batches import plan_partitions
 from daskrun.backends.inputs.datasets import (
-    Dataset,
     DatasetConsumptionConfig,
     FileDataset,
     PipelineData,
     TabularDataset,
-    read_tabular,
-)
-from daskrun.backends.inputs.native import (
-    CollectionInput,
-    is_collection,
-)
-from daskrun.backends.inputs.partitions import check_partition_keys
-from daskrun.backends.storage import (
-    private_file,
-    private_folder,
-    private_open,
-    signature_hidden,
-    unsigned,
 )
 from daskrun.engine import output as _output
 from daskrun.engine.config import (
     ParallelRunConfig,
     PipelineParameter,
-    check_arguments,
     check_parameter_names,
     check_step_name,
 )
 from daskrun.engine.job import Job
-from daskrun.engine.pilot import AutoSizes
-from daskrun.engine.plugin import (
-    EntryScriptPlugin,
-)
 from daskrun.engine.runner import (
     Interrupt,
 )
@@ -70,17 +44,33 @@ from daskrun.monitoring.monitor import (
 from daskrun.registry.catalog import from_spec
 from daskrun.registry.models import model_refs
 from daskrun.registry.records import (
-    SOURCE,
     RunRecord,
     lock_run,
+    new_run_id,
     runs_dir,
 )
-from daskrun.registry.sources import RunSource, bundle_digest
+from daskrun.registry.resume import (
+    _check_credentials,
+    _failed_options,
+    _failed_rows,
+    _new_record,
+    _with_formats,
+)
+from daskrun.registry.sources import RunSource
+from daskrun.registry.stepinputs import (
+    Input,
+    _absolute,
+    _check_input_specs,
+    _check_kinds,
+    _check_partitioned,
+    _checked_output,
+    _checked_sides,
+    _concrete,
+    _input_type,
+    _show,
+    _source,
+)
 from daskrun.registry.workspace import Datastore, OutputData, Workspace
-
-logger = logging.getLogger("daskrun")
-
-Input = FileDataset | TabularDataset | CollectionInput
 
 
 @dataclass
@@ -254,7 +244,7 @@ class StepRun:
             return frame.to_bag(format="dict")
         path = self._published()
         lines = db.read_text(path, storage_options=dict(storage_options or {}))
-        return lines.map(_without_newline)
+        return lines.map(lambda line: line.removesuffix("\n"))
 
     def _published(self) -> str:
         if self.output_path is None:
@@ -346,43 +336,14 @@ class ParallelRunStep:
                 "output_action='summary_only'"
             )
         self.output_storage_options = dict(output_storage_options or {})
-        self.output_data: PipelineData | None = None
-        if isinstance(output, PipelineData):
-            self.output_data = output
-            self.output: str | None = None
-        elif output is None:
-            self.output = None
-        elif not os.fspath(output):
-            raise ConfigError(
-                "output='' is empty, which would write into the current folder; "
-                "pass an output folder or URL, e.g. output='out/' ('.' for the "
-                "current folder)"
-            )
-        else:
-            self.output = _absolute(os.fspath(output), self.output_storage_options)
-            if os.path.isabs(self.output):  # a local folder
-                _output.check_output_folder(
-                    self.output,
-                    cfg.append_row_file_name
-                    if cfg.output_action == "append_row"
-                    else None,
-                )
-        self.side_inputs = list(side_inputs or [])
-        for side in self.side_inputs:
-            if not isinstance(side, (FileDataset, TabularDataset)):
-                raise ConfigError(
-                    f"side_inputs item {side!r} is not a data set; use "
-                    "Dataset.File.from_files(path)"
-                )
-        self.arguments = check_arguments(arguments)
-        for arg in self.arguments:
-            if isinstance(arg, (FileDataset, TabularDataset)) and not any(
-                arg is side for side in self.side_inputs
-            ):
-                raise ConfigError(
-                    f"argument {arg!r} is a data set that is not in side_inputs; "
-                    "add it to side_inputs so every worker gets it"
-                )
+        self.output_data, self.output = _checked_output(
+            output, self.output_storage_options
+        )
+        if self.output is not None and os.path.isabs(self.output):  # local
+            append_row = cfg.output_action == "append_row"
+            final = cfg.append_row_file_name if append_row else None
+            _output.check_output_folder(self.output, final)
+        self.side_inputs, self.arguments = _checked_sides(side_inputs, arguments)
         self.allow_reuse = bool(allow_reuse)
         # set when bound to a run (see bind())
         self.inputs: list[Input] = (
@@ -531,141 +492,6 @@ class ParallelRunStep:
         )
 
 
-def _without_newline(line: str) -> str:
-    return line.removesuffix("\n")
-
-
-def _check_input_specs(inputs: Any) -> list[Any]:
-    specs = (PipelineParameter, PipelineData, DatasetConsumptionConfig)
-    single = (FileDataset, TabularDataset, *specs)
-    if is_collection(inputs):
-        inputs = [inputs]
-    items = [inputs] if isinstance(inputs, single) else inputs
-    if isinstance(items, (str, os.PathLike)) or not isinstance(items, Sequence):
-        raise ConfigError(
-            f"inputs={inputs!r} is not a data set; use "
-            "inputs=[Dataset.File.from_files(path)]"
-        )
-    items = [CollectionInput(i) if is_collection(i) else i for i in items]
-    if len(items) > 1 and any(isinstance(i, CollectionInput) for i in items):
-        raise ConfigError(
-            f"inputs hold a Dask collection and {len(items) - 1} more inputs; a "
-            "step reads one collection: concatenate them first (dd.concat or "
-            "db.concat)"
-        )
-    if not items:
-        raise ConfigError(
-            "inputs=[] is empty; pass at least one data set, e.g. "
-            "[Dataset.File.from_files('images/')]"
-        )
-    for item in items:
-        if not isinstance(
-            _default(item), (FileDataset, TabularDataset, PipelineData, CollectionInput)
-        ):
-            raise ConfigError(
-                f"inputs item {item!r} is not a data set; use "
-                f"Dataset.File.from_files({item!r}) or "
-                f"Dataset.Tabular.from_delimited_files({item!r})"
-            )
-    return items
-
-
-def _source(item: Any) -> Any:
-    """What an input names: a data set, a PipelineParameter or PipelineData."""
-    return item.source if isinstance(item, DatasetConsumptionConfig) else item
-
-
-def _default(item: Any) -> Any:
-    """An input's data set (a PipelineParameter's default) or PipelineData."""
-    source = _source(item)
-    return source.default_value if isinstance(source, PipelineParameter) else source
-
-
-def _input_type(specs: list[Any]) -> type[InputKind]:
-    """The one class of a step's inputs (PipelineData: files)."""
-    kinds = set()
-    for item in specs:
-        source = _default(item)
-        kinds.add(FileDataset.kind if isinstance(source, PipelineData) else source.kind)
-    if len(kinds) > 1:
-        raise ConfigError(
-            f"inputs mix kinds {sorted(kinds)}; all inputs of one step must be "
-            "file data sets, or all tabular"
-        )
-    return InputKind.of_kind(kinds.pop())
-
-
-def _check_kinds(items: list[Input]) -> None:
-    kinds = {(i.kind, i.file_format) for i in items}
-    if len(kinds) > 1:
-        raise ConfigError(
-            f"inputs mix kinds {sorted(str(k) for k in kinds)}; all inputs of one "
-            "step must be file data sets, or all tabular of one format"
-        )
-
-
-def _check_partitioned(keys: Sequence[str] | None, inputs: list[Input]) -> None:
-    """Every input has the ``partition_keys``; tabular inputs share one
-    ``partition_format`` (the workers add its columns to every row)."""
-    for ds in inputs:
-        if keys:
-            check_partition_keys(keys, ds)
-    formats = {ds.partition_format for ds in inputs if ds.keys_as_columns}
-    if len(formats) > 1:
-        raise ConfigError(
-            f"tabular inputs have different partition_format values "
-            f"{sorted(map(str, formats))}; give them one format, or run one step "
-            "per format"
-        )
-
-
-def _concrete(
-    spec: Any,
-    values: dict[str, Any],
-    produced: dict[str, Input],
-    workspace: Any = None,
-) -> Input:
-    """The data set an input spec stands for in one run."""
-    source = _source(spec)
-    if isinstance(source, PipelineParameter):
-        value = values.get(source.name, source.default_value)
-        if isinstance(value, str) and workspace is not None:
-            value = Dataset.get_by_name(workspace, value)
-        if not isinstance(value, (FileDataset, TabularDataset)):
-            raise ConfigError(
-                f"pipeline parameter {source.name!r}={value!r} is not a data set; "
-                "pass a data set (Dataset.File.from_files(...)) or the name of one "
-                "registered in the workspace"
-            )
-        return value
-    if isinstance(source, PipelineData):
-        if source.name not in produced:
-            raise ConfigError(
-                f"PipelineData {source.name!r} is read before any step wrote it; "
-                "add the step that writes it to the same Pipeline"
-            )
-        return produced[source.name]
-    return source
-
-
-def _show(value: Any) -> Any:
-    """A parameter value as a run record shows it."""
-    if isinstance(value, (FileDataset, TabularDataset)):
-        return repr(value)
-    return value
-
-
-def _absolute(path: str, storage_options: dict[str, Any]) -> str:
-    fs, stripped = url_to_fs(path, **storage_options)
-    return os.path.abspath(stripped) if isinstance(fs, LocalFileSystem) else path
-
-
-def new_run_id(step_name: str) -> str:
-    """``<step>_<UTC time>_<random>``, sortable by start time."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    return f"{step_name}_{stamp}_{secrets.token_hex(3)}"
-
-
 def _execute(
     step: ParallelRunStep,
     *,
@@ -799,19 +625,6 @@ def _resume(
     )
 
 
-def _check_credentials(
-    record: RunRecord, storage_options: dict[str, Any] | None, call: str
-) -> None:
-    """Refuse to read a run's remote inputs again without credentials:
-    neither given (run records never hold them) nor a workspace
-    datastore's."""
-    if record.remote_inputs and storage_options is None and not record.input_specs:
-        raise ConfigError(
-            f"run {record.run_id!r} reads remote inputs; pass their "
-            f"storage_options to {call}, since run records never hold credentials"
-        )
-
-
 def _rebuild(
     record: RunRecord,
     storage_options: dict[str, Any] | None,
@@ -854,102 +667,6 @@ def _rebuild(
     return step
 
 
-def _with_formats(
-    record: RunRecord, given: Sequence[Any] | None = None
-) -> list[tuple[Any, str | None]]:
-    """Each input's paths and ``partition_format``."""
-    formats = record.partition_formats or [None] * len(record.inputs)
-    return list(zip(_signed_again(record, given), formats, strict=True))
-
-
-def _signed_again(record: RunRecord, given: Sequence[Any] | None) -> list[Any]:
-    """The run's input paths. Where they were URLs with a SAS signature,
-    which run records never keep, they are ``given`` again (paths or data
-    sets, in the run's order), checked against the record."""
-    recorded = record.inputs
-    if not any(signature_hidden(json.dumps(p)) for p in recorded):
-        return recorded
-    run_id = record.run_id
-    if given is None or len(given) != len(recorded):
-        raise ConfigError(
-            f"run {run_id!r} read {len(recorded)} input(s) given as URLs with "
-            "a SAS signature, which run records never keep; give them again: "
-            f"daskrun resume {run_id} --input URL ... (resume({run_id!r}, "
-            "inputs=[url, ...]))"
-        )
-    paths = [_paths_given(g) for g in given]
-    for was, now in zip(recorded, paths, strict=True):
-        if json.loads(unsigned(json.dumps(now))) != was:
-            raise ConfigError(
-                f"input {unsigned(str(now))!r} is not run {run_id!r}'s "
-                f"{was!r}; give the run's inputs again, in its order"
-            )
-    return paths
-
-
-def _new_record(
-    step: ParallelRunStep, run_id: str, plugin: EntryScriptPlugin, root: Path
-) -> RunRecord:
-    record = RunRecord(
-        run_id=run_id,
-        root=str(root),
-        name=step.name,
-        status="Running",
-        parent_id=step.parent_id,
-        experiment=step.experiment,
-        parameters=step.parameter_values,
-        outputs=step.outputs,
-        fingerprint=step.fingerprint,
-        workspace=None if step.workspace is None else str(step.workspace.path),
-        kind=step.kind,
-        file_format=getattr(step.inputs[0], "file_format", None),
-        inputs=[_path_spec(ds) for ds in step.inputs],
-        input_specs=_input_specs(step.inputs),
-        partition_formats=[ds.partition_format for ds in step.inputs],
-        input_names=[
-            given or ds.name
-            for given, ds in zip(step.input_names, step.inputs, strict=False)
-        ],
-        pandas_kwargs=getattr(step.inputs[0], "pandas_kwargs", {}),
-        remote_inputs=not plugin.input_spec.local,
-        output=step.output,
-        config=asdict(step.config.resolved),
-        script=plugin.script,
-        source_digests=[bundle_digest(plugin.bundle)],
-        arguments=[str(a) for a in step.arguments],
-    )
-    private_folder(record.folder)
-    with private_open(record.folder / SOURCE, "wb") as f:
-        f.write(plugin.bundle)
-    return record
-
-
-def _input_specs(inputs: list[Input]) -> list[dict[str, Any]]:
-    """The data sets as workspace specs, when all come from datastores or
-    local paths (so a resume gets credentials from the workspace)."""
-    try:
-        return [ds.spec() for ds in inputs]
-    except ConfigError:
-        return []
-
-
-def _paths_given(given: Any) -> Any:
-    """The path, or list of paths, that ``given`` (as an input of
-    :func:`resume`: a path, a list of paths, or a data set) names."""
-    if isinstance(given, (str, os.PathLike)):
-        return os.fspath(given)
-    if isinstance(given, (list, tuple)):
-        return [os.fspath(p) for p in given]
-    return _path_spec(given)
-
-
-def _path_spec(dataset: Input) -> Any:
-    path = dataset._path
-    if isinstance(path, (str, os.PathLike)):
-        return os.fspath(path)
-    return [os.fspath(p) for p in path]
-
-
 def failed_items(
     run: StepRun, storage_options: dict[str, Any] | None = None
 ) -> FileDataset | TabularDataset:
@@ -967,11 +684,10 @@ def failed_items(
         workspace = Workspace(record.workspace)
     _check_credentials(record, storage_options, "failed_items()")
     errors = {row["input"]: row["error"] for row in rows}
-    if record.kind == "file":
-        found = FileDataset(
-            list(errors),
-            storage_options=_failed_options(record, storage_options, workspace),
-        )
+    found = InputKind.of_kind(record.kind).dead_letters(
+        list(errors), lambda: _failed_options(record, storage_options, workspace)
+    )
+    if found is not None:  # the failed items are the inputs' own files
         found.last_errors = errors
         return found
     step = _rebuild(record, storage_options, None, workspace)
@@ -981,63 +697,3 @@ def failed_items(
             f"are listed in {Path(run.logs_dir) / FAILED_ITEMS}"
         )
     return _failed_rows(step, run.run_id, rows, record.folder / "failed_items", errors)
-
-
-def _failed_options(
-    record: RunRecord, given: dict[str, Any] | None, workspace: Any
-) -> dict[str, Any]:
-    """The storage options of a run's inputs: those given, else those of
-    the datastore its inputs came from."""
-    if given is not None or not record.input_specs or workspace is None:
-        return dict(given or {})
-    return dict(from_spec(record.input_specs[0], workspace).storage_options)
-
-
-def _failed_rows(
-    step: ParallelRunStep,
-    run_id: str,
-    rows: list[dict[str, str]],
-    folder: Path,
-    errors: dict[str, str],
-) -> TabularDataset:
-    """The failed rows of tabular run ``run_id``, read again as their
-    mini-batches were and sliced, in one file of the inputs' format in
-    ``folder``."""
-    import pandas as pd
-
-    first = step.inputs[0]
-    assert isinstance(first, TabularDataset)
-    AutoSizes(step, step.config.resolved)  # "auto": the size the run chose
-    batches = list(step.plan()[0])
-    spans: dict[int, list[tuple[int, int]]] = {}
-    for row in rows:
-        if row["start"].isdigit() and row["stop"].isdigit():  # else never read
-            spans.setdefault(int(row["index"]), []).append(
-                (int(row["start"]), int(row["stop"]))
-            )
-    frames = []
-    for index, cuts in spans.items():  # each mini-batch read once
-        frame = read_tabular(batches[index], first.storage_options, first.pandas_kwargs)
-        frames += [frame.iloc[start:stop] for start, stop in cuts]
-    if not frames:
-        # one line, though pandas' errors may end in a newline
-        why = "; ".join(f"{k}: {' '.join(v.split())}" for k, v in errors.items())
-        raise ConfigError(
-            f"the failed inputs of run {run_id!r} could not be read ({why}); fix "
-            "them and resume with retry_failed=True"
-        )
-    found = pd.concat(frames, ignore_index=True)
-    private_folder(folder)
-    path = folder / f"failed_items.{first.file_format}"
-    tmp = path.with_name(f".{path.name}.tmp")
-    private_file(tmp)  # pandas writes into it, keeping its mode
-    if first.file_format == "parquet":
-        found.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-        dataset: TabularDataset = Dataset.Tabular.from_parquet_files(str(path))
-    else:
-        found.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-        dataset = Dataset.Tabular.from_delimited_files(str(path))
-    dataset.last_errors = errors
-    return dataset

@@ -78,6 +78,15 @@ class Input:
         raise ConfigError(f"a {cls.kind} input is not a registered data set")
 
     @classmethod
+    def dead_letters(
+        cls, failed: list[str], storage_options: Callable[[], Mapping[str, Any]]
+    ) -> Any:
+        """The data set of a run's ``failed`` items where they are the
+        inputs' own files (read with ``storage_options()``); ``None`` where
+        they must be read again from the plan (rows)."""
+        return None
+
+    @classmethod
     def size_of(cls, value: object) -> int:
         """``mini_batch_size`` for this kind: a number of files, or bytes."""
         raise NotImplementedError
@@ -130,6 +139,70 @@ class Input:
         """What submits a group of mini-batches as one task; ``None``: the
         runner's own task."""
         return None
+
+
+class TableFormat:
+    """The format of a tabular input's files, behind a small contract.
+
+    Subclasses set ``name`` (``file_format``: ``"csv"``, ``"parquet"``) and
+    register themselves: a new format is one new class. Each answers the
+    options it accepts, one file's column names, the plan of its files,
+    reading one file whole, and writing rows (the failed rows of a run).
+    """
+
+    name: ClassVar[str] = ""
+    # the Dataset.Tabular factory of a data set of this format
+    factory: ClassVar[str] = ""
+    # every format, by name: filled by __init_subclass__
+    formats: ClassVar[dict[str, type[TableFormat]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            TableFormat.formats[cls.name] = cls
+
+    @staticmethod
+    def named(name: str) -> TableFormat:
+        """The format ``name`` (a data set's ``file_format``)."""
+        try:
+            return TableFormat.formats[name]()
+        except KeyError:
+            known = ", ".join(sorted(TableFormat.formats))
+            raise ConfigError(
+                f"file_format={name!r} is unknown; known formats: {known}"
+            ) from None
+
+    def checked_options(self, pandas_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The pandas options this format reads with (none by default)."""
+        return {}
+
+    def columns(
+        self, path: str, storage_options: Mapping[str, Any], pandas_kwargs: Any
+    ) -> list[str]:
+        """The column names of the file at ``path``."""
+        raise NotImplementedError
+
+    def plan(
+        self,
+        files: Sequence[str],
+        size: int,
+        storage_options: Mapping[str, Any],
+        pandas_kwargs: Any,
+        start: int,
+    ) -> Iterator[Any]:
+        """The mini-batches of ``files`` (about ``size`` bytes each), numbered
+        from ``start``, never crossing a file boundary."""
+        raise NotImplementedError
+
+    def read_whole(
+        self, path: str, storage_options: Mapping[str, Any], pandas_kwargs: Any
+    ) -> Any:
+        """The file at ``path``, read whole into a DataFrame."""
+        raise NotImplementedError
+
+    def write(self, frame: Any, path: Any) -> None:
+        """Write ``frame``'s rows to the local file ``path``."""
+        raise NotImplementedError
 
 
 def read_piece(

@@ -4,7 +4,8 @@
   ``[i*n, (i+1)*n)`` in path order.
 - :class:`~daskrun.backends.inputs.delimited.CsvBatch` — a whole CSV file, or
   a byte range of one cut on record boundaries.
-- :class:`ParquetBatch` — some row groups of one Parquet file.
+- :class:`~daskrun.backends.inputs.parquet.ParquetBatch` — some row groups of
+  one Parquet file.
 - :class:`PartitionBatch` — every file of one partition.
 - :class:`CollectionBatch` — one partition of a Dask collection.
 - :class:`SubBatch` — a piece of a failed mini-batch, run to isolate what fails.
@@ -22,15 +23,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import fsspec
-
-from daskrun.backends.inputs.base import read_piece
 from daskrun.backends.inputs.delimited import CsvBatch
 from daskrun.backends.inputs.listing import StorageOptions
+from daskrun.backends.inputs.parquet import ParquetBatch
 from daskrun.backends.inputs.partitions import (
     check_partition_keys,
     parse_partition_keys,
-    with_partition_columns,
 )
 from daskrun.backends.inputs.readers import localize_files, read_partition
 
@@ -86,59 +84,6 @@ class FileBatch:
         names = ", ".join(os.path.basename(p) for p in paths[:3])
         more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
         return f"files {names}{more}"
-
-
-@dataclass(frozen=True)
-class ParquetBatch:
-    """Row groups ``row_groups`` of one Parquet file (``num_rows`` rows)."""
-
-    index: int
-    path: str
-    row_groups: tuple[int, ...]
-    num_rows: int
-    isolable: ClassVar[bool] = True
-
-    @property
-    def n_items(self) -> int | None:
-        return self.num_rows
-
-    def frame(self, storage_options: StorageOptions, pandas_kwargs: Any) -> Any:
-        """Its row groups' rows."""
-        import pyarrow.parquet as pq
-
-        with fsspec.open(self.path, "rb", **storage_options) as f:
-            table = pq.ParquetFile(f).read_row_groups(list(self.row_groups))
-        return table.to_pandas()
-
-    def rows(
-        self,
-        storage_options: StorageOptions,
-        pandas_kwargs: Any,
-        partition_format: str | None,
-    ) -> Any:
-        """Its rows with a column per partition key, as ``run()`` gets them."""
-        frame = self.frame(storage_options, pandas_kwargs)
-        return with_partition_columns(frame, self.path, partition_format)
-
-    def read(self, spec: Any, cache_root: str) -> tuple[Any, int | None, str | None]:
-        options, kwargs = spec.storage_options, spec.pandas_kwargs
-        frame = self.rows(options, kwargs, spec.partition_format)
-        return frame, len(frame), None
-
-    def read_piece(
-        self, start: int, stop: int, spec: Any, cache_root: str
-    ) -> tuple[Any, int | None, str | None]:
-        return read_piece(self, start, stop, spec, cache_root)
-
-    def input_files(self) -> list[str] | None:
-        return None
-
-    def count_unread(self, dataset: Any, records: bool) -> int | None:
-        return self.n_items
-
-    def describe(self) -> str:
-        first, last = self.row_groups[0], self.row_groups[-1]
-        return f"{self.path} row groups {first}-{last} ({self.num_rows} rows)"
 
 
 @dataclass(frozen=True)
@@ -358,29 +303,6 @@ def file_batch_at(
     k = min(pilot, len(files))
     start = index if index < k else k + (index - k) * n
     return FileBatch.of(index, files[start : start + (1 if index < k else n)])
-
-
-def plan_row_groups(group_bytes: Sequence[int], size: int) -> list[list[int]]:
-    """Group consecutive row groups into mini-batches of at most ``size``
-    bytes (at least one row group each).
-
-    >>> plan_row_groups([40, 40, 40, 200, 10], 100)
-    [[0, 1], [2], [3], [4]]
-    >>> plan_row_groups([], 100)
-    []
-    """
-    batches: list[list[int]] = []
-    current: list[int] = []
-    current_bytes = 0
-    for i, nbytes in enumerate(group_bytes):
-        if current and current_bytes + nbytes > size:
-            batches.append(current)
-            current, current_bytes = [], 0
-        current.append(i)
-        current_bytes += nbytes
-    if current:
-        batches.append(current)
-    return batches
 
 
 def plan_partitions(

@@ -25,7 +25,6 @@ from daskrun.backends.inputs.batches import (
     file_batch_at,
     file_batch_count,
     plan_files,
-    plan_row_groups,
 )
 from daskrun.backends.inputs.consumption import (
     DatasetConsumptionConfig,
@@ -35,6 +34,7 @@ from daskrun.backends.inputs.consumption import (
 from daskrun.backends.inputs.delimited import CsvBatch
 from daskrun.backends.inputs.files import FileDataset, _DatasetBase
 from daskrun.backends.inputs.listing import StorageOptions, expand_paths
+from daskrun.backends.inputs.parquet import plan_row_groups
 from daskrun.backends.inputs.readers import (
     localize_files,
     read_partition,

@@ -31,14 +31,16 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import fsspec
 import fsspec.utils
+from fsspec.core import url_to_fs
 
-from daskrun.backends.inputs.base import read_piece
+from daskrun.backends.inputs.base import TableFormat, read_piece
+from daskrun.backends.inputs.listing import _reading, _sizes
 from daskrun.backends.inputs.partitions import with_partition_columns
 from daskrun.exceptions import ConfigError
 
@@ -559,3 +561,44 @@ def count_csv_records(
         at = len(found.data) if cut is None else cut
         records += 1
     return max(1, records)
+
+
+class Delimited(TableFormat):
+    """CSV files: byte ranges cut on record boundaries (:func:`plan_csv`)."""
+
+    name = "csv"
+    factory = "from_delimited_files"
+
+    def checked_options(self, pandas_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        return check_csv_options(pandas_kwargs)
+
+    def columns(
+        self, path: str, storage_options: Mapping[str, Any], pandas_kwargs: Any
+    ) -> list[str]:
+        return csv_columns(path, storage_options, pandas_kwargs)
+
+    def plan(
+        self,
+        files: Sequence[str],
+        size: int,
+        storage_options: Mapping[str, Any],
+        pandas_kwargs: Any,
+        start: int,
+    ) -> Iterator[CsvBatch]:
+        fs, _ = url_to_fs(files[0], **storage_options)
+        index = start
+        sizes = _sizes(fs, list(files), storage_options)
+        for path, nbytes in zip(files, sizes, strict=True):
+            with _reading(path, storage_options):
+                cuts = plan_csv(fs, path, nbytes, size, pandas_kwargs)
+            for cut in cuts:
+                yield CsvBatch(index, path, *cut)
+                index += 1
+
+    def read_whole(
+        self, path: str, storage_options: Mapping[str, Any], pandas_kwargs: Any
+    ) -> Any:
+        return read_csv(CsvBatch(0, path), storage_options, pandas_kwargs)
+
+    def write(self, frame: Any, path: Any) -> None:
+        frame.to_csv(path, index=False)

@@ -268,6 +268,12 @@ class FileDataset(_DatasetBase):
         ]
 
     @classmethod
+    def dead_letters(
+        cls, failed: list[str], storage_options: Callable[[], Mapping[str, Any]]
+    ) -> Any:
+        return cls(failed, storage_options=storage_options())
+
+    @classmethod
     def from_spec(cls, path: Any, spec: Mapping[str, Any]) -> Any:
         return cls(path, validate=False, partition_format=spec.get("partition_format"))
 

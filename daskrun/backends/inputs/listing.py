@@ -478,30 +478,3 @@ def _sizes(
             return int(fs.size(path))
 
     return _map_files(size, files)
-
-
-def _row_group_sizes(
-    fs: fsspec.AbstractFileSystem, files: list[str], storage_options: StorageOptions
-) -> list[list[tuple[int, int]]]:
-    import pyarrow.parquet as pq
-
-    def groups(path: str) -> list[tuple[int, int]]:
-        try:
-            with fs.open(path, "rb") as f:
-                meta = pq.ParquetFile(f).metadata
-        except Exception as e:
-            raise InputError(
-                f"input file {redact(path, storage_options)!r} is not a readable "
-                f"Parquet file: {describe_error(e, storage_options)}; use "
-                "from_delimited_files for CSV"
-            ) from None
-        out = []
-        for i in range(meta.num_row_groups):
-            rg = meta.row_group(i)
-            on_disk = sum(
-                rg.column(c).total_compressed_size for c in range(rg.num_columns)
-            )
-            out.append((on_disk, rg.num_rows))
-        return out
-
-    return _map_files(groups, files)

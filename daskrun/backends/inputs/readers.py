@@ -11,10 +11,10 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import fsspec
 from fsspec.core import url_to_fs
 
-from daskrun.backends.inputs.delimited import CsvBatch, read_csv
+from daskrun.backends.inputs import delimited, parquet  # noqa: F401 (formats)
+from daskrun.backends.inputs.base import TableFormat
 from daskrun.backends.inputs.listing import StorageOptions, _is_local
 from daskrun.backends.inputs.partitions import with_partition_columns
 
@@ -49,13 +49,8 @@ def read_whole(
     partition_format: str | None,
 ) -> pd.DataFrame:
     """One tabular file, read whole, with its partition columns."""
-    if file_format == "csv":
-        frame = read_csv(CsvBatch(0, path), storage_options, pandas_kwargs)
-    else:
-        import pyarrow.parquet as pq
-
-        with fsspec.open(path, "rb", **storage_options) as f:
-            frame = pq.ParquetFile(f).read().to_pandas()
+    read = TableFormat.named(file_format).read_whole
+    frame = read(path, storage_options, pandas_kwargs)
     return with_partition_columns(frame, path, partition_format)
 
 

@@ -11,29 +11,22 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import astuple
 from typing import TYPE_CHECKING, Any
 
-import fsspec
 from fsspec.core import url_to_fs
 
+from daskrun.backends.inputs.base import TableFormat
 from daskrun.backends.inputs.batches import (
     MiniBatch,
     ParquetBatch,
     _plan_partitioned,
-    plan_row_groups,
 )
 from daskrun.backends.inputs.delimited import (
     CsvBatch,
-    check_csv_options,
-    csv_columns,
-    plan_csv,
 )
 from daskrun.backends.inputs.files import _DatasetBase
 from daskrun.backends.inputs.listing import (
     StorageOptions,
     _bounded,
     _datastore_paths,
-    _reading,
-    _row_group_sizes,
-    _sizes,
 )
 from daskrun.backends.inputs.partitions import (
     check_key_columns,
@@ -161,9 +154,8 @@ class TabularDataset(_DatasetBase):
         partition_format: str | None = None,
     ):
         self.file_format = file_format
-        self.pandas_kwargs = (
-            check_csv_options(pandas_kwargs or {}) if file_format == "csv" else {}
-        )
+        self.format = TableFormat.named(file_format)
+        self.pandas_kwargs = self.format.checked_options(pandas_kwargs or {})
         super().__init__(
             path,
             validate=validate,
@@ -180,12 +172,8 @@ class TabularDataset(_DatasetBase):
 
         def read() -> list[str]:
             try:
-                if self.file_format == "csv":
-                    return csv_columns(path, self.storage_options, self.pandas_kwargs)
-                import pyarrow.parquet as pq
-
-                with fsspec.open(path, "rb", **self.storage_options) as f:
-                    return list(pq.read_schema(f).names)
+                options, kwargs = self.storage_options, self.pandas_kwargs
+                return self.format.columns(path, options, kwargs)
             except Exception:
                 return []
 
@@ -210,23 +198,9 @@ class TabularDataset(_DatasetBase):
         files = [f for f in self.files() if f != exclude]
         if not files:
             return
-        fs, _ = url_to_fs(files[0], **self.storage_options)
-        index = start
-        options = self.storage_options
-        if self.file_format == "csv":
-            for path, nbytes in zip(files, _sizes(fs, files, options), strict=True):
-                with _reading(path, options):
-                    cuts = plan_csv(fs, path, nbytes, size, self.pandas_kwargs)
-                for cut in cuts:
-                    yield CsvBatch(index, path, *cut)
-                    index += 1
-        else:
-            groups_of = _row_group_sizes(fs, files, options)
-            for path, groups in zip(files, groups_of, strict=True):
-                for rgs in plan_row_groups([g[0] for g in groups], size):
-                    rows = sum(groups[i][1] for i in rgs)
-                    yield ParquetBatch(index, path, tuple(rgs), rows)
-                    index += 1
+        yield from self.format.plan(
+            files, size, self.storage_options, self.pandas_kwargs, start
+        )
 
     def to_pandas_dataframe(
         self, on_error: str = "null", out_of_range_datetime: str = "null"
