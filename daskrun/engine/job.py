@@ -157,12 +157,12 @@ class Job(Planning):
         self.interrupt = interrupt or Interrupt()
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
-        # "auto" sizes: set on the step before it plans (daskrun.engine.auto)
+        # the sizes it plans with, "auto" chosen here (daskrun.engine.auto)
         self.auto = AutoSizes(step, self.cfg)
         self._after_pilot = 0  # the pilot's mini-batches, once handed out
         # an auto pilot's input stamps as first listed, for the re-plan
         self._listed: list[tuple[str, int, str]] | None = None
-        self.batches, self.total = step.plan()
+        self.batches, self.total = self._plan()
         self.bundle = build_bundle(
             self.cfg.entry_script, self.cfg.source_directory, exclude=self._not_source()
         )
@@ -404,7 +404,7 @@ class Job(Planning):
         try:
             if self.auto.pilot_pending:  # no barrier: the rest follows on
                 self.auto.before_pilot(client)
-                pilot = itertools.islice(self.batches, self.step.pilot)
+                pilot = itertools.islice(self.batches, self.auto.pilot)
                 feed = self.auto.feed(
                     self.pending(pilot), lambda: self._plan_rest(client), self.tally
                 )
@@ -495,7 +495,7 @@ class Job(Planning):
         is saved leaves the run's digest and choice as they were: its resume
         plans the pilot and the default size again, and chooses once more.
         """
-        pilot = min(self.step.pilot, self.total)
+        pilot = min(self.auto.pilot, self.total)
         init = self.timings.get("init_done", 0.0) - self.timings.get(
             "cluster_ready", 0.0
         )
@@ -509,7 +509,7 @@ class Job(Planning):
             raise
         ledger.commit()
         self._listed = None
-        self.batches, total = self.step.plan()
+        self.batches, total = self._plan()
         self.succeeded = self.succeeded[:pilot] + bytearray(total - pilot)
         self.state = self.state[:pilot] + bytearray(total - pilot)
         self.total = self.tally.mini_batches_total = total

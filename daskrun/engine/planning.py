@@ -67,8 +67,8 @@ class BoundStep(Protocol):
     @property
     def input_type(self) -> type[Input]: ...  # the inputs' class
 
-    mini_batch_size: int  # "auto": set by the job before it plans
-    pilot: int  # mini_batch_size="auto": one-file mini-batches first
+    mini_batch_size: int  # the step's; "auto": the job plans with its own
+    pilot: int  # the step's one-file mini-batches first (0)
     auto_recorded: dict[str, Any]  # a resumed run's AutoChoice
 
     @property
@@ -90,7 +90,9 @@ class BoundStep(Protocol):
     @property
     def dataset_name(self) -> str | None: ...
 
-    def plan(self) -> tuple[Any, int]: ...
+    def plan(
+        self, mini_batch_size: int | None = None, pilot: int | None = None
+    ) -> tuple[Any, int]: ...
 
     def _own_output(self) -> str | None: ...
 
@@ -297,6 +299,10 @@ class Planning:
                 found += [f for f in ds.files() if f.startswith(root)]
         return found
 
+    def _plan(self) -> tuple[Any, int]:
+        """The step's plan with the sizes this job chose (:attr:`auto`)."""
+        return self.step.plan(self.auto.mini_batch_size, self.auto.pilot)
+
     def _planned_items(self) -> tuple[int | None, str]:
         """The items the plan holds, and how job_result.txt counts them: the
         files of file inputs, the rows of Parquet inputs (from their metadata);
@@ -313,7 +319,8 @@ class Planning:
             batch = batches[index]
         else:  # file inputs, planned lazily: their lists are kept
             files = [f for ds in step.inputs for f in ds.files()]
-            batch = file_batch_at(files, index, step.mini_batch_size, step.pilot)
+            size, pilot = self.auto.mini_batch_size, self.auto.pilot
+            batch = file_batch_at(files, index, size, pilot)
         return f"mini-batch {index} ({batch.describe()})"
 
     def _fill_ledger(
@@ -341,7 +348,7 @@ class Planning:
             self._fill_partitions(ledger, stamps)
             return
         step.input_type.fill_ledger(
-            ledger, step.inputs, self.batches, stamps, lambda: step.plan()[0]
+            ledger, step.inputs, self.batches, stamps, lambda: self._plan()[0]
         )
 
     def _fill_partitions(

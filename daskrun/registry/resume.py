@@ -175,8 +175,8 @@ def _failed_rows(
 
     first = step.inputs[0]
     assert isinstance(first, TabularDataset)
-    AutoSizes(step, step.config.resolved)  # "auto": the size the run chose
-    batches = list(step.plan()[0])
+    auto = AutoSizes(step, step.config.resolved)  # "auto": the size the run chose
+    batches = list(step.plan(auto.mini_batch_size, auto.pilot)[0])
     spans: dict[int, list[tuple[int, int]]] = {}
     for row in rows:
         if row["start"].isdigit() and row["stop"].isdigit():  # else never read

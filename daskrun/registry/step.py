@@ -434,8 +434,12 @@ class ParallelRunStep:
         }
         return names.pop() if len(names) == 1 else None
 
-    def plan(self) -> tuple[Iterable[Any], int]:
-        """The mini-batch plans (lazily, for file inputs) and their count.
+    def plan(
+        self, mini_batch_size: int | None = None, pilot: int | None = None
+    ) -> tuple[Iterable[Any], int]:
+        """The mini-batch plans (lazily, for file inputs) and their count,
+        with ``mini_batch_size`` and ``pilot`` one-file mini-batches first
+        where the job chose them (``"auto"``), else the step's.
 
         The step's own output file is never an input, even where the output
         folder lies inside an input folder (daskrun's parts are left out of
@@ -456,7 +460,10 @@ class ParallelRunStep:
             )
             return partitions, len(partitions)
         return self.input_type.plan_inputs(
-            self.inputs, self.mini_batch_size, self.pilot, own
+            self.inputs,
+            self.mini_batch_size if mini_batch_size is None else mini_batch_size,
+            self.pilot if pilot is None else pilot,
+            own,
         )
 
     def _own_output(self) -> str | None:

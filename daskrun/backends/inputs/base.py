@@ -6,8 +6,12 @@ kind of input is one new class. The job and the registry ask the input's class
 (:attr:`ParallelRunStep.input_type`) to plan, to fill the ledger, to count
 items, to rebuild itself from a run record, never compare its kind.
 
-The tabular formats follow the same pattern: one :class:`TableFormat` subclass
-per ``file_format`` (:mod:`daskrun.backends.inputs.formats`).
+The kinds are :class:`~daskrun.backends.inputs.files.FileDataset`,
+:class:`~daskrun.backends.inputs.tables.TabularDataset` and
+:class:`~daskrun.backends.inputs.native.CollectionInput`. The tabular formats
+follow the same pattern: one :class:`TableFormat` subclass per
+``file_format``, :class:`~daskrun.backends.inputs.delimited.Delimited` (CSV)
+and :class:`~daskrun.backends.inputs.parquet.Parquet`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ class Input:
     (:meth:`size_of`), the plan (:meth:`plan_inputs`), the items it holds
     (:meth:`planned_items`), the ledger's entries (:meth:`fill_ledger`), how a
     failed mini-batch's unread items are counted (:meth:`unread_counter`),
-    and how its mini-batches become tasks (:meth:`task_of`).
+    how its mini-batches become tasks (:meth:`task_of`), its record form
+    (:meth:`from_record`, :meth:`from_spec`) and its dead letters
+    (:meth:`dead_letters`).
     """
 
     kind: ClassVar[str] = ""
