@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from daskrun.backends.inputs.datasets import _bounded, _reading
+from daskrun.backends.inputs.listing import _bounded, _reading
 from daskrun.backends.storage import map_errors, storage_errors, storage_failures
 from daskrun.engine.output import OutputTarget, assemble, prepare_parts
 from daskrun.exceptions import (

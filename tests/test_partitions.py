@@ -26,7 +26,8 @@ from daskrun import (
     Workspace,
     resume,
 )
-from daskrun.backends.inputs.partitions import PartitionFormat, plan_partitions
+from daskrun.backends.inputs.batches import plan_partitions
+from daskrun.backends.inputs.partitions import PartitionFormat
 
 from .helpers import daskrun, run_step, write_script
 

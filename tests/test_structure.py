@@ -221,3 +221,50 @@ def test_no_test_module_imports_another() -> None:
                 n for n in names if n.split(".")[-1].startswith(("test_", "conftest"))
             ]
             assert others == [], f"{path.name} imports {others}"
+
+
+# a capability is one class (issue 26): the job, the runner and the registry
+# ask an input, output format or compute target, never compare its kind
+KINDS = {
+    *("file tabular collection dataframe bag array delimited partitioned").split(),
+    *("text csv tsv json parquet").split(),
+    *("local aml address scheduler remote shared warm slurm pbs sge").split(),
+    *("gateway kubernetes mpi").split(),
+}
+
+
+def _kind_comparisons(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    backend_classes = path.is_relative_to(PACKAGE / "backends")
+    found = []
+
+    def strings(node: ast.expr) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in KINDS
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return bool(node.elts) and all(strings(e) for e in node.elts)
+        return False
+
+    def visit(node: ast.AST, in_class: bool) -> None:
+        if isinstance(node, ast.ClassDef):
+            in_class = in_class or backend_classes
+        if isinstance(node, ast.Compare) and not in_class:
+            sides = [node.left, *node.comparators]
+            named = [s for s in sides if not strings(s)]
+            if any(strings(s) for s in sides) and any(
+                "kind" in ast.unparse(s).lower() or "format" in ast.unparse(s).lower()
+                for s in named
+            ):
+                found.append(
+                    f"{path.relative_to(PACKAGE)}:{node.lineno}: {ast.unparse(node)}"
+                )
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_class)
+
+    visit(tree, False)
+    return found
+
+
+def test_no_kind_is_compared_outside_its_back_end_class() -> None:
+    found = [c for p in sorted(PACKAGE.rglob("*.py")) for c in _kind_comparisons(p)]
+    assert found == [], "\n".join(found)

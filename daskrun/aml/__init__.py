@@ -84,27 +84,27 @@ MODULES: dict[str, dict[str, str]] = {
     },
     "azureml.core.workspace": {"Workspace": "daskrun.registry.workspace:Workspace"},
     "azureml.data": {
-        "FileDataset": "daskrun.backends.inputs.datasets:FileDataset",
+        "FileDataset": "daskrun.backends.inputs.files:FileDataset",
         "OutputFileDatasetConfig": (
-            "daskrun.backends.inputs.datasets:OutputFileDatasetConfig"
+            "daskrun.backends.inputs.consumption:OutputFileDatasetConfig"
         ),
-        "TabularDataset": "daskrun.backends.inputs.datasets:TabularDataset",
+        "TabularDataset": "daskrun.backends.inputs.tables:TabularDataset",
     },
     "azureml.data.datapath": {"DataPath": "daskrun.registry.workspace:DataPath"},
     "azureml.data.dataset_consumption_config": {
         "DatasetConsumptionConfig": (
-            "daskrun.backends.inputs.datasets:DatasetConsumptionConfig"
+            "daskrun.backends.inputs.consumption:DatasetConsumptionConfig"
         ),
     },
     "azureml.data.output_dataset_config": {
         "OutputFileDatasetConfig": (
-            "daskrun.backends.inputs.datasets:OutputFileDatasetConfig"
+            "daskrun.backends.inputs.consumption:OutputFileDatasetConfig"
         ),
     },
     "azureml.pipeline": {},
     "azureml.pipeline.core": {
         "Pipeline": "daskrun.registry.pipeline:Pipeline",
-        "PipelineData": "daskrun.backends.inputs.datasets:PipelineData",
+        "PipelineData": "daskrun.backends.inputs.consumption:PipelineData",
         "PipelineParameter": "daskrun.engine.naming:PipelineParameter",
         "PipelineRun": "daskrun.registry.pipeline:PipelineRun",
         "StepRun": "daskrun.registry.step:StepRun",

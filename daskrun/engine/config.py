@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,15 +247,19 @@ use an int like 1048576 or a string like '1MB', '512KB', '1GB'
     return size
 
 
-def mini_batch_size_for(kind: str, value: object) -> int:
-    """Parse ``mini_batch_size`` for a ``"file"`` or ``"tabular"`` input;
-    ``None`` takes the default from ``daskrun.mini-batch-size.<kind>``, and
-    so does ``"auto"`` until the job chooses (:mod:`daskrun.engine.auto`).
+def mini_batch_size_for(
+    kind: str, value: object, parse: Callable[[object], int]
+) -> int:
+    """Parse ``mini_batch_size`` for an input of ``kind`` with ``parse`` (its
+    input class's: files or bytes); ``None`` takes the default from
+    ``daskrun.mini-batch-size.<kind>``, and so does ``"auto"`` until the job
+    chooses (:mod:`daskrun.engine.auto`).
 
-    >>> mini_batch_size_for("file", None), mini_batch_size_for("tabular", "1KB")
-    (10, 1024)
+    >>> mini_batch_size_for("file", None, parse_file_count)
+    10
+    >>> mini_batch_size_for("tabular", "1KB", parse_byte_size)
+    1024
     """
-    parse = parse_file_count if kind == "file" else parse_byte_size
     if value is None or is_auto(value):  # "auto" starts from the default
         key = f"mini-batch-size.{kind}"
         with named_as_set({"mini_batch_size": key}):

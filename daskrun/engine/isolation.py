@@ -16,7 +16,6 @@ from typing import Any
 from daskrun.backends.inputs.datasets import (
     CsvBatch,
     FileBatch,
-    ParquetBatch,
     SubBatch,
 )
 from daskrun.engine.plugin import TryResult
@@ -99,7 +98,7 @@ class Isolation:
         """The first pieces of ``batch``, whose last try ``result`` failed;
         ``None`` when it is not isolated."""
         n = result.items_in if result.items_in is not None else batch.n_items
-        if not isinstance(batch, (FileBatch, CsvBatch, ParquetBatch)) or not n:
+        if not batch.isolable or not n:
             return None
         if n < 2:
             return None

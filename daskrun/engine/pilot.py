@@ -1,9 +1,10 @@
 """The job's side of ``"auto"`` sizes (:mod:`daskrun.engine.auto`): what is chosen
 before planning, the pilot's measurements, and the choice of the rest.
 
-:class:`AutoSizes` sets the step's ``pilot`` and ``mini_batch_size`` before
-the job plans, and resolves ``process_count_per_node="auto"`` before the
-cluster starts; :class:`PilotFeed` hands the runner the pilot's mini-batches
+:class:`AutoSizes` chooses the ``pilot`` and ``mini_batch_size`` the job
+plans with (the step's own, unless ``"auto"``; the step is never
+written), and resolves ``process_count_per_node="auto"`` before the cluster
+starts; :class:`PilotFeed` hands the runner the pilot's mini-batches
 and then the rest's, planned once enough of the pilot is measured. A
 resumed run's recorded choice (``step.auto_recorded``) is taken as it is,
 so the resume plans what the run planned.
@@ -27,7 +28,7 @@ from daskrun.engine.auto import (
     choose_table_size,
     worker_memory,
 )
-from daskrun.engine.config import config_get, mini_batch_size_for
+from daskrun.engine.config import config_get
 from daskrun.engine.plugin import TryResult
 
 
@@ -47,6 +48,10 @@ class AutoSizes:
         self._rss0: dict[str, int] = {}
         self._feed: PilotFeed | None = None
         self._pilot_count = 0  # the pilot's mini-batches, if it runs
+        # what the job plans with: the step's, until "auto" chooses (the
+        # step itself is never written)
+        self.mini_batch_size: int = step.mini_batch_size
+        self.pilot: int = step.pilot
         if cfg.process_count_per_node == AUTO:
             self.processes = recorded.process_count_per_node or choose_process_count(
                 cpu_cores(),
@@ -58,9 +63,9 @@ class AutoSizes:
         if cfg.mini_batch_size != AUTO:
             return
         base = self.choice or AutoChoice()
-        if step.kind == "tabular":
+        if not step.input_type.pilots:  # tables: sized from their bytes
             size = recorded.mini_batch_size or self._table_size(step, cfg)
-            step.mini_batch_size = size
+            self.mini_batch_size = size
             self.choice = AutoChoice(
                 mini_batch_size=size,
                 process_count_per_node=base.process_count_per_node,
@@ -69,13 +74,13 @@ class AutoSizes:
                 "process's memory, each file cut evenly; no pilot",
             )
         elif recorded.mini_batch_size:  # the pilot ran: plan as the run did
-            step.pilot = recorded.pilot_mini_batches
-            step.mini_batch_size = recorded.mini_batch_size
+            self.pilot = recorded.pilot_mini_batches
+            self.mini_batch_size = recorded.mini_batch_size
             self.choice = recorded
         else:
-            step.pilot = self._pilot_count = int(config_get("auto.pilot-mini-batches"))
-            step.mini_batch_size = mini_batch_size_for("file", None)
-            self.pilot_pending = step.pilot > 0
+            self.pilot = self._pilot_count = int(config_get("auto.pilot-mini-batches"))
+            self.mini_batch_size = step.input_type.size_of(None)
+            self.pilot_pending = self.pilot > 0
             self.choice = base
 
     def _table_size(self, step: Any, cfg: Any) -> int:
@@ -124,18 +129,18 @@ class AutoSizes:
         self, client: Any, step: Any, init_seconds: float | None, items_left: int
     ) -> AutoChoice:
         """The size of the rest of the plan, from the pilot's measurements;
-        sets ``step.mini_batch_size``."""
+        sets :attr:`mini_batch_size`."""
         after = client.run(worker_memory)
         workers = sum(client.nthreads().values()) or 1
         growth = max(
             (rss - self._rss0.get(w, rss) for w, (rss, _) in after.items()),
             default=0,
         )
-        per_worker = max(1.0, step.pilot / max(1, len(after)))
+        per_worker = max(1.0, self.pilot / max(1, len(after)))
         free = [limit - rss for rss, limit in after.values() if limit]
         measured = self._warm or self._cold
         item_seconds = statistics.median(measured) if measured else None
-        size = step.mini_batch_size  # no measurement: the default stays
+        size = self.mini_batch_size  # no measurement: the default stays
         if item_seconds is not None:
             size = choose_mini_batch_size(
                 item_seconds,
@@ -146,11 +151,11 @@ class AutoSizes:
                 item_bytes=max(0, growth) / per_worker,
                 memory_free=min(free) if free else None,
             )
-        step.mini_batch_size = size
+        self.mini_batch_size = size
         self.pilot_pending = False
         self.choice = AutoChoice(
             mini_batch_size=size,
-            pilot_mini_batches=step.pilot,
+            pilot_mini_batches=self.pilot,
             process_count_per_node=(self.choice or AutoChoice()).process_count_per_node,
             item_seconds=item_seconds,
             init_seconds=init_seconds,

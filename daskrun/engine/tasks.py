@@ -24,14 +24,10 @@ from distributed import get_worker
 
 from daskrun.backends.inputs.datasets import (
     CollectionBatch,
-    FileBatch,
     MiniBatch,
     PartitionBatch,
     SubBatch,
-    localize_files,
     partition_dataset,
-    read_partition,
-    read_rows,
 )
 from daskrun.backends.inputs.partitions import MiniBatchContext
 from daskrun.engine.output import (
@@ -301,34 +297,7 @@ def _read(
     them (rows), and the folder to delete afterwards. A piece of a failed
     mini-batch (:class:`~daskrun.backends.inputs.datasets.SubBatch`) gets a slice of its
     files, or its parent's rows read as for the parent and sliced."""
-    if isinstance(batch, SubBatch):
-        if isinstance(batch.parent, FileBatch):
-            return _read(spec, FileBatch.of(batch.index, batch.paths), cache_root)
-        frame, _, _ = _read(spec, batch.parent, cache_root)
-        piece = frame.iloc[batch.start : batch.stop]
-        return piece, len(piece), None
-    if isinstance(batch, CollectionBatch):  # a partition, computed by Dask
-        return batch.data, len(batch.data), None
-    if isinstance(batch, PartitionBatch):
-        mini_batch, cache = read_partition(
-            batch,
-            spec.storage_options,
-            spec.pandas_kwargs,
-            spec.partition_format,
-            spec.local,
-            cache_root,
-        )
-        rows = len(mini_batch) if batch.file_format is not None else None
-        return mini_batch, rows, cache
-    if isinstance(batch, FileBatch):
-        if spec.local:
-            return batch.paths, None, None
-        paths, cache = localize_files(batch.paths, spec.storage_options, cache_root)
-        return paths, None, cache
-    frame = read_rows(
-        batch, spec.storage_options, spec.pandas_kwargs, spec.partition_format
-    )
-    return frame, len(frame), None
+    return batch.read(spec, cache_root)
 
 
 def _piece_of(batch: MiniBatch | SubBatch) -> int | None:

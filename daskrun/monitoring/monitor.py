@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from daskrun.backends.inputs.datasets import FileBatch, MiniBatch, PartitionBatch
+from daskrun.backends.inputs.datasets import MiniBatch
 from daskrun.backends.storage import (
     private_folder,
     private_open,
@@ -504,8 +504,4 @@ def _forecast_line(snap: Mapping[str, Any]) -> str:
 
 def _paths(batch: MiniBatch) -> list[str] | None:
     """The files of a mini-batch of files (a partition's too), else ``None``."""
-    if isinstance(batch, FileBatch):
-        return batch.paths
-    if isinstance(batch, PartitionBatch) and batch.file_format is None:
-        return batch.paths
-    return None
+    return batch.input_files()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from daskrun.backends.inputs.base import Input as InputKind
 from daskrun.backends.inputs.datasets import FileDataset, TabularDataset
 from daskrun.engine.naming import check_name
 from daskrun.exceptions import ConfigError
@@ -88,13 +89,4 @@ def from_spec(
     if spec.get("datastore"):
         store = workspace.datastore(spec["datastore"])
         path = [store.path(p) for p in path]
-    partition_format = spec.get("partition_format")
-    if spec["kind"] == "file":
-        return FileDataset(path, validate=False, partition_format=partition_format)
-    return TabularDataset(
-        path,
-        file_format=spec["file_format"],
-        validate=False,
-        pandas_kwargs=spec.get("pandas_kwargs") or {},
-        partition_format=partition_format,
-    )
+    return InputKind.of_kind(spec["kind"]).from_spec(path, spec)

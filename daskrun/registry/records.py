@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -265,3 +266,9 @@ def lock_run(record: RunRecord) -> FileLock:
 
     private_folder(record.folder)
     return FileLock(record.folder / LOCK, f"process {os.getpid()}", refused)
+
+
+def new_run_id(step_name: str) -> str:
+    """``<step>_<UTC time>_<random>``, sortable by start time."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"{step_name}_{stamp}_{secrets.token_hex(3)}"

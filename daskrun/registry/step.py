@@ -10,56 +10,25 @@ mini-batches (:mod:`daskrun.engine.runner`), assembles the output
 from __future__ import annotations
 
 import copy
-import json
-import logging
 import os
-import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
-
+from daskrun.backends.inputs.base import Input as InputKind
+from daskrun.backends.inputs.batches import plan_partitions
 from daskrun.backends.inputs.datasets import (
-    Dataset,
     DatasetConsumptionConfig,
     FileDataset,
     PipelineData,
     TabularDataset,
-    file_batch_count,
-    plan_files,
-    read_tabular,
 )
-from daskrun.backends.inputs.native import (
-    CollectionInput,
-    check_same_collection,
-    is_collection,
-)
-from daskrun.backends.inputs.partitions import check_partition_keys, plan_partitions
 from daskrun.backends.outputs import output_format_for
-from daskrun.backends.storage import (
-    private_file,
-    private_folder,
-    private_open,
-    signature_hidden,
-    unsigned,
-)
 from daskrun.engine import output as _output
-from daskrun.engine.config import ParallelRunConfig, mini_batch_size_for
+from daskrun.engine.config import ParallelRunConfig, PipelineParameter
 from daskrun.engine.job import Job
-from daskrun.engine.naming import (
-    PipelineParameter,
-    check_arguments,
-    check_parameter_names,
-    check_step_name,
-)
-from daskrun.engine.pilot import AutoSizes
-from daskrun.engine.plugin import (
-    EntryScriptPlugin,
-)
+from daskrun.engine.naming import check_parameter_names, check_step_name
 from daskrun.engine.runner import (
     Interrupt,
 )
@@ -69,17 +38,33 @@ from daskrun.monitoring.monitor import FAILED_ITEMS, read_failed_items
 from daskrun.registry.catalog import from_spec
 from daskrun.registry.models import model_refs
 from daskrun.registry.records import (
-    SOURCE,
     RunRecord,
     lock_run,
+    new_run_id,
     runs_dir,
 )
-from daskrun.registry.sources import RunSource, bundle_digest
+from daskrun.registry.resume import (
+    _check_credentials,
+    _failed_options,
+    _failed_rows,
+    _new_record,
+    _with_formats,
+)
+from daskrun.registry.sources import RunSource
+from daskrun.registry.stepinputs import (
+    Input,
+    _absolute,
+    _check_input_specs,
+    _check_kinds,
+    _check_partitioned,
+    _checked_output,
+    _checked_sides,
+    _concrete,
+    _input_type,
+    _show,
+    _source,
+)
 from daskrun.registry.workspace import Datastore, OutputData, Workspace
-
-logger = logging.getLogger("daskrun")
-
-Input = FileDataset | TabularDataset | CollectionInput
 
 
 @dataclass
@@ -316,13 +301,15 @@ class ParallelRunStep:
         self.config = parallel_run_config
         cfg = parallel_run_config.resolved
         self.input_specs = _check_input_specs(inputs)
-        self.kind = _kind_of(self.input_specs)
+        # the inputs' class (daskrun.backends.inputs.base.Input): what the
+        # job asks to plan, count and record them
+        self.input_type = _input_type(self.input_specs)
         # as_named_input names, kept in the run record
         self.input_names: list[str | None] = [
             s.name if isinstance(s, DatasetConsumptionConfig) else None
             for s in self.input_specs
         ]
-        self.mini_batch_size = _mini_batch_size(self.kind, cfg)
+        self.mini_batch_size = self.input_type.step_size(cfg)
         # mini_batch_size="auto": one-file mini-batches first (set by the job,
         # daskrun.engine.auto), and the choice a resumed run recorded
         self.pilot = 0
@@ -334,43 +321,14 @@ class ParallelRunStep:
                 "output_action='summary_only'"
             )
         self.output_storage_options = dict(output_storage_options or {})
-        self.output_data: PipelineData | None = None
-        if isinstance(output, PipelineData):
-            self.output_data = output
-            self.output: str | None = None
-        elif output is None:
-            self.output = None
-        elif not os.fspath(output):
-            raise ConfigError(
-                "output='' is empty, which would write into the current folder; "
-                "pass an output folder or URL, e.g. output='out/' ('.' for the "
-                "current folder)"
-            )
-        else:
-            self.output = _absolute(os.fspath(output), self.output_storage_options)
-            if os.path.isabs(self.output):  # a local folder
-                _output.check_output_folder(
-                    self.output,
-                    cfg.append_row_file_name
-                    if cfg.output_action == "append_row"
-                    else None,
-                )
-        self.side_inputs = list(side_inputs or [])
-        for side in self.side_inputs:
-            if not isinstance(side, (FileDataset, TabularDataset)):
-                raise ConfigError(
-                    f"side_inputs item {side!r} is not a data set; use "
-                    "Dataset.File.from_files(path)"
-                )
-        self.arguments = check_arguments(arguments)
-        for arg in self.arguments:
-            if isinstance(arg, (FileDataset, TabularDataset)) and not any(
-                arg is side for side in self.side_inputs
-            ):
-                raise ConfigError(
-                    f"argument {arg!r} is a data set that is not in side_inputs; "
-                    "add it to side_inputs so every worker gets it"
-                )
+        self.output_data, self.output = _checked_output(
+            output, self.output_storage_options
+        )
+        if self.output is not None and os.path.isabs(self.output):  # local
+            append_row = cfg.output_action == "append_row"
+            final = cfg.append_row_file_name if append_row else None
+            _output.check_output_folder(self.output, final)
+        self.side_inputs, self.arguments = _checked_sides(side_inputs, arguments)
         self.allow_reuse = bool(allow_reuse)
         # set when bound to a run (see bind())
         self.inputs: list[Input] = (
@@ -414,7 +372,7 @@ class ParallelRunStep:
         bound = copy.copy(self)
         bound.config = self.config.bind(values)
         cfg = bound.config.resolved
-        bound.mini_batch_size = _mini_batch_size(self.kind, cfg)
+        bound.mini_batch_size = self.input_type.step_size(cfg)
         bound.inputs = [
             _concrete(spec, values, produced or {}, workspace)
             for spec in self.input_specs
@@ -447,6 +405,11 @@ class ParallelRunStep:
         return f"ParallelRunStep(name={self.name!r}, inputs={self.inputs!r})"
 
     @property
+    def kind(self) -> str:
+        """The inputs' kind, as the run record keeps it."""
+        return self.input_type.kind
+
+    @property
     def dataset_name(self) -> str | None:
         """The inputs' name (``as_named_input``, else registered) when they
         share one, for the run record; else ``None``."""
@@ -456,16 +419,17 @@ class ParallelRunStep:
         }
         return names.pop() if len(names) == 1 else None
 
-    def plan(self) -> tuple[Iterable[Any], int]:
-        """The mini-batch plans (lazily, for file inputs) and their count.
+    def plan(
+        self, mini_batch_size: int | None = None, pilot: int | None = None
+    ) -> tuple[Iterable[Any], int]:
+        """The mini-batch plans (lazily, for file inputs) and their count,
+        with ``mini_batch_size`` and ``pilot`` one-file mini-batches first
+        where the job chose them (``"auto"``), else the step's.
 
         The step's own output file is never an input, even where the output
         folder lies inside an input folder (daskrun's parts are left out of
         every listing).
         """
-        if self.kind == "collection":  # one mini-batch per partition
-            parts = [b for ds in self.inputs for b in ds.plan()]
-            return parts, len(parts)
         own = self._own_output()
         keys = self.config.resolved.partition_keys
         if keys:
@@ -477,26 +441,15 @@ class ParallelRunStep:
                     if pair[0] != own
                 ),
                 keys,
-                getattr(self.inputs[0], "file_format", None),
+                self.inputs[0].file_format,
             )
             return partitions, len(partitions)
-        if self.kind == "file":
-            files = (
-                self.inputs[0].files()
-                if len(self.inputs) == 1
-                else [f for ds in self.inputs for f in ds.files()]
-            )
-            if own is not None and own in files:
-                files = [f for f in files if f != own]
-            n, pilot = self.mini_batch_size, self.pilot
-            return plan_files(files, n, pilot), file_batch_count(len(files), n, pilot)
-        batches: list[Any] = []
-        for ds in self.inputs:
-            assert isinstance(ds, TabularDataset)
-            batches.extend(
-                ds.plan(self.mini_batch_size, start=len(batches), exclude=own)
-            )
-        return batches, len(batches)
+        return self.input_type.plan_inputs(
+            self.inputs,
+            self.mini_batch_size if mini_batch_size is None else mini_batch_size,
+            self.pilot if pilot is None else pilot,
+            own,
+        )
 
     def _own_output(self) -> str | None:
         """The final output file as data set listings name it."""
@@ -529,157 +482,6 @@ class ParallelRunStep:
         return _execute(
             self.bind(values, workspace=workspace), console=Console(show_output)
         )
-
-
-def _check_input_specs(inputs: Any) -> list[Any]:
-    specs = (PipelineParameter, PipelineData, DatasetConsumptionConfig)
-    single = (FileDataset, TabularDataset, *specs)
-    if is_collection(inputs):
-        inputs = [inputs]
-    items = [inputs] if isinstance(inputs, single) else inputs
-    if isinstance(items, (str, os.PathLike)) or not isinstance(items, Sequence):
-        raise ConfigError(
-            f"inputs={inputs!r} is not a data set; use "
-            "inputs=[Dataset.File.from_files(path)]"
-        )
-    items = [CollectionInput(i) if is_collection(i) else i for i in items]
-    if len(items) > 1 and any(isinstance(i, CollectionInput) for i in items):
-        raise ConfigError(
-            f"inputs hold a Dask collection and {len(items) - 1} more inputs; a "
-            "step reads one collection: concatenate them first (dd.concat or "
-            "db.concat)"
-        )
-    if not items:
-        raise ConfigError(
-            "inputs=[] is empty; pass at least one data set, e.g. "
-            "[Dataset.File.from_files('images/')]"
-        )
-    for item in items:
-        if not isinstance(
-            _default(item), (FileDataset, TabularDataset, PipelineData, CollectionInput)
-        ):
-            raise ConfigError(
-                f"inputs item {item!r} is not a data set; use "
-                f"Dataset.File.from_files({item!r}) or "
-                f"Dataset.Tabular.from_delimited_files({item!r})"
-            )
-    return items
-
-
-def _source(item: Any) -> Any:
-    """What an input names: a data set, a PipelineParameter or PipelineData."""
-    return item.source if isinstance(item, DatasetConsumptionConfig) else item
-
-
-def _default(item: Any) -> Any:
-    """An input's data set (a PipelineParameter's default) or PipelineData."""
-    source = _source(item)
-    return source.default_value if isinstance(source, PipelineParameter) else source
-
-
-def _kind_of(specs: list[Any]) -> str:
-    kinds = set()
-    for item in specs:
-        source = _default(item)
-        kinds.add("file" if isinstance(source, PipelineData) else source.kind)
-    if len(kinds) > 1:
-        raise ConfigError(
-            f"inputs mix kinds {sorted(kinds)}; all inputs of one step must be "
-            "file data sets, or all tabular"
-        )
-    return kinds.pop()
-
-
-def _mini_batch_size(kind: str, cfg: Any) -> int:
-    """Files or bytes per mini-batch; a collection's partitions are its
-    mini-batches, as they are."""
-    if kind != "collection":
-        return mini_batch_size_for(kind, cfg.mini_batch_size)
-    given = (
-        f"mini_batch_size={cfg.mini_batch_size!r}"
-        if cfg.mini_batch_size is not None
-        else f"partition_keys={list(cfg.partition_keys)!r}"
-        if cfg.partition_keys
-        else None
-    )
-    if given is not None:
-        raise ConfigError(
-            f"{given} does not apply to a Dask collection input: each of its "
-            "partitions is one mini-batch; drop it, and repartition the "
-            "collection instead (ddf.repartition(partition_size='10MB'))"
-        )
-    return 1
-
-
-def _check_kinds(items: list[Input]) -> None:
-    kinds = {(i.kind, getattr(i, "file_format", None)) for i in items}
-    if len(kinds) > 1:
-        raise ConfigError(
-            f"inputs mix kinds {sorted(str(k) for k in kinds)}; all inputs of one "
-            "step must be file data sets, or all tabular of one format"
-        )
-
-
-def _check_partitioned(keys: Sequence[str] | None, inputs: list[Input]) -> None:
-    """Every input has the ``partition_keys``; tabular inputs share one
-    ``partition_format`` (the workers add its columns to every row)."""
-    for ds in inputs:
-        if keys:
-            check_partition_keys(keys, ds)
-    formats = {ds.partition_format for ds in inputs if ds.kind == "tabular"}
-    if len(formats) > 1:
-        raise ConfigError(
-            f"tabular inputs have different partition_format values "
-            f"{sorted(map(str, formats))}; give them one format, or run one step "
-            "per format"
-        )
-
-
-def _concrete(
-    spec: Any,
-    values: dict[str, Any],
-    produced: dict[str, Input],
-    workspace: Any = None,
-) -> Input:
-    """The data set an input spec stands for in one run."""
-    source = _source(spec)
-    if isinstance(source, PipelineParameter):
-        value = values.get(source.name, source.default_value)
-        if isinstance(value, str) and workspace is not None:
-            value = Dataset.get_by_name(workspace, value)
-        if not isinstance(value, (FileDataset, TabularDataset)):
-            raise ConfigError(
-                f"pipeline parameter {source.name!r}={value!r} is not a data set; "
-                "pass a data set (Dataset.File.from_files(...)) or the name of one "
-                "registered in the workspace"
-            )
-        return value
-    if isinstance(source, PipelineData):
-        if source.name not in produced:
-            raise ConfigError(
-                f"PipelineData {source.name!r} is read before any step wrote it; "
-                "add the step that writes it to the same Pipeline"
-            )
-        return produced[source.name]
-    return source
-
-
-def _show(value: Any) -> Any:
-    """A parameter value as a run record shows it."""
-    if isinstance(value, (FileDataset, TabularDataset)):
-        return repr(value)
-    return value
-
-
-def _absolute(path: str, storage_options: dict[str, Any]) -> str:
-    fs, stripped = url_to_fs(path, **storage_options)
-    return os.path.abspath(stripped) if isinstance(fs, LocalFileSystem) else path
-
-
-def new_run_id(step_name: str) -> str:
-    """``<step>_<UTC time>_<random>``, sortable by start time."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    return f"{step_name}_{stamp}_{secrets.token_hex(3)}"
 
 
 def _execute(
@@ -815,19 +617,6 @@ def _resume(
     )
 
 
-def _check_credentials(
-    record: RunRecord, storage_options: dict[str, Any] | None, call: str
-) -> None:
-    """Refuse to read a run's remote inputs again without credentials:
-    neither given (run records never hold them) nor a workspace
-    datastore's."""
-    if record.remote_inputs and storage_options is None and not record.input_specs:
-        raise ConfigError(
-            f"run {record.run_id!r} reads remote inputs; pass their "
-            f"storage_options to {call}, since run records never hold credentials"
-        )
-
-
 def _rebuild(
     record: RunRecord,
     storage_options: dict[str, Any] | None,
@@ -840,41 +629,18 @@ def _rebuild(
     script and its folder, else the recorded copy unpacked into the run
     folder), config, inputs (a Dask collection's: ``given`` again, checked),
     output and arguments."""
-    run_id = record.run_id
     script, folder = location or RunSource(record).unpacked()
     config = dict(record.config)
     config["entry_script"], config["source_directory"] = script, folder
     cfg = ParallelRunConfig(compute_target=compute_target, **config)
     options = storage_options or {}
     inputs: list[Input]
-    if record.kind == "collection":
-        if given is None or len(given) != len(record.inputs):
-            raise ConfigError(
-                f"run {run_id!r} read a Dask collection; pass it again: "
-                f"resume({run_id!r}, inputs=[ddf])"
-            )
-        inputs = [
-            check_same_collection(item, str(path), run_id)
-            for item, path in zip(given, record.inputs, strict=True)
-        ]
-    elif record.input_specs and workspace is not None:
+    if record.input_specs and workspace is not None:  # registered data sets
         inputs = [from_spec(spec, workspace) for spec in record.input_specs]
-    elif record.kind == "file":
-        inputs = [
-            FileDataset(p, storage_options=options, partition_format=f)
-            for p, f in _with_formats(record, given)
-        ]
     else:
-        inputs = [
-            TabularDataset(
-                p,
-                file_format=record.file_format or "csv",
-                storage_options=options,
-                pandas_kwargs=record.pandas_kwargs,
-                partition_format=f,
-            )
-            for p, f in _with_formats(record, given)
-        ]
+        inputs = InputKind.of_kind(record.kind).from_record(
+            record, given, options, lambda: _with_formats(record, given)
+        )
     output_options: dict[str, Any] = {}
     for where in record.outputs.values():
         output_options = Datastore(workspace, where["datastore"]).storage_options
@@ -891,102 +657,6 @@ def _rebuild(
     step.input_names = list(record.input_names) or step.input_names
     step.auto_recorded = dict(record.auto)
     return step
-
-
-def _with_formats(
-    record: RunRecord, given: Sequence[Any] | None = None
-) -> list[tuple[Any, str | None]]:
-    """Each input's paths and ``partition_format``."""
-    formats = record.partition_formats or [None] * len(record.inputs)
-    return list(zip(_signed_again(record, given), formats, strict=True))
-
-
-def _signed_again(record: RunRecord, given: Sequence[Any] | None) -> list[Any]:
-    """The run's input paths. Where they were URLs with a SAS signature,
-    which run records never keep, they are ``given`` again (paths or data
-    sets, in the run's order), checked against the record."""
-    recorded = record.inputs
-    if not any(signature_hidden(json.dumps(p)) for p in recorded):
-        return recorded
-    run_id = record.run_id
-    if given is None or len(given) != len(recorded):
-        raise ConfigError(
-            f"run {run_id!r} read {len(recorded)} input(s) given as URLs with "
-            "a SAS signature, which run records never keep; give them again: "
-            f"daskrun resume {run_id} --input URL ... (resume({run_id!r}, "
-            "inputs=[url, ...]))"
-        )
-    paths = [_paths_given(g) for g in given]
-    for was, now in zip(recorded, paths, strict=True):
-        if json.loads(unsigned(json.dumps(now))) != was:
-            raise ConfigError(
-                f"input {unsigned(str(now))!r} is not run {run_id!r}'s "
-                f"{was!r}; give the run's inputs again, in its order"
-            )
-    return paths
-
-
-def _new_record(
-    step: ParallelRunStep, run_id: str, plugin: EntryScriptPlugin, root: Path
-) -> RunRecord:
-    record = RunRecord(
-        run_id=run_id,
-        root=str(root),
-        name=step.name,
-        status="Running",
-        parent_id=step.parent_id,
-        experiment=step.experiment,
-        parameters=step.parameter_values,
-        outputs=step.outputs,
-        fingerprint=step.fingerprint,
-        workspace=None if step.workspace is None else str(step.workspace.path),
-        kind=step.kind,
-        file_format=getattr(step.inputs[0], "file_format", None),
-        inputs=[_path_spec(ds) for ds in step.inputs],
-        input_specs=_input_specs(step.inputs),
-        partition_formats=[ds.partition_format for ds in step.inputs],
-        input_names=[
-            given or ds.name
-            for given, ds in zip(step.input_names, step.inputs, strict=False)
-        ],
-        pandas_kwargs=getattr(step.inputs[0], "pandas_kwargs", {}),
-        remote_inputs=not plugin.settings.input_spec.local,
-        output=step.output,
-        config=asdict(step.config.resolved),
-        script=plugin.settings.script,
-        source_digests=[bundle_digest(plugin.settings.bundle)],
-        arguments=[str(a) for a in step.arguments],
-    )
-    private_folder(record.folder)
-    with private_open(record.folder / SOURCE, "wb") as f:
-        f.write(plugin.settings.bundle)
-    return record
-
-
-def _input_specs(inputs: list[Input]) -> list[dict[str, Any]]:
-    """The data sets as workspace specs, when all come from datastores or
-    local paths (so a resume gets credentials from the workspace)."""
-    try:
-        return [ds.spec() for ds in inputs]
-    except ConfigError:
-        return []
-
-
-def _paths_given(given: Any) -> Any:
-    """The path, or list of paths, that ``given`` (as an input of
-    :func:`resume`: a path, a list of paths, or a data set) names."""
-    if isinstance(given, (str, os.PathLike)):
-        return os.fspath(given)
-    if isinstance(given, (list, tuple)):
-        return [os.fspath(p) for p in given]
-    return _path_spec(given)
-
-
-def _path_spec(dataset: Input) -> Any:
-    path = dataset._path
-    if isinstance(path, (str, os.PathLike)):
-        return os.fspath(path)
-    return [os.fspath(p) for p in path]
 
 
 def failed_items(
@@ -1006,11 +676,10 @@ def failed_items(
         workspace = Workspace(record.workspace)
     _check_credentials(record, storage_options, "failed_items()")
     errors = {row["input"]: row["error"] for row in rows}
-    if record.kind == "file":
-        found = FileDataset(
-            list(errors),
-            storage_options=_failed_options(record, storage_options, workspace),
-        )
+    found = InputKind.of_kind(record.kind).dead_letters(
+        list(errors), lambda: _failed_options(record, storage_options, workspace)
+    )
+    if found is not None:  # the failed items are the inputs' own files
         found.last_errors = errors
         return found
     step = _rebuild(record, storage_options, None, workspace)
@@ -1020,63 +689,3 @@ def failed_items(
             f"are listed in {Path(run.logs_dir) / FAILED_ITEMS}"
         )
     return _failed_rows(step, run.run_id, rows, record.folder / "failed_items", errors)
-
-
-def _failed_options(
-    record: RunRecord, given: dict[str, Any] | None, workspace: Any
-) -> dict[str, Any]:
-    """The storage options of a run's inputs: those given, else those of
-    the datastore its inputs came from."""
-    if given is not None or not record.input_specs or workspace is None:
-        return dict(given or {})
-    return dict(from_spec(record.input_specs[0], workspace).storage_options)
-
-
-def _failed_rows(
-    step: ParallelRunStep,
-    run_id: str,
-    rows: list[dict[str, str]],
-    folder: Path,
-    errors: dict[str, str],
-) -> TabularDataset:
-    """The failed rows of tabular run ``run_id``, read again as their
-    mini-batches were and sliced, in one file of the inputs' format in
-    ``folder``."""
-    import pandas as pd
-
-    first = step.inputs[0]
-    assert isinstance(first, TabularDataset)
-    AutoSizes(step, step.config.resolved)  # "auto": the size the run chose
-    batches = list(step.plan()[0])
-    spans: dict[int, list[tuple[int, int]]] = {}
-    for row in rows:
-        if row["start"].isdigit() and row["stop"].isdigit():  # else never read
-            spans.setdefault(int(row["index"]), []).append(
-                (int(row["start"]), int(row["stop"]))
-            )
-    frames = []
-    for index, cuts in spans.items():  # each mini-batch read once
-        frame = read_tabular(batches[index], first.storage_options, first.pandas_kwargs)
-        frames += [frame.iloc[start:stop] for start, stop in cuts]
-    if not frames:
-        # one line, though pandas' errors may end in a newline
-        why = "; ".join(f"{k}: {' '.join(v.split())}" for k, v in errors.items())
-        raise ConfigError(
-            f"the failed inputs of run {run_id!r} could not be read ({why}); fix "
-            "them and resume with retry_failed=True"
-        )
-    found = pd.concat(frames, ignore_index=True)
-    private_folder(folder)
-    path = folder / f"failed_items.{first.file_format}"
-    tmp = path.with_name(f".{path.name}.tmp")
-    private_file(tmp)  # pandas writes into it, keeping its mode
-    if first.file_format == "parquet":
-        found.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-        dataset: TabularDataset = Dataset.Tabular.from_parquet_files(str(path))
-    else:
-        found.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-        dataset = Dataset.Tabular.from_delimited_files(str(path))
-    dataset.last_errors = errors
-    return dataset

@@ -31,13 +31,17 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import fsspec
 import fsspec.utils
+from fsspec.core import url_to_fs
 
+from daskrun.backends.inputs.base import TableFormat, read_piece
+from daskrun.backends.inputs.listing import _reading, _sizes
+from daskrun.backends.inputs.partitions import with_partition_columns
 from daskrun.exceptions import ConfigError
 
 logger = logging.getLogger("daskrun")
@@ -67,6 +71,37 @@ class CsvBatch:
     offset: int = 0
     length: int | None = None
     header: int = 0
+    isolable: ClassVar[bool] = True  # a failed one is halved to find its bad rows
+
+    def frame(self, storage_options: Mapping[str, Any], pandas_kwargs: Any) -> Any:
+        """Its rows, as ``pandas.read_csv`` reads them."""
+        return read_csv(self, storage_options, pandas_kwargs)
+
+    def rows(
+        self,
+        storage_options: Mapping[str, Any],
+        pandas_kwargs: Any,
+        partition_format: str | None,
+    ) -> Any:
+        """Its rows with a column per partition key, as ``run()`` gets them."""
+        frame = self.frame(storage_options, pandas_kwargs)
+        return with_partition_columns(frame, self.path, partition_format)
+
+    def read(self, spec: Any, cache_root: str) -> tuple[Any, int | None, str | None]:
+        """What ``run()`` receives (a DataFrame with a column per partition
+        key), the rows read, and no folder to delete."""
+        options, kwargs = spec.storage_options, spec.pandas_kwargs
+        frame = self.rows(options, kwargs, spec.partition_format)
+        return frame, len(frame), None
+
+    def read_piece(
+        self, start: int, stop: int, spec: Any, cache_root: str
+    ) -> tuple[Any, int | None, str | None]:
+        """Rows ``[start, stop)``, read as the whole mini-batch is and sliced."""
+        return read_piece(self, start, stop, spec, cache_root)
+
+    def input_files(self) -> list[str] | None:
+        return None
 
     @property
     def n_items(self) -> int | None:
@@ -76,6 +111,24 @@ class CsvBatch:
         if self.length is None:
             return f"{self.path} (whole file)"
         return f"{self.path} bytes {self.offset}-{self.offset + self.length}"
+
+    def count_unread(self, dataset: Any, records: bool) -> int | None:
+        """The rows (or, with ``records``, the records) of this mini-batch
+        whose try failed before they were counted, within
+        ``daskrun.storage-timeout`` (the input may be what hung: a FIFO, a
+        dead mount); ``None`` when unknown."""
+        from daskrun.backends.storage import within
+        from daskrun.engine.config import config_get
+
+        counter = count_csv_records if records else count_csv_rows
+        try:
+            return within(
+                float(config_get("storage-timeout")),
+                lambda: counter(self, dataset.storage_options, dataset.pandas_kwargs),
+                TimeoutError,
+            )
+        except TimeoutError:
+            return None
 
 
 def check_csv_options(pandas_kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -508,3 +561,44 @@ def count_csv_records(
         at = len(found.data) if cut is None else cut
         records += 1
     return max(1, records)
+
+
+class Delimited(TableFormat):
+    """CSV files: byte ranges cut on record boundaries (:func:`plan_csv`)."""
+
+    name = "csv"
+    factory = "from_delimited_files"
+
+    def checked_options(self, pandas_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        return check_csv_options(pandas_kwargs)
+
+    def columns(
+        self, path: str, storage_options: Mapping[str, Any], pandas_kwargs: Any
+    ) -> list[str]:
+        return csv_columns(path, storage_options, pandas_kwargs)
+
+    def plan(
+        self,
+        files: Sequence[str],
+        size: int,
+        storage_options: Mapping[str, Any],
+        pandas_kwargs: Any,
+        start: int,
+    ) -> Iterator[CsvBatch]:
+        fs, _ = url_to_fs(files[0], **storage_options)
+        index = start
+        sizes = _sizes(fs, list(files), storage_options)
+        for path, nbytes in zip(files, sizes, strict=True):
+            with _reading(path, storage_options):
+                cuts = plan_csv(fs, path, nbytes, size, pandas_kwargs)
+            for cut in cuts:
+                yield CsvBatch(index, path, *cut)
+                index += 1
+
+    def read_whole(
+        self, path: str, storage_options: Mapping[str, Any], pandas_kwargs: Any
+    ) -> Any:
+        return read_csv(CsvBatch(0, path), storage_options, pandas_kwargs)
+
+    def write(self, frame: Any, path: Any) -> None:
+        frame.to_csv(path, index=False)

@@ -6,9 +6,10 @@ that tells a resume whether it is the same collection.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from daskrun.backends.inputs.base import Input
 from daskrun.backends.inputs.datasets import CollectionBatch
 from daskrun.engine.tasks import process_collection_batches
 from daskrun.exceptions import ConfigError
@@ -44,7 +45,7 @@ def check_collection(collection: Any, what: str) -> str:
     return kind
 
 
-class CollectionInput:
+class CollectionInput(Input):
     """A Dask dataframe or bag as a step's input: partition *i* is
     mini-batch *i*.
 
@@ -55,6 +56,7 @@ class CollectionInput:
     """
 
     kind = "collection"
+    keys_as_columns = True  # (no partition_format: partition_keys are refused)
     storage_options: Mapping[str, Any] = {}
     pandas_kwargs: Mapping[str, Any] = {}
     local = True
@@ -62,6 +64,83 @@ class CollectionInput:
     given: list[str] = []
     name = None
     datastore = None  # never a registered data set
+
+    @classmethod
+    def step_size(cls, cfg: Any) -> int:
+        """A collection's partitions are its mini-batches, as they are:
+        ``mini_batch_size`` and ``partition_keys`` are refused."""
+        given = (
+            f"mini_batch_size={cfg.mini_batch_size!r}"
+            if cfg.mini_batch_size is not None
+            else f"partition_keys={list(cfg.partition_keys)!r}"
+            if cfg.partition_keys
+            else None
+        )
+        if given is not None:
+            raise ConfigError(
+                f"{given} does not apply to a Dask collection input: each of its "
+                "partitions is one mini-batch; drop it, and repartition the "
+                "collection instead (ddf.repartition(partition_size='10MB'))"
+            )
+        return 1
+
+    @classmethod
+    def from_record(
+        cls,
+        record: Any,
+        given: Sequence[Any] | None,
+        storage_options: Mapping[str, Any],
+        paths: Callable[[], list[tuple[Any, str | None]]],
+    ) -> list[Any]:
+        """The collection ``given`` again, checked against its recorded
+        token."""
+        run_id = record.run_id
+        if given is None or len(given) != len(record.inputs):
+            raise ConfigError(
+                f"run {run_id!r} read a Dask collection; pass it again: "
+                f"resume({run_id!r}, inputs=[ddf])"
+            )
+        return [
+            check_same_collection(item, str(path), run_id)
+            for item, path in zip(given, record.inputs, strict=True)
+        ]
+
+    @classmethod
+    def plan_inputs(
+        cls, inputs: Sequence[Any], size: int, pilot: int, own: str | None
+    ) -> tuple[Iterable[Any], int]:
+        parts = [b for ds in inputs for b in ds.plan()]  # one per partition
+        return parts, len(parts)
+
+    @classmethod
+    def planned_items(
+        cls, inputs: Sequence[Any], batches: Any, own: str | None
+    ) -> tuple[int | None, str]:
+        return None, (
+            f"rows or items of finished mini-batches ({len(batches)} "
+            "partitions of a Dask collection planned)"
+        )
+
+    @classmethod
+    def fill_ledger(
+        cls,
+        ledger: Any,
+        inputs: Sequence[Any],
+        batches: Any,
+        stamps: Iterator[tuple[str, int, str]],
+        fresh_plan: Callable[[], Iterable[Any]],
+    ) -> None:
+        """Its token stands for its content."""
+        (collection,) = inputs
+        for path, size, stamp in stamps:
+            ledger.file(path, size, stamp)
+        for batch in batches:
+            ledger.mini_batch(collection.ledger_plan(batch.index), [])
+
+    @classmethod
+    def task_of(cls, inputs: Sequence[Any]) -> Callable[..., Any] | None:
+        """A collection's partitions are the tasks' dependencies."""
+        return inputs[0].submit
 
     def __init__(self, collection: Any):
         self.collection_kind = check_collection(collection, "inputs item")

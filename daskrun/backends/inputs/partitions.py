@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -256,75 +256,6 @@ def check_partition_keys(keys: Sequence[str], dataset: Any) -> None:
 
 
 @dataclass(frozen=True)
-class PartitionBatch:
-    """Every file of one partition as mini-batch ``index``.
-
-    ``key_value`` holds ``(key, value)`` in ``partition_keys`` order;
-    ``file_format`` is ``None`` for files (``run()`` gets their paths), else
-    ``"csv"`` or ``"parquet"`` (``run()`` gets all their rows, read whole).
-    The paths travel NUL-joined, as in
-    :class:`~daskrun.backends.inputs.datasets.FileBatch`.
-    """
-
-    index: int
-    joined: str
-    key_value: tuple[tuple[str, Any], ...]
-    file_format: str | None = None
-
-    @property
-    def paths(self) -> list[str]:
-        return self.joined.split("\0")
-
-    @property
-    def partition_key_value(self) -> dict[str, Any]:
-        return dict(self.key_value)
-
-    @property
-    def n_items(self) -> int | None:
-        # rows of tabular files are known only once read
-        return None if self.file_format else self.joined.count("\0") + 1
-
-    def describe(self) -> str:
-        keys = ", ".join(f"{k}={v!s}" for k, v in self.key_value)
-        n = self.joined.count("\0") + 1
-        return f"partition {keys} ({n} file{'s' if n > 1 else ''})"
-
-
-def plan_partitions(
-    files: Iterable[tuple[str, Mapping[str, Any]]],
-    keys: Sequence[str],
-    file_format: str | None = None,
-) -> list[PartitionBatch]:
-    """One mini-batch per distinct combination of ``keys`` among ``files``
-    (``(path, key values)`` pairs), ordered by the key values; each holds
-    its files in the order given.
-
-    >>> files = [("b/1", {"u": "b"}), ("a/1", {"u": "a"}), ("b/2", {"u": "b"})]
-    >>> [(b.index, b.partition_key_value, b.paths)
-    ...  for b in plan_partitions(files, ["u"])]
-    [(0, {'u': 'a'}, ['a/1']), (1, {'u': 'b'}, ['b/1', 'b/2'])]
-    """
-    groups: dict[tuple[Any, ...], list[str]] = {}
-    for path, values in files:
-        groups.setdefault(tuple(values[k] for k in keys), []).append(path)
-    ordered = sorted(groups, key=lambda combo: tuple(map(_order, combo)))
-    return [
-        PartitionBatch(
-            i,
-            "\0".join(groups[combo]),
-            tuple(zip(keys, combo, strict=True)),
-            file_format,
-        )
-        for i, combo in enumerate(ordered)
-    ]
-
-
-def _order(value: Any) -> tuple[int, Any]:
-    # dates before strings where inputs disagree on a key's type
-    return (0, value) if isinstance(value, datetime) else (1, str(value))
-
-
-@dataclass(frozen=True)
 class MiniBatchContext:
     """What a two-parameter ``run(mini_batch, mini_batch_context)`` gets
     beside each mini-batch, as in Azure ML.
@@ -344,3 +275,33 @@ class MiniBatchContext:
     partition_key_value: dict[str, Any]
     minibatch_index: int
     dataset: Any = None
+
+
+def with_partition_columns(frame: Any, path: str, partition_format: str | None) -> Any:
+    """``frame`` (read from ``path``) with a column per partition key, as
+    Azure ML adds them to a partitioned tabular data set's rows; a key
+    named like one of the file's columns is refused, never overwritten."""
+    if partition_format is not None:
+        pattern = PartitionFormat(partition_format)
+        check_key_columns(pattern, frame.columns, path)
+        for key, value in pattern.match(path).items():
+            frame[key] = value
+    return frame
+
+
+def check_key_columns(pattern: PartitionFormat, columns: Any, path: str) -> None:
+    """Refuse a partition key named like a column of the file at ``path``:
+    its values from the path would replace the column's.
+
+    >>> check_key_columns(PartitionFormat("/{m}/x.csv"), ["m", "v"], "a/x.csv")
+    Traceback (most recent call last):
+    ...
+    daskrun.exceptions.InputError: partition_format='/{m}/x.csv': key 'm' is also a column of 'a/x.csv', whose values it would replace; rename the key in the pattern, e.g. {m_key}
+    """  # noqa: E501
+    same = [k for k in pattern.keys if k in set(map(str, columns))]
+    if same:
+        raise InputError(
+            f"partition_format={pattern.text!r}: key {same[0]!r} is also a column "
+            f"of {path!r}, whose values it would replace; rename the key in the "
+            f"pattern, e.g. {{{same[0]}_key}}"
+        )
