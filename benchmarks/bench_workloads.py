@@ -54,9 +54,9 @@ for daskrun, how soon a 100-file job returns its first result. Saves
         --out map-partitions-w3-write.json
 
 Before and after a change, interleaved in one run: ``--before TREE`` adds,
-for each daskrun tool, ``TOOL@before``, the same tool with the daskrun of
-``TREE`` (a checkout of the earlier code, e.g. ``git worktree add /tmp/before
-REV``), run in rotation with the others::
+for daskrun, daskrun-list and daskrun-map, ``TOOL@before``: the same tool
+with the daskrun of ``TREE`` (a checkout of the earlier code, e.g. ``git
+worktree add /tmp/before REV``), run in rotation with the others::
 
     python benchmarks/bench_workloads.py --quick --workloads w1 w2 w3 \
         --tools pool daskrun daskrun-list --before /tmp/before --out before-after.json
@@ -94,6 +94,8 @@ TOOLS = (
 )
 W3_ONLY = {"daskrun-map", "daskrun-map-write", "daskrun-cluster"}
 BEFORE = ""  # --before: the earlier checkout's path
+# the tools --before runs on the earlier code too (the others are new)
+BEFORE_TOOLS = {"daskrun", "daskrun-list", "daskrun-map"}
 
 NOOP = "def init():\n    pass\n\n\ndef run(mini_batch):\n    return mini_batch\n"
 W3_SCRIPT = """
@@ -825,7 +827,7 @@ def main() -> None:
         args.tools = [  # side by side: before, after, before, ...
             name
             for t in args.tools
-            for name in ([f"{t}@before", t] if t.startswith("daskrun") else [t])
+            for name in ([f"{t}@before", t] if t in BEFORE_TOOLS else [t])
         ]
     sizes = {
         name: max(1, int(n * args.scale))
