@@ -5,6 +5,7 @@ authentication, as upstream's own tests run it."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -25,8 +26,8 @@ from daskrun import (
     ParallelRunStep,
     Workspace,
 )
-from daskrun.backends.compute.gateway import close_gateway
-from daskrun.exceptions import ConfigError
+from daskrun.backends.compute.gateway import GatewayAccess, close_gateway, reaching
+from daskrun.exceptions import ConfigError, JobFailedError
 
 from .helpers import free_port, make_files, poll_for, require_module, write_script
 from .scripts import ECHO
@@ -191,7 +192,10 @@ def test_a_failed_step_shuts_its_gateway_cluster_down(
     tmp_path: Path, gateway_server: dict[str, str], password: str
 ) -> None:
     make_files(tmp_path / "in", 6)
-    failing = "def run(mini_batch):\n    raise ValueError('bad input')\n"
+    failing = (
+        "def init():\n    pass\n\n"
+        "def run(mini_batch):\n    raise ValueError('bad input')\n"
+    )
     ws = Workspace.create(tmp_path / "ws")
     _target(ws, gateway_server)
     step = _step(tmp_path, ws.compute_targets["gateway"], failing, run_max_try=1)
@@ -307,3 +311,37 @@ def test_bad_provisioning_options_are_refused(
         GatewayCompute.provisioning_configuration("http://127.0.0.1:8000", **options)
     with pytest.raises(ConfigError, match="is not a Dask Gateway address"):
         GatewayCompute.provisioning_configuration("127.0.0.1:8000")
+
+
+def test_the_secret_is_hidden_from_gateway_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gateway error that echoes the password, or the Basic header made of
+    it, reaches the user without it."""
+    monkeypatch.setenv("DASK_GATEWAY_PASSWORD", PASSWORD)
+    access = GatewayAccess({"address": "http://gw:8000", "username": "me"})
+    header = base64.b64encode(f"me:{PASSWORD}".encode()).decode()
+    with pytest.raises(JobFailedError) as failed:
+        with reaching(access, "gw"):
+            raise OSError(f"echo {PASSWORD} Authorization: Basic {header}")
+    message = str(failed.value)
+    assert PASSWORD not in message and header not in message
+    assert "echo *** Authorization: Basic ***" in message
+    assert "compute target 'gw'" in message
+
+
+def test_a_gateway_that_is_not_there_fails_naming_it(
+    tmp_path: Path, password: str
+) -> None:
+    require_module("dask_gateway", "pip install 'daskrun[gateway]'")
+    make_files(tmp_path / "in", 2)
+    ws = Workspace.create(tmp_path / "ws")
+    address = f"http://127.0.0.1:{free_port()}"
+    _target(ws, {"address": address, "proxy_address": None})  # type: ignore[dict-item]
+    started = time.monotonic()
+    run = _step(tmp_path, ws.compute_targets["gateway"]).run(workspace=ws)
+    assert run.status == "Failed"
+    message = run.error or ""
+    assert f"the Dask Gateway at {address} of compute target 'gateway'" in message
+    assert "check that it runs" in message
+    assert time.monotonic() - started < 30

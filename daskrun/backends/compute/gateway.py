@@ -23,6 +23,7 @@ message daskrun writes (:func:`daskrun.backends.storage.hide`).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import sys
@@ -122,9 +123,13 @@ class GatewayAccess:
         return os.environ.get(self.secret_env) if self.secret_env else None
 
     def hide(self, text: str) -> str:
-        """``text`` without the secret."""
+        """``text`` without the secret, as given or as a Basic
+        ``Authorization`` header carries it (base64 of ``user:password``)."""
         secret = self.secret()
-        return hide(text, [secret]) if secret else text
+        if not secret:
+            return text
+        basic = f"{self.username or _user()}:{secret}".encode()
+        return hide(text, [secret, base64.b64encode(basic).decode()])
 
     def gateway(self) -> Any:
         """A ``dask_gateway.Gateway`` client of the server."""
@@ -178,16 +183,16 @@ def gateway_client(
 ) -> Iterator[Client]:
     """A client of a gateway cluster of ``workers`` workers, shut down after
     (or kept running with ``keep_warm``, and found again next time)."""
-    with _reaching(access, name):
+    with reaching(access, name):
         gateway = access.gateway()
     try:
-        with _reaching(access, name):
+        with reaching(access, name):
             options = cluster_options(gateway, wanted, name)
             cluster = _warm_cluster(gateway, options) if keep_warm else None
             if cluster is None:
                 cluster = gateway.new_cluster(options, shutdown_on_close=not keep_warm)
         try:
-            with _reaching(access, name):
+            with reaching(access, name):
                 cluster.scale(workers)
             with Client(cluster, set_as_default=False) as client:
                 yield client
@@ -218,7 +223,7 @@ def _warm_cluster(gateway: Any, options: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _reaching(access: GatewayAccess, name: str) -> Iterator[None]:
+def reaching(access: GatewayAccess, name: str) -> Iterator[None]:
     """Errors of the gateway as daskrun's, naming the target and without
     the secret."""
     try:
@@ -227,11 +232,15 @@ def _reaching(access: GatewayAccess, name: str) -> Iterator[None]:
         raise
     except Exception as e:
         message = access.hide(f"{type(e).__name__}: {e}")
-        if "401" in message or "403" in message or "nauthorized" in message:
+        if getattr(e, "status", None) in (401, 403):  # aiohttp's error
+            where = (
+                f"the secret in ${access.secret_env}"
+                if access.secret_env
+                else "the Kerberos ticket ('klist')"
+            )
             raise ConfigError(
                 f"the Dask Gateway at {access.address} refuses compute target "
-                f"{name!r} ({message}); check auth={access.auth!r} and the secret "
-                f"in ${access.secret_env}"
+                f"{name!r} ({message}); check auth={access.auth!r} and {where}"
             ) from None
         raise JobFailedError(
             f"the Dask Gateway at {access.address} of compute target {name!r} "
