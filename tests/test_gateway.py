@@ -345,3 +345,15 @@ def test_a_gateway_that_is_not_there_fails_naming_it(
     assert f"the Dask Gateway at {address} of compute target 'gateway'" in message
     assert "check that it runs" in message
     assert time.monotonic() - started < 30
+
+
+def test_the_cluster_has_node_count_times_process_count_per_node_workers(
+    tmp_path: Path, gateway_server: dict[str, str], password: str
+) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    target = _target(ws, gateway_server)
+    with target.connect(node_count=2, process_count_per_node=2) as client:
+        client.wait_for_workers(4, timeout=120)
+        time.sleep(1)  # none more comes
+        assert len(client.scheduler_info(n_workers=-1)["workers"]) == 4
+    _no_clusters_left(gateway_server)
