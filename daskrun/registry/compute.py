@@ -38,7 +38,7 @@ from daskrun.backends.compute.targets import (
     TARGETS,
     AmlProvisioned,
     ComputeBackend,
-    GatewayCluster,
+    GatewayClusters,
     LocalProcesses,
     SchedulerAddress,
     SlurmJobs,
@@ -198,7 +198,7 @@ class GatewayCompute:
                 "cluster_options={'worker_cores': 2}"
             )
         return ProvisioningConfiguration(
-            GatewayCluster.kind,
+            GatewayClusters.kind,
             {
                 "address": address,
                 "proxy_address": proxy_address,

@@ -11,7 +11,7 @@ that name to the class that connects it::
     │   └── AmlProvisioned  "aml": the same, at most ``max_nodes`` nodes
     ├── SchedulerAddress    "scheduler": an existing scheduler, by address
     ├── SlurmJobs           "slurm": worker processes in Slurm batch jobs
-    ├── GatewayCluster      "gateway": a cluster asked of a Dask Gateway
+    ├── GatewayClusters     "gateway": a cluster asked of a Dask Gateway
     ├── WarmLocal           (no compute_target) daskrun's local cluster,
     │                       kept warm between jobs while wanted
     └── SharedLocal         (no compute_target, 'daskrun cluster start'
@@ -211,7 +211,7 @@ class SlurmJobs(ComputeBackend):
             yield client
 
 
-class GatewayCluster(ComputeBackend):
+class GatewayClusters(ComputeBackend):
     """A cluster asked of a Dask Gateway for each step (see
     :mod:`daskrun.backends.compute.gateway`): ``node_count`` ×
     ``process_count_per_node`` workers (one per node by default) with the
