@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -356,4 +357,70 @@ def test_the_cluster_has_node_count_times_process_count_per_node_workers(
         client.wait_for_workers(4, timeout=120)
         time.sleep(1)  # none more comes
         assert len(client.scheduler_info(n_workers=-1)["workers"]) == 4
+    _no_clusters_left(gateway_server)
+
+
+CTRL_C_CLIENT = """
+import sys
+from pathlib import Path
+
+from daskrun import (
+    ComputeTarget, Dataset, GatewayCompute, ParallelRunConfig, ParallelRunStep,
+    Workspace,
+)
+
+work, address, proxy = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+ws = Workspace.create(work / "ws")
+ComputeTarget.create(ws, "gateway", GatewayCompute.provisioning_configuration(
+    address, proxy_address=proxy, username="daskrun-test"))
+cfg = ParallelRunConfig(
+    str(work / "src" / "score.py"), compute_target=ws.compute_targets["gateway"],
+    mini_batch_size=1, output_action="append_row")
+step = ParallelRunStep("ctrl-c", cfg,
+    inputs=[Dataset.File.from_files(str(work / "in"))], output=str(work / "out"))
+step.run(workspace=ws)
+"""
+
+SLOW = """
+import time
+from pathlib import Path
+
+def init():
+    pass
+
+def run(mini_batch):
+    Path(MARK).touch()
+    time.sleep(2)
+    return mini_batch
+"""
+
+
+def test_ctrl_c_shuts_the_gateway_cluster_down(
+    tmp_path: Path, gateway_server: dict[str, str], password: str
+) -> None:
+    make_files(tmp_path / "in", 30)
+    mark = tmp_path / "started"
+    write_script(tmp_path / "src", f"MARK = {str(mark)!r}\n{SLOW}")
+    (tmp_path / "client.py").write_text(CTRL_C_CLIENT)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "HOME": str(tmp_path)}
+    client = subprocess.Popen(
+        [sys.executable, str(tmp_path / "client.py"), str(tmp_path),
+         gateway_server["address"], gateway_server["proxy_address"]],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        poll_for(mark.exists, timeout=120, running=client)
+        gateway = _gateway(gateway_server)
+        try:
+            assert len(gateway.list_clusters()) == 1  # the step's, running
+        finally:
+            close_gateway(gateway)
+        client.send_signal(signal.SIGINT)  # Ctrl-C
+        client.wait(60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode != 0
     _no_clusters_left(gateway_server)
