@@ -58,6 +58,7 @@ from daskrun.exceptions import (
 _REGISTRY = {
     "AmlCompute": "registry.compute",
     "ComputeTarget": "registry.compute",
+    "GatewayCompute": "registry.compute",
     "LocalCompute": "registry.compute",
     "RemoteCompute": "registry.compute",
     "SlurmCompute": "registry.compute",
@@ -78,6 +79,7 @@ if TYPE_CHECKING:
     from daskrun.registry.compute import (
         AmlCompute,
         ComputeTarget,
+        GatewayCompute,
         LocalCompute,
         RemoteCompute,
         SlurmCompute,
@@ -122,6 +124,7 @@ __all__ = [
     "Environment",
     "Experiment",
     "FileDataset",
+    "GatewayCompute",
     "InputError",
     "JobFailedError",
     "LocalCompute",

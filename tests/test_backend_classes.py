@@ -18,6 +18,7 @@ from daskrun.backends.compute.targets import (
     TARGETS,
     AmlProvisioned,
     ComputeBackend,
+    GatewayClusters,
     LocalProcesses,
     SchedulerAddress,
     SlurmJobs,
@@ -119,11 +120,13 @@ def test_compute_targets_are_registered_classes() -> None:
         "aml": AmlProvisioned,
         "scheduler": SchedulerAddress,
         "slurm": SlurmJobs,
+        "gateway": GatewayClusters,
     }
     assert SlurmJobs.queued and not LocalProcesses.queued
     assert LocalProcesses.runs_here and AmlProvisioned.runs_here
     assert not SchedulerAddress.runs_here and not SlurmJobs.runs_here
-    with pytest.raises(ConfigError, match="kind 'k8s'.*known: aml, local"):
+    assert not GatewayClusters.queued and not GatewayClusters.runs_here
+    with pytest.raises(ConfigError, match="kind 'k8s'.*known: aml, gateway, local"):
         compute_backend("k8s", "big", {})
 
 

@@ -3,7 +3,8 @@
 A :class:`ComputeTarget` names a kind of cluster and its options:
 ``ComputeTarget.create(ws, "cpu", LocalCompute.provisioning_configuration())``,
 ``RemoteCompute.attach_configuration("tcp://10.0.0.5:8786")`` or
-``SlurmCompute.provisioning_configuration(queue="gpu")``. Given as a step's
+``SlurmCompute.provisioning_configuration(queue="gpu")`` or
+``GatewayCompute.provisioning_configuration("http://gateway:8000")``. Given as a step's
 ``compute_target``, it connects itself through its kind's class in
 :mod:`daskrun.backends.compute.targets` (the engine side, which starts
 clusters and never imports this module): a new kind of target is one class
@@ -32,10 +33,12 @@ from daskrun.backends.compute.cluster import (
     default_process_count,
     gpu_count,
 )
+from daskrun.backends.compute.gateway import check_auth
 from daskrun.backends.compute.targets import (
     TARGETS,
     AmlProvisioned,
     ComputeBackend,
+    GatewayClusters,
     LocalProcesses,
     SchedulerAddress,
     SlurmJobs,
@@ -50,6 +53,7 @@ __all__ = [
     "AmlCompute",
     "ComputeStatus",
     "ComputeTarget",
+    "GatewayCompute",
     "LocalCompute",
     "ProvisioningConfiguration",
     "QuickExit",
@@ -140,6 +144,69 @@ class SlurmCompute:
                 "job_extra_directives": job_extra_directives or [],
                 "local_directory": local_directory,
                 "log_directory": log_directory,
+            },
+        )
+
+
+class GatewayCompute:
+    """A cluster asked of a Dask Gateway for each step: ``node_count`` ×
+    ``process_count_per_node`` workers (one per node by default), shut down
+    after the step unless ``keep_warm``.
+
+    >>> config = GatewayCompute.provisioning_configuration(
+    ...     "http://127.0.0.1:8000", cluster_options={"worker_cores": 2})
+    >>> config.options["auth"], config.options["cluster_options"]
+    ('simple', {'worker_cores': 2})
+    """
+
+    @staticmethod
+    def provisioning_configuration(
+        address: str,
+        proxy_address: str | None = None,
+        auth: str = "simple",
+        username: str | None = None,
+        secret_env: str | None = None,
+        cluster_options: dict[str, Any] | None = None,
+        keep_warm: bool = False,
+    ) -> ProvisioningConfiguration:
+        """``address`` is the gateway's (``http://host:8000``), and
+        ``proxy_address`` its scheduler proxy's where that differs
+        (``tls://host:8786``). ``auth`` is ``"simple"`` (``username``,
+        default this user, and a password), ``"jupyterhub"`` (an API token)
+        or ``"kerberos"``; the password or token is read, when a step
+        connects, from the environment variable ``secret_env`` (default
+        ``DASK_GATEWAY_PASSWORD``, or ``JUPYTERHUB_API_TOKEN``) and is never
+        stored. ``cluster_options`` are set on the gateway's
+        ``cluster_options()`` (e.g. ``{"worker_cores": 2}``). ``keep_warm``
+        leaves the cluster running after a step, for the next one with the
+        same options."""
+        try:
+            import dask_gateway  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "GatewayCompute needs dask-gateway; pip install 'daskrun[gateway]'"
+            ) from None
+        if not isinstance(address, str) or "://" not in address:
+            raise ConfigError(
+                f"address={address!r} is not a Dask Gateway address; use e.g. "
+                "'http://gateway.example.org:8000'"
+            )
+        check_auth(auth, username, secret_env)
+        if cluster_options is not None and not isinstance(cluster_options, dict):
+            raise ConfigError(
+                f"cluster_options={cluster_options!r} is not a dict; use e.g. "
+                "cluster_options={'worker_cores': 2}"
+            )
+        return ProvisioningConfiguration(
+            GatewayClusters.kind,
+            {
+                "address": address,
+                "proxy_address": proxy_address,
+                "auth": auth,
+                "username": username,
+                "secret_env": secret_env,
+                "cluster_options": dict(cluster_options or {}),
+                "keep_warm": bool(keep_warm),
             },
         )
 

@@ -8,7 +8,8 @@ user gets in), and closes it afterwards, unless it is kept warm; when
 (:func:`~daskrun.backends.compute.targets.default_target`). A scheduler address, a
 ``distributed.Client`` or a Dask cluster object (``LocalCluster``,
 ``dask_jobqueue.SLURMCluster``, ``dask_cuda.LocalCUDACluster``…) is used as
-given and left running. Anything else with a ``connect(node_count,
+given and left running (a batch queue's or a ``dask_gateway.GatewayCluster``
+scaled to the step's workers first). Anything else with a ``connect(node_count,
 process_count_per_node, on_lost, log_file)`` context manager (a
 :class:`~daskrun.ComputeTarget` registered in a workspace, see
 :mod:`daskrun.registry.compute`) connects itself, through the helpers here.
@@ -19,6 +20,7 @@ Its helpers, one module each::
     shared      the shared cluster of 'daskrun cluster start'
     scheduler   a scheduler reached by address, watched while a job runs
     jobqueue    batch queues through dask-jobqueue (Slurm, PBS, ...)
+    gateway     clusters asked of a Dask Gateway
     machine     GPUs and cores here, and the configured time bounds
     targets     one class per kind of registered compute target
 
@@ -37,6 +39,7 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from distributed import Client
 
+from daskrun.backends.compute.gateway import is_gateway_cluster, user_gateway_cluster
 from daskrun.backends.compute.jobqueue import is_jobqueue_cluster, on_queue
 from daskrun.backends.compute.local import (
     QuickExit,
@@ -133,6 +136,10 @@ def connect(
         with on_queue(
             compute_target, node_count, process_count_per_node, on_lost, close=False
         ) as client:
+            yield client
+    elif is_gateway_cluster(compute_target):
+        n = node_count * (process_count_per_node or 1)
+        with few_messages(), user_gateway_cluster(compute_target, n) as client:
             yield client
     elif isinstance(compute_target, Client):
         yield compute_target

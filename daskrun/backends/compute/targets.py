@@ -11,6 +11,7 @@ that name to the class that connects it::
     │   └── AmlProvisioned  "aml": the same, at most ``max_nodes`` nodes
     ├── SchedulerAddress    "scheduler": an existing scheduler, by address
     ├── SlurmJobs           "slurm": worker processes in Slurm batch jobs
+    ├── GatewayClusters     "gateway": a cluster asked of a Dask Gateway
     ├── WarmLocal           (no compute_target) daskrun's local cluster,
     │                       kept warm between jobs while wanted
     └── SharedLocal         (no compute_target, 'daskrun cluster start'
@@ -36,6 +37,7 @@ from typing import Any, ClassVar
 import dask.utils
 from distributed import Client
 
+from daskrun.backends.compute.gateway import GatewayAccess, gateway_client
 from daskrun.backends.compute.jobqueue import on_queue
 from daskrun.backends.compute.local import (
     few_messages,
@@ -207,6 +209,31 @@ class SlurmJobs(ComputeBackend):
             cluster, node_count, process_count_per_node, on_lost, close=True
         ) as client:
             yield client
+
+
+class GatewayClusters(ComputeBackend):
+    """A cluster asked of a Dask Gateway for each step (see
+    :mod:`daskrun.backends.compute.gateway`): ``node_count`` ×
+    ``process_count_per_node`` workers (one per node by default) with the
+    target's ``cluster_options``, shut down after the step unless the target
+    keeps it warm."""
+
+    kind = "gateway"
+
+    def connect(
+        self,
+        node_count: int,
+        process_count_per_node: int | None,
+        on_lost: Callable[[str], None] | None = None,
+        log_file: str | os.PathLike[str] | None = None,
+    ) -> contextlib.AbstractContextManager[Client]:
+        return gateway_client(
+            GatewayAccess(self.options),
+            self.options.get("cluster_options") or {},
+            node_count * (process_count_per_node or 1),
+            self.name,
+            keep_warm=bool(self.options.get("keep_warm")),
+        )
 
 
 def slurm_cluster(options: Mapping[str, Any], processes: int) -> Any:
