@@ -266,3 +266,29 @@ def test_what_names_no_file_is_refused(path: object) -> None:
         Dataset.File.from_files(path)
     with pytest.raises(InputError, match="is not a path"):
         Dataset.Tabular.from_delimited_files(path, validate=False)
+
+
+def test_a_bound_step_describes_its_job_as_one_frozen_value(tmp_path: Path) -> None:
+    # the engine reads only the description; what it chooses stays on the job
+    import dataclasses
+
+    from daskrun import ParallelRunStep
+    from daskrun.engine.description import JobDescription
+
+    make_files(tmp_path / "in", 5)
+    script = write_script(
+        tmp_path / "src", "def init(): pass\ndef run(mini_batch): return mini_batch\n"
+    )
+    cfg = ParallelRunConfig(str(script), mini_batch_size=2, output_action="append_row")
+    ds = Dataset.File.from_files(str(tmp_path / "in"))
+    step = ParallelRunStep("describe", cfg, inputs=[ds], output=str(tmp_path / "out"))
+    described = step.bind({}, run_id="describe_1").describe(auto_recorded={"x": 1})
+    assert isinstance(described, JobDescription)
+    assert (described.run_id, described.name) == ("describe_1", "describe")
+    assert described.input_type is step.input_type
+    assert len(described.inputs) == 1
+    assert described.auto_recorded == {"x": 1}
+    assert described.own_output() == f"{tmp_path / 'out'}/parallel_run_step.txt"
+    assert described.plan()[1] == 3  # 5 files, 2 a mini-batch
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        described.output = "elsewhere"  # type: ignore[misc]

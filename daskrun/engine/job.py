@@ -1,8 +1,9 @@
 """One run of a step, from plain values: the engine's part of ``step.run()``.
 
-A :class:`Job` takes a bound step (its validated config, resolved data sets,
-output and arguments), the registered models as plain references, and a run
-record to keep current. It plans the mini-batches, records the plan, picks up
+A :class:`Job` takes a :class:`~daskrun.engine.description.JobDescription`
+(the step's validated config, resolved data sets, output, arguments, run
+identity and the registered models as plain references), and a run record to
+keep current. It plans the mini-batches, records the plan, picks up
 where an earlier attempt stopped, connects to the cluster, runs ``init()`` on
 every worker, runs the mini-batches (:mod:`daskrun.engine.runner`), assembles the
 output (:mod:`daskrun.engine.output`) and writes the log folder
@@ -22,7 +23,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from daskrun.aml.modelrefs import ModelRef
 from daskrun.backends.compute.cluster import EarlyStart, connect, dashboard_link
 from daskrun.backends.compute.jobqueue import is_jobqueue_cluster
 from daskrun.backends.storage import FileLock
@@ -33,6 +33,7 @@ from daskrun.engine.config import (
     config_seconds,
     isolate_failures,
 )
+from daskrun.engine.description import JobDescription
 from daskrun.engine.jobwatch import (
     _prepare_output,
     _register_watched,
@@ -44,7 +45,7 @@ from daskrun.engine.jobwatch import (
 from daskrun.engine.ledger import PlanLedger
 from daskrun.engine.packages import PackageCheck, runs_here
 from daskrun.engine.pilot import AutoSizes
-from daskrun.engine.planning import BoundStep, Planning
+from daskrun.engine.planning import Planning
 from daskrun.engine.plugin import EntryScriptPlugin, TryResult
 from daskrun.engine.preflight import preflight, via_client_setting, workers_timeout
 from daskrun.engine.runner import (
@@ -104,11 +105,13 @@ class Record(Protocol):
 
 
 class Job(Planning):
-    """One run of ``step`` as ``run_id``, in ``runs_root / run_id``.
+    """One run of a step as ``described``: its run ``described.run_id``, in
+    ``described.run_dir``. It reads only the description, and keeps what it
+    chooses (:attr:`auto`: the ``"auto"`` sizes; the plan) on itself.
 
     Use it in this order (``step.run()`` and ``resume()`` do)::
 
-        job = Job(step, run_id, runs_root, console=..., models=...)
+        job = Job(described, console=...)
         with job.opening():          # locks are released if this raises
             job.plan(resumed_digest, replan)
             record = ...             # a new record for job.plugin, or the old
@@ -122,15 +125,13 @@ class Job(Planning):
 
     def __init__(
         self,
-        step: BoundStep,
-        run_id: str,
-        runs_root: Path,
+        described: JobDescription,
         *,
         console: Console,
-        models: list[ModelRef] | None = None,
         interrupt: Interrupt | None = None,
     ):
-        self.step, self.cfg = step, step.config.resolved
+        self.described, self.cfg = described, described.cfg
+        run_id = described.run_id
         # checked before anything is planned or started
         self.resource_interval = config_seconds("resource-interval")
         self.progress_timeout = config_seconds("progress-timeout")
@@ -139,20 +140,22 @@ class Job(Planning):
         via_client_setting()
         workers_timeout(queued=False)
         self.perf: PerfLog | None = None
-        self.run_id, self.run_dir = run_id, runs_root / run_id
+        self.run_id, self.run_dir = run_id, described.run_dir
         # the environment's packages, here before any cluster starts (plan()
         # may start one) where the workers will run this interpreter
         self.packages = PackageCheck(
-            step.config.environment, run_id, console.say if console.show else None
+            described.config.environment, run_id, console.say if console.show else None
         )
-        if runs_here(step.config.compute_target):
+        if runs_here(described.config.compute_target):
             self.packages.here()
-        self.console, self.models = console, models
+        self.console = console
+        models = described.models
+        self.models = None if models is None else list(models)
         self.interrupt = interrupt or Interrupt()
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
         # the sizes it plans with, "auto" chosen here (daskrun.engine.auto)
-        self.auto = AutoSizes(step, self.cfg)
+        self.auto = AutoSizes(described, self.cfg)
         self._after_pilot = 0  # the pilot's mini-batches, once handed out
         # an auto pilot's input stamps as first listed, for the re-plan
         self._listed: list[tuple[str, int, str]] | None = None
@@ -162,14 +165,14 @@ class Job(Planning):
         )
         self.target = (
             _output.OutputTarget(
-                step.output,
+                described.output,
                 self.cfg.append_row_file_name,
                 run_id,
-                step.output_storage_options,
+                dict(described.output_storage_options),
                 self.cfg.output_format,
                 float(config_get("storage-timeout")),
             )
-            if step.output is not None and self.cfg.output_action == "append_row"
+            if described.output is not None and self.cfg.output_action == "append_row"
             else None
         )
         self.items_planned, self.items_counted = self._planned_items()
@@ -208,7 +211,7 @@ class Job(Planning):
         """
         if self.target is not None and (lock := _prepare_output(self.target)):
             self.locks.callback(lock.release)
-        if self.step.config.compute_target is None:
+        if self.described.config.compute_target is None:
             # daskrun's own cluster starts while the inputs are planned (its
             # workers importing distributed take most of a short job's start)
             self._early = EarlyStart(self._connection())
@@ -229,7 +232,7 @@ class Job(Planning):
                     "mini-batches whose inputs are unchanged and run the rest"
                 )
             self._unchanged = ledger.unchanged()
-        output_path = self.step.output or str(self.run_dir / "outputs")
+        output_path = self.described.output or str(self.run_dir / "outputs")
         if "://" not in output_path:
             # run() may write its own files there (EntryScript().output_dir),
             # as with output_action="summary_only" into a PipelineData
@@ -357,13 +360,13 @@ class Job(Planning):
         with (
             distributed_log(log_file),
             connect(
-                self.step.config.compute_target,
+                self.described.config.compute_target,
                 self.cfg.node_count,
                 self.auto.processes,
                 on_lost=lambda reason: self.interrupt.trigger(
                     reason.replace("RUN_ID", self.run_id)
                 ),
-                security=self.step.config.security,
+                security=self.described.config.security,
                 log_file=log_file,
             ) as client,
         ):
@@ -422,7 +425,7 @@ class Job(Planning):
         then written by the client (:mod:`daskrun.engine.viaclient`)."""
         target = preflight(
             client,
-            datasets=[*self.step.inputs, *self.step.side_inputs],
+            datasets=[*self.described.inputs, *self.described.side_inputs],
             output=self.target,
             expected_workers=self.cfg.node_count * (self.auto.processes or 1),
             queued=self._queued(),
@@ -437,7 +440,7 @@ class Job(Planning):
 
     def _queued(self) -> bool:
         """Whether the job runs on a batch queue (Slurm and the like)."""
-        target = self.step.config.compute_target
+        target = self.described.config.compute_target
         return is_jobqueue_cluster(target) or getattr(target, "queued", False) is True
 
     def _forecast(self, slots: int) -> Forecast:
@@ -457,7 +460,7 @@ class Job(Planning):
             isolate=self._isolating if self.isolate else None,
             count_rows=self._item_counter(records=False),
             # a Dask collection's partitions are the tasks' dependencies
-            task=self.step.input_type.task_of(self.step.inputs),
+            task=self.described.input_type.task_of(self.described.inputs),
             commit=(
                 functools.partial(commit, self.target)
                 if isinstance(self.target, ViaClientTarget)
@@ -469,7 +472,7 @@ class Job(Planning):
             self.plugin,
             self.tally,
             self.limits,
-            key_prefix=f"{self.step.name}-{self.run_id[-6:]}",
+            key_prefix=f"{self.described.name}-{self.run_id[-6:]}",
             hooks=hooks,
             interrupt=self.interrupt,
             progress_timeout=self.progress_timeout,
@@ -493,7 +496,7 @@ class Job(Planning):
             "cluster_ready", 0.0
         )
         items_left = max(0, (self.items_planned or 0) - pilot)
-        choice = self.auto.choose(client, self.step, init, items_left)
+        choice = self.auto.choose(client, init, items_left)
         ledger = PlanLedger(self.run_dir)
         try:
             self._fill_ledger(ledger, self._listed)

@@ -2,12 +2,13 @@
 before planning, the pilot's measurements, and the choice of the rest.
 
 :class:`AutoSizes` chooses the ``pilot`` and ``mini_batch_size`` the job
-plans with (the step's own, unless ``"auto"``; the step is never
-written), and resolves ``process_count_per_node="auto"`` before the cluster
-starts; :class:`PilotFeed` hands the runner the pilot's mini-batches
-and then the rest's, planned once enough of the pilot is measured. A
-resumed run's recorded choice (``step.auto_recorded``) is taken as it is,
-so the resume plans what the run planned.
+plans with (the description's, unless ``"auto"``; the description is a
+frozen value, never written), and resolves ``process_count_per_node="auto"``
+before the cluster starts; :class:`PilotFeed` hands the runner the pilot's
+mini-batches and then the rest's, planned once enough of the pilot is
+measured. A resumed run's recorded choice
+(``JobDescription.auto_recorded``) is taken as it is, so the resume plans
+what the run planned.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ from daskrun.engine.auto import (
     worker_memory,
 )
 from daskrun.engine.config import config_get
+from daskrun.engine.description import JobDescription
 from daskrun.engine.plugin import TryResult
 
 
 class AutoSizes:
     """The ``"auto"`` choices of one job (none where nothing is ``"auto"``)."""
 
-    def __init__(self, step: Any, cfg: Any):
-        recorded = AutoChoice.from_dict(getattr(step, "auto_recorded", {}) or {})
+    def __init__(self, described: JobDescription, cfg: Any):
+        recorded = AutoChoice.from_dict(dict(described.auto_recorded))
         self.choice: AutoChoice | None = None
         self.pilot_pending = False
         self.processes: int | None = cfg.process_count_per_node
@@ -48,10 +50,10 @@ class AutoSizes:
         self._rss0: dict[str, int] = {}
         self._feed: PilotFeed | None = None
         self._pilot_count = 0  # the pilot's mini-batches, if it runs
-        # what the job plans with: the step's, until "auto" chooses (the
-        # step itself is never written)
-        self.mini_batch_size: int = step.mini_batch_size
-        self.pilot: int = step.pilot
+        # what the job plans with: the description's, until "auto" chooses
+        # (no pilot unless it does)
+        self.mini_batch_size: int = described.mini_batch_size
+        self.pilot: int = 0
         if cfg.process_count_per_node == AUTO:
             self.processes = recorded.process_count_per_node or choose_process_count(
                 cpu_cores(),
@@ -63,8 +65,8 @@ class AutoSizes:
         if cfg.mini_batch_size != AUTO:
             return
         base = self.choice or AutoChoice()
-        if not step.input_type.pilots:  # tables: sized from their bytes
-            size = recorded.mini_batch_size or self._table_size(step, cfg)
+        if not described.input_type.pilots:  # tables: sized from their bytes
+            size = recorded.mini_batch_size or self._table_size(described, cfg)
             self.mini_batch_size = size
             self.choice = AutoChoice(
                 mini_batch_size=size,
@@ -79,12 +81,12 @@ class AutoSizes:
             self.choice = recorded
         else:
             self.pilot = self._pilot_count = int(config_get("auto.pilot-mini-batches"))
-            self.mini_batch_size = step.input_type.size_of(None)
+            self.mini_batch_size = described.input_type.size_of(None)
             self.pilot_pending = self.pilot > 0
             self.choice = base
 
-    def _table_size(self, step: Any, cfg: Any) -> int:
-        sizes = [size for ds in step.inputs for _, size, _ in ds.stamps()]
+    def _table_size(self, described: JobDescription, cfg: Any) -> int:
+        sizes = [size for ds in described.inputs for _, size, _ in ds.stamps()]
         per_node = self.processes or default_process_count()
         memory = psutil.virtual_memory().total / per_node
         return choose_table_size(
@@ -126,7 +128,7 @@ class AutoSizes:
             self._feed.outcome(pilot, warm)
 
     def choose(
-        self, client: Any, step: Any, init_seconds: float | None, items_left: int
+        self, client: Any, init_seconds: float | None, items_left: int
     ) -> AutoChoice:
         """The size of the rest of the plan, from the pilot's measurements;
         sets :attr:`mini_batch_size`."""

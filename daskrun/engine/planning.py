@@ -15,17 +15,14 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from daskrun.aml.modelrefs import ModelRef
-from daskrun.backends.inputs.base import Input
 from daskrun.backends.inputs.datasets import file_batch_at
 from daskrun.backends.storage import secret_values
 from daskrun.engine import output as _output
-from daskrun.engine.config import (
-    ParallelRunConfig,
-    ResolvedConfig,
-)
+from daskrun.engine.config import ResolvedConfig
+from daskrun.engine.description import JobDescription
 from daskrun.engine.ledger import PlanLedger
 from daskrun.engine.pilot import AutoSizes
 from daskrun.engine.plugin import (
@@ -57,47 +54,6 @@ from daskrun.monitoring.monitor import (
 logger = logging.getLogger("daskrun")
 
 
-class BoundStep(Protocol):
-    """What a job needs of a step: a ``ParallelRunStep`` bound to its
-    parameters, whose inputs are resolved data sets."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def kind(self) -> str: ...  # its input_type's kind, for the record
-    @property
-    def input_type(self) -> type[Input]: ...  # the inputs' class
-
-    mini_batch_size: int  # the step's; "auto": the job plans with its own
-    pilot: int  # the step's one-file mini-batches first (0)
-    auto_recorded: dict[str, Any]  # a resumed run's AutoChoice
-
-    @property
-    def inputs(self) -> Sequence[Any]: ...  # FileDataset or TabularDataset
-    @property
-    def side_inputs(self) -> Sequence[Any]: ...
-    @property
-    def arguments(self) -> Sequence[Any]: ...
-    @property
-    def output(self) -> str | None: ...
-    @property
-    def output_storage_options(self) -> dict[str, Any]: ...
-    @property
-    def experiment(self) -> str | None: ...  # for Run.get_context()
-    @property
-    def parent_id(self) -> str | None: ...
-    @property
-    def config(self) -> ParallelRunConfig: ...
-    @property
-    def dataset_name(self) -> str | None: ...
-
-    def plan(
-        self, mini_batch_size: int | None = None, pilot: int | None = None
-    ) -> tuple[Any, int]: ...
-
-    def _own_output(self) -> str | None: ...
-
-
 class Resumed(enum.IntEnum):
     """What a resume knows of a mini-batch before it runs anything."""
 
@@ -112,7 +68,7 @@ class Planning:
     plan, its ledger, what an earlier attempt wrote, and its plugin. The job
     sets these attributes; these methods read and fill them."""
 
-    step: BoundStep
+    described: JobDescription
     cfg: ResolvedConfig
     run_id: str
     run_dir: Path
@@ -239,13 +195,14 @@ class Planning:
                 self.logs.mini_batch(_earlier(batch.index), 1, counts)
 
     def _entry_script_plugin(self, output_path: str) -> EntryScriptPlugin:
-        step, cfg, target, run_id = self.step, self.cfg, self.target, self.run_id
+        described, cfg, target = self.described, self.cfg, self.target
+        run_id = self.run_id
         zipped, script = self.bundle
         sides = {
             id(ds): SideInput(n, tuple(ds.files()), ds.storage_options, ds.local)
-            for n, ds in enumerate(step.side_inputs)
+            for n, ds in enumerate(described.side_inputs)
         }
-        first = step.inputs[0]
+        first = described.inputs[0]
         return EntryScriptPlugin(
             PluginSettings(
                 name=f"daskrun-{run_id}",
@@ -255,17 +212,17 @@ class Planning:
                 script=script,
                 script_display=cfg.entry_script,
                 source_directory=cfg.source_directory,
-                experiment=step.experiment,
-                parent_id=step.parent_id,
-                arguments=[sides.get(id(a), a) for a in step.arguments],
+                experiment=described.experiment,
+                parent_id=described.parent_id,
+                arguments=[sides.get(id(a), a) for a in described.arguments],
                 side_inputs=list(sides.values()),
                 environment_variables=cfg.environment_variables,
                 output_path=output_path,
                 input_spec=InputSpec(
-                    kind=step.kind,
+                    kind=described.kind,
                     storage_options=first.storage_options,
                     pandas_kwargs=getattr(first, "pandas_kwargs", {}),
-                    local=all(ds.local for ds in step.inputs),
+                    local=all(ds.local for ds in described.inputs),
                     partition_format=first.partition_format,
                 ),
                 output=target,
@@ -278,9 +235,9 @@ class Planning:
                     for options in (
                         *(
                             ds.storage_options
-                            for ds in (*step.inputs, *step.side_inputs)
+                            for ds in (*described.inputs, *described.side_inputs)
                         ),
-                        step.output_storage_options,
+                        described.output_storage_options,
                     )
                     for secret in secret_values(options)
                 ],
@@ -291,12 +248,16 @@ class Planning:
         """What the source directory may hold that is data, not code: the
         step's local input folders and files, and its output folder. Inputs
         reach the workers as paths; they are never shipped with the script."""
-        step, source = self.step, self.cfg.source_directory
+        described, source = self.described, self.cfg.source_directory
         if source is None:
             return []
         root = os.path.realpath(source) + os.sep
-        found = [step.output] if step.output and os.path.isabs(step.output) else []
-        for ds in [*step.inputs, *step.side_inputs]:
+        found = (
+            [described.output]
+            if described.output and os.path.isabs(described.output)
+            else []
+        )
+        for ds in [*described.inputs, *described.side_inputs]:
             if not ds.local:
                 continue
             folders = [p for p in ds.given if os.path.isdir(p)]
@@ -307,24 +268,24 @@ class Planning:
 
     def _plan(self) -> tuple[Any, int]:
         """The step's plan with the sizes this job chose (:attr:`auto`)."""
-        return self.step.plan(self.auto.mini_batch_size, self.auto.pilot)
+        return self.described.plan(self.auto.mini_batch_size, self.auto.pilot)
 
     def _planned_items(self) -> tuple[int | None, str]:
         """The items the plan holds, and how job_result.txt counts them: the
         files of file inputs, the rows of Parquet inputs (from their metadata);
         ``None`` for CSV, whose rows are known only once read."""
-        step = self.step
-        return step.input_type.planned_items(
-            step.inputs, self.batches, step._own_output()
+        described = self.described
+        return described.input_type.planned_items(
+            described.inputs, self.batches, described.own_output()
         )
 
     def _describe(self, index: int) -> str:
         """``mini-batch <index> (<its inputs>)``, for errors about its result."""
-        step, batches = self.step, self.batches
+        described, batches = self.described, self.batches
         if isinstance(batches, list):
             batch = batches[index]
         else:  # file inputs, planned lazily: their lists are kept
-            files = [f for ds in step.inputs for f in ds.files()]
+            files = [f for ds in described.inputs for f in ds.files()]
             size, pilot = self.auto.mini_batch_size, self.auto.pilot
             batch = file_batch_at(files, index, size, pilot)
         return f"mini-batch {index} ({batch.describe()})"
@@ -336,12 +297,12 @@ class Planning:
         (what it reads, and its files' sizes and mtimes) in ``ledger``; from
         ``listed`` stamps if given (an auto pilot's re-plan: the files as
         first listed, not stat'ed again)."""
-        step = self.step
-        own = step._own_output()  # never an input: step.plan() leaves it out
+        described = self.described
+        own = described.own_output()  # never an input: its plan() leaves it out
         stamps: Iterator[tuple[str, int, str]] = (
             stamp
             for stamp in itertools.chain.from_iterable(
-                ds.stamps() for ds in step.inputs
+                ds.stamps() for ds in described.inputs
             )
             if stamp[0] != own
         )
@@ -353,8 +314,8 @@ class Planning:
         if self.cfg.partition_keys:
             self._fill_partitions(ledger, stamps)
             return
-        step.input_type.fill_ledger(
-            ledger, step.inputs, self.batches, stamps, lambda: self._plan()[0]
+        described.input_type.fill_ledger(
+            ledger, described.inputs, self.batches, stamps, lambda: self._plan()[0]
         )
 
     def _fill_partitions(
@@ -379,7 +340,8 @@ class Planning:
         (:func:`~daskrun.backends.inputs.delimited.count_csv_records`); bounded by
         ``daskrun.storage-timeout`` (the input may be what hung: a FIFO, a
         dead mount), then unknown (``None``) or 1."""
-        return self.step.input_type.unread_counter(self.step.inputs, records)
+        described = self.described
+        return described.input_type.unread_counter(described.inputs, records)
 
 
 def _row_counts(row: dict[str, str]) -> Counts:

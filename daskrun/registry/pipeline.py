@@ -279,7 +279,9 @@ class PipelineRun:
             earlier = _reusable(self.workspace, bound.fingerprint)
             if earlier is not None:
                 return self._reuse(bound, earlier)
-        return _execute(bound, console=self._feed, interrupt=self._interrupt)
+        return _execute(
+            bound, bound.describe(), console=self._feed, interrupt=self._interrupt
+        )
 
     def _reuse(self, bound: ParallelRunStep, earlier: RunRecord) -> StepRun:
         assert bound.run_id is not None

@@ -27,6 +27,7 @@ from daskrun.backends.storage import (
     signature_hidden,
     unsigned,
 )
+from daskrun.engine.description import JobDescription
 from daskrun.engine.pilot import AutoSizes
 from daskrun.engine.plugin import (
     EntryScriptPlugin,
@@ -162,7 +163,7 @@ def _failed_options(
 
 
 def _failed_rows(
-    step: Any,
+    described: JobDescription,
     run_id: str,
     rows: list[dict[str, str]],
     folder: Path,
@@ -173,10 +174,10 @@ def _failed_rows(
     ``folder``."""
     import pandas as pd
 
-    first = step.inputs[0]
+    first = described.inputs[0]
     assert isinstance(first, TabularDataset)
-    auto = AutoSizes(step, step.config.resolved)  # "auto": the size the run chose
-    batches = list(step.plan(auto.mini_batch_size, auto.pilot)[0])
+    auto = AutoSizes(described, described.cfg)  # "auto": the size the run chose
+    batches = list(described.plan(auto.mini_batch_size, auto.pilot)[0])
     spans: dict[int, list[tuple[int, int]]] = {}
     for row in rows:
         if row["start"].isdigit() and row["stop"].isdigit():  # else never read

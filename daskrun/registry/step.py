@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from daskrun.backends.inputs.base import Input as InputKind
-from daskrun.backends.inputs.batches import plan_partitions
 from daskrun.backends.inputs.datasets import (
     DatasetConsumptionConfig,
     FileDataset,
@@ -27,6 +26,7 @@ from daskrun.backends.inputs.datasets import (
 from daskrun.backends.outputs import output_format_for
 from daskrun.engine import output as _output
 from daskrun.engine.config import ParallelRunConfig, PipelineParameter
+from daskrun.engine.description import JobDescription
 from daskrun.engine.job import Job
 from daskrun.engine.naming import check_parameter_names, check_step_name
 from daskrun.engine.runner import (
@@ -309,11 +309,8 @@ class ParallelRunStep:
             s.name if isinstance(s, DatasetConsumptionConfig) else None
             for s in self.input_specs
         ]
+        # mini_batch_size="auto": the job chooses (daskrun.engine.pilot)
         self.mini_batch_size = self.input_type.step_size(cfg)
-        # mini_batch_size="auto": one-file mini-batches first (set by the job,
-        # daskrun.engine.auto), and the choice a resumed run recorded
-        self.pilot = 0
-        self.auto_recorded: dict[str, Any] = {}
         if output is None and cfg.output_action == "append_row":
             raise ConfigError(
                 "output is required with output_action='append_row'; pass "
@@ -419,44 +416,39 @@ class ParallelRunStep:
         }
         return names.pop() if len(names) == 1 else None
 
-    def plan(
-        self, mini_batch_size: int | None = None, pilot: int | None = None
-    ) -> tuple[Iterable[Any], int]:
-        """The mini-batch plans (lazily, for file inputs) and their count,
-        with ``mini_batch_size`` and ``pilot`` one-file mini-batches first
-        where the job chose them (``"auto"``), else the step's.
-
-        The step's own output file is never an input, even where the output
-        folder lies inside an input folder (daskrun's parts are left out of
-        every listing).
-        """
-        own = self._own_output()
-        keys = self.config.resolved.partition_keys
-        if keys:
-            partitions = plan_partitions(
-                (
-                    pair
-                    for ds in self.inputs
-                    for pair in ds.partition_values()
-                    if pair[0] != own
-                ),
-                keys,
-                self.inputs[0].file_format,
-            )
-            return partitions, len(partitions)
-        return self.input_type.plan_inputs(
-            self.inputs,
-            self.mini_batch_size if mini_batch_size is None else mini_batch_size,
-            self.pilot if pilot is None else pilot,
-            own,
+    def describe(
+        self,
+        run_id: str | None = None,
+        auto_recorded: dict[str, Any] | None = None,
+    ) -> JobDescription:
+        """What one run of this bound step hands the engine: a frozen
+        :class:`~daskrun.engine.description.JobDescription` (its run folder
+        under the workspace's runs folder, else ``daskrun.runs-dir``; the
+        workspace's registered models; a resumed run's ``"auto"`` choice)."""
+        workspace = self.workspace
+        return JobDescription(
+            name=self.name,
+            config=self.config,
+            input_type=self.input_type,
+            inputs=tuple(self.inputs),
+            mini_batch_size=self.mini_batch_size,
+            run_id=run_id or self.run_id or new_run_id(self.name),
+            runs_root=runs_dir() if workspace is None else workspace.runs_dir,
+            side_inputs=tuple(self.side_inputs),
+            arguments=tuple(self.arguments),
+            output=self.output,
+            output_storage_options=dict(self.output_storage_options),
+            experiment=self.experiment,
+            parent_id=self.parent_id,
+            dataset_name=self.dataset_name,
+            auto_recorded=dict(auto_recorded or {}),
+            models=None if workspace is None else tuple(model_refs(workspace)),
         )
 
-    def _own_output(self) -> str | None:
-        """The final output file as data set listings name it."""
-        cfg = self.config.resolved
-        if self.output is None or cfg.output_action != "append_row":
-            return None
-        return f"{self.output.rstrip('/')}/{cfg.append_row_file_name}"
+    def plan(self) -> tuple[Iterable[Any], int]:
+        """The mini-batch plans (lazily, for file inputs) and their count,
+        at the step's own sizes (see :meth:`JobDescription.plan`)."""
+        return self.describe().plan()
 
     def run(
         self,
@@ -479,13 +471,13 @@ class ParallelRunStep:
                 f"{self.input_data()[0].name!r}; run it in a Pipeline with the "
                 "step that writes it"
             )
-        return _execute(
-            self.bind(values, workspace=workspace), console=Console(show_output)
-        )
+        bound = self.bind(values, workspace=workspace)
+        return _execute(bound, bound.describe(), console=Console(show_output))
 
 
 def _execute(
     step: ParallelRunStep,
+    described: JobDescription,
     *,
     console: Console,
     resume: RunRecord | None = None,
@@ -494,20 +486,13 @@ def _execute(
     interrupt: Interrupt | None = None,
     source: RunSource | None = None,
 ) -> StepRun:
-    """Run a bound step as a :class:`~daskrun.engine.job.Job`, with a new run
+    """Run a bound step as a :class:`~daskrun.engine.job.Job` of
+    ``described`` (:meth:`ParallelRunStep.describe`), with a new run
     record or the one being resumed (``source``: where its code is); a
     resume whose inputs changed is refused unless ``replan``, one whose
     code changed unless ``source.new_source``."""
-    run_id = resume.run_id if resume else (step.run_id or new_run_id(step.name))
-    root = step.workspace.runs_dir if step.workspace is not None else runs_dir()
-    job = Job(
-        step,
-        run_id,
-        root,
-        console=console,
-        models=None if step.workspace is None else model_refs(step.workspace),
-        interrupt=interrupt,
-    )
+    run_id, root = described.run_id, described.runs_root
+    job = Job(described, console=console, interrupt=interrupt)
     if source is not None:  # before any cluster starts
         source.check(job.bundle[0])
     with job.opening():
@@ -604,11 +589,12 @@ def _resume(
     if given is None:  # inputs given again carry what they read with
         _check_credentials(record, storage_options, "resume()")
     source = RunSource(record, new_source)
-    step = _rebuild(
+    step = step_from(
         record, storage_options, compute_target, workspace, given, source.location()
     )
     return _execute(
         step,
+        step.describe(run_id, record.auto),
         console=Console(show_output),
         resume=record,
         retry_failed=retry_failed,
@@ -617,7 +603,7 @@ def _resume(
     )
 
 
-def _rebuild(
+def step_from(
     record: RunRecord,
     storage_options: dict[str, Any] | None,
     compute_target: Any,
@@ -625,10 +611,12 @@ def _rebuild(
     given: Sequence[Any] | None = None,
     location: tuple[str, str | None] | None = None,
 ) -> ParallelRunStep:
-    """The step a run record describes: its code (``location``, the entry
-    script and its folder, else the recorded copy unpacked into the run
-    folder), config, inputs (a Dask collection's: ``given`` again, checked),
-    output and arguments."""
+    """The step a run record describes, rebuilt in this one place: its code
+    (``location``, the entry script and its folder, else the recorded copy
+    unpacked into the run folder), config, inputs (a Dask collection's:
+    ``given`` again, checked; URLs whose signature the record hides:
+    ``given`` again, in the run's order), output and arguments. Its
+    ``describe(record.run_id, record.auto)`` is the job the run was."""
     script, folder = location or RunSource(record).unpacked()
     config = dict(record.config)
     config["entry_script"], config["source_directory"] = script, folder
@@ -655,7 +643,6 @@ def _rebuild(
     step.workspace = workspace
     step.outputs = record.outputs
     step.input_names = list(record.input_names) or step.input_names
-    step.auto_recorded = dict(record.auto)
     return step
 
 
@@ -682,10 +669,13 @@ def failed_items(
     if found is not None:  # the failed items are the inputs' own files
         found.last_errors = errors
         return found
-    step = _rebuild(record, storage_options, None, workspace)
-    if step.config.resolved.partition_keys:
+    step = step_from(record, storage_options, None, workspace)
+    described = step.describe(record.run_id, record.auto)
+    if described.cfg.partition_keys:
         raise ConfigError(
             f"run {run.run_id!r} ran partitions of rows; its failed partitions "
             f"are listed in {Path(run.logs_dir) / FAILED_ITEMS}"
         )
-    return _failed_rows(step, run.run_id, rows, record.folder / "failed_items", errors)
+    return _failed_rows(
+        described, run.run_id, rows, record.folder / "failed_items", errors
+    )
