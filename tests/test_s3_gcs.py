@@ -176,7 +176,8 @@ def test_s3_and_gcs_secrets_are_redacted() -> None:
 def test_files_in_and_out_of_a_bucket(
     store: Datastore, tmp_path: Path, cluster: LocalCluster
 ) -> None:
-    fs, root = store.backend.fs()
+    fs, _ = store.backend.fs()
+    root = store.backend.spec["bucket_name"] + "/"
     for i in range(13):
         fs.pipe_file(f"{root}images/img{i:03d}.png", f"pixel{i}".encode())
     fs.pipe_file(f"{root}images/sub/img000.png", b"nested")
@@ -202,7 +203,8 @@ def test_files_in_and_out_of_a_bucket(
 
 def test_s3_tabular_csv(s3_server: str, tmp_path: Path, cluster: LocalCluster) -> None:
     store = _s3(Workspace.create(tmp_path / "ws"), s3_server)
-    fs, root = store.backend.fs()
+    fs, _ = store.backend.fs()
+    root = store.backend.spec["bucket_name"] + "/"
     frame = pd.DataFrame({"id": range(20_000), "v": range(20_000)})
     fs.pipe_file(f"{root}t/a.csv", frame.to_csv(index=False).encode())
     script = write_script(
@@ -238,8 +240,8 @@ def test_a_killed_run_with_s3_output_resumes_exactly(
     s3_server: str, tmp_path: Path, runs_dir: Path
 ) -> None:
     store = _s3(Workspace.create(tmp_path / "ws"), s3_server)
-    fs, root = store.backend.fs()
-    bucket = root.rstrip("/")
+    fs, _ = store.backend.fs()
+    bucket = store.backend.spec["bucket_name"]
     files = make_files(tmp_path / "in", 40)
     write_script(tmp_path, gated_script(tmp_path / "go"))
     env = _aws_env(s3_server)
