@@ -350,3 +350,45 @@ def test_an_s3_output_on_a_stalled_server_fails_the_cli_in_one_line(
     ]
     assert S3_SECRET not in result.stderr
     assert not runs.exists()
+
+
+def test_the_error_map_takes_botocore_and_google_errors() -> None:
+    from botocore.exceptions import EndpointConnectionError
+    from gcsfs.retry import HttpError
+    from google.auth.exceptions import RefreshError
+
+    from daskrun.backends.storage import storage_errors
+
+    options = {"secret": S3_SECRET, "token": GCS_TOKEN}
+    raised = [
+        EndpointConnectionError(endpoint_url=f"http://h/?k={S3_SECRET}"),
+        HttpError({"code": 403, "message": f"token {GCS_TOKEN} refused"}),
+        RefreshError(f"cannot refresh {GCS_TOKEN}"),
+    ]
+    for error in raised:
+        with pytest.raises(StorageError, match="^listing on datastore 'b' failed: "):
+            with storage_errors("b", options, "listing"):
+                raise error
+    with pytest.raises(StorageError) as caught:
+        with storage_errors("b", options, "listing"):
+            raise raised[0]
+    assert S3_SECRET not in str(caught.value)
+    assert S3_SECRET.replace("/", "%2F") not in str(caught.value)
+
+
+def test_a_file_input_on_a_stalled_bucket_fails_within_the_bound(
+    tmp_path: Path,
+) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    with silent_server() as server:
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        store = Datastore.register_s3_bucket(
+            ws, "st", "scores", S3_KEY_ID, S3_SECRET, endpoint_url=endpoint
+        )
+        started = time.monotonic()
+        with dask.config.set({"daskrun.storage-timeout": 2}):
+            with pytest.raises(StorageTimeoutError) as caught:
+                Dataset.File.from_files(store.path("in"))
+        assert time.monotonic() - started < 10
+    assert "\n" not in str(caught.value)
+    assert S3_SECRET not in str(caught.value)
