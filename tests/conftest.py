@@ -28,6 +28,12 @@ from .helpers import (
 )
 from .hosts import Hosts, namespaces_refused
 
+# gcsfs's default file system first asks a bucket's layout over gRPC, which
+# no emulator answers (60 s per call), and asks Google (off this machine) when
+# an access token expires; set before any worker process starts
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("FETCH_RAW_TOKEN_EXPIRY", "false")
+
 
 @pytest.fixture(autouse=True)
 def runs_dir(tmp_path: Path) -> Iterator[Path]:
@@ -117,6 +123,48 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _serve(name: str, argv: list[str], port: int) -> Iterator[str]:
+    """Run a storage API server on 127.0.0.1:``port``; yield its URL."""
+    if shutil.which(argv[0]) is None:
+        missing_service(name, "pip install -e '.[test]'")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def listening() -> bool:
+        """the server to listen on its port"""
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    try:
+        poll_for(listening, timeout=60, interval=0.1, running=proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3 API (moto's standalone server) on 127.0.0.1; yields its
+    endpoint URL. Any key pair is accepted."""
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    moto = str(bin_dir / "moto_server")
+    yield from _serve("moto_server", [moto, "-H", "127.0.0.1", "-p", str(port)], port)
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[str]:
+    """A real GCS JSON API (gcp-storage-emulator) on 127.0.0.1, in memory;
+    yields its endpoint URL."""
+    port = free_port()
+    emulator = str(Path(sys.executable).parent / "gcp-storage-emulator")
+    argv = [emulator, "start", "--host", "127.0.0.1", "--port", str(port)]
+    yield from _serve("gcp-storage-emulator", [*argv, "--in-memory"], port)
 
 
 @pytest.fixture(scope="session")

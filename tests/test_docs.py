@@ -328,7 +328,12 @@ def run_page(page: str, tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 
 SETUP = {"docs/from-azureml.md": a_run, "docs/faults.md": a_failed_run_then_fixed}
-QUICK = ["docs/speed.md", "docs/faults.md", "docs/from-azureml.md"]
+QUICK = [
+    "docs/speed.md",
+    "docs/faults.md",
+    "docs/from-azureml.md",
+    "docs/architecture.md",
+]
 GUIDE = "docs/getting-started.md"
 SLOW = [
     GUIDE,

@@ -45,8 +45,26 @@ BOOKKEEPING = ".daskrun"
 
 # the parts of a connection string that are secret
 _SECRET_KEYS = {"AccountKey", "SharedAccessSignature", "SharedAccessKey"}
-# storage options that name, not authenticate
-_PUBLIC_OPTIONS = {"account_name", "account_host"}
+# storage options that name, not authenticate: adlfs's account, s3fs's
+# region (in client_kwargs), the fields of a GCS service account's JSON that
+# name it. Every other string is hidden: s3fs's access key id and endpoint,
+# gcsfs's project too, as a connection string is hidden whole
+_PUBLIC_OPTIONS = {
+    "account_name",
+    "account_host",
+    "region_name",
+    "type",
+    "project_id",
+    "client_email",
+    "client_id",
+    "auth_uri",
+    "token_uri",
+    "auth_provider_x509_cert_url",
+    "client_x509_cert_url",
+    "universe_domain",
+}
+# gcsfs tokens that name a way to authenticate, not a credential
+_PUBLIC_VALUES = {"anon", "google_default", "cloud", "browser"}
 # values that are secret wherever they appear, known or not: a SAS token's
 # signature, a connection string's key (base64, maybe URL-encoded)
 # (after a letter or digit it is another name, unless that ends an escape
@@ -94,12 +112,22 @@ def within(
 def secret_values(storage_options: Mapping[str, Any]) -> list[str]:
     """The strings in ``storage_options`` that must never be shown.
 
+    Every string is one, but for the names of :data:`_PUBLIC_OPTIONS`,
+    also inside a nested dict (s3fs's ``client_kwargs``, a GCS service
+    account's JSON as gcsfs's ``token``).
+
     >>> secret_values({"connection_string": "AccountName=a;AccountKey=k3y/=="})
     ['AccountName=a;AccountKey=k3y/==', 'k3y/==']
+    >>> secret_values({"secret": "s3cr3t", "client_kwargs": {"region_name": "r"}})
+    ['s3cr3t']
     """
     found = []
     for key, value in storage_options.items():
+        if isinstance(value, Mapping):
+            found += secret_values(value)
         if not isinstance(value, str) or key in _PUBLIC_OPTIONS:
+            continue
+        if value in _PUBLIC_VALUES:
             continue
         found.append(value)
         for part in value.split(";"):
@@ -219,9 +247,10 @@ def storage_failures(*also: type[BaseException]) -> tuple[type[BaseException], .
     fsspec and adlfs raise ``OSError`` (``FileNotFoundError``,
     ``PermissionError``, ``ConnectionError``; fsspec's timeout is one too),
     a malformed URL, key or file ``ValueError`` (pyarrow's ``ArrowInvalid``
-    is one), a missing fsspec implementation ``ImportError``; the Azure SDK
-    and aiohttp their own bases, listed once they are imported (before, they
-    cannot have raised). ``TypeError``, ``AttributeError``, ``KeyError`` and
+    is one), a missing fsspec implementation ``ImportError``; the Azure SDK,
+    aiohttp, botocore (s3fs), google-auth, google-api-core and gcsfs their
+    own bases, listed once they are imported (before, they cannot have
+    raised). ``TypeError``, ``AttributeError``, ``KeyError`` and
     the like are bugs: never in it.
 
     >>> OSError in storage_failures(), TypeError in storage_failures()
@@ -240,6 +269,11 @@ def storage_failures(*also: type[BaseException]) -> tuple[type[BaseException], .
 _LIBRARY_FAILURES = (
     ("azure.core.exceptions", "AzureError"),
     ("aiohttp", "ClientError"),
+    ("botocore.exceptions", "BotoCoreError"),
+    ("botocore.exceptions", "ClientError"),
+    ("google.auth.exceptions", "GoogleAuthError"),
+    ("google.api_core.exceptions", "GoogleAPIError"),
+    ("gcsfs.retry", "HttpError"),
 )
 
 

@@ -32,9 +32,15 @@ from daskrun.engine.naming import check_name
 from daskrun.exceptions import ConfigError
 from daskrun.registry.datastores import (
     AzureBlobContainer,
+    GCSBucket,
     LocalFolder,
+    S3Bucket,
     StorageBackend,
+    azure_blob_secret,
     backend_for,
+    bucket_registration,
+    gcs_token_secret,
+    s3_secret,
 )
 from daskrun.registry.records import now, open_db
 
@@ -219,7 +225,7 @@ class Registry:
 
     # --- secrets ----------------------------------------------------------
 
-    def _write_secret(self, name: str, values: Mapping[str, str]) -> None:
+    def _write_secret(self, name: str, values: Mapping[str, Any]) -> None:
         folder = self.path / "secrets"
         folder.mkdir(mode=0o700, exist_ok=True)
         os.chmod(folder, 0o700)
@@ -229,7 +235,7 @@ class Registry:
             json.dump(dict(values), f)
         os.replace(tmp, folder / f"{name}.json")
 
-    def _read_secret(self, name: str) -> dict[str, str]:
+    def _read_secret(self, name: str) -> dict[str, Any]:
         path = self.path / "secrets" / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -286,8 +292,9 @@ class OutputData:
 
 
 class Datastore:
-    """Storage registered in a workspace: a local folder or an Azure Blob
-    Storage container (read and written through adlfs).
+    """Storage registered in a workspace: a local folder, an Azure Blob
+    Storage container (through adlfs), an S3 bucket (s3fs) or a Google Cloud
+    Storage bucket (gcsfs).
 
     ``Datastore(ws, name)`` and :meth:`get` open a registered one; its
     :attr:`backend` (see :mod:`daskrun.registry.datastores`) answers for the storage.
@@ -537,7 +544,7 @@ class Datastore:
             if endpoint
             else f"{protocol or 'https'}://{account_name}.blob.core.windows.net"
         )
-        secret = _azure_blob_secret(
+        secret = azure_blob_secret(
             account_name, blob_endpoint, account_key, sas_token, connection_string
         )
         spec = {
@@ -554,39 +561,65 @@ class Datastore:
             store.backend.create()
         return store
 
+    @staticmethod
+    def register_s3_bucket(
+        workspace: Registry,
+        datastore_name: str,
+        bucket_name: str,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        session_token: str | None = None,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        overwrite: bool = False,
+        create_if_not_exists: bool = False,
+    ) -> Datastore:
+        """Register an S3 (or S3-compatible) bucket, read and written through
+        s3fs. Give ``access_key_id`` and ``secret_access_key`` (and
+        ``session_token`` for temporary ones), or neither, for boto's own
+        chain (environment, ``~/.aws``, an instance's role). ``endpoint_url``
+        is the S3 API's URL off AWS, e.g. ``"http://127.0.0.1:9000"``.
+        """
+        check_name("datastore", datastore_name)
+        spec = bucket_registration(bucket_name, endpoint_url, region)
+        secret = s3_secret(access_key_id, secret_access_key, session_token)
+        store = _register(
+            workspace, datastore_name, S3Bucket.kind, spec, secret, overwrite
+        )
+        if create_if_not_exists:
+            store.backend.create()
+        return store
 
-def _azure_blob_secret(
-    account_name: str,
-    blob_endpoint: str,
-    account_key: str | None,
-    sas_token: str | None,
-    connection_string: str | None,
-) -> dict[str, str]:
-    """The connection string an Azure Blob datastore keeps as its secret
-    (none for a public container)."""
-    secret: dict[str, str] = {}
-    if connection_string:
-        named = dict(
-            part.split("=", 1) for part in connection_string.split(";") if "=" in part
+    @staticmethod
+    def register_gcs_bucket(
+        workspace: Registry,
+        datastore_name: str,
+        bucket_name: str,
+        project: str | None = None,
+        token: str | Mapping[str, Any] | None = None,
+        endpoint_url: str | None = None,
+        overwrite: bool = False,
+        create_if_not_exists: bool = False,
+    ) -> Datastore:
+        """Register a Google Cloud Storage bucket, read and written through
+        gcsfs. ``token``: a service account's key (a JSON file's path, or its
+        dict), an OAuth access token, ``"anon"`` for a public bucket, or
+        none for the environment's credentials (``google_default``).
+        ``endpoint_url`` is an emulator's URL, e.g. ``"http://127.0.0.1:4443"``.
+        """
+        check_name("datastore", datastore_name)
+        spec = bucket_registration(bucket_name, endpoint_url)
+        secret = gcs_token_secret(token)
+        if isinstance(token, str) and not secret:
+            spec["token"] = token
+        if project:
+            spec["project"] = project
+        store = _register(
+            workspace, datastore_name, GCSBucket.kind, spec, secret, overwrite
         )
-        if named.get("AccountName", account_name) != account_name:
-            raise ConfigError(
-                f"account_name={account_name!r} differs from the connection "
-                "string's AccountName; pass the same account"
-            )
-        secret["connection_string"] = connection_string
-    elif account_key:
-        secret["connection_string"] = (
-            f"DefaultEndpointsProtocol={urlparse(blob_endpoint).scheme};"
-            f"AccountName={account_name};AccountKey={account_key};"
-            f"BlobEndpoint={blob_endpoint};"
-        )
-    elif sas_token:
-        secret["connection_string"] = (
-            f"BlobEndpoint={blob_endpoint};"
-            f"SharedAccessSignature={sas_token.lstrip('?')}"
-        )
-    return secret
+        if create_if_not_exists:
+            store.backend.create()
+        return store
 
 
 def registry_row(workspace: Registry, table: str, name: str, fix: str) -> Any:
@@ -611,7 +644,7 @@ def _register(
     name: str,
     kind: str,
     spec: dict[str, Any],
-    secret: dict[str, str] | None,
+    secret: dict[str, Any] | None,
     overwrite: bool,
 ) -> Datastore:
     check_name("datastore", name)

@@ -8,8 +8,10 @@ name to the class that answers for it, built when the row is loaded::
     StorageBackend            the contract: url, storage_options, find
     │                         (listing), upload, download, create, redact
     ├── LocalFolder           "local": a local (or mounted) folder
-    └── AzureBlobContainer    "azure_blob": an Azure Blob Storage container,
-                              read and written through adlfs
+    ├── AzureBlobContainer    "azure_blob": an Azure Blob Storage container,
+    │                         read and written through adlfs
+    ├── S3Bucket              "s3": an S3 (or S3-compatible) bucket, s3fs
+    └── GCSBucket             "gcs": a Google Cloud Storage bucket, gcsfs
 
 Every remote call is bounded by ``daskrun.storage-timeout`` where it can be
 (reaching the storage, listing), and every failure leaves as a
@@ -20,13 +22,16 @@ This module is on the registry side: the engine gets plain values from it
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlparse
 
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
@@ -47,7 +52,7 @@ def backend_for(
     name: str,
     spec: Mapping[str, Any],
     base: Path,
-    read_secret: Callable[[], dict[str, str]],
+    read_secret: Callable[[], dict[str, Any]],
 ) -> StorageBackend:
     """The back end of a datastore row: ``BACKENDS[kind](...)``, or a
     ConfigError naming the kinds this daskrun knows."""
@@ -91,7 +96,7 @@ class StorageBackend(ABC):
         name: str,
         spec: Mapping[str, Any],
         base: Path,
-        read_secret: Callable[[], dict[str, str]],
+        read_secret: Callable[[], dict[str, Any]],
     ):
         self.name = name
         self.spec = dict(spec)
@@ -242,12 +247,9 @@ class AzureBlobContainer(StorageBackend):
     non-public endpoint (Azurite), ``account_host``. The credential (a
     connection string) is in the workspace's ``secrets/``.
 
-    Another object store is one class like this one: S3 or GCS would set
-    ``kind = "s3"`` / ``"gcs"``, build ``url()`` as ``s3://bucket/path`` /
-    ``gs://bucket/path``, turn the secret into s3fs's ``key``/``secret``/
-    ``endpoint_url`` or gcsfs's ``token``, and add a
-    ``Datastore.register_s3_bucket`` that writes the spec and secret.
-    Listing, upload, download, bounds and the error map are inherited.
+    Another object store is one class like this one (:class:`S3Bucket`,
+    :class:`GCSBucket`): listing, upload, download, bounds and the error map
+    are inherited.
     """
 
     kind = "azure_blob"
@@ -271,9 +273,215 @@ class AzureBlobContainer(StorageBackend):
         return f"container_name={self.spec.get('container_name')!r}"
 
     def _copy(self, fs: AbstractFileSystem, pairs: Sequence[tuple[Path, str]]) -> None:
-        files = [(str(s), t) for s, t in pairs if not s.is_dir()]
-        if files:
-            fs.put([s for s, _ in files], [t for _, t in files])
-        for src, target in pairs:
-            if src.is_dir():
-                fs.put(str(src), target, recursive=True)
+        _put(fs, pairs)
+
+
+class S3Bucket(StorageBackend):
+    """An S3 (or S3-compatible: MinIO, Ceph, moto) bucket, through s3fs
+    (``s3://``).
+
+    ``spec``: ``bucket_name`` and, off AWS, ``endpoint_url``; ``region``.
+    The secret, in the workspace's ``secrets/``: s3fs's ``key`` (the access
+    key id), ``secret`` and, for temporary credentials, ``token``. Without
+    one, boto's own chain answers (its environment variables,
+    ``~/.aws``, an instance's role).
+
+    >>> S3Bucket("scores", {"bucket_name": "scores"}, Path("."), dict).url("a.csv")
+    's3://scores/a.csv'
+    """
+
+    kind = "s3"
+
+    def url(self, path: str = "") -> str:
+        return f"s3://{self.spec['bucket_name']}/{path}"
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        secret = self._read_secret()
+        options: dict[str, Any] = dict(secret)
+        if self.spec.get("endpoint_url"):
+            options["endpoint_url"] = self.spec["endpoint_url"]
+        if self.spec.get("region"):
+            options["client_kwargs"] = {"region_name": self.spec["region"]}
+        return options
+
+    def where(self) -> str:
+        return f"bucket_name={self.spec['bucket_name']!r}"
+
+    def create(self) -> None:
+        if self.spec.get("region", "us-east-1") != "us-east-1":
+            return super().create()  # s3fs names the region as its location
+        # us-east-1 takes no location constraint, and s3fs would send one
+        fs, root = self.fs()
+        with self.errors("creating its root"):
+            if not self._bounded(lambda: fs.exists(root)):
+                fs.call_s3("create_bucket", Bucket=self.spec["bucket_name"])
+                fs.invalidate_cache()
+
+    def _copy(self, fs: AbstractFileSystem, pairs: Sequence[tuple[Path, str]]) -> None:
+        _put(fs, pairs)
+
+
+class GCSBucket(StorageBackend):
+    """A Google Cloud Storage bucket, through gcsfs (``gs://``).
+
+    ``spec``: ``bucket_name``, ``project`` and, for an emulator,
+    ``endpoint_url``; ``token`` when it names no credential (``"anon"``,
+    ``"google_default"``, ``"cloud"``). The secret: gcsfs's ``token`` (a
+    service account's JSON, or an OAuth access token).
+
+    >>> GCSBucket("scores", {"bucket_name": "scores"}, Path("."), dict).url("a.csv")
+    'gs://scores/a.csv'
+    """
+
+    kind = "gcs"
+
+    def url(self, path: str = "") -> str:
+        return f"gs://{self.spec['bucket_name']}/{path}"
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        secret = self._read_secret()
+        default = self.spec.get("token", "google_default")
+        options: dict[str, Any] = {"token": secret.get("token", default)}
+        for name in ("project", "endpoint_url"):
+            if self.spec.get(name):
+                options[name] = self.spec[name]
+        return options
+
+    def where(self) -> str:
+        return f"bucket_name={self.spec['bucket_name']!r}"
+
+    def create(self) -> None:
+        fs, root = self.fs()
+        with self.errors("creating its root"):
+            if not self._bounded(lambda: fs.exists(root)):
+                fs.mkdir(self.spec["bucket_name"])  # "bucket/" is a folder in it
+
+    def _copy(self, fs: AbstractFileSystem, pairs: Sequence[tuple[Path, str]]) -> None:
+        _put(fs, pairs)
+
+
+def bucket_registration(
+    name: str, endpoint_url: str | None, region: str | None = None
+) -> dict[str, Any]:
+    """The spec of an S3 or GCS bucket, its arguments checked; a ConfigError
+    that names a bad one and shows a good one.
+
+    >>> bucket_registration("scores", "http://127.0.0.1:9000")
+    {'bucket_name': 'scores', 'endpoint_url': 'http://127.0.0.1:9000'}
+    """
+    if not isinstance(name, str) or not _BUCKET.match(name):
+        raise ConfigError(
+            f"bucket_name={name!r} is not a valid bucket name; use 3-63 lowercase "
+            "letters, digits, dots, hyphens or underscores, e.g. 'scores'"
+        )
+    spec: dict[str, Any] = {"bucket_name": name}
+    if endpoint_url is not None:
+        if urlparse(endpoint_url).scheme not in ("http", "https"):
+            raise ConfigError(
+                f"endpoint_url={endpoint_url!r} is not a URL; use e.g. "
+                "'http://127.0.0.1:9000'"
+            )
+        spec["endpoint_url"] = endpoint_url.rstrip("/")
+    if region:
+        spec["region"] = region
+    return spec
+
+
+def s3_secret(
+    access_key_id: str | None,
+    secret_access_key: str | None,
+    session_token: str | None,
+) -> dict[str, str]:
+    """What an S3 datastore keeps as its secret: s3fs's ``key``, ``secret``
+    and ``token``; none for boto's own chain.
+
+    >>> s3_secret("AKIA1", "s3cr3t", None)
+    {'key': 'AKIA1', 'secret': 's3cr3t'}
+    """
+    if bool(access_key_id) != bool(secret_access_key):
+        raise ConfigError(
+            "give access_key_id and secret_access_key together (or neither, for "
+            "the environment's credentials)"
+        )
+    given = (("key", access_key_id), ("secret", secret_access_key))
+    return {k: v for k, v in (*given, ("token", session_token)) if v}
+
+
+def azure_blob_secret(
+    account_name: str,
+    blob_endpoint: str,
+    account_key: str | None,
+    sas_token: str | None,
+    connection_string: str | None,
+) -> dict[str, str]:
+    """The connection string an Azure Blob datastore keeps as its secret
+    (none for a public container)."""
+    secret: dict[str, str] = {}
+    if connection_string:
+        named = dict(
+            part.split("=", 1) for part in connection_string.split(";") if "=" in part
+        )
+        if named.get("AccountName", account_name) != account_name:
+            raise ConfigError(
+                f"account_name={account_name!r} differs from the connection "
+                "string's AccountName; pass the same account"
+            )
+        secret["connection_string"] = connection_string
+    elif account_key:
+        secret["connection_string"] = (
+            f"DefaultEndpointsProtocol={urlparse(blob_endpoint).scheme};"
+            f"AccountName={account_name};AccountKey={account_key};"
+            f"BlobEndpoint={blob_endpoint};"
+        )
+    elif sas_token:
+        secret["connection_string"] = (
+            f"BlobEndpoint={blob_endpoint};"
+            f"SharedAccessSignature={sas_token.lstrip('?')}"
+        )
+    return secret
+
+
+def gcs_token_secret(token: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a GCS datastore keeps of ``token`` as its secret: a service
+    account's JSON (given, or read from the file named), an access token,
+    or nothing for a token that names no credential (``"anon"``).
+
+    >>> gcs_token_secret("anon"), gcs_token_secret("ya29.x")
+    ({}, {'token': 'ya29.x'})
+    """
+    if token is None or token in _GCS_NAMED_TOKENS:
+        return {}
+    if isinstance(token, Mapping):
+        return {"token": dict(token)}
+    if not isinstance(token, str):
+        raise ConfigError(
+            f"token of type {type(token).__name__} is not a GCS credential; pass "
+            "a service account's JSON file or dict, an access token, or 'anon'"
+        )
+    if os.path.isfile(token):
+        try:
+            return {"token": json.loads(Path(token).read_text())}
+        except ValueError:
+            raise ConfigError(
+                f"token file {token!r} is not JSON; pass a service account's key "
+                "file (JSON)"
+            ) from None
+    return {"token": token}
+
+
+# GCS tokens that name a way to authenticate, not a credential
+_GCS_NAMED_TOKENS = ("anon", "google_default", "cloud", "browser")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
+
+
+def _put(fs: AbstractFileSystem, pairs: Sequence[tuple[Path, str]]) -> None:
+    """Copy local files (in one call: the SDK sends them concurrently) and
+    folders to an object store's stripped paths."""
+    files = [(str(s), t) for s, t in pairs if not s.is_dir()]
+    if files:
+        fs.put([s for s, _ in files], [t for _, t in files])
+    for src, target in pairs:
+        if src.is_dir():
+            fs.put(str(src), target, recursive=True)
