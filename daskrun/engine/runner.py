@@ -3,8 +3,10 @@
 The client keeps at most ``in-flight-per-thread × worker threads`` mini-batches
 submitted at once, pulling plans lazily, so its memory stays flat whatever the
 number of inputs. Each try is its own task; a failed try is resubmitted until
-``run_max_try``. Counting and threshold checks (:class:`Tally`,
-:func:`check_thresholds`) are pure and tested without a cluster.
+``run_max_try``. At the tail, the slowest tasks get a copy on an idle worker
+(:mod:`daskrun.engine.speculation`). Counting and threshold checks
+(:class:`Tally`, :func:`check_thresholds`) are pure and tested without a
+cluster.
 """
 
 from __future__ import annotations
