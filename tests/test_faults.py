@@ -292,7 +292,11 @@ def test_a_frozen_worker_is_caught_by_the_client_deadline(tmp_path: Path) -> Non
     thread.start()
     start = time.monotonic()
     try:
-        with dask.config.set({"daskrun.runner.frozen-grace": 2}):
+        # no speculative copy: at the tail, a copy on the other worker
+        # would win before the deadline this test is about
+        with dask.config.set(
+            {"daskrun.runner.frozen-grace": 2, "daskrun.runner.speculate": False}
+        ):
             run = run_step(
                 tmp_path,
                 script,

@@ -245,6 +245,7 @@ class FrozenWorkers:
         starts_topic: str,
         timeout: float,
         pending: dict[Any, list[tuple[MiniBatch, int]]],
+        began: dict[Any, tuple[str, float]] | None = None,
     ):
         self.client = client
         self.events_topic = events_topic
@@ -253,6 +254,9 @@ class FrozenWorkers:
         self.limit = timeout + self.grace
         self.pending = pending
         self.started: dict[str, tuple[Any, str]] = {}  # address -> key, agent
+        # given: key -> the address of the worker that started it, and when
+        # (the client's clock), for engine.speculation
+        self.began = began
         self._stop = threading.Event()
         client.subscribe_topic(starts_topic, self._on_start)
         self._thread = threading.Thread(
@@ -262,7 +266,11 @@ class FrozenWorkers:
 
     def _on_start(self, event: tuple[float, dict[str, Any]]) -> None:
         msg = event[1]
-        self.started[msg["address"]] = (msg["key"], msg["worker"])
+        key = msg["key"]
+        key = tuple(key) if isinstance(key, list) else key
+        self.started[msg["address"]] = (key, msg["worker"])
+        if self.began is not None:
+            self.began[key] = (msg["address"], time.monotonic())
 
     def _watch(self) -> None:
         while not self._stop.wait(0.5):

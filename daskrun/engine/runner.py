@@ -3,8 +3,10 @@
 The client keeps at most ``in-flight-per-thread × worker threads`` mini-batches
 submitted at once, pulling plans lazily, so its memory stays flat whatever the
 number of inputs. Each try is its own task; a failed try is resubmitted until
-``run_max_try``. Counting and threshold checks (:class:`Tally`,
-:func:`check_thresholds`) are pure and tested without a cluster.
+``run_max_try``. At the tail, the slowest tasks get a copy on an idle worker
+(:mod:`daskrun.engine.speculation`). Counting and threshold checks
+(:class:`Tally`, :func:`check_thresholds`) are pure and tested without a
+cluster.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from daskrun.engine.lost import (
     judge_lost_task,
 )
 from daskrun.engine.plugin import TryResult
+from daskrun.engine.speculation import Speculation
 from daskrun.engine.tasks import process_mini_batches
 
 # Canceled lives in exceptions.py; ``runner.Canceled`` stays importable
@@ -428,6 +431,10 @@ class Runner:
         self.isolation = Isolation(isolate) if isolate is not None else None
         self.stall: NoProgress | None = None
         self.queue: Any = None  # as_completed, while running
+        # copies of the slowest tasks at the tail (see engine.speculation);
+        # not of a Dask collection's tasks, whose partitions are their inputs
+        speculate = hooks.task is None and bool(config_get("runner.speculate"))
+        self.speculation = Speculation() if speculate else None
 
     def run(self, batches: Iterable[MiniBatch]) -> str | None:
         """Run ``batches``. Returns the name of the exceeded threshold, in
@@ -444,6 +451,7 @@ class Runner:
             self.plugin.starts_topic,
             self.cfg.run_invocation_timeout,
             self.pending,
+            self.speculation.began if self.speculation is not None else None,
         )
         if self.timeouts != (None, None):
             self.stall = NoProgress(
@@ -470,13 +478,21 @@ class Runner:
         mini-batch has an outcome or a threshold is exceeded."""
         self._fill()
         exceeded = check_thresholds(self.tally, self.cfg)
-        for future, outcome in queue:
+        for done in self._events(queue):
             self.interrupt.check()
+            if done is None or done[0] not in self.waiting:
+                if done is not None:  # a speculative loser, cancelled
+                    done[0].release()
+                self._speculate()
+                continue
+            future, outcome = done
             if self.stall is not None:
                 self.stall.beat()
+            running = self.waiting[future]
             group, results = self._results(future, outcome)
             future.release()
-            exceeded = self._settle_group(group, results)
+            exceeded = self._settle_group(group, results, running)
+            self._drop_losers(running)
             if exceeded:
                 break
             self._fill()
@@ -484,20 +500,76 @@ class Runner:
                 exceeded = check_thresholds(self.tally, self.cfg)
                 if exceeded:
                     break
+            self._speculate()
         return exceeded
 
-    def _submit(self, group: Group) -> None:
+    def _events(self, queue: Any) -> Iterator[tuple[Any, Any] | None]:
+        """The finished tasks of ``queue`` as they come, and with
+        speculation a ``None`` each tenth of a second that none does, to
+        look for stragglers."""
+        if self.speculation is None:
+            yield from queue
+            return
+        while not queue.is_empty():
+            if not queue.has_ready():
+                with queue.thread_condition:
+                    queue.thread_condition.wait(timeout=0.1)
+                if not queue.has_ready():
+                    yield None
+                    continue
+            yield next(queue)
+
+    def _speculate(self) -> None:
+        """Start copies of the slowest running tasks on idle workers, once
+        nothing is left to start (see :mod:`daskrun.engine.speculation`)."""
+        spec = self.speculation
+        if spec is None or not self.tally.all_scheduled or self.retries:
+            return
+        if not self.pending or len(self.pending) >= self.sizer.threads:
+            return  # no thread is free
+        if not connected(self.client):
+            return
+        chosen = spec.choose(self.pending, self.client.nthreads)
+        for running, where in chosen:
+            copy = self._submit(list(self.pending[running]), workers=[where])
+            spec.pair(running, copy, where)
+
+    def _drop_losers(self, running: Any) -> None:
+        """Cancel the twin of finished task ``running`` once its
+        mini-batches are decided; forget ``running``."""
+        spec = self.speculation
+        if spec is None:
+            return
+        losers = spec.losers(running, self.pending)
+        for loser in losers:
+            del self.pending[loser], self.waiting[loser]
+            spec.forget(loser)
+        _cancel(self.client, losers)
+        spec.forget(running)
+
+    def _submit(self, group: Group, workers: list[str] | None = None) -> Any:
+        """Submit a task of ``group`` (only on ``workers``, if given); its
+        future."""
         first, try_no = group[0]
         key = (self.key_prefix, first.index, try_no, next(self.submitted))
         if self.hooks.task is not None:
             running, future = self.hooks.task(self.client, self.plugin.name, group, key)
         else:
+            where: dict[str, Any] = {}
+            if workers is not None:
+                where = {"workers": workers, "allow_other_workers": False}
             running = future = self.client.submit(
-                process_mini_batches, self.plugin.name, group, key=key, pure=False
+                process_mini_batches,
+                self.plugin.name,
+                group,
+                key=key,
+                pure=False,
+                **where,
             )
         self.pending[running] = group
         self.waiting[future] = running
         self.queue.add(future)
+        return running
 
     def _fill(self) -> None:
         """Submit tasks until ``limit`` are in flight or none is left:
@@ -525,8 +597,12 @@ class Runner:
     def _results(self, future: Any, outcome: Any) -> tuple[Group, list[TryResult]]:
         """The tries of a finished task and their results; those of a lost
         task that are not charged go back to the retries."""
-        group = self.pending.pop(self.waiting.pop(future))
+        running = self.waiting.pop(future)
+        group = self.pending[running]
         if isinstance(outcome, list):
+            del self.pending[running]
+            if self.speculation is not None:
+                self.speculation.observe(outcome)
             seconds = sum(r.seconds for r in outcome)
             self.sizer.observe(seconds, len(outcome))
             self.tally.busy += seconds  # the forecast's pace (monitoring.forecast)
@@ -541,15 +617,27 @@ class Runner:
             for index, msg in self.lost.timed_out(batch_of).items()
         }
         verdict = judge_lost_task(group, hung, self.lost.cause(exc))
-        self.retries.extend(verdict.free)
+        free = verdict.free
+        if self.speculation is not None:
+            free = self.speculation.rerun(running, free, self.pending)
+        del self.pending[running]
+        self.retries.extend(free)
         return [(b, t) for b, t, _ in verdict.charged], [
             r for _, _, r in verdict.charged
         ]
 
-    def _settle_group(self, group: Group, results: list[TryResult]) -> str | None:
-        """Count each try of ``group`` whose outcome is final; the exceeded
-        threshold, if one is."""
+    def _settle_group(
+        self, group: Group, results: list[TryResult], running: Any = None
+    ) -> str | None:
+        """Count each try of ``group`` (task ``running``) whose outcome is
+        final, and that counts (not a speculative twin's second); the
+        exceeded threshold, if one is."""
+        spec = self.speculation
         for (batch, try_no), result in zip(group, results, strict=True):
+            if spec is not None and not spec.keeps(
+                running, batch, result, self.pending
+            ):
+                continue
             if self.hooks.commit is not None:
                 result = self.hooks.commit(batch, result)
             final = self._outcome(batch, try_no, result)
