@@ -105,7 +105,7 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_REGISTRY})
 
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "AmlCompute",
