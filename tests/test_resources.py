@@ -230,6 +230,9 @@ def test_a_worker_near_its_memory_limit_is_warned_about_once(
     settings = {
         "daskrun.resource-interval": 0.2,
         "daskrun.local-cluster.memory-limit": "300MiB",
+        # one worker holds the big file: a speculative copy on the other
+        # worker would be near its limit too, and warned about on its own
+        "daskrun.runner.speculate": False,
     }
     with dask.config.set(settings):
         run = run_step(
@@ -342,8 +345,12 @@ def _stalled_then_resumed(
 def test_a_job_that_stops_progressing_is_canceled_and_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # the stall is one worker's: a speculative copy of mini-batch 3 would
+    # stall the other worker too (and be named in the message as its holder)
     run, result, resumed = _stalled_then_resumed(
-        tmp_path, {"daskrun.progress-timeout": 3}, only="f00003.txt"
+        tmp_path,
+        {"daskrun.progress-timeout": 3, "daskrun.runner.speculate": False},
+        only="f00003.txt",
     )
     assert run.status == "Canceled"
     assert re.fullmatch(
