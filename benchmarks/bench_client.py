@@ -2,7 +2,8 @@
 
 Builds N empty files in a folder under ``.cache/`` (once; reused after) and
 runs a daskrun step with a no-op ``run()`` over them, given as a list of
-paths and as the folder, each in a fresh process profiled with cProfile.
+paths and as the folder, each in a fresh process profiled with cProfile
+(``--no-profile``: timed only, as cProfile slows per-input work several-fold).
 Prints, for each, the seconds from the call to the first ``run()`` (on a
 worker) and overall, those seconds per input in µs, the job's own timings
 (job_result.txt) and the top cumulative entries of the client's profile;
@@ -85,8 +86,8 @@ def make_files(n: int) -> Path:
     return folder
 
 
-def child(data: Path, as_list: bool, mbs: int, top: int) -> dict:
-    """One profiled step over ``data`` in this process."""
+def child(data: Path, as_list: bool, mbs: int, top: int, profiled: bool) -> dict:
+    """One step over ``data`` in this process, profiled if ``profiled``."""
     import dask.config
 
     from daskrun import Dataset, ParallelRunConfig, ParallelRunStep
@@ -100,7 +101,8 @@ def child(data: Path, as_list: bool, mbs: int, top: int) -> dict:
     with dask.config.set({"daskrun.runs-dir": str(work / "runs")}):
         start_wall = time.time()
         start = time.perf_counter()
-        profile.enable()
+        if profiled:
+            profile.enable()
         given = sorted(str(p) for p in data.iterdir()) if as_list else str(data)
         inputs = Dataset.File.from_files(given)
         config = ParallelRunConfig(
@@ -119,10 +121,18 @@ def child(data: Path, as_list: bool, mbs: int, top: int) -> dict:
         line.split(": ", 1)
         for line in Path(run.logs_dir, "job_result.txt").read_text().splitlines()
     )
+    import daskrun
+
+    if not profiled:
+        return {
+            "to_first_run_s": round(to_first, 3),
+            "total_s": round(total, 3),
+            "job": {k: v for k, v in result.items() if k.endswith("seconds")},
+            "daskrun": daskrun.__file__,
+        }
     text = io.StringIO()
     stats = pstats.Stats(profile, stream=text)
     stats.sort_stats("cumulative").print_stats(top)
-    import daskrun
 
     # the client's serial work on inputs, wherever this daskrun keeps it
     where: dict[str, float] = {}
@@ -152,7 +162,7 @@ def measure(n: int, as_list: bool, args: argparse.Namespace) -> dict:
         f"import json, sys; sys.path.insert(1, {str(HERE)!r}); "
         "import bench_client as b; from pathlib import Path; "
         f"print(json.dumps(b.child(Path({data!r}), {as_list}, {args.mbs}, "
-        f"{args.top})))"
+        f"{args.top}, {args.profile})))"
     )
     proc = subprocess.run(  # not in the checkout: PYTHONPATH must win
         [sys.executable, "-c", code],
@@ -175,6 +185,12 @@ def main() -> None:
     parser.add_argument("--mbs", type=int, default=1000, help="mini_batch_size")
     parser.add_argument("--top", type=int, default=30, help="profile rows shown")
     parser.add_argument("--ways", nargs="+", default=["list", "folder"])
+    parser.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="time only: cProfile slows the client's per-input work several-fold",
+    )
     parser.add_argument("--pythonpath", help="PYTHONPATH of the measured daskrun")
     parser.add_argument("--out", help="file name in benchmarks/results/")
     args = parser.parse_args()
@@ -182,6 +198,7 @@ def main() -> None:
     found = {
         "n": args.n,
         "mini_batch_size": args.mbs,
+        "profiled": args.profile,
         "pythonpath": args.pythonpath,
         "ways": {},
     }
@@ -189,7 +206,7 @@ def main() -> None:
         result = measure(args.n, way == "list", args)
         found["ways"][way] = result
         print(f"== by {way}: N={args.n}")
-        print(result["profile"])
+        print(result.get("profile", ""))
         print(json.dumps({k: v for k, v in result.items() if k != "profile"}, indent=1))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / (args.out or f"client-{args.n}.json")

@@ -33,6 +33,7 @@ from daskrun.backends.inputs.listing import (
     _relative,
     _remote,
     _root_of,
+    absolute,
     expand_paths,
 )
 from daskrun.backends.inputs.partitions import PartitionFormat
@@ -183,7 +184,7 @@ class _DatasetBase(Input):
             )
         paths = self._source if self.datastore is not None else self.given
         if self.datastore is None:
-            paths = [os.path.abspath(p) if "://" not in p else p for p in paths]
+            paths = [absolute(p) if "://" not in p else p for p in paths]
         return {
             "kind": self.kind,
             "datastore": None if self.datastore is None else self.datastore.name,

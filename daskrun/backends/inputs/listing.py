@@ -109,16 +109,7 @@ def _plain_file(text: str, listed: list[str], stats: Stats | None) -> bool:
     one stat per path of a long list of files, the floor. Anything else
     (a folder, a glob, a URL, a relative path, a missing file) is left to
     :func:`_expand_one` and its errors."""
-    if (
-        os.sep != "/"
-        or not text.startswith("/")
-        or "//" in text  # a URL too
-        or "/./" in text  # "." and ".." parts: normpath's work
-        or "/../" in text
-        or text.endswith(("/.", "/.."))
-        or _is_glob(text)
-        or text.endswith(".partial")
-    ):
+    if not _normal_absolute(text) or _is_glob(text) or text.endswith(".partial"):
         return False
     try:
         st = os.stat(text)
@@ -130,6 +121,32 @@ def _plain_file(text: str, listed: list[str], stats: Stats | None) -> bool:
     if stats is not None:
         stats[text] = (st.st_size, st.st_mtime_ns)
     return True
+
+
+def _normal_absolute(text: str) -> bool:
+    """Whether ``text`` is a local path that ``os.path.abspath`` leaves as
+    it is: a string check, where abspath costs a normpath per path.
+
+    >>> _normal_absolute("/d/a.png"), _normal_absolute("/d/../a.png")
+    (True, False)
+    """
+    return (
+        os.sep == "/"
+        and text.startswith("/")
+        and "//" not in text  # a URL too
+        and "/./" not in text  # "." and ".." parts: normpath's work
+        and "/../" not in text
+        and not text.endswith(("/", "/.", "/.."))
+    )
+
+
+def absolute(text: str) -> str:
+    """``os.path.abspath(text)``, without its cost for a path already so.
+
+    >>> absolute("/d/a.png"), absolute("a.png") == os.path.abspath("a.png")
+    ('/d/a.png', True)
+    """
+    return text if _normal_absolute(text) else os.path.abspath(text)
 
 
 def _expand_one(
