@@ -336,8 +336,7 @@ class FileDataset(_DatasetBase):
     ) -> None:
         for batch in fresh_plan():  # ``batches`` is lazy
             got = list(itertools.islice(stamps, batch.n_items))
-            for path, size, stamp in got:
-                ledger.file(path, size, stamp)
+            ledger.files(got)
             ledger.mini_batch(batch.joined, [(size, stamp) for _, size, stamp in got])
 
     def plan(self, mini_batch_size: object = None) -> Iterator[FileBatch]:

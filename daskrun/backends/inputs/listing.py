@@ -72,9 +72,9 @@ def expand_paths(
     first path that matches nothing, and a local input that is not a
     regular file (a FIFO, a socket, a broken symbolic link).
 
-    Given ``stats``, each local file's ``(size, mtime in ns)`` goes into it
-    as the listing learns them (a listed path's stat, a folder's entries),
-    so planning need not stat the file again.
+    Given ``stats``, each local file that the listing stat'ed (a file
+    named, not a folder's entries) has its ``(size, mtime in ns)`` put
+    there, so planning need not stat it again.
     """
     items = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not items:
@@ -259,8 +259,8 @@ def _glob_base(root: str) -> str:
 
 def _walk_local(top: str, stats: Stats | None = None) -> list[str]:
     """The files of a local file or folder (recursively), daskrun's
-    bookkeeping folders and linked folders left out (as os.walk); each
-    file's size and mtime into ``stats`` if given (one stat per file)."""
+    bookkeeping folders and linked folders left out (as os.walk); a file
+    given, stat'ed here, has its size and mtime put into ``stats``."""
     try:
         st = os.stat(top)
     except FileNotFoundError:
@@ -282,10 +282,9 @@ def _walk_local(top: str, stats: Stats | None = None) -> list[str]:
         with os.scandir(folders.pop()) as entries:
             for entry in entries:
                 if entry.is_file():  # no stat: the folder listing says so
+                    # nor here: planning stats each file once, while the
+                    # cluster starts
                     files.append(entry.path)
-                    if stats is not None:  # the one stat planning needs
-                        st = entry.stat()
-                        stats[entry.path] = (st.st_size, st.st_mtime_ns)
                 elif not entry.is_dir():
                     raise _not_a_file(entry.path)
                 elif entry.name != BOOKKEEPING and not entry.is_symlink():
