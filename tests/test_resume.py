@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from daskrun.engine.output import OutputTarget, Parts
+from daskrun.exceptions import ConfigError
 from daskrun.registry.records import RunRecord
 
 from .helpers import (
@@ -317,3 +318,43 @@ def test_a_client_killed_while_publishing_leaves_no_partial_file(
     assert list(out.rglob("*.partial")) == []
     listed = Dataset.File.from_files(str(out)).files()
     assert listed == [str(out / "parallel_run_step.txt")]
+
+
+def test_a_record_keeps_its_input_paths_in_one_file_written_once(
+    tmp_path: Path,
+) -> None:
+    import json
+    import sqlite3
+
+    from daskrun.registry.records import DATABASE, PATHS
+
+    paths = [f"/data/{i:05d}.png" for i in range(1000)]
+    signed = "https://acct.blob.core.windows.net/c/x.png?sv=1&sig=s3cr3t"
+    record = RunRecord(
+        run_id="step_20260101T000000_abcdef",
+        root=str(tmp_path),
+        inputs=[[*paths, signed]],
+        input_specs=[{"kind": "file", "paths": paths}],
+    )
+    record.start()
+    written = (record.folder / PATHS).stat().st_mtime_ns
+    record.status = "Completed"
+    record.save()
+    assert (record.folder / PATHS).stat().st_mtime_ns == written  # once
+    with sqlite3.connect(tmp_path / DATABASE) as db:
+        (data,) = db.execute("SELECT data FROM runs").fetchone()
+    row = json.loads(data)
+    assert "inputs" not in row and "input_specs" not in row
+    assert row["inputs_file"]["name"] == PATHS and len(data) < 2000
+    assert "s3cr3t" not in (record.folder / PATHS).read_text()
+
+    again = RunRecord.load(record.run_id, tmp_path)
+    assert again.status == "Completed"
+    assert again.inputs[0][:-1] == paths and "s3cr3t" not in again.inputs[0][-1]
+    assert again.input_specs == [{"kind": "file", "paths": paths}]
+    assert RunRecord.find(tmp_path)[0].inputs == again.inputs
+
+    (record.folder / PATHS).write_text("[]")
+    with pytest.raises(ConfigError, match="input paths .* are changed"):
+        RunRecord.load(record.run_id, tmp_path)
+    assert RunRecord.find(tmp_path)[0].inputs == []  # listing runs still works

@@ -260,7 +260,7 @@ class Planning:
         for ds in [*described.inputs, *described.side_inputs]:
             if not ds.local:
                 continue
-            folders = [p for p in ds.given if os.path.isdir(p)]
+            folders = _folders(ds.given, ds.files())
             found += folders  # not walked: their files need no naming
             if len(folders) < len(ds.given):  # files or globs
                 found += [f for f in ds.files() if f.startswith(root)]
@@ -426,3 +426,15 @@ def _part_counts(written: _output.Parts | None, batch: Any) -> Counts:
 
 def _earlier(index: int) -> TryResult:
     return TryResult(index, 0, True, "earlier attempt", None, 0, 0.0)
+
+
+def _folders(given: list[str], files: list[str]) -> list[str]:
+    """The folders among the ``given`` paths of a local data set that
+    listed ``files``: a given path listed as a file is none, so a long
+    list of files costs a look-up each, not a stat."""
+    listed = set(files)
+    return [
+        p
+        for p in given
+        if p not in listed and os.path.abspath(p) not in listed and os.path.isdir(p)
+    ]

@@ -5,7 +5,9 @@ or ``<workspace>/runs``), so several processes can start, update and read
 runs at once, and a new process can list them. Each record holds a step's
 resolved parameters, its inputs (paths, never credentials), output,
 arguments, status, times and counts; ``<run id>/source.zip`` beside the
-database holds the entry script as it was shipped. The job report
+database holds the entry script as it was shipped, and ``<run id>/inputs.json``
+every input path, written once (the record keeps its name and digest), so a
+save's cost does not grow with the number of inputs. The job report
 (``logs/sys/job_report/processed_mini-batches.csv``) and the committed parts
 under the output say which mini-batches are done.
 """
@@ -13,6 +15,7 @@ under the output say which mini-batches are done.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -24,12 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from daskrun.aml.runcontext import RunLog
-from daskrun.backends.storage import FileLock, private_file, private_folder, unsigned
+from daskrun.backends.storage import (
+    FileLock,
+    private_file,
+    private_folder,
+    private_open,
+    unsigned,
+)
 from daskrun.engine.config import config_get
 from daskrun.exceptions import ConfigError
 
 DATABASE = "runs.db"
 SOURCE = "source.zip"
+PATHS = "inputs.json"
+# the fields that hold every input's paths: in PATHS, not in runs.db
+_PATH_FIELDS = ("inputs", "input_specs")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -137,6 +149,8 @@ class RunRecord:
     source_digests: list[str] = field(default_factory=list)
     arguments: list[str] = field(default_factory=list)
     workspace: str | None = None
+    # {"name": PATHS, "sha256": ...} once the paths are written there
+    inputs_file: dict[str, str] | None = None
 
     @property
     def folder(self) -> Path:
@@ -181,7 +195,14 @@ class RunRecord:
             self.parent_logged = {}
 
     def save(self) -> None:
-        """Insert or update this record (atomic; safe across processes)."""
+        """Insert or update this record (atomic; safe across processes);
+        its input paths go to :data:`PATHS` once (:meth:`_save_paths`)."""
+        self._save_paths()
+        data = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in _PATH_FIELDS or self.inputs_file is None
+        }
         with open_db(Path(self.root) / DATABASE, _SCHEMA) as db:
             db.execute(
                 "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -194,21 +215,37 @@ class RunRecord:
                     self.status,
                     self.created,
                     self.fingerprint,
-                    # its fields are plain values already; asdict() would
-                    # copy a list of a million paths item by item first; an
-                    # input URL's SAS signature is never kept (resume asks)
-                    unsigned(
-                        json.dumps(
-                            {f.name: getattr(self, f.name) for f in fields(self)}
-                        )
-                    ),
+                    # its fields are plain values already (asdict() would
+                    # copy them item by item); an input URL's SAS signature
+                    # is never kept (resume asks)
+                    unsigned(json.dumps(data)),
                 ),
             )
+
+    def _save_paths(self) -> None:
+        """Write :attr:`inputs` and :attr:`input_specs` to the run folder's
+        :data:`PATHS` (unsigned, owner-only) unless this record wrote or
+        read these very lists there already; a record without inputs (a
+        pipeline's) keeps its empty lists in the database."""
+        paths = tuple(getattr(self, name) for name in _PATH_FIELDS)
+        kept = self.__dict__.get("_paths_kept")
+        if not any(paths) or (
+            kept is not None and all(a is b for a, b in zip(kept, paths, strict=True))
+        ):
+            return
+        text = unsigned(json.dumps(dict(zip(_PATH_FIELDS, paths, strict=True))))
+        private_folder(self.folder)
+        tmp = self.folder / f".{PATHS}.tmp"
+        with private_open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, self.folder / PATHS)
+        self.inputs_file = {"name": PATHS, "sha256": _digest(text)}
+        self.__dict__["_paths_kept"] = paths
 
     @classmethod
     def load(cls, run_id: str, root: Path | None = None) -> RunRecord:
         root = root or runs_dir()
-        found = _select(root, "WHERE run_id = ?", (run_id,))
+        found = _select(root, "WHERE run_id = ?", (run_id,), strict=True)
         if not found:
             raise ConfigError(
                 f"run {run_id!r} not found in {root}; check the run id (it is "
@@ -216,6 +253,29 @@ class RunRecord:
                 "daskrun.runs-dir (see 'daskrun runs list')"
             )
         return found[0]
+
+    def read_paths(self, strict: bool = False) -> None:
+        """Read :attr:`inputs` and :attr:`input_specs` back from the run
+        folder's :data:`PATHS`; ``strict``: a missing or changed file is a
+        :class:`ConfigError` (else the lists stay empty)."""
+        if self.inputs_file is None:
+            return
+        path = self.folder / self.inputs_file["name"]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError:
+            text = None
+        if text is None or _digest(text) != self.inputs_file["sha256"]:
+            if strict:
+                raise ConfigError(
+                    f"run {self.run_id!r}'s input paths ({path}) are "
+                    f"{'missing' if text is None else 'changed'}; restore the "
+                    "run folder, or start a new run"
+                )
+            return
+        for name, value in json.loads(text).items():
+            setattr(self, name, value)
+        self.__dict__["_paths_kept"] = tuple(getattr(self, n) for n in _PATH_FIELDS)
 
     @classmethod
     def find(
@@ -238,7 +298,9 @@ class RunRecord:
         )
 
 
-def _select(root: Path, where: str, args: tuple[Any, ...]) -> list[RunRecord]:
+def _select(
+    root: Path, where: str, args: tuple[Any, ...], strict: bool = False
+) -> list[RunRecord]:
     if not (root / DATABASE).is_file():
         return []
     known = {f.name for f in fields(RunRecord)}
@@ -247,8 +309,14 @@ def _select(root: Path, where: str, args: tuple[Any, ...]) -> list[RunRecord]:
     records = []
     for row in rows:
         data = json.loads(row["data"])
-        records.append(RunRecord(**{k: v for k, v in data.items() if k in known}))
+        record = RunRecord(**{k: v for k, v in data.items() if k in known})
+        record.read_paths(strict)
+        records.append(record)
     return records
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 LOCK = "run.lock"

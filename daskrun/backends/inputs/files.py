@@ -23,6 +23,7 @@ from daskrun.backends.inputs.batches import (
 )
 from daskrun.backends.inputs.consumption import DatasetConsumptionConfig
 from daskrun.backends.inputs.listing import (
+    Stats,
     StorageOptions,
     _bounded,
     _check_path,
@@ -32,6 +33,7 @@ from daskrun.backends.inputs.listing import (
     _relative,
     _remote,
     _root_of,
+    absolute,
     expand_paths,
 )
 from daskrun.backends.inputs.partitions import PartitionFormat
@@ -87,6 +89,9 @@ class _DatasetBase(Input):
             self._path = path
             self.storage_options = dict(storage_options or {})
         self._files: list[str] | None = None
+        # the local files' sizes and mtimes as listed: the first stamps()
+        # uses them instead of stat'ing every file again
+        self._stats: Stats | None = None
         if validate:
             self.files()
             for _ in self.partition_values():  # a file off the pattern fails now
@@ -118,27 +123,40 @@ class _DatasetBase(Input):
                     self.storage_options,
                 )
             else:
-                self._files = expand_paths(self._path, self.storage_options)
+                self._stats = {}
+                self._files = expand_paths(
+                    self._path, self.storage_options, self._stats
+                )
         return self._files
 
     @property
     def local(self) -> bool:
         """Whether the files are on a local (or mounted) file system."""
-        fs, _ = url_to_fs(self.files()[0], **self.storage_options)
+        return self._local(self.files()[0])
+
+    def _local(self, file: str) -> bool:
+        if "://" not in file:  # listed local files are plain paths
+            return True
+        fs, _ = url_to_fs(file, **self.storage_options)
         return _is_local(fs)
 
     def stamps(self) -> Iterator[tuple[str, int, str]]:
         """``(path, size, mtime or ETag)`` of each file, in listing order:
         what allow_reuse and resume compare. Local files are stat'ed one at
-        a time (nothing held per file); remote folders are listed once
-        each, not file by file."""
+        a time, but the first call takes what the listing learnt instead
+        (later calls see a file changed since); remote folders are listed
+        once each, not file by file."""
         files = self.files()
-        fs, _ = url_to_fs(files[0], **self.storage_options)
-        if _is_local(fs):
+        stats, self._stats = self._stats or {}, None
+        if stats or self._local(files[0]):
             for f in files:
-                st = os.stat(f)
-                yield f, st.st_size, str(st.st_mtime_ns)
+                found = stats.get(f)
+                if found is None:
+                    st = os.stat(f)
+                    found = st.st_size, st.st_mtime_ns
+                yield f, found[0], str(found[1])
             return
+        fs, _ = url_to_fs(files[0], **self.storage_options)
         infos: dict[str, dict[str, Any]] = {}
         for parent in sorted({fs._parent(fs._strip_protocol(f)) for f in files}):
             for info in fs.ls(parent, detail=True):
@@ -166,7 +184,7 @@ class _DatasetBase(Input):
             )
         paths = self._source if self.datastore is not None else self.given
         if self.datastore is None:
-            paths = [os.path.abspath(p) if "://" not in p else p for p in paths]
+            paths = [absolute(p) if "://" not in p else p for p in paths]
         return {
             "kind": self.kind,
             "datastore": None if self.datastore is None else self.datastore.name,
@@ -318,8 +336,7 @@ class FileDataset(_DatasetBase):
     ) -> None:
         for batch in fresh_plan():  # ``batches`` is lazy
             got = list(itertools.islice(stamps, batch.n_items))
-            for path, size, stamp in got:
-                ledger.file(path, size, stamp)
+            ledger.files(got)
             ledger.mini_batch(batch.joined, [(size, stamp) for _, size, stamp in got])
 
     def plan(self, mini_batch_size: object = None) -> Iterator[FileBatch]:

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 
 StorageOptions = Mapping[str, Any]
+# a local file's (size, mtime in ns), by path, as its listing found them
+Stats = dict[str, tuple[int, int]]
 
 # the final file an earlier daskrun was assembling when it was killed,
 # .<name>.<uuid hex>.partial beside the final file: never data
@@ -60,6 +62,7 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def expand_paths(
     path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     storage_options: StorageOptions | None = None,
+    stats: Stats | None = None,
 ) -> list[str]:
     """Expand paths, folders (recursively) and globs into a sorted file list.
 
@@ -68,59 +71,122 @@ def expand_paths(
     how many repeats there were. Raises :class:`InputError` naming the
     first path that matches nothing, and a local input that is not a
     regular file (a FIFO, a socket, a broken symbolic link).
+
+    Given ``stats``, each local file that the listing stat'ed (a file
+    named, not a folder's entries) has its ``(size, mtime in ns)`` put
+    there, so planning need not stat it again.
     """
     items = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not items:
         raise InputError("no input path given; pass a file, folder, glob or URL")
-    found: set[str] = set()
-    named = 0
+    listed: list[str] = []
     for item in items:
         text = os.fspath(item)
-        if not text:
-            raise InputError(
-                "input path '' is empty, which would read the current folder; "
-                "pass a file, folder, glob or URL, e.g. 'data/' ('.' for the "
-                "current folder)"
-            )
-        shown = redact(text, storage_options or {})  # a URL may hold a SAS
-        try:
-            if "://" in text or _is_glob(text):
-                fs, root = url_to_fs(text, **dict(storage_options or {}))
-            else:  # a plain local path: no fsspec per item of a long list
-                fs, root = _LOCAL, os.path.abspath(os.path.expanduser(text))
-            files = [f for f in _find_files(fs, root) if not _leftover(f)]
-        except (FileNotFoundError, NotADirectoryError):
-            files = []
-        except OSError as e:
-            raise InputError(
-                f"input path {shown!r} cannot be listed: "
-                f"{describe_error(e, storage_options or {})}; check the path and "
-                "its storage_options"
-            ) from None
-        if not files:
-            raise InputError(
-                f"input path {shown!r} matches no files; check that it exists "
-                "(and that a URL's credentials allow reading it) and is not an "
-                "empty folder"
-            )
-        if not _is_local(fs):
-            files = [fs.unstrip_protocol(p) for p in files]
+        if len(items) > 1 and _plain_file(text, listed, stats):
+            continue
+        files = _expand_one(text, storage_options or {}, stats)
         if len(items) == 1:
             # one listing has no duplicates: sorting it in place spares a
             # million-file job a set and a second list
             files.sort()
             return files
-        named += len(files)
-        found.update(files)
-    if named > len(found):
+        listed += files
+    found = set(listed)
+    if len(listed) > len(found):
         warnings.warn(
-            f"the input list names {named - len(found)} file(s) more than once "
+            f"the input list names {len(listed) - len(found)} file(s) more than once "
             "(the same path twice, or a file inside a folder also listed); "
             "each is read once: drop the repeats to silence this",
             UserWarning,
             stacklevel=_outside_daskrun(),
         )
     return sorted(found)
+
+
+def _plain_file(text: str, listed: list[str], stats: Stats | None) -> bool:
+    """Whether ``text`` is the absolute, normalised path of a local regular
+    file, then appended to ``listed`` (its size and mtime to ``stats``):
+    one stat per path of a long list of files, the floor. Anything else
+    (a folder, a glob, a URL, a relative path, a missing file) is left to
+    :func:`_expand_one` and its errors."""
+    if not _normal_absolute(text) or _is_glob(text) or text.endswith(".partial"):
+        return False
+    try:
+        st = os.stat(text)
+    except (OSError, ValueError):
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    listed.append(text)
+    if stats is not None:
+        stats[text] = (st.st_size, st.st_mtime_ns)
+    return True
+
+
+def _normal_absolute(text: str) -> bool:
+    """Whether ``text`` is a local path that ``os.path.abspath`` leaves as
+    it is: a string check, where abspath costs a normpath per path.
+
+    >>> _normal_absolute("/d/a.png"), _normal_absolute("/d/../a.png")
+    (True, False)
+    """
+    return (
+        os.sep == "/"
+        and text.startswith("/")
+        and "//" not in text  # a URL too
+        and "/./" not in text  # "." and ".." parts: normpath's work
+        and "/../" not in text
+        and not text.endswith(("/", "/.", "/.."))
+    )
+
+
+def absolute(text: str) -> str:
+    """``os.path.abspath(text)``, without its cost for a path already so.
+
+    >>> absolute("/d/a.png"), absolute("a.png") == os.path.abspath("a.png")
+    ('/d/a.png', True)
+    """
+    return text if _normal_absolute(text) else os.path.abspath(text)
+
+
+def _expand_one(
+    text: str, storage_options: StorageOptions, stats: Stats | None
+) -> list[str]:
+    """The files one given path, folder, glob or URL names (unsorted)."""
+    if not text:
+        raise InputError(
+            "input path '' is empty, which would read the current folder; "
+            "pass a file, folder, glob or URL, e.g. 'data/' ('.' for the "
+            "current folder)"
+        )
+    try:
+        if "://" in text or _is_glob(text):
+            fs, root = url_to_fs(text, **dict(storage_options))
+        else:  # a plain local path: no fsspec per item of a long list
+            fs = _LOCAL
+            root = os.path.abspath(
+                os.path.expanduser(text) if text.startswith("~") else text
+            )
+        files = [f for f in _find_files(fs, root, stats) if not _leftover(f)]
+    except (FileNotFoundError, NotADirectoryError):
+        files = []
+    except OSError as e:
+        shown = redact(text, storage_options)  # a URL may hold a SAS
+        raise InputError(
+            f"input path {shown!r} cannot be listed: "
+            f"{describe_error(e, storage_options)}; check the path and "
+            "its storage_options"
+        ) from None
+    if not files:
+        shown = redact(text, storage_options)
+        raise InputError(
+            f"input path {shown!r} matches no files; check that it exists "
+            "(and that a URL's credentials allow reading it) and is not an "
+            "empty folder"
+        )
+    if not _is_local(fs):
+        files = [fs.unstrip_protocol(p) for p in files]
+    return files
 
 
 def _outside_daskrun() -> int:
@@ -135,7 +201,7 @@ def _outside_daskrun() -> int:
 
 
 def _is_glob(text: str) -> bool:
-    return any(c in text for c in "*?[")
+    return "*" in text or "?" in text or "[" in text
 
 
 def _leftover(path: str) -> bool:
@@ -152,9 +218,11 @@ def _leftover(path: str) -> bool:
     )
 
 
-def _find_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+def _find_files(
+    fs: fsspec.AbstractFileSystem, root: str, stats: Stats | None = None
+) -> list[str]:
     if _is_local(fs):
-        return _glob_local(root) if _is_glob(root) else _walk_local(root)
+        return _glob_local(root) if _is_glob(root) else _walk_local(root, stats)
     if _is_glob(root):
         matches = fs.glob(root, detail=True)
     elif fs.isdir(root):
@@ -189,16 +257,20 @@ def _glob_base(root: str) -> str:
     return root[:wild].rsplit("/", 1)[0]
 
 
-def _walk_local(top: str) -> list[str]:
+def _walk_local(top: str, stats: Stats | None = None) -> list[str]:
     """The files of a local file or folder (recursively), daskrun's
-    bookkeeping folders and linked folders left out (as os.walk)."""
+    bookkeeping folders and linked folders left out (as os.walk); a file
+    given, stat'ed here, has its size and mtime put into ``stats``."""
     try:
-        mode = os.stat(top).st_mode
+        st = os.stat(top)
     except FileNotFoundError:
         if os.path.islink(top):
             raise _not_a_file(top) from None
         raise
+    mode = st.st_mode
     if stat.S_ISREG(mode):
+        if stats is not None:
+            stats[top] = (st.st_size, st.st_mtime_ns)
         return [top]
     if not stat.S_ISDIR(mode):
         raise _not_a_file(top)
@@ -210,6 +282,8 @@ def _walk_local(top: str) -> list[str]:
         with os.scandir(folders.pop()) as entries:
             for entry in entries:
                 if entry.is_file():  # no stat: the folder listing says so
+                    # nor here: planning stats each file once, while the
+                    # cluster starts
                     files.append(entry.path)
                 elif not entry.is_dir():
                     raise _not_a_file(entry.path)
