@@ -4,15 +4,26 @@ is slowed down, and the output stays exactly once (daskrun.engine.speculation)."
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import dask.config
 import pandas as pd
+import pytest
 
 from daskrun import Dataset
 
 from .helpers import make_files, run_step
+
+
+@pytest.fixture(autouse=True)
+def _speculate() -> Iterator[None]:
+    # opt-in (daskrun.runner.speculate: false by default); a test may turn
+    # it off again inside
+    with dask.config.set({"daskrun.runner.speculate": True}):
+        yield
+
 
 SLOW = 3.0
 
