@@ -71,20 +71,30 @@ class RunLog:
 
     def add(self, entries: Iterable[Sequence[Any]]) -> None:
         for _, kind, name, value in entries:
-            if kind == "tag":
-                self.tags[name] = value
-            elif kind == "log_list":
-                self.metrics[name] = list(value)
-            elif kind == "log_row":
-                table = self.metrics.setdefault(name, {})
-                if not isinstance(table, dict):  # a name used for a value too
-                    table = self.metrics[name] = {"value": _as_list(table)}
-                for column, cell in value.items():
-                    table.setdefault(column, []).append(cell)
-            elif name not in self.metrics:
-                self.metrics[name] = value
-            else:
-                self.metrics[name] = [*_as_list(self.metrics[name]), value]
+            _ADD.get(kind, RunLog._log)(self, name, value)
+
+    def _tag(self, name: str, value: Any) -> None:
+        self.tags[name] = value
+
+    def _log_list(self, name: str, value: Any) -> None:
+        self.metrics[name] = list(value)
+
+    def _log_row(self, name: str, value: Any) -> None:
+        table = self.metrics.setdefault(name, {})
+        if not isinstance(table, dict):  # a name used for a value too
+            table = self.metrics[name] = {"value": _as_list(table)}
+        for column, cell in value.items():
+            table.setdefault(column, []).append(cell)
+
+    def _log(self, name: str, value: Any) -> None:
+        if name not in self.metrics:
+            self.metrics[name] = value
+        else:
+            self.metrics[name] = [*_as_list(self.metrics[name]), value]
+
+
+# what each kind of entry does to a RunLog; any other kind is a logged value
+_ADD = {"tag": RunLog._tag, "log_list": RunLog._log_list, "log_row": RunLog._log_row}
 
 
 def _as_list(value: Any) -> list[Any]:

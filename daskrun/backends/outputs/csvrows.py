@@ -71,7 +71,7 @@ def _csv_bytes(frame: Any) -> bytes:
     """
     if (
         len(frame.columns)
-        and all(dtype.kind in "iuf" for dtype in frame.dtypes)
+        and all(map(_arrow_writes, frame.dtypes))
         and frame.columns.is_unique
     ):
         import pyarrow as pa
@@ -85,3 +85,11 @@ def _csv_bytes(frame: Any) -> bytes:
         pacsv.write_csv(table, buf, pacsv.WriteOptions(include_header=False))
         return buf.getvalue()
     return frame.to_csv(index=False, lineterminator="\n").encode("utf-8", ESCAPE)
+
+
+def _arrow_writes(dtype: Any) -> bool:
+    """Integers and floats (not bools, not objects): what Arrow's CSV writer
+    writes as pandas would, in shortest round-trip form."""
+    from pandas.api.types import is_float_dtype, is_integer_dtype
+
+    return bool(is_integer_dtype(dtype) or is_float_dtype(dtype))
