@@ -20,6 +20,16 @@ in a process shared with the client, the descriptors are the client's too.
 ...     _ = os.write(1, b"from native code\\n")
 >>> capture.take()
 'from native code\\n'
+
+Once taken with nothing held, the file is emptied: a warm worker's stays
+as small as one call's output.
+
+>>> capture.size()
+0
+>>> with capture.held():
+...     _ = os.write(2, b"again\\n")
+>>> capture.take(), capture.size()
+('again\\n', 0)
 """
 
 from __future__ import annotations
@@ -96,7 +106,20 @@ class FdCapture:
             # pread: the descriptors share the file's offset with writers
             data = os.pread(self._fd, end - self._read, self._read)
             self._read += len(data)
+            if self._holders == 0:
+                # nobody writes to it now: empty it, so a warm worker's
+                # file does not grow with every call it ever captured (the
+                # descriptors' shared offset goes back to the start too)
+                os.ftruncate(self._fd, 0)
+                os.lseek(self._fd, 0, os.SEEK_SET)
+                self._read = 0
         return data.decode("utf-8", "replace")
+
+
+    def size(self) -> int:
+        """The temporary file's size in bytes (0 before the first hold)."""
+        with self._lock:
+            return 0 if self._fd is None else os.fstat(self._fd).st_size
 
 
 def _flush() -> None:
