@@ -180,8 +180,33 @@ def w2_data(n: int) -> tuple[Path, Path]:
     from make_data import make_images
     from train_model import train_model
 
-    images = make_images(CACHE / f"w2-{n}", count=n)
-    return images, train_model(CACHE / "w2-model")
+    model = train_model(CACHE / "w2-model")
+    if n <= LINKED_FROM:
+        return make_images(CACHE / f"w2-{n}", count=n), model
+    return w2_links(
+        n, make_images(CACHE / f"w2-{LINKED_FROM}", count=LINKED_FROM)
+    ), model
+
+
+# W2 beyond this many images: hard links to these under distinct names
+# (issue 29 measured 200,000 so: the same images ×20), made once and kept
+LINKED_FROM = 10_000
+
+
+def w2_links(n: int, images: Path) -> Path:
+    """``n`` PNGs named ``<i>.png``: image ``i % LINKED_FROM`` under a
+    name of its own, as hard links (no copy of the bytes)."""
+    folder = CACHE / f"w2-{n}-links"
+    if folder.is_dir():
+        return folder
+    tmp = folder.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        target = tmp / f"{i}.png"
+        if not target.exists():
+            os.link(images / f"{i % LINKED_FROM}.png", target)
+    tmp.rename(folder)
+    return folder
 
 
 def w3_data(megabytes: int, files: int = 8) -> Path:
@@ -812,6 +837,12 @@ def main() -> None:
         "a grid of hand-picked values; saves auto-grid.json",
     )
     parser.add_argument(
+        "--w2-size",
+        type=int,
+        help="W2's images (default 50,000, 10,000 --quick); beyond 10,000, "
+        "hard links to those 10,000 under distinct names, e.g. 200000",
+    )
+    parser.add_argument(
         "--scale",
         type=float,
         default=1.0,
@@ -833,7 +864,7 @@ def main() -> None:
         name: max(1, int(n * args.scale))
         for name, n in {
             "w1": 20_000,
-            "w2": 10_000 if args.quick else 50_000,
+            "w2": args.w2_size or (10_000 if args.quick else 50_000),
             "w3": 300 if args.quick else 1000,
             "w4": 10_000 if args.quick else 50_000,
         }.items()
