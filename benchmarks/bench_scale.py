@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import psutil
+from bench_client import NOOP
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -48,25 +49,8 @@ CACHE = HERE.parent / ".cache"
 
 DASK = [sys.executable, "-m", "dask"]
 
-NOOP = """\
-import os, time
-
-FIRST = os.environ["BENCH_SCALE_FIRST"]
-
-
-def init():
-    pass
-
-
-def run(mini_batch):
-    try:
-        fd = os.open(FIRST, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return mini_batch
-    os.write(fd, repr(time.time()).encode())
-    os.close(fd)
-    return mini_batch
-"""
+# run() notes when it first ran (bench_client's no-op, by its variable)
+FIRST_VAR = "BENCH_CLIENT_FIRST"
 
 
 def make_inputs(n: int, links: bool) -> Path:
@@ -124,7 +108,7 @@ def measure(data: Path, n: int, mbs: int, processes: int) -> dict:
         tmp = Path(tmp_name)
         env = dict(
             os.environ,
-            BENCH_SCALE_FIRST=str(tmp / "first"),
+            **{FIRST_VAR: str(tmp / "first")},
             DASK_DASKRUN__RUNS_DIR=str(tmp / "runs"),  # not ~/.daskrun/runs
         )
         (tmp / "noop.py").write_text(NOOP)
