@@ -24,7 +24,10 @@ from daskrun import (
     PipelineData,
     Workspace,
 )
-from daskrun.engine.outputs import NamedOutput, OutputSet, section
+from daskrun.engine.output import prepare_parts, write_part
+from daskrun.engine.outputs import NamedOutput, OutputSet, ViaClientSet, section
+from daskrun.engine.viaclient import ViaClientTarget
+from daskrun.exceptions import OutputError
 from daskrun.registry.records import RunRecord
 
 from .helpers import (
@@ -117,6 +120,39 @@ def test_parts_hold_every_output_in_one_file() -> None:
         target.encode([1], 1)
     with pytest.raises(TypeError, match="for output 'b' str"):
         target.encode({"a": [1], "b": "oops"}, 1)
+
+
+def test_the_client_writes_a_set_of_outputs_as_one() -> None:
+    outputs = (NamedOutput("a", "/x/a", "a.csv", "csv"),)
+    target = ViaClientTarget.of(OutputSet.of_named(outputs, "run_1", None))
+    assert isinstance(target, ViaClientSet)
+    assert target.outputs == outputs and not target.grouped
+    assert target.keep(0, b"rows") == b"rows"  # back to the client, unwritten
+
+
+def test_no_output_is_published_unless_all_are(tmp_path: Path) -> None:
+    """The second output's parts disagree on their columns: its assembly
+    fails, and the first output, assembled already, is not published."""
+    outputs = (
+        NamedOutput("a", str(tmp_path / "a"), "a.txt", "text"),
+        NamedOutput("b", str(tmp_path / "b"), "b.parquet", "parquet"),
+    )
+    target = OutputSet.of_named(outputs, "run_1", None)
+    prepare_parts(target)
+    for index, column in enumerate(["x", "y"]):
+        rows = {"a": [f"line {index}"], "b": pd.DataFrame({column: [index]})}
+        write_part(target, index, target.encode(rows, 1)[0])
+    with pytest.raises(OutputError, match="mini-batch 1 \\(output 'b'\\) returned"):
+        target.publish([1, 1])
+    assert not (tmp_path / "a" / "a.txt").exists()
+    assert not (tmp_path / "b" / "b.parquet").exists()
+    assert not list(tmp_path.glob("*/.daskrun/run_1/*.partial"))
+    # the parts are kept: fixed, the same parts publish both
+    fixed = {"a": ["line 1"], "b": pd.DataFrame({"x": [1]})}
+    write_part(target, 1, target.encode(fixed, 1)[0])
+    assert target.publish([1, 1]) == str(tmp_path / "a" / "a.txt")
+    assert (tmp_path / "a" / "a.txt").read_text() == "line 0\nline 1\n"
+    assert pd.read_parquet(tmp_path / "b" / "b.parquet")["x"].tolist() == [0, 1]
 
 
 def test_three_outputs_exact_and_in_order(
