@@ -34,6 +34,7 @@ from .helpers import (
     committed,
     kill_client,
     make_files,
+    poison_rows,
     start_daskrun,
     wait_for_parts,
     write_script,
@@ -249,6 +250,52 @@ def test_a_missing_output_fails_its_mini_batch_naming_it(
     # a failed item is in neither output
     assert (tmp_path / "s" / "scores.txt").read_text() == ""
     assert (tmp_path / "l" / "labels.txt").read_text() == ""
+
+
+def test_isolated_rows_leave_every_output_exact(
+    tmp_path: Path, cluster: LocalCluster
+) -> None:
+    """Tabular rows in, a mini-batch with a bad row split down to it: both
+    outputs hold every other row once, in order."""
+    poison = {7, 30, 31}
+    frame = poison_rows(tmp_path / "in" / "rows.csv", 60, poison)
+    write_script(
+        tmp_path,
+        """
+        def init():
+            pass
+
+        def run(df):
+            if (df["v"] < 0).any():
+                raise ValueError("a negative value")
+            return {"ids": df[["id"]], "doubled": (df["v"] * 2).tolist()}
+        """,
+    )
+    config = ParallelRunConfig(
+        entry_script=str(tmp_path / "score.py"),
+        output_action="append_row",
+        mini_batch_size="100",  # bytes: a few rows a mini-batch
+        error_threshold=-1,
+        run_max_try=1,
+        compute_target=cluster,
+    )
+    step = ParallelRunStep(
+        "named-isolated",
+        config,
+        inputs=[Dataset.Tabular.from_delimited_files(str(tmp_path / "in"))],
+        outputs={
+            "ids": OutputSpec(str(tmp_path / "ids"), format="parquet"),
+            "doubled": OutputSpec(str(tmp_path / "doubled"), format="csv"),
+        },
+    )
+    run = step.run()
+    assert run.status == "Completed", run.error
+    assert (run.items_succeeded, run.items_failed) == (57, 3)
+    good = frame[~frame["id"].isin(poison)]
+    ids = pd.read_parquet(tmp_path / "ids" / "ids.parquet")
+    assert ids["id"].tolist() == good["id"].tolist()
+    doubled = pd.read_csv(tmp_path / "doubled" / "doubled.csv")
+    assert doubled["result"].tolist() == (good["v"] * 2).tolist()
 
 
 @pytest.mark.parametrize(
