@@ -112,7 +112,8 @@ def _add_run(subs: _SubParsers) -> argparse.ArgumentParser:
         nargs="+",
         metavar="NAME[:FORMAT]=DIR",
         help="named outputs instead of --output: run() returns a dict of name "
-        "to rows; e.g. --outputs scores:csv=out/scores labels=out/labels",
+        "to rows; e.g. --outputs scores:csv=out/scores labels=out/labels "
+        "(default: none, one --output)",
     )
     run.add_argument("--name", help="step name (default: from the script's name)")
     run.add_argument(
