@@ -69,6 +69,7 @@ _REGISTRY = {
     "ParallelRunStep": "registry.step",
     "StepRun": "registry.step",
     "resume": "registry.step",
+    "OutputSpec": "registry.stepoutputs",
     "DataPath": "registry.workspace",
     "Datastore": "registry.workspace",
     "OutputData": "registry.workspace",
@@ -87,6 +88,7 @@ if TYPE_CHECKING:
     from daskrun.registry.models import Model
     from daskrun.registry.pipeline import Experiment, Pipeline, PipelineRun
     from daskrun.registry.step import ParallelRunStep, StepRun, resume
+    from daskrun.registry.stepoutputs import OutputSpec
     from daskrun.registry.workspace import DataPath, Datastore, OutputData, Workspace
 
 
@@ -134,6 +136,7 @@ __all__ = [
     "OutputData",
     "OutputError",
     "OutputFileDatasetConfig",
+    "OutputSpec",
     "ParallelRunConfig",
     "ParallelRunStep",
     "Pipeline",

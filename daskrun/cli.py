@@ -44,6 +44,7 @@ from daskrun.monitoring.monitor import FAILED_ITEMS
 from daskrun.monitoring.report import write_report
 from daskrun.registry.records import RunRecord, runs_dir
 from daskrun.registry.step import ParallelRunStep, StepRun, resume
+from daskrun.registry.stepoutputs import from_cli
 from daskrun.registry.workspace import Workspace
 
 
@@ -127,6 +128,7 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         inputs=[_datasets(args.input, args.tabular, args.partition_format)],
         output=args.output,
         arguments=script_args,
+        outputs=from_cli(args.outputs),
     )
     shown = not args.quiet
     return _report(step.run(show_output=shown, workspace=_workspace(args)), shown)

@@ -107,6 +107,14 @@ def _add_run(subs: _SubParsers) -> argparse.ArgumentParser:
         metavar="DIR",
         help="output folder or URL (default: outputs/ in the run's folder)",
     )
+    run.add_argument(
+        "--outputs",
+        nargs="+",
+        metavar="NAME[:FORMAT]=DIR",
+        help="named outputs instead of --output: run() returns a dict of name "
+        "to rows; e.g. --outputs scores:csv=out/scores labels=out/labels "
+        "(default: none, one --output)",
+    )
     run.add_argument("--name", help="step name (default: from the script's name)")
     run.add_argument(
         "--source-directory",

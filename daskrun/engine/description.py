@@ -24,6 +24,7 @@ from daskrun.aml.modelrefs import ModelRef
 from daskrun.backends.inputs.base import Input
 from daskrun.backends.inputs.batches import plan_partitions
 from daskrun.engine.config import ParallelRunConfig, ResolvedConfig
+from daskrun.engine.outputs import NamedOutput
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class JobDescription:
         The run's identity; its folder is ``runs_root / run_id``.
     models : tuple of ModelRef or None
         The workspace's registered models, for ``Model.get_model_path``.
+    outputs : tuple of NamedOutput
+        The step's named outputs (``outputs=``), resolved; empty for a
+        single ``output``.
     """
 
     name: str
@@ -77,6 +81,7 @@ class JobDescription:
     dataset_name: str | None = None
     auto_recorded: Mapping[str, Any] = field(default_factory=dict)
     models: tuple[ModelRef, ...] | None = None
+    outputs: tuple[NamedOutput, ...] = ()
 
     @property
     def cfg(self) -> ResolvedConfig:
@@ -95,6 +100,8 @@ class JobDescription:
     def own_output(self) -> str | None:
         """The final output file as data set listings name it."""
         cfg = self.cfg
+        if self.outputs:
+            return self.outputs[0].final_url
         if self.output is None or cfg.output_action != "append_row":
             return None
         return f"{self.output.rstrip('/')}/{cfg.append_row_file_name}"

@@ -43,6 +43,7 @@ from daskrun.engine.jobwatch import (
     _write_report,
 )
 from daskrun.engine.ledger import PlanLedger
+from daskrun.engine.outputs import OutputSet
 from daskrun.engine.packages import PackageCheck, runs_here
 from daskrun.engine.pilot import AutoSizes
 from daskrun.engine.planning import Planning
@@ -163,14 +164,17 @@ class Job(Planning):
         self.bundle = build_bundle(
             self.cfg.entry_script, self.cfg.source_directory, exclude=self._not_source()
         )
-        self.target = (
-            _output.OutputTarget(
+        timeout = float(config_get("storage-timeout"))
+        self.target: _output.OutputTarget | None = (
+            OutputSet.of_named(described.outputs, run_id, timeout)
+            if described.outputs
+            else _output.OutputTarget(
                 described.output,
                 self.cfg.append_row_file_name,
                 run_id,
                 dict(described.output_storage_options),
                 self.cfg.output_format,
-                float(config_get("storage-timeout")),
+                timeout,
             )
             if described.output is not None and self.cfg.output_action == "append_row"
             else None
@@ -544,7 +548,7 @@ class Job(Planning):
         target = self.target
         if target is None:
             return None
-        final = _output.assemble(target, self.succeeded, self._describe)
+        final = target.publish(self.succeeded, self._describe)
         if not self.tally.mini_batches_failed:
             # kept otherwise, for a resume with retry_failed
             _output.remove_parts(target)

@@ -24,7 +24,14 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import (
+    Callable,
+    Container,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, TypeVar
@@ -106,6 +113,19 @@ class OutputTarget:
         here; the rows themselves for :mod:`daskrun.engine.viaclient`)."""
         write_part(self, index, data, span)
         return None
+
+    def encode(self, result: Any, items: int | None = None) -> tuple[bytes, int]:
+        """On a worker: ``run()``'s return value as one part's bytes, and
+        the items it counts (its rows here; ``items``, the mini-batch's
+        inputs, is for :class:`~daskrun.engine.outputs.OutputSet`)."""
+        return self.format.encode(result)
+
+    def publish(
+        self, succeeded: Sequence[int], describe: Callable[[int], str] | None = None
+    ) -> str:
+        """On the client, once the job ends within its thresholds: the final
+        file, assembled and published (:func:`assemble`); its path or URL."""
+        return assemble(self, succeeded, describe)
 
     def part_url(self, index: int, span: tuple[int, int] | None = None) -> str:
         """The part of mini-batch ``index``, or of its items ``span``
@@ -425,9 +445,27 @@ def assemble(
     that did not succeed whose rows a group holds whole (a task whose result
     was lost had written it before its items were isolated).
     """
-    final = target.final_url
-    tmp = target.partial_url
     name = describe or (lambda index: f"mini-batch {index}")
+    with publishing(target):
+        # an unreachable store fails here, in seconds (the listing is
+        # bounded); the copy itself is not, since a large output takes as
+        # long as it takes
+        found = Parts(target)
+        parts = (
+            (index, functools.partial(found.open, index, span))
+            for index, span in in_order(found, succeeded)
+        )
+        stage(target, parts, name)
+        publish_staged(target)
+    return target.final_url
+
+
+@contextlib.contextmanager
+def publishing(target: OutputTarget) -> Iterator[None]:
+    """Map what fails while ``target``'s final file is assembled and
+    published to one :class:`~daskrun.OutputError` that says the parts are
+    kept for a resume."""
+    final = target.final_url
 
     def failed(e: BaseException) -> OutputError:
         return OutputError(
@@ -442,19 +480,19 @@ def assemble(
         return failed(e)  # a StorageTimeoutError of within()
 
     with map_errors(failed, own=own):
-        # an unreachable store fails here, in seconds (the listing is
-        # bounded); the copy itself is not, since a large output takes as
-        # long as it takes
-        found = Parts(target)
-        isolated = {i for i in found.pieces if not succeeded[i]}
-        parts = (
-            (index, functools.partial(found.open, index, span))
-            for index in range(len(succeeded))
-            if succeeded[index] or index in found.pieces
-            for span in _spans(found, index, isolated)
-        )
-        _write(target, tmp, final, parts, name)
-    return final
+        yield
+
+
+def in_order(
+    found: Parts, succeeded: Sequence[int]
+) -> Iterator[tuple[int, tuple[int, int] | None]]:
+    """What goes into the final file, in order: ``(index, None)`` for a
+    mini-batch's rows whole, ``(index, span)`` for each of its pieces."""
+    isolated = {i for i in found.pieces if not succeeded[i]}
+    for index in range(len(succeeded)):
+        if succeeded[index] or index in found.pieces:
+            for span in _spans(found, index, isolated):
+                yield index, span
 
 
 def _spans(
@@ -498,29 +536,45 @@ def _kept(target: OutputTarget) -> str:
     )
 
 
-def _write(
+def stage(
     target: OutputTarget,
-    tmp: str,
-    final: str,
     parts: Iterable[tuple[int, Callable[[], Any]]],
     name: Callable[[int], str],
 ) -> None:
+    """Stream ``parts`` into ``target``'s final file as it is assembled
+    (:attr:`OutputTarget.partial_url`), on disk before it returns; nothing
+    is left there if it fails."""
     fs = target.fs()
     try:
-        with fs.open(tmp, "wb") as out:
+        with fs.open(target.partial_url, "wb") as out:
             target.format.concat(parts, out, name)
             if isinstance(fs, LocalFileSystem):
                 out.flush()
                 os.fsync(out.fileno())
-        if isinstance(fs, LocalFileSystem):
-            os.replace(tmp, final)
-        else:
-            fs.mv(tmp, final)
     except BaseException:
-        with contextlib.suppress(Exception):
-            if fs.exists(tmp):
-                fs.rm(tmp)
+        discard_staged(target)
         raise
+
+
+def publish_staged(target: OutputTarget) -> None:
+    """Publish the final file :func:`stage` wrote, with one rename."""
+    fs = target.fs()
+    try:
+        if isinstance(fs, LocalFileSystem):
+            os.replace(target.partial_url, target.final_url)
+        else:
+            fs.mv(target.partial_url, target.final_url)
+    except BaseException:
+        discard_staged(target)
+        raise
+
+
+def discard_staged(target: OutputTarget) -> None:
+    """Remove a final file being assembled, if there (errors ignored)."""
+    fs = target.fs()
+    with contextlib.suppress(Exception):
+        if fs.exists(target.partial_url):
+            fs.rm(target.partial_url)
 
 
 def remove_partial(target: OutputTarget) -> None:

@@ -255,14 +255,14 @@ def _process(
         with plugin.capture.redirect():
             result = plugin.module.run(mini_batch, *args)  # type: ignore[union-attr]
         watchdog.arm(batch.index, phase="write", piece=_piece_of(batch))
-        output_format = (
-            plugin.settings.output.output_format if plugin.settings.output else "text"
-        )
+        output = plugin.settings.output
         try:
             if kept is not None:
                 items_out = kept.add(batch.index, result)
+            elif output is not None:  # named outputs count items_in
+                data, items_out = output.encode(result, items_in)
             else:
-                data, items_out = format_rows(result, output_format)
+                data, items_out = format_rows(result)
         except Exception as e:  # about what run() returned
             return _returned(plugin, batch.index, try_no, items_in, start, e)
         rows = None

@@ -26,18 +26,33 @@ from daskrun.backends.storage import storage_failures
 from daskrun.engine.output import OutputTarget, write_part
 from daskrun.exceptions import DaskRunError
 
+# a kind of output target -> its client-written twin (see ViaClientTarget)
+_TWINS: dict[type[OutputTarget], type[ViaClientTarget]] = {}
+
 
 @dataclass(frozen=True)
 class ViaClientTarget(OutputTarget):
-    """An output written by the client alone (see the module docstring)."""
+    """An output written by the client alone (see the module docstring).
+
+    A subclass that also derives from another kind of output target (e.g.
+    :class:`~daskrun.engine.outputs.ViaClientSet`) is that kind's
+    client-written twin, registered by being defined."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in cls.__mro__[1:]:
+            if issubclass(base, OutputTarget) and not issubclass(base, ViaClientTarget):
+                _TWINS[base] = cls
+                break
 
     @classmethod
     def of(cls, target: OutputTarget) -> ViaClientTarget:
         """``target``, written by the client."""
         if isinstance(target, ViaClientTarget):
             return target
+        made = _TWINS.get(type(target), cls)
         fields = dataclasses.fields(target)
-        return cls(**{f.name: getattr(target, f.name) for f in fields})
+        return made(**{f.name: getattr(target, f.name) for f in fields})
 
     @property
     def grouped(self) -> bool:

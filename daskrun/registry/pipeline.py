@@ -33,6 +33,7 @@ from daskrun.monitoring.console import Console, ConsoleFeed
 from daskrun.registry.models import model_refs
 from daskrun.registry.records import RunRecord, now
 from daskrun.registry.step import ParallelRunStep, StepRun, _execute, new_run_id
+from daskrun.registry.stepoutputs import written_data
 from daskrun.registry.workspace import Datastore, Workspace
 
 TERMINAL = ("Completed", "Failed", "Canceled")
@@ -89,7 +90,7 @@ class Pipeline:
 
 
 def _in_dependency_order(steps: list[ParallelRunStep]) -> list[ParallelRunStep]:
-    writer = {s.output_data.name: s for s in steps if s.output_data is not None}
+    writer = {data.name: s for s in steps for data in written_data(s)}
     ordered: list[ParallelRunStep] = []
     visiting: set[str] = set()
 

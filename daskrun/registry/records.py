@@ -142,6 +142,8 @@ class RunRecord:
     pandas_kwargs: dict[str, Any] = field(default_factory=dict)
     remote_inputs: bool = False
     output: str | None = None
+    # outputs=: name -> {"url", "file_name", "format"[, "datastore", "path"]}
+    named_outputs: dict[str, dict[str, str]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     script: str = ""  # the entry script's path inside source.zip
     # a digest of each bundle of code the run shipped, oldest first: a

@@ -39,6 +39,7 @@ from daskrun.registry.records import (
     RunRecord,
 )
 from daskrun.registry.sources import bundle_digest
+from daskrun.registry.stepoutputs import recorded
 
 Input = FileDataset | TabularDataset | CollectionInput
 
@@ -115,6 +116,7 @@ def _new_record(
         pandas_kwargs=getattr(step.inputs[0], "pandas_kwargs", {}),
         remote_inputs=not plugin.settings.input_spec.local,
         output=step.output,
+        named_outputs=recorded(step.named_outputs),
         config=asdict(step.config.resolved),
         script=plugin.settings.script,
         source_digests=[bundle_digest(plugin.settings.bundle)],

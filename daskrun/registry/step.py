@@ -64,6 +64,7 @@ from daskrun.registry.stepinputs import (
     _show,
     _source,
 )
+from daskrun.registry.stepoutputs import checked_outputs, from_record, named, published
 from daskrun.registry.workspace import Datastore, OutputData, Workspace
 
 
@@ -102,6 +103,8 @@ class StepRun:
     metrics: dict[str, Any] = field(default_factory=dict, repr=False)
     tags: dict[str, Any] = field(default_factory=dict, repr=False)
     output_format: str = "text"
+    # outputs=: name -> {"url", "file_name", "format"} (see stepoutputs)
+    named_outputs: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
     def from_record(cls, record: RunRecord, workspace: Any = None) -> StepRun:
@@ -126,6 +129,7 @@ class StepRun:
             metrics=record.metrics,
             tags=record.tags,
             output_format=(record.config or {}).get("output_format", "text"),
+            named_outputs=record.named_outputs,
         )
 
     @property
@@ -207,19 +211,19 @@ class StepRun:
         """The published output as a lazy Dask dataframe, for the next step
         in Dask: ``dd.read_csv`` of a CSV output, ``dd.read_parquet`` of a
         Parquet one (``kwargs`` go to them). Text output has no columns:
-        read it with :meth:`to_bag`.
+        read it with :meth:`to_bag`. Name a named output: ``("scores")``.
 
         >>> run.to_dask_dataframe().groupby("label").size()  # doctest: +SKIP
         """
-        path = self._published()
-        fmt = output_format_for(self.output_format)
+        path, kind, options = self._published(storage_options)
+        fmt = output_format_for(kind)
         if not fmt.tabular:
             raise ConfigError(
                 f"step run {self.run_id!r} wrote text lines ({path}), which have "
                 "no columns; read them with run.to_bag(), or write a table with "
                 "output_format='csv' or 'parquet'"
             )
-        return fmt.read_frame(path, dict(storage_options or {}), **kwargs)
+        return fmt.read_frame(path, options, **kwargs)
 
     def to_bag(self, storage_options: dict[str, Any] | None = None) -> Any:
         """The published output as a lazy Dask bag: its lines (without the
@@ -227,18 +231,22 @@ class StepRun:
 
         >>> run.to_bag().filter(lambda line: "cat" in line).count()  # doctest: +SKIP
         """
-        path = self._published()
-        fmt = output_format_for(self.output_format)
-        return fmt.read_bag(path, dict(storage_options or {}))
+        path, kind, options = self._published(storage_options)
+        fmt = output_format_for(kind)
+        return fmt.read_bag(path, options)
 
-    def _published(self) -> str:
+    def _published(self, given: Any = None) -> tuple[str, str, dict[str, Any]]:
+        """The file, format and storage options to read (given a str: the
+        named output's)."""
         if self.output_path is None:
             raise ConfigError(
                 f"step run {self.run_id!r} ({self.status}) has no published "
                 "output to read; only a Completed run with "
                 "output_action='append_row' has one"
             )
-        return self.output_path
+        if isinstance(given, str) or self.named_outputs:
+            return (*published(self.run_id, self.named_outputs, given), {})
+        return self.output_path, self.output_format, dict(given or {})
 
     def raise_for_status(self) -> StepRun:
         """Raise :class:`~daskrun.JobFailedError` unless the run completed."""
@@ -271,6 +279,8 @@ class ParallelRunStep:
         Reuse an identical earlier run's output (with a workspace).
     output_storage_options : dict, optional
         fsspec options for a remote ``output`` (credentials stay out of logs).
+    outputs : dict, optional
+        Named outputs instead of ``output`` (:mod:`~daskrun.registry.stepoutputs`).
 
     Examples
     --------
@@ -291,6 +301,7 @@ class ParallelRunStep:
         arguments: Sequence[Any] | None = None,
         allow_reuse: bool = True,
         output_storage_options: dict[str, Any] | None = None,
+        outputs: dict[str, Any] | None = None,
     ):
         self.name = check_step_name(name)
         if not isinstance(parallel_run_config, ParallelRunConfig):
@@ -311,13 +322,16 @@ class ParallelRunStep:
         ]
         # mini_batch_size="auto": the job chooses (daskrun.engine.pilot)
         self.mini_batch_size = self.input_type.step_size(cfg)
-        if output is None and cfg.output_action == "append_row":
+        self.output_storage_options = dict(output_storage_options or {})
+        self.named_outputs = checked_outputs(
+            outputs, output, cfg, self.output_storage_options
+        )
+        if output is None and outputs is None and cfg.output_action == "append_row":
             raise ConfigError(
                 "output is required with output_action='append_row'; pass "
                 "output='out/' (a folder or fsspec URL), or use "
                 "output_action='summary_only'"
             )
-        self.output_storage_options = dict(output_storage_options or {})
         self.output_data, self.output = _checked_output(
             output, self.output_storage_options
         )
@@ -382,6 +396,9 @@ class ParallelRunStep:
             p.name: _show(values.get(p.name, p.default_value))
             for p in self.pipeline_parameters()
         }
+        if self.named_outputs is not None:
+            bound.named_outputs = self.named_outputs.bound(workspace, bound.run_id)
+            bound.outputs = bound.named_outputs.written()
         if self.output_data is not None:
             if workspace is None:
                 raise ConfigError(
@@ -443,6 +460,7 @@ class ParallelRunStep:
             dataset_name=self.dataset_name,
             auto_recorded=dict(auto_recorded or {}),
             models=None if workspace is None else tuple(model_refs(workspace)),
+            outputs=named(self.named_outputs),
         )
 
     def plan(self) -> tuple[Iterable[Any], int]:
@@ -639,6 +657,7 @@ def step_from(
         output=record.output,
         arguments=record.arguments,
         output_storage_options=output_options or options,
+        outputs=from_record(record.named_outputs, workspace) or None,
     )
     step.workspace = workspace
     step.outputs = record.outputs
