@@ -127,6 +127,7 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         inputs=[_datasets(args.input, args.tabular, args.partition_format)],
         output=args.output,
         arguments=script_args,
+        incremental=args.incremental,
     )
     shown = not args.quiet
     return _report(step.run(show_output=shown, workspace=_workspace(args)), shown)

@@ -59,6 +59,9 @@ class JobDescription:
         The run's identity; its folder is ``runs_root / run_id``.
     models : tuple of ModelRef or None
         The workspace's registered models, for ``Model.get_model_path``.
+    incremental : str or None
+        ``"all"`` or ``"inputs"``: only new or changed inputs run
+        (:mod:`daskrun.engine.increment`); ``None``: every input runs.
     """
 
     name: str
@@ -77,6 +80,7 @@ class JobDescription:
     dataset_name: str | None = None
     auto_recorded: Mapping[str, Any] = field(default_factory=dict)
     models: tuple[ModelRef, ...] | None = None
+    incremental: str | None = None
 
     @property
     def cfg(self) -> ResolvedConfig:

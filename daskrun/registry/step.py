@@ -27,6 +27,7 @@ from daskrun.backends.outputs import output_format_for
 from daskrun.engine import output as _output
 from daskrun.engine.config import ParallelRunConfig, PipelineParameter
 from daskrun.engine.description import JobDescription
+from daskrun.engine.increment import check_incremental
 from daskrun.engine.job import Job
 from daskrun.engine.naming import check_parameter_names, check_step_name
 from daskrun.engine.runner import (
@@ -271,6 +272,9 @@ class ParallelRunStep:
         Reuse an identical earlier run's output (with a workspace).
     output_storage_options : dict, optional
         fsspec options for a remote ``output`` (credentials stay out of logs).
+    incremental : bool or "inputs"
+        Run only the inputs new or changed since the output's last complete
+        run, keeping the others' rows; ``"inputs"`` ignores a changed script.
 
     Examples
     --------
@@ -291,8 +295,10 @@ class ParallelRunStep:
         arguments: Sequence[Any] | None = None,
         allow_reuse: bool = True,
         output_storage_options: dict[str, Any] | None = None,
+        incremental: bool | str = False,
     ):
         self.name = check_step_name(name)
+        self.incremental = check_incremental(incremental)
         if not isinstance(parallel_run_config, ParallelRunConfig):
             raise ConfigError(
                 f"parallel_run_config={parallel_run_config!r} is not a "
@@ -443,6 +449,7 @@ class ParallelRunStep:
             dataset_name=self.dataset_name,
             auto_recorded=dict(auto_recorded or {}),
             models=None if workspace is None else tuple(model_refs(workspace)),
+            incremental=self.incremental,
         )
 
     def plan(self) -> tuple[Iterable[Any], int]:
@@ -639,6 +646,7 @@ def step_from(
         output=record.output,
         arguments=record.arguments,
         output_storage_options=output_options or options,
+        incremental=record.incremental or False,
     )
     step.workspace = workspace
     step.outputs = record.outputs
