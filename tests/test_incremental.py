@@ -482,11 +482,11 @@ def test_three_rounds_on_azurite(
         return run, _ran(log)
 
     assert len(round_()[1]) == 6
-    files.update({"f05.txt": "v5", "f20.txt": "v20"})  # added
-    for n in ("f05.txt", "f20.txt"):
+    files.update({"f07.txt": "v7", "f20.txt": "v20"})  # added
+    for n in ("f07.txt", "f20.txt"):
         fs.pipe_file(f"{name}/in/{n}", files[n].encode())
     run, ran = round_()
-    assert ran == ["f05.txt", "f20.txt"]
+    assert ran == ["f07.txt", "f20.txt"]
     assert _counts(run)["inputs_reused"] == 6
     time.sleep(1)  # a new ETag and last-modified time
     files["f04.txt"] = "changed"
