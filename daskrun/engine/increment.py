@@ -150,7 +150,11 @@ class Increment:
         ``None`` for the usual plan (no run kept, a pilot first, or an input
         whose plan lines up already)."""
         described = self.described
-        if self.kept_run is None or pilot or described.cfg.partition_keys:
+        if pilot and self.kept_run is not None:
+            # the pilot's plan is replaced once it ends: nothing is kept
+            self.kept_run, self._digests = None, {}
+            self.why = "mini_batch_size='auto' runs a pilot of one-file mini-batches"
+        if self.kept_run is None or described.cfg.partition_keys:
             return None
         if (size, pilot) not in self._around:  # planned again to fill the ledger
             self._around[size, pilot] = self._plan_around(size)
