@@ -102,7 +102,7 @@ def _files_step(
 
 
 def _counts(run: StepRun) -> dict[str, int]:
-    counts = RunRecord.load(run.run_id).counts
+    counts = RunRecord.load(run.run_id, Path(run.logs_dir).parents[1]).counts
     result = (Path(run.logs_dir) / "job_result.txt").read_text()
     found = {k: v for k, v in counts.items() if k.startswith("inputs_")}
     for name, n in found.items():
@@ -301,6 +301,34 @@ def test_a_new_partition_is_new_work(
     assert Path(run.output_path or "").read_text().splitlines() == reference()
     assert _ran(log) == ["x.txt"]
     assert _counts(run)["inputs_new"] == 1
+
+
+def test_a_pipeline_step_is_incremental_too(
+    tmp_path: Path, cluster: LocalCluster
+) -> None:
+    from daskrun import Experiment, Pipeline, Workspace
+
+    ws = Workspace.create(tmp_path / "ws")
+    inputs, log = tmp_path / "in", tmp_path / "ran.log"
+    _write(inputs, {f"f{i}.txt": f"v{i}" for i in range(4)})
+
+    def submit() -> StepRun:
+        # a new pipeline each day, as a scheduled script builds it
+        step = _files_step(tmp_path, cluster, size=2)
+        pipeline_run = Experiment(ws, "daily").submit(Pipeline(ws, steps=[step]))
+        assert pipeline_run.wait_for_completion() == "Completed"
+        run: StepRun = pipeline_run.find_step_run("incr")[0]
+        got = _file_rows(run.output_path or "")
+        pd.testing.assert_frame_equal(got, _files_reference(inputs))
+        return run
+
+    submit()
+    assert len(_ran(log)) == 4
+    _write(inputs, {"f9.txt": "v9"})
+    run = submit()
+    assert _ran(log) == ["f9.txt"]
+    counts = RunRecord.load(run.run_id, ws.runs_dir).counts
+    assert counts["inputs_reused"] == 4 and counts["inputs_new"] == 1
 
 
 def test_a_changed_script_runs_everything_and_says_so(

@@ -215,9 +215,12 @@ class Increment:
             "inputs_removed": removed if self.kept_run is not None else 0,
         }
 
-    def line(self, total: int) -> str:
-        """What the run keeps, in one line for the terminal."""
+    def line(self, total: int) -> str | None:
+        """What the run keeps, in one line for the terminal (none for a
+        resume of a run that kept itself)."""
         c = self.counts
+        if self.kept_run is None and self.why is None:
+            return None
         if self.kept_run is None:
             return (
                 f"daskrun: incremental: {self.why or 'nothing kept'}; processing "
@@ -266,8 +269,8 @@ class Increment:
                 type(e).__name__,
             )
             return
-        if self.kept_run is not None:
-            _remove_run(replace(target, run_id=self.kept_run))
+        for run_id in _kept_before(target):
+            _remove_run(replace(target, run_id=run_id))
 
 
 def _files_read(batch: Any) -> list[str]:
@@ -367,6 +370,27 @@ def _copy_parts(
             group, size = [], 0
     if group:
         _output.write_group(target, group)
+
+
+def _kept_before(target: _output.OutputTarget) -> list[str]:
+    """The runs kept in ``target``'s output folder before its run (those
+    with an index: a kill between keeping this run and deleting them left
+    more than one); runs in progress have none yet."""
+    fs = target.fs()
+    root = _root(target)
+    fs.invalidate_cache(fs._strip_protocol(root))
+    try:
+        found = _output.bounded(
+            target, "listing the kept runs", lambda: fs.ls(root, detail=False)
+        )
+    except FileNotFoundError:
+        return []
+    names = [name.rstrip("/").rsplit("/", 1)[-1] for name in found]
+    return [
+        name
+        for name in names
+        if name != target.run_id and fs.exists(f"{root}/{name}/{INDEX}")
+    ]
 
 
 def _remove_run(target: _output.OutputTarget) -> None:

@@ -262,7 +262,8 @@ class Job(Planning):
         self.unfinished: dict[int, Unfinished] = {}
         if self.increment is not None:  # kept rows are committed parts
             self.increment.carry(self.run_dir, self._all_batches(), resuming)
-            self.console.say(self.increment.line(self.total))
+            if line := self.increment.line(self.total):
+                self.console.say(line)
         picks_up = resuming or bool(self.increment and self.increment.reused)
         kept = self._restore(retry_failed) if picks_up else []
         # what this attempt stops at: see _attempt_limits
