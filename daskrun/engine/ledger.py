@@ -27,7 +27,7 @@ def batch_digest(plan: Any, stamps: Sequence[tuple[int, str] | None]) -> bytes:
     """The 8 bytes :class:`PlanLedger` keeps of a mini-batch: what it reads
     (``plan``, without its index) and its files' sizes and mtimes or ETags.
 
-    >>> len(batch_digest("a\0b", [(1, "t"), (2, "t")]))
+    >>> len(batch_digest("a.txt", [(1, "1765000000")]))
     8
     """
     return hashlib.blake2b(repr((plan, stamps)).encode(), digest_size=_DIGEST).digest()
