@@ -530,3 +530,67 @@ def test_three_rounds_on_azurite(
     kept = json.loads(fs.cat_file(f"{name}/out/.daskrun/increment.json"))
     assert kept["run_id"] == run.run_id
     assert not [p for p in fs.find(f"{name}/out") if "/.daskrun/" not in p][1:]
+
+
+@pytest.mark.slow
+def test_killed_mid_increment_on_azurite_then_resumed(
+    tmp_path: Path, azurite: str, runs_dir: Path
+) -> None:
+    from adlfs import AzureBlobFileSystem
+
+    fs = AzureBlobFileSystem(connection_string=azurite)
+    name = f"c{uuid.uuid4().hex[:12]}"
+    fs.mkdir(name)
+    out, options = f"abfs://{name}/out", {"connection_string": azurite}
+    inputs, log = tmp_path / "in", tmp_path / "ran.log"
+    _write(inputs, {f"a{i:03d}.txt": f"v{i}" for i in range(20)})
+    write_script(tmp_path / "code", FILES_SCRIPT)
+    args = [
+        "run", "code/score.py", "--input", "in", "--output", out,
+        "--mini-batch-size", "1", "--processes", "2", "--incremental",
+        "--", "--log", str(log), "--seconds", "0.3",
+    ]  # fmt: skip
+    env = {"AZURE_STORAGE_CONNECTION_STRING": azurite}
+    first = daskrun(*args, cwd=tmp_path, runs=runs_dir, **env)
+    assert first.returncode == 0, first.stderr
+    final = f"{name}/out/parallel_run_step.txt"
+    published = fs.cat_file(final)
+    kept_run = json.loads(fs.cat_file(f"{name}/out/.daskrun/increment.json"))["run_id"]
+    _ran(log)
+
+    _write(inputs, {f"b{i:03d}.txt": f"w{i}" for i in range(20)})  # 20 new
+    proc = start_daskrun(*args, cwd=tmp_path, runs=runs_dir, **env)
+
+    def written(run_id: str) -> set[int]:
+        return Parts(OutputTarget(out, "unused", run_id, options)).whole
+
+    def new_run() -> str | None:
+        fs.invalidate_cache()
+        found = [
+            p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{name}/out/.daskrun")
+        ]
+        return next((r for r in found if r not in (kept_run, "increment.json")), None)
+
+    poll_for(
+        lambda: (r := new_run()) is not None and len(written(r)) >= 20 + 4,
+        timeout=120,
+        what="new mini-batches written on Azurite",
+        running=proc,
+    )
+    kill_client(proc)
+    run_id = new_run()
+    assert run_id is not None and len(written(run_id)) < 40
+    fs.invalidate_cache()
+    assert fs.cat_file(final) == published  # the earlier output, as it was
+
+    resumed = daskrun("resume", run_id, cwd=tmp_path, runs=runs_dir, **env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not [n for n in _ran(log) if n.startswith("a")]
+    fs.invalidate_cache()
+    got = pd.DataFrame(
+        [line.split(",", 1) for line in fs.cat_file(final).decode().splitlines()],
+        columns=["name", "value"],
+    )
+    pd.testing.assert_frame_equal(got, _files_reference(inputs))  # each row once
+    kept = json.loads(fs.cat_file(f"{name}/out/.daskrun/increment.json"))
+    assert kept["run_id"] == run_id and not fs.exists(f"{name}/out/.daskrun/{kept_run}")
