@@ -129,6 +129,7 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         output=args.output,
         arguments=script_args,
         outputs=from_cli(args.outputs),
+        incremental=args.incremental,
     )
     shown = not args.quiet
     return _report(step.run(show_output=shown, workspace=_workspace(args)), shown)

@@ -187,6 +187,17 @@ def _add_run_outcome(run: argparse.ArgumentParser) -> None:
         choices=OUTPUT_FORMATS,
         help=f"text lines, csv with a header, or parquet {_default('output-format')}",
     )
+    run.add_argument(
+        "--incremental",
+        nargs="?",
+        const=True,
+        default=False,
+        choices=["inputs"],
+        metavar="inputs",
+        help="run only the inputs new or changed since the output's last complete "
+        "run, keeping the other rows; a changed script runs all, unless "
+        "--incremental=inputs (default: off)",
+    )
 
 
 def _add_run_workers(run: argparse.ArgumentParser) -> None:

@@ -63,6 +63,9 @@ class JobDescription:
     outputs : tuple of NamedOutput
         The step's named outputs (``outputs=``), resolved; empty for a
         single ``output``.
+    incremental : str or None
+        ``"all"`` or ``"inputs"``: only new or changed inputs run
+        (:mod:`daskrun.engine.increment`); ``None``: every input runs.
     """
 
     name: str
@@ -82,6 +85,7 @@ class JobDescription:
     auto_recorded: Mapping[str, Any] = field(default_factory=dict)
     models: tuple[ModelRef, ...] | None = None
     outputs: tuple[NamedOutput, ...] = ()
+    incremental: str | None = None
 
     @property
     def cfg(self) -> ResolvedConfig:

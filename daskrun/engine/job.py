@@ -34,6 +34,7 @@ from daskrun.engine.config import (
     isolate_failures,
 )
 from daskrun.engine.description import JobDescription
+from daskrun.engine.increment import incremental
 from daskrun.engine.jobwatch import (
     _prepare_output,
     _register_watched,
@@ -160,7 +161,6 @@ class Job(Planning):
         self._after_pilot = 0  # the pilot's mini-batches, once handed out
         # an auto pilot's input stamps as first listed, for the re-plan
         self._listed: list[tuple[str, int, str]] | None = None
-        self.batches, self.total = self._plan()
         self.bundle = build_bundle(
             self.cfg.entry_script, self.cfg.source_directory, exclude=self._not_source()
         )
@@ -179,6 +179,9 @@ class Job(Planning):
             if described.output is not None and self.cfg.output_action == "append_row"
             else None
         )
+        # an incremental run's output keeps the rows of unchanged inputs
+        self.increment = incremental(described, self.target, self.bundle)
+        self.batches, self.total = self._plan()
         self.items_planned, self.items_counted = self._planned_items()
         self.locks = contextlib.ExitStack()
         self.plugin: EntryScriptPlugin
@@ -261,9 +264,14 @@ class Job(Planning):
         # that fail (runner.Isolation); those of an earlier attempt to retry
         self.isolate = isolate_failures()
         self.unfinished: dict[int, Unfinished] = {}
-        kept = self._restore(retry_failed) if resuming else []
+        if self.increment is not None:  # kept rows are committed parts
+            self.increment.carry(self.run_dir, self._all_batches(), resuming)
+            if line := self.increment.line(self.total):
+                self.console.say(line)
+        picks_up = resuming or bool(self.increment and self.increment.reused)
+        kept = self._restore(retry_failed) if picks_up else []
         # what this attempt stops at: see _attempt_limits
-        self.limits = self._resumed_limits() if resuming else self.cfg
+        self.limits = self._resumed_limits() if picks_up else self.cfg
         self.logs = JobLogs(
             self.run_dir / "logs",
             kept,
@@ -549,7 +557,9 @@ class Job(Planning):
         if target is None:
             return None
         final = target.publish(self.succeeded, self._describe)
-        if not self.tally.mini_batches_failed:
+        if self.increment is not None:  # its parts are kept for the next
+            self.increment.publish(self.run_dir, self._all_batches())
+        elif not self.tally.mini_batches_failed:
             # kept otherwise, for a resume with retry_failed
             _output.remove_parts(target)
         return final
@@ -564,10 +574,11 @@ class Job(Planning):
                 self.perf.close()
             seconds = time.perf_counter() - self.started
             self.watch.tick(status, force=True, actual=seconds)
+            counts = self.increment.counts if self.increment is not None else {}
             record.end(
                 status,
                 error,
-                self.tally.counts(self.items_planned),
+                {**self.tally.counts(self.items_planned), **counts},
                 final,
                 str(self.logs.dir),
                 self.logs.logged,
@@ -586,6 +597,7 @@ class Job(Planning):
                     *self.watch.cost_lines(seconds),
                     *(self.perf.lines() if self.perf is not None else ()),
                     *self.auto.lines(),
+                    *(self.increment.lines() if self.increment is not None else ()),
                 ],
             )
             self.report = _write_report(self.run_dir)

@@ -23,6 +23,28 @@ PLAN = "plan.bin"  # 8 bytes per mini-batch: a digest of its plan and inputs
 _DIGEST = 8
 
 
+def batch_digest(plan: Any, stamps: Sequence[tuple[int, str] | None]) -> bytes:
+    """The 8 bytes :class:`PlanLedger` keeps of a mini-batch: what it reads
+    (``plan``, without its index) and its files' sizes and mtimes or ETags.
+
+    >>> len(batch_digest("a.txt", [(1, "1765000000")]))
+    8
+    """
+    return hashlib.blake2b(repr((plan, stamps)).encode(), digest_size=_DIGEST).digest()
+
+
+def read_plan(folder: Path) -> list[bytes]:
+    """The digests a run's committed :data:`PLAN` holds, by mini-batch."""
+    data = (folder / PLAN).read_bytes()
+    return [data[i : i + _DIGEST] for i in range(0, len(data), _DIGEST)]
+
+
+def read_listing(folder: Path) -> dict[str, tuple[str, str]]:
+    """A run's committed :data:`LISTING`: path -> (size, mtime or ETag)."""
+    with open(folder / LISTING, newline="") as f:
+        return {row[0]: (row[1], row[2]) for row in csv.reader(f)}
+
+
 class PlanLedger:
     """Writes a run's input listing and mini-batch digests as they are
     planned, one row and 8 bytes at a time (memory stays flat), into
@@ -56,8 +78,7 @@ class PlanLedger:
         self._writer.writerows((unsigned(p), size, stamp) for p, size, stamp in stamps)
 
     def mini_batch(self, plan: Any, stamps: Sequence[tuple[int, str] | None]) -> None:
-        h = hashlib.blake2b(repr((plan, stamps)).encode(), digest_size=_DIGEST)
-        digest = h.digest()
+        digest = batch_digest(plan, stamps)
         self._plan.write(digest)
         self._total.update(digest)
         self.count += 1

@@ -23,6 +23,7 @@ from daskrun.backends.storage import secret_values
 from daskrun.engine import output as _output
 from daskrun.engine.config import ResolvedConfig
 from daskrun.engine.description import JobDescription
+from daskrun.engine.increment import Increment
 from daskrun.engine.ledger import PlanLedger
 from daskrun.engine.pilot import AutoSizes
 from daskrun.engine.plugin import (
@@ -95,6 +96,7 @@ class Planning:
     _ledger: PlanLedger
     _unchanged: bytearray | None
     _written: _output.Parts | None
+    increment: Increment | None
 
     def _restore(self, retry_failed: bool) -> list[dict[str, str]]:
         """Mark what an earlier attempt finished; its report rows to keep.
@@ -267,8 +269,18 @@ class Planning:
         return found
 
     def _plan(self) -> tuple[Any, int]:
-        """The step's plan with the sizes this job chose (:attr:`auto`)."""
-        return self.described.plan(self.auto.mini_batch_size, self.auto.pilot)
+        """The step's plan with the sizes this job chose (:attr:`auto`),
+        lined up with the kept run's on an incremental run."""
+        size, pilot = self.auto.mini_batch_size, self.auto.pilot
+        if self.increment is not None:
+            around = self.increment.plan(size, pilot)
+            if around is not None:
+                return around
+        return self.described.plan(size, pilot)
+
+    def _all_batches(self) -> Iterable[Any]:
+        """Every mini-batch of the plan (file plans are lazy: planned again)."""
+        return self.batches if isinstance(self.batches, list) else self._plan()[0]
 
     def _planned_items(self) -> tuple[int | None, str]:
         """The items the plan holds, and how job_result.txt counts them: the

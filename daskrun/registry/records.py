@@ -153,6 +153,9 @@ class RunRecord:
     workspace: str | None = None
     # {"name": PATHS, "sha256": ...} once the paths are written there
     inputs_file: dict[str, str] | None = None
+    # "all" or "inputs": only new or changed inputs ran (engine.increment);
+    # counts then hold inputs_reused, inputs_new, inputs_changed, inputs_removed
+    incremental: str | None = None
 
     @property
     def folder(self) -> Path:

@@ -121,6 +121,7 @@ def _new_record(
         script=plugin.settings.script,
         source_digests=[bundle_digest(plugin.settings.bundle)],
         arguments=[str(a) for a in step.arguments],
+        incremental=step.incremental,
     )
     private_folder(record.folder)
     with private_open(record.folder / SOURCE, "wb") as f:

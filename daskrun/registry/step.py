@@ -13,7 +13,6 @@ import copy
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from daskrun.backends.inputs.base import Input as InputKind
@@ -27,6 +26,7 @@ from daskrun.backends.outputs import output_format_for
 from daskrun.engine import output as _output
 from daskrun.engine.config import ParallelRunConfig, PipelineParameter
 from daskrun.engine.description import JobDescription
+from daskrun.engine.increment import check_incremental
 from daskrun.engine.job import Job
 from daskrun.engine.naming import check_parameter_names, check_step_name
 from daskrun.engine.runner import (
@@ -34,7 +34,6 @@ from daskrun.engine.runner import (
 )
 from daskrun.exceptions import ConfigError, JobFailedError
 from daskrun.monitoring.console import Console
-from daskrun.monitoring.monitor import FAILED_ITEMS, read_failed_items
 from daskrun.registry.catalog import from_spec
 from daskrun.registry.models import model_refs
 from daskrun.registry.records import (
@@ -45,8 +44,6 @@ from daskrun.registry.records import (
 )
 from daskrun.registry.resume import (
     _check_credentials,
-    _failed_options,
-    _failed_rows,
     _new_record,
     _with_formats,
 )
@@ -203,6 +200,8 @@ class StepRun:
         exception, as ``failed_items.csv`` lists them. Remote inputs need
         their ``storage_options`` again unless they come from a datastore of
         the run's workspace."""
+        from daskrun.registry.deadletters import failed_items  # it makes steps
+
         return failed_items(self, storage_options)
 
     def to_dask_dataframe(
@@ -281,6 +280,9 @@ class ParallelRunStep:
         fsspec options for a remote ``output`` (credentials stay out of logs).
     outputs : dict, optional
         Named outputs instead of ``output`` (:mod:`~daskrun.registry.stepoutputs`).
+    incremental : bool or "inputs"
+        Run only the inputs new or changed since the output's last complete
+        run, keeping the others' rows; ``"inputs"`` ignores a changed script.
 
     Examples
     --------
@@ -302,8 +304,10 @@ class ParallelRunStep:
         allow_reuse: bool = True,
         output_storage_options: dict[str, Any] | None = None,
         outputs: dict[str, Any] | None = None,
+        incremental: bool | str = False,
     ):
         self.name = check_step_name(name)
+        self.incremental = check_incremental(incremental)
         if not isinstance(parallel_run_config, ParallelRunConfig):
             raise ConfigError(
                 f"parallel_run_config={parallel_run_config!r} is not a "
@@ -461,6 +465,7 @@ class ParallelRunStep:
             auto_recorded=dict(auto_recorded or {}),
             models=None if workspace is None else tuple(model_refs(workspace)),
             outputs=named(self.named_outputs),
+            incremental=self.incremental,
         )
 
     def plan(self) -> tuple[Iterable[Any], int]:
@@ -658,43 +663,9 @@ def step_from(
         arguments=record.arguments,
         output_storage_options=output_options or options,
         outputs=from_record(record.named_outputs, workspace) or None,
+        incremental=record.incremental or False,
     )
     step.workspace = workspace
     step.outputs = record.outputs
     step.input_names = list(record.input_names) or step.input_names
     return step
-
-
-def failed_items(
-    run: StepRun, storage_options: dict[str, Any] | None = None
-) -> FileDataset | TabularDataset:
-    """:meth:`StepRun.failed_items`."""
-    rows = read_failed_items(Path(run.logs_dir) / FAILED_ITEMS)
-    if not rows:
-        raise ConfigError(
-            f"run {run.run_id!r} has no failed items; failed_items() is the "
-            "data set of the inputs that failed"
-        )
-    root = run.workspace.runs_dir if run.workspace is not None else None
-    record = RunRecord.load(run.run_id, root)
-    workspace = run.workspace
-    if workspace is None and record.workspace:
-        workspace = Workspace(record.workspace)
-    _check_credentials(record, storage_options, "failed_items()")
-    errors = {row["input"]: row["error"] for row in rows}
-    found = InputKind.of_kind(record.kind).dead_letters(
-        list(errors), lambda: _failed_options(record, storage_options, workspace)
-    )
-    if found is not None:  # the failed items are the inputs' own files
-        found.last_errors = errors
-        return found
-    step = step_from(record, storage_options, None, workspace)
-    described = step.describe(record.run_id, record.auto)
-    if described.cfg.partition_keys:
-        raise ConfigError(
-            f"run {run.run_id!r} ran partitions of rows; its failed partitions "
-            f"are listed in {Path(run.logs_dir) / FAILED_ITEMS}"
-        )
-    return _failed_rows(
-        described, run.run_id, rows, record.folder / "failed_items", errors
-    )

@@ -111,6 +111,20 @@ class Input:
         raise NotImplementedError
 
     @classmethod
+    def plan_around(
+        cls,
+        inputs: Sequence[Any],
+        size: int,
+        own: str | None,
+        kept: Callable[[Sequence[str], int], int],
+    ) -> tuple[Iterable[Any], int] | None:
+        """For an incremental run: a plan lined up with an earlier run's
+        mini-batches (``kept(files, i)``: how many files from ``files[i]`` on
+        made one whose rows can be kept; 0: none). ``None``: the usual plan
+        lines up already (its mini-batches never cross a file)."""
+        return None
+
+    @classmethod
     def planned_items(
         cls, inputs: Sequence[Any], batches: Any, own: str | None
     ) -> tuple[int | None, str]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -280,6 +280,41 @@ def plan_files(files: Sequence[str], n: int, pilot: int = 0) -> Iterator[FileBat
         yield FileBatch.of(i, files[i : i + 1])
     for i in range(k, len(files), n):
         yield FileBatch.of(k + (i - k) // n, files[i : i + n])
+
+
+def plan_files_around(
+    files: Sequence[str], n: int, kept: Callable[[Sequence[str], int], int]
+) -> list[FileBatch]:
+    """:func:`plan_files` lined up with an earlier run's mini-batches, for an
+    incremental run: where ``kept(files, i)`` is ``k > 0``, ``files[i:i+k]``
+    are an earlier mini-batch whose rows can be kept, planned as one
+    mini-batch; the files between them are planned ``n`` at a time.
+
+    >>> old = {"b": 2}
+    >>> [b.paths for b in plan_files_around(
+    ...     ["a", "b", "c", "d", "e", "f"], 2, lambda fs, i: old.get(fs[i], 0))]
+    [['a'], ['b', 'c'], ['d', 'e'], ['f']]
+    """
+    batches: list[FileBatch] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        for start in range(0, len(run), n):
+            batches.append(FileBatch.of(len(batches), run[start : start + n]))
+        run.clear()
+
+    i = 0
+    while i < len(files):
+        k = kept(files, i)
+        if k:
+            flush()
+            batches.append(FileBatch.of(len(batches), files[i : i + k]))
+            i += k
+        else:
+            run.append(files[i])
+            i += 1
+    flush()
+    return batches
 
 
 def file_batch_count(n_files: int, n: int, pilot: int = 0) -> int:

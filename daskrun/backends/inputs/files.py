@@ -20,6 +20,7 @@ from daskrun.backends.inputs.batches import (
     _plan_partitioned,
     file_batch_count,
     plan_files,
+    plan_files_around,
 )
 from daskrun.backends.inputs.consumption import DatasetConsumptionConfig
 from daskrun.backends.inputs.listing import (
@@ -314,6 +315,19 @@ class FileDataset(_DatasetBase):
         if own is not None and own in files:
             files = [f for f in files if f != own]
         return plan_files(files, size, pilot), file_batch_count(len(files), size, pilot)
+
+    @classmethod
+    def plan_around(
+        cls,
+        inputs: Sequence[Any],
+        size: int,
+        own: str | None,
+        kept: Callable[[Sequence[str], int], int],
+    ) -> tuple[Iterable[FileBatch], int]:
+        # a file mini-batch crosses files: line it up with the kept ones
+        files = [f for ds in inputs for f in ds.files() if f != own]
+        batches = plan_files_around(files, size, kept)
+        return batches, len(batches)
 
     @classmethod
     def planned_items(
