@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from daskrun.backends.inputs.base import Input as InputKind
 from daskrun.backends.inputs.datasets import FileDataset, TabularDataset
@@ -12,17 +13,17 @@ from daskrun.exceptions import ConfigError
 from daskrun.monitoring.monitor import FAILED_ITEMS, read_failed_items
 from daskrun.registry.records import RunRecord
 from daskrun.registry.resume import _check_credentials, _failed_options, _failed_rows
-from daskrun.registry.step import step_from
 from daskrun.registry.workspace import Workspace
-
-if TYPE_CHECKING:
-    from daskrun.registry.step import StepRun
 
 
 def failed_items(
-    run: StepRun, storage_options: dict[str, Any] | None = None
+    run: Any,
+    storage_options: dict[str, Any] | None,
+    step_from: Callable[..., Any],
 ) -> FileDataset | TabularDataset:
-    """:meth:`StepRun.failed_items`."""
+    """:meth:`daskrun.StepRun.failed_items` of ``run``; ``step_from``
+    rebuilds its step from its record (as :func:`daskrun.registry.step.
+    step_from`), to read failed rows again."""
     rows = read_failed_items(Path(run.logs_dir) / FAILED_ITEMS)
     if not rows:
         raise ConfigError(

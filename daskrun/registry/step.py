@@ -35,6 +35,7 @@ from daskrun.engine.runner import (
 from daskrun.exceptions import ConfigError, JobFailedError
 from daskrun.monitoring.console import Console
 from daskrun.registry.catalog import from_spec
+from daskrun.registry.deadletters import failed_items
 from daskrun.registry.models import model_refs
 from daskrun.registry.records import (
     RunRecord,
@@ -200,9 +201,7 @@ class StepRun:
         exception, as ``failed_items.csv`` lists them. Remote inputs need
         their ``storage_options`` again unless they come from a datastore of
         the run's workspace."""
-        from daskrun.registry.deadletters import failed_items  # it makes steps
-
-        return failed_items(self, storage_options)
+        return failed_items(self, storage_options, step_from)
 
     def to_dask_dataframe(
         self, storage_options: dict[str, Any] | None = None, **kwargs: Any
