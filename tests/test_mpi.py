@@ -153,4 +153,3 @@ def test_too_few_ranks_names_the_fix(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "mpirun started 2 rank(s); a step needs at least 3" in done.stderr
     assert "'mpirun -n 4 python job.py'" in done.stderr
-

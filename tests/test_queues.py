@@ -172,20 +172,23 @@ def test_sge_job_script_carries_the_target_options(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def gridengine() -> Iterator[dict[str, str]]:
-    """A real single-host Grid Engine (scripts/gridengine), with a queue of
-    this session's."""
+    """A real single-host Grid Engine (scripts/gridengine) with the queue
+    "daskrun"; stopped afterwards unless it ran before."""
     from .helpers import missing_service
 
     if not Path("/usr/lib/gridengine/sge_qmaster").exists():
         missing_service("Grid Engine", "run scripts/gridengine install")
     if os.geteuid() != 0:
         missing_service("Grid Engine as root", "run the SGE tests as root")
+    script = str(REPO / "scripts" / "gridengine")
+    running = subprocess.run([script, "status"], timeout=30).returncode == 0
     done = subprocess.run(
-        [str(REPO / "scripts" / "gridengine"), "start"],
-        capture_output=True,
-        text=True,
-        timeout=180,
+        [script, "start"], capture_output=True, text=True, timeout=180
     )
     if done.returncode != 0:
         pytest.fail(f"Grid Engine did not start:\n{done.stderr}")
-    yield {"queue": "daskrun"}
+    try:
+        yield {"queue": "daskrun"}
+    finally:
+        if not running:  # left as it was found
+            subprocess.run([script, "stop"], timeout=120, check=False)
