@@ -24,7 +24,7 @@ from daskrun import (
 )
 from daskrun.backends.compute.mpi import MpiRanks
 
-from .helpers import make_files, missing_service, require_module, write_script
+from .helpers import daskrun, make_files, missing_service, require_module, write_script
 
 SCORE = """
 import os
@@ -153,3 +153,59 @@ def test_too_few_ranks_names_the_fix(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "mpirun started 2 rank(s); a step needs at least 3" in done.stderr
     assert "'mpirun -n 4 python job.py'" in done.stderr
+
+
+def test_daskrun_run_mpi_uses_the_ranks(tmp_path: Path) -> None:
+    mpirun = _mpirun()
+    files = make_files(tmp_path / "in", 12)
+    score = write_script(tmp_path, SCORE)
+    done = subprocess.run(
+        [
+            mpirun,
+            "--oversubscribe",
+            "-n",
+            "3",
+            sys.executable,
+            "-m",
+            "daskrun",
+            "run",
+            str(score),
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--mpi",
+            "-q",
+        ],
+        env=dict(
+            os.environ,
+            OMPI_ALLOW_RUN_AS_ROOT="1",
+            OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+            DASK_DASKRUN__RUNS_DIR=str(tmp_path / "runs"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+    assert [line.split()[0] for line in lines] == [p.name for p in files]
+    assert len({line.split()[1] for line in lines}) == 1  # the one worker rank
+
+
+def test_mpi_and_scheduler_together_are_refused(tmp_path: Path) -> None:
+    make_files(tmp_path / "in", 1)
+    score = write_script(tmp_path, SCORE)
+    done = daskrun(
+        "run",
+        str(score),
+        "--input",
+        str(tmp_path / "in"),
+        "--mpi",
+        "--scheduler",
+        "tcp://127.0.0.1:8786",
+        cwd=tmp_path,
+        runs=tmp_path / "runs",
+    )
+    assert done.returncode == 2
+    assert "--mpi and --scheduler are both given; use one" in done.stderr
