@@ -1,4 +1,4 @@
-"""HPC queues through dask-jobqueue: Slurm first, PBS, SGE and LSF alike.
+"""HPC queues through dask-jobqueue: Slurm first, PBS and SGE alike (LSF too).
 
 A step on a ``JobQueueCluster`` (given as ``compute_target``, or made from a
 registered ``SlurmCompute`` target) asks for ``node_count`` batch jobs, each
@@ -42,6 +42,10 @@ def is_jobqueue_cluster(obj: Any) -> bool:
     # here would install its SIGINT handler, which fails off the main thread
     core = sys.modules.get("dask_jobqueue.core")
     return core is not None and isinstance(obj, core.JobQueueCluster)
+
+
+# the command that lists a queue's jobs, by queue name (PBS, SGE, ...: qstat)
+_STATUS_COMMAND = {"Slurm": "squeue", "LSF": "bjobs", "HTCondor": "condor_q"}
 
 
 def _queue_name(cluster: Any) -> str:
@@ -129,7 +133,7 @@ def jobqueue_client(
                     f"{running} of {node_count} {kind} jobs started after "
                     f"{start_timeout:g} s ({submitted} submitted, "
                     f"{_live_workers(client)} of {wanted} workers connected): check "
-                    "'squeue' and the jobs' logs; raise "
+                    f"'{_STATUS_COMMAND.get(kind, 'qstat')}' and the jobs' logs; raise "
                     "daskrun.jobqueue.start-timeout if the queue is busy"
                 )
             time.sleep(0.25)
@@ -151,6 +155,19 @@ def _close(cluster: Any) -> None:
             job.status = Status.failed
     with contextlib.suppress(Exception):
         cluster.close()
+
+
+def job_walltime(header: str) -> str:
+    """The walltime a job script's header asks for, in Slurm's, PBS's or
+    Grid Engine's words ("?" where it asks for none).
+
+    >>> job_walltime("#SBATCH -t 00:10:00")
+    '00:10:00'
+    >>> job_walltime("#PBS -l walltime=01:00:00"), job_walltime("#$ -l h_rt=02:00:00")
+    ('01:00:00', '02:00:00')
+    """
+    found = re.search(r"(?:(?:-t|--time)[ =]|walltime=|h_rt=)(\S+)", header)
+    return found.group(1) if found else "?"
 
 
 class WorkerWatch:
@@ -220,7 +237,6 @@ def on_queue(
         if on_lost is None:
             yield client
             return
-        found = re.search(r"(?:-t|--time)[ =](\S+)", cluster.job_header)
-        walltime = found.group(1) if found else "?"
+        walltime = job_walltime(cluster.job_header)
         with WorkerWatch(client, timeout, on_lost, f"walltime={walltime}"):
             yield client
