@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,36 @@ def gridengine() -> Iterator[dict[str, str]]:
     finally:
         if not running:  # left as it was found
             subprocess.run([script, "stop"], timeout=120, check=False)
+
+
+def _wrong_queue_fails_at_once(tmp_path: Path, compute: Any, said: str) -> None:
+    require_module("dask_jobqueue", "pip install 'daskrun[jobqueue]'")
+    make_files(tmp_path / "in", 3)
+    ws = Workspace.create(tmp_path / "ws")
+    target = ComputeTarget.create(
+        ws,
+        "wrong",
+        compute.provisioning_configuration(
+            queue="nonexistent", memory="1GB", walltime="00:10:00", interface="lo"
+        ),
+    )
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="queue refused the worker jobs") as caught:
+        _step(tmp_path, target).run(workspace=ws)
+    assert said in str(caught.value)
+    assert time.monotonic() - started < 30  # not start-timeout's 120 s
+    assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
+
+
+def test_pbs_wrong_queue_fails_at_once_in_the_queues_words(
+    tmp_path: Path, pbs: dict[str, str]
+) -> None:
+    _wrong_queue_fails_at_once(
+        tmp_path, PbsCompute, "invalid partition specified: nonexistent"
+    )
+
+
+def test_sge_wrong_queue_fails_at_once_in_the_queues_words(
+    tmp_path: Path, gridengine: dict[str, str]
+) -> None:
+    _wrong_queue_fails_at_once(tmp_path, SgeCompute, '"nonexistent"')

@@ -122,11 +122,13 @@ def jobqueue_client(
     kind = _queue_name(cluster)
     check_job_script(cluster)
     client = Client(cluster, set_as_default=False)
+    refused = SubmitErrors()
     try:
         cluster.scale(jobs=node_count)
         wanted = node_count * per_job
         deadline = time.monotonic() + start_timeout
         while _live_workers(client) < wanted:
+            refused.check(kind, cluster)
             if time.monotonic() > deadline:
                 running, submitted = _started_jobs(cluster)
                 raise JobFailedError(
@@ -139,11 +141,61 @@ def jobqueue_client(
             time.sleep(0.25)
         yield client
     finally:
+        refused.close()
         with contextlib.suppress(Exception):
             cluster.scale(0)
         client.close()
         if close:
             _close(cluster)
+
+
+class SubmitErrors(logging.Handler):
+    """The errors of the queue's submit command (``qsub``, ``sbatch``...),
+    which dask-jobqueue raises in the event loop, where tornado logs them:
+    caught from its making until every job is submitted or it is closed, so
+    a refused job fails the step at once, in the queue's words."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.refusals: list[str] = []
+        self._logger = logging.getLogger("tornado.application")
+        self._logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, RuntimeError) and "non-zero exit code" in str(error):
+            self.refusals.append(str(error))
+
+    def check(self, kind: str, cluster: Any) -> None:
+        """Raise a ConfigError when the queue refused a job; stop listening
+        once every job has an id."""
+        if self.refusals:
+            self._logger.removeHandler(self)
+            raise ConfigError(
+                f"the {kind} queue refused the worker jobs ({_reason(self.refusals[0])}"
+                "); check queue, cores, memory and walltime against the queue's "
+                "settings"
+            )
+        jobs = list(cluster.workers.values())
+        if jobs and all(getattr(job, "job_id", None) for job in jobs):
+            self._logger.removeHandler(self)
+
+    def close(self) -> None:
+        self._logger.removeHandler(self)
+        super().close()
+
+
+def _reason(error: str) -> str:
+    """The lines of a submit command's output that say what is wrong.
+
+    >>> _reason("Command exited with non-zero exit code.\\nExit code: 1\\n"
+    ...         "stdout:\\n\\nstderr:\\nqsub: Unknown queue\\n")
+    'qsub: Unknown queue'
+    """
+    output = error.split("stdout:", 1)[-1].replace("stderr:", "")
+    lines = [line.strip(" '") for line in output.splitlines() if line.strip(" '")]
+    said = [line for line in lines if "error" in line.lower()] or lines
+    return " ".join(dict.fromkeys(said)) or "no reason given"
 
 
 def _close(cluster: Any) -> None:
