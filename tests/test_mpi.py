@@ -44,7 +44,9 @@ target = MpiCompute.initialize()  # ranks 0, 2, 3 serve here and exit
 print("client", os.getpid(), flush=True)
 run = ParallelRunStep(
     "on-mpi",
-    ParallelRunConfig({score!r}, mini_batch_size=5, compute_target=target),
+    ParallelRunConfig(
+        {score!r}, mini_batch_size=5, compute_target=target, run_max_try=1
+    ),
     inputs=[Dataset.File.from_files({inputs!r})],
     output={output!r},
 ).run()
@@ -107,6 +109,34 @@ def test_mpirun_ranks_run_the_step_exactly_once_and_exit(tmp_path: Path) -> None
     assert [line.split()[0] for line in lines] == [p.name for p in files]
     pids = {line.split()[1] for line in lines}
     assert len(pids) == 2 and client_pid not in pids  # the two worker ranks
+
+
+def test_a_failed_step_still_ends_every_rank(tmp_path: Path) -> None:
+    mpirun = _mpirun()
+    make_files(tmp_path / "in", 10)
+    score = write_script(tmp_path, "def init():\n    pass\n\ndef run(mb):\n    1 / 0\n")
+    job = tmp_path / "job.py"
+    job.write_text(
+        JOB.format(
+            score=str(score), inputs=str(tmp_path / "in"), output=str(tmp_path / "out")
+        )
+    )
+    done = subprocess.run(
+        [mpirun, "--oversubscribe", "-n", "3", sys.executable, str(job)],
+        env=dict(
+            os.environ,
+            OMPI_ALLOW_RUN_AS_ROOT="1",
+            OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+            DASK_DASKRUN__RUNS_DIR=str(tmp_path / "runs"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode != 0  # rank 1's status
+    assert "status Failed" in done.stdout and "ZeroDivisionError" in done.stdout
+    assert _ranks_of(job) == []
+    assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
 
 
 def test_registered_mpi_target_outside_mpirun_says_how_to_start(
