@@ -62,6 +62,10 @@ _REGISTRY = {
     "LocalCompute": "registry.compute",
     "RemoteCompute": "registry.compute",
     "SlurmCompute": "registry.compute",
+    "KubernetesCompute": "registry.hpc",
+    "MpiCompute": "registry.hpc",
+    "PbsCompute": "registry.hpc",
+    "SgeCompute": "registry.hpc",
     "Model": "registry.models",
     "Experiment": "registry.pipeline",
     "Pipeline": "registry.pipeline",
@@ -84,6 +88,12 @@ if TYPE_CHECKING:
         LocalCompute,
         RemoteCompute,
         SlurmCompute,
+    )
+    from daskrun.registry.hpc import (
+        KubernetesCompute,
+        MpiCompute,
+        PbsCompute,
+        SgeCompute,
     )
     from daskrun.registry.models import Model
     from daskrun.registry.pipeline import Experiment, Pipeline, PipelineRun
@@ -129,9 +139,11 @@ __all__ = [
     "GatewayCompute",
     "InputError",
     "JobFailedError",
+    "KubernetesCompute",
     "LocalCompute",
     "MapRun",
     "Model",
+    "MpiCompute",
     "NotProvidedError",
     "OutputData",
     "OutputError",
@@ -139,6 +151,7 @@ __all__ = [
     "OutputSpec",
     "ParallelRunConfig",
     "ParallelRunStep",
+    "PbsCompute",
     "Pipeline",
     "PipelineData",
     "PipelineParameter",
@@ -146,6 +159,7 @@ __all__ = [
     "RemoteCompute",
     "Run",
     "RunTimeoutError",
+    "SgeCompute",
     "SlurmCompute",
     "StepRun",
     "StorageError",

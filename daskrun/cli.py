@@ -42,6 +42,7 @@ from daskrun.monitoring.console import failure_lines
 from daskrun.monitoring.handlers import shown_by_console
 from daskrun.monitoring.monitor import FAILED_ITEMS
 from daskrun.monitoring.report import write_report
+from daskrun.registry.hpc import MpiCompute
 from daskrun.registry.records import RunRecord, runs_dir
 from daskrun.registry.step import ParallelRunStep, StepRun, resume
 from daskrun.registry.stepoutputs import from_cli
@@ -100,6 +101,11 @@ def _datasets(
 
 
 def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
+    target: Any = args.scheduler
+    if args.mpi:  # first: the other ranks serve from here, and exit
+        if target is not None:
+            raise ConfigError("--mpi and --scheduler are both given; use one")
+        target = MpiCompute.initialize()
     mbs: int | str | None = args.mini_batch_size
     if isinstance(mbs, str) and mbs.isdigit():
         mbs = int(mbs)
@@ -108,7 +114,7 @@ def _cmd_run(args: argparse.Namespace, script_args: list[str]) -> int:
         entry_script=script,
         error_threshold=args.error_threshold,
         output_action=args.output_action,
-        compute_target=args.scheduler,
+        compute_target=target,
         node_count=args.nodes,
         process_count_per_node=args.processes,
         mini_batch_size=mbs,

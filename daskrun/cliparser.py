@@ -222,6 +222,13 @@ def _add_run_workers(run: argparse.ArgumentParser) -> None:
         help=_SCHEDULER_HELP,
     )
     run.add_argument(
+        "--mpi",
+        action="store_true",
+        help="run on the ranks of the mpirun that started this command: rank 0 "
+        "the scheduler, 1 this command, 2 and up the workers, needs "
+        "daskrun[mpi] (default: off)",
+    )
+    run.add_argument(
         "--timeout",
         type=int,
         metavar="S",

@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 
 from daskrun import AmlCompute, ComputeTarget, LocalCompute, RemoteCompute, Workspace
+from daskrun.backends.compute.mpi import MpiRanks
+from daskrun.backends.compute.queues import PbsJobs, SgeJobs
 from daskrun.backends.compute.targets import (
     TARGETS,
     AmlProvisioned,
@@ -121,7 +123,11 @@ def test_compute_targets_are_registered_classes() -> None:
         "scheduler": SchedulerAddress,
         "slurm": SlurmJobs,
         "gateway": GatewayClusters,
+        "pbs": PbsJobs,
+        "sge": SgeJobs,
+        "mpi": MpiRanks,
     }
+    assert PbsJobs.queued and SgeJobs.queued and not MpiRanks.queued
     assert SlurmJobs.queued and not LocalProcesses.queued
     assert LocalProcesses.runs_here and AmlProvisioned.runs_here
     assert not SchedulerAddress.runs_here and not SlurmJobs.runs_here

@@ -333,6 +333,7 @@ QUICK = [
     "docs/faults.md",
     "docs/from-azureml.md",
     "docs/architecture.md",
+    "docs/hpc.md",
 ]
 GUIDE = "docs/getting-started.md"
 SLOW = [

@@ -4,8 +4,9 @@ A :class:`ComputeTarget` names a kind of cluster and its options:
 ``ComputeTarget.create(ws, "cpu", LocalCompute.provisioning_configuration())``,
 ``RemoteCompute.attach_configuration("tcp://10.0.0.5:8786")`` or
 ``SlurmCompute.provisioning_configuration(queue="gpu")`` or
-``GatewayCompute.provisioning_configuration("http://gateway:8000")``. Given as a step's
-``compute_target``, it connects itself through its kind's class in
+``GatewayCompute.provisioning_configuration("http://gateway:8000")`` (and the
+PBS, SGE, MPI and Kubernetes ones of :mod:`daskrun.registry.hpc`). Given as
+a step's ``compute_target``, it connects itself through its kind's class in
 :mod:`daskrun.backends.compute.targets` (the engine side, which starts
 clusters and never imports this module): a new kind of target is one class
 there, and a provisioning configuration here naming its ``kind``.
@@ -34,6 +35,8 @@ from daskrun.backends.compute.cluster import (
     gpu_count,
 )
 from daskrun.backends.compute.gateway import check_auth
+from daskrun.backends.compute.mpi import MpiRanks  # noqa: F401  (registers "mpi")
+from daskrun.backends.compute.queues import QueueJobs
 from daskrun.backends.compute.targets import (
     TARGETS,
     AmlProvisioned,
@@ -218,8 +221,8 @@ def slurm_cluster(options: dict[str, Any], processes: int) -> Any:
     return targets.slurm_cluster(_with_log_directory(options), processes)
 
 
-def _with_log_directory(options: dict[str, Any]) -> dict[str, Any]:
-    logs = options.get("log_directory") or str(runs_dir() / "slurm-logs")
+def _with_log_directory(options: dict[str, Any], kind: str = "slurm") -> dict[str, Any]:
+    logs = options.get("log_directory") or str(runs_dir() / f"{kind}-logs")
     return {**options, "log_directory": logs}
 
 
@@ -257,8 +260,9 @@ class ComputeTarget:
     def backend(self) -> ComputeBackend:
         """The engine's class for its kind, which connects it."""
         options = self.options
-        if TARGETS.get(self.kind) is SlurmJobs:
-            options = _with_log_directory(options)
+        cls = TARGETS.get(self.kind)
+        if cls is SlurmJobs or (cls is not None and issubclass(cls, QueueJobs)):
+            options = _with_log_directory(options, self.kind)
         return compute_backend(self.kind, self.name, options)
 
     @property
@@ -270,7 +274,7 @@ class ComputeTarget:
 
     @property
     def queued(self) -> bool:
-        """Whether its workers come from a batch queue (Slurm)."""
+        """Whether its workers come from a batch queue (Slurm, PBS, SGE)."""
         return self.backend.queued
 
     @staticmethod

@@ -9,7 +9,8 @@ user gets in), and closes it afterwards, unless it is kept warm; when
 ``distributed.Client`` or a Dask cluster object (``LocalCluster``,
 ``dask_jobqueue.SLURMCluster``, ``dask_cuda.LocalCUDACluster``…) is used as
 given and left running (a batch queue's or a ``dask_gateway.GatewayCluster``
-scaled to the step's workers first). Anything else with a ``connect(node_count,
+scaled to the step's workers first, and a ``dask_kubernetes.KubeCluster``
+too). Anything else with a ``connect(node_count,
 process_count_per_node, on_lost, log_file)`` context manager (a
 :class:`~daskrun.ComputeTarget` registered in a workspace, see
 :mod:`daskrun.registry.compute`) connects itself, through the helpers here.
@@ -21,6 +22,9 @@ Its helpers, one module each::
     scheduler   a scheduler reached by address, watched while a job runs
     jobqueue    batch queues through dask-jobqueue (Slurm, PBS, ...)
     gateway     clusters asked of a Dask Gateway
+    queues      PBS and SGE batch queues as registered targets
+    mpi         the ranks of an mpirun allocation (dask-mpi)
+    objects     a ready cluster object (KubeCluster), scaled to the step
     machine     GPUs and cores here, and the configured time bounds
     targets     one class per kind of registered compute target
 
@@ -55,6 +59,7 @@ from daskrun.backends.compute.machine import (
     gpu_count,
     start_timeout,
 )
+from daskrun.backends.compute.objects import ClusterObject, is_kubernetes_cluster
 from daskrun.backends.compute.scheduler import (
     answering_client,
     dashboard_link,
@@ -127,6 +132,8 @@ def connect(
     """
     if compute_target is None:
         compute_target = default_target()
+    elif is_kubernetes_cluster(compute_target):  # scaled to the step, left running
+        compute_target = ClusterObject(compute_target)
     if isinstance(compute_target, ComputeBackend):
         with compute_target.connect(
             node_count, process_count_per_node, on_lost, log_file

@@ -1,4 +1,4 @@
-"""HPC queues through dask-jobqueue: Slurm first, PBS, SGE and LSF alike.
+"""HPC queues through dask-jobqueue: Slurm first, PBS and SGE alike (LSF too).
 
 A step on a ``JobQueueCluster`` (given as ``compute_target``, or made from a
 registered ``SlurmCompute`` target) asks for ``node_count`` batch jobs, each
@@ -42,6 +42,10 @@ def is_jobqueue_cluster(obj: Any) -> bool:
     # here would install its SIGINT handler, which fails off the main thread
     core = sys.modules.get("dask_jobqueue.core")
     return core is not None and isinstance(obj, core.JobQueueCluster)
+
+
+# the command that lists a queue's jobs, by queue name (PBS, SGE, ...: qstat)
+_STATUS_COMMAND = {"Slurm": "squeue", "LSF": "bjobs", "HTCondor": "condor_q"}
 
 
 def _queue_name(cluster: Any) -> str:
@@ -118,28 +122,80 @@ def jobqueue_client(
     kind = _queue_name(cluster)
     check_job_script(cluster)
     client = Client(cluster, set_as_default=False)
+    refused = SubmitErrors()
     try:
         cluster.scale(jobs=node_count)
         wanted = node_count * per_job
         deadline = time.monotonic() + start_timeout
         while _live_workers(client) < wanted:
+            refused.check(kind, cluster)
             if time.monotonic() > deadline:
                 running, submitted = _started_jobs(cluster)
                 raise JobFailedError(
                     f"{running} of {node_count} {kind} jobs started after "
                     f"{start_timeout:g} s ({submitted} submitted, "
                     f"{_live_workers(client)} of {wanted} workers connected): check "
-                    "'squeue' and the jobs' logs; raise "
+                    f"'{_STATUS_COMMAND.get(kind, 'qstat')}' and the jobs' logs; raise "
                     "daskrun.jobqueue.start-timeout if the queue is busy"
                 )
             time.sleep(0.25)
         yield client
     finally:
+        refused.close()
         with contextlib.suppress(Exception):
             cluster.scale(0)
         client.close()
         if close:
             _close(cluster)
+
+
+class SubmitErrors(logging.Handler):
+    """The errors of the queue's submit command (``qsub``, ``sbatch``...),
+    which dask-jobqueue raises in the event loop, where tornado logs them:
+    caught from its making until every job is submitted or it is closed, so
+    a refused job fails the step at once, in the queue's words."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.refusals: list[str] = []
+        self._logger = logging.getLogger("tornado.application")
+        self._logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, RuntimeError) and "non-zero exit code" in str(error):
+            self.refusals.append(str(error))
+
+    def check(self, kind: str, cluster: Any) -> None:
+        """Raise a ConfigError when the queue refused a job; stop listening
+        once every job has an id."""
+        if self.refusals:
+            self._logger.removeHandler(self)
+            raise ConfigError(
+                f"the {kind} queue refused the worker jobs ({_reason(self.refusals[0])}"
+                "); check queue, cores, memory and walltime against the queue's "
+                "settings"
+            )
+        jobs = list(cluster.workers.values())
+        if jobs and all(getattr(job, "job_id", None) for job in jobs):
+            self._logger.removeHandler(self)
+
+    def close(self) -> None:
+        self._logger.removeHandler(self)
+        super().close()
+
+
+def _reason(error: str) -> str:
+    """The lines of a submit command's output that say what is wrong.
+
+    >>> _reason("Command exited with non-zero exit code.\\nExit code: 1\\n"
+    ...         "stdout:\\n\\nstderr:\\nqsub: Unknown queue\\n")
+    'qsub: Unknown queue'
+    """
+    output = error.split("stdout:", 1)[-1].replace("stderr:", "")
+    lines = [line.strip(" '") for line in output.splitlines() if line.strip(" '")]
+    said = [line for line in lines if "error" in line.lower()] or lines
+    return " ".join(dict.fromkeys(said)) or "no reason given"
 
 
 def _close(cluster: Any) -> None:
@@ -151,6 +207,19 @@ def _close(cluster: Any) -> None:
             job.status = Status.failed
     with contextlib.suppress(Exception):
         cluster.close()
+
+
+def job_walltime(header: str) -> str:
+    """The walltime a job script's header asks for, in Slurm's, PBS's or
+    Grid Engine's words ("?" where it asks for none).
+
+    >>> job_walltime("#SBATCH -t 00:10:00")
+    '00:10:00'
+    >>> job_walltime("#PBS -l walltime=01:00:00"), job_walltime("#$ -l h_rt=02:00:00")
+    ('01:00:00', '02:00:00')
+    """
+    found = re.search(r"(?:(?:-t|--time)[ =]|walltime=|h_rt=)(\S+)", header)
+    return found.group(1) if found else "?"
 
 
 class WorkerWatch:
@@ -220,7 +289,6 @@ def on_queue(
         if on_lost is None:
             yield client
             return
-        found = re.search(r"(?:-t|--time)[ =](\S+)", cluster.job_header)
-        walltime = found.group(1) if found else "?"
+        walltime = job_walltime(cluster.job_header)
         with WorkerWatch(client, timeout, on_lost, f"walltime={walltime}"):
             yield client

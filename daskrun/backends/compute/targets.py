@@ -12,6 +12,10 @@ that name to the class that connects it::
     ├── SchedulerAddress    "scheduler": an existing scheduler, by address
     ├── SlurmJobs           "slurm": worker processes in Slurm batch jobs
     ├── GatewayClusters     "gateway": a cluster asked of a Dask Gateway
+    ├── QueueJobs           (queues.py) PbsJobs "pbs", SgeJobs "sge"
+    ├── MpiRanks            (mpi.py) "mpi": the ranks of this mpirun
+    ├── ClusterObject       (objects.py, no kind) a ready cluster object,
+    │                       e.g. a KubeCluster, scaled to the step
     ├── WarmLocal           (no compute_target) daskrun's local cluster,
     │                       kept warm between jobs while wanted
     └── SharedLocal         (no compute_target, 'daskrun cluster start'
@@ -20,9 +24,10 @@ that name to the class that connects it::
 The last two have no ``kind``: they are not registered, but what
 :func:`default_target` gives a step without a ``compute_target``.
 
-A new kind of target is one new subclass with its own ``kind``. This is the
-engine's side: the registry's :class:`~daskrun.ComputeTarget` builds one of
-these from its row, with plain options.
+A new kind of target is one new subclass with its own ``kind``, in a module
+of its own that :mod:`daskrun.registry.compute` imports. This is the engine's
+side: the registry's :class:`~daskrun.ComputeTarget` builds one of these from
+its row, with plain options.
 """
 
 from __future__ import annotations
