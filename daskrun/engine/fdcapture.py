@@ -115,7 +115,6 @@ class FdCapture:
                 self._read = 0
         return data.decode("utf-8", "replace")
 
-
     def size(self) -> int:
         """The temporary file's size in bytes (0 before the first hold)."""
         with self._lock:
