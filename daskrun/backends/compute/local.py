@@ -196,6 +196,7 @@ def local_cluster(
                 # each worker gets the plugin when it joins, before the
                 # entry script's, so the plugin's hook runs last
                 client.register_plugin(QuickExit())
+                _label_pools(cluster, n, gpus=cuda is not None)
                 cluster.scale(n)
                 if options["dashboard_address"]:
                     serve_dashboard_on_demand(client)
@@ -203,6 +204,46 @@ def local_cluster(
                 yield client
         finally:
             cluster.close()
+
+
+def pool_resources(n: int, gpus: bool = False) -> list[dict[str, float]]:
+    """The Dask resources of the ``n`` worker processes of a local cluster:
+    the pools of a step whose entry script has ``preprocess()``
+    (:mod:`daskrun.engine.stages`). With GPUs, each worker holds one and
+    runs ``run()``; else the first ``daskrun.preprocess.run-workers`` hold
+    the run resource and the rest the CPU one; a lone worker holds both. A
+    step without ``preprocess()`` asks for no resource: any worker runs it.
+
+    >>> pool_resources(3)
+    [{'GPU': 1}, {'CPU': 1}, {'CPU': 1}]
+    >>> pool_resources(1)
+    [{'GPU': 1, 'CPU': 1}]
+    """
+    run, cpu = (
+        config_get("preprocess.run-resource"),
+        config_get("preprocess.cpu-resource"),
+    )
+    if gpus:
+        return [{run: 1} for _ in range(n)]
+    if n == 1:
+        return [{run: 1, cpu: 1}]
+    wanted = config_get("preprocess.run-workers")
+    if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 1:
+        raise ConfigError(
+            f"daskrun.preprocess.run-workers={wanted!r} is not a number of "
+            "worker processes; use an int like 1"
+        )
+    runs = min(wanted, n - 1)
+    return [{run: 1} if i < runs else {cpu: 1} for i in range(n)]
+
+
+def _label_pools(cluster: Any, n: int, gpus: bool) -> None:
+    """Give the ``n`` workers ``cluster`` is about to start their resources
+    (:func:`pool_resources`); a worker its Nanny restarts keeps them."""
+    for resources in pool_resources(n, gpus):
+        ((name, spec),) = cluster.new_worker_spec().items()
+        options = {**spec.get("options", {}), "resources": resources}
+        cluster.worker_spec[name] = {**spec, "options": options}
 
 
 class _WarmClusters:
@@ -234,7 +275,7 @@ class _WarmClusters:
     def lease(
         self, n: int, log_file: str | os.PathLike[str] | None
     ) -> Iterator[Client]:
-        key = (n, repr(config_get("local-cluster")))
+        key = (n, repr(config_get("local-cluster")), repr(config_get("preprocess")))
         with self._lock:
             found = [entry for entry in self._idle if entry[0] == key]
             stale = [entry for entry in self._idle if entry[0] != key]
