@@ -533,7 +533,8 @@ class EntryScriptPlugin(WorkerPlugin):
         module = self.module
         self.module = None
         if module is not None and callable(getattr(module, "shutdown", None)):
-            module.shutdown()
+            if runs_init(module, self.resources, self.pools):  # as init()
+                module.shutdown()
         _forget_bundle(self.folder)
 
     def wait_ready(self, timeout: float | None = None) -> None:
