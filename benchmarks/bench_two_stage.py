@@ -110,6 +110,7 @@ def child(tool: str, images: str, model: str, out: str, processes: int) -> None:
     import daskrun
 
     script = Path(out).with_suffix(".py")
+    script.parent.mkdir(parents=True, exist_ok=True)
     body = TWO_STAGE if tool == "two-stage" else ONE_STAGE
     processes = 1 if tool == "one-stage" else processes
     script.write_text(COMMON.format(model=model) + body)
