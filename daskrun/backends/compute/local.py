@@ -178,12 +178,7 @@ def local_cluster(
                 "distributed.scheduler.worker-saturation": 1.0,
             }
         ):
-            cuda = cuda_cluster_class() if gpu_count() else None
-            if cuda is not None:
-                # one worker per GPU, each with its own CUDA_VISIBLE_DEVICES
-                cluster = cuda(**{**options, "n_workers": n})
-            else:
-                cluster = LocalCluster(processes=True, **options)
+            cluster, labeled = _new_cluster(options, n)
         try:
             with (
                 few_messages(),
@@ -196,7 +191,8 @@ def local_cluster(
                 # each worker gets the plugin when it joins, before the
                 # entry script's, so the plugin's hook runs last
                 client.register_plugin(QuickExit())
-                _label_pools(cluster, n, gpus=cuda is not None)
+                if not labeled:
+                    _label_pools(cluster, n)
                 cluster.scale(n)
                 if options["dashboard_address"]:
                     serve_dashboard_on_demand(client)
@@ -204,6 +200,18 @@ def local_cluster(
                 yield client
         finally:
             cluster.close()
+
+
+def _new_cluster(options: dict[str, Any], n: int) -> tuple[Any, bool]:
+    """A local cluster of no workers yet, or with GPUs a ``LocalCUDACluster``
+    of ``n`` (one per GPU, each with its own ``CUDA_VISIBLE_DEVICES``, each
+    holding the run pool's resource); whether its workers have their
+    resources already."""
+    cuda = cuda_cluster_class() if gpu_count() else None
+    if cuda is None:
+        return LocalCluster(processes=True, **options), False
+    resources = pool_resources(1, gpus=True)[0]
+    return cuda(**{**options, "n_workers": n, "resources": resources}), True
 
 
 def pool_resources(n: int, gpus: bool = False) -> list[dict[str, float]]:
@@ -237,10 +245,10 @@ def pool_resources(n: int, gpus: bool = False) -> list[dict[str, float]]:
     return [{run: 1} if i < runs else {cpu: 1} for i in range(n)]
 
 
-def _label_pools(cluster: Any, n: int, gpus: bool) -> None:
+def _label_pools(cluster: Any, n: int) -> None:
     """Give the ``n`` workers ``cluster`` is about to start their resources
     (:func:`pool_resources`); a worker its Nanny restarts keeps them."""
-    for resources in pool_resources(n, gpus):
+    for resources in pool_resources(n):
         ((name, spec),) = cluster.new_worker_spec().items()
         options = {**spec.get("options", {}), "resources": resources}
         cluster.worker_spec[name] = {**spec, "options": options}
