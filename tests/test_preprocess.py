@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import dask.config
 import pandas as pd
@@ -263,6 +264,76 @@ def run(batch):
         most = max(most, ahead)
     # one run slot + ahead=1; and the stages did overlap
     assert most == 2, events
+
+
+def test_a_table_is_preprocessed_as_a_data_frame(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        frame = pd.DataFrame({"id": range(i * 40, (i + 1) * 40)})
+        frame.to_csv(tmp_path / "in" / f"t{i}.csv", index=False)
+    script = """
+import os
+
+def init():
+    global pid
+    pid = os.getpid()
+
+def preprocess(df):
+    return df.assign(pre=os.getpid())
+
+def run(df):
+    assert (df["pre"] != pid).all()
+    return [str(i * 2) for i in df["id"]]
+"""
+    run = run_step(
+        tmp_path,
+        script,
+        Dataset.Tabular.from_delimited_files(str(tmp_path / "in")),
+        mini_batch_size="100",
+        process_count_per_node=3,
+    )
+    assert run.status == "Completed", run.error
+    lines = Path(run.output_path or "").read_text().splitlines()
+    assert lines == [str(i * 2) for i in range(120)]
+
+
+def test_a_cluster_without_pools_runs_both_stages_anywhere(
+    tmp_path: Path, local_cluster: Any
+) -> None:
+    """A cluster of the user's whose workers advertise no resource: both
+    stages run on any worker, and init() runs on each."""
+    make_files(tmp_path / "in", 12)
+    marks = tmp_path / "marks"
+    with local_cluster() as cluster:
+        run = run_step(
+            tmp_path,
+            two_stage(marks),
+            Dataset.File.from_files(str(tmp_path / "in")),
+            mini_batch_size=2,
+            compute_target=cluster,
+        )
+    assert run.status == "Completed", run.error
+    lines = Path(run.output_path or "").read_text().splitlines()
+    assert [line.rsplit(" ", 1)[0] for line in lines] == [
+        f"f{i:05d}.txt {i}" for i in range(12)
+    ]
+    assert len(_pids(marks, "init")) == 2
+
+
+def test_cpu_workers_without_a_run_worker_fail_in_one_line(
+    tmp_path: Path, local_cluster: Any
+) -> None:
+    make_files(tmp_path / "in", 4)
+    with local_cluster(resources={"CPU": 1}) as cluster:
+        run = run_step(
+            tmp_path,
+            two_stage(tmp_path / "marks"),
+            Dataset.File.from_files(str(tmp_path / "in")),
+            compute_target=cluster,
+        )
+    assert run.status == "Failed"
+    assert "advertise the resource CPU but none GPU for run()" in (run.error or "")
+    assert "--resources GPU=1" in (run.error or "")
 
 
 def test_pools_of_the_local_cluster() -> None:
