@@ -23,7 +23,7 @@ from daskrun import Dataset
 from daskrun.backends.compute.local import pool_resources
 from daskrun.backends.compute.machine import gpu_count
 from daskrun.engine.stages import script_has_preprocess
-from daskrun.exceptions import ConfigError
+from daskrun.exceptions import ConfigError, JobFailedError
 
 from .helpers import make_files, poison_files, poll_for, run_step
 
@@ -334,6 +334,26 @@ def test_cpu_workers_without_a_run_worker_fail_in_one_line(
     assert run.status == "Failed"
     assert "advertise the resource CPU but none GPU for run()" in (run.error or "")
     assert "--resources GPU=1" in (run.error or "")
+
+
+def test_a_collection_with_preprocess_is_refused_in_one_line(
+    tmp_path: Path, local_cluster: Any
+) -> None:
+    import dask.dataframe as dd
+    from distributed import Client
+
+    import daskrun
+
+    script = tmp_path / "score.py"
+    script.write_text(
+        "def init():\n    pass\n\ndef preprocess(df):\n    return df\n\n"
+        "def run(df):\n    return df\n"
+    )
+    frame = dd.from_pandas(pd.DataFrame({"x": range(8)}), npartitions=2)
+    with local_cluster() as cluster, Client(cluster):
+        # map_partitions runs a sample partition at once, to infer its meta
+        with pytest.raises(JobFailedError, match=r"preprocess\(\), which a Dask"):
+            daskrun.map_partitions(str(script), frame).compute()
 
 
 def test_pools_of_the_local_cluster() -> None:

@@ -429,7 +429,7 @@ class Runner:
         )
         # preprocess() on CPU workers feeding run() (engine.stages), a
         # mini-batch a task, at most stages.limit in flight
-        stages = TwoStage.of(client, plugin) if hooks.task is None else None
+        stages = TwoStage.of(client, plugin, collection=hooks.task is not None)
         if stages is not None:
             self.hooks = hooks = dataclasses.replace(hooks, task=stages.submit)
             self.limit, self.sizer.max_size = stages.limit, 1

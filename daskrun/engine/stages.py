@@ -105,9 +105,13 @@ class TwoStage:
     ahead: int
 
     @classmethod
-    def of(cls, client: Client, plugin: Any) -> TwoStage | None:
+    def of(
+        cls, client: Client, plugin: Any, collection: bool = False
+    ) -> TwoStage | None:
         """The stages of ``plugin``'s step on ``client``'s workers; ``None``
-        for a script without ``preprocess()``.
+        for a script without ``preprocess()``. The partitions of a Dask
+        ``collection`` go to ``run()`` as they are: with ``preprocess()``
+        too, the step fails in one line.
 
         A stage whose resource no worker advertises runs on any worker (a
         cluster without pools runs both stages everywhere); CPU workers
@@ -117,6 +121,12 @@ class TwoStage:
         source = _plugin_source(plugin)
         if source is None or not script_has_preprocess(source):
             return None
+        if collection:
+            raise JobFailedError(
+                "the entry script has preprocess(), which a Dask collection's "
+                "partitions do not go through (run() gets each partition); "
+                "do that work in the collection (map_partitions) or in run()"
+            )
         run, cpu = pool_names()
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         runners = [w for w in workers if (w.get("resources") or {}).get(run)]
