@@ -42,10 +42,8 @@ from daskrun.aml.modelrefs import ModelRef, set_worker_models
 from daskrun.aml.runcontext import Logged, WorkerRun, set_worker_run
 from daskrun.backends.storage import hide, hide_values
 from daskrun.engine.fdcapture import CAPTURE
-from daskrun.engine.output import (
-    OutputTarget,
-    printable,
-)
+from daskrun.engine.output import OutputTarget, printable
+from daskrun.engine.pools import pool_names, runs_init
 from daskrun.exceptions import EntryScriptError
 from daskrun.monitoring.resources import INIT, ResourceSampler, perf_topic
 
@@ -368,6 +366,8 @@ class EntryScriptPlugin(WorkerPlugin):
         self.contract_error: str | None = None
         # run(mini_batch, mini_batch_context): set once the script is loaded
         self.takes_context = False
+        # a two-stage step's pools: no init() in its CPU pool (engine.pools)
+        self.pools, self.resources = pool_names(), dict[str, float]()
 
     def set_output(self, output: OutputTarget | None) -> None:
         """Write to ``output`` instead (a preflight may choose another
@@ -422,6 +422,7 @@ class EntryScriptPlugin(WorkerPlugin):
         self._ready = threading.Event()
         self.folder = os.path.join(worker.local_directory, "daskrun", self.name)
         self.agent = agent_name(worker)
+        self.resources = dict(getattr(worker.state, "total_resources", {}))
         # a worker a Nanny started has a process of its own, whose native
         # output is captured; in the client's process it is the client's
         self.capture = _Capture(
@@ -518,7 +519,8 @@ class EntryScriptPlugin(WorkerPlugin):
                 if self.contract_error is not None:
                     return
                 self.takes_context = _takes_context(module.run)
-                module.init()
+                if runs_init(module, self.resources, self.pools):
+                    module.init()
             self.module = module
         except (Exception, SystemExit) as e:
             self.init_error = _failure(-1, 0, self.agent, None, start, e, self.clean)
@@ -531,7 +533,8 @@ class EntryScriptPlugin(WorkerPlugin):
         module = self.module
         self.module = None
         if module is not None and callable(getattr(module, "shutdown", None)):
-            module.shutdown()
+            if runs_init(module, self.resources, self.pools):  # as init()
+                module.shutdown()
         _forget_bundle(self.folder)
 
     def wait_ready(self, timeout: float | None = None) -> None:

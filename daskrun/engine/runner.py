@@ -12,6 +12,7 @@ cluster.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +32,7 @@ from daskrun.engine.lost import (
 )
 from daskrun.engine.plugin import TryResult
 from daskrun.engine.speculation import Speculation
+from daskrun.engine.stages import StageLostTasks, TwoStage
 from daskrun.engine.tasks import process_mini_batches
 
 # Canceled lives in exceptions.py; ``runner.Canceled`` stays importable
@@ -422,9 +424,15 @@ class Runner:
         self.scheduled = 0
         self.submitted = itertools.count()
         self.plans: Iterator[Any] = iter(())
-        self.lost = LostTasks(
+        self.lost: LostTasks = StageLostTasks(
             client, plugin.events_topic, cfg.run_invocation_timeout, plugin.redact
         )
+        # preprocess() on CPU workers feeding run() (engine.stages), a
+        # mini-batch a task, at most stages.limit in flight
+        stages = TwoStage.of(client, plugin, collection=hooks.task is not None)
+        if stages is not None:
+            self.hooks = hooks = dataclasses.replace(hooks, task=stages.submit)
+            self.limit, self.sizer.max_size = stages.limit, 1
         self.interrupt = interrupt or Interrupt()
         self.interrupt.client, self.interrupt.pending = client, self.pending
         isolate = hooks.isolate

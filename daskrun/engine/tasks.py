@@ -39,7 +39,7 @@ from daskrun.engine.output import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from daskrun.engine.prepare import Prepared
 from daskrun.engine.plugin import (
     EntryScriptPlugin,
     InputSpec,
@@ -69,6 +69,7 @@ def process_mini_batches(
     plugin_name: str,
     tries: Sequence[tuple[MiniBatch | SubBatch, int]],
     kept: PartitionValues | None = None,
+    prepared: Sequence[Prepared | TryResult] | None = None,
 ) -> list[TryResult]:
     """The task function: run one try of each ``(mini-batch, try number)``
     in turn on this worker.
@@ -77,6 +78,9 @@ def process_mini_batches(
     (milliseconds) is paid once for all of them; each still gets its own
     part and its own :class:`TryResult`. With ``kept``, what ``run()``
     returns is kept there instead of written (``daskrun.map_partitions``).
+    With ``prepared`` (a two-stage step, :mod:`daskrun.engine.stages`),
+    ``run()`` gets what ``preprocess()`` returned for each, and a try whose
+    ``preprocess()`` failed is its result as it is.
     """
     worker = get_worker()
     plugin = ready_plugin(plugin_name)
@@ -97,10 +101,16 @@ def process_mini_batches(
         if len(tries) > 1 and plugin.settings.output and plugin.settings.output.grouped
         else None
     )
-    for batch, try_no in tries:
+    for at, (batch, try_no) in enumerate(tries):
         held = group.rows if group is not None and _span_of(batch) is None else None
-        result = _process(plugin, batch, try_no, cache_root, held, kept)
+        ready = prepared[at] if prepared is not None else None
+        if isinstance(ready, TryResult):  # preprocess() failed
+            results.append(ready)
+            continue
+        result = _process(plugin, batch, try_no, cache_root, held, kept, ready)
         stdout, log = plugin.capture.take()
+        if ready is not None:
+            stdout, log = ready.stdout + stdout, ready.log + log
         logged = plugin.capture.logged.take()
         if stdout or log or logged:
             result = dataclasses.replace(result, stdout=stdout, log=log, logged=logged)
@@ -234,10 +244,12 @@ def _process(
     cache_root: str,
     held: list[tuple[int, bytes]] | None = None,
     kept: PartitionValues | None = None,
+    ready: Prepared | None = None,
 ) -> TryResult:
     """One try of ``batch``; its rows are written as its part, or added to
     ``held`` (to be written with others, see :class:`_Group`), or what
-    ``run()`` returned is ``kept``."""
+    ``run()`` returned is ``kept``. With ``ready``, ``run()`` gets what
+    ``preprocess()`` returned instead of the batch as read."""
     start = time.perf_counter()
     spec = plugin.settings.input_spec
     items_in: int | None = batch.n_items
@@ -247,8 +259,11 @@ def _process(
     try:
         # reading (a remote copy, a CSV that is a FIFO or on a hung mount) and
         # writing are bounded by the same timeout as run()
-        watchdog.arm(batch.index, phase="read", piece=_piece_of(batch))
-        mini_batch, read_items, cache = _read(spec, batch, cache_root)
+        if ready is None:
+            watchdog.arm(batch.index, phase="read", piece=_piece_of(batch))
+            mini_batch, read_items, cache = _read(spec, batch, cache_root)
+        else:
+            mini_batch, read_items = ready.value, ready.items_in
         items_in = read_items if read_items is not None else items_in
         watchdog.arm(batch.index, phase="run", piece=_piece_of(batch))
         args = (_context(plugin, batch),) if plugin.takes_context else ()

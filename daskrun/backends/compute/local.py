@@ -178,12 +178,7 @@ def local_cluster(
                 "distributed.scheduler.worker-saturation": 1.0,
             }
         ):
-            cuda = cuda_cluster_class() if gpu_count() else None
-            if cuda is not None:
-                # one worker per GPU, each with its own CUDA_VISIBLE_DEVICES
-                cluster = cuda(**{**options, "n_workers": n})
-            else:
-                cluster = LocalCluster(processes=True, **options)
+            cluster, labeled = _new_cluster(options, n)
         try:
             with (
                 few_messages(),
@@ -196,6 +191,8 @@ def local_cluster(
                 # each worker gets the plugin when it joins, before the
                 # entry script's, so the plugin's hook runs last
                 client.register_plugin(QuickExit())
+                if not labeled:
+                    _label_pools(cluster, n)
                 cluster.scale(n)
                 if options["dashboard_address"]:
                     serve_dashboard_on_demand(client)
@@ -203,6 +200,58 @@ def local_cluster(
                 yield client
         finally:
             cluster.close()
+
+
+def _new_cluster(options: dict[str, Any], n: int) -> tuple[Any, bool]:
+    """A local cluster of no workers yet, or with GPUs a ``LocalCUDACluster``
+    of ``n`` (one per GPU, each with its own ``CUDA_VISIBLE_DEVICES``, each
+    holding the run pool's resource); whether its workers have their
+    resources already."""
+    cuda = cuda_cluster_class() if gpu_count() else None
+    if cuda is None:
+        return LocalCluster(processes=True, **options), False
+    resources = pool_resources(1, gpus=True)[0]
+    return cuda(**{**options, "n_workers": n, "resources": resources}), True
+
+
+def pool_resources(n: int, gpus: bool = False) -> list[dict[str, float]]:
+    """The Dask resources of the ``n`` worker processes of a local cluster:
+    the pools of a step whose entry script has ``preprocess()``
+    (:mod:`daskrun.engine.stages`). With GPUs, each worker holds one and
+    runs ``run()``; else the first ``daskrun.preprocess.run-workers`` hold
+    the run resource and the rest the CPU one; a lone worker holds both. A
+    step without ``preprocess()`` asks for no resource: any worker runs it.
+
+    >>> pool_resources(3)
+    [{'GPU': 1}, {'CPU': 1}, {'CPU': 1}]
+    >>> pool_resources(1)
+    [{'GPU': 1, 'CPU': 1}]
+    """
+    run, cpu = (
+        config_get("preprocess.run-resource"),
+        config_get("preprocess.cpu-resource"),
+    )
+    if gpus:
+        return [{run: 1} for _ in range(n)]
+    if n == 1:
+        return [{run: 1, cpu: 1}]
+    wanted = config_get("preprocess.run-workers")
+    if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 1:
+        raise ConfigError(
+            f"daskrun.preprocess.run-workers={wanted!r} is not a number of "
+            "worker processes; use an int like 1"
+        )
+    runs = min(wanted, n - 1)
+    return [{run: 1} if i < runs else {cpu: 1} for i in range(n)]
+
+
+def _label_pools(cluster: Any, n: int) -> None:
+    """Give the ``n`` workers ``cluster`` is about to start their resources
+    (:func:`pool_resources`); a worker its Nanny restarts keeps them."""
+    for resources in pool_resources(n):
+        ((name, spec),) = cluster.new_worker_spec().items()
+        options = {**spec.get("options", {}), "resources": resources}
+        cluster.worker_spec[name] = {**spec, "options": options}
 
 
 class _WarmClusters:
@@ -234,7 +283,7 @@ class _WarmClusters:
     def lease(
         self, n: int, log_file: str | os.PathLike[str] | None
     ) -> Iterator[Client]:
-        key = (n, repr(config_get("local-cluster")))
+        key = (n, repr(config_get("local-cluster")), repr(config_get("preprocess")))
         with self._lock:
             found = [entry for entry in self._idle if entry[0] == key]
             stale = [entry for entry in self._idle if entry[0] != key]
