@@ -143,6 +143,9 @@ class LostTasks:
         self.seen: set[tuple[float, int]] = {
             (stamp, msg.get("index")) for stamp, msg in client.get_events(topic)
         }
+        self.earlier = set(self.seen)
+        # a timeout event -> the address of the worker process it stopped
+        self.stopped: dict[tuple[float, int], str] = {}
         # the topic of task starts (EntryScriptPlugin.starts_topic), and the
         # keys of this job's tasks lost with each worker address
         self.starts_topic = f"{topic}-starts"
@@ -197,7 +200,9 @@ class LostTasks:
     def cause(self, exc: BaseException) -> tuple[str, str] | None:
         """An error text and the worker for a task lost without a timeout;
         ``None`` for one that only waited on the worker that died, behind
-        another task of the job lost with it (:meth:`waited`)."""
+        another task of the job lost with it (:meth:`waited`), or whose
+        worker's watchdog stopped it for another mini-batch
+        (:meth:`stopped_for`): it is rerun without charge."""
         last = getattr(exc, "last_worker", None)
         address = getattr(last, "address", None)
         name = getattr(last, "name", None)
@@ -205,7 +210,7 @@ class LostTasks:
         key = _plain(getattr(exc, "task", None))
         if address is not None:
             self.lost_on.setdefault(address, set()).add(key)
-            if self.waited(key, address):
+            if self.waited(key, address) or self.stopped_for(worker, address):
                 return None
             for _, msg in self.client.get_events("worker-restart-memory"):
                 if msg.get("worker") == address:
@@ -221,6 +226,25 @@ class LostTasks:
         # a lost task's exception may quote storage errors of the worker
         error = f"WorkerDied: {worker} died while running it ({exc})"
         return self.redact(error), worker
+
+    def stopped_for(self, worker: str, address: str) -> bool:
+        """Whether the worker process at ``address`` (agent ``worker``) was
+        stopped by its watchdog for a mini-batch that is not the lost
+        task's (that one's event would have charged it): one that returned
+        between its timeout and the exit, or that the lost task waited
+        behind. Each timeout event stands for the one process it stopped."""
+        for stamp, msg in self.client.get_events(self.topic):
+            mark = (stamp, msg.get("index"))
+            agent = str(msg.get("worker"))
+            if (
+                msg.get("cause") != "timeout"
+                or mark in self.earlier
+                or not (agent == worker or agent.startswith(f"{worker}-gpu"))
+            ):
+                continue
+            if self.stopped.setdefault(mark, address) == address:
+                return True
+        return False
 
     def waited(self, key: Any, address: str) -> bool:
         """Whether task ``key``, lost with the worker at ``address``, only
