@@ -569,7 +569,7 @@ class Runner:
             self.retries or not tally.all_scheduled
         ):
             if self.retries:
-                self._submit([self.retries.pop()])
+                self._submit(self.shrink.next_retry(self.retries))
                 continue
             n = self.sizer.size(tally.mini_batches_total - self.scheduled)
             taken = list(itertools.islice(self.plans, n))

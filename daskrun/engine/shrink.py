@@ -6,7 +6,8 @@ a mini-batch of an auto-sized step times out, :class:`Shrink` lowers the
 size to a quarter of its items (at the rate that timeout implies, such a
 piece takes at most a quarter of the timeout), and says so in one line. The
 timed-out mini-batch runs again as pieces of that size, its next try; so
-does each mini-batch of the plan handed out after, cut before it starts.
+does each mini-batch of the plan handed out after, cut before it starts,
+and each one rerun whole after its task was lost with others.
 
 The pieces are those of :class:`~daskrun.engine.isolation.Isolation`: each
 writes a part at its mini-batch's place in the output, so the output keeps
@@ -118,6 +119,35 @@ class Shrink:
         ):
             return batch
         return Unfinished(batch, _spans(n, self.size), n, 0, 0, fresh=True)
+
+    def next_retry(self, retries: list[tuple[Any, int]]) -> list[tuple[Any, int]]:
+        """The next of ``retries`` to submit, alone, taken off the list: a
+        whole mini-batch rerun after its task was lost with others is cut
+        first, its pieces put back.
+
+        >>> from daskrun.backends.inputs.datasets import FileBatch
+        >>> shrink = Shrink(Isolation(lambda batch: None), timeout=8, max_try=3)
+        >>> shrink.size = 2
+        >>> retries = [(FileBatch.of(0, ["a", "b", "c"]), 1)]
+        >>> [(p.start, p.stop) for p, _ in shrink.next_retry(retries)]
+        [(2, 3)]
+        >>> [(p.start, p.stop, t) for p, t in retries]
+        [(0, 2, 1)]
+        """
+        batch, try_no = retries.pop()
+        n = getattr(batch, "n_items", None)
+        if (
+            self.isolation is None
+            or self.size is None
+            or isinstance(batch, SubBatch)
+            or not batch.isolable
+            or n is None
+            or n <= self.size
+        ):
+            return [(batch, try_no)]
+        pieces = self.isolation.cut(batch, _spans(n, self.size), try_no)
+        retries.extend((piece, try_no) for piece in pieces)
+        return [retries.pop()]
 
     def cutting(self, batches: Iterable[Any]) -> Iterator[Any]:
         """``batches`` (the plan, as the runner takes it), each cut as
