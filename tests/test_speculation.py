@@ -11,16 +11,22 @@ from typing import Any
 import dask.config
 import pandas as pd
 import pytest
+import yaml
 
+import daskrun
 from daskrun import Dataset
+from daskrun.backends.inputs.datasets import FileBatch, SubBatch
+from daskrun.engine.lost import stall_message
+from daskrun.engine.plugin import TryResult
+from daskrun.engine.speculation import Speculation
 
 from .helpers import make_files, run_step
 
 
 @pytest.fixture(autouse=True)
 def _speculate() -> Iterator[None]:
-    # opt-in (daskrun.runner.speculate: false by default); a test may turn
-    # it off again inside
+    # on by default (daskrun.runner.speculate), and whatever the user's
+    # config says; a test may turn it off again inside
     with dask.config.set({"daskrun.runner.speculate": True}):
         yield
 
@@ -184,3 +190,68 @@ def test_a_poison_item_in_a_speculated_batch_counts_once(tmp_path: Path) -> None
     assert sorted(report["index"]) == list(range(4))
     failed = report[report["items_failed"] > 0]
     assert len(failed) == 1 and poison in failed["error"].iloc[0]
+
+
+def test_speculation_is_on_by_default() -> None:
+    defaults = yaml.safe_load(
+        (Path(daskrun.__file__).parent / "daskrun.yaml").read_text()
+    )
+    assert defaults["daskrun"]["runner"]["speculate"] is True
+
+
+def test_only_plain_first_tries_well_within_the_timeout_are_copied() -> None:
+    """A retry, a piece being isolated, a mini-batch rerun after its task
+    was lost, one whose worker is gone, and one past half of the timeout
+    (more likely hung than slow) get no copy; a plain first try gets one,
+    once."""
+    spec = Speculation(timeout=10)
+    spec.observe([TryResult(0, 1, True, "worker-0", 1, 1, 0.1)])  # 0.1 s each
+    batch = {i: FileBatch.of(i, [f"f{i}.png"]) for i in range(1, 7)}
+    pending: dict[Any, list[tuple[Any, int]]] = {
+        "plain": [(batch[1], 1)],
+        "retry": [(batch[2], 2)],
+        "piece": [(SubBatch(FileBatch.of(3, ["a", "b"]), 0, 1), 1)],
+        "near-timeout": [(batch[4], 1)],
+        "worker-gone": [(batch[5], 1)],
+        "rerun": [(batch[6], 1)],
+    }
+    now = time.monotonic()
+    for key in pending:
+        spec.began[key] = ("tcp://a", now - 3)
+    spec.began["near-timeout"] = ("tcp://a", now - 6)
+    spec.began["worker-gone"] = ("tcp://gone", now - 3)
+    assert spec.rerun("lost", [(batch[6], 1)], pending) == [(batch[6], 1)]
+    threads = {"tcp://a": 8, "tcp://b": 8}
+    assert spec.choose(pending, lambda: threads) == [("plain", "tcp://b")]
+    spec.pair("plain", "copy", "tcp://b")
+    pending["copy"] = list(pending["plain"])
+    assert spec.choose(pending, lambda: threads) == []
+    # the copy was lost: the original runs on, and is not copied again
+    spec.forget("copy")
+    del pending["copy"]
+    spec.forget("plain")
+    spec.began["plain"] = ("tcp://a", now - 3)
+    assert spec.choose(pending, lambda: threads) == []
+
+
+def test_a_stall_names_the_speculative_copies() -> None:
+    held = {"worker-0": [FileBatch.of(3, ["a.png"])]}
+    held["worker-1"] = held["worker-0"]
+    line = stall_message(60, "progress-timeout", 2, held, {"worker-1": [3]})
+    assert "worker-0 holds mini-batch 3 (files a.png); " in line
+    assert "worker-1 holds mini-batch 3 (files a.png), a speculative copy" in line
+
+
+def test_twins_that_both_fail_count_once_naming_both() -> None:
+    spec, a = Speculation(), FileBatch.of(0, ["a.png"])
+    spec.pair("original", "copy")
+    pending = {"original": [(a, 1)], "copy": [(a, 1)]}
+    first = TryResult(0, 1, False, "worker-0", None, 0, 0.0, error="TimeoutError: x")
+    assert spec.kept("original", a, first, pending) is None
+    del pending["original"]
+    second = TryResult(0, 1, False, "worker-1", None, 0, 0.0, error="TimeoutError: y")
+    counted = spec.kept("copy", a, second, pending)
+    assert counted is not None
+    assert counted.error == (
+        "TimeoutError: y (the try it copied, on worker-0, failed too: TimeoutError: x)"
+    )

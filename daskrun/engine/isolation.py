@@ -3,7 +3,8 @@
 :class:`Isolation` halves such a mini-batch down to single items, each piece
 tried once, so that only the items that fail alone are counted;
 :class:`Unfinished` is a mini-batch of an earlier attempt whose failed items
-run again (``daskrun resume --retry-failed``). Pure: the runner
+run again (``daskrun resume --retry-failed``), or one cut into pieces before
+it starts (:mod:`daskrun.engine.shrink`). Pure: the runner
 (:mod:`daskrun.engine.runner`) submits the pieces.
 """
 
@@ -26,13 +27,16 @@ class Unfinished:
     """A mini-batch of an earlier attempt whose failed items were isolated,
     to retry: only its failed items ``spans`` run again (``daskrun resume
     --retry-failed``); ``ok`` and ``extra`` are the results its other items
-    gave then, which are kept."""
+    gave then, which are kept. ``fresh``: a mini-batch that never ran whole,
+    cut into the pieces ``spans`` (:mod:`daskrun.engine.shrink`); what an
+    earlier attempt wrote of it is removed first."""
 
     batch: FileBatch | CsvBatch | Any
     spans: tuple[tuple[int, int], ...]
     items_in: int
     ok: int
     extra: int
+    fresh: bool = False
 
     @property
     def index(self) -> int:
@@ -106,8 +110,22 @@ class Isolation:
         self.open[batch.index] = _Isolating(batch, tries, n, worker=result.worker)
         return self._split(SubBatch(batch, 0, n))
 
+    def cut(
+        self, batch: Any, spans: tuple[tuple[int, int], ...], tries: int
+    ) -> list[SubBatch]:
+        """``batch`` as the pieces ``spans``, its try ``tries``, in place of
+        the whole (:mod:`daskrun.engine.shrink`); its outcome is counted as
+        an isolated one's."""
+        self.on_start(batch)
+        state = _Isolating(batch, tries, spans[-1][1], in_flight=len(spans))
+        self.open[batch.index] = state
+        return [SubBatch(batch, a, b) for a, b in spans]
+
     def resume(self, unfinished: Unfinished) -> list[SubBatch]:
-        """The pieces of an earlier attempt's isolated mini-batch to retry."""
+        """The pieces of an earlier attempt's isolated mini-batch to retry,
+        or of one cut before it starts."""
+        if unfinished.fresh:
+            return self.cut(unfinished.batch, unfinished.spans, 1)
         state = _Isolating(unfinished.batch, 1, unfinished.items_in)
         state.items_out = unfinished.ok + unfinished.extra
         self.open[unfinished.index] = state
@@ -122,6 +140,7 @@ class Isolation:
         mini-batch has no piece left, its outcome ``(batch, result, tries)``."""
         state = self.open[piece.index]
         state.in_flight -= 1
+        state.worker = state.worker or result.worker  # of a cut: its first piece's
         state.seconds += result.seconds
         state.stdout += result.stdout
         state.log += result.log

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -59,7 +59,9 @@ class LostVerdict:
     ``charged`` are failed tries, each with its result, counted like any other
     failure (retried while tries are left); ``free`` are rerun, each alone, at
     the same try number; ``split`` says the whole group went to ``free``
-    because nothing tells which of its mini-batches killed the worker.
+    because nothing tells which of its mini-batches killed the worker, or
+    because it never started there (another task of the job, lost with the
+    same worker, did).
     """
 
     charged: list[tuple[MiniBatch, int, TryResult]]
@@ -70,7 +72,7 @@ class LostVerdict:
 def judge_lost_task(
     group: Sequence[tuple[MiniBatch, int]],
     hung: Mapping[int, tuple[str, str]],
-    cause: tuple[str, str],
+    cause: tuple[str, str] | None,
 ) -> LostVerdict:
     """Decide which tries of a lost task are charged.
 
@@ -79,14 +81,16 @@ def judge_lost_task(
     mini-batches reported hung (by the worker's watchdog, or by the client's
     deadline for a frozen worker) to the error and worker to report;
     ``cause`` is the error and worker of the loss otherwise (a memory kill, a
-    hung ``init()``, or an unknown death).
+    hung ``init()``, or an unknown death), ``None`` for a task that waited
+    on a worker killed by another task of the job (:meth:`LostTasks.cause`).
 
     - Mini-batches reported hung are charged a try with their timeout error;
       the others of the group were innocent and are rerun without charge.
     - With none reported hung, a group of several mini-batches is split: each
       is rerun alone and uncharged, so only the one that kills its worker
       again is charged, by the rule below.
-    - A lone mini-batch is charged a try with ``cause``.
+    - A lone mini-batch is charged a try with ``cause``, unless it never
+      started (``cause`` is ``None``): it is rerun without charge.
 
     >>> from daskrun.backends.inputs.datasets import FileBatch
     >>> a, b = FileBatch.of(0, ["a.png"]), FileBatch.of(1, ["b.png"])
@@ -103,6 +107,8 @@ def judge_lost_task(
     [(1, 3, 'worker-1')]
     >>> [(m.index, t) for m, t in v.free], v.split
     ([(0, 1)], False)
+    >>> judge_lost_task([(a, 1)], {}, None).charged
+    []
     """
     if hung:
         charged = [
@@ -110,7 +116,7 @@ def judge_lost_task(
         ]
         free = [(b, t) for b, t in group if b.index not in hung]
         return LostVerdict(charged, free, split=False)
-    if len(group) > 1:
+    if len(group) > 1 or cause is None:
         return LostVerdict([], list(group), split=True)
     return LostVerdict([(b, t, _lost_try(b, t, *cause)) for b, t in group], [], False)
 
@@ -137,6 +143,13 @@ class LostTasks:
         self.seen: set[tuple[float, int]] = {
             (stamp, msg.get("index")) for stamp, msg in client.get_events(topic)
         }
+        self.earlier = set(self.seen)
+        # a timeout event -> the address of the worker process it stopped
+        self.stopped: dict[tuple[float, int], str] = {}
+        # the topic of task starts (EntryScriptPlugin.starts_topic), and the
+        # keys of this job's tasks lost with each worker address
+        self.starts_topic = f"{topic}-starts"
+        self.lost_on: dict[str, set[Any]] = {}
 
     def timed_out(self, batches: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
         """Mini-batches of ``batches`` (by index) newly reported hung, with the
@@ -184,13 +197,21 @@ class LostTasks:
             f"+ 30 s) on {worker}; the worker was restarted"
         )
 
-    def cause(self, exc: BaseException) -> tuple[str, str]:
-        """An error text and the worker for a task lost without a timeout."""
+    def cause(self, exc: BaseException) -> tuple[str, str] | None:
+        """An error text and the worker for a task lost without a timeout;
+        ``None`` for one that only waited on the worker that died, behind
+        another task of the job lost with it (:meth:`waited`), or whose
+        worker's watchdog stopped it for another mini-batch
+        (:meth:`stopped_for`): it is rerun without charge."""
         last = getattr(exc, "last_worker", None)
         address = getattr(last, "address", None)
         name = getattr(last, "name", None)
         worker = f"worker-{name}" if isinstance(name, int) else str(name or "a worker")
+        key = _plain(getattr(exc, "task", None))
         if address is not None:
+            self.lost_on.setdefault(address, set()).add(key)
+            if self.waited(key, address) or self.stopped_for(worker, address):
+                return None
             for _, msg in self.client.get_events("worker-restart-memory"):
                 if msg.get("worker") == address:
                     rss = msg["rss"] / 2**20
@@ -205,6 +226,86 @@ class LostTasks:
         # a lost task's exception may quote storage errors of the worker
         error = f"WorkerDied: {worker} died while running it ({exc})"
         return self.redact(error), worker
+
+    def stopped_for(self, worker: str, address: str) -> bool:
+        """Whether the worker process at ``address`` (agent ``worker``) was
+        stopped by its watchdog for a mini-batch that is not the lost
+        task's (that one's event would have charged it): one that returned
+        between its timeout and the exit, or that the lost task waited
+        behind. Each timeout event stands for the one process it stopped."""
+        for stamp, msg in self.client.get_events(self.topic):
+            mark = (stamp, msg.get("index"))
+            agent = str(msg.get("worker"))
+            if (
+                msg.get("cause") != "timeout"
+                or mark in self.earlier
+                or not (agent == worker or agent.startswith(f"{worker}-gpu"))
+            ):
+                continue
+            if self.stopped.setdefault(mark, address) == address:
+                return True
+        return False
+
+    def waited(self, key: Any, address: str) -> bool:
+        """Whether task ``key``, lost with the worker at ``address``, only
+        waited there: the scheduler fails every task a dead worker held, and
+        one queued behind the task that killed it is innocent.
+
+        Not where ``key`` reported its start there (each task does). Else,
+        of the other tasks of the job lost with the same worker, the one
+        that killed it is the last to report a start there, or, where its
+        start never arrived (a worker killed at once), the one submitted
+        first (a worker runs its tasks in that order; the runner's keys end
+        with their submission number): ``key`` waited if it is another.
+        At least one task lost with a worker is always charged."""
+        started = [
+            _plain(msg.get("key"))
+            for _, msg in self.client.get_events(self.starts_topic)
+            if msg.get("address") == address
+        ]
+        if key in started:
+            return False
+        others = {
+            k
+            for k, state in list(self.client.futures.items())
+            if _died_on(state) == address  # lost too, not yet taken
+        }
+        others = (others | self.lost_on.get(address, set())) - {key}
+        if started and started[-1] in others:
+            return True
+        return any(_submitted_before(other, key) for other in others)
+
+
+def _died_on(state: Any) -> str | None:
+    """The address of the worker a task was lost with, from its future's
+    state on the client; ``None`` if it was not."""
+    died = getattr(getattr(state, "exception", None), "last_worker", None)
+    return getattr(died, "address", None)
+
+
+def _submitted_before(a: Any, b: Any) -> bool:
+    """Whether task ``a`` was submitted before ``b``, both keys of one
+    runner, ``(prefix, index, try, number)``.
+
+    >>> _submitted_before(("s", 0, 1, 7), ("s", 0, 1, 8))
+    True
+    >>> _submitted_before(("s", 0, 1, 8), ("s", 0, 1, 7)), _submitted_before("x", "y")
+    (False, False)
+    """
+    return (
+        isinstance(a, tuple)
+        and isinstance(b, tuple)
+        and len(a) == len(b) == 4
+        and a[0] == b[0]
+        and isinstance(a[-1], int)
+        and isinstance(b[-1], int)
+        and a[-1] < b[-1]
+    )
+
+
+def _plain(key: Any) -> Any:
+    """A task key as the client holds it (events carry tuples as lists)."""
+    return tuple(_plain(k) for k in key) if isinstance(key, list) else key
 
 
 def _first_item(batch: Any) -> int | None:
@@ -330,9 +431,11 @@ def stall_message(
     setting: str,
     alive: int,
     held: Mapping[str, Sequence[MiniBatch]],
+    copies: Mapping[str, Sequence[int]] | None = None,
 ) -> str:
     """Why a job that stopped making progress was canceled: its timeout,
-    and the workers with the mini-batches they hold.
+    and the workers with the mini-batches they hold (``copies``: those of
+    which a worker holds a speculative copy, by index).
 
     >>> from daskrun.backends.inputs.datasets import FileBatch
     >>> line = stall_message(600, "progress-timeout", 2,
@@ -341,6 +444,14 @@ def stall_message(
     no mini-batch finished for 600 s (daskrun.progress-timeout=600) while 2
     workers are alive: worker-1 holds mini-batch 3 (files a.png); those
     workers were restarted
+    >>> print(stall_message(60, "progress-timeout", 2,
+    ...                     {"worker-0": [FileBatch.of(3, ["a.png"])],
+    ...                      "worker-1": [FileBatch.of(3, ["a.png"])]},
+    ...                     {"worker-1": [3]}))  # doctest: +NORMALIZE_WHITESPACE
+    no mini-batch finished for 60 s (daskrun.progress-timeout=60) while 2
+    workers are alive: worker-0 holds mini-batch 3 (files a.png); worker-1
+    holds mini-batch 3 (files a.png), a speculative copy; those workers were
+    restarted
     """
     bound = f"daskrun.{setting}={seconds:g}"
     when = (
@@ -356,15 +467,37 @@ def stall_message(
         return line + "none holds a mini-batch of this job (all wait to be run)"
     named = []
     for worker, batches in sorted(held.items()):
+        copied = (copies or {}).get(worker, ())
         if len(batches) == 1:
             named.append(
                 f"{worker} holds mini-batch {batches[0].index} "
                 f"({batches[0].describe()})"
+                + (", a speculative copy" if copied else "")
             )
         else:
             indices = ", ".join(str(b.index) for b in batches)
-            named.append(f"{worker} holds mini-batches {indices}")
+            named.append(
+                f"{worker} holds mini-batches {indices}"
+                + (f" (speculative copies of {_listed(copied)})" if copied else "")
+            )
     return line + "; ".join(named) + "; those workers were restarted"
+
+
+def _listed(indices: Iterable[int]) -> str:
+    return ", ".join(str(i) for i in indices)
+
+
+def _copies(pending: Mapping[Any, Sequence[tuple[MiniBatch, int]]]) -> set[str]:
+    """The keys (as text) of the speculative copies in ``pending``: a copy
+    is submitted after its original, over the same mini-batches."""
+    seen: set[int] = set()
+    copies = set()
+    for future, group in list(pending.items()):
+        indices = {b.index for b, _ in group}
+        if indices & seen:
+            copies.add(str(future.key))
+        seen |= indices
+    return copies
 
 
 class NoProgress:
@@ -440,15 +573,21 @@ class NoProgress:
         if not workers:
             return False
         groups = {str(f.key): g for f, g in list(self.pending.items())}
+        copies = _copies(self.pending)
         held: dict[str, list[MiniBatch]] = {}
+        copied: dict[str, list[int]] = {}
         holders = []
         for address, (name, keys) in workers.items():
             ours = [b for k in keys for b, _ in groups.get(k, ())]
             if ours:
                 held[agent_label(name)] = sorted(ours, key=lambda b: b.index)
+                copied[agent_label(name)] = sorted(
+                    b.index for k in keys if k in copies for b, _ in groups[k]
+                )
                 holders.append(address)
         self.interrupt.trigger(
-            stall_message(seconds, setting, len(workers), held), canceled=True
+            stall_message(seconds, setting, len(workers), held, copied),
+            canceled=True,
         )
         if holders:
             self.client.restart_workers(holders, timeout=10, raise_for_error=False)

@@ -31,7 +31,8 @@ from daskrun.engine.lost import (
     judge_lost_task,
 )
 from daskrun.engine.plugin import TryResult
-from daskrun.engine.speculation import Speculation
+from daskrun.engine.shrink import Shrink
+from daskrun.engine.speculation import Speculation, events
 from daskrun.engine.stages import StageLostTasks, TwoStage
 from daskrun.engine.tasks import process_mini_batches
 
@@ -442,13 +443,16 @@ class Runner:
         # copies of the slowest tasks at the tail (see engine.speculation);
         # not of a Dask collection's tasks, whose partitions are their inputs
         speculate = hooks.task is None and bool(config_get("runner.speculate"))
-        self.speculation = Speculation() if speculate else None
+        self.speculation = (
+            Speculation(cfg.run_invocation_timeout) if speculate else None
+        )
+        self.shrink = Shrink.of(cfg, self.isolation)  # auto: smaller after a timeout
 
     def run(self, batches: Iterable[MiniBatch]) -> str | None:
         """Run ``batches``. Returns the name of the exceeded threshold, in
         which case nothing more was scheduled and in-flight tries were
         cancelled, or ``None`` when every mini-batch has an outcome."""
-        self.plans = iter(batches)
+        self.plans = self.shrink.cutting(batches)
         # results are fetched concurrently in the background as tasks finish
         self.queue = queue = as_completed(
             with_results=True, raise_errors=False, loop=self.client.loop
@@ -486,7 +490,7 @@ class Runner:
         mini-batch has an outcome or a threshold is exceeded."""
         self._fill()
         exceeded = check_thresholds(self.tally, self.cfg)
-        for done in self._events(queue):
+        for done in events(queue, self.speculation is not None):
             self.interrupt.check()
             if done is None or done[0] not in self.waiting:
                 if done is not None:  # a speculative loser, cancelled
@@ -510,22 +514,6 @@ class Runner:
                     break
             self._speculate()
         return exceeded
-
-    def _events(self, queue: Any) -> Iterator[tuple[Any, Any] | None]:
-        """The finished tasks of ``queue`` as they come, and with
-        speculation a ``None`` each tenth of a second that none does, to
-        look for stragglers."""
-        if self.speculation is None:
-            yield from queue
-            return
-        while not queue.is_empty():
-            if not queue.has_ready():
-                with queue.thread_condition:
-                    queue.thread_condition.wait(timeout=0.1)
-                if not queue.has_ready():
-                    yield None
-                    continue
-            yield next(queue)
 
     def _speculate(self) -> None:
         """Start copies of the slowest running tasks on idle workers, once
@@ -565,7 +553,8 @@ class Runner:
         else:
             where: dict[str, Any] = {}
             if workers is not None:
-                where = {"workers": workers, "allow_other_workers": False}
+                # loose: a copy whose worker died meanwhile runs elsewhere
+                where = {"workers": workers, "allow_other_workers": True}
             running = future = self.client.submit(
                 process_mini_batches,
                 self.plugin.name,
@@ -588,7 +577,7 @@ class Runner:
             self.retries or not tally.all_scheduled
         ):
             if self.retries:
-                self._submit([self.retries.pop()])
+                self._submit(self.shrink.next_retry(self.retries))
                 continue
             n = self.sizer.size(tally.mini_batches_total - self.scheduled)
             taken = list(itertools.islice(self.plans, n))
@@ -642,10 +631,11 @@ class Runner:
         exceeded threshold, if one is."""
         spec = self.speculation
         for (batch, try_no), result in zip(group, results, strict=True):
-            if spec is not None and not spec.keeps(
-                running, batch, result, self.pending
-            ):
-                continue
+            if spec is not None:
+                kept = spec.kept(running, batch, result, self.pending)
+                if kept is None:
+                    continue
+                result = kept
             if self.hooks.commit is not None:
                 result = self.hooks.commit(batch, result)
             final = self._outcome(batch, try_no, result)
@@ -665,6 +655,10 @@ class Runner:
         """A try's final outcome ``(batch, result, tries)``, or ``None``
         where the mini-batch runs again: retried, or isolated."""
         isolation = self.isolation
+        smaller = self.shrink.retry(batch, result, try_no)  # auto, after a timeout
+        if smaller:
+            self.retries.extend(smaller)
+            return None
         if isinstance(batch, SubBatch):
             assert isolation is not None
             more, final = isolation.piece_done(batch, result)

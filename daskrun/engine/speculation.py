@@ -19,15 +19,24 @@ The output stays exactly once because a mini-batch's rows are written in
 one atomic step, as its own part or within a group, and assembly takes each
 mini-batch once (:mod:`daskrun.engine.output`): the loser rewrites the same
 part with the same rows, or writes a group that assembly does not take
-twice. Pieces of isolated mini-batches are never copied, nor are tasks of a
-Dask collection (their partitions are the task's dependencies).
+twice.
+
+Only a plain first try is copied, once: never a piece of a mini-batch being
+isolated or cut smaller (:mod:`daskrun.engine.shrink`), a retry, a
+mini-batch rerun after its task was lost, one whose worker is gone, nor one
+that has run past :data:`WITHIN` of ``run_invocation_timeout``: a call that
+long is more likely hung than slow, and a hung call is the watchdog's (a
+copy would hang a second worker). Nor are tasks of a Dask collection (their
+partitions are the task's dependencies). Where both twins fail, the error
+counted names the other's (:meth:`Speculation.kept`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from daskrun.backends.inputs.datasets import SubBatch
@@ -39,6 +48,9 @@ FACTOR = 2.0
 """A task is slow once it ran this many times the mean per mini-batch."""
 MIN_SECONDS = 1.0
 """... and at least this long: a copy of a short task gains nothing."""
+WITHIN = 0.5
+"""... and at most this fraction of ``run_invocation_timeout``: one that ran
+longer is left to the watchdog."""
 
 # (mini-batch or piece of one, try number) of one task, as in the runner
 Group = list[tuple[Any, int]]
@@ -78,7 +90,8 @@ class Speculation:
     False
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float | None = None) -> None:
+        self.timeout = timeout  # run_invocation_timeout
         self.began: dict[Any, tuple[str, float]] = {}
         self.twin: dict[Any, Any] = {}  # a task's future -> its twin's, both ways
         self.copies: set[Any] = set()
@@ -89,6 +102,10 @@ class Speculation:
         # returns, so no copy goes there
         self.slow: set[str] = set()
         self.won: list[int] = []  # the mini-batches a copy won
+        self.copied: set[int] = set()  # mini-batches copied once: never again
+        self.rerun_free: set[int] = set()  # mini-batches whose task was lost
+        # a failure of a twin, held while the other ran: (by a copy, result)
+        self.held: dict[int, tuple[bool, TryResult]] = {}
         self._seconds = 0.0
         self._count = 0
 
@@ -115,24 +132,26 @@ class Speculation:
             began = self.began.get(_key(running))
             if began is None and running not in self.placed:
                 return []
-            if running in self.twin or began is None:
-                continue
-            if any(isinstance(batch, SubBatch) for batch, _ in group):
+            if running in self.twin or began is None or not self._plain(group):
                 continue
             elapsed = now - began[1]
-            if elapsed > max(MIN_SECONDS, FACTOR * mean * len(group)):
+            if elapsed > max(MIN_SECONDS, FACTOR * mean * len(group)) and (
+                self.timeout is None or elapsed <= WITHIN * self.timeout
+            ):
                 slow.append((elapsed, running, began[0]))
         if not slow:
             return []
-        free = self._free(pending, threads())
+        alive = threads()
+        free = self._free(pending, alive)
         chosen = []
         for elapsed, running, address in sorted(slow, key=lambda s: -s[0]):
             others = [a for a, n in free.items() if n > 0 and a != address]
-            if not others:
+            if not others or address not in alive:  # its worker is gone
                 continue
             where = max(others, key=lambda a: free[a])
             free[where] -= 1
             chosen.append((running, where))
+            self.copied.update(batch.index for batch, _ in pending[running])
             logger.info(
                 "mini-batch %d (%d in its task) has run %.1f s on %s (mean %.2f s "
                 "per mini-batch); starting a speculative copy on %s",
@@ -144,6 +163,17 @@ class Speculation:
                 where,
             )
         return chosen
+
+    def _plain(self, group: Group) -> bool:
+        """Whether ``group`` holds only plain first tries, none copied
+        before: no piece of a mini-batch, no retry, no rerun of a lost task."""
+        return all(
+            try_no == 1
+            and not isinstance(batch, SubBatch)
+            and batch.index not in self.copied
+            and batch.index not in self.rerun_free
+            for batch, try_no in group
+        )
 
     def _free(
         self, pending: Mapping[Any, Group], threads: Mapping[str, int]
@@ -178,6 +208,7 @@ class Speculation:
         if twin is None or twin not in pending:
             return True
         if not result.ok:
+            self.held[batch.index] = (running in self.copies, result)
             return False  # the twin decides
         self.dropped.setdefault(twin, set()).add(batch.index)
         if running in self.copies:
@@ -189,9 +220,38 @@ class Speculation:
             )
         return True
 
+    def kept(
+        self, running: Any, batch: Any, result: TryResult, pending: Mapping[Any, Any]
+    ) -> TryResult | None:
+        """``result`` where it counts (:meth:`keeps`), else ``None``; a
+        failure counted after its twin's names the twin's.
+
+        >>> from daskrun.backends.inputs.datasets import FileBatch
+        >>> s, a = Speculation(), FileBatch.of(0, ["a.png"])
+        >>> s.pair("original", "copy")
+        >>> pending = {"original": [(a, 1)], "copy": [(a, 1)]}
+        >>> hung = TryResult(0, 1, False, "worker-1", None, 0, 0.0, error="E1")
+        >>> s.kept("copy", a, hung, pending) is None
+        True
+        >>> del pending["copy"]
+        >>> failed = TryResult(0, 1, False, "worker-0", None, 0, 0.0, error="E0")
+        >>> s.kept("original", a, failed, pending).error
+        'E0 (its speculative copy, on worker-1, failed too: E1)'
+        """
+        if not self.keeps(running, batch, result, pending):
+            return None
+        held = self.held.pop(batch.index, None)
+        if held is None or result.ok:
+            return result
+        by_copy, first = held
+        other = "its speculative copy" if by_copy else "the try it copied"
+        note = f"{other}, on {first.worker}, failed too: {first.error}"
+        return replace(result, error=f"{result.error} ({note})")
+
     def rerun(self, running: Any, free: Group, pending: Mapping[Any, Any]) -> Group:
         """Of ``free``, the tries of lost task ``running`` to rerun: not those
-        its twin decided, or still runs."""
+        its twin decided, or still runs. None of them is copied again."""
+        self.rerun_free.update(batch.index for batch, _ in free)
         if self.twin.get(running) in pending:
             return []
         dropped = self.dropped.get(running, set())
@@ -223,3 +283,20 @@ class Speculation:
 def _key(future: Any) -> Any:
     """A future's task key (the doctests pair plain names)."""
     return getattr(future, "key", future)
+
+
+def events(queue: Any, poll: bool) -> Iterator[tuple[Any, Any] | None]:
+    """The finished tasks of ``queue`` (an ``as_completed``) as they come,
+    and with ``poll`` (speculation on) a ``None`` each tenth of a second that
+    none does, for the runner to look for stragglers."""
+    if not poll:
+        yield from queue
+        return
+    while not queue.is_empty():
+        if not queue.has_ready():
+            with queue.thread_condition:
+                queue.thread_condition.wait(timeout=0.1)
+            if not queue.has_ready():
+                yield None
+                continue
+        yield next(queue)
