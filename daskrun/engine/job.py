@@ -478,6 +478,7 @@ class Job(Planning):
                 if isinstance(self.target, ViaClientTarget)
                 else None
             ),
+            say=self.console.say,
         )
         return Runner(
             client,

@@ -360,7 +360,8 @@ class Hooks:
     future, or a small one after it, where the task's value stays on the
     cluster). ``commit(batch, result)``, if given, takes each try's result as
     it arrives, first (the client writes the rows a worker returned:
-    :func:`daskrun.engine.viaclient.commit`).
+    :func:`daskrun.engine.viaclient.commit`). ``say(line, level)``, if
+    given, shows a line to the user (the job's console).
     """
 
     on_done: Callable[[Any, TryResult, int, Counts], None]
@@ -368,6 +369,7 @@ class Hooks:
     count_rows: Callable[[Any], int | None] | None = None
     task: SubmitGroup | None = None
     commit: Callable[[Any, TryResult], TryResult] | None = None
+    say: Callable[[str, int], None] | None = None  # a line for the user
 
 
 # (mini-batch or piece of one, try number) of one task
@@ -446,7 +448,8 @@ class Runner:
         self.speculation = (
             Speculation(cfg.run_invocation_timeout) if speculate else None
         )
-        self.shrink = Shrink.of(cfg, self.isolation)  # auto: smaller after a timeout
+        # auto: smaller after a timeout
+        self.shrink = Shrink.of(cfg, self.isolation, hooks.say)
 
     def run(self, batches: Iterable[MiniBatch]) -> str | None:
         """Run ``batches``. Returns the name of the exceeded threshold, in

@@ -20,7 +20,7 @@ isolation (``daskrun.isolate-failures: false``) do not shrink.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from daskrun.backends.inputs.datasets import SubBatch
@@ -61,19 +61,36 @@ class Shrink:
     3
     """
 
-    def __init__(self, isolation: Isolation | None, timeout: float, max_try: int):
+    def __init__(
+        self,
+        isolation: Isolation | None,
+        timeout: float,
+        max_try: int,
+        say: Callable[[str, int], None] | None = None,
+    ):
         self.isolation = isolation
         self.timeout = timeout
         self.max_try = max_try
+        # where the one line goes: the job's console, else daskrun's logger
+        self.say = say or (lambda line, level: logger.log(level, line))
         self.size: int | None = None  # items per piece, once something timed out
 
     @classmethod
-    def of(cls, cfg: ResolvedConfig, isolation: Isolation | None) -> Shrink:
+    def of(
+        cls,
+        cfg: ResolvedConfig,
+        isolation: Isolation | None,
+        say: Callable[[str, int], None] | None = None,
+    ) -> Shrink:
         """The shrink of a step run with ``cfg``: inert unless its
-        ``mini_batch_size`` is ``"auto"`` and failures are isolated."""
+        ``mini_batch_size`` is ``"auto"`` and failures are isolated; its
+        line goes to ``say(line, level)``, if given."""
         auto = is_auto(cfg.mini_batch_size) and isolation is not None
         return cls(
-            isolation if auto else None, cfg.run_invocation_timeout, cfg.run_max_try
+            isolation if auto else None,
+            cfg.run_invocation_timeout,
+            cfg.run_max_try,
+            say,
         )
 
     def retry(self, batch: Any, result: TryResult, try_no: int) -> list[Any]:
@@ -93,11 +110,10 @@ class Shrink:
         size = max(1, n // SHARE)
         if self.size is None or size < self.size:
             self.size = size
-            logger.warning(
-                "daskrun: auto: mini-batches of %d took over the %g s timeout; now %d",
-                n,
-                self.timeout,
-                size,
+            self.say(
+                f"daskrun: auto: mini-batches of {n} took over the "
+                f"{self.timeout:g} s timeout; now {size}",
+                logging.WARNING,
             )
         if isinstance(batch, SubBatch) or not batch.isolable:
             return []
