@@ -24,7 +24,7 @@ from daskrun import (
     PipelineData,
     Workspace,
 )
-from daskrun.engine.output import prepare_parts, write_part
+from daskrun.engine.output import lock_output, prepare_parts, write_part
 from daskrun.engine.outputs import NamedOutput, OutputSet, ViaClientSet, section
 from daskrun.engine.viaclient import ViaClientTarget
 from daskrun.exceptions import OutputError
@@ -460,3 +460,34 @@ def test_a_pipeline_step_reads_one_named_output(
     labels = steps[0].get_output_data("labels").download(tmp_path / "labels")
     assert (Path(labels) / "labels.txt").read_text().splitlines() == _reference(9)[1]
     assert daskrun.StepRun is type(steps[0])
+
+
+def test_an_output_folder_in_use_by_another_run_is_refused(
+    tmp_path: Path, cluster: LocalCluster
+) -> None:
+    # another run holds the lock of the step's second output's folder (a
+    # real lock file, as a running job takes it): the step is refused in one
+    # line before anything runs, and the first output's lock is let go
+    make_files(tmp_path / "in", 3)
+    write_script(tmp_path, SCORING)
+    held = NamedOutput("labels", str(tmp_path / "labels"), "labels.txt", "text")
+    lock = lock_output(held.target("other-run_1", None))
+    try:
+        config = ParallelRunConfig(
+            entry_script=str(tmp_path / "score.py"),
+            output_action="append_row",
+            mini_batch_size=4,
+            compute_target=cluster,
+        )
+        step = ParallelRunStep(
+            "named",
+            config,
+            inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
+            outputs=_outputs(tmp_path),
+        )
+        with pytest.raises(ConfigError, match="is in use by run 'other-run_1'"):
+            step.run()
+    finally:
+        lock.release()
+    assert not (tmp_path / "scores" / ".daskrun" / "lock").exists()
+    assert not (tmp_path / "scores" / "scores.csv").exists()

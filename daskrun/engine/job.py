@@ -216,7 +216,7 @@ class Job(Planning):
         resume (``resumed_digest`` is the run's) whose inputs changed, only
         ``replan`` goes on, keeping the mini-batches whose inputs did not.
         """
-        if self.target is not None and (lock := _prepare_output(self.target)):
+        for lock in _prepare_output(self.target) if self.target is not None else ():
             self.locks.callback(lock.release)
         if self.described.config.compute_target is None:
             # daskrun's own cluster starts while the inputs are planned (its

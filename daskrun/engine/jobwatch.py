@@ -37,14 +37,23 @@ from daskrun.monitoring.report import write_report
 logger = logging.getLogger("daskrun")
 
 
-def _prepare_output(target: _output.OutputTarget) -> FileLock | None:
-    """Lock a local output folder for this run, and make the parts folder,
-    within ``daskrun.storage-timeout`` on remote storage."""
-    lock = _output.lock_output(target) if target.local else None
+def _prepare_output(target: _output.OutputTarget) -> list[FileLock]:
+    """Lock each local output folder for this run (every named output's),
+    and make the parts folder, within ``daskrun.storage-timeout`` on remote
+    storage; the locks taken."""
+    locks: list[FileLock] = []
+    try:
+        for folder in target.folders():
+            if folder.local:  # a folder in use: refused in one line
+                locks.append(_output.lock_output(folder))
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
     try:
         _output.prepare_parts(target)
     except BaseException as e:
-        if lock is not None:
+        for lock in locks:
             lock.release()
         if isinstance(e, _output.OutputError):
             raise ConfigError(str(e)) from None
@@ -55,7 +64,7 @@ def _prepare_output(target: _output.OutputTarget) -> FileLock | None:
                 "storage's endpoint and credentials"
             ) from None
         raise
-    return lock
+    return locks
 
 
 def _register(

@@ -79,6 +79,11 @@ class OutputTarget:
     def local(self) -> bool:
         return isinstance(self.fs(), LocalFileSystem)
 
+    def folders(self) -> list[OutputTarget]:
+        """The output folders this target writes, one target each (its
+        own; a set of named outputs has one per output), to lock."""
+        return [self]
+
     @property
     def final_url(self) -> str:
         return f"{self.url.rstrip('/')}/{self.file_name}"

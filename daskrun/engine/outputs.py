@@ -195,6 +195,9 @@ class OutputSet(OutputTarget):
     def encode(self, result: Any, items: int | None = None) -> tuple[bytes, int]:
         return Sections(self.outputs).encode(result, items)
 
+    def folders(self) -> list[OutputTarget]:
+        return [o.target(self.run_id, self.timeout) for o in self.outputs]
+
     def publish(
         self, succeeded: Sequence[int], describe: Callable[[int], str] | None = None
     ) -> str:
