@@ -491,3 +491,40 @@ def test_an_output_folder_in_use_by_another_run_is_refused(
         lock.release()
     assert not (tmp_path / "scores" / ".daskrun" / "lock").exists()
     assert not (tmp_path / "scores" / "scores.csv").exists()
+
+
+def test_a_changed_output_format_is_not_reused(
+    tmp_path: Path, cluster: LocalCluster
+) -> None:
+    # allow_reuse: the same step again reuses its run; the same step whose
+    # named output is written in another format runs (other files)
+    ws = Workspace.create(tmp_path / "ws")
+    make_files(tmp_path / "in", 4)
+    write_script(tmp_path / "src", SCORING)
+
+    def submit(scores_format: str) -> str:
+        step = ParallelRunStep(
+            "score",
+            ParallelRunConfig(
+                entry_script="score.py",
+                source_directory=str(tmp_path / "src"),
+                output_action="append_row",
+                mini_batch_size=2,
+                compute_target=cluster,
+            ),
+            inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
+            outputs={
+                "scores": OutputSpec(PipelineData("scores"), format=scores_format),
+                "labels": PipelineData("labels"),
+                "embeddings": PipelineData("embeddings"),
+            },
+        )
+        run = Experiment(ws, "reuse").submit(Pipeline(ws, [step]))
+        assert run.wait_for_completion() == "Completed"
+        (step_run,) = run.get_steps()
+        return step_run.reused_from or ""
+
+    first = submit("csv")
+    assert first == ""
+    assert submit("csv") != ""  # nothing changed: reused
+    assert submit("parquet") == ""  # another format: run again

@@ -33,7 +33,7 @@ from daskrun.monitoring.console import Console, ConsoleFeed
 from daskrun.registry.models import model_refs
 from daskrun.registry.records import RunRecord, now
 from daskrun.registry.step import ParallelRunStep, StepRun, _execute, new_run_id
-from daskrun.registry.stepoutputs import written_data
+from daskrun.registry.stepoutputs import named, written_data
 from daskrun.registry.workspace import Datastore, Workspace
 
 TERMINAL = ("Completed", "Failed", "Canceled")
@@ -439,6 +439,7 @@ def fingerprint(step: ParallelRunStep) -> str:
         "arguments": [str(a) for a in step.arguments],
         # only where set, so that the runs from before they existed still match
         **_partitioning(step),
+        **_named_outputs(step),
         "outputs": sorted(w["datastore"] for w in step.outputs.values()),
         # a newly registered model version may change the results
         "models": sorted(
@@ -461,6 +462,15 @@ def _partitioning(step: ParallelRunStep) -> dict[str, Any]:
     if step.dataset_name is not None:
         found["dataset"] = step.dataset_name
     return found
+
+
+def _named_outputs(step: ParallelRunStep) -> dict[str, Any]:
+    """What named outputs add to a fingerprint: each one's name, format and
+    file name (a changed format gives other files); nothing without them."""
+    placed = named(step.named_outputs)
+    if not placed:
+        return {}
+    return {"named_outputs": [(o.name, o.output_format, o.file_name) for o in placed]}
 
 
 def _reusable(workspace: Workspace, key: str) -> RunRecord | None:
