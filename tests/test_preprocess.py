@@ -8,6 +8,7 @@ the others ``preprocess()``), so these tests run everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -179,6 +180,59 @@ def test_a_hung_preprocess_is_stopped_by_the_timeout_and_named(
     assert "preprocess() did not return" in report.loc[0, "error"]
     assert "run_invocation_timeout=5" in report.loc[0, "error"]
     assert time.monotonic() - start < 90
+
+
+@pytest.mark.slow
+def test_a_frozen_preprocess_worker_is_caught_by_the_client_deadline(
+    tmp_path: Path,
+) -> None:
+    # a CPU worker stopped (SIGSTOP) for 30 s inside preprocess() runs no
+    # watchdog: the client's deadline (timeout + grace) restarts it, and the
+    # mini-batch is preprocessed again elsewhere, its rows written once
+    make_files(tmp_path / "in", 12)
+    marks = tmp_path / "marks"
+    script = two_stage(marks, victim="f00005.txt")
+    done = threading.Event()
+
+    def freezer() -> None:
+        mark = marks / "pre.pid"
+        while not mark.exists() and not done.is_set():
+            time.sleep(0.02)
+        if done.is_set():
+            return
+        pid = int(mark.read_text())
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            done.wait(30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    thread = threading.Thread(target=freezer, daemon=True)
+    thread.start()
+    start = time.monotonic()
+    try:
+        with dask.config.set(
+            {"daskrun.runner.frozen-grace": 2, "daskrun.runner.speculate": False}
+        ):
+            run = run_step(
+                tmp_path,
+                script,
+                Dataset.File.from_files(str(tmp_path / "in")),
+                mini_batch_size=1,
+                run_invocation_timeout=3,
+                run_max_try=2,
+                process_count_per_node=3,
+            )
+        elapsed = time.monotonic() - start
+    finally:
+        done.set()
+        thread.join(5)
+    assert (marks / "pre.pid").exists()
+    assert run.status == "Completed", run.error
+    lines = Path(run.output_path or "").read_text().splitlines()
+    assert lines == [f"f{i:05d}.txt {i} True" for i in range(12)]
+    assert elapsed < 28, elapsed  # not the 30 s the worker stayed stopped
 
 
 @pytest.mark.parametrize("stage", ["pre", "run"])

@@ -336,7 +336,9 @@ class FrozenWorkers:
     try, and the worker is restarted through its Nanny, which kills the
     process even while it is stopped: a late result or part from it can then
     never arrive. A task holding several mini-batches charges none of them;
-    each is rerun alone, as for any worker lost.
+    each is rerun alone, as for any worker lost. A worker frozen in a task
+    that a pending one needs (``owner`` maps its key to the pending one's: a
+    preprocess task) is restarted too, and the task rerun elsewhere.
     """
 
     def __init__(
@@ -347,8 +349,12 @@ class FrozenWorkers:
         timeout: float,
         pending: dict[Any, list[tuple[MiniBatch, int]]],
         began: dict[Any, tuple[str, float]] | None = None,
+        owner: Callable[[Any], Any] | None = None,
     ):
         self.client = client
+        # the pending task a key on a worker works for: its own, or (a
+        # preprocess task of engine.stages) the run task that needs it
+        self.owner = owner or (lambda key: key)
         self.events_topic = events_topic
         self.starts_topic = starts_topic
         self.grace = float(config_get("runner.frozen-grace"))
@@ -386,7 +392,7 @@ class FrozenWorkers:
             return
         groups = {f.key: g for f, g in list(self.pending.items())}
         for address, keys in silent.items():
-            ours = [k for k in keys if k in groups]
+            ours = [k for k in keys if self.owner(k) in groups]
             if not ours:
                 continue
             key, agent = self.started.pop(address, (None, address))

@@ -33,7 +33,7 @@ from daskrun.engine.lost import (
 from daskrun.engine.plugin import TryResult
 from daskrun.engine.shrink import Shrink
 from daskrun.engine.speculation import Speculation, events
-from daskrun.engine.stages import StageLostTasks, TwoStage
+from daskrun.engine.stages import StageLostTasks, TwoStage, run_key
 from daskrun.engine.tasks import process_mini_batches
 
 # Canceled lives in exceptions.py; ``runner.Canceled`` stays importable
@@ -467,6 +467,7 @@ class Runner:
             self.cfg.run_invocation_timeout,
             self.pending,
             self.speculation.began if self.speculation is not None else None,
+            run_key,
         )
         if self.timeouts != (None, None):
             self.stall = NoProgress(

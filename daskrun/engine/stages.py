@@ -71,6 +71,18 @@ def script_has_preprocess(source: str) -> bool:
     return False
 
 
+def run_key(key: Any) -> Any:
+    """The key of the run task a preprocess task of ``key`` feeds; any
+    other key as it is.
+
+    >>> run_key(("run-3f2a-preprocess", 7)), run_key(("run-3f2a", 7))
+    (('run-3f2a', 7), ('run-3f2a', 7))
+    """
+    if isinstance(key, tuple) and key and str(key[0]).endswith(f"-{PHASE}"):
+        return (str(key[0])[: -len(PHASE) - 1], *key[1:])
+    return key
+
+
 def _plugin_source(plugin: Any) -> str | None:
     """The entry script's source, from the bundle the plugin carries."""
     settings = getattr(plugin, "settings", None)
