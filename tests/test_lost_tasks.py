@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,10 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daskrun import Dataset
+from daskrun.backends.compute.local import local_cluster
 from daskrun.backends.inputs.datasets import FileBatch
 from daskrun.engine.lost import judge_lost_task
 
-from .helpers import VictimKiller, make_files, run_step, victim_script
+from .helpers import VictimKiller, make_files, poll_for, run_step, victim_script
 
 DIED = ("WorkerDied: worker-0 died while running it", "worker-0")
 
@@ -219,3 +222,26 @@ def test_a_cluster_that_retries_tasks_itself(
     assert report.loc[15, "tries"] == 1  # the scheduler's rerun is not a try
     assert report.loc[30, "tries"] == 2  # 4 deaths: one KilledWorker, one try
     assert (report.drop(index=[15, 30])["tries"] == 1).all()
+
+
+def test_the_own_cluster_keeps_a_worker_that_dies_again_and_again() -> None:
+    # distributed's SpecCluster closes the Nanny of a worker the scheduler
+    # lost when, lost-worker-timeout later, no worker of its name is back:
+    # a worker dying on every try (a timeout each time) was caught between
+    # two lives until no Nanny was left, and the job waited for ever. With
+    # the timeout at 0.05 s, before any restart is done, daskrun's own
+    # cluster still gets each killed worker back, every time.
+    with (
+        dask.config.set({"distributed.deploy.lost-worker-timeout": 0.05}),
+        local_cluster(2) as client,
+    ):
+        for _ in range(3):
+            address, pid = next(iter(client.run(os.getpid).items()))
+            os.kill(pid, signal.SIGKILL)
+
+            def back(gone: str = address) -> bool:
+                workers = client.scheduler_info(n_workers=-1)["workers"]
+                return len(workers) == 2 and gone not in workers
+
+            poll_for(back, timeout=60, what="the killed worker's restart")
+        assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2

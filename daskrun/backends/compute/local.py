@@ -24,6 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 import dask.config
 from distributed import Client, LocalCluster, WorkerPlugin
 from distributed.core import Status
+from distributed.deploy.cluster import Cluster
 from distributed.security import Security
 from distributed.worker_memory import parse_memory_limit
 
@@ -209,7 +210,7 @@ def _new_cluster(options: dict[str, Any], n: int) -> tuple[Any, bool]:
     resources already."""
     cuda = cuda_cluster_class() if gpu_count() else None
     if cuda is None:
-        return LocalCluster(processes=True, **options), False
+        return RestartingCluster(processes=True, **options), False
     resources = pool_resources(1, gpus=True)[0]
     return cuda(**{**options, "n_workers": n, "resources": resources}), True
 
@@ -496,6 +497,27 @@ class _MainHidden(_Nested):
 
 
 _main_hidden = _MainHidden()
+
+
+class RestartingCluster(LocalCluster):
+    """daskrun's own local cluster: each worker process that exits (a
+    watchdog's timeout, a crash, a kill) is started again by its Nanny, for
+    as long as the cluster lives.
+
+    A ``SpecCluster`` also closes the Nanny of a worker the scheduler lost
+    if, ``distributed.deploy.lost-worker-timeout`` (15 s) later, no worker
+    of that name is connected: meant for workers that are gone, it caught
+    workers restarting again and again (a mini-batch timing out on every
+    try) between two lives, until no Nanny was left and the job waited for
+    workers that would never come. Here the Nanny decides: the scheduler's
+    bookkeeping of a removed worker is kept, its Nanny is not closed.
+    """
+
+    def _update_worker_status(self, op: str, msg: Any) -> None:
+        if op == "remove":  # the Cluster's bookkeeping, not SpecCluster's
+            Cluster._update_worker_status(self, op, msg)
+            return
+        super()._update_worker_status(op, msg)
 
 
 class QuickExit(WorkerPlugin):
