@@ -602,3 +602,33 @@ def quick_start_blocks() -> list[str]:
     section = readme.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
     assert '__main__":' not in re.sub(r"No `if __name__[^`]*` is needed", "", section)
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+@contextlib.contextmanager
+def stopped_when_marked(marker: Path, seconds: float = 30) -> Iterator[None]:
+    """While in this block: once ``marker`` holds a process id (written by
+    an entry script), stop that process (SIGSTOP), as a frozen machine or a
+    system call holding the interpreter would, for ``seconds`` or until the
+    block ends; then let it go on (SIGCONT)."""
+    done = threading.Event()
+
+    def freezer() -> None:
+        while not marker.exists() and not done.is_set():
+            time.sleep(0.02)
+        if done.is_set():
+            return
+        pid = int(marker.read_text())
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            done.wait(seconds)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    thread = threading.Thread(target=freezer, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(5)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +15,13 @@ from distributed import Client, LocalCluster
 
 from daskrun import Dataset
 
-from .helpers import VictimKiller, make_files, run_step, victim_script
+from .helpers import (
+    VictimKiller,
+    make_files,
+    run_step,
+    stopped_when_marked,
+    victim_script,
+)
 
 HANGING_SCRIPT = """
 import os, time
@@ -273,25 +276,8 @@ def test_a_frozen_worker_is_caught_by_the_client_deadline(tmp_path: Path) -> Non
                 time.sleep(2)  # the test stops this process meanwhile
         return [os.path.basename(p) for p in mini_batch]
     """
-    done = threading.Event()
-
-    def freezer() -> None:
-        while not marker.exists() and not done.is_set():
-            time.sleep(0.02)
-        if done.is_set():
-            return
-        pid = int(marker.read_text())
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            done.wait(30)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-
-    thread = threading.Thread(target=freezer, daemon=True)
-    thread.start()
     start = time.monotonic()
-    try:
+    with stopped_when_marked(marker):
         # no speculative copy: at the tail, a copy on the other worker
         # would win before the deadline this test is about
         with dask.config.set(
@@ -307,9 +293,6 @@ def test_a_frozen_worker_is_caught_by_the_client_deadline(tmp_path: Path) -> Non
                 process_count_per_node=2,
             )
         elapsed = time.monotonic() - start
-    finally:
-        done.set()
-        thread.join(5)
     assert marker.exists()
     assert run.status == "Completed", run.error
     lines = Path(run.output_path or "").read_text().splitlines()

@@ -8,7 +8,6 @@ the others ``preprocess()``), so these tests run everywhere.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
@@ -26,7 +25,13 @@ from daskrun.backends.compute.machine import gpu_count
 from daskrun.engine.stages import script_has_preprocess
 from daskrun.exceptions import ConfigError, JobFailedError
 
-from .helpers import make_files, poison_files, poll_for, run_step
+from .helpers import (
+    make_files,
+    poison_files,
+    poll_for,
+    run_step,
+    stopped_when_marked,
+)
 
 # preprocess() reads each file and notes its process; run() notes its own,
 # and that init() ran there; init() leaves a mark per process in MARKS
@@ -192,42 +197,23 @@ def test_a_frozen_preprocess_worker_is_caught_by_the_client_deadline(
     make_files(tmp_path / "in", 12)
     marks = tmp_path / "marks"
     script = two_stage(marks, victim="f00005.txt")
-    done = threading.Event()
-
-    def freezer() -> None:
-        mark = marks / "pre.pid"
-        while not mark.exists() and not done.is_set():
-            time.sleep(0.02)
-        if done.is_set():
-            return
-        pid = int(mark.read_text())
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            done.wait(30)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-
-    thread = threading.Thread(target=freezer, daemon=True)
-    thread.start()
     start = time.monotonic()
-    try:
-        with dask.config.set(
+    with (
+        stopped_when_marked(marks / "pre.pid"),
+        dask.config.set(
             {"daskrun.runner.frozen-grace": 2, "daskrun.runner.speculate": False}
-        ):
-            run = run_step(
-                tmp_path,
-                script,
-                Dataset.File.from_files(str(tmp_path / "in")),
-                mini_batch_size=1,
-                run_invocation_timeout=3,
-                run_max_try=2,
-                process_count_per_node=3,
-            )
+        ),
+    ):
+        run = run_step(
+            tmp_path,
+            script,
+            Dataset.File.from_files(str(tmp_path / "in")),
+            mini_batch_size=1,
+            run_invocation_timeout=3,
+            run_max_try=2,
+            process_count_per_node=3,
+        )
         elapsed = time.monotonic() - start
-    finally:
-        done.set()
-        thread.join(5)
     assert (marks / "pre.pid").exists()
     assert run.status == "Completed", run.error
     lines = Path(run.output_path or "").read_text().splitlines()
