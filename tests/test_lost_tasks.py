@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -245,3 +247,51 @@ def test_the_own_cluster_keeps_a_worker_that_dies_again_and_again() -> None:
 
             poll_for(back, timeout=60, what="the killed worker's restart")
         assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+
+
+def test_a_cluster_whose_workers_all_leave_fails_the_job_in_bounded_time(
+    tmp_path: Path, local_cluster: Callable[..., LocalCluster]
+) -> None:
+    # a cluster of the user's (not a batch queue) whose workers all leave
+    # mid-job, none coming back: the job fails once daskrun.workers-timeout
+    # has passed with no worker, naming it, instead of waiting for ever
+    cluster = local_cluster()
+    make_files(tmp_path / "in", 40)
+    started = tmp_path / "started"
+    script = f"""
+import os, time
+
+def init():
+    pass
+
+def run(mini_batch):
+    open({str(started)!r}, "a").close()
+    time.sleep(0.5)
+    return [os.path.basename(p) for p in mini_batch]
+"""
+    leaver = threading.Thread(
+        target=lambda: (
+            poll_for(started.exists, timeout=120, what="the first run()"),
+            cluster.scale(0),
+        ),
+        daemon=True,
+    )
+    leaver.start()
+    begin = time.monotonic()
+    with dask.config.set({"daskrun.workers-timeout": 2}):
+        run = run_step(
+            tmp_path,
+            script,
+            Dataset.File.from_files(str(tmp_path / "in")),
+            mini_batch_size=1,
+            compute_target=cluster,
+            error_threshold=-1,
+        )
+    leaver.join(5)
+    assert run.status == "Failed"
+    assert (
+        "every worker of the cluster left and none came back within 2 s "
+        "(daskrun.workers-timeout)" in (run.error or "")
+    ), run.error
+    assert run.run_id in (run.error or "")  # the resume command names the run
+    assert time.monotonic() - begin < 90

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from daskrun.backends.compute.cluster import EarlyStart, connect, dashboard_link
-from daskrun.backends.compute.jobqueue import is_jobqueue_cluster
+from daskrun.backends.compute.jobqueue import WorkerWatch, is_jobqueue_cluster
 from daskrun.backends.storage import FileLock
 from daskrun.engine import output as _output
 from daskrun.engine.bundle import build_bundle
@@ -480,7 +480,7 @@ class Job(Planning):
             ),
             say=self.console.say,
         )
-        return Runner(
+        runner = Runner(
             client,
             self.plugin,
             self.tally,
@@ -490,7 +490,28 @@ class Job(Planning):
             interrupt=self.interrupt,
             progress_timeout=self.progress_timeout,
             first_result_timeout=self.first_result_timeout,
-        ).run(batches)
+        )
+        with self._workers_watched(client):
+            return runner.run(batches)
+
+    def _workers_watched(self, client: Any) -> contextlib.AbstractContextManager[Any]:
+        """While the mini-batches run on a cluster that is not a batch queue
+        (whose own watch, :func:`~daskrun.backends.compute.jobqueue.on_queue`,
+        knows its walltime): a cluster whose workers all left, and none came
+        back within ``daskrun.workers-timeout``, fails the job."""
+        grace = workers_timeout(queued=False)
+        if self._queued() or grace is None:
+            return contextlib.nullcontext()
+        return WorkerWatch(
+            client,
+            grace,
+            lambda why: self.interrupt.trigger(why.replace("RUN_ID", self.run_id)),
+            lambda grace: (
+                f"every worker of the cluster left and none came back within "
+                f"{grace:g} s (daskrun.workers-timeout); start workers for its "
+                "scheduler, then resume the run (daskrun resume RUN_ID)"
+            ),
+        )
 
     def _plan_rest(self, client: Any) -> Iterator[Any]:
         """Once enough of the pilot's outcomes are in (the rest of the pilot

@@ -224,19 +224,21 @@ def job_walltime(header: str) -> str:
 
 class WorkerWatch:
     """Fails a running step whose workers are all gone for ``grace`` seconds
-    (batch jobs ended by their walltime, or cancelled)."""
+    (batch jobs ended by their walltime, or cancelled; a scheduler whose
+    workers all left): ``on_lost(why)`` is called once, ``why`` from
+    ``lost(grace)``."""
 
     def __init__(
         self,
         client: Client,
         grace: float,
         on_lost: Callable[[str], None],
-        describe: str,
+        lost: Callable[[float], str],
     ):
         self.client = client
         self.grace = grace
         self.on_lost = on_lost
-        self.describe = describe
+        self.lost = lost
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._watch, name="daskrun-worker-watch", daemon=True
@@ -262,12 +264,7 @@ class WorkerWatch:
                 continue
             gone_since = gone_since or time.monotonic()
             if time.monotonic() - gone_since >= self.grace:
-                self.on_lost(
-                    f"every worker of the step left and none came back within "
-                    f"{self.grace:g} s ({self.describe}); the batch jobs ended, "
-                    "e.g. their walltime ran out: raise walltime and resume the "
-                    "run (daskrun resume RUN_ID)"
-                )
+                self.on_lost(self.lost(self.grace))
                 return
 
 
@@ -290,5 +287,15 @@ def on_queue(
             yield client
             return
         walltime = job_walltime(cluster.job_header)
-        with WorkerWatch(client, timeout, on_lost, f"walltime={walltime}"):
+        with WorkerWatch(
+            client, timeout, on_lost, lambda grace: _jobs_ended(grace, walltime)
+        ):
             yield client
+
+
+def _jobs_ended(grace: float, walltime: str) -> str:
+    return (
+        f"every worker of the step left and none came back within {grace:g} s "
+        f"(walltime={walltime}); the batch jobs ended, e.g. their walltime ran "
+        "out: raise walltime and resume the run (daskrun resume RUN_ID)"
+    )
