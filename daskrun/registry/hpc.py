@@ -19,13 +19,14 @@ closing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import dask.utils
 
 from daskrun.backends.compute.mpi import MpiRanks, initialize
 from daskrun.backends.compute.objects import ClusterObject
 from daskrun.backends.compute.queues import PbsJobs, SgeJobs
+from daskrun.backends.compute.targets import ComputeBackend
 from daskrun.exceptions import ConfigError
 from daskrun.registry.compute import ProvisioningConfiguration
 
@@ -56,21 +57,16 @@ def _queue_configuration(
     return ProvisioningConfiguration(kind, {**options, "job_extra_directives": extra})
 
 
-class PbsCompute:
-    """Worker processes in PBS batch jobs (PBS Pro, OpenPBS, Torque), through
-    dask-jobqueue's ``PBSCluster``: ``node_count`` jobs of
-    ``process_count_per_node`` worker processes each, requested for each
-    step and cancelled after.
+class _QueueCompute:
+    """A batch queue's door (:class:`PbsCompute`, :class:`SgeCompute`):
+    the engine's class of its jobs and dask-jobqueue's cluster class."""
 
-    >>> PbsCompute.provisioning_configuration(memory="2 gigs")
-    Traceback (most recent call last):
-    ...
-    daskrun.exceptions.ConfigError: memory='2 gigs' is not an amount of memory; \
-use e.g. memory='2GB'
-    """
+    jobs: ClassVar[type[ComputeBackend]]
+    cluster_class: ClassVar[str]
 
-    @staticmethod
+    @classmethod
     def provisioning_configuration(
+        cls,
         queue: str | None = None,
         cores: int = 1,
         memory: str = "2GB",
@@ -84,34 +80,38 @@ use e.g. memory='2GB'
     ) -> ProvisioningConfiguration:
         """As :meth:`SlurmCompute.provisioning_configuration
         <daskrun.SlurmCompute.provisioning_configuration>`: ``cores`` and
-        ``memory`` are per worker process; ``account`` is PBS's ``-A``;
-        ``job_extra_directives`` are added as ``#PBS`` lines."""
-        options = dict(locals())
-        return _queue_configuration(PbsJobs.kind, "PBSCluster", options)
+        ``memory`` are per worker process; ``account`` and
+        ``job_extra_directives`` are the queue's own (see the class)."""
+        options = {k: v for k, v in locals().items() if k != "cls"}
+        return _queue_configuration(cls.jobs.kind, cls.cluster_class, options)
 
 
-class SgeCompute:
+class PbsCompute(_QueueCompute):
+    """Worker processes in PBS batch jobs (PBS Pro, OpenPBS, Torque), through
+    dask-jobqueue's ``PBSCluster``: ``node_count`` jobs of
+    ``process_count_per_node`` worker processes each, requested for each
+    step and cancelled after. ``account`` is PBS's ``-A``;
+    ``job_extra_directives`` are added as ``#PBS`` lines.
+
+    >>> PbsCompute.provisioning_configuration(memory="2 gigs")
+    Traceback (most recent call last):
+    ...
+    daskrun.exceptions.ConfigError: memory='2 gigs' is not an amount of memory; \
+use e.g. memory='2GB'
+    """
+
+    jobs = PbsJobs
+    cluster_class = "PBSCluster"
+
+
+class SgeCompute(_QueueCompute):
     """Worker processes in Grid Engine batch jobs (SGE, Son of Grid Engine),
-    through dask-jobqueue's ``SGECluster``, as :class:`PbsCompute`."""
+    through dask-jobqueue's ``SGECluster``, as :class:`PbsCompute`.
+    ``account`` is Grid Engine's project (``-P``); ``job_extra_directives``
+    are added as ``#$`` lines (e.g. ``["-pe smp 4"]``)."""
 
-    @staticmethod
-    def provisioning_configuration(
-        queue: str | None = None,
-        cores: int = 1,
-        memory: str = "2GB",
-        walltime: str = "01:00:00",
-        python: str | None = None,
-        interface: str | None = None,
-        account: str | None = None,
-        job_extra_directives: list[str] | None = None,
-        local_directory: str | None = None,
-        log_directory: str | None = None,
-    ) -> ProvisioningConfiguration:
-        """``account`` is Grid Engine's project (``-P``);
-        ``job_extra_directives`` are added as ``#$`` lines (e.g.
-        ``["-pe smp 4"]``)."""
-        options = dict(locals())
-        return _queue_configuration(SgeJobs.kind, "SGECluster", options)
+    jobs = SgeJobs
+    cluster_class = "SGECluster"
 
 
 class MpiCompute:
