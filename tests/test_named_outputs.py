@@ -90,6 +90,24 @@ def _outputs(tmp_path: Path) -> dict[str, object]:
     }
 
 
+def _step(
+    tmp_path: Path, cluster: LocalCluster, name: str, mini_batch_size: int
+) -> ParallelRunStep:
+    """The scoring step over ``tmp_path/in`` with :func:`_outputs`."""
+    config = ParallelRunConfig(
+        entry_script=str(tmp_path / "score.py"),
+        output_action="append_row",
+        mini_batch_size=mini_batch_size,
+        compute_target=cluster,
+    )
+    return ParallelRunStep(
+        name,
+        config,
+        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
+        outputs=_outputs(tmp_path),
+    )
+
+
 def _check_exact(tmp_path: Path, n: int) -> None:
     scores, labels, embeddings = _reference(n)
     pd.testing.assert_frame_equal(
@@ -161,18 +179,7 @@ def test_three_outputs_exact_and_in_order(
 ) -> None:
     make_files(tmp_path / "in", 41)
     write_script(tmp_path, SCORING)
-    config = ParallelRunConfig(
-        entry_script=str(tmp_path / "score.py"),
-        output_action="append_row",
-        mini_batch_size=4,
-        compute_target=cluster,
-    )
-    step = ParallelRunStep(
-        "named",
-        config,
-        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
-        outputs=_outputs(tmp_path),
-    )
+    step = _step(tmp_path, cluster, "named", 4)
     run = step.run()
     assert run.status == "Completed", run.error
     _check_exact(tmp_path, 41)
@@ -195,18 +202,7 @@ def test_three_outputs_exact_and_in_order(
 def test_via_client_writes_named_outputs(tmp_path: Path, cluster: LocalCluster) -> None:
     make_files(tmp_path / "in", 17)
     write_script(tmp_path, SCORING)
-    config = ParallelRunConfig(
-        entry_script=str(tmp_path / "score.py"),
-        output_action="append_row",
-        mini_batch_size=3,
-        compute_target=cluster,
-    )
-    step = ParallelRunStep(
-        "named-via-client",
-        config,
-        inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
-        outputs=_outputs(tmp_path),
-    )
+    step = _step(tmp_path, cluster, "named-via-client", 3)
     with dask.config.set({"daskrun.output.via-client": True}):
         run = step.run()
     assert run.status == "Completed", run.error
@@ -473,18 +469,7 @@ def test_an_output_folder_in_use_by_another_run_is_refused(
     held = NamedOutput("labels", str(tmp_path / "labels"), "labels.txt", "text")
     lock = lock_output(held.target("other-run_1", None))
     try:
-        config = ParallelRunConfig(
-            entry_script=str(tmp_path / "score.py"),
-            output_action="append_row",
-            mini_batch_size=4,
-            compute_target=cluster,
-        )
-        step = ParallelRunStep(
-            "named",
-            config,
-            inputs=[Dataset.File.from_files(str(tmp_path / "in"))],
-            outputs=_outputs(tmp_path),
-        )
+        step = _step(tmp_path, cluster, "named", 4)
         with pytest.raises(ConfigError, match="is in use by run 'other-run_1'"):
             step.run()
     finally:
