@@ -651,38 +651,44 @@ def tool_daskrun_map_write(workload: str, data: Path, model: str, out: Path) -> 
 # --- driver -------------------------------------------------------------------
 
 
-class PeakRss:
-    """Peak resident memory of this process and of its largest descendant.
+class WorkerRss:
+    """Peak resident memory of the largest descendant of process ``pid``,
+    sampled every 100 ms from the driver, alike for every tool: outside the
+    measured process, so that sampling takes none of its time (nor its GIL,
+    which a client's in-process scheduler needs)."""
 
-    This process's own peak is the kernel's (``VmHWM``, which starts afresh
-    at ``exec``, unlike ``ru_maxrss``, which keeps the launching process's
-    peak). Worker processes are sampled every 20 ms, alike for every tool.
-    """
-
-    def __init__(self) -> None:
-        self.me = psutil.Process()
-        self.workers = 0
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            for proc in self.me.children(recursive=True):
+        while not self._stop.wait(0.1):
+            try:
+                procs = self.root.children(recursive=True)
+            except psutil.Error:  # the tool has exited
+                return
+            for proc in procs:
                 try:
-                    self.workers = max(self.workers, proc.memory_info().rss)
+                    self.peak = max(self.peak, proc.memory_info().rss)
                 except psutil.Error:
                     pass
 
-    def stop(self) -> dict[str, int]:
+    def stop(self) -> int:
+        """The peak, in MB."""
         self._stop.set()
         self._thread.join()
-        status = Path("/proc/self/status").read_text()
-        hwm_kb = int(status.split("VmHWM:")[1].split()[0])
-        return {
-            "client_rss_mb": round(hwm_kb / 1024),
-            "workers_rss_mb": round(self.workers / 2**20),
-        }
+        return round(self.peak / 2**20)
+
+
+def client_rss_mb() -> int:
+    """This process's peak resident memory: the kernel's ``VmHWM``, which
+    starts afresh at ``exec``, unlike ``ru_maxrss``, which keeps the
+    launching process's peak."""
+    status = Path("/proc/self/status").read_text()
+    return round(int(status.split("VmHWM:")[1].split()[0]) / 1024)
 
 
 def child(tool: str, workload: str, data: str, model: str, out: str) -> None:
@@ -690,11 +696,11 @@ def child(tool: str, workload: str, data: str, model: str, out: str) -> None:
     # pool and Dask workers find its functions by reference
     import bench_workloads
 
-    peak = PeakRss()
     timings = getattr(bench_workloads, f"tool_{tool.replace('-', '_')}")(
         workload, Path(data), model, Path(out)
     )
-    print(json.dumps({**peak.stop(), **({"timings": timings} if timings else {})}))
+    figures = {"client_rss_mb": client_rss_mb()}
+    print(json.dumps({**figures, **({"timings": timings} if timings else {})}))
 
 
 def run_tool(
@@ -711,7 +717,7 @@ def run_tool(
     out = CACHE / "out" / f"{workload}-{tool}{'-before' if before else ''}.out"
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [
             sys.executable,
             __file__,
@@ -722,7 +728,8 @@ def run_tool(
             model,
             str(out),
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         # this checkout's daskrun (or --before's), not the one installed
         env=dict(
@@ -731,13 +738,16 @@ def run_tool(
             PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(tree)]),
         ),
     )
+    workers = WorkerRss(proc.pid)
+    stdout, stderr = proc.communicate()
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{workload} {tool} failed:\n{proc.stderr[-3000:]}")
-    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{workload} {tool} failed:\n{stderr[-3000:]}")
+    figures = json.loads(stdout.strip().splitlines()[-1])
     return {
         "seconds": round(seconds, 2),
         **figures,
+        "workers_rss_mb": workers.stop(),
         "output_bytes": out.stat().st_size,
     }
 

@@ -8,10 +8,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daskrun import ConfigError, Dataset, InputError, ParallelRunConfig
 from daskrun.backends.inputs.datasets import CsvBatch, ParquetBatch, plan_row_groups
 from daskrun.engine.config import ResolvedConfig, parse_byte_size, parse_file_count
+from daskrun.engine.ledger import PlanLedger, read_listing
 from daskrun.engine.naming import check_arguments, check_step_name
 from daskrun.engine.runner import Tally, check_thresholds
 
@@ -292,3 +295,32 @@ def test_a_bound_step_describes_its_job_as_one_frozen_value(tmp_path: Path) -> N
     assert described.plan()[1] == 3  # 5 files, 2 a mini-batch
     with pytest.raises(dataclasses.FrozenInstanceError):
         described.output = "elsewhere"  # type: ignore[misc]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.text(st.sampled_from('ab,"\r\n /é'), min_size=1, max_size=8),
+            st.integers(0, 2**40),
+            st.text(st.sampled_from('0123456789",x'), min_size=1, max_size=6),
+        ),
+        max_size=6,
+    )
+)
+def test_the_listing_reads_back_what_was_written(
+    rows: list[tuple[str, int, str]],
+) -> None:
+    """Rows joined as they are where nothing needs quoting, quoted by the
+    csv module where a path or an ETag holds a comma, a quote or a line
+    end: read back the same either way."""
+    import tempfile
+
+    rows = list({path: (path, size, stamp) for path, size, stamp in rows}.values())
+    with tempfile.TemporaryDirectory() as folder:
+        ledger = PlanLedger(Path(folder))
+        ledger.files(rows[: len(rows) // 2])
+        ledger.files(rows[len(rows) // 2 :])
+        ledger.commit()
+        expected = {path: (str(size), stamp) for path, size, stamp in rows}
+        assert read_listing(Path(folder)) == expected

@@ -385,3 +385,40 @@ def test_no_first_result_in_time_cancels_the_job(tmp_path: Path) -> None:
     assert resumed.status == "Completed", resumed.error
     lines = Path(resumed.output_path or "").read_text().splitlines()
     assert lines == [f"f{i:05d}.txt" for i in range(6)]
+
+
+@pytest.mark.parametrize("threshold", [None, 65536])
+def test_own_workers_keep_glibcs_malloc_tuning_unless_a_threshold_is_set(
+    threshold: int | None,
+) -> None:
+    """distributed sets MALLOC_TRIM_THRESHOLD_ for every Nanny's worker,
+    which stops glibc's adaptive mmap threshold (large arrays mapped and
+    unmapped per mini-batch); daskrun's own workers go without it unless
+    daskrun.local-cluster.malloc-trim-threshold sets one."""
+    from daskrun.backends.compute.local import local_cluster
+
+    before = os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)  # a Nanny leaves it
+    try:
+        with (
+            dask.config.set({"daskrun.local-cluster.malloc-trim-threshold": threshold}),
+            local_cluster(1) as client,
+        ):
+            seen = client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
+            threads = client.run(os.environ.get, "OMP_NUM_THREADS")
+    finally:
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+        if before is not None:
+            os.environ["MALLOC_TRIM_THRESHOLD_"] = before
+    assert list(seen.values()) == [None if threshold is None else str(threshold)]
+    assert list(threads.values()) == ["1"]  # distributed's other settings stay
+
+
+def test_a_bad_malloc_trim_threshold_fails_before_any_worker_starts() -> None:
+    from daskrun.backends.compute.local import local_cluster
+
+    with (
+        dask.config.set({"daskrun.local-cluster.malloc-trim-threshold": "lots"}),
+        pytest.raises(ConfigError, match=r"malloc-trim-threshold='lots'.*65536"),
+        local_cluster(1),
+    ):
+        pass

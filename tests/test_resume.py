@@ -358,3 +358,97 @@ def test_a_record_keeps_its_input_paths_in_one_file_written_once(
     with pytest.raises(ConfigError, match="input paths .* are changed"):
         RunRecord.load(record.run_id, tmp_path)
     assert RunRecord.find(tmp_path)[0].inputs == []  # listing runs still works
+
+
+SLOW_INIT = """
+import os, sys, time
+
+def init():
+    folder = sys.argv[sys.argv.index("--marks") + 1]
+    open(os.path.join(folder, f"init.{os.getpid()}"), "w").write(str(time.time()))
+    if os.path.exists(os.path.join(folder, "slow")):
+        time.sleep(120)
+
+def run(mini_batch):
+    folder = sys.argv[sys.argv.index("--marks") + 1]
+    with open(os.path.join(folder, "runs"), "a") as f:
+        f.write(f"{time.time()}\\n")
+    return [os.path.basename(p) for p in mini_batch]
+"""
+
+
+def test_a_client_killed_while_its_plan_is_recorded_resumes_exactly(
+    tmp_path: Path, runs_dir: Path
+) -> None:
+    """The plan's ledger is filled while init() runs and committed just
+    before the first mini-batch: a client killed before then leaves a run
+    whose record has no digest yet, and its resume runs every input once."""
+    files = make_files(tmp_path / "in", 30, prefix="ok")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / "slow").touch()
+    write_script(tmp_path, SLOW_INIT)
+    job = ["run", "score.py", "--input", "in", "--output", "out"]
+    job += ["--mini-batch-size", "3", "--", "--marks", str(marks)]
+    proc = _start(tmp_path, runs_dir, *job)
+    poll_for(lambda: list(marks.glob("init.*")), timeout=60)
+    kill_client(proc)
+    run_id = _run_id(runs_dir)
+    assert RunRecord.load(run_id, runs_dir).inputs_digest is None
+    assert not (marks / "runs").exists()  # no mini-batch ran
+
+    (marks / "slow").unlink()
+    result = _run_cli(tmp_path, runs_dir, "resume", run_id)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "out" / "parallel_run_step.txt").read_text().splitlines()
+    assert lines == [p.name for p in files]
+    assert RunRecord.load(run_id, runs_dir).inputs_digest is not None
+
+
+def test_init_starts_while_the_plan_is_recorded_and_no_mini_batch_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stat'ing the inputs for the ledger (slowed down here) no longer
+    holds init() back; every mini-batch starts after the ledger is the
+    run's."""
+    from daskrun import Dataset
+    from daskrun.engine.ledger import FillBehind, PlanLedger
+
+    from .helpers import run_step
+
+    files = make_files(tmp_path / "in", 40)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    mini_batch = PlanLedger.mini_batch
+
+    def slow_mini_batch(self: PlanLedger, *args: object) -> None:
+        time.sleep(0.1)  # 2 s for the 20 mini-batches
+        mini_batch(self, *args)
+
+    committed_at: list[float] = []
+    commit = FillBehind.commit
+
+    def timed_commit(self: FillBehind) -> str:
+        digest = commit(self)
+        committed_at.append(time.time())
+        return digest
+
+    monkeypatch.setattr(PlanLedger, "mini_batch", slow_mini_batch)
+    monkeypatch.setattr(FillBehind, "commit", timed_commit)
+    started = time.time()
+    run = run_step(
+        tmp_path,
+        SLOW_INIT,
+        [Dataset.File.from_files(str(tmp_path / "in"))],
+        mini_batch_size=2,
+        process_count_per_node=1,
+        step_options={"arguments": ["--marks", str(marks)]},
+    )
+    assert run.status == "Completed", run.error
+    lines = Path(run.output_path or "").read_text().splitlines()
+    assert lines == [p.name for p in files]
+    (init,) = [float(p.read_text()) for p in marks.glob("init.*")]
+    runs = [float(t) for t in (marks / "runs").read_text().split()]
+    assert init < committed_at[0] - 0.5  # init() did not wait for the fill
+    assert committed_at[0] - started >= 2.0
+    assert min(runs) >= committed_at[0]

@@ -43,7 +43,7 @@ from daskrun.engine.jobwatch import (
     _Watch,
     _write_report,
 )
-from daskrun.engine.ledger import PlanLedger
+from daskrun.engine.ledger import FillBehind, PlanLedger
 from daskrun.engine.outputs import OutputSet
 from daskrun.engine.packages import PackageCheck, runs_here
 from daskrun.engine.pilot import AutoSizes
@@ -73,6 +73,7 @@ from daskrun.monitoring.dashboard import install_page
 from daskrun.monitoring.forecast import Forecast
 from daskrun.monitoring.handlers import distributed_log
 from daskrun.monitoring.monitor import DISTRIBUTED_LOG, JobLogs
+from daskrun.monitoring.report import import_ahead
 from daskrun.monitoring.resources import PerfLog
 
 logger = logging.getLogger("daskrun")
@@ -192,6 +193,7 @@ class Job(Planning):
         # what an earlier attempt wrote, on a resume (see _restore)
         self._written: _output.Parts | None = None
         self._early: EarlyStart[Any] | None = None  # see plan()
+        self._behind: FillBehind | None = None  # see plan()
         self.report: Path | None = None  # logs/report.html, once written
 
     @contextlib.contextmanager
@@ -224,11 +226,16 @@ class Job(Planning):
             self._early = EarlyStart(self._connection())
             self.locks.callback(self._early.close)
         ledger = self._ledger = PlanLedger(self.run_dir)
-        try:
-            self._fill_ledger(ledger)
-        except BaseException:
-            ledger.discard()
-            raise
+        if resumed_digest is None and self.increment is None:
+            # nothing to compare it with: filled while the workers start
+            self._behind = FillBehind(ledger, self._fill_ledger)
+            self.locks.callback(self._behind.discard)
+        else:
+            try:
+                self._fill_ledger(ledger)
+            except BaseException:
+                ledger.discard()
+                raise
         if resumed_digest not in (None, ledger.digest):
             if not replan:
                 changes = ledger.changes()
@@ -249,8 +256,9 @@ class Job(Planning):
     def open(self, record: Record, *, resuming: bool, retry_failed: bool) -> None:
         """Make the new plan the run's, and pick up an earlier attempt's
         finished mini-batches when ``resuming``."""
-        self._ledger.commit()
-        record.inputs_digest = self._ledger.digest
+        if self._behind is None:  # else once filled, see _ledger_committed
+            self._ledger.commit()
+            record.inputs_digest = self._ledger.digest
         self.record = record  # kept current when a pilot chooses the size
         if self.auto.choice is not None:
             record.auto = self.auto.choice.as_dict()
@@ -400,6 +408,7 @@ class Job(Planning):
         self.console.start(self.total, self.tally.mini_batches_done)
         self.packages.on_workers(client)
         self._watch_resources(client)
+        import_ahead()  # the report's, while init() holds the workers
         _register_watched(
             client, plugin, cfg.run_invocation_timeout, self.run_id, self.console
         )
@@ -410,6 +419,7 @@ class Job(Planning):
         self.watch.forecast = self._forecast(self.watch.pace.threads)
         if self.auto.choice is not None and not self.auto.pilot_pending:
             say(self.auto.choice.line())
+        self._ledger_committed()
         try:
             if self.auto.pilot_pending:  # no barrier: the rest follows on
                 self.auto.before_pilot(client)
@@ -430,6 +440,15 @@ class Job(Planning):
                     with contextlib.suppress(Exception):  # the cluster may be going
                         client.unsubscribe_topic(plugin.perf_topic)
                 self.perf.close()
+
+    def _ledger_committed(self) -> None:
+        """Before any mini-batch runs: the plan's ledger, filled while the
+        workers started (see :meth:`plan`), is the run's, its digest in the
+        run record."""
+        behind, self._behind = self._behind, None
+        if behind is not None:
+            self.record.inputs_digest = behind.commit()
+            self.record.save()
 
     def _preflight(self, client: Any) -> None:
         """Workers to run on, and inputs and output every host reaches

