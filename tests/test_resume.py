@@ -372,7 +372,7 @@ def init():
 def run(mini_batch):
     folder = sys.argv[sys.argv.index("--marks") + 1]
     with open(os.path.join(folder, "runs"), "a") as f:
-        f.write(f"{time.time()}\\n")
+        f.write(f"{time.time()} {os.path.basename(mini_batch[0])}\\n")
     return [os.path.basename(p) for p in mini_batch]
 """
 
@@ -405,12 +405,13 @@ def test_a_client_killed_while_its_plan_is_recorded_resumes_exactly(
     assert RunRecord.load(run_id, runs_dir).inputs_digest is not None
 
 
-def test_init_starts_while_the_plan_is_recorded_and_no_mini_batch_before_it(
+def test_the_plan_streams_each_mini_batch_after_its_digest_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Stat'ing the inputs for the ledger (slowed down here) no longer
-    holds init() back; every mini-batch starts after the ledger is the
-    run's."""
+    """Stat'ing the inputs for the ledger (slowed down here to 0.1 s a
+    mini-batch) holds back neither init() nor the first mini-batches; each
+    mini-batch runs only once its digest is written through to the files,
+    and the ledger is the run's at the end."""
     from daskrun import Dataset
     from daskrun.engine.ledger import FillBehind, PlanLedger
 
@@ -419,11 +420,16 @@ def test_init_starts_while_the_plan_is_recorded_and_no_mini_batch_before_it(
     files = make_files(tmp_path / "in", 40)
     marks = tmp_path / "marks"
     marks.mkdir()
-    mini_batch = PlanLedger.mini_batch
+    mini_batch, flush = PlanLedger.mini_batch, PlanLedger.flush
+    flushes: list[tuple[float, int]] = []
 
     def slow_mini_batch(self: PlanLedger, *args: object) -> None:
         time.sleep(0.1)  # 2 s for the 20 mini-batches
         mini_batch(self, *args)
+
+    def timed_flush(self: PlanLedger) -> None:
+        flush(self)
+        flushes.append((time.time(), self.flushed))
 
     committed_at: list[float] = []
     commit = FillBehind.commit
@@ -434,8 +440,8 @@ def test_init_starts_while_the_plan_is_recorded_and_no_mini_batch_before_it(
         return digest
 
     monkeypatch.setattr(PlanLedger, "mini_batch", slow_mini_batch)
+    monkeypatch.setattr(PlanLedger, "flush", timed_flush)
     monkeypatch.setattr(FillBehind, "commit", timed_commit)
-    started = time.time()
     run = run_step(
         tmp_path,
         SLOW_INIT,
@@ -448,7 +454,104 @@ def test_init_starts_while_the_plan_is_recorded_and_no_mini_batch_before_it(
     lines = Path(run.output_path or "").read_text().splitlines()
     assert lines == [p.name for p in files]
     (init,) = [float(p.read_text()) for p in marks.glob("init.*")]
-    runs = [float(t) for t in (marks / "runs").read_text().split()]
+    runs = [line.split() for line in (marks / "runs").read_text().splitlines()]
     assert init < committed_at[0] - 0.5  # init() did not wait for the fill
-    assert committed_at[0] - started >= 2.0
-    assert min(runs) >= committed_at[0]
+    assert min(float(t) for t, _ in runs) < committed_at[0] - 0.5  # it streamed
+    for t, first in runs:
+        index = int(first[1:6]) // 2
+        assert any(at <= float(t) and n > index for at, n in flushes), first
+    record = RunRecord.load(run.id)
+    assert record.inputs_digest is not None and record.inputs_digest.startswith("20-")
+
+
+STREAMING_CLIENT = """
+import sys, time
+from daskrun import Dataset, ParallelRunConfig, ParallelRunStep
+from daskrun.engine.ledger import PlanLedger
+
+mini_batch = PlanLedger.mini_batch
+
+def slow_mini_batch(self, *args):  # the ledger streams for 10 s
+    time.sleep(0.5)
+    mini_batch(self, *args)
+
+PlanLedger.mini_batch = slow_mini_batch
+
+if __name__ == "__main__":
+    script, inputs, output, marks = sys.argv[1:]
+    config = ParallelRunConfig(script, mini_batch_size=2, process_count_per_node=1)
+    ParallelRunStep(
+        "stream",
+        config,
+        inputs=[Dataset.File.from_files(inputs)],
+        output=output,
+        arguments=["--marks", marks],
+    ).run()
+"""
+
+CONTENTS = """
+import os, sys
+
+def init():
+    pass
+
+def run(mini_batch):
+    folder = sys.argv[sys.argv.index("--marks") + 1]
+    with open(os.path.join(folder, "calls"), "a") as f:
+        f.write(os.path.basename(mini_batch[0]) + "\\n")
+    return [open(p).read() for p in mini_batch]
+"""
+
+
+@pytest.mark.slow
+def test_a_client_killed_while_its_plan_streams_resumes_comparing_what_ran(
+    tmp_path: Path, runs_dir: Path
+) -> None:
+    """Killed mid-stream, a run has the digests of the mini-batches that
+    ran and no committed ledger: its resume keeps those whose inputs are
+    unchanged, runs again one whose file changed since, and runs the rest,
+    every row once."""
+    import sys
+
+    names = [f"f{i:05d}.txt" for i in range(40)]
+    (tmp_path / "in").mkdir()
+    for name in names:
+        (tmp_path / "in" / name).write_text(name)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = write_script(tmp_path, CONTENTS)
+    client = tmp_path / "client.py"
+    client.write_text(STREAMING_CLIENT)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, str(client), str(script), str(tmp_path / "in"), str(out)]
+        + [str(marks)],
+        cwd=tmp_path,
+        env=dict(  # a task per mini-batch
+            os.environ,
+            DASK_DASKRUN__RUNS_DIR=str(runs_dir),
+            DASK_DASKRUN__RUNNER__TASK_SECONDS="0",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_parts(out, 3, proc)
+    kill_client(proc)
+    run_id = _run_id(runs_dir)
+    assert RunRecord.load(run_id, runs_dir).inputs_digest is None
+    (run_dir,) = runs_dir.glob(f"*{run_id}*")
+    assert (run_dir / "plan.bin.new").is_file()  # the streamed digests
+    done = committed(out)
+    assert 3 <= len(done) < 20
+    changed = min(done)
+    (tmp_path / "in" / names[2 * changed]).write_text("changed")
+    (marks / "calls").unlink()
+
+    result = _run_cli(tmp_path, runs_dir, "resume", run_id)
+    assert result.returncode == 0, result.stderr
+    expected = [("changed" if i == 2 * changed else n) for i, n in enumerate(names)]
+    lines = (out / "parallel_run_step.txt").read_text().splitlines()
+    assert lines == expected
+    again = {int(n[1:6]) // 2 for n in (marks / "calls").read_text().split()}
+    assert again == set(range(20)) - done | {changed}

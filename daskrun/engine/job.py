@@ -43,7 +43,7 @@ from daskrun.engine.jobwatch import (
     _Watch,
     _write_report,
 )
-from daskrun.engine.ledger import FillBehind, PlanLedger
+from daskrun.engine.ledger import FillBehind, PlanLedger, promote_partial
 from daskrun.engine.outputs import OutputSet
 from daskrun.engine.packages import PackageCheck, runs_here
 from daskrun.engine.pilot import AutoSizes
@@ -225,11 +225,16 @@ class Job(Planning):
             # workers importing distributed take most of a short job's start)
             self._early = EarlyStart(self._connection())
             self.locks.callback(self._early.close)
+        partial = None if resumed_digest else promote_partial(self.run_dir)
+        if partial is not None:  # killed while it streamed: keep what ran unchanged
+            resumed_digest, replan = partial, True
         ledger = self._ledger = PlanLedger(self.run_dir)
         if resumed_digest is None and self.increment is None:
             # nothing to compare it with: filled while the workers start
-            self._behind = FillBehind(ledger, self._fill_ledger)
-            self.locks.callback(self._behind.discard)
+            # and, but for a pilot's re-plan, the first mini-batches run
+            streams = not self.auto.pilot_pending
+            self._behind = FillBehind(ledger, self._fill_ledger, streams)
+            self.locks.callback(self._behind.end)
         else:
             try:
                 self._fill_ledger(ledger)
@@ -419,7 +424,8 @@ class Job(Planning):
         self.watch.forecast = self._forecast(self.watch.pace.threads)
         if self.auto.choice is not None and not self.auto.pilot_pending:
             say(self.auto.choice.line())
-        self._ledger_committed()
+        if self._behind is not None and not self._behind.streams:
+            self._ledger_committed()
         try:
             if self.auto.pilot_pending:  # no barrier: the rest follows on
                 self.auto.before_pilot(client)
@@ -428,7 +434,7 @@ class Job(Planning):
                     self.pending(pilot), lambda: self._plan_rest(client), self.tally
                 )
                 return self._run_batches(client, feed)
-            return self._run_batches(client, self.pending())
+            return self._run_batches(client, self._streamed(self.pending()))
         finally:
             self.timings["last_result"] = time.perf_counter() - self.started
             if connected(client):  # else it would wait for a scheduler gone
@@ -441,10 +447,22 @@ class Job(Planning):
                         client.unsubscribe_topic(plugin.perf_topic)
                 self.perf.close()
 
+    def _streamed(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """``batches``, each once its digest is in the ledger that streams
+        (:class:`~daskrun.engine.ledger.FillBehind`); the ledger is the
+        run's once the last is handed out."""
+        behind = self._behind
+        if behind is None:
+            yield from batches
+            return
+        for batch in batches:
+            behind.wait(batch.index, self.interrupt.check)
+            yield batch
+        self._ledger_committed()
+
     def _ledger_committed(self) -> None:
-        """Before any mini-batch runs: the plan's ledger, filled while the
-        workers started (see :meth:`plan`), is the run's, its digest in the
-        run record."""
+        """The plan's ledger, filled while the workers started (see
+        :meth:`plan`), made the run's, its digest in the run record."""
         behind, self._behind = self._behind, None
         if behind is not None:
             self.record.inputs_digest = behind.commit()

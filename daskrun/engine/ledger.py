@@ -34,6 +34,29 @@ def batch_digest(plan: Any, stamps: Sequence[tuple[int, str] | None]) -> bytes:
     return hashlib.blake2b(repr((plan, stamps)).encode(), digest_size=_DIGEST).digest()
 
 
+_FLUSH_EVERY = 1024  # mini-batches, while no one waits for one
+
+
+def promote(folder: Path) -> None:
+    """Make the listing and digests being written in ``folder`` the run's."""
+    for name in (LISTING, PLAN):
+        os.replace(folder / f"{name}.new", folder / name)
+
+
+def promote_partial(folder: Path) -> str | None:
+    """The ledger a run streamed (:class:`FillBehind`) but did not commit,
+    its client killed first: made the run's, and its digest; ``None`` if
+    there is none. Every mini-batch that ran has its digest in it."""
+    if not (folder / f"{PLAN}.new").is_file():
+        return None
+    promote(folder)
+    digests = read_plan(folder)
+    total = hashlib.blake2b(digest_size=16)
+    for digest in digests:
+        total.update(digest)
+    return f"{len(digests)}-{total.hexdigest()}"
+
+
 def read_plan(folder: Path) -> list[bytes]:
     """The digests a run's committed :data:`PLAN` holds, by mini-batch."""
     data = (folder / PLAN).read_bytes()
@@ -71,6 +94,10 @@ class PlanLedger:
         self._total = hashlib.blake2b(digest_size=16)
         self.count = 0
         self.stopped = threading.Event()
+        # mini-batches whose digests (and files) are written through to the
+        # files, and how many a waiter needs (FillBehind.wait)
+        self.flushed = self.wanted = 0
+        self._progress = threading.Condition()
 
     def file(self, path: str, size: int, stamp: str) -> None:
         self._writer.writerow((unsigned(path), size, stamp))  # no SAS kept
@@ -97,6 +124,24 @@ class PlanLedger:
         self._plan.write(digest)
         self._total.update(digest)
         self.count += 1
+        if self.count >= self.wanted or self.count - self.flushed >= _FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is buffered through to the files (a process killed
+        from now on leaves it there), and wake a :meth:`wait_flushed`."""
+        self._listing.flush()
+        self._plan.flush()
+        with self._progress:
+            self.flushed = self.count
+            self._progress.notify_all()
+
+    def wait_flushed(self, n: int, timeout: float) -> bool:
+        """Wait until the first ``n`` mini-batches are flushed, at most
+        ``timeout`` seconds; whether they are."""
+        with self._progress:
+            self.wanted = max(self.wanted, n)
+            return self._progress.wait_for(lambda: self.flushed >= n, timeout)
 
     @property
     def digest(self) -> str:
@@ -109,8 +154,7 @@ class PlanLedger:
     def commit(self) -> None:
         """Make the new listing and digests the run's."""
         self.close()
-        for name in (LISTING, PLAN):
-            os.replace(self.folder / f"{name}.new", self.folder / name)
+        promote(self.folder)
 
     def discard(self) -> None:
         self.close()
@@ -176,17 +220,25 @@ class _Stopped(Exception):
 
 class FillBehind:
     """Fills a :class:`PlanLedger` in a thread of its own, with ``fill``,
-    while the cluster starts and ``init()`` runs: stat'ing every input (3
-    µs a file) no longer holds back the workers' start.
+    while the cluster starts, ``init()`` runs and (``streams``) the first
+    mini-batches run: stat'ing every input (3 µs a file) no longer holds
+    back the workers.
 
-    :meth:`commit` waits for it and makes the ledger the run's; a job calls
-    it before any mini-batch runs, so a run whose record has no digest yet
-    has nothing to resume but its plan. :meth:`discard` (any other end) stops
-    the fill at its next mini-batch and removes what it wrote.
+    A streamed mini-batch is handed out only once its digest is written
+    through to the ledger's files (:meth:`wait`), so a client killed while
+    the ledger streams leaves the digest of every mini-batch that ran;
+    ``daskrun resume`` compares those (:func:`promote_partial`). Without
+    ``streams`` the job calls :meth:`commit` before any mini-batch runs.
+    :meth:`commit` waits for the fill and makes the ledger the run's;
+    :meth:`end` (any other end) stops the fill at its next mini-batch and
+    keeps what was written if a mini-batch was handed out, else removes it.
     """
 
-    def __init__(self, ledger: PlanLedger, fill: Callable[[PlanLedger], None]):
-        self.ledger = ledger
+    def __init__(
+        self, ledger: PlanLedger, fill: Callable[[PlanLedger], None], streams: bool
+    ):
+        self.ledger, self.streams = ledger, streams
+        self.handed_out = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(
             target=self._fill, args=(fill,), name="daskrun-plan-ledger", daemon=True
@@ -196,21 +248,38 @@ class FillBehind:
     def _fill(self, fill: Callable[[PlanLedger], None]) -> None:
         try:
             fill(self.ledger)
-        except BaseException as e:  # raised by commit()
+        except BaseException as e:  # raised by wait() or commit()
             self._error = e
+        finally:
+            self.ledger.flush()
+
+    def wait(self, index: int, check: Callable[[], None]) -> None:
+        """Return once mini-batch ``index``'s digest is written through;
+        ``check`` (a job's interrupt) is called while it waits."""
+        self.handed_out = True
+        while not self.ledger.wait_flushed(index + 1, 0.2):
+            check()
+            if not self._thread.is_alive():
+                break
+        if self._error is not None:
+            raise self._error
 
     def commit(self) -> str:
         """Wait for the fill and commit it; the run's ``inputs_digest``.
         Raises what the fill raised (a file gone since it was listed)."""
         self._thread.join()
         if self._error is not None:
-            self.ledger.discard()
+            self.end()
             raise self._error
         self.ledger.commit()
         return self.ledger.digest
 
-    def discard(self) -> None:
-        """Stop the fill, unless committed, and remove what it wrote."""
+    def end(self) -> None:
+        """Stop the fill; keep what it wrote if a mini-batch was handed out
+        (a resume compares it), else remove it. A committed ledger stays."""
         self.ledger.stopped.set()
         self._thread.join()
-        self.ledger.discard()
+        if self.handed_out:
+            self.ledger.close()
+        else:
+            self.ledger.discard()
