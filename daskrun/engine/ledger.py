@@ -138,9 +138,13 @@ class PlanLedger:
 
     def wait_flushed(self, n: int, timeout: float) -> bool:
         """Wait until the first ``n`` mini-batches are flushed, at most
-        ``timeout`` seconds; whether they are."""
+        ``timeout`` seconds; whether they are. The fill is asked for up to
+        64 more at once: a flush each mini-batch, while the runner keeps
+        up with the fill, cost 40 µs a mini-batch in thread switches."""
+        if self.flushed >= n:
+            return True
         with self._progress:
-            self.wanted = max(self.wanted, n)
+            self.wanted = max(self.wanted, n + min(n, 64) - 1)
             return self._progress.wait_for(lambda: self.flushed >= n, timeout)
 
     @property

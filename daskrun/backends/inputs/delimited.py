@@ -40,7 +40,7 @@ import fsspec.utils
 from fsspec.core import url_to_fs
 
 from daskrun.backends.inputs.base import TableFormat, read_piece
-from daskrun.backends.inputs.listing import _reading, _sizes
+from daskrun.backends.inputs.listing import _map_files, _reading, _sizes
 from daskrun.backends.inputs.partitions import with_partition_columns
 from daskrun.exceptions import ConfigError
 
@@ -587,11 +587,15 @@ class Delimited(TableFormat):
     ) -> Iterator[CsvBatch]:
         fs, _ = url_to_fs(files[0], **storage_options)
         index = start
-        sizes = _sizes(fs, list(files), storage_options)
-        for path, nbytes in zip(files, sizes, strict=True):
+        sizes = dict(zip(files, _sizes(fs, list(files), storage_options), strict=True))
+
+        def cuts(path: str) -> list[tuple[int, int | None, int]]:
             with _reading(path, storage_options):
-                cuts = plan_csv(fs, path, nbytes, size, pandas_kwargs)
-            for cut in cuts:
+                return plan_csv(fs, path, sizes[path], size, pandas_kwargs)
+
+        # each file's cuts are found by reading it through: files at once
+        for path, found in zip(files, _map_files(cuts, list(files)), strict=True):
+            for cut in found:
                 yield CsvBatch(index, path, *cut)
                 index += 1
 
