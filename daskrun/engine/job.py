@@ -455,8 +455,8 @@ class Job(Planning):
         if behind is None:
             yield from batches
             return
-        for batch in batches:
-            behind.wait(batch.index, self.interrupt.check)
+        for batch in batches:  # or an earlier attempt's Unfinished one
+            behind.wait(getattr(batch, "batch", batch).index, self.interrupt.check)
             yield batch
         self._ledger_committed()
 

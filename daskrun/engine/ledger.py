@@ -118,13 +118,16 @@ class PlanLedger:
             self._listing.write(text)
 
     def mini_batch(self, plan: Any, stamps: Sequence[tuple[int, str] | None]) -> None:
-        if self.stopped.is_set():  # FillBehind.discard
+        if self.stopped.is_set():  # FillBehind.end
             raise _Stopped
         digest = batch_digest(plan, stamps)
         self._plan.write(digest)
         self._total.update(digest)
         self.count += 1
-        if self.count >= self.wanted or self.count - self.flushed >= _FLUSH_EVERY:
+        if (
+            self.flushed < self.wanted <= self.count  # a waiter's, now written
+            or self.count - self.flushed >= _FLUSH_EVERY
+        ):
             self.flush()
 
     def flush(self) -> None:
@@ -219,7 +222,7 @@ class PlanLedger:
 
 
 class _Stopped(Exception):
-    """A fill given up (:meth:`FillBehind.discard`)."""
+    """A fill given up (:meth:`FillBehind.end`)."""
 
 
 class FillBehind:
@@ -267,6 +270,11 @@ class FillBehind:
                 break
         if self._error is not None:
             raise self._error
+        if self.ledger.flushed <= index:  # the plan and its ledger disagree
+            raise RuntimeError(
+                f"mini-batch {index} has no digest in the plan's ledger "
+                f"({self.ledger.count} recorded); please report this"
+            )
 
     def commit(self) -> str:
         """Wait for the fill and commit it; the run's ``inputs_digest``.
