@@ -21,8 +21,8 @@ Prints and saves (``benchmarks/results/scale-<N>.json``):
   under 1 % (both the scheduler's rate and the workers' own per-batch cost).
 
 The files (``{i:07d}.txt``, one byte each) are made once under ``.cache/``
-and kept; ``--links`` makes hard links to one file instead (no inode per
-path: how 10,000,000 paths fit on a small disk). Usage::
+and kept; ``--links`` makes hard links instead, 60,000 to each file (no
+inode per path: how 10,000,000 paths fit on a small disk). Usage::
 
     python benchmarks/bench_scale.py                       # 1,000,000 files
     python benchmarks/bench_scale.py -n 10000000 --links --mbs 100
@@ -53,6 +53,9 @@ DASK = [sys.executable, "-m", "dask"]
 FIRST_VAR = "BENCH_CLIENT_FIRST"
 
 
+LINKS_PER_SOURCE = 60_000
+
+
 def make_inputs(n: int, links: bool) -> Path:
     """N one-byte files (or N hard links to one), made once and kept."""
     data = CACHE / (f"bench-scale-links-{n}" if links else f"bench-core-{n}")
@@ -61,11 +64,14 @@ def make_inputs(n: int, links: bool) -> Path:
     tmp = data.with_suffix(".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    if links:
-        first = tmp / f"{0:08d}.txt"
-        first.write_bytes(b"x")
-        for i in range(1, n):
-            os.link(first, tmp / f"{i:08d}.txt")
+    if links:  # ext4 allows 65,000 links to one file: a source per 60,000
+        sources = tmp.with_suffix(".sources")
+        sources.mkdir(exist_ok=True)
+        for i in range(n):
+            source = sources / f"{i // LINKS_PER_SOURCE}.txt"
+            if i % LINKS_PER_SOURCE == 0:
+                source.write_bytes(b"x")
+            os.link(source, tmp / f"{i:08d}.txt")
     else:
         for i in range(n):
             (tmp / f"{i:07d}.txt").write_bytes(b"x")
