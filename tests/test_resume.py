@@ -555,3 +555,54 @@ def test_a_client_killed_while_its_plan_streams_resumes_comparing_what_ran(
     assert lines == expected
     again = {int(n[1:6]) // 2 for n in (marks / "calls").read_text().split()}
     assert again == set(range(20)) - done | {changed}
+
+
+VANISHING = """
+import os, sys
+
+def init():
+    os.replace(sys.argv[2], sys.argv[2] + ".away")  # the last input goes
+
+def run(mini_batch):
+    return [os.path.basename(p) for p in mini_batch]
+"""
+
+
+def test_an_input_gone_while_the_plan_streams_fails_the_job_then_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An input removed after it was listed, before the streaming ledger
+    reached it, fails the job in one line naming it; put back, the run
+    resumes to an exact output."""
+    from daskrun import Dataset
+    from daskrun.engine.ledger import PlanLedger
+
+    from .helpers import run_step
+
+    files = make_files(tmp_path / "in", 40)
+    mini_batch = PlanLedger.mini_batch
+
+    def slow_mini_batch(self: PlanLedger, *args: object) -> None:
+        time.sleep(0.2)  # 4 s for the 20 mini-batches: init() comes first
+        mini_batch(self, *args)
+
+    monkeypatch.setattr(PlanLedger, "mini_batch", slow_mini_batch)
+    run = run_step(
+        tmp_path,
+        VANISHING,
+        [Dataset.File.from_files(str(tmp_path / "in"))],
+        mini_batch_size=2,
+        process_count_per_node=1,
+        step_options={"arguments": ["--gone", str(files[-1])]},
+    )
+    assert run.status == "Failed"
+    assert f"input file {str(files[-1])!r} cannot be read" in (run.error or "")
+    assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
+
+    monkeypatch.undo()
+    os.replace(f"{files[-1]}.away", files[-1])
+    write_script(tmp_path, VANISHING.replace("os.replace", "print"))  # stays
+    resumed = run.resume(new_source=True)
+    assert resumed.status == "Completed", resumed.error
+    lines = Path(resumed.output_path or "").read_text().splitlines()
+    assert lines == [p.name for p in files]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from daskrun.backends.storage import private_folder, private_open, unsigned
+from daskrun.exceptions import InputError, JobFailedError
 
 LISTING = "inputs.csv"  # path, size, mtime or ETag of each input file
 PLAN = "plan.bin"  # 8 bytes per mini-batch: a digest of its plan and inputs
@@ -268,8 +269,7 @@ class FillBehind:
             check()
             if not self._thread.is_alive():
                 break
-        if self._error is not None:
-            raise self._error
+        self._raise()
         if self.ledger.flushed <= index:  # the plan and its ledger disagree
             raise RuntimeError(
                 f"mini-batch {index} has no digest in the plan's ledger "
@@ -282,9 +282,18 @@ class FillBehind:
         self._thread.join()
         if self._error is not None:
             self.end()
-            raise self._error
+            self._raise()
         self.ledger.commit()
         return self.ledger.digest
+
+    def _raise(self) -> None:
+        """What the fill raised, if anything: an input that cannot be read
+        any more (gone since it was listed) fails the job, whose run keeps
+        the digests of what ran for its resume."""
+        if isinstance(self._error, InputError):
+            raise JobFailedError(str(self._error)) from None
+        if self._error is not None:
+            raise self._error
 
     def end(self) -> None:
         """Stop the fill; keep what it wrote if a mini-batch was handed out

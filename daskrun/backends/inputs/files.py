@@ -46,7 +46,7 @@ from daskrun.engine.config import (
     mini_batch_size_for,
     parse_file_count,
 )
-from daskrun.exceptions import ConfigError
+from daskrun.exceptions import ConfigError, InputError
 
 if TYPE_CHECKING:
     import dask.bag
@@ -153,7 +153,14 @@ class _DatasetBase(Input):
             for f in files:
                 found = stats.get(f)
                 if found is None:
-                    st = os.stat(f)
+                    try:
+                        st = os.stat(f)
+                    except OSError as e:  # gone since it was listed
+                        raise InputError(
+                            f"input file {f!r} cannot be read: {e.strerror}; it "
+                            "was listed when the job started; put it back, or "
+                            "rerun the step to list its inputs again"
+                        ) from None
                     found = st.st_size, st.st_mtime_ns
                 yield f, found[0], str(found[1])
             return
