@@ -324,3 +324,28 @@ def test_the_listing_reads_back_what_was_written(
         ledger.commit()
         expected = {path: (str(size), stamp) for path, size, stamp in rows}
         assert read_listing(Path(folder)) == expected
+
+
+@pytest.mark.parametrize("renamed", [False, True])
+def test_a_ledger_a_kill_left_is_promoted_with_its_digest(
+    tmp_path: Path, renamed: bool
+) -> None:
+    """The ledger a killed client streamed (or was committing: one file
+    renamed, not the other) becomes the run's, with the digest it would
+    have committed."""
+    import os
+
+    from daskrun.engine.ledger import promote_partial, read_plan
+
+    assert promote_partial(tmp_path) is None  # nothing was streamed
+    ledger = PlanLedger(tmp_path)
+    for i in range(3):
+        ledger.files([(f"f{i}", i, "7")])
+        ledger.mini_batch(f"f{i}", [(i, "7")])
+    ledger.flush()  # what a kill leaves: written through, not closed
+    if renamed:
+        os.replace(tmp_path / "inputs.csv.new", tmp_path / "inputs.csv")
+    assert promote_partial(tmp_path) == ledger.digest
+    assert len(read_plan(tmp_path)) == 3
+    assert read_listing(tmp_path) == {f"f{i}": (str(i), "7") for i in range(3)}
+    ledger.close()

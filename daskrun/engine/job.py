@@ -217,6 +217,7 @@ class Job(Planning):
         timeout, and a second run into this output folder is refused. On a
         resume (``resumed_digest`` is the run's) whose inputs changed, only
         ``replan`` goes on, keeping the mini-batches whose inputs did not.
+        A new run's plan streams (:class:`~daskrun.engine.ledger.FillBehind`).
         """
         for lock in _prepare_output(self.target) if self.target is not None else ():
             self.locks.callback(lock.release)

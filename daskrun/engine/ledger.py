@@ -38,10 +38,12 @@ def batch_digest(plan: Any, stamps: Sequence[tuple[int, str] | None]) -> bytes:
 _FLUSH_EVERY = 1024  # mini-batches, while no one waits for one
 
 
-def promote(folder: Path) -> None:
-    """Make the listing and digests being written in ``folder`` the run's."""
+def promote(folder: Path, partial: bool = False) -> None:
+    """Make the listing and digests being written in ``folder`` the run's;
+    ``partial``: those a kill left, one of them perhaps promoted already."""
     for name in (LISTING, PLAN):
-        os.replace(folder / f"{name}.new", folder / name)
+        if not partial or (folder / f"{name}.new").exists():
+            os.replace(folder / f"{name}.new", folder / name)
 
 
 def promote_partial(folder: Path) -> str | None:
@@ -50,7 +52,7 @@ def promote_partial(folder: Path) -> str | None:
     there is none. Every mini-batch that ran has its digest in it."""
     if not (folder / f"{PLAN}.new").is_file():
         return None
-    promote(folder)
+    promote(folder, partial=True)
     digests = read_plan(folder)
     total = hashlib.blake2b(digest_size=16)
     for digest in digests:
