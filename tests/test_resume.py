@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -405,6 +406,36 @@ def test_a_client_killed_while_its_plan_is_recorded_resumes_exactly(
     assert RunRecord.load(run_id, runs_dir).inputs_digest is not None
 
 
+def _slow_ledger(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Each mini-batch's digest takes ``seconds`` more to record."""
+    from daskrun.engine.ledger import PlanLedger
+
+    mini_batch = PlanLedger.mini_batch
+
+    def slow_mini_batch(self: PlanLedger, *args: object) -> None:
+        time.sleep(seconds)
+        mini_batch(self, *args)
+
+    monkeypatch.setattr(PlanLedger, "mini_batch", slow_mini_batch)
+
+
+def _two_a_mini_batch(tmp_path: Path, script: str, *arguments: str) -> Any:
+    """A run of ``script`` over ``tmp_path/in``, two files a mini-batch,
+    on one worker process."""
+    from daskrun import Dataset
+
+    from .helpers import run_step
+
+    return run_step(
+        tmp_path,
+        script,
+        [Dataset.File.from_files(str(tmp_path / "in"))],
+        mini_batch_size=2,
+        process_count_per_node=1,
+        step_options={"arguments": list(arguments)},
+    )
+
+
 def test_the_plan_streams_each_mini_batch_after_its_digest_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -412,20 +443,14 @@ def test_the_plan_streams_each_mini_batch_after_its_digest_is_written(
     mini-batch) holds back neither init() nor the first mini-batches; each
     mini-batch runs only once its digest is written through to the files,
     and the ledger is the run's at the end."""
-    from daskrun import Dataset
     from daskrun.engine.ledger import FillBehind, PlanLedger
-
-    from .helpers import run_step
 
     files = make_files(tmp_path / "in", 40)
     marks = tmp_path / "marks"
     marks.mkdir()
-    mini_batch, flush = PlanLedger.mini_batch, PlanLedger.flush
+    _slow_ledger(monkeypatch, 0.1)  # 2 s for the 20 mini-batches
+    flush = PlanLedger.flush
     flushes: list[tuple[float, int]] = []
-
-    def slow_mini_batch(self: PlanLedger, *args: object) -> None:
-        time.sleep(0.1)  # 2 s for the 20 mini-batches
-        mini_batch(self, *args)
 
     def timed_flush(self: PlanLedger) -> None:
         flush(self)
@@ -439,17 +464,9 @@ def test_the_plan_streams_each_mini_batch_after_its_digest_is_written(
         committed_at.append(time.time())
         return digest
 
-    monkeypatch.setattr(PlanLedger, "mini_batch", slow_mini_batch)
     monkeypatch.setattr(PlanLedger, "flush", timed_flush)
     monkeypatch.setattr(FillBehind, "commit", timed_commit)
-    run = run_step(
-        tmp_path,
-        SLOW_INIT,
-        [Dataset.File.from_files(str(tmp_path / "in"))],
-        mini_batch_size=2,
-        process_count_per_node=1,
-        step_options={"arguments": ["--marks", str(marks)]},
-    )
+    run = _two_a_mini_batch(tmp_path, SLOW_INIT, "--marks", str(marks))
     assert run.status == "Completed", run.error
     lines = Path(run.output_path or "").read_text().splitlines()
     assert lines == [p.name for p in files]
@@ -574,27 +591,9 @@ def test_an_input_gone_while_the_plan_streams_fails_the_job_then_resumes(
     """An input removed after it was listed, before the streaming ledger
     reached it, fails the job in one line naming it; put back, the run
     resumes to an exact output."""
-    from daskrun import Dataset
-    from daskrun.engine.ledger import PlanLedger
-
-    from .helpers import run_step
-
     files = make_files(tmp_path / "in", 40)
-    mini_batch = PlanLedger.mini_batch
-
-    def slow_mini_batch(self: PlanLedger, *args: object) -> None:
-        time.sleep(0.2)  # 4 s for the 20 mini-batches: init() comes first
-        mini_batch(self, *args)
-
-    monkeypatch.setattr(PlanLedger, "mini_batch", slow_mini_batch)
-    run = run_step(
-        tmp_path,
-        VANISHING,
-        [Dataset.File.from_files(str(tmp_path / "in"))],
-        mini_batch_size=2,
-        process_count_per_node=1,
-        step_options={"arguments": ["--gone", str(files[-1])]},
-    )
+    _slow_ledger(monkeypatch, 0.2)  # 4 s for the 20 mini-batches: init() first
+    run = _two_a_mini_batch(tmp_path, VANISHING, "--gone", str(files[-1]))
     assert run.status == "Failed"
     assert f"input file {str(files[-1])!r} cannot be read" in (run.error or "")
     assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
