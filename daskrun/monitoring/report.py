@@ -91,8 +91,8 @@ _importing: list[threading.Thread] = []
 
 def import_ahead() -> None:
     """Import the Bokeh modules :func:`render` uses in a thread of their
-    own: a job calls this once its mini-batches run, while its client
-    mostly waits, and its report at the end takes 0.15 s instead of 0.5 s.
+    own: a job calls this as ``init()`` starts, while its client mostly
+    waits, and its report at the end takes 0.15 s instead of 0.5 s.
     :func:`render` waits for the thread before it imports anything, so no
     module is imported by both at once."""
     if _importing or "bokeh.plotting" in sys.modules:
