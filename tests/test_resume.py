@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import signal
 import subprocess
 import time
@@ -586,22 +587,27 @@ def run(mini_batch):
 
 
 def test_an_input_gone_while_the_plan_streams_fails_the_job_then_resumes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An input removed after it was listed, before the streaming ledger
-    reached it, fails the job in one line naming it; put back, the run
-    resumes to an exact output."""
+    reached it, fails the job in one line naming it (an InputError: exit
+    status 2 on the CLI), recorded; put back, the run resumes exactly."""
+    from daskrun import InputError
+    from daskrun import resume as daskrun_resume
+
     files = make_files(tmp_path / "in", 40)
     _slow_ledger(monkeypatch, 0.2)  # 4 s for the 20 mini-batches: init() first
-    run = _two_a_mini_batch(tmp_path, VANISHING, "--gone", str(files[-1]))
-    assert run.status == "Failed"
-    assert f"input file {str(files[-1])!r} cannot be read" in (run.error or "")
+    gone = rf"input file {re.escape(repr(str(files[-1])))} cannot be read"
+    with pytest.raises(InputError, match=gone):
+        _two_a_mini_batch(tmp_path, VANISHING, "--gone", str(files[-1]))
+    (record,) = RunRecord.find(runs_dir)
+    assert record.status == "Failed" and re.search(gone, record.error or "")
     assert not (tmp_path / "out" / "parallel_run_step.txt").exists()
 
     monkeypatch.undo()
     os.replace(f"{files[-1]}.away", files[-1])
     write_script(tmp_path, VANISHING.replace("os.replace", "print"))  # stays
-    resumed = run.resume(new_source=True)
+    resumed = daskrun_resume(record.run_id, new_source=True)
     assert resumed.status == "Completed", resumed.error
     lines = Path(resumed.output_path or "").read_text().splitlines()
     assert lines == [p.name for p in files]

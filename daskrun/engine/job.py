@@ -352,6 +352,9 @@ class Job(Planning):
             error = f"{e}; {of}; resume with 'daskrun resume {self.run_id}'"
         except JobFailedError as e:
             error = str(e)
+        except InputError as e:  # an input gone since it was listed
+            error = str(e)
+            raise
         except Canceled as e:
             status, error = "Canceled", str(e)
             self.console.close()  # the bar's last state, then these lines

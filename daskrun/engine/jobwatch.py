@@ -176,7 +176,8 @@ class _Watch:
         snap = (
             self.logs.snapshot(tally, status, self.pace, shown, actual) if due else None
         )
-        self.console.update(tally, pace=self.pace, forecast=estimate)
+        if status != "Canceled":  # else its lines were the console's last
+            self.console.update(tally, pace=self.pace, forecast=estimate)
         if snap is None:
             return
         self._last = now_

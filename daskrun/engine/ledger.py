@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from daskrun.backends.storage import private_folder, private_open, unsigned
-from daskrun.exceptions import InputError, JobFailedError
 
 LISTING = "inputs.csv"  # path, size, mtime or ETag of each input file
 PLAN = "plan.bin"  # 8 bytes per mini-batch: a digest of its plan and inputs
@@ -289,11 +288,8 @@ class FillBehind:
         return self.ledger.digest
 
     def _raise(self) -> None:
-        """What the fill raised, if anything: an input that cannot be read
-        any more (gone since it was listed) fails the job, whose run keeps
-        the digests of what ran for its resume."""
-        if isinstance(self._error, InputError):
-            raise JobFailedError(str(self._error)) from None
+        """What the fill raised, if anything (an input gone since it was
+        listed: an InputError); the run keeps the digests of what ran."""
         if self._error is not None:
             raise self._error
 
